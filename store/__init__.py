@@ -1,0 +1,1 @@
+"""S6 for Python: the distributed shared object space."""
