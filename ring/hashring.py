@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable
+from itertools import pairwise
 from typing import Any
 
 import cbor2
@@ -196,7 +197,7 @@ class HashRing:
         """Assert the ring's invariants (tests call this).  O(N·V·log(N·V))."""
         tokens, owners = self._tokens, self._owners
         assert len(tokens) == len(owners) == len(self._nodes) * self._vnodes
-        assert all(a <= b for a, b in zip(tokens, tokens[1:], strict=False)), "tokens unsorted"
+        assert all(a <= b for a, b in pairwise(tokens)), "tokens unsorted"
         assert all(0 <= t < TOKEN_SPACE for t in tokens)
         assert set(owners) == set(self._nodes)
         expected = sorted((node_token(n, i), n) for n in self._nodes for i in range(self._vnodes))
