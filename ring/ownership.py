@@ -81,17 +81,18 @@ PRE_SCALING (previous ring p, next ring n):
       SCALING (S3 below), so it cannot loop.
 
 SCALING (previous ring p, next ring n):
-  S1. ``x`` holds a record for ``k``: **serve**.
+  S1. ``x`` is ``B`` and holds the record (handed on to it): **serve**.
   S2. ``x`` is ``A`` and ``B``, i.e. the key did not move: **serve**.
   S3. ``x`` is ``A`` but not ``B``: if it has already handed ``k`` on, **forward** PLAIN to
       ``B`` (by pair order ``B`` received the hand-on first).  Otherwise **forward** to ``B``
       as a HANDOFF of the record, or of the bare authority if ``k`` has none, and mark
-      ``k`` handed on.  This resolves the paper's R2: it says that for a *new* key
-      "h_{i+1}(k) should be the single owner", yet also that a pre-scaling ``B`` "would
-      forward the request to A".  Here ``A`` hands the new key's authority to ``B``
-      explicitly, so ``B`` owns it whatever its stage and never forwards it back; and for
-      an *existing* key ``A`` "keeps serving ... until B claims": ``A`` remains its only
-      authority until the first request (or the background drain) hands it on.
+      ``k`` handed on: the first touch of a moved key in SCALING moves its record.  This
+      resolves the paper's R2: it says that for a *new* key "h_{i+1}(k) should be the
+      single owner", yet also that a pre-scaling ``B`` "would forward the request to A".
+      Here ``A`` hands the new key's authority to ``B`` explicitly, so ``B`` owns it
+      whatever its stage and never forwards it back; and for an *existing* key ``A``
+      "keeps serving ... until B claims": it stays the only authority until the first
+      request (or the background drain) hands the record on, and the hand-on is the claim.
   S4. ``x`` is ``B`` but not ``A`` and holds nothing: **pull** from ``A`` (the request rides
       with the pull).  ``A`` answers by P2 (still pre-scaling: it serves, R1), S3 (hands
       ``k`` back with the request) or N2 (already NORMAL(n): bare authority).
@@ -264,16 +265,13 @@ def decide(view: NodeView, holding: Holding, request: Request) -> Decision:
         return Forward(ring.owner(token), ring.epoch, hops)  # P3
 
     nxt = view.next_ring.owner(token)
-    if holding is Holding.RECORD:  # S1
-        return Serve()
-    if prev == me:
-        if nxt == me:  # S2
+    if nxt == me:
+        if holding is Holding.RECORD or prev == me:  # S1, S2
             return Serve()
-        # S3
-        return Forward(nxt, view.next_ring.epoch, hops, handoff=holding is not Holding.HANDED_ON)
-    if nxt == me:  # S4
-        return Pull(ring.owner(token), ring.epoch, hops)
-    return Forward(nxt, view.next_ring.epoch, hops)  # S5
+        return Pull(ring.owner(token), ring.epoch, hops)  # S4
+    if holding is Holding.RECORD or (prev == me and holding is Holding.NONE):  # S3
+        return Forward(nxt, view.next_ring.epoch, hops, handoff=True)
+    return Forward(nxt, view.next_ring.epoch, hops)  # S3 (handed on already), S5
 
 
 def drain_destination(view: NodeView, token: int) -> str | None:

@@ -1,0 +1,106 @@
+"""Case tests of the ownership rules, one per rule of ``ring.ownership``'s docstring."""
+
+from __future__ import annotations
+
+import pytest
+
+from ring.hashring import HashRing, key_token
+from ring.ownership import (
+    MAX_HOPS,
+    Arrival,
+    Forward,
+    Holding,
+    NodeView,
+    Pull,
+    Reject,
+    Request,
+    Serve,
+    Stage,
+    decide,
+    drain_destination,
+)
+
+OLD = HashRing(["a", "b"], vnodes=16, epoch=3)
+NEW = OLD.with_node("c")  # epoch 4
+
+
+def moved_key() -> int:
+    """A token that "a" owns under OLD and "c" owns under NEW."""
+    for i in range(10_000):
+        token = key_token("m", i)
+        if OLD.owner(token) == "a" and NEW.owner(token) == "c":
+            return token
+    raise AssertionError("no key moves from a to c")
+
+
+T = moved_key()
+
+
+def view(me: str, stage: Stage) -> NodeView:
+    return NodeView(me, stage, OLD, None if stage is Stage.NORMAL else NEW)
+
+
+def req(arrival: Arrival = Arrival.PLAIN, epoch: int = 3, hops: int = 0) -> Request:
+    return Request(T, epoch, hops, arrival)
+
+
+def test_normal_owner_serves_and_others_forward_in_one_hop() -> None:
+    assert decide(view("a", Stage.NORMAL), Holding.NONE, req()) == Serve()
+    assert decide(view("b", Stage.NORMAL), Holding.NONE, req()) == Forward("a", 3, 1)
+
+
+def test_r1_previous_owner_serves_while_pre_scaling_and_next_owner_defers() -> None:
+    assert decide(view("a", Stage.PRE_SCALING), Holding.NONE, req()) == Serve()
+    # The joining next owner, pre-scaling, forwards to the previous owner...
+    assert decide(view("c", Stage.PRE_SCALING), Holding.NONE, req(epoch=4)) == Forward("a", 3, 1)
+    # ...and once scaling, pulls from it; a pre-scaling previous owner serves the pull itself.
+    assert decide(view("c", Stage.SCALING), Holding.NONE, req(epoch=4)) == Pull("a", 3, 1)
+    assert decide(view("a", Stage.PRE_SCALING), Holding.NONE, req(Arrival.PULL)) == Serve()
+
+
+def test_r2_scaling_previous_owner_hands_the_key_on_once() -> None:
+    first = decide(view("a", Stage.SCALING), Holding.NONE, req())
+    assert first == Forward("c", 4, 1, handoff=True)
+    later = decide(view("a", Stage.SCALING), Holding.HANDED_ON, req())
+    assert later == Forward("c", 4, 1, handoff=False)
+    held = decide(view("a", Stage.SCALING), Holding.RECORD, req(Arrival.PULL, hops=1))
+    assert held == Forward("c", 4, 2, handoff=True)
+
+
+def test_a_handoff_is_served_where_it_lands_whatever_the_stage() -> None:
+    for stage in Stage:
+        epoch = 3 if stage is Stage.NORMAL else 4
+        d = decide(view("c", stage), Holding.NONE, req(Arrival.HANDOFF, epoch=epoch))
+        assert d == Serve(adopt=True)
+
+
+def test_a_stale_handoff_is_routed_as_plain() -> None:
+    d = decide(view("c", Stage.SCALING), Holding.NONE, req(Arrival.HANDOFF, epoch=3))
+    assert isinstance(d, Pull)
+
+
+def test_late_pull_at_a_converged_node_hands_the_bare_authority_on() -> None:
+    converged = NodeView("a", Stage.NORMAL, NEW)
+    assert decide(converged, Holding.NONE, req(Arrival.PULL, epoch=3, hops=2)) == Forward(
+        "c", 4, 3, handoff=True
+    )
+
+
+def test_hop_bound_and_future_epochs_are_rejected_not_looped() -> None:
+    assert isinstance(decide(view("b", Stage.NORMAL), Holding.NONE, req(hops=MAX_HOPS)), Reject)
+    assert isinstance(decide(view("b", Stage.NORMAL), Holding.NONE, req(epoch=9)), Reject)
+
+
+def test_drain_moves_only_records_whose_next_owner_is_another_node() -> None:
+    assert drain_destination(view("a", Stage.SCALING), T) == "c"
+    assert drain_destination(view("c", Stage.SCALING), T) is None
+    assert drain_destination(view("a", Stage.PRE_SCALING), T) is None
+
+
+def test_view_rejects_inconsistent_stages() -> None:
+    with pytest.raises(ValueError):
+        NodeView("a", Stage.NORMAL, OLD, NEW)
+    with pytest.raises(ValueError):
+        NodeView("a", Stage.SCALING, OLD, None)
+    with pytest.raises(ValueError):
+        NodeView("a", Stage.SCALING, NEW, OLD)

@@ -1,0 +1,99 @@
+"""Each invariant of the ownership property test can fail: broken rules are caught.
+
+Every test swaps one broken rule into the simulated cluster, turns on only the invariant that
+the breakage should violate, and asserts that Hypothesis finds a counterexample.  If a future
+change made an invariant check vacuous, its mutation test would start failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from ring.ownership import (
+    Decision,
+    Forward,
+    Holding,
+    NodeView,
+    Pull,
+    Request,
+    Serve,
+    Stage,
+    decide,
+)
+from tests.sim.cluster import (
+    DecideFn,
+    DoubleOwnership,
+    HopBoundExceeded,
+    NotOneHop,
+    RecordLostOrDuplicated,
+    Violation,
+)
+from tests.sim.machine import make_machine
+
+SEARCH = settings(
+    max_examples=1000,
+    stateful_step_count=60,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    report_multiple_bugs=False,
+    phases=[Phase.generate],  # finding one counterexample is the point; shrinking is not
+    suppress_health_check=list(HealthCheck),
+)
+
+
+def drop_r1(view: NodeView, holding: Holding, request: Request) -> Decision:
+    """The next owner claims keys while still pre-scaling, beside the previous owner."""
+    if view.stage is Stage.PRE_SCALING:
+        assert view.next_ring is not None
+        if view.next_ring.owner(request.token) == view.me:
+            return Serve()
+    return decide(view, holding, request)
+
+
+def forward_without_version(view: NodeView, holding: Holding, request: Request) -> Decision:
+    """The scaling previous owner forwards a new key to the next owner as a plain request:
+    no hand-on, no marker (the paper's loop between A and a pre-scaling B)."""
+    d = decide(view, holding, request)
+    if isinstance(d, Forward) and d.handoff and holding is Holding.NONE:
+        return dataclasses.replace(d, handoff=False)
+    return d
+
+
+def serve_without_pulling(view: NodeView, holding: Holding, request: Request) -> Decision:
+    """The next owner serves at once instead of pulling the record from the previous owner."""
+    d = decide(view, holding, request)
+    return Serve() if isinstance(d, Pull) else d
+
+
+def relay_through_directory(view: NodeView, holding: Holding, request: Request) -> Decision:
+    """In NORMAL, lookups are relayed through one well-known node instead of going straight
+    to the owner: always correct, never one hop."""
+    d = decide(view, holding, request)
+    if view.stage is Stage.NORMAL and isinstance(d, Forward) and not d.handoff:
+        directory = min(view.ring.nodes)
+        if view.me != directory and d.to != directory:
+            return dataclasses.replace(d, to=directory)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("broken", "invariant", "violation"),
+    [
+        (drop_r1, 1, DoubleOwnership),
+        (forward_without_version, 2, HopBoundExceeded),
+        (serve_without_pulling, 3, RecordLostOrDuplicated),
+        (relay_through_directory, 4, NotOneHop),
+    ],
+    ids=["inv1-drop-R1", "inv2-forward-without-version", "inv3-serve-without-pull", "inv4-relay"],
+)
+def test_broken_rule_is_caught(
+    broken: DecideFn, invariant: int, violation: type[Violation]
+) -> None:
+    machine = make_machine(broken, checks=frozenset({invariant}))
+    with pytest.raises(violation):
+        run_state_machine_as_test(machine, settings=SEARCH)
