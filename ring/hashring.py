@@ -36,11 +36,13 @@ __all__ = [
 ]
 
 #: Virtual nodes per member.  Chosen from ``python -m bench.ring_balance`` (see README):
-#: with 256 the largest of 16 nodes carried up to ~1.13x the mean share of 100,000 keys;
-#: 512 keeps it at or under ~1.09x for every size from 2 to 16 nodes, and the fraction
-#: of keys moved by a join stays within a few percent of ``1/(n+1)``.  1024 buys little
-#: more balance for twice the build time and memory (each ring costs ~100 B per token).
-DEFAULT_VNODES = 512
+#: over 100,000 keys, rings of 2 to 16 nodes and 5 sets of node names each, the busiest
+#: node carried at worst 1.19x the mean share with 256, 1.12x with 512 and 1.07x with
+#: 1024; the keys moved by a join were at worst 0.83x, 1.12x and 1.07x the ideal
+#: ``1/(n+1)``.  1024 is the smallest count that meets our goal (max/mean <= 1.10, moved
+#: within 10% of ideal); it costs ~9 ms to build a 16-node ring and ~60 B per token
+#: (~1 MB for 16 nodes), twice 512, and one more bisect step per lookup.
+DEFAULT_VNODES = 1024
 
 #: Tokens are unsigned 128-bit integers: ``0 <= token < TOKEN_SPACE``.
 TOKEN_SPACE = 1 << 128
@@ -53,6 +55,30 @@ class EmptyRingError(LookupError):
     """
 
 
+def _names(nodes: Iterable[str], what: str) -> frozenset[str]:
+    """``nodes`` as a set of valid names.
+
+    A bare ``str`` is refused: it is iterable, so ``HashRing("node-a")`` or
+    ``with_nodes(added="node-d")`` would otherwise silently make one member per character.
+    """
+    if isinstance(nodes, str | bytes):
+        raise TypeError(f"{what} must be an iterable of node names, not a single {nodes!r}")
+    members = frozenset(nodes)
+    for node in members:
+        if not isinstance(node, str) or not node:
+            raise TypeError(f"node names are non-empty str, not {node!r}")
+    return members
+
+
+def _require_int(name: str, value: object) -> None:
+    """Refuse a non-int ``vnodes`` or ``epoch`` with an error that names the argument.
+
+    ``bool`` is refused too: ``vnodes=True`` is a mistake, not a request for one vnode.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
+
+
 def node_token(node: str, index: int) -> int:
     """The token of virtual node ``index`` of ``node``.  O(len(node))."""
     return int(mmh3.hash128(f"{node}#{index}".encode(), signed=False))
@@ -63,10 +89,21 @@ def key_token(map_name: str, key: Any) -> int:
 
     Computed from the canonical cbor encoding of ``(map_name, key)``, so the same key gives
     the same token in every process and on every machine.  Keys are bytes, str, int, bool,
-    None and tuples of them (anything cbor encodes canonically).
+    None and tuples of them (anything hashable that cbor encodes canonically).  Keys that
+    Python calls equal but that differ in type (``1``, ``1.0``, ``True``) get different
+    tokens, so use one key type per map.
 
-    Raises :class:`TypeError`, naming the key's type, when cbor cannot encode the key.
+    Raises :class:`TypeError`, naming the key's type, when the key is unhashable (a set,
+    list or dict: the key owner files records under the key, and a key that can change
+    after it was hashed would be filed under a stale token) or cbor cannot encode it.
     """
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(
+            f"key of type {type(key).__name__} cannot be used as an S6 key: it is unhashable "
+            "(use a tuple for a list, a frozenset for a set)"
+        ) from None
     try:
         data = cbor2.dumps((map_name, key), canonical=True)
     except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
@@ -80,9 +117,9 @@ def key_token(map_name: str, key: Any) -> int:
 class HashRing:
     """An immutable consistent-hash ring of named nodes with virtual nodes.
 
-    ``HashRing(nodes, vnodes=512, epoch=0)`` places ``vnodes`` tokens per node on a circle
-    of 2**128 points; a token belongs to the first node token at or clockwise after it
-    (wrapping around).  Building costs O(N·V·log(N·V)) for N nodes and V virtual nodes;
+    ``HashRing(nodes, vnodes=DEFAULT_VNODES, epoch=0)`` places ``vnodes`` tokens per node on
+    a circle of 2**128 points; a token belongs to the first node token at or clockwise after
+    it (wrapping around).  Building costs O(N·V·log(N·V)) for N nodes and V virtual nodes;
     :meth:`owner` costs O(log(N·V)).
 
     Two rings with the same nodes and ``vnodes`` assign every token identically, whatever
@@ -92,14 +129,13 @@ class HashRing:
     __slots__ = ("_epoch", "_nodes", "_owners", "_tokens", "_vnodes")
 
     def __init__(self, nodes: Iterable[str] = (), *, vnodes: int = DEFAULT_VNODES, epoch: int = 0):
+        _require_int("vnodes", vnodes)
+        _require_int("epoch", epoch)
         if vnodes < 1:
             raise ValueError(f"vnodes must be at least 1, not {vnodes}")
         if epoch < 0:
             raise ValueError(f"epoch must not be negative, not {epoch}")
-        members = frozenset(nodes)
-        for node in members:
-            if not isinstance(node, str) or not node:
-                raise TypeError(f"node names are non-empty str, not {node!r}")
+        members = _names(nodes, "nodes")
         points = sorted(
             # Ties between two nodes' tokens (astronomically rare at 128 bits) are broken by
             # name, so every process still builds the identical ring.
@@ -170,14 +206,16 @@ class HashRing:
         aborted event has burnt an epoch.  Adding a member or removing a stranger is a
         ``ValueError``.  O(N·V·log(N·V)).
         """
-        add = frozenset(added)
-        rem = frozenset(removed)
+        add = _names(added, "added")
+        rem = _names(removed, "removed")
         if add & self._nodes:
             raise ValueError(f"already members: {sorted(add & self._nodes)}")
         if rem - self._nodes:
             raise ValueError(f"not members: {sorted(rem - self._nodes)}")
         if add & rem:
             raise ValueError(f"both added and removed: {sorted(add & rem)}")
+        if epoch is not None:
+            _require_int("epoch", epoch)
         new_epoch = self._epoch + 1 if epoch is None else epoch
         if new_epoch <= self._epoch:
             raise ValueError(f"a new ring needs an epoch above {self._epoch}, not {new_epoch}")
