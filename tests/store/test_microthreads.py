@@ -76,6 +76,12 @@ def test_local_unit_completes_inline_without_parking() -> None:
     assert unit.done() and not unit.failed()
     assert unit.result() == 31 and seen == [1]
     assert unit.state == "done" and unit.exception() is None
+    # An inline unit is built without __init__: every accessor must still work on it.
+    assert unit.waiting_for is None and "done" in repr(unit)
+    seen_done: list[Unit[int]] = []
+    unit.add_done_callback(seen_done.append)
+    unit.remove_done_callback(seen_done.append)
+    assert seen_done == [unit]
     stats = s.statistics()
     assert (stats.units_run, stats.completed_inline, stats.completed) == (1, 1, 1)
     assert (stats.parked, stats.ready, stats.queued, stats.in_flight) == (0, 0, 0, 0)
@@ -481,7 +487,7 @@ def test_random_interleavings_keep_flow_order_and_the_bound(data: st.DataObject)
         # An example that Hypothesis aborts midway (data exhausted) leaves queued units
         # unstarted: close them so that they are not reported as never awaited.
         for unit in units.values():
-            if unit._coro is not None:
+            if not unit.done() and unit._coro is not None:
                 unit._coro.close()
 
 
