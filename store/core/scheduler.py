@@ -13,7 +13,9 @@ coroutine (the NF's per-packet ``async def``) that the :class:`Scheduler` steps 
   coroutine yields that Wait up to the scheduler, which *parks* the unit.  Later the node
   calls :meth:`Wait.resolve` (or :meth:`Wait.fail`) when the reply arrives, which moves the
   unit to the *ready* set; :meth:`Scheduler.run_ready` resumes ready units with
-  ``coro.send(value)`` (or ``coro.throw(exc)``), the longest-waiting first.
+  ``coro.send(value)`` (or ``coro.throw(exc)``), the longest-waiting first, as the paper
+  asks: "longest-waiting" is earliest arrival (a sequence number taken when the unit parks
+  or queues at arrival), so a unit that has parked twice still goes before younger ones.
 * Units of one flow finish in arrival order: while a flow has a parked (or ready) unit, its
   later units are queued unstarted behind it and start, one by one, when it finishes.  Other
   flows are not held up at all: that is the point of §4.3, a remote round trip costs as much
