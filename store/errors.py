@@ -10,6 +10,7 @@ __all__ = [
     "AuthenticationError",
     "FrameTooLarge",
     "MalformedMessage",
+    "MessageTooLarge",
     "NotAStoreOperation",
     "ObjectNotFound",
     "PeerUnavailable",
@@ -57,3 +58,8 @@ class AuthenticationError(ProtocolError):
 
 class PeerUnavailable(StoreError):
     """Nobody's in particular: a peer could not be reached or went away."""
+
+
+class MessageTooLarge(StoreError, ValueError):
+    """The caller's: one message is larger than the frame limit agreed with the peer, so it
+    can never be sent.  Split the payload, or raise ``max_frame`` on both sides."""

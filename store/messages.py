@@ -1,0 +1,679 @@
+"""The wire schema: typed messages and their cbor encoding.
+
+Every message that crosses a socket between two nodes is a frozen, slotted dataclass
+registered here with a type tag.  A *batch* of messages travels as one cbor item (one
+websocket frame): an array whose entries are ``[tag, field1, field2, ...]``.  Fields go by
+position, never by name, because a batch of 64 small messages would otherwise spend more
+bytes on field names than on data, and cbor encode/decode time grows with the bytes.
+
+Why typed classes and not dicts: a message with a wrong field is caught once, here, when it
+is decoded, instead of as a ``KeyError`` deep in the node.  Why validate at all: frames come
+from other processes, and a node must be able to count a bad frame and keep serving, so
+:func:`decode_batch` raises only :class:`~store.errors.MalformedMessage` or
+:class:`~store.errors.UnknownMessageType`, never a raw cbor2, ``ValueError`` or ``TypeError``.
+Pickle is never used: a frame can only ever produce plain data and registered classes.
+
+Declaring messages in another module
+------------------------------------
+Other layers (key records, objects, the controller) declare their own messages the same
+way, in their own modules, with the decorator from this one::
+
+    from dataclasses import dataclass
+    from typing import Any
+
+    from store.messages import Key, message
+
+    @message(16)  # any unused int (or short str); 1-15 are the wire layer's
+    @dataclass(frozen=True, slots=True)
+    class GetRequest:
+        map_name: str
+        key: Key  # tuples inside come back as tuples
+        epoch: int
+        hops: int
+        payload: Any = None  # any cbor value, not checked
+
+The rules, all enforced when the class is registered (at import time):
+
+* ``@message`` goes *above* ``@dataclass(frozen=True, slots=True)``: ``slots=True`` builds a
+  new class, and the registry must hold the final one.
+* Field annotations are wire types: ``int``, ``float``, ``str``, ``bytes``, ``bool``,
+  ``None``, unions of them (``X | None``), ``list[T]``, ``tuple[T, ...]``,
+  ``tuple[A, B]``, ``dict[K, V]`` (bare ``list``/``tuple``/``dict`` too), ``Any`` (any cbor
+  value, not checked) and :data:`Key`.  Anything else is a ``TypeError``: objects travel as
+  cbor of their plain fields, never as instances of arbitrary classes.
+* A tag is a non-negative ``int`` or a short ``str``; a tag used twice is a ``TypeError``,
+  so a collision between two modules shows up the moment both are imported.  Small ints
+  (below 24) cost one byte on the wire, so give them to the most frequent messages.
+* Every field is on the wire, defaults included: the arity is fixed by the class.
+* Annotations are resolved with ``typing.get_type_hints``, so under
+  ``from __future__ import annotations`` the names used (``Key``, ``Any``) must be imported
+  at module level, not only under ``TYPE_CHECKING``.
+* A class with a ``__post_init__`` is decoded through its ``__init__``, so the check runs
+  on every received message (a ``ValueError``/``TypeError`` there becomes
+  ``MalformedMessage``); classes without one are filled in slot by slot, which is faster.
+
+Decoding converts where cbor cannot preserve the Python type: arrays come back as lists,
+so fields annotated ``tuple[...]`` get tuples, and :data:`Key` fields are converted
+recursively (a key ``(b"\\x01", 80, ("a", 2))`` comes back equal *and* of the same shape,
+so it hashes the same and finds the same dict entry).  A ``float`` field accepts an int
+on the wire and gives a float.
+
+Encoding does not check field types (mypy does, statically, and checking every field on
+the hot path would cost as much as encoding it); a message built with wrong types is
+refused by the receiver.  Values cbor cannot encode raise ``TypeError``/``ValueError`` at
+the sender, naming the message class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import types
+import typing
+from collections.abc import Callable, Iterable
+from operator import attrgetter
+from typing import Annotated, Any, ClassVar, Final, Protocol, TypeAlias, TypeVar
+
+import cbor2
+
+from store.errors import MalformedMessage, UnknownMessageType
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_KEY_DEPTH",
+    "MAX_TAG_LENGTH",
+    "WIRE_VERSION",
+    "Error",
+    "Hello",
+    "Key",
+    "Message",
+    "Proof",
+    "Refused",
+    "Tag",
+    "Welcome",
+    "array_header",
+    "decode_batch",
+    "encode_batch",
+    "encode_message",
+    "frame_from_encoded",
+    "message",
+    "message_class",
+    "registered_tags",
+]
+
+#: The version of the handshake and framing rules; peers with different versions refuse
+#: each other instead of misreading each other's frames.
+WIRE_VERSION: Final = 1
+
+#: Longest string tag: tags are sent in every message, so they must stay short.
+MAX_TAG_LENGTH: Final = 16
+
+#: A message type tag: a non-negative int or a short str.
+Tag: TypeAlias = int | str
+
+
+class Message(Protocol):
+    """What every message is statically: a dataclass instance.  Messages share no base
+    class (a base would have to be a slotted dataclass too, for no gain); whether a class
+    is *registered* is checked when it is encoded."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+#: Nesting depth allowed inside a :data:`Key`.  Flow keys nest one or two levels; the
+#: limit stops a hostile frame from making the recursive conversion blow the stack.
+MAX_KEY_DEPTH: Final = 32
+
+
+class _KeyMarker:
+    """Marks a field as a key: converted recursively from cbor arrays back to tuples."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "KEY"
+
+
+_KEY: Final = _KeyMarker()
+
+#: Annotation for fields that carry an S6 key (a map key, a flow key).  A key is built
+#: from ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes`` and tuples of them:
+#: hashable, so it can index a dict, and canonically encodable, so the ring can hash it.
+#: Statically it is ``Any``.
+Key: TypeAlias = Annotated[Any, _KEY]
+
+
+class _Mismatch(Exception):
+    """Internal: a field value does not fit its annotation.  Turned into MalformedMessage
+    by the caller, which knows the class and field name for the error text."""
+
+
+_Convert = Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Schema:
+    """What the codec knows about one registered class."""
+
+    tag: Tag
+    cls: type[Any]
+    names: tuple[str, ...]
+    # (field index, exact type, converter) for the fields that need checking: either the
+    # value's type must be exactly `exact` (int, str, bytes, bool: checked inline, no call)
+    # or `convert` maps it.  `Any` fields are absent.
+    checks: tuple[tuple[int, type[Any] | None, _Convert | None], ...]
+    values: Callable[[Any], tuple[Any, ...]]
+    # The slot setters used to build a decoded instance without running the frozen
+    # __init__ (which pays an object.__setattr__ call per field, about 40% more); None when
+    # the class has a __post_init__, whose checks must run, so the real __init__ is used.
+    setters: tuple[Callable[[Any, Any], None], ...] | None
+
+
+_BY_TAG: dict[Tag, _Schema] = {}
+_BY_CLASS: dict[type[Any], _Schema] = {}
+
+_C = TypeVar("_C", bound=type[Any])
+
+
+def message(tag: Tag) -> Callable[[_C], _C]:
+    """Register a frozen, slotted dataclass as a wire message with type tag ``tag``.
+
+    Use it above ``@dataclass(frozen=True, slots=True)``.  Raises ``TypeError`` at import
+    time for a duplicate tag, a bad tag, a class that is not a frozen slotted dataclass, or
+    a field whose annotation is not a wire type (see the module docstring), so schema
+    mistakes never reach a running node.
+    """
+    if isinstance(tag, bool) or not isinstance(tag, int | str):
+        raise TypeError(f"message tag must be an int or a str, not {tag!r}")
+    if isinstance(tag, int) and tag < 0:
+        raise TypeError(f"message tag must be non-negative, not {tag}")
+    if isinstance(tag, str) and not 0 < len(tag) <= MAX_TAG_LENGTH:
+        raise TypeError(f"message tag {tag!r} must have 1 to {MAX_TAG_LENGTH} characters")
+
+    def register(cls: _C) -> _C:
+        _check_dataclass(cls)
+        if tag in _BY_TAG:
+            other = _BY_TAG[tag].cls
+            raise TypeError(
+                f"message tag {tag!r} of {cls.__qualname__} is already used by "
+                f"{other.__module__}.{other.__qualname__}"
+            )
+        if cls in _BY_CLASS:
+            raise TypeError(f"{cls.__qualname__} is already registered")
+        try:
+            hints = typing.get_type_hints(cls, include_extras=True)
+        except Exception as exc:  # NameError for an unresolvable forward reference, ...
+            raise TypeError(f"cannot resolve the annotations of {cls.__qualname__}: {exc}") from exc
+        fields = dataclasses.fields(cls)
+        names = tuple(f.name for f in fields)
+        checks: list[tuple[int, type[Any] | None, _Convert | None]] = []
+        for i, f in enumerate(fields):
+            convert = _converter(hints[f.name], where=f"{cls.__qualname__}.{f.name}")
+            exact = _EXACT_TYPES.get(convert)
+            if exact is not None:
+                checks.append((i, exact, None))
+            elif convert is not None:
+                checks.append((i, None, convert))
+        setters = None
+        if not hasattr(cls, "__post_init__"):
+            setters = tuple(getattr(cls, name).__set__ for name in names)
+        schema = _Schema(tag, cls, names, tuple(checks), _values_getter(names), setters)
+        _BY_TAG[tag] = schema
+        _BY_CLASS[cls] = schema
+        return cls
+
+    return register
+
+
+def _check_dataclass(cls: type[Any]) -> None:
+    if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
+        raise TypeError(f"@message needs a dataclass, got {cls!r}")
+    params = cls.__dataclass_params__  # type: ignore[attr-defined]
+    if not params.frozen:
+        raise TypeError(f"{cls.__qualname__}: messages must be frozen (dataclass(frozen=True))")
+    if "__slots__" not in cls.__dict__:
+        raise TypeError(
+            f"{cls.__qualname__}: messages must be slotted (dataclass(slots=True)), and "
+            "@message must be applied above @dataclass"
+        )
+
+
+def _values_getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    """A fast ``msg -> (field values...)``; attrgetter is C code, but returns a bare value
+    (not a 1-tuple) for one name, hence the cases."""
+    if not names:
+        return lambda _msg: ()
+    if len(names) == 1:
+        get_one = attrgetter(names[0])
+        return lambda msg: (get_one(msg),)
+    return attrgetter(*names)
+
+
+# --- field converters ---------------------------------------------------------------------
+# Each converter takes the decoded cbor value and returns the Python value for the field,
+# or raises _Mismatch.  They are built once per class at registration time, so decoding
+# pays one call per field and no annotation inspection.
+
+
+def _describe(value: Any) -> str:
+    return type(value).__name__
+
+
+def _exact(kind: type[Any]) -> _Convert:
+    # `type(v) is kind`, not isinstance: True must not pass as an int, nor an int as a bool.
+    def convert(value: Any) -> Any:
+        if type(value) is kind:
+            return value
+        raise _Mismatch(f"expected {kind.__name__}, got {_describe(value)}")
+
+    return convert
+
+
+def _to_float(value: Any) -> Any:
+    kind = type(value)
+    if kind is float:
+        return value
+    if kind is int:
+        return float(value)
+    raise _Mismatch(f"expected float, got {_describe(value)}")
+
+
+def _to_none(value: Any) -> Any:
+    if value is None:
+        return None
+    raise _Mismatch(f"expected None, got {_describe(value)}")
+
+
+_KEY_LEAVES: Final = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def _to_key(value: Any) -> Any:
+    """Lists back to tuples, recursively, and nothing but key material accepted.
+
+    Leaves are checked inline rather than by recursing, because most keys are flat or one
+    level deep and a Python call per leaf would double the cost of decoding a flow key.
+    """
+    kind = type(value)
+    if kind in _KEY_LEAVES:
+        return value
+    if kind is list or kind is tuple:
+        return _key_items(value, 1)
+    raise _Mismatch(_NOT_KEY_MATERIAL + _describe(value))
+
+
+_NOT_KEY_MATERIAL: Final = "keys are built from None, bool, int, float, str, bytes and tuples, not "
+
+
+def _key_items(items: Any, depth: int) -> tuple[Any, ...]:
+    if depth > MAX_KEY_DEPTH:
+        raise _Mismatch(f"key nested deeper than {MAX_KEY_DEPTH} levels")
+    out = []
+    for item in items:
+        kind = type(item)
+        if kind in _KEY_LEAVES:
+            out.append(item)
+        elif kind is list or kind is tuple:
+            out.append(_key_items(item, depth + 1))
+        else:
+            raise _Mismatch(_NOT_KEY_MATERIAL + _describe(item))
+    return tuple(out)
+
+
+def _union(options: tuple[_Convert | None, ...], text: str) -> _Convert:
+    def convert(value: Any) -> Any:
+        for option in options:
+            if option is None:
+                return value
+            try:
+                return option(value)
+            except _Mismatch:
+                continue
+        raise _Mismatch(f"expected {text}, got {_describe(value)}")
+
+    return convert
+
+
+def _optional(inner: _Convert) -> _Convert:
+    # The most common union, `X | None`, without the try/except loop.
+    def convert(value: Any) -> Any:
+        return None if value is None else inner(value)
+
+    return convert
+
+
+def _list_of(item: _Convert | None) -> _Convert:
+    def convert(value: Any) -> Any:
+        if type(value) is not list:
+            raise _Mismatch(f"expected a list, got {_describe(value)}")
+        if item is None:
+            return value
+        return [item(v) for v in value]
+
+    return convert
+
+
+def _tuple_of(item: _Convert | None) -> _Convert:
+    def convert(value: Any) -> Any:
+        if type(value) is not list and type(value) is not tuple:
+            raise _Mismatch(f"expected an array, got {_describe(value)}")
+        if item is None:
+            return tuple(value)
+        return tuple([item(v) for v in value])
+
+    return convert
+
+
+def _fixed_tuple(items: tuple[_Convert | None, ...]) -> _Convert:
+    def convert(value: Any) -> Any:
+        if type(value) is not list and type(value) is not tuple:
+            raise _Mismatch(f"expected an array, got {_describe(value)}")
+        if len(value) != len(items):
+            raise _Mismatch(f"expected {len(items)} items, got {len(value)}")
+        return tuple([v if c is None else c(v) for c, v in zip(items, value, strict=True)])
+
+    return convert
+
+
+def _dict_of(key: _Convert | None, val: _Convert | None) -> _Convert:
+    def convert(value: Any) -> Any:
+        if type(value) is not dict:
+            raise _Mismatch(f"expected a map, got {_describe(value)}")
+        if key is None and val is None:
+            return value
+        return {
+            (k if key is None else key(k)): (v if val is None else val(v)) for k, v in value.items()
+        }
+
+    return convert
+
+
+_SCALARS: Final[dict[Any, _Convert]] = {
+    int: (_exact_int := _exact(int)),
+    str: (_exact_str := _exact(str)),
+    bytes: (_exact_bytes := _exact(bytes)),
+    bool: (_exact_bool := _exact(bool)),
+    float: _to_float,
+    None: _to_none,
+    type(None): _to_none,
+}
+
+
+# Top-level fields of these kinds are checked inline by the decoder (see _Schema.checks).
+_EXACT_TYPES: Final[dict[_Convert | None, type[Any]]] = {
+    _exact_int: int,
+    _exact_str: str,
+    _exact_bytes: bytes,
+    _exact_bool: bool,
+}
+
+
+def _converter(annotation: Any, *, where: str) -> _Convert | None:
+    """Build the converter for one annotation; ``TypeError`` for non-wire types."""
+    if annotation is Any:
+        return None
+    if annotation in _SCALARS:
+        return _SCALARS[annotation]
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        if _KEY in annotation.__metadata__:
+            return _to_key
+        return _converter(args[0], where=where)
+    if origin is typing.Union or origin is types.UnionType:
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1 and len(args) == 2:
+            inner = _converter(non_none[0], where=where)
+            return None if inner is None else _optional(inner)
+        options = tuple(_converter(a, where=where) for a in args)
+        return _union(options, " | ".join(getattr(a, "__name__", str(a)) for a in args))
+    if annotation is list or origin is list:
+        return _list_of(_converter(args[0], where=where) if args else None)
+    if annotation is tuple or origin is tuple:
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            return _tuple_of(_converter(args[0], where=where) if args else None)
+        if args == ((),):  # tuple[()]
+            return _fixed_tuple(())
+        return _fixed_tuple(tuple(_converter(a, where=where) for a in args))
+    if annotation is dict or origin is dict:
+        if not args:
+            return _dict_of(None, None)
+        return _dict_of(_converter(args[0], where=where), _converter(args[1], where=where))
+    raise TypeError(
+        f"{where}: {annotation!r} is not a wire type (use int, float, str, bytes, bool, None, "
+        "list, tuple, dict, Any or Key)"
+    )
+
+
+# --- encoding -----------------------------------------------------------------------------
+
+
+def _schema_of(msg: object) -> _Schema:
+    schema = _BY_CLASS.get(type(msg))
+    if schema is None:
+        raise TypeError(f"{type(msg).__qualname__} is not a registered message (use @message)")
+    return schema
+
+
+def _dumps(obj: Any, what: str) -> bytes:
+    try:
+        return cbor2.dumps(obj)
+    except (cbor2.CBOREncodeError, TypeError, ValueError, RecursionError) as exc:
+        # The sender's bug (a field holding something cbor cannot carry): say which message.
+        # cbor2 raises a bare CBOREncodeError for a type it does not know: a TypeError to us.
+        value_problem = isinstance(exc, ValueError | cbor2.CBOREncodeValueError | RecursionError)
+        kind = ValueError if value_problem else TypeError
+        raise kind(f"{what} cannot be encoded as cbor: {exc}") from exc
+
+
+def encode_message(msg: Message) -> bytes:
+    """The cbor encoding of one message as a batch entry (not a whole frame).
+
+    Used with :func:`frame_from_encoded` by senders that want to know each message's size
+    before building a frame (the transport does, to keep frames under the peer's limit).
+    """
+    schema = _schema_of(msg)
+    return _dumps([schema.tag, *schema.values(msg)], type(msg).__qualname__)
+
+
+def array_header(count: int) -> bytes:
+    """The cbor header of a definite-length array of ``count`` items."""
+    if count < 24:
+        return bytes((0x80 | count,))
+    if count < 0x100:
+        return bytes((0x98, count))
+    if count < 0x10000:
+        return b"\x99" + count.to_bytes(2, "big")
+    if count < 0x100000000:
+        return b"\x9a" + count.to_bytes(4, "big")
+    return b"\x9b" + count.to_bytes(8, "big")
+
+
+def frame_from_encoded(parts: list[bytes]) -> bytes:
+    """One frame from messages encoded with :func:`encode_message`.
+
+    The result is byte-for-byte what :func:`encode_batch` gives for the same messages:
+    a cbor array is its header followed by its items, so no re-encoding is needed.
+    """
+    return array_header(len(parts)) + b"".join(parts)
+
+
+def encode_batch(msgs: Iterable[Message]) -> bytes:
+    """One frame holding ``msgs`` in order: a single cbor array of ``[tag, *fields]``.
+
+    A little faster than encoding each message on its own (one call into cbor2 instead of
+    one per message).  ``TypeError`` for an unregistered class or a field cbor cannot
+    encode.
+    """
+    entries = []
+    for msg in msgs:
+        schema = _schema_of(msg)
+        entries.append([schema.tag, *schema.values(msg)])
+    return _dumps(entries, "batch")
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+
+def _refuse_tag(_decoder: Any) -> Any:
+    raise cbor2.CBORDecodeError("semantic tag not allowed on the wire")
+
+
+# Tags cbor2 would otherwise honour but that have no business on our wire: 28/29 build
+# shared (even cyclic) structures, 35 compiles a regular expression, 36 parses a MIME
+# message.  Nothing we send uses them; a frame that does is refused.
+_REFUSED_TAGS: Final = {28: _refuse_tag, 29: _refuse_tag, 35: _refuse_tag, 36: _refuse_tag}
+
+#: Deepest container nesting a frame may have (batch array, entry, then field values).
+MAX_DEPTH: Final = 64
+
+
+def _loads(frame: bytes) -> Any:
+    if type(frame) is not bytes:
+        if isinstance(frame, bytearray | memoryview):
+            frame = bytes(frame)
+        else:
+            raise MalformedMessage(f"a frame is bytes, not {_describe(frame)}")
+    stream = io.BytesIO(frame)
+    try:
+        decoded = cbor2.CBORDecoder(
+            stream, semantic_decoders=_REFUSED_TAGS, max_depth=MAX_DEPTH
+        ).decode()
+    except Exception as exc:  # cbor2 errors, MemoryError for absurd lengths, ...
+        raise MalformedMessage(f"frame is not valid cbor: {exc}") from None
+    if stream.tell() != len(frame):
+        # cbor2 stops after one item; bytes after it mean the frame is not what we sent.
+        raise MalformedMessage(f"{len(frame) - stream.tell()} bytes after the cbor item")
+    return decoded
+
+
+def _decode_entry(entry: Any, index: int) -> Message:
+    if type(entry) is not list or not entry:
+        raise MalformedMessage(f"batch entry {index}: expected [tag, fields...], got {entry!r:.60}")
+    tag = entry[0]
+    kind = type(tag)
+    if kind is not int and kind is not str:
+        # Checked before the lookup: a list is unhashable, and True would find tag 1.
+        raise MalformedMessage(f"batch entry {index}: tag must be int or str, not {kind.__name__}")
+    schema = _BY_TAG.get(tag)
+    if schema is None:
+        raise UnknownMessageType(f"batch entry {index}: unknown message tag {tag!r:.40}")
+    names = schema.names
+    if len(entry) != len(names) + 1:
+        raise MalformedMessage(
+            f"batch entry {index}: {schema.cls.__qualname__} has {len(names)} fields, "
+            f"got {len(entry) - 1}"
+        )
+    values = entry[1:]
+    for i, exact, convert in schema.checks:
+        if exact is not None:
+            if type(values[i]) is not exact:
+                raise MalformedMessage(
+                    f"batch entry {index}: {schema.cls.__qualname__}.{names[i]}: expected "
+                    f"{exact.__name__}, got {_describe(values[i])}"
+                )
+            continue
+        try:
+            values[i] = convert(values[i])  # type: ignore[misc]
+        except _Mismatch as exc:
+            raise MalformedMessage(
+                f"batch entry {index}: {schema.cls.__qualname__}.{names[i]}: {exc}"
+            ) from None
+    setters = schema.setters
+    if setters is not None:
+        msg = _new_instance(schema.cls)
+        for set_field, value in zip(setters, values, strict=True):
+            set_field(msg, value)
+        return msg  # type: ignore[no-any-return]
+    try:
+        return schema.cls(*values)  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:
+        # A __post_init__ that rejects the values: still the sender's fault.
+        raise MalformedMessage(f"batch entry {index}: {schema.cls.__qualname__}: {exc}") from None
+
+
+_new_instance: Final = object.__new__
+
+
+def decode_batch(frame: bytes) -> list[Message]:
+    """The messages of one frame, in order.
+
+    Raises :class:`~store.errors.MalformedMessage` if the frame is not one cbor array of
+    well-formed entries (wrong arity, wrong field types, trailing bytes, refused tags), and
+    :class:`~store.errors.UnknownMessageType` for an entry with an unregistered tag.  A
+    frame is accepted or refused as a whole: no partial batch is returned.
+    """
+    decoded = _loads(frame)
+    if type(decoded) is not list:
+        raise MalformedMessage(f"a frame is an array of messages, not {_describe(decoded)}")
+    return [_decode_entry(entry, i) for i, entry in enumerate(decoded)]
+
+
+def message_class(tag: Tag) -> type[Any]:
+    """The class registered under ``tag``; ``KeyError`` if none is."""
+    return _BY_TAG[tag].cls
+
+
+def registered_tags() -> dict[Tag, type[Any]]:
+    """A copy of the registry (tag -> class), for diagnostics and tests."""
+    return {tag: schema.cls for tag, schema in _BY_TAG.items()}
+
+
+# --- the wire layer's own messages (tags 1-15 are reserved for it) ------------------------
+
+
+@message(1)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hello:
+    """First frame each side sends: who it is and a fresh challenge for the other side.
+
+    ``nonce`` is 32 random bytes; the other side must answer with a :class:`Proof` over it,
+    so a recorded handshake cannot be replayed.  ``max_frame`` is the largest frame this
+    side accepts, so the other never sends a batch it would have to reject.
+    """
+
+    version: int
+    name: str
+    nonce: bytes
+    max_frame: int
+
+
+@message(2)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Proof:
+    """HMAC-SHA256, keyed with the cluster secret, over the other side's nonce and both
+    names (see ``store.transport.proof_mac``): shows the secret without sending it."""
+
+    mac: bytes
+
+
+@message(3)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Welcome:
+    """The server accepted the client's proof; application frames may follow."""
+
+
+@message(4)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    """The server refused the handshake; it closes the connection next.
+
+    ``code`` says why for programs: ``"auth"`` (the proof was wrong), ``"version"`` (another
+    :data:`WIRE_VERSION`), ``"protocol"`` (anything else malformed); ``reason`` is for people.
+    """
+
+    code: str
+    reason: str
+
+
+@message(5)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Error:
+    """Sent back for a frame that could not be used, so the sender's logs show its bug.
+
+    ``code`` is machine-readable (``"malformed"``, ``"unknown-type"``), ``text`` is for
+    people.  The connection stays open: one bad frame from an authenticated peer is a bug
+    to report, not a reason to drop the other messages in flight.
+    """
+
+    code: str
+    text: str
