@@ -13,6 +13,9 @@ __all__ = [
     "MessageTooLarge",
     "NotAStoreOperation",
     "ObjectNotFound",
+    "ObjectRemoved",
+    "RemoteCallError",
+    "WrongKind",
     "PeerUnavailable",
     "ProtocolError",
     "StoreError",
@@ -63,3 +66,16 @@ class PeerUnavailable(StoreError):
 class MessageTooLarge(StoreError, ValueError):
     """The caller's: one message is larger than the frame limit agreed with the peer, so it
     can never be sent.  Split the payload, or raise ``max_frame`` on both sides."""
+
+
+class ObjectRemoved(ObjectNotFound):
+    """The caller's: a call through a reference whose object has since been removed."""
+
+
+class WrongKind(StoreError, TypeError):
+    """The caller's: the map's class is a SingleWriter but the key holds a MultiWriter
+    object, or the other way round (two maps of one name with different classes)."""
+
+
+class RemoteCallError(StoreError):
+    """The NF's: a method shipped to the object's owner raised there; the text says what."""

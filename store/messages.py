@@ -677,3 +677,142 @@ class Error:
 
     code: str
     text: str
+
+
+# --- the object space: key layer and object layer (tags 16-39) -----------------------------
+#
+# Node names are the members' names in the ring.  ``req_id`` numbers a request at the node
+# that made it (its ``origin``); every answer goes straight back to the origin.
+
+
+@message(16)
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyOp:
+    """A request about one key, routed to the key's authority by ``ring.ownership``.
+
+    ``op`` is one of ``store.core.node_state.Op``; ``kind`` the object kind the caller's map
+    expects (0 single-writer, 1 multi-writer); ``epoch``, ``hops`` and ``arrival`` are the
+    forwarded request's version (``ring.ownership.Request``).  ``extra`` carries what the
+    op needs: ``[new_owner, version]`` for a MOVED notice, and, on a HANDOFF arrival, the
+    key record that travels with the request.
+    """
+
+    op: int
+    map: str
+    key: Key
+    kind: int
+    origin: str
+    req_id: int
+    epoch: int
+    hops: int
+    arrival: int
+    extra: Any = None
+
+
+@message(17)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Transfer:
+    """A single-writer object granted to the node that asked for it (``req_id`` there).
+
+    ``state`` is the object's cbor state, or ``None`` for a fresh object (``created``) or for
+    "you hold it already".  ``version`` is the grant's place in the object's chain of
+    writers: one more than the previous holder's.
+    """
+
+    map: str
+    key: Key
+    req_id: int
+    version: int
+    state: bytes | None
+    created: bool
+
+
+@message(18)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to a request: ``status`` is one of ``store.core.node_state.Status``;
+    ``value`` the result (a location, a call's return value, an error's text...)."""
+
+    req_id: int
+    status: int
+    value: Any = None
+
+
+@message(19)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Release:
+    """Key owner to holder: let the single-writer object go to ``to`` (answering ``to``'s
+    request ``req_id``) as soon as no local reference uses it.  ``version`` is the holder's
+    grant, so a release that overtakes the object's arrival waits for it."""
+
+    map: str
+    key: Key
+    to: str
+    req_id: int
+    version: int
+
+
+@message(20)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Call:
+    """A method call shipped to the object's holder.  ``req_id`` 0 means untethered (no
+    answer).  ``seq`` numbers the sender's calls and folds on this object, so that a call
+    that is retried or forwarded is applied once."""
+
+    map: str
+    key: Key
+    method: str
+    args: list[Any]
+    req_id: int
+    seq: int
+
+
+@message(21)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fold:
+    """A multi-writer replica's accumulated updates, to be merged into the owner's object."""
+
+    map: str
+    key: Key
+    seq: int
+    state: bytes
+
+
+@message(22)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Drop:
+    """Key owner to holder: the object was removed (record version ``version``)."""
+
+    map: str
+    key: Key
+    version: int
+
+
+@message(23)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Barrier:
+    """Answered with a :class:`Reply` once every message sent before it has been applied:
+    what ``Space.flush()`` waits on (one ordered connection per pair of nodes)."""
+
+    req_id: int
+
+
+@message(24)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Scan:
+    """List the existing keys of map ``map`` whose records this node holds, with their
+    object owners (the control-plane ``items()`` view)."""
+
+    req_id: int
+    map: str
+
+
+@message(25)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Read the state of the listed objects of ``map`` that this node holds; the reply
+    lists ``[key, state or None]`` (None: not held here any more)."""
+
+    req_id: int
+    map: str
+    keys: list[Key]

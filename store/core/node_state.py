@@ -1,0 +1,886 @@
+"""One node of the object space as a pure state machine: key layer and object layer.
+
+The paper (§4.1) splits the space in two layers, both spread over the instances:
+
+* the **key layer**: the key's authority (``ring.ownership``) holds its :class:`KeyRecord`:
+  kind, object owner, version and the queue of requests waiting while an object moves.
+  Create, get, remove and the granting of writable references are serialized there.
+* the **object layer**: the node that holds an object (:class:`Held`) serves it.  A
+  single-writer object lives where it was last written; a multi-writer object lives where
+  it was created and takes shipped calls.
+
+:class:`NodeState` has no trio, no sockets and no clock.  Its inputs are messages
+(:meth:`NodeState.handle`), calls from the API (``acquire``, ``call``, ``remove``...) and
+``now`` where time matters.  Its outputs are
+
+* messages, appended to :attr:`NodeState.outbox` (a list per destination node, so that the
+  shell sends each list as one frame: batching falls out of the structure); a destination
+  appears in :attr:`NodeState.urgent` when something in its list must not wait for the
+  untethered-flush timer;
+* :class:`~store.core.scheduler.Wait` objects settled when answers arrive (settling never
+  runs a coroutine, so this is safe from anywhere).
+
+Messages a node sends to itself are queued and handled before the entry point returns, so
+the single-node (embedded) space runs the very same code with no socket at all.
+
+The hot path does not come through here at all: the API reads :attr:`NodeState.objects`
+directly and takes a local reference with two attribute checks (see ``store.api``).
+
+Location cache, invalidated lazily: a node remembers where a multi-writer object (or a
+read-only single-writer one) lives and sends calls straight there.  A call that reaches a
+node that no longer holds the object is answered NOT_HERE, and the caller asks the key
+owner again.  Eager invalidation would make every key record carry the set of nodes that
+cached it, which costs memory on every record (we budget 300 bytes per object) for the
+benefit of the rare object that moves; lazy invalidation costs one extra round trip to
+the rare caller that finds an object gone.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ring.hashring import HashRing, key_token
+from ring.ownership import (
+    Arrival,
+    Forward,
+    Holding,
+    NodeView,
+    Pull,
+    Request,
+    Serve,
+    Stage,
+    decide,
+)
+from store.core.objects import ClassInfo, MethodKind, ObjectKind, dump_state, load_state
+from store.core.scheduler import Wait
+from store.errors import ObjectNotFound, ObjectRemoved, RemoteCallError, StoreError, WrongKind
+from store.messages import (
+    Barrier,
+    Call,
+    Drop,
+    Fold,
+    KeyOp,
+    Message,
+    Release,
+    Reply,
+    Scan,
+    Snapshot,
+    Transfer,
+)
+
+__all__ = ["Held", "KeyRecord", "NodeState", "NodeStatistics", "Op", "Status"]
+
+K = tuple[str, Any]  # (map name, key): the identity of one object
+
+
+class Op(enum.IntEnum):
+    """Key-layer operations (``KeyOp.op``)."""
+
+    CREATE = 1  # create if absent; single-writer: and grant the writable reference
+    ACQUIRE = 2  # single-writer: the writable reference of an existing object
+    LOCATE = 3  # where does the object live (multi-writer, read-only)
+    REMOVE = 4
+    MOVED = 5  # notice from a releasing holder: the object went to extra[0]
+
+
+class Status(enum.IntEnum):
+    """``Reply.status``."""
+
+    OK = 0
+    NOT_FOUND = 1
+    NOT_HERE = 2  # this node does not hold the object (any more): locate it again
+    ERROR = 3  # value: [error class name, text]
+    WRONG_KIND = 4
+
+
+KIND_CODE = {ObjectKind.SINGLE: 0, ObjectKind.MULTI: 1}
+KIND_OF = {0: ObjectKind.SINGLE, 1: ObjectKind.MULTI}
+
+
+class KeyRecord:
+    """What the key's authority knows about one key (about 100 bytes)."""
+
+    __slots__ = ("busy", "exists", "kind", "owner", "queue", "version")
+
+    def __init__(self, kind: int, owner: str | None, version: int, exists: bool) -> None:
+        self.kind = kind
+        self.owner = owner  # the object owner, None when no object exists
+        self.version = version  # bumped by every grant, move and remove
+        self.exists = exists
+        self.busy = False  # a release is in flight: queue requests until MOVED
+        self.queue: deque[KeyOp] | None = None
+
+    def to_wire(self) -> list[Any]:
+        return [self.kind, self.owner, self.version, self.exists, self.busy]
+
+
+class Held:
+    """An object this node holds, with what its local references need (about 90 bytes)."""
+
+    __slots__ = ("info", "obj", "refs", "release", "removed", "seen", "version")
+
+    def __init__(self, info: ClassInfo, obj: Any, version: int) -> None:
+        self.info = info
+        self.obj = obj
+        self.version = version
+        self.refs = 0  # local references in use (single-writer)
+        self.release: Release | None = None  # someone else wants it: hand over at refs == 0
+        self.removed = False
+        self.seen: dict[str, int] | None = None  # multi-writer: last seq applied per sender
+
+    @property
+    def writable_here(self) -> bool:
+        """A new local reference may be taken without asking anyone."""
+        return self.release is None and not self.removed
+
+
+@dataclass
+class NodeStatistics:
+    """Counters and gauges of one node (``Space.statistics()`` freezes a copy)."""
+
+    key_records: int = 0
+    objects_single: int = 0
+    objects_multi: int = 0
+    references_in_use: int = 0
+    migrations_in: int = 0
+    migrations_out: int = 0
+    forwarded: int = 0
+    location_cache_hits: int = 0
+    stale_cache_hits: int = 0
+    untethered_calls: int = 0
+    untethered_batches: int = 0
+    merges: int = 0
+    remote_calls: int = 0
+    messages_to_self: int = 0
+    errors: dict[str, int] | None = None
+
+
+class _Pending:
+    """A request this node made and waits to hear about."""
+
+    __slots__ = ("args", "info", "k", "kind", "method", "tries", "waits")
+
+    def __init__(self, kind: str, k: K | None, info: ClassInfo | None) -> None:
+        self.kind = kind
+        self.k = k
+        self.info = info
+        self.waits: list[Wait[Any]] = []
+        self.method = ""
+        self.args: list[Any] = []
+        self.tries = 0
+
+
+ClassResolver = Callable[[str], ClassInfo]
+
+MAX_RELOCATE = 3  # a call chases a moving object at most this many times
+
+
+class NodeState:
+    """The key and object layers of one node.  See the module docstring."""
+
+    def __init__(self, name: str, ring: HashRing) -> None:
+        self.name = name
+        self.view = NodeView(name, Stage.NORMAL, ring)
+        self.maps: dict[str, ClassInfo] = {}
+        self.records: dict[K, KeyRecord] = {}
+        self.handed: set[K] = set()
+        self.objects: dict[K, Held] = {}
+        self.locations: dict[K, str] = {}
+        self.stale_cache: dict[tuple[str, Any, str, tuple[Any, ...]], tuple[float, Any]] = {}
+        self.replicas: dict[K, tuple[Any, str]] = {}  # multi-writer replica, its owner node
+        self.outbox: dict[str, list[Message]] = {}
+        self.urgent: set[str] = set()
+        self.stats = NodeStatistics(errors={})
+        self._pending: dict[int, _Pending] = {}
+        self._acquiring: dict[K, _Pending] = {}
+        self._early_release: dict[K, Release] = {}
+        self._seq: dict[K, int] = {}
+        self._next_id = 0
+        self._local: deque[Message] = deque()
+        self._pumping = False
+        self.untethered_since_flush: set[str] = set()
+        self._untethered_dests: set[str] = set()
+        #: Test hook: when a list, every grant and release of a single-writer object is
+        #: appended as ("grant" | "release", map, key, version, node).
+        self.trace: list[tuple[str, str, Any, int, str]] | None = None
+
+    # -- registration --
+
+    def register_map(self, name: str, info: ClassInfo) -> None:
+        """Declare that map ``name`` holds objects of ``info.cls`` on this node."""
+        old = self.maps.get(name)
+        if old is not None and old.cls is not info.cls:
+            raise TypeError(f"map {name!r} already holds {old.name} objects, not {info.name}")
+        self.maps[name] = info
+
+    # -- sending --
+
+    def _send(self, to: str, msg: Message, urgent: bool = True) -> None:
+        if to == self.name:
+            self.stats.messages_to_self += 1
+            self._local.append(msg)
+            return
+        box = self.outbox.get(to)
+        if box is None:
+            self.outbox[to] = [msg]
+        else:
+            box.append(msg)
+        if urgent:
+            self.urgent.add(to)
+
+    def take_outbox(self) -> dict[str, list[Message]]:
+        """Everything queued for other nodes, by destination; the shell sends each list as
+        one frame.  Clears the outbox."""
+        out, self.outbox = self.outbox, {}
+        self.urgent.clear()
+        self.stats.untethered_batches += len(self._untethered_dests)
+        self._untethered_dests.clear()
+        return out
+
+    def _pump(self) -> None:
+        """Handle the messages this node sent itself (iteratively, never recursively)."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._local:
+                self._dispatch(self._local.popleft(), self.name)
+        finally:
+            self._pumping = False
+
+    def _new_pending(self, kind: str, k: K | None, info: ClassInfo | None) -> tuple[int, _Pending]:
+        self._next_id += 1
+        pending = _Pending(kind, k, info)
+        self._pending[self._next_id] = pending
+        return self._next_id, pending
+
+    def _count_error(self, kind: str) -> None:
+        errors = self.stats.errors
+        assert errors is not None
+        errors[kind] = errors.get(kind, 0) + 1
+
+    # -- the key layer: routing --
+
+    def _key_op(self, op: Op, k: K, kind: int, req_id: int, extra: Any = None) -> None:
+        """Start a key-layer request at this node, as its origin."""
+        msg = KeyOp(int(op), k[0], k[1], kind, self.name, req_id, self.view.epoch, 0, 0, extra)
+        self._route(msg)
+
+    def _holding(self, k: K) -> Holding:
+        if k in self.records:
+            return Holding.RECORD
+        if k in self.handed:
+            return Holding.HANDED_ON
+        return Holding.NONE
+
+    def _route(self, msg: KeyOp) -> None:
+        k = (msg.map, msg.key)
+        arrival = Arrival(_ARRIVALS[msg.arrival])
+        decision = decide(
+            self.view, self._holding(k), Request(key_token(*k), msg.epoch, msg.hops, arrival)
+        )
+        if isinstance(decision, Serve):
+            if decision.adopt:
+                self._adopt(k, msg.extra)
+            self._serve_key(msg)
+            return
+        if isinstance(decision, Forward):
+            self.stats.forwarded += 1
+            arrival_code = 0
+            extra = msg.extra if msg.op == Op.MOVED else None
+            if decision.handoff:
+                arrival_code = 2
+                rec = self.records.pop(k, None)
+                extra = _handoff_payload(rec, msg)
+                if self.view.stage is not Stage.NORMAL:
+                    self.handed.add(k)
+            out = KeyOp(
+                msg.op,
+                msg.map,
+                msg.key,
+                msg.kind,
+                msg.origin,
+                msg.req_id,
+                decision.epoch,
+                decision.hops,
+                arrival_code,
+                extra,
+            )
+            self._send(decision.to, out)
+            return
+        if isinstance(decision, Pull):
+            self.stats.forwarded += 1
+            out = KeyOp(
+                msg.op,
+                msg.map,
+                msg.key,
+                msg.kind,
+                msg.origin,
+                msg.req_id,
+                decision.epoch,
+                decision.hops,
+                1,
+                msg.extra,
+            )
+            self._send(decision.source, out)
+            return
+        self._count_error("rejected-request")
+        self._reply(msg.origin, msg.req_id, Status.ERROR, ["Rejected", decision.reason])
+
+    def _adopt(self, k: K, payload: Any) -> None:
+        """Install the authority that came with a hand-on (keeping our own record if any),
+        with the requests that were queued behind a move in progress."""
+        record, queued = payload if payload else (None, [])
+        if k in self.records or record is None:
+            return
+        kind, owner, version, exists, busy = record
+        rec = self.records[k] = KeyRecord(kind, owner, version, exists)
+        rec.busy = busy
+        if queued:
+            rec.queue = deque(
+                KeyOp(op, k[0], k[1], kind_, origin, req_id, self.view.epoch, 0, 0, extra)
+                for op, kind_, origin, req_id, extra in queued
+            )
+
+    # -- the key layer: serving --
+
+    def _serve_key(self, msg: KeyOp) -> None:
+        k = (msg.map, msg.key)
+        rec = self.records.get(k)
+        op = msg.op
+        if op == Op.MOVED:
+            self._moved(k, rec, msg)
+            return
+        if rec is not None and rec.busy:
+            if rec.queue is None:
+                rec.queue = deque()
+            rec.queue.append(msg)
+            return
+        if op == Op.REMOVE:
+            removed = rec is not None and rec.exists
+            if rec is not None and rec.exists:
+                rec.exists = False
+                rec.version += 1
+                if rec.owner is not None:
+                    self._send(rec.owner, Drop(msg.map, msg.key, rec.version))
+                    rec.owner = None
+            self._reply(msg.origin, msg.req_id, Status.OK, removed)
+            return
+        if rec is None or not rec.exists:
+            if op != Op.CREATE:
+                self._reply(msg.origin, msg.req_id, Status.NOT_FOUND)
+                return
+            version = (rec.version if rec is not None else 0) + 1
+            if rec is None:
+                rec = self.records[k] = KeyRecord(msg.kind, msg.origin, version, True)
+            else:
+                rec.kind, rec.owner, rec.version, rec.exists = msg.kind, msg.origin, version, True
+            if msg.kind == 0:
+                self._send(msg.origin, Transfer(msg.map, msg.key, msg.req_id, version, None, True))
+            else:
+                self._reply(msg.origin, msg.req_id, Status.OK, [msg.origin, version, True])
+            return
+        if rec.kind != msg.kind:
+            self._reply(msg.origin, msg.req_id, Status.WRONG_KIND, rec.kind)
+            return
+        if op == Op.LOCATE or rec.kind == 1:
+            self._reply(msg.origin, msg.req_id, Status.OK, [rec.owner, rec.version, False])
+            return
+        # A writable single-writer reference for msg.origin.
+        assert rec.owner is not None
+        if rec.owner == msg.origin:
+            self._send(msg.origin, Transfer(msg.map, msg.key, msg.req_id, rec.version, None, False))
+            return
+        rec.busy = True
+        self._send(rec.owner, Release(msg.map, msg.key, msg.origin, msg.req_id, rec.version))
+
+    def _moved(self, k: K, rec: KeyRecord | None, msg: KeyOp) -> None:
+        new_owner, version = msg.extra
+        if rec is None:
+            self._count_error("moved-without-record")
+            return
+        rec.owner, rec.version, rec.busy = new_owner, version, False
+        if not rec.exists:  # removed while it moved: the new holder must drop it too
+            self._send(new_owner, Drop(msg.map, msg.key, version))
+            rec.owner = None
+        queue = rec.queue
+        rec.queue = None
+        while queue:
+            self._serve_key(queue.popleft())
+            if rec.busy and queue:  # another move started: the rest waits behind it
+                if rec.queue is None:
+                    rec.queue = deque()
+                rec.queue.extend(queue)
+                return
+
+    def _reply(self, origin: str, req_id: int, status: Status, value: Any = None) -> None:
+        self._send(origin, Reply(req_id, int(status), value))
+
+    # -- the object layer: messages --
+
+    def handle(self, msg: Message, sender: str) -> None:
+        """One message from node ``sender`` (decoded and authenticated by the shell)."""
+        self._dispatch(msg, sender)
+        self._pump()
+
+    def handle_batch(self, msgs: list[Message], sender: str) -> None:
+        for msg in msgs:
+            self._dispatch(msg, sender)
+        self._pump()
+
+    def _dispatch(self, msg: Message, sender: str) -> None:
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            self._count_error(f"unexpected-{type(msg).__name__}")
+            return
+        try:
+            handler(self, msg, sender)
+        except StoreError:
+            raise
+        except Exception as exc:  # a bug or a bad peer must not stop the node
+            self._count_error(f"handler-{type(exc).__name__}")
+
+    def _on_key_op(self, msg: KeyOp, sender: str) -> None:
+        self._route(msg)
+
+    def _on_transfer(self, msg: Transfer, sender: str) -> None:
+        k = (msg.map, msg.key)
+        pending = self._pending.pop(msg.req_id, None)
+        self._acquiring.pop(k, None)
+        if pending is None or pending.info is None:
+            self._count_error("transfer-without-request")
+            return
+        if msg.state is None and not msg.created:
+            held = self.objects.get(k)
+            if held is None:
+                for wait in pending.waits:
+                    wait.fail(StoreError(f"{k!r}: key owner says we hold it, but we do not"))
+                return
+        else:
+            info = pending.info
+            obj = info.cls() if msg.created else load_state(info.cls, msg.state or b"\xa0")
+            held = Held(info, obj, msg.version)
+            self.objects[k] = held
+            if not msg.created:
+                self.stats.migrations_in += 1
+            if self.trace is not None:
+                self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
+        held.refs += len(pending.waits)
+        early = self._early_release.pop(k, None)
+        if early is not None and early.version == held.version:
+            held.release = early
+        for wait in pending.waits:
+            wait.resolve((held, msg.created))
+
+    def _on_release(self, msg: Release, sender: str) -> None:
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        if held is None or held.version < msg.version:
+            self._early_release[k] = msg  # the object is still on its way to us
+            return
+        held.release = msg
+        if held.refs == 0:
+            self._hand_over(k, held)
+
+    def _hand_over(self, k: K, held: Held) -> None:
+        release = held.release
+        assert release is not None
+        del self.objects[k]
+        version = held.version + 1
+        state = dump_state(held.obj)
+        if self.trace is not None:
+            self.trace.append(("release", k[0], k[1], held.version, self.name))
+        self.stats.migrations_out += 1
+        self._send(release.to, Transfer(k[0], k[1], release.req_id, version, state, False))
+        self._key_op(Op.MOVED, k, 0, 0, [release.to, version])
+
+    def _on_reply(self, msg: Reply, sender: str) -> None:
+        pending = self._pending.pop(msg.req_id, None)
+        if pending is None:
+            self._count_error("reply-without-request")
+            return
+        _REPLY_HANDLERS[pending.kind](self, pending, msg)
+
+    def _on_call(self, msg: Call, sender: str) -> None:
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        if held is None or held.removed:
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.NOT_HERE)
+            else:
+                self._count_error("untethered-call-lost")
+            return
+        minfo = held.info.methods.get(msg.method)
+        if minfo is None or (
+            held.info.kind is ObjectKind.SINGLE and minfo.kind is not MethodKind.STALE
+        ):
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.ERROR, ["NotCallable", msg.method])
+            return
+        if msg.seq and not self._fresh(held, sender, msg.seq):
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.ERROR, ["Duplicate", "call applied already"])
+            return
+        self._fold_local_replica(k, held)
+        try:
+            value = getattr(held.obj, msg.method)(*msg.args)
+        except Exception as exc:
+            self._count_error(f"call-{type(exc).__name__}")
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.ERROR, [type(exc).__name__, str(exc)])
+            return
+        if msg.req_id:
+            self._reply(sender, msg.req_id, Status.OK, value)
+
+    def _fresh(self, held: Held, sender: str, seq: int) -> bool:
+        seen = held.seen
+        if seen is None:
+            seen = held.seen = {}
+        if seq <= seen.get(sender, 0):
+            return False
+        seen[sender] = seq
+        return True
+
+    def _on_fold(self, msg: Fold, sender: str) -> None:
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        if held is None or held.removed:
+            self._count_error("fold-lost")
+            return
+        if not self._fresh(held, sender, msg.seq):
+            return
+        held.obj.merge(load_state(held.info.cls, msg.state))
+        self.stats.merges += 1
+
+    def _on_drop(self, msg: Drop, sender: str) -> None:
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        if held is not None and held.version <= msg.version:
+            del self.objects[k]
+            held.removed = True
+        self.locations.pop(k, None)
+        self.replicas.pop(k, None)
+
+    def _on_barrier(self, msg: Barrier, sender: str) -> None:
+        self._reply(sender, msg.req_id, Status.OK)
+
+    def _on_scan(self, msg: Scan, sender: str) -> None:
+        entries = [
+            [key, rec.owner]
+            for (name, key), rec in self.records.items()
+            if name == msg.map and rec.exists
+        ]
+        self._reply(sender, msg.req_id, Status.OK, entries)
+
+    def _on_snapshot(self, msg: Snapshot, sender: str) -> None:
+        out = []
+        for key in msg.keys:
+            held = self.objects.get((msg.map, key))
+            out.append([key, None if held is None or held.removed else dump_state(held.obj)])
+        self._reply(sender, msg.req_id, Status.OK, out)
+
+    # -- replies to our requests --
+
+    def _reply_acquire(self, pending: _Pending, msg: Reply) -> None:
+        assert pending.k is not None
+        self._acquiring.pop(pending.k, None)
+        exc = self._error_of(pending, msg)
+        for wait in pending.waits:
+            wait.fail(exc)
+
+    def _reply_locate(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None and pending.info is not None
+        if msg.status != Status.OK:
+            for wait in pending.waits:
+                wait.fail(self._error_of(pending, msg))
+            return
+        owner, version, created = msg.value
+        if created and owner == self.name:
+            self.objects[k] = Held(pending.info, pending.info.cls(), version)
+        self.locations[k] = owner
+        for wait in pending.waits:
+            wait.resolve((owner, created))
+
+    def _reply_call(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None and pending.info is not None
+        if msg.status == Status.NOT_HERE and pending.tries < MAX_RELOCATE:
+            self.locations.pop(k, None)
+            pending.tries += 1
+            req_id = self._next_id = self._next_id + 1
+            pending.kind = "relocate"
+            self._pending[req_id] = pending
+            self._key_op(Op.LOCATE, k, KIND_CODE[pending.info.kind], req_id)
+            return
+        if msg.status != Status.OK:
+            for wait in pending.waits:
+                wait.fail(self._error_of(pending, msg))
+            return
+        info = pending.info.methods.get(pending.method)
+        if info is not None and info.kind is MethodKind.STALE and self.now_hint is not None:
+            cache_key = (k[0], k[1], pending.method, tuple(pending.args))
+            self.stale_cache[cache_key] = (self.now_hint, msg.value)
+        for wait in pending.waits:
+            wait.resolve(msg.value)
+
+    def _reply_relocate(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None
+        if msg.status != Status.OK:
+            for wait in pending.waits:
+                wait.fail(self._error_of(pending, msg))
+            return
+        owner = msg.value[0]
+        self.locations[k] = owner
+        pending.kind = "call"
+        self._ship_call(pending, owner)
+
+    def _reply_plain(self, pending: _Pending, msg: Reply) -> None:
+        if msg.status != Status.OK:
+            for wait in pending.waits:
+                wait.fail(self._error_of(pending, msg))
+            return
+        for wait in pending.waits:
+            wait.resolve(msg.value)
+
+    def _error_of(self, pending: _Pending, msg: Reply) -> StoreError:
+        what = f"{pending.k[0]}[{pending.k[1]!r}]" if pending.k else "request"
+        if msg.status in (Status.NOT_FOUND, Status.NOT_HERE):
+            return ObjectNotFound(f"{what}: no such object")
+        if msg.status == Status.WRONG_KIND:
+            return WrongKind(f"{what} holds a {KIND_OF[msg.value].value} object")
+        kind, text = msg.value if isinstance(msg.value, list) else ("Error", str(msg.value))
+        return RemoteCallError(f"{what}: {kind}: {text}")
+
+    # -- the API's slow paths --
+
+    now_hint: float | None = None  # the shell's clock at the last entry (for stale caches)
+
+    def acquire(self, map_name: str, key: Any, create: bool) -> Wait[tuple[Held, bool]]:
+        """A writable single-writer reference, when the fast path found none: ask the key
+        owner.  Concurrent misses on one key make one request.  Resolves to
+        ``(held, created)`` with ``held.refs`` already counting the caller."""
+        k = (map_name, key)
+        info = self.maps[map_name]
+        wait: Wait[tuple[Held, bool]] = Wait(k)
+        pending = self._acquiring.get(k)
+        if pending is not None:
+            pending.waits.append(wait)
+            return wait
+        req_id, pending = self._new_pending("acquire", k, info)
+        pending.waits.append(wait)
+        self._acquiring[k] = pending
+        self._key_op(Op.CREATE if create else Op.ACQUIRE, k, 0, req_id)
+        self._pump()
+        return wait
+
+    def locate(self, map_name: str, key: Any, create: bool) -> Wait[tuple[str, bool]]:
+        """Where the object lives (creating a multi-writer object here if asked and absent).
+        Resolves to ``(owner, created)``."""
+        k = (map_name, key)
+        info = self.maps[map_name]
+        wait: Wait[tuple[str, bool]] = Wait(k)
+        req_id, pending = self._new_pending("locate", k, info)
+        pending.waits.append(wait)
+        self._key_op(Op.CREATE if create else Op.LOCATE, k, KIND_CODE[info.kind], req_id)
+        self._pump()
+        return wait
+
+    def remove(self, map_name: str, key: Any) -> Wait[bool]:
+        """Remove the object; resolves to whether one existed."""
+        k = (map_name, key)
+        info = self.maps[map_name]
+        wait: Wait[bool] = Wait(k)
+        req_id, pending = self._new_pending("plain", k, info)
+        pending.waits.append(wait)
+        self._key_op(Op.REMOVE, k, KIND_CODE[info.kind], req_id)
+        self._pump()
+        return wait
+
+    def release_ref(self, k: K, held: Held) -> None:
+        """A local reference was let go; hand the object over if someone waits for it."""
+        held.refs -= 1
+        if held.refs == 0 and held.release is not None and not held.removed:
+            self._hand_over(k, held)
+            self._pump()
+
+    def call(
+        self, k: K, info: ClassInfo, method: str, args: tuple[Any, ...], owner: str, now: float
+    ) -> Any:
+        """A method call on an object held elsewhere (or a multi-writer one held here).
+
+        Returns the value when it is available at once (local object, fresh stale cache,
+        untethered update), else a :class:`Wait` for it.
+        """
+        minfo = info.methods[method]
+        held = self.objects.get(k)
+        if held is not None and info.kind is ObjectKind.MULTI:
+            if held.removed:
+                raise ObjectRemoved(f"{k[0]}[{k[1]!r}] was removed")
+            self._fold_local_replica(k, held)
+            return getattr(held.obj, method)(*args)
+        self.now_hint = now
+        if minfo.kind is MethodKind.STALE:
+            cached = self.stale_cache.get((k[0], k[1], method, args))
+            if cached is not None and now - cached[0] <= minfo.max_age:
+                self.stats.stale_cache_hits += 1
+                return cached[1]
+        if minfo.kind is MethodKind.UNTETHERED:
+            self.stats.untethered_calls += 1
+            if info.mergeable:
+                replica = self.replicas.get(k)
+                if replica is None:
+                    replica = (info.cls(), owner)
+                    self.replicas[k] = replica
+                getattr(replica[0], method)(*args)
+                return None
+            seq = self._seq[k] = self._seq.get(k, 0) + 1
+            self.untethered_since_flush.add(owner)
+            if owner != self.name:
+                self._untethered_dests.add(owner)
+            self._send(owner, Call(k[0], k[1], method, list(args), 0, seq), urgent=False)
+            self._pump()
+            return None
+        # A blocking call (or a stale read that missed): our replica's updates go first.
+        self._send_fold(k)
+        req_id, pending = self._new_pending("call", k, info)
+        pending.method, pending.args = method, list(args)
+        wait: Wait[Any] = Wait(k)
+        pending.waits.append(wait)
+        self.stats.remote_calls += 1
+        self._ship_call(pending, owner, req_id)
+        self._pump()
+        return wait
+
+    def _ship_call(self, pending: _Pending, owner: str, req_id: int | None = None) -> None:
+        k = pending.k
+        assert k is not None
+        if req_id is None:
+            self._next_id += 1
+            req_id = self._next_id
+            self._pending[req_id] = pending
+        seq = self._seq[k] = self._seq.get(k, 0) + 1
+        self._send(owner, Call(k[0], k[1], pending.method, pending.args, req_id, seq))
+
+    def _fold_local_replica(self, k: K, held: Held) -> None:
+        replica = self.replicas.pop(k, None)
+        if replica is not None:
+            held.obj.merge(replica[0])
+            self.stats.merges += 1
+
+    def _send_fold(self, k: K) -> None:
+        replica = self.replicas.pop(k, None)
+        if replica is None:
+            return
+        obj, owner = replica
+        if owner == self.name and k in self.objects:
+            self._fold_local_replica(k, self.objects[k])
+            return
+        seq = self._seq[k] = self._seq.get(k, 0) + 1
+        self.untethered_since_flush.add(owner)
+        self._untethered_dests.add(owner)
+        self._send(owner, Fold(k[0], k[1], seq, dump_state(obj)), urgent=False)
+
+    def fold_replicas(self) -> None:
+        """Send every replica's updates to its owner (the merge interval, and ``flush``)."""
+        for k in list(self.replicas):
+            self._send_fold(k)
+        self._pump()
+
+    def barrier(self, node: str) -> Wait[Any]:
+        """Resolves once ``node`` has applied everything we sent it before."""
+        req_id, pending = self._new_pending("plain", None, None)
+        wait: Wait[Any] = Wait(("barrier", node))
+        pending.waits.append(wait)
+        self._send(node, Barrier(req_id))
+        self._pump()
+        return wait
+
+    def scan(self, node: str, map_name: str) -> Wait[list[list[Any]]]:
+        """The existing keys of ``map_name`` whose records ``node`` holds, with owners."""
+        req_id, pending = self._new_pending("plain", None, None)
+        wait: Wait[list[list[Any]]] = Wait(("scan", node, map_name))
+        pending.waits.append(wait)
+        self._send(node, Scan(req_id, map_name))
+        self._pump()
+        return wait
+
+    def snapshot(self, node: str, map_name: str, keys: list[Any]) -> Wait[list[list[Any]]]:
+        """The states of ``keys`` that ``node`` holds (None where it does not)."""
+        req_id, pending = self._new_pending("plain", None, None)
+        wait: Wait[list[list[Any]]] = Wait(("snapshot", node, map_name))
+        pending.waits.append(wait)
+        self._send(node, Snapshot(req_id, map_name, keys))
+        self._pump()
+        return wait
+
+    # -- observability --
+
+    def statistics(self) -> NodeStatistics:
+        s = self.stats
+        single = sum(1 for h in self.objects.values() if h.info.kind is ObjectKind.SINGLE)
+        return NodeStatistics(
+            key_records=sum(1 for r in self.records.values() if r.exists),
+            objects_single=single,
+            objects_multi=len(self.objects) - single,
+            references_in_use=sum(h.refs for h in self.objects.values()),
+            migrations_in=s.migrations_in,
+            migrations_out=s.migrations_out,
+            forwarded=s.forwarded,
+            location_cache_hits=s.location_cache_hits,
+            stale_cache_hits=s.stale_cache_hits,
+            untethered_calls=s.untethered_calls,
+            untethered_batches=s.untethered_batches,
+            merges=s.merges,
+            remote_calls=s.remote_calls,
+            messages_to_self=s.messages_to_self,
+            errors=dict(s.errors or {}),
+        )
+
+    def validate(self) -> None:
+        """Assert the node's invariants (tests call it)."""
+        for k, held in self.objects.items():
+            assert held.refs >= 0, k
+            assert not held.removed, k
+            if held.info.kind is ObjectKind.SINGLE:
+                assert held.release is None or held.release.version == held.version, k
+        for k, rec in self.records.items():
+            assert rec.exists == (rec.owner is not None), k
+            assert rec.queue is None or rec.busy or not rec.queue, k
+
+
+def _handoff_payload(rec: KeyRecord | None, msg: KeyOp) -> list[Any]:
+    """What travels with a hand-on: the record (or None: bare authority) and its queue."""
+    if rec is None:
+        return [None, []]
+    queue = list(rec.queue or ())
+    return [rec.to_wire(), [[q.op, q.kind, q.origin, q.req_id, q.extra] for q in queue]]
+
+
+_ARRIVALS = {0: Arrival.PLAIN.value, 1: Arrival.PULL.value, 2: Arrival.HANDOFF.value}
+
+_HANDLERS: dict[type, Callable[[NodeState, Any, str], None]] = {
+    KeyOp: NodeState._on_key_op,
+    Transfer: NodeState._on_transfer,
+    Release: NodeState._on_release,
+    Reply: NodeState._on_reply,
+    Call: NodeState._on_call,
+    Fold: NodeState._on_fold,
+    Drop: NodeState._on_drop,
+    Barrier: NodeState._on_barrier,
+    Scan: NodeState._on_scan,
+    Snapshot: NodeState._on_snapshot,
+}
+
+_REPLY_HANDLERS: dict[str, Callable[[NodeState, _Pending, Reply], None]] = {
+    "acquire": NodeState._reply_acquire,
+    "locate": NodeState._reply_locate,
+    "call": NodeState._reply_call,
+    "relocate": NodeState._reply_relocate,
+    "plain": NodeState._reply_plain,
+}
