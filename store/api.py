@@ -1,0 +1,444 @@
+"""What NF authors use: ``Space``, ``Map``, references (paper §5.1, Table 2).
+
+Every method of every object is awaited the same way whatever its kind and wherever it
+lives, so NF code never needs to know where state is.  The costs differ, and the code here
+is arranged so that the common case costs least:
+
+* **A local single-writer object** (the per-flow state of a flow this instance serves):
+  ``async with flows.create(key) as ref`` is one dict lookup and two attribute checks, and
+  ``await ref.method(...)`` one plain call; no task, no trio call, no message.
+* **Anything else** goes to :class:`~store.core.node_state.NodeState`'s slow paths, which
+  queue messages and hand back a :class:`~store.core.scheduler.Wait`; the node's shell is
+  kicked to send them, and the awaiting microthread parks until the answer comes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Generator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from store.core.node_state import Held
+from store.core.objects import ClassInfo, MethodKind, ObjectKind, info_of, load_state
+from store.core.scheduler import Wait
+from store.errors import ObjectNotFound, ObjectRemoved
+
+if TYPE_CHECKING:
+    from store.node import Node
+
+__all__ = ["Map", "Ref", "Space", "SpaceStatistics"]
+
+T = TypeVar("T")
+
+
+class _Ready:
+    """An awaitable that returns its value at once, without suspending."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self.value
+        yield  # pragma: no cover - makes this a generator
+
+
+_NONE = _Ready(None)
+
+
+class Ref:
+    """A reference to one object, handed out by ``Map.create`` / ``Map.get``.
+
+    Its methods are the object's methods, each returning an awaitable.  ``created`` says
+    whether ``create`` made the object.  Subclasses are generated per object class and
+    access mode (see :func:`_ref_class`).
+    """
+
+    __slots__ = ("_held", "_k", "_map", "_owner", "created")
+
+    def __init__(self, map_: Map[Any], k: tuple[str, Any], held: Held | None, owner: str) -> None:
+        self._map = map_
+        self._k = k
+        self._held = held
+        self._owner = owner
+        self.created = False
+
+    @property
+    def key(self) -> Any:
+        return self._k[1]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._k[0]}[{self._k[1]!r}] at {self._owner}>"
+
+
+def _local_method(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def method(self: Ref, *args: Any) -> _Ready:
+        held = self._held
+        assert held is not None
+        if held.removed:
+            raise ObjectRemoved(f"{self._k[0]}[{self._k[1]!r}] was removed")
+        return _Ready(fn(held.obj, *args))
+
+    method.__name__ = name
+    return method
+
+
+def _remote_method(name: str) -> Callable[..., Any]:
+    def method(self: Ref, *args: Any) -> Any:
+        map_ = self._map
+        node = map_._node
+        state = node.state
+        result = state.call(self._k, map_.info, name, args, self._owner, node.clock())
+        if isinstance(result, Wait):
+            node.kick()
+            return result
+        return _Ready(result)
+
+    method.__name__ = name
+    return method
+
+
+def _readonly_method(name: str, fn: Callable[..., Any], remote: Callable[..., Any]) -> Any:
+    """A @stale method through a read-only reference: direct while the object is held here,
+    else through the stale cache."""
+
+    def method(self: Ref, *args: Any) -> Any:
+        held = self._map._objects.get(self._k)
+        if held is not None:
+            return _Ready(fn(held.obj, *args))
+        return remote(self, *args)
+
+    method.__name__ = name
+    return method
+
+
+def _refuse(name: str, why: str) -> Callable[..., Any]:
+    def method(self: Ref, *args: Any) -> Any:
+        raise TypeError(f"{type(self).__name__}.{name}: {why}")
+
+    method.__name__ = name
+    return method
+
+
+def _ref_class(info: ClassInfo, mode: str) -> type[Ref]:
+    """The reference class for ``info.cls`` in ``mode``: "local" (writable single-writer,
+    or multi-writer held here), "remote" (multi-writer held elsewhere) or "readonly"."""
+    cache: dict[str, type[Ref]] = info.cls.__dict__.get("__s6_refs__") or {}
+    if mode in cache:
+        return cache[mode]
+    namespace: dict[str, Any] = {"__slots__": ()}
+    for name, minfo in info.methods.items():
+        fn = getattr(info.cls, name)
+        if mode == "local":
+            namespace[name] = _local_method(name, fn)
+        elif mode == "remote":
+            namespace[name] = _remote_method(name)
+        elif minfo.kind is MethodKind.STALE:
+            namespace[name] = _readonly_method(name, fn, _remote_method(name))
+        else:
+            namespace[name] = _refuse(
+                name, "a read-only reference runs @stale methods only (use a writable get)"
+            )
+    cls = type(f"{info.cls.__qualname__}Ref_{mode}", (Ref,), namespace)
+    cache[mode] = cls
+    type.__setattr__(info.cls, "__s6_refs__", cache)
+    return cls
+
+
+class _Access:
+    """``async with map.create(key) / map.get(key) as ref``: takes and lets go of a
+    reference.  ``__aenter__`` is a plain method returning an awaitable, so the local case
+    creates no coroutine."""
+
+    __slots__ = ("_create", "_key", "_map", "_readonly", "_ref")
+
+    def __init__(self, map_: Map[Any], key: Any, create: bool, readonly: bool) -> None:
+        self._map = map_
+        self._key = key
+        self._create = create
+        self._readonly = readonly
+        self._ref: Ref | None = None
+
+    def __aenter__(self) -> Any:
+        map_ = self._map
+        k = (map_.name, self._key)
+        held = map_._objects.get(k)
+        if held is not None and not self._readonly and held.release is None:
+            if map_._single:
+                held.refs += 1
+            ref = map_._local(map_, k, held, map_._me)
+            self._ref = ref
+            return _Ready(ref)
+        return self._slow(k, held)
+
+    async def _slow(self, k: tuple[str, Any], held: Held | None) -> Ref:
+        map_ = self._map
+        node = map_._node
+        state = node.state
+        if self._readonly and map_._single:
+            if held is None:
+                owner = state.locations.get(k)
+                if owner is None:
+                    wait = state.locate(k[0], k[1], False)
+                    node.kick()
+                    owner, _ = await wait
+                else:
+                    state.stats.location_cache_hits += 1
+            else:
+                owner = map_._me
+            ref: Ref = map_._readonly_ref(map_, k, None, owner)
+        elif map_._single:
+            wait_w = state.acquire(k[0], k[1], self._create)
+            node.kick()
+            held, created = await wait_w
+            ref = map_._local(map_, k, held, map_._me)
+            ref.created = created
+        else:
+            owner = state.locations.get(k) if not self._create else None
+            created = False
+            if owner is None:
+                wait = state.locate(k[0], k[1], self._create)
+                node.kick()
+                owner, created = await wait
+            else:
+                state.stats.location_cache_hits += 1
+            held = map_._objects.get(k)
+            if held is not None:
+                ref = map_._local(map_, k, held, owner)
+            else:
+                ref = map_._remote(map_, k, None, owner)
+            ref.created = created
+        self._ref = ref
+        return ref
+
+    def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> _Ready:
+        ref = self._ref
+        if ref is not None and ref._held is not None and self._map._single:
+            held = ref._held
+            if held.release is None or held.refs > 1:
+                held.refs -= 1
+            else:
+                node = self._map._node
+                node.state.release_ref(ref._k, held)
+                node.kick()
+        return _NONE
+
+
+class Map(Generic[T]):
+    """A named map of objects of one class in the space (the paper's ``S6Map``)."""
+
+    def __init__(self, node: Node, name: str, cls: type[T]) -> None:
+        info = info_of(cls)
+        node.state.register_map(name, info)
+        self.name = name
+        self.cls = cls
+        self.info = info
+        self._node = node
+        self._objects = node.state.objects
+        self._me = node.state.name
+        self._single = info.kind is ObjectKind.SINGLE
+        self._local = _ref_class(info, "local")
+        self._remote = _ref_class(info, "remote")
+        self._readonly_ref = _ref_class(info, "readonly")
+
+    def __repr__(self) -> str:
+        return f"<Map {self.name!r} of {self.info.name}>"
+
+    def create(self, key: Any) -> _Access:
+        """``async with m.create(key) as ref``: the object under ``key``, created (as
+        ``cls()``) if absent; ``ref.created`` tells which."""
+        return _Access(self, key, True, False)
+
+    def get(self, key: Any, *, readonly: bool = False) -> _Access:
+        """``async with m.get(key) as ref``: the existing object, or ``ObjectNotFound``.
+
+        ``readonly=True`` never moves the object: only ``@stale`` methods run, from a local
+        cache no older than their ``max_age``."""
+        return _Access(self, key, False, readonly)
+
+    async def remove(self, key: Any) -> bool:
+        """Remove the object under ``key``; whether one existed.  Later accesses fail with
+        ``ObjectNotFound`` until a create; references still held raise ``ObjectRemoved``."""
+        node = self._node
+        wait = node.state.remove(self.name, key)
+        node.kick()
+        return await wait
+
+    async def items(self) -> AsyncIterator[tuple[Any, T]]:
+        """Each existing key once, with a read-only snapshot of its object (a copy: changing
+        it changes nothing).  Moves nothing; for the control plane, not the packet path."""
+        node = self._node
+        state = node.state
+        seen: set[Any] = set()
+        for member in sorted(node.members()):
+            wait = state.scan(member, self.name)
+            node.kick()
+            entries = await wait
+            by_owner: dict[str, list[Any]] = {}
+            for key, owner in entries:
+                if key not in seen:
+                    by_owner.setdefault(owner, []).append(key)
+            for owner, keys in by_owner.items():
+                for key, data in await self._snapshots(owner, keys):
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    yield key, load_state(self.cls, data)
+
+    async def _snapshots(self, owner: str, keys: list[Any]) -> list[tuple[Any, bytes]]:
+        node = self._node
+        state = node.state
+        out: list[tuple[Any, bytes]] = []
+        pending = {owner: keys}
+        for _attempt in range(4):
+            retry: dict[str, list[Any]] = {}
+            for where, wanted in pending.items():
+                wait = state.snapshot(where, self.name, wanted)
+                node.kick()
+                for key, data in await wait:
+                    if data is not None:
+                        out.append((key, data))
+                        continue
+                    try:  # it moved (or went): ask its key owner where it is now
+                        lwait = state.locate(self.name, key, False)
+                        node.kick()
+                        now_at, _ = await lwait
+                    except ObjectNotFound:
+                        continue
+                    retry.setdefault(now_at, []).append(key)
+            if not retry:
+                break
+            pending = retry
+        return out
+
+
+class Space:
+    """This process's membership of the object space (returned by ``store.open_space``)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._maps: dict[str, Map[Any]] = {}
+
+    @property
+    def name(self) -> str:
+        """This member's name in the ring."""
+        return self._node.name
+
+    @property
+    def node(self) -> Node:
+        return self._node
+
+    def map(self, name: str, cls: type[T]) -> Map[T]:
+        """The map ``name`` of ``cls`` objects (the same object for the same arguments)."""
+        existing = self._maps.get(name)
+        if existing is not None:
+            if existing.cls is not cls:
+                raise TypeError(f"map {name!r} holds {existing.info.name}, not {cls.__qualname__}")
+            return existing
+        made: Map[T] = Map(self._node, name, cls)
+        self._maps[name] = made
+        return made
+
+    def submit_nowait(self, flow: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` (an ``async def``) as a microthread of flow ``flow``, now:
+        inline to completion when its state is local; parked otherwise.  Raises
+        ``SchedulerFull`` when the parked bound is reached.  Returns the unit (awaitable)."""
+        return self._node.micro.submit_nowait(flow, fn, *args)
+
+    async def submit(self, flow: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        """Like :meth:`submit_nowait`, but waits for room when the parked bound is reached:
+        the backpressure.  Returns once the unit is accepted; ``await`` the unit for its
+        result.  Units of one flow finish in the order submitted."""
+        unit = await self._node.micro.submit(flow, fn, *args)
+        self._node.kick()
+        return unit
+
+    async def flush(self) -> None:
+        """Send every untethered batch and fold every replica, and return once each
+        destination has applied them: every update made before counts exactly once."""
+        node = self._node
+        state = node.state
+        state.fold_replicas()
+        dests = sorted(state.untethered_since_flush - {state.name})
+        state.untethered_since_flush.clear()
+        waits = [state.barrier(dest) for dest in dests]
+        node._kick.set()
+        for wait in waits:
+            await wait
+
+    def statistics(self) -> SpaceStatistics:
+        """A frozen record of this member's figures (see :class:`SpaceStatistics`)."""
+        node = self._node
+        core = node.state.statistics()
+        micro = node.micro.statistics()
+        wire = node.wire_statistics()
+        return SpaceStatistics(
+            node=node.name,
+            epoch=node.state.view.epoch,
+            stage=node.state.view.stage.value,
+            key_records=core.key_records,
+            objects_single=core.objects_single,
+            objects_multi=core.objects_multi,
+            references_in_use=core.references_in_use,
+            microthreads_parked=micro.parked,
+            microthreads_run=micro.units_run,
+            messages_sent=wire.messages_sent,
+            messages_received=wire.messages_received,
+            bytes_sent=wire.bytes_sent,
+            bytes_received=wire.bytes_received,
+            frames_sent=wire.frames_sent,
+            migrations_in=core.migrations_in,
+            migrations_out=core.migrations_out,
+            forwarded=core.forwarded,
+            location_cache_hits=core.location_cache_hits,
+            stale_cache_hits=core.stale_cache_hits,
+            untethered_calls=core.untethered_calls,
+            untethered_batches=core.untethered_batches,
+            merges=core.merges,
+            remote_calls=core.remote_calls,
+            errors=dict(core.errors or {}),
+            wire_errors={
+                "frames_too_large": wire.frames_too_large,
+                "frames_malformed": wire.frames_malformed,
+                "frames_unknown_type": wire.frames_unknown_type,
+                "auth_failures": wire.auth_failures,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class SpaceStatistics:
+    """Per-member figures: what ``space.statistics()`` and ``store.ctl status`` show."""
+
+    node: str
+    epoch: int
+    stage: str
+    key_records: int
+    objects_single: int
+    objects_multi: int
+    references_in_use: int
+    microthreads_parked: int
+    microthreads_run: int
+    messages_sent: int
+    messages_received: int
+    bytes_sent: int
+    bytes_received: int
+    frames_sent: int
+    migrations_in: int
+    migrations_out: int
+    forwarded: int
+    location_cache_hits: int
+    stale_cache_hits: int
+    untethered_calls: int
+    untethered_batches: int
+    merges: int
+    remote_calls: int
+    errors: dict[str, int]
+    wire_errors: dict[str, int]

@@ -1,0 +1,233 @@
+"""The trio shell of a node: sockets, timers and the microthread driver around NodeState.
+
+Everything that decides anything lives in :mod:`store.core`; this module only moves bytes
+and time:
+
+* one **listener** accepts authenticated connections from other nodes; a reader task per
+  connection hands each decoded batch to ``NodeState.handle_batch`` and then resumes the
+  microthreads that the batch made ready, inline, without another task switch;
+* one **sender** task waits for a kick (something urgent was queued) or for the
+  untethered-flush timer (at most ``flush_interval``, 10 ms by default), takes the core's
+  outbox and queues each destination's messages on its connection, where the transport's
+  writer sends everything queued as one frame; it also folds multi-writer replicas every
+  ``merge_interval``;
+* outgoing connections are opened lazily, one per destination, and used only to send, so
+  every pair of nodes has one ordered channel per direction, as ``ring.ownership`` assumes.
+
+A node with no listener and a one-node ring (the embedded default of ``store.open_space``)
+never opens a socket: every message it sends goes to itself, inside the core.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ring.hashring import HashRing
+from ring.ownership import NodeView, Stage
+from store.core.node_state import NodeState
+from store.errors import PeerUnavailable, StoreError
+from store.microthreads import Microthreads
+from store.transport import Peer, WireCounters, WireStatistics, connect_peer, serve_peers
+
+__all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_MERGE_INTERVAL", "Node", "open_node", "split_address"]
+
+logger = logging.getLogger("store.node")
+
+DEFAULT_FLUSH_INTERVAL = 0.010
+DEFAULT_MERGE_INTERVAL = 0.050
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``, or a ``ValueError`` saying what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+class Node:
+    """A running node: its core state, its microthreads and its connections."""
+
+    def __init__(
+        self,
+        name: str,
+        ring: HashRing,
+        *,
+        secret: bytes,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        merge_interval: float = DEFAULT_MERGE_INTERVAL,
+        limit: int = 4096,
+        max_frame: int = 16 * 1024 * 1024,
+        counters: WireCounters | None = None,
+    ) -> None:
+        self.state = NodeState(name, ring)
+        self.micro = Microthreads(limit)
+        self.secret = secret
+        self.flush_interval = flush_interval
+        self.merge_interval = merge_interval
+        self.max_frame = max_frame
+        self.counters = counters or WireCounters()
+        self._kick = trio.Event()
+        self._peers: dict[str, Peer] = {}
+        self._connecting: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self._next_merge = 0.0
+        self.clock = trio.current_time
+
+    @property
+    def name(self) -> str:
+        return self.state.name
+
+    def members(self) -> frozenset[str]:
+        """The nodes of the current ring (and of the next one while scaling)."""
+        view = self.state.view
+        nodes = view.ring.nodes
+        return nodes if view.next_ring is None else nodes | view.next_ring.nodes
+
+    def set_ring(self, ring: HashRing) -> None:
+        """Adopt ``ring`` as the current ring in NORMAL (membership fixed at start)."""
+        self.state.view = NodeView(self.name, Stage.NORMAL, ring)
+
+    def kick(self) -> None:
+        """Something urgent may be queued: wake the sender.  Cheap when nothing is."""
+        if self.state.urgent:
+            self._kick.set()
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    async def _sender(self) -> None:
+        state = self.state
+        while True:
+            with trio.move_on_after(self.flush_interval):
+                await self._kick.wait()
+            self._kick = trio.Event()
+            now = trio.current_time()
+            if state.replicas and now >= self._next_merge:
+                self._next_merge = now + self.merge_interval
+                state.fold_replicas()
+            if not state.outbox:
+                continue
+            for dest, msgs in state.take_outbox().items():
+                try:
+                    peer = self._peers.get(dest) or await self._connect(dest)
+                    for msg in msgs:
+                        peer.send_nowait(msg)
+                except StoreError as exc:
+                    logger.warning(
+                        "%s: dropped %d messages to %s: %s", self.name, len(msgs), dest, exc
+                    )
+                    state._count_error("send-failed")
+            self.micro.run_ready()
+
+    async def _connect(self, dest: str) -> Peer:
+        event = self._connecting.get(dest)
+        if event is not None:
+            await event.wait()
+            peer = self._peers.get(dest)
+            if peer is None:
+                raise PeerUnavailable(f"could not connect to {dest}")
+            return peer
+        event = self._connecting[dest] = trio.Event()
+        try:
+            assert self._nursery is not None
+            peer = await self._nursery.start(self._hold_connection, dest)
+            return peer  # type: ignore[no-any-return]
+        finally:
+            del self._connecting[dest]
+            event.set()
+
+    async def _hold_connection(
+        self, dest: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        host, port = split_address(dest)
+        async with connect_peer(
+            host,
+            port,
+            secret=self.secret,
+            name=self.name,
+            max_frame=self.max_frame,
+            counters=WireCounters(self.counters),
+        ) as peer:
+            self._peers[dest] = peer
+            task_status.started(peer)
+            try:
+                async for _batch in peer:  # nothing is sent back on our outgoing link
+                    pass
+            finally:
+                self._peers.pop(dest, None)
+
+    async def _on_peer(self, peer: Peer) -> None:
+        state, micro = self.state, self.micro
+        async for batch in peer:
+            state.handle_batch(batch, peer.name)
+            micro.run_ready()
+            if state.urgent:
+                self._kick.set()
+
+    # -- observability ---------------------------------------------------------------------------
+
+    def wire_statistics(self) -> WireStatistics:
+        return self.counters.statistics()
+
+
+@asynccontextmanager
+async def open_node(
+    *,
+    name: str | None = None,
+    listen: str | None = None,
+    members: list[str] | None = None,
+    secret: bytes,
+    **options: Any,
+) -> AsyncIterator[Node]:
+    """Run a node for the duration of the block.
+
+    ``listen``: ``"host:port"`` to accept other nodes (port 0 picks one); the node's name is
+    then its bound address.  Without it the node is reachable by nobody and must be alone
+    in its ring (the embedded default).  ``members``: the other nodes' names, for a cluster
+    whose membership is fixed at start; ``None`` for this node alone (a controller sets
+    the ring later through :meth:`Node.set_ring`).
+    """
+    async with trio.open_nursery() as nursery:
+        server = None
+        counters = WireCounters()
+        if listen is not None:
+            host, port = split_address(listen)
+            holder: list[Node] = []
+            built = trio.Event()
+
+            async def handler(peer: Peer) -> None:
+                await built.wait()  # a peer may arrive before the node is built
+                await holder[0]._on_peer(peer)
+
+            try:
+                server = await nursery.start(
+                    lambda task_status: serve_peers(
+                        handler,
+                        host,
+                        port,
+                        secret=secret,
+                        name=name or listen,
+                        task_status=task_status,
+                    )
+                )
+            except OSError as exc:
+                raise PeerUnavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+            name = f"{host}:{server.port}"
+        name = name or "local"
+        ring = HashRing([name, *(members or [])])
+        node = Node(name, ring, secret=secret, counters=counters, **options)
+        node._nursery = nursery
+        if listen is not None:
+            holder.append(node)
+            built.set()
+        await nursery.start(node.micro.serve)
+        nursery.start_soon(node._sender)
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()

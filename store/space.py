@@ -1,0 +1,46 @@
+"""``store.open_space``: join (or form) an object space as an instance."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from store.api import Space
+from store.node import open_node
+
+__all__ = ["DEV_SECRET", "open_space"]
+
+#: The secret used when none is given: fine for one process, never for a real cluster.
+DEV_SECRET = b"s6-development-secret"
+
+
+@asynccontextmanager
+async def open_space(
+    controller: str | None = None,
+    listen: str | None = None,
+    *,
+    secret: bytes = DEV_SECRET,
+    members: list[str] | None = None,
+    **options: Any,
+) -> AsyncIterator[Space]:
+    """This process as an instance of the object space, for the duration of the block.
+
+    With no ``controller`` and no ``members`` it is a single-node space in-process: no
+    socket is opened.  ``members`` (names ``"host:port"`` of the other nodes) forms a
+    cluster whose membership is fixed at start; ``listen`` is where this member accepts the
+    others (``"127.0.0.1:0"`` picks a port; the member's name is its bound address).
+    ``controller`` joins through the membership authority (``python -m store.controller``):
+    the block starts once this member is admitted.  ``options`` tune the node
+    (``flush_interval``, ``merge_interval``, ``limit``, ``max_frame``).
+    """
+    if controller is not None:
+        from store.membership_glue import join_space
+
+        async with join_space(controller, listen or "127.0.0.1:0", secret, options) as space:
+            yield space
+        return
+    if members and listen is None:
+        listen = "127.0.0.1:0"
+    async with open_node(listen=listen, members=members, secret=secret, **options) as node:
+        yield Space(node)
