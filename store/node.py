@@ -71,7 +71,7 @@ class Node:
         self.flush_interval = flush_interval
         self.merge_interval = merge_interval
         self.max_frame = max_frame
-        self.counters = counters or WireCounters()
+        self.counters = counters if counters is not None else WireCounters()
         self._kick = trio.Event()
         self._peers: dict[str, Peer] = {}
         self._connecting: dict[str, trio.Event] = {}
@@ -212,6 +212,7 @@ async def open_node(
                         port,
                         secret=secret,
                         name=name or listen,
+                        counters=counters,
                         task_status=task_status,
                     )
                 )
