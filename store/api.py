@@ -23,6 +23,7 @@ from store.core.node_state import Held
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, info_of, load_state
 from store.core.scheduler import Wait
 from store.errors import ObjectNotFound, ObjectRemoved
+from store.messages import key_from_wire
 
 if TYPE_CHECKING:
     from store.node import Node
@@ -282,7 +283,8 @@ class Map(Generic[T]):
             node.kick()
             entries = await wait
             by_owner: dict[str, list[Any]] = {}
-            for key, owner in entries:
+            for raw, owner in entries:
+                key = key_from_wire(raw)
                 if key not in seen:
                     by_owner.setdefault(owner, []).append(key)
             for owner, keys in by_owner.items():
@@ -302,7 +304,8 @@ class Map(Generic[T]):
             for where, wanted in pending.items():
                 wait = state.snapshot(where, self.name, wanted)
                 node.kick()
-                for key, data in await wait:
+                for raw, data in await wait:
+                    key = key_from_wire(raw)
                     if data is not None:
                         out.append((key, data))
                         continue

@@ -14,12 +14,13 @@ __all__ = [
     "NotAStoreOperation",
     "ObjectNotFound",
     "ObjectRemoved",
-    "RemoteCallError",
-    "WrongKind",
     "PeerUnavailable",
     "ProtocolError",
+    "RemoteCallError",
+    "StateNotEncodable",
     "StoreError",
     "UnknownMessageType",
+    "WrongKind",
 ]
 
 
@@ -79,3 +80,8 @@ class WrongKind(StoreError, TypeError):
 
 class RemoteCallError(StoreError):
     """The NF's: a method shipped to the object's owner raised there; the text says what."""
+
+
+class StateNotEncodable(StoreError, TypeError):
+    """The NF author's: an object's state holds a value cbor cannot encode, so the object
+    cannot move to the node that asked for it.  The text names the class and the field."""

@@ -816,3 +816,12 @@ class Snapshot:
     req_id: int
     map: str
     keys: list[Key]
+
+
+def key_from_wire(value: Any) -> Any:
+    """A key that travelled inside an ``Any`` field, with its tuples restored (cbor has one
+    array type).  Raises :class:`~store.errors.MalformedMessage` for non-key material."""
+    try:
+        return _to_key(value)
+    except _Mismatch as exc:
+        raise MalformedMessage(str(exc)) from None

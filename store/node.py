@@ -192,43 +192,50 @@ async def open_node(
     whose membership is fixed at start; ``None`` for this node alone (a controller sets
     the ring later through :meth:`Node.set_ring`).
     """
-    async with trio.open_nursery() as nursery:
-        server = None
-        counters = WireCounters()
-        if listen is not None:
-            host, port = split_address(listen)
-            holder: list[Node] = []
-            built = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            server = None
+            counters = WireCounters()
+            if listen is not None:
+                host, port = split_address(listen)
+                holder: list[Node] = []
+                built = trio.Event()
 
-            async def handler(peer: Peer) -> None:
-                await built.wait()  # a peer may arrive before the node is built
-                await holder[0]._on_peer(peer)
+                async def handler(peer: Peer) -> None:
+                    await built.wait()  # a peer may arrive before the node is built
+                    await holder[0]._on_peer(peer)
 
-            try:
-                server = await nursery.start(
-                    lambda task_status: serve_peers(
-                        handler,
-                        host,
-                        port,
-                        secret=secret,
-                        name=name or listen,
-                        counters=counters,
-                        task_status=task_status,
+                try:
+                    server = await nursery.start(
+                        lambda task_status: serve_peers(
+                            handler,
+                            host,
+                            port,
+                            secret=secret,
+                            name=name or listen,
+                            counters=counters,
+                            task_status=task_status,
+                        )
                     )
-                )
-            except OSError as exc:
-                raise PeerUnavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-            name = f"{host}:{server.port}"
-        name = name or "local"
-        ring = HashRing([name, *(members or [])])
-        node = Node(name, ring, secret=secret, counters=counters, **options)
-        node._nursery = nursery
-        if listen is not None:
-            holder.append(node)
-            built.set()
-        await nursery.start(node.micro.serve)
-        nursery.start_soon(node._sender)
-        try:
-            yield node
-        finally:
-            nursery.cancel_scope.cancel()
+                except OSError as exc:
+                    raise PeerUnavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+                name = f"{host}:{server.port}"
+            name = name or "local"
+            ring = HashRing([name, *(members or [])])
+            node = Node(name, ring, secret=secret, counters=counters, **options)
+            node._nursery = nursery
+            if listen is not None:
+                holder.append(node)
+                built.set()
+            await nursery.start(node.micro.serve)
+            nursery.start_soon(node._sender)
+            try:
+                yield node
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The node's background tasks ended cleanly when the block ended; an error from the
+        # caller's own block should reach the caller as itself, not wrapped in a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

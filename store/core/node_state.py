@@ -57,7 +57,14 @@ from ring.ownership import (
 )
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, dump_state, load_state
 from store.core.scheduler import Wait
-from store.errors import ObjectNotFound, ObjectRemoved, RemoteCallError, StoreError, WrongKind
+from store.errors import (
+    ObjectNotFound,
+    ObjectRemoved,
+    RemoteCallError,
+    StateNotEncodable,
+    StoreError,
+    WrongKind,
+)
 from store.messages import (
     Barrier,
     Call,
@@ -489,9 +496,18 @@ class NodeState:
     def _hand_over(self, k: K, held: Held) -> None:
         release = held.release
         assert release is not None
+        try:
+            state = dump_state(held.obj)
+        except TypeError as exc:
+            # The object cannot travel: it stays here, the asker gets the reason, and the
+            # key owner hears "moved to where it already is" so its queue goes on.
+            held.release = None
+            self._count_error("state-not-encodable")
+            self._reply(release.to, release.req_id, Status.ERROR, ["TypeError", str(exc)])
+            self._key_op(Op.MOVED, k, 0, 0, [self.name, held.version])
+            return
         del self.objects[k]
         version = held.version + 1
-        state = dump_state(held.obj)
         if self.trace is not None:
             self.trace.append(("release", k[0], k[1], held.version, self.name))
         self.stats.migrations_out += 1
@@ -655,6 +671,8 @@ class NodeState:
         if msg.status == Status.WRONG_KIND:
             return WrongKind(f"{what} holds a {KIND_OF[msg.value].value} object")
         kind, text = msg.value if isinstance(msg.value, list) else ("Error", str(msg.value))
+        if kind == "TypeError" and pending.kind == "acquire":
+            return StateNotEncodable(f"{what}: {text}")
         return RemoteCallError(f"{what}: {kind}: {text}")
 
     # -- the API's slow paths --
