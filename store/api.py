@@ -437,15 +437,7 @@ class Space:
     async def flush(self) -> None:
         """Send every untethered batch and fold every replica, and return once each
         destination has applied them: every update made before counts exactly once."""
-        node = self._node
-        state = node.state
-        state.fold_replicas()
-        dests = sorted(state.untethered_since_flush - {state.name})
-        state.untethered_since_flush.clear()
-        waits = [state.barrier(dest) for dest in dests]
-        node._kick.set()
-        for wait in waits:
-            await wait
+        await self._node.space_flush()
 
     def statistics(self) -> SpaceStatistics:
         """A frozen record of this member's figures (see :class:`SpaceStatistics`)."""

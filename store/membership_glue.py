@@ -1,4 +1,15 @@
-"""Joining a space through the controller (filled in once ``store.membership`` lands)."""
+"""Joining a space through the controller: the node's answers to the membership callbacks.
+
+``store.membership`` carries the controller's commands; this module turns each into what
+the node must do (``store.membership``'s docstring states the contract):
+
+* every stage change installs the new :class:`~ring.ownership.NodeView` in the core before
+  the callback returns (the controller counts the stage as reached on return);
+* SCALING starts the background drain of key records whose next owner is another node, at
+  ``drain_rate`` records per second, and reports the drain once every hand-on has been
+  acknowledged;
+* NORMAL on the new ring forgets the event's markers.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +17,108 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
+
 from store.api import Space
+from store.membership import Membership, join_cluster
+from store.node import Node, open_node
+
+__all__ = ["DEFAULT_DRAIN_RATE", "NodeMember", "join_space"]
+
+#: Key records handed on per second by the background drain.  Each is one small message;
+#: 20,000/s is about a tenth of what one connection carries batched, so packets keep most
+#: of the node while it drains, and 10,000 records move in half a second.
+DEFAULT_DRAIN_RATE = 20_000
+
+
+class NodeMember:
+    """The membership handler of one node."""
+
+    def __init__(self, node: Node, drain_rate: int = DEFAULT_DRAIN_RATE) -> None:
+        self.node = node
+        self.drain_rate = drain_rate
+        self.records_moved = 0
+
+    async def on_pre_scaling(self, membership: Membership) -> None:
+        self.node.enter_stage(membership.view)
+
+    async def on_scaling(self, membership: Membership) -> None:
+        self.node.enter_stage(membership.view)
+        assert self.node._nursery is not None
+        self.node._nursery.start_soon(self._drain, membership)
+
+    async def _drain(self, membership: Membership) -> None:
+        node, state = self.node, self.node.state
+        epoch = membership.epoch
+        moved = 0
+        tick = 0.01
+        per_tick = max(1, int(self.drain_rate * tick))
+        while True:
+            step = state.drain(per_tick)
+            moved += step
+            node.kick()
+            if step == 0 and state.drained():
+                break
+            await trio.sleep(tick if step else 0.001)
+            if membership.epoch != epoch:
+                return  # the event ended (or aborted) under us
+        self.records_moved += moved
+        await membership.report_drained(moved, state.stats.migrations_out)
+
+    async def on_normal(self, membership: Membership) -> None:
+        self.node.enter_stage(membership.view)
+
+    async def on_abort(self, membership: Membership) -> None:
+        self.node.enter_stage(membership.view)
+
+    async def on_leave(self, membership: Membership) -> None:
+        await self.node.space_flush()
+
+    def figures(self) -> dict[str, int | float | str]:
+        node = self.node
+        core = node.state.statistics()
+        micro = node.micro.statistics()
+        wire = node.wire_statistics()
+        return {
+            "stage": node.state.view.stage.value,
+            "epoch": node.state.view.epoch,
+            "keys": core.key_records,
+            "objects_single": core.objects_single,
+            "objects_multi": core.objects_multi,
+            "references": core.references_in_use,
+            "parked": micro.parked,
+            "messages_sent": wire.messages_sent,
+            "messages_received": wire.messages_received,
+            "bytes_sent": wire.bytes_sent,
+            "bytes_received": wire.bytes_received,
+            "migrations_in": core.migrations_in,
+            "migrations_out": core.migrations_out,
+            "forwarded": core.forwarded,
+            "location_hits": core.location_cache_hits,
+            "stale_hits": core.stale_cache_hits,
+            "untethered_batches": core.untethered_batches,
+            "merges": core.merges,
+            "records_moved": self.records_moved,
+            "errors": sum((core.errors or {}).values()),
+        }
 
 
 @asynccontextmanager
 async def join_space(
     controller: str, listen: str, secret: bytes, options: dict[str, Any]
 ) -> AsyncIterator[Space]:
-    raise NotImplementedError("joining through a controller is not wired yet")
-    yield  # pragma: no cover
+    """An embedded member: a listening node admitted through ``controller``."""
+    drain_rate = options.pop("drain_rate", DEFAULT_DRAIN_RATE)
+    async with open_node(listen=listen, secret=secret, **options) as node:
+        member = NodeMember(node, drain_rate)
+        async with join_cluster(
+            controller,
+            name=node.name,
+            address=node.name,
+            secret=secret,
+            handler=member,
+            status_provider=member.figures,
+        ) as membership:
+            node.enter_stage(membership.view)
+            node.membership = membership
+            yield Space(node)

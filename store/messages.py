@@ -825,3 +825,26 @@ def key_from_wire(value: Any) -> Any:
         return _to_key(value)
     except _Mismatch as exc:
         raise MalformedMessage(str(exc)) from None
+
+
+@message(26)
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandOn:
+    """Background drain: the key record of ``map[key]`` (``record``, as in a HANDOFF
+    ``KeyOp``'s extra) handed on to its next owner during scaling event ``epoch``."""
+
+    map: str
+    key: Key
+    epoch: int
+    record: Any
+
+
+@message(27)
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandOnAck:
+    """The receiver installed a handed-on record of ``map[key]``: the sender may count its
+    drain one step nearer done (a node reports drained only when all are acknowledged)."""
+
+    map: str
+    key: Key
+    epoch: int

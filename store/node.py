@@ -78,6 +78,8 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._next_merge = 0.0
         self.clock = trio.current_time
+        #: The node's standing with the controller, when it joined through one.
+        self.membership: Any = None
 
     @property
     def name(self) -> str:
@@ -91,7 +93,23 @@ class Node:
 
     def set_ring(self, ring: HashRing) -> None:
         """Adopt ``ring`` as the current ring in NORMAL (membership fixed at start)."""
-        self.state.view = NodeView(self.name, Stage.NORMAL, ring)
+        self.enter_stage(NodeView(self.name, Stage.NORMAL, ring))
+
+    def enter_stage(self, view: NodeView) -> None:
+        """Install the controller's new stage in the core (see ``store.membership``)."""
+        self.state.enter_stage(view)
+        self.kick()
+
+    async def space_flush(self) -> None:
+        """Send every untethered batch and replica fold; return once all are applied."""
+        state = self.state
+        state.fold_replicas()
+        dests = sorted(state.untethered_since_flush - {state.name})
+        state.untethered_since_flush.clear()
+        waits = [state.barrier(dest) for dest in dests]
+        self._kick.set()
+        for wait in waits:
+            await wait
 
     def kick(self) -> None:
         """Something urgent may be queued: wake the sender.  Cheap when nothing is."""
@@ -218,7 +236,9 @@ async def open_node(
                         )
                     )
                 except OSError as exc:
-                    raise PeerUnavailable(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+                    raise PeerUnavailable(
+                        f"cannot listen on {listen}: {exc.strerror or exc}"
+                    ) from None
                 name = f"{host}:{server.port}"
             name = name or "local"
             ring = HashRing([name, *(members or [])])
@@ -239,3 +259,9 @@ async def open_node(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+if __name__ == "__main__":
+    from store.node_cli import main
+
+    main()

@@ -7,12 +7,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from store.api import Space
+from store.controller import DEV_SECRET as _CONTROLLER_DEV_SECRET
 from store.node import open_node
 
 __all__ = ["DEV_SECRET", "open_space"]
 
-#: The secret used when none is given: fine for one process, never for a real cluster.
-DEV_SECRET = b"s6-development-secret"
+#: The secret used when none is given (the controller's too): for development only.
+DEV_SECRET = _CONTROLLER_DEV_SECRET
 
 
 @asynccontextmanager

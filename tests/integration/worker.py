@@ -60,7 +60,9 @@ NOT_FOUND = "NOT_FOUND"
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    secret = open(args.secret_file, "rb").read().strip() if args.secret_file else b"dev"
+    from store.cli_common import read_secret
+
+    secret = read_secret(args.secret_file, "worker")
     history: list[dict[str, Any]] = []
     async with store.open_space(controller=args.controller, secret=secret) as space:
         with trio.fail_after(30):

@@ -1,0 +1,70 @@
+"""``python -m store.node``: run one node of the object space.
+
+It listens for the other nodes, registers with the controller, and serves key records and
+objects until it is stopped (SIGINT/SIGTERM) or scaled in by ``store.ctl scale-in``.  The
+first line on stdout is ``node HOST:PORT admitted epoch E``, for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import trio
+
+from store.cli_common import OneLineParser, address, fail, read_secret
+from store.errors import StoreError
+
+PROG = "store.node"
+
+
+def parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--controller", required=True, type=address, help="controller HOST:PORT")
+    p.add_argument(
+        "--listen", default="127.0.0.1:0", type=address, help="HOST:PORT (port 0 picks one)"
+    )
+    p.add_argument("--secret-file", help="file holding the cluster secret")
+    p.add_argument("--drain-rate", type=int, default=None, help="key records moved per second")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING"])
+    return p
+
+
+async def serve(controller: str, listen: str, secret: bytes, drain_rate: int | None) -> None:
+    from store.membership_glue import join_space
+
+    options = {} if drain_rate is None else {"drain_rate": drain_rate}
+    async with join_space(controller, listen, secret, options) as space:
+        print(f"node {space.name} admitted epoch {space.node.state.view.epoch}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            membership = space.node.membership
+            async with trio.open_nursery() as nursery:
+
+                async def until_left() -> None:
+                    await membership.wait_left()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until_left)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+
+def main() -> None:
+    args = parser().parse_args()
+    logging.basicConfig(level=args.log_level, format=f"{PROG}: %(levelname)s %(message)s")
+    secret = read_secret(args.secret_file, PROG)
+    if args.drain_rate is not None and args.drain_rate <= 0:
+        fail(PROG, "--drain-rate must be a positive number of records per second", 2)
+    try:
+        trio.run(serve, args.controller, args.listen, secret, args.drain_rate)
+    except KeyboardInterrupt:
+        pass
+    except (StoreError, OSError, ValueError, TimeoutError) as exc:
+        fail(PROG, str(exc) or type(exc).__name__)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
