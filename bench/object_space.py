@@ -1,7 +1,8 @@
 """What the object space costs: per local unit of work, per migration, per remote access and
 per object held.
 
-Run ``python -m bench.object_space [--quick] [--out results/object_space.json]``.
+Run ``python -m bench.object_space [--quick] [--profile] [--out results/object_space.json]``
+(``--profile`` adds, for each sub-microsecond path of (c), where its time goes by function).
 
 One run measures four things, each against the cheapest thing it could be compared with:
 
@@ -14,8 +15,9 @@ One run measures four things, each against the cheapest thing it could be compar
 (b) **SingleWriter migration.**  Two nodes over real loopback websockets, the second in a
     subprocess (``--peer``, driven by one-line commands on its stdin): nodes A and B take
     turns at a writable get of one key, so every get pulls the object from the other
-    node; each such get is timed where it is made.  One key-owner round trip: the key's
-    authority asks the holder to release, the holder hands the object straight over.
+    node; each such get is timed where it is made.  With two nodes it is one round trip
+    whichever node is the key's authority: the request reaches the holder (directly, or
+    as the authority's release order) and the holder sends the object straight back.
 (c) **MultiWriter remote access** (the paper's Fig. 9b): from node A, on an object created
     (so held) by B, a blocking call, an ``@untethered`` update (shipped, and into a merge
     replica), a ``@stale`` read that hits the local cache and one that misses it; each
@@ -37,12 +39,16 @@ p99 come from ``hdrh`` when it is installed, else from sorted samples.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import linecache
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -51,6 +57,7 @@ from typing import Any
 
 import trio
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -61,6 +68,25 @@ from store.api import Space
 from store.node import Node, open_node
 from store.space import open_space
 
+#: How much of everything one run does; "full" is the default, "quick" is ``--quick``.
+SIZES = {
+    "full": {
+        "units": 100_000,  # (a) flows, each submitted once per repeat
+        "repeats": 9,  # (a); (b) and (c) take half as many, at least 3
+        "migrations": 1_000,  # (b) migrating gets per node per repeat
+        "fast_ops": 20_000,  # (c) operations per repeat on a path that sends nothing
+        "slow_ops": 1_000,  # (c) operations per repeat on a path that waits for B
+        "objects": 1_000_000,  # (d)
+    },
+    "quick": {
+        "units": 20_000,
+        "repeats": 5,
+        "migrations": 300,
+        "fast_ops": 5_000,
+        "slow_ops": 300,
+        "objects": 100_000,
+    },
+}
 GOAL_UNIT_OVERHEAD_US = 2.0
 GOAL_REMOTE_RATIO = 2.0
 GOAL_BYTES_PER_OBJECT = 300
@@ -165,7 +191,7 @@ def clock_floor_ns(pairs: int = 20_000) -> int:
 
 
 class Latencies:
-    """Per-repeat p50/p99 of one operation, and all raw samples of the last repeat."""
+    """The p50 and p99 of one operation in each repeat."""
 
     def __init__(self) -> None:
         self.p50: list[float] = []
@@ -356,6 +382,7 @@ async def measure_remote(
     slow_ops: int,
     repeats: int,
     advance: Callable[[], None],
+    profile: bool = False,
 ) -> dict[str, Any]:
     """(b) and (c), with node A here and node B in a subprocess."""
     secret = os.urandom(16).hex()
@@ -373,7 +400,16 @@ async def measure_remote(
             node.set_ring(ring)
             space = Space(node)
             result = await _measure_pair(
-                node, space, channel, peer, migrations, fast_ops, slow_ops, repeats, advance
+                node,
+                space,
+                channel,
+                peer,
+                migrations,
+                fast_ops,
+                slow_ops,
+                repeats,
+                advance,
+                profile,
             )
             result["key_owner_of_migrated_key"] = (
                 "A" if ring.owner_of("flows", MIGRATION_KEY) == node.name else "B"
@@ -383,7 +419,9 @@ async def measure_remote(
                 await channel.receive()
             return result
         finally:
-            with trio.move_on_after(10):
+            with trio.move_on_after(10):  # the peer exits at "quit", or when stdin closes
+                assert process.stdin is not None
+                await process.stdin.aclose()
                 await process.wait()
             if process.returncode is None:
                 process.kill()
@@ -400,6 +438,7 @@ async def _measure_pair(
     slow_ops: int,
     repeats: int,
     advance: Callable[[], None],
+    profile: bool,
 ) -> dict[str, Any]:
     flows = space.map("flows", Flow)
     stats = space.map("stats", Stat)
@@ -469,12 +508,20 @@ async def _measure_pair(
             ops[name].add(await unit)
             await space.flush()  # untethered calls and replicas applied before the next
         advance()
+    profiles = {}
+    if profile:
+        for name, objects, key, method, args, fast in variants:
+            if fast:
+                profiles[name] = await profile_calls(space, objects, key, method, args, fast_ops)
+                await space.flush()
     statistics_a = space.statistics()
     await channel.send("flush")
     assert await channel.receive() == "ok"
     async with stats.get("remote") as ref:
         total = await ref.add(0)
     expected = 1 + repeats * (slow_ops + fast_ops + 2)  # +2: the warm-up add and bump
+    if profile:
+        expected += fast_ops
     assert total == expected, (total, expected)
     assert statistics_a.migrations_in == repeats * migrations, statistics_a
     return {
@@ -485,7 +532,44 @@ async def _measure_pair(
         "errors": statistics_a.errors,
         "stale_cache_hits": statistics_a.stale_cache_hits,
         "untethered_batches": statistics_a.untethered_batches,
+        "profiles": profiles,
     }
+
+
+async def profile_calls(
+    space: Space, objects: Any, key: str, method: str, args: tuple[Any, ...], count: int
+) -> list[dict[str, Any]]:
+    """Where the time of ``count`` calls goes, by function, under ``cProfile``: each
+    function's calls per operation and share of the total time spent in its own code.
+    cProfile makes every call dearer, so read the shares, not the absolute figures."""
+
+    async def calls() -> None:
+        async with objects.get(key) as ref:
+            call = getattr(ref, method)
+            for _ in range(count):
+                await call(*args)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    unit = space.submit_nowait(("profile", method), calls)
+    profiler.disable()
+    await unit
+    table = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(row[2] for row in table.values())
+    rows = []
+    for (filename, line, function), (_cc, ncalls, own, _cum, _callers) in table.items():
+        if ncalls < count // 2:
+            continue  # set-up, not the per-operation path
+        where = "" if filename == "~" else f"{Path(filename).name}:{line} "
+        rows.append(
+            {
+                "function": f"{where}{function}",
+                "calls_per_op": round(ncalls / count, 2),
+                "share": round(own / total, 3),
+            }
+        )
+    rows.sort(key=lambda row: -row["share"])
+    return rows[:10]
 
 
 # -- (d) memory ----------------------------------------------------------------------------
@@ -520,6 +604,7 @@ def measure_memory(keys: list[FlowKey]) -> dict[str, Any]:
                 sites.append(
                     {
                         "site": f"{Path(frame.filename).name}:{frame.lineno}",
+                        "code": linecache.getline(frame.filename, frame.lineno).strip(),
                         "bytes_per_object": round(stat.size / len(keys), 1),
                         "blocks_per_object": round(stat.count / len(keys), 2),
                     }
@@ -643,11 +728,23 @@ def print_tables(console: Console, summary: dict[str, Any], verdicts: dict[str, 
     memory.add_row("plain object in a dict", f"{mem['plain_bytes_per_object']:.0f}")
     memory.add_row("[bold]the space's own share[/]", f"{mem['overhead_bytes_per_object']:.0f}")
     for site in mem["top_sites_in_space"]:
-        memory.add_row(f"  at {site['site']}", f"{site['bytes_per_object']:.0f}")
+        where = escape(f"  {site['site']}: {site['code'][:60]}")
+        memory.add_row(where, f"{site['bytes_per_object']:.0f}")
     memory.caption = (
         f"goal <= {GOAL_BYTES_PER_OBJECT} bytes: {mark(verdicts['bytes_per_object']['met'])}"
     )
     console.print(memory)
+
+
+def print_profiles(console: Console, profiles: dict[str, list[dict[str, Any]]]) -> None:
+    for name, rows in profiles.items():
+        table = Table(title=f"Where the time of one {name} goes (cProfile, own time)")
+        for column in ("function", "calls/op", "share"):
+            table.add_column(column, justify="left" if column == "function" else "right")
+        for row in rows:
+            share = f"{row['share']:.0%}"
+            table.add_row(escape(row["function"]), f"{row['calls_per_op']:.2f}", share)
+        console.print(table)
 
 
 def _latency_cells(row: dict[str, float]) -> list[str]:
@@ -660,7 +757,7 @@ def _latency_cells(row: dict[str, float]) -> list[str]:
 
 
 def markdown(summary: dict[str, Any], verdicts: dict[str, Any], quick: bool) -> str:
-    """The README block: the command and the figures (best repeat; median in brackets)."""
+    """The README block: the command, and each figure from the best and the median repeat."""
     local, mw, mem = summary["local"], summary["multiwriter"], summary["memory"]
 
     def ok(name: str) -> str:
@@ -730,10 +827,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     left.set(ylabel="µs (best repeat)", title="(a) local work")
     left.tick_params(axis="x", labelrotation=30)
 
-    remote = {f"migration\n{k}": v for k, v in summary["migration"].items()}
-    remote.update(
-        {k.replace(" (", "\n(").replace(", ", "\n"): v for k, v in summary["multiwriter"].items()}
-    )
+    remote = {f"migrating get {k}": v for k, v in summary["migration"].items()}
+    remote.update(summary["multiwriter"])
     labels = list(remote)
     xs = range(len(labels))
     width = 0.4
@@ -744,19 +839,24 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         [x + width / 2 for x in xs], [remote[k]["p99_best_us"] for k in labels], width, label="p99"
     )
     middle.set_yscale("log")
-    middle.set_xticks(list(xs), labels, fontsize="small")
+    middle.set_xticks(list(xs), ["\n".join(textwrap.wrap(x, 11)) for x in labels], fontsize="small")
     middle.set(
         ylabel="µs per operation (best repeat)", title="(b) migration, (c) MultiWriter access"
     )
-    middle.legend()
+    middle.set_ylim(top=max(row["p99_best_us"] for row in remote.values()) * 8)
+    middle.legend(loc="upper center", ncols=2)
 
     mem = summary["memory"]
     right.bar(["plain", "space"], [mem["plain_bytes_per_object"], mem["space_bytes_per_object"]])
     right.axhline(
-        mem["plain_bytes_per_object"] + GOAL_BYTES_PER_OBJECT, color="grey", ls="--", label="goal"
+        mem["plain_bytes_per_object"] + GOAL_BYTES_PER_OBJECT,
+        color="grey",
+        ls="--",
+        label="goal: plain + 300 B",
     )
     right.set(ylabel="bytes per object", title=f"(d) memory, {mem['objects']:,} objects")
-    right.legend()
+    right.set_ylim(0, (mem["plain_bytes_per_object"] + GOAL_BYTES_PER_OBJECT) * 1.25)
+    right.legend(loc="upper left")
     for ax in (left, middle, right):
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -769,29 +869,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer units, repeats, objects")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "object_space.json")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile the sub-µs remote paths (cProfile)"
+    )
     parser.add_argument("--peer", metavar="LEADER", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peer:
         trio.run(peer_main, args.peer)
         return 0
-    if args.quick:
-        units, repeats, migrations, fast_ops, slow_ops, objects = (
-            20_000,
-            5,
-            300,
-            5_000,
-            300,
-            100_000,
-        )
-    else:
-        units, repeats, migrations, fast_ops, slow_ops, objects = (
-            100_000,
-            9,
-            1_000,
-            20_000,
-            1_000,
-            1_000_000,
-        )
+    size = SIZES["quick" if args.quick else "full"]
+    units, repeats, objects = size["units"], size["repeats"], size["objects"]
+    migrations, fast_ops, slow_ops = size["migrations"], size["fast_ops"], size["slow_ops"]
     remote_repeats = max(3, repeats // 2)
 
     console = Console()
@@ -809,6 +897,7 @@ def main(argv: list[str] | None = None) -> int:
             slow_ops,
             remote_repeats,
             lambda: progress.advance(task),
+            args.profile,
         )
         progress.add_task(f"(d) memory, {objects:,} objects", total=None)
         memory = measure_memory(flow_keys(objects, seed=1))
@@ -818,6 +907,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["local_first_create_us"] = round(first_create, 3)
     verdicts = judge(summary)
     print_tables(console, summary, verdicts)
+    if remote["profiles"]:
+        print_profiles(console, remote["profiles"])
     png = args.out.with_suffix(".png")
     config = {
         "quick": args.quick,
@@ -850,6 +941,7 @@ def main(argv: list[str] | None = None) -> int:
                 "untethered_batches": remote["untethered_batches"],
                 "errors": remote["errors"],
             },
+            "profiles": remote["profiles"],
         },
     )
     plot(summary, png)
