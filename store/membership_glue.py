@@ -100,6 +100,8 @@ class NodeMember:
             "merges": core.merges,
             "records_moved": self.records_moved,
             "errors": sum((core.errors or {}).values()),
+            "bad_frames": wire.frames_malformed + wire.frames_unknown_type + wire.frames_too_large,
+            "auth_failures": wire.auth_failures,
         }
 
 

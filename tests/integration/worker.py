@@ -106,7 +106,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if rng.random() < 0.1:
                 await trio.sleep(0)
         await space.flush()
-        stats = space.statistics()
         # Repeated local access: the same object ten times must send nothing.
         async with cells.create("mine-" + me) as ref:
             await ref.apply(1)
@@ -115,11 +114,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with cells.get("mine-" + me) as ref:
                 await ref.apply(1)
         local_messages = space.statistics().messages_sent - before
+        stats = space.statistics()
+        # Wait for every worker to finish before leaving: a member that leaves takes its
+        # share of the key records with it unless it is scaled in.
+        done = space.map("done", Tally)
+        async with done.create("workers") as ref:
+            await ref.add(me, 1)
+        await space.flush()
+        with trio.fail_after(60):
+            while True:
+                async with done.get("workers") as ref:
+                    if await ref.read() >= args.workers:
+                        break
+                await trio.sleep(0.02)
+        async with tallies.get("t") as ref:
+            tally_total = await ref.read()
         return {
             "name": me,
             "history": history,
             "adds": adds,
             "local_messages": local_messages,
+            "tally_total": tally_total,
             "statistics": {k: v for k, v in vars(stats).items() if isinstance(v, int)},
         }
 
@@ -131,7 +146,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ops", type=int, default=300)
     parser.add_argument("--keys", type=int, default=5)
-    parser.add_argument("--instances", type=int, default=3)
+    parser.add_argument("--instances", type=int, default=3, help="members to wait for")
+    parser.add_argument("--workers", type=int, default=3, help="workers to wait for at the end")
     args = parser.parse_args()
     out = trio.run(run, args)
     json.dump(out, sys.stdout)
