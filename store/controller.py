@@ -1,0 +1,565 @@
+"""The controller process: the membership authority of a cluster, over ``store.transport``.
+
+Run it with ``python -m store.controller --listen HOST:PORT``; its first line on stdout is
+``listening on HOST:PORT`` with the port actually bound (useful with port 0).  Nodes join it
+with :func:`store.membership.join_cluster`; operators use ``python -m store.ctl``.  Tests and
+benchmarks run it in-process with :func:`open_controller`.
+
+All decisions are made by the pure :class:`~store.core.barrier.Barrier`; this module is the
+shell around it (DESIGN.md, "The core and the shell"): it accepts authenticated peers, turns
+what they send into stimuli, carries out the effects, and reads the clock.  One timer task
+sleeps until :meth:`Barrier.next_deadline` (pre-scaling timeouts, admission windows) and is
+woken whenever a stimulus may have moved that deadline, so nothing polls.
+
+Sessions are told apart by their first message: :class:`Register` opens a member session,
+anything else is an operator session (``ctl``).  A member's session lasts as long as its
+connection; when it ends the barrier hears :meth:`Barrier.member_gone`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Final, NoReturn
+
+import trio
+
+from ring.hashring import DEFAULT_VNODES
+from store.controller_messages import (
+    ClusterStatus,
+    ControllerRefused,
+    DrainedReport,
+    Figures,
+    NodeStatus,
+    Register,
+    RingState,
+    ScaleProgress,
+    ScaleReply,
+    ScaleRequest,
+    ScalingAborted,
+    StageAck,
+    StatusRequest,
+    describe_failure,
+    format_address,
+    parse_address,
+)
+from store.core.barrier import (
+    DEFAULT_ADMISSION_WINDOW,
+    DEFAULT_LEAVE_TIMEOUT,
+    DEFAULT_PRE_SCALING_TIMEOUT,
+    Barrier,
+    Effect,
+    Log,
+    Progress,
+    Reply,
+    Send,
+    Transition,
+)
+from store.errors import PeerUnavailable, ProtocolError
+from store.messages import Message
+from store.transport import Peer, serve_peers
+
+__all__ = [
+    "CONTROLLER_NAME",
+    "DEV_SECRET",
+    "Controller",
+    "ScaleResult",
+    "main",
+    "open_controller",
+    "read_secret",
+]
+
+logger = logging.getLogger("store.controller")
+
+#: The name the controller proves in the transport handshake.
+CONTROLLER_NAME: Final = "controller"
+
+#: The secret used when no ``--secret-file`` is given: for a development machine only, and
+#: announced with a warning, because anyone who reads this file can join such a cluster.
+DEV_SECRET: Final = b"s6 development secret: not for production"
+
+#: How long :meth:`Controller.collect_status` waits for the members' figures.
+STATUS_TIMEOUT: Final = 1.0
+
+
+def read_secret(path: str | None) -> tuple[bytes, bool]:
+    """The cluster secret from ``path`` (trailing newline removed), or :data:`DEV_SECRET`
+    when ``path`` is ``None``; the flag says whether the development secret was used.
+
+    Raises ``ValueError`` with a one-line reason for an unreadable or empty file.
+    """
+    if path is None:
+        return DEV_SECRET, True
+    try:
+        secret = Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read the secret file {path}: {describe_failure(exc)}") from None
+    if not secret:
+        raise ValueError(f"the secret file {path} is empty")
+    return secret, False
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleResult:
+    """A finished scaling event, as :meth:`Controller.scale_out`/``scale_in`` report it:
+    the final text, the summary (epoch, duration, records and objects moved) and the
+    progress lines in order."""
+
+    text: str
+    summary: Figures
+    progress: tuple[str, ...]
+
+
+@dataclass
+class _Waiter:
+    """An in-process request waiting for its reply."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Reply | None = None
+    progress: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Remote:
+    """A request that came over a connection: where its answers go, under which id."""
+
+    peer: Peer
+    request_id: int
+
+
+@dataclass
+class _StatusRound:
+    """One collection of member figures."""
+
+    expected: set[str]
+    figures: dict[str, Figures] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class Controller:
+    """A running controller.  Get one from :func:`open_controller`.
+
+    Everything here runs in the trio thread that opened it; the barrier is only ever touched
+    from there, so there are no locks.
+    """
+
+    def __init__(self, barrier: Barrier, address: str) -> None:
+        #: The pure state machine (read it freely; never call its stimuli from outside).
+        self.barrier = barrier
+        #: ``HOST:PORT`` the controller listens on, with the port actually bound.
+        self.address = address
+        self._sessions: dict[str, Peer] = {}
+        self._requests: dict[int, _Waiter | _Remote] = {}
+        self._rounds: dict[int, _StatusRound] = {}
+        self._ids = itertools.count(1)
+        self._wake = trio.Event()
+        self._changed = trio.Event()
+
+    # -- the public API --------------------------------------------------------------------
+
+    @property
+    def log(self) -> list[Transition]:
+        """Every decision so far (see :func:`store.core.barrier.check_transitions`)."""
+        return self.barrier.log
+
+    def status(self) -> ClusterStatus:
+        """The controller's view of the cluster, without asking the members for figures."""
+        return self.barrier.cluster_status(0, trio.current_time())
+
+    async def collect_status(self, timeout: float = STATUS_TIMEOUT) -> ClusterStatus:
+        """:meth:`status` plus each connected member's figures (``{"error": ...}`` for a
+        member that does not answer within ``timeout`` seconds)."""
+        figures = await self._gather_figures(timeout)
+        return self.barrier.cluster_status(0, trio.current_time(), figures)
+
+    async def scale_out(self, names: Sequence[str] | None = None) -> ScaleResult:
+        """Admit ``names`` (every waiting node when ``None``) and wait until every node is
+        NORMAL on the new epoch.  Raises :class:`ControllerRefused` if the request is
+        refused (another event runs, unknown node...) and :class:`ScalingAborted` if the
+        event aborts."""
+        return await self._request(
+            lambda rid: self.barrier.request_scale_out(names, trio.current_time(), rid)
+        )
+
+    async def scale_in(self, names: Sequence[str]) -> ScaleResult:
+        """Remove ``names``: they drain, every node goes NORMAL on the new epoch, and they
+        are told to leave; returns once they have left.  Raises like :meth:`scale_out`."""
+        if isinstance(names, str):
+            raise TypeError("scale_in takes a list of node names, not a single str")
+        return await self._request(
+            lambda rid: self.barrier.request_scale_in(list(names), trio.current_time(), rid)
+        )
+
+    async def wait_until(self, predicate: Callable[[Barrier], bool]) -> None:
+        """Wait until ``predicate(barrier)`` holds (checked after every stimulus).  Tests use
+        it to wait for registrations without sleeping; put it under a deadline."""
+        while not predicate(self.barrier):
+            await self._changed.wait()
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _request(self, start: Callable[[int], list[Effect]]) -> ScaleResult:
+        request_id = next(self._ids)
+        waiter = _Waiter()
+        self._requests[request_id] = waiter
+        try:
+            self._stimulus(start(request_id))
+            await waiter.done.wait()
+        finally:
+            self._requests.pop(request_id, None)
+        reply = waiter.reply
+        assert reply is not None
+        if reply.code == "refused":
+            raise ControllerRefused(reply.text)
+        if not reply.ok:
+            raise ScalingAborted(reply.text)
+        return ScaleResult(reply.text, dict(reply.summary), tuple(waiter.progress))
+
+    # -- effects ---------------------------------------------------------------------------
+
+    def _stimulus(self, effects: list[Effect]) -> None:
+        """Carry out a stimulus's effects and let the timer and waiters re-check."""
+        self._apply(effects)
+        self._wake.set()
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    def _apply(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                self._send(self._sessions.get(effect.to), effect.message)
+            elif isinstance(effect, Progress):
+                target = self._requests.get(effect.request_id)
+                if isinstance(target, _Waiter):
+                    target.progress.append(effect.text)
+                elif isinstance(target, _Remote):
+                    self._send(target.peer, ScaleProgress(target.request_id, effect.text))
+            elif isinstance(effect, Reply):
+                target = self._requests.pop(effect.request_id, None)
+                if isinstance(target, _Waiter):
+                    target.reply = effect
+                    target.done.set()
+                elif isinstance(target, _Remote):
+                    self._send(
+                        target.peer,
+                        ScaleReply(
+                            target.request_id, effect.ok, effect.code, effect.text, effect.summary
+                        ),
+                    )
+            elif isinstance(effect, Log):
+                logger.log(logging.getLevelName(effect.level), "%s", effect.text)
+
+    @staticmethod
+    def _send(peer: Peer | None, message: Message) -> None:
+        # A member that went away is reported to the barrier by its session's end; what was
+        # meant for it is dropped here, as on any broken link.
+        if peer is None or peer.closed:
+            return
+        try:
+            peer.send_nowait(message)
+        except PeerUnavailable:
+            pass
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    async def _timer(self) -> NoReturn:
+        """Tick the barrier at its deadlines.  Woken after every stimulus, because a
+        stimulus may have started an event (a new pre-scaling deadline) or a window."""
+        while True:
+            self._wake = trio.Event()
+            deadline = self.barrier.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._wake.wait()
+            now = trio.current_time()
+            if deadline is not None and now >= deadline:
+                self._stimulus(self.barrier.tick(now))
+
+    async def _serve(self, peer: Peer) -> None:
+        """One connection: a member (first message Register) or an operator."""
+        try:
+            first = await peer.receive()
+        except PeerUnavailable:
+            return
+        if isinstance(first[0], Register):
+            await self._member_session(peer, first[0], first[1:])
+        else:
+            await self._operator_session(peer, first)
+
+    async def _member_session(self, peer: Peer, register: Register, rest: list[Message]) -> None:
+        name = register.name
+        if name != peer.name:
+            peer.send_nowait(
+                RingState(
+                    False,
+                    f"registered as {name!r} but authenticated as {peer.name!r}",
+                    self.barrier.epoch,
+                    [],
+                    "",
+                    None,
+                    None,
+                    self.barrier.vnodes,
+                )
+            )
+            return
+        state, effects = self.barrier.register(name, register.address, trio.current_time())
+        peer.send_nowait(state)  # before any stage command the effects may hold
+        if not state.accepted:
+            logger.warning("refused registration of %s: %s", name, state.text)
+            return
+        self._sessions[name] = peer
+        try:
+            self._stimulus(effects)
+            async with trio.open_nursery() as nursery:
+                self._member_messages(nursery, peer, name, rest)
+                async for batch in peer:
+                    self._member_messages(nursery, peer, name, batch)
+        except (PeerUnavailable, ProtocolError) as exc:
+            logger.info("connection with %s ended: %s", name, exc)
+        finally:
+            if self._sessions.get(name) is peer:
+                del self._sessions[name]
+                self._stimulus(self.barrier.member_gone(name, trio.current_time()))
+
+    def _member_messages(
+        self, nursery: trio.Nursery, peer: Peer, name: str, batch: list[Message]
+    ) -> None:
+        now = trio.current_time()
+        for msg in batch:
+            if isinstance(msg, StageAck):
+                self._stimulus(self.barrier.ack(name, msg.command, msg.epoch, now))
+            elif isinstance(msg, DrainedReport):
+                self._stimulus(
+                    self.barrier.report_drained(
+                        name, msg.epoch, msg.records_moved, msg.objects_moved, now
+                    )
+                )
+            elif isinstance(msg, NodeStatus):
+                status_round = self._rounds.get(msg.request_id)
+                if status_round is not None:
+                    status_round.figures[name] = dict(msg.figures)
+                    status_round.expected.discard(name)
+                    if not status_round.expected:
+                        status_round.done.set()
+            else:
+                self._operator_message(nursery, peer, msg)
+
+    async def _operator_session(self, peer: Peer, first: list[Message]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for msg in first:
+                    self._operator_message(nursery, peer, msg)
+                async for batch in peer:
+                    for msg in batch:
+                        self._operator_message(nursery, peer, msg)
+        except (PeerUnavailable, ProtocolError) as exc:
+            logger.debug("operator %s went away: %s", peer.name, exc)
+        finally:
+            for request_id, target in list(self._requests.items()):
+                if isinstance(target, _Remote) and target.peer is peer:
+                    del self._requests[request_id]  # the event goes on; nobody listens
+
+    def _operator_message(self, nursery: trio.Nursery, peer: Peer, msg: Message) -> None:
+        if isinstance(msg, StatusRequest):
+            nursery.start_soon(self._answer_status, peer, msg.request_id)
+        elif isinstance(msg, ScaleRequest):
+            request_id = next(self._ids)
+            self._requests[request_id] = _Remote(peer, msg.request_id)
+            now = trio.current_time()
+            logger.info("%s asks to scale %s %s", peer.name, msg.kind, msg.names or "(waiting)")
+            if msg.kind == "out":
+                effects = self.barrier.request_scale_out(msg.names, now, request_id)
+            else:
+                effects = self.barrier.request_scale_in(msg.names, now, request_id)
+            self._stimulus(effects)
+        else:
+            logger.warning("ignored %s from %s", type(msg).__name__, peer.name)
+
+    async def _answer_status(self, peer: Peer, request_id: int) -> None:
+        figures = await self._gather_figures(STATUS_TIMEOUT)
+        self._send(peer, self.barrier.cluster_status(request_id, trio.current_time(), figures))
+
+    async def _gather_figures(self, timeout: float) -> dict[str, Figures]:
+        round_id = next(self._ids)
+        status_round = _StatusRound(set(self._sessions))
+        self._rounds[round_id] = status_round
+        try:
+            for name in sorted(status_round.expected):
+                self._send(self._sessions.get(name), StatusRequest(round_id))
+            if status_round.expected:
+                with trio.move_on_after(timeout):
+                    await status_round.done.wait()
+            for name in status_round.expected:
+                status_round.figures[name] = {"error": f"no answer within {timeout:g} s"}
+            return status_round.figures
+        finally:
+            del self._rounds[round_id]
+
+
+@asynccontextmanager
+async def open_controller(
+    listen: str = "127.0.0.1:0",
+    *,
+    secret: bytes,
+    manual_admission: bool = False,
+    pre_scaling_timeout: float = DEFAULT_PRE_SCALING_TIMEOUT,
+    admission_window: float = DEFAULT_ADMISSION_WINDOW,
+    leave_timeout: float = DEFAULT_LEAVE_TIMEOUT,
+    vnodes: int = DEFAULT_VNODES,
+) -> AsyncIterator[Controller]:
+    """Run a controller listening on ``listen`` for the duration of the block.
+
+    ``async with open_controller(secret=...) as ctl:`` then ``ctl.address`` is where nodes
+    and ``ctl`` connect.  ``vnodes`` is the ring's virtual node count, sent to every member
+    so that all build identical rings.  Raises ``ValueError`` for a bad ``listen`` and
+    ``OSError`` when the address cannot be bound.
+    """
+    host, port = parse_address(listen)
+    barrier = Barrier(
+        vnodes=vnodes,
+        manual_admission=manual_admission,
+        pre_scaling_timeout=pre_scaling_timeout,
+        admission_window=admission_window,
+        leave_timeout=leave_timeout,
+    )
+    controller: Controller | None = None
+
+    async def serve(peer: Peer) -> None:
+        assert controller is not None
+        await controller._serve(peer)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(serve_peers, serve, host, port, secret=secret, name=CONTROLLER_NAME)
+            )
+            controller = Controller(barrier, format_address(host, server.port))
+            nursery.start_soon(controller._timer)
+            logger.info("listening on %s", controller.address)
+            try:
+                yield controller
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        _reraise_single(group)
+
+
+def _reraise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Our nursery wraps the one exception that matters in a group (twice, for a bind
+    error); callers should see that exception itself."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    raise inner
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (and exit status 2), not a
+    usage block: operators and scripts read the reason, ``--help`` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="python -m store.controller",
+        description="Run the membership authority of an S6 cluster (admission and the "
+        "scaling barrier).  Prints 'listening on HOST:PORT' as its first line.",
+    )
+    parser.add_argument(
+        "--listen", required=True, metavar="HOST:PORT", help="where to accept nodes and ctl"
+    )
+    parser.add_argument(
+        "--manual-admission",
+        action="store_true",
+        help="registered nodes wait for 'ctl scale-out' instead of joining at once",
+    )
+    parser.add_argument(
+        "--secret-file",
+        metavar="F",
+        help="file holding the cluster secret (default: a development secret, with a warning)",
+    )
+    parser.add_argument(
+        "--pre-scaling-timeout",
+        type=_positive,
+        default=DEFAULT_PRE_SCALING_TIMEOUT,
+        metavar="S",
+        help="seconds every node has to acknowledge pre-scaling before the event aborts "
+        f"(default {DEFAULT_PRE_SCALING_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--vnodes", type=int, default=DEFAULT_VNODES, help=argparse.SUPPRESS
+    )  # for experiments: every node must use the ring the controller sends
+    return parser
+
+
+async def _run(args: argparse.Namespace, secret: bytes) -> None:
+    async with open_controller(
+        args.listen,
+        secret=secret,
+        manual_admission=args.manual_admission,
+        pre_scaling_timeout=args.pre_scaling_timeout,
+        vnodes=args.vnodes,
+    ) as controller:
+        print(f"listening on {controller.address}", flush=True)
+        await trio.sleep_forever()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        parse_address(args.listen)
+    except ValueError as exc:
+        parser.error(f"--listen: {exc}")
+    if args.vnodes < 1:
+        parser.error("--vnodes must be at least 1")
+    try:
+        secret, default = read_secret(args.secret_file)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s controller: %(message)s", stream=sys.stderr
+    )
+    if default:
+        logger.warning(
+            "no --secret-file given: using the development secret; anyone can join this cluster"
+        )
+    try:
+        trio.run(_run, args, secret)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(
+            f"{parser.prog}: error: cannot listen on {args.listen}: {describe_failure(exc)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

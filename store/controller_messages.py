@@ -1,0 +1,309 @@
+"""What the controller, the member nodes and the operator's ``ctl`` say to each other.
+
+Three kinds of sessions reach the controller, all as authenticated peers of
+``store.transport`` (same cluster secret as the node-to-node links):
+
+* a **member** sends :class:`Register` first and then stays connected for as long as it is
+  part of the cluster; the controller answers with :class:`RingState`, later drives it with
+  :class:`StageCommand`, and the member answers each command with a :class:`StageAck` once it
+  has acted on it, plus one :class:`DrainedReport` per scaling event.  The controller also
+  asks members for their figures (:class:`StatusRequest` -> :class:`NodeStatus`).
+* an **operator** (``python -m store.ctl``) sends :class:`StatusRequest` or
+  :class:`ScaleRequest`; it gets :class:`ClusterStatus`, or :class:`ScaleProgress` lines
+  and a final :class:`ScaleReply`.
+* a member may also send a :class:`ScaleRequest` for itself (a graceful leave).
+
+Rings travel as member lists of ``(name, address)`` pairs plus an epoch and the vnode count,
+never as token arrays: every process builds the identical :class:`~ring.hashring.HashRing`
+from them (the ring's tokens depend only on names and vnodes), and a node learns the
+addresses of its peers from the same message that tells it who they are.
+
+Tags 40-59 belong to this module.  Fields are positional on the wire (``store.messages``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from store.errors import StoreError
+from store.messages import message
+
+__all__ = [
+    "ABORT",
+    "COMMANDS",
+    "LEAVE",
+    "NORMAL",
+    "PRE_SCALING",
+    "SCALING",
+    "ClusterStatus",
+    "ControllerRefused",
+    "DrainedReport",
+    "Figures",
+    "MemberList",
+    "NodeStatus",
+    "Register",
+    "RingState",
+    "ScaleProgress",
+    "ScaleReply",
+    "ScaleRequest",
+    "ScalingAborted",
+    "StageAck",
+    "StageCommand",
+    "StatusRequest",
+    "describe_failure",
+    "format_address",
+    "parse_address",
+]
+
+#: The commands of :class:`StageCommand`.  The first three are the stages of
+#: ``ring.ownership.Stage`` (same strings); ``abort`` returns a node to NORMAL on its previous
+#: ring, and ``leave`` tells a node that a scale-in removed it and it may now exit.
+PRE_SCALING: Final = "pre-scaling"
+SCALING: Final = "scaling"
+NORMAL: Final = "normal"
+ABORT: Final = "abort"
+LEAVE: Final = "leave"
+COMMANDS: Final = frozenset({PRE_SCALING, SCALING, NORMAL, ABORT, LEAVE})
+
+#: A ring's members on the wire: ``(name, address)`` pairs, sorted by name.
+MemberList = list[tuple[str, str]]
+
+#: Per-node figures for ``ctl status``: whatever the node chooses to tell (keys, objects,
+#: parked microthreads, drain progress...), as scalar values only so any table can show them.
+Figures = dict[str, int | float | str]
+
+
+class ControllerRefused(StoreError):
+    """The operator's (or the node's): the controller refused the request, e.g. a second
+    scaling event while one runs, an unknown node, a name already in use.  The text says
+    why, in words meant for the person who asked."""
+
+
+class ScalingAborted(StoreError):
+    """Nobody's fault in particular: the scaling event started but was aborted (a member
+    did not acknowledge PRE_SCALING in time, or disconnected).  The cluster is back on its
+    previous ring and the event's epoch is burnt; the request may simply be retried."""
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6 host]:port"``) as ``(host, port)``.
+
+    Raises ``ValueError`` with a sentence naming what is wrong, so that command lines can
+    print it as their one error line.
+    """
+    if not isinstance(text, str) or ":" not in text:
+        raise ValueError(f"address {text!r} is not HOST:PORT")
+    host, _, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"address {text!r} has no host (use e.g. 127.0.0.1:{port_text})")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"address {text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"address {text!r}: port {port} is outside 0-65535")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """The inverse of :func:`parse_address` (brackets an IPv6 host)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The innermost reason behind ``exc``, for one-line error messages: "Connection
+    refused" says more than "HandshakeError()".
+
+    Follows explicit causes, unsuppressed contexts and the first exception of a group; an
+    ``OSError`` met on the way wins (its ``strerror`` is what a person can act on), else the
+    text of the innermost exception that has one.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    text = ""
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        if not isinstance(current, BaseExceptionGroup) and str(current):
+            text = str(current)
+        if isinstance(current, BaseExceptionGroup) and current.exceptions:
+            current = current.exceptions[0]
+        elif current.__cause__ is not None:
+            current = current.__cause__
+        elif not current.__suppress_context__:
+            current = current.__context__
+        else:
+            current = None
+    return text or type(exc).__name__
+
+
+# --- member <-> controller ----------------------------------------------------------------
+
+
+@message(40)
+@dataclass(frozen=True, slots=True)
+class Register:
+    """A node asks to join: its name (the one it proved in the handshake) and the address
+    where its peers can reach it."""
+
+    name: str
+    address: str
+
+
+@message(41)
+@dataclass(frozen=True, slots=True)
+class RingState:
+    """The controller's answer to :class:`Register`: accepted or not (``text`` says why, or
+    what happens next: waiting for admission, joining now, rejoined), and the cluster as it
+    stands: the current ring, the cluster's stage, and the running event's ring if any."""
+
+    accepted: bool
+    text: str
+    epoch: int
+    members: MemberList
+    stage: str
+    next_epoch: int | None
+    next_members: MemberList | None
+    vnodes: int
+
+
+@message(42)
+@dataclass(frozen=True, slots=True)
+class StageCommand:
+    """Move to a stage.  ``epoch``/``members`` is the ring the node is NORMAL on when the
+    command is done with (``normal``, ``abort``, ``leave``) or the previous ring while
+    scaling (``pre-scaling``, ``scaling``); ``next_epoch``/``next_members`` is the event's
+    ring for ``pre-scaling``/``scaling`` and the burnt epoch (members ``None``) for
+    ``abort``."""
+
+    command: str
+    epoch: int
+    members: MemberList
+    next_epoch: int | None
+    next_members: MemberList | None
+    vnodes: int
+
+    def __post_init__(self) -> None:
+        if self.command not in COMMANDS:
+            raise ValueError(f"unknown stage command {self.command!r}")
+        if self.command in (PRE_SCALING, SCALING) and (
+            self.next_epoch is None or self.next_members is None
+        ):
+            raise ValueError(f"a {self.command} command needs the next ring")
+
+    @property
+    def event_epoch(self) -> int:
+        """The epoch this command belongs to, as acknowledged in :class:`StageAck`: the
+        event's epoch while scaling or aborting, the ring's epoch otherwise."""
+        return self.next_epoch if self.next_epoch is not None else self.epoch
+
+
+@message(43)
+@dataclass(frozen=True, slots=True)
+class StageAck:
+    """The node has acted on the command (its callback returned)."""
+
+    name: str
+    command: str
+    epoch: int
+
+
+@message(44)
+@dataclass(frozen=True, slots=True)
+class DrainedReport:
+    """A SCALING node has handed on every old-epoch record it must give away and every
+    hand-on was acknowledged; the counts are for the operator's summary."""
+
+    name: str
+    epoch: int
+    records_moved: int
+    objects_moved: int
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+@message(45)
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """From ``ctl`` to the controller (the whole cluster), or from the controller to a
+    member (its own figures)."""
+
+    request_id: int
+
+
+@message(46)
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A member's figures, answering the controller's :class:`StatusRequest`."""
+
+    request_id: int
+    name: str
+    figures: Figures
+
+
+@message(47)
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """The controller's answer to ``ctl``'s :class:`StatusRequest`.
+
+    ``members`` rows are ``(name, address, role, stage, epoch, connected)`` with role one of
+    waiting/joining/member/leaving and stage/epoch the last ones the node acknowledged;
+    ``event`` describes the running event (empty when none); ``last_abort`` is the reason of
+    the latest abort (empty when none); ``figures`` maps node name to what it reported.
+    """
+
+    request_id: int
+    epoch: int
+    highest_epoch: int
+    stage: str
+    members: list[tuple[str, str, str, str, int, bool]]
+    event: dict[str, Any]
+    last_abort: str
+    last_event: dict[str, Any]
+    figures: dict[str, Figures]
+
+
+# --- scaling requests ---------------------------------------------------------------------
+
+
+@message(48)
+@dataclass(frozen=True, slots=True)
+class ScaleRequest:
+    """Scale out (admit ``names``, or every waiting node when empty) or in (remove
+    ``names``)."""
+
+    request_id: int
+    kind: str
+    names: list[str]
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("out", "in"):
+            raise ValueError(f"scale kind is 'out' or 'in', not {self.kind!r}")
+
+
+@message(49)
+@dataclass(frozen=True, slots=True)
+class ScaleProgress:
+    """One line of progress of the event a :class:`ScaleRequest` started."""
+
+    request_id: int
+    text: str
+
+
+@message(50)
+@dataclass(frozen=True, slots=True)
+class ScaleReply:
+    """The end of a request: ``code`` is ``"done"``, ``"refused"`` (nothing started) or
+    ``"aborted"`` (started, then rolled back); ``summary`` has the epoch, duration and what
+    the nodes reported moving."""
+
+    request_id: int
+    ok: bool
+    code: str
+    text: str
+    summary: Figures

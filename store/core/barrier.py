@@ -1,0 +1,1136 @@
+"""The membership authority as a pure state machine: who is in the ring, and the barrier.
+
+The controller of S6 (paper §4.4, §6) decides which nodes form the ring and walks every
+scaling event through the stages of ``ring.ownership``.  This module holds all of its
+decisions; ``store.controller`` only moves messages and reads the clock.  Every stimulus is a
+method that takes ``now`` (seconds, any monotonic origin) and returns a list of effects:
+:class:`Send` (a message to a member), :class:`Progress` and :class:`Reply` (to whoever asked
+for a scaling event) and :class:`Log` (a line for the operator).  Nothing here blocks, and
+tests drive it with a fake clock.
+
+The rules it keeps (those of ``ring/ownership.py``, seen from the controller)
+---------------------------------------------------------------------------------
+An event moves the cluster from ring *p* (epoch ``e``) to ring *n* (epoch ``h + 1``, where
+``h`` is the highest epoch ever used).  Its *participants* are the members of *p* plus the
+nodes being added; nodes being removed take part to the end, because they must drain.
+
+1. Every participant is told PRE_SCALING.  Only when **every** participant has acknowledged
+   it is anyone told SCALING, so no node is SCALING while another is NORMAL on *p*.
+2. SCALING nodes drain and each reports its old-epoch records drained.  Only when **every**
+   participant has reported is anyone told NORMAL on *n*.
+3. The event is over when every participant has acknowledged NORMAL(n).  Only then may the
+   next event begin, so PRE_SCALING never starts while some node is still SCALING.  Removed
+   nodes are then told to leave; joiners are members.
+4. An event aborts only while nobody has been told SCALING: when a participant has not
+   acknowledged PRE_SCALING within ``pre_scaling_timeout`` seconds, or disconnects first.
+   Everyone is told to return to NORMAL on *p*, joiners go back to waiting, and the epoch is
+   burnt: the next event uses a higher one, so a late message of the aborted event can never
+   be mistaken for one of the next.  The reason is kept for ``ctl status``.
+
+Choices, and why
+----------------
+* **One event at a time; a second request is refused**, with a reason naming the running
+  event.  Queueing would hide from the operator that the request waits behind an event that
+  may yet abort, and would make "scale-out returned" mean different things.  Registrations
+  are the exception: they are not requests but arrivals, and they simply wait.
+* **Admission.**  By default (automatic admission) waiting nodes are admitted as soon as no
+  event runs, ``admission_window`` seconds after the earliest of them registered, so nodes
+  that start together join in one event.  With ``manual_admission`` they wait for
+  :meth:`Barrier.request_scale_out`.  Joiners of an aborted event wait for an explicit
+  scale-out (or a later automatic admission triggered by a new arrival), so one faulty node
+  cannot make the controller abort in a loop.
+* **The first ring needs no barrier.**  The ring starts empty at epoch 0.  The first
+  admission is an event of kind ``form``: its nodes are told NORMAL on epoch 1 straight away.
+  With no previous members nobody holds a record and nobody is NORMAL on an older ring, so
+  the conflicts the barrier prevents cannot arise; and ``ring.ownership`` never has to route
+  by an empty previous ring (which has no owner for any key).  A scale-in that would empty
+  the ring is refused, so this case arises only once.
+* **Losing a member is not crash recovery.**  A participant lost before anyone is SCALING
+  aborts the event.  Later on, the event cannot be rolled back (records are moving), so it
+  waits; a member that is lost with no event running stays in the ring.  Either way new
+  events are refused until the member registers again under the same name and address; it is
+  then sent the command of the stage it should be in (a *rejoin*).  Replicating records so
+  that a lost node can be dropped is the "crash safety" item of DESIGN.md, not done here.
+
+Every decision is appended to :attr:`Barrier.log` as a :class:`Transition`;
+:func:`check_transitions` replays a log and lists every breach of the rules above, and
+:meth:`Barrier.validate` checks the invariants of the current state.  The node's side of the
+protocol (which callbacks a command calls) is :class:`MemberSide`, here too, so that the
+property tests drive the very logic that ``store.membership`` runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from ring.hashring import DEFAULT_VNODES, HashRing
+from store.controller_messages import (
+    ABORT,
+    LEAVE,
+    NORMAL,
+    PRE_SCALING,
+    SCALING,
+    ClusterStatus,
+    Figures,
+    MemberList,
+    RingState,
+    StageCommand,
+    parse_address,
+)
+from store.messages import Message
+
+__all__ = [
+    "DEFAULT_ADMISSION_WINDOW",
+    "DEFAULT_LEAVE_TIMEOUT",
+    "DEFAULT_PRE_SCALING_TIMEOUT",
+    "Barrier",
+    "Callback",
+    "Effect",
+    "Log",
+    "Member",
+    "MemberSide",
+    "Phase",
+    "Progress",
+    "Reply",
+    "Role",
+    "ScaleEvent",
+    "Send",
+    "Transition",
+    "check_transitions",
+]
+
+#: Seconds a participant has to acknowledge PRE_SCALING before the event aborts.
+DEFAULT_PRE_SCALING_TIMEOUT: Final = 5.0
+#: Seconds automatic admission waits after the first registration, so that nodes started
+#: together are admitted by one event instead of one event each.
+DEFAULT_ADMISSION_WINDOW: Final = 0.1
+#: Seconds a removed node has to acknowledge ``leave`` before its request is answered anyway.
+DEFAULT_LEAVE_TIMEOUT: Final = 30.0
+
+
+# --- effects ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``message`` to the member ``to`` (dropped by the shell if it is not connected:
+    its loss is reported to the barrier separately)."""
+
+    to: str
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A progress line for the requester of the running event."""
+
+    request_id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The final answer to request ``request_id``; ``code`` is done, refused or aborted."""
+
+    request_id: int
+    ok: bool
+    code: str
+    text: str
+    summary: Figures = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A line for the controller's log; ``level`` is a ``logging`` level name."""
+
+    text: str
+    level: str = "INFO"
+
+
+Effect = Send | Progress | Reply | Log
+
+
+# --- state --------------------------------------------------------------------------------
+
+
+class Role(enum.Enum):
+    """Where a registered node stands."""
+
+    WAITING = "waiting"  # registered, not admitted
+    JOINING = "joining"  # being added by the running event
+    MEMBER = "member"  # in the current ring (removed nodes stay members until the end)
+    LEAVING = "leaving"  # removed by a finished event, told to leave, not yet gone
+
+
+class Phase(enum.Enum):
+    """What the running event is waiting for."""
+
+    PRE_SCALING = "pre-scaling"  # PRE_SCALING acks from every participant
+    SCALING = "scaling"  # drained reports from every participant
+    NORMAL = "normal"  # NORMAL(n) acks from every participant
+
+
+@dataclass
+class Member:
+    """One registered node.  ``stage``/``epoch`` are the last ones it acknowledged (what
+    the controller knows for certain; the node may be one command further)."""
+
+    name: str
+    address: str
+    role: Role
+    registered_at: float
+    connected: bool = True
+    stage: str = NORMAL
+    epoch: int = 0
+    held: bool = False  # its admission aborted: automatic admission skips it
+    leave_deadline: float | None = None
+
+
+@dataclass
+class ScaleEvent:
+    """The running scaling event."""
+
+    kind: str  # "form", "out" or "in"
+    epoch: int
+    previous: HashRing
+    next_ring: HashRing
+    added: frozenset[str]
+    removed: frozenset[str]
+    participants: frozenset[str]
+    phase: Phase
+    started_at: float
+    request_id: int | None
+    pre_acked: set[str] = field(default_factory=set)
+    scaling_acked: set[str] = field(default_factory=set)
+    drained: dict[str, tuple[int, int]] = field(default_factory=dict)
+    normal_acked: set[str] = field(default_factory=set)
+
+    def describe(self) -> str:
+        """One line for refusals and status: what it does and what it waits for."""
+        what = []
+        if self.added:
+            what.append("adding " + ", ".join(sorted(self.added)))
+        if self.removed:
+            what.append("removing " + ", ".join(sorted(self.removed)))
+        return (
+            f"{_KIND_NAMES[self.kind]} to epoch {self.epoch} ({'; '.join(what)}), "
+            f"{self.phase.value}, waiting for {', '.join(self.waiting_for()) or 'nobody'}"
+        )
+
+    def waiting_for(self) -> list[str]:
+        """Participants whose answer the current phase still needs."""
+        if self.phase is Phase.PRE_SCALING:
+            done: Iterable[str] = self.pre_acked
+        elif self.phase is Phase.SCALING:
+            done = self.drained
+        else:
+            done = self.normal_acked
+        return sorted(self.participants - set(done))
+
+
+_KIND_NAMES: Final = {"form": "initial admission", "out": "scale-out", "in": "scale-in"}
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One entry of the controller's log.
+
+    ``what`` is one of: register, rejoin, gone, refused, event (an event starts; ``members``
+    lists its participants), command, ack, drained, stale (an answer that was ignored), abort
+    (``epoch`` is the burnt one), finish, left.  ``stage`` is the command or acknowledged
+    stage where that applies, ``epoch`` the event's epoch (or the ring's, outside events).
+    """
+
+    at: float
+    what: str
+    member: str = ""
+    stage: str = ""
+    epoch: int = 0
+    members: tuple[str, ...] = ()
+    text: str = ""
+
+
+@dataclass
+class _PendingReply:
+    """A finished scale-in whose reply waits until its removed nodes have left."""
+
+    request_id: int
+    text: str
+    summary: Figures
+    waiting: set[str]
+
+
+def _member_list(ring: HashRing, addresses: dict[str, str]) -> MemberList:
+    return [(name, addresses[name]) for name in sorted(ring.nodes)]
+
+
+# --- the controller -----------------------------------------------------------------------
+
+
+class Barrier:
+    """The controller's state machine.  See the module docstring for the rules.
+
+    Every public method that takes ``now`` is a stimulus and returns the effects to carry
+    out, in order.  Costs: each stimulus is O(members) except those that start an event,
+    which build the next ring (O(N·V·log(N·V)), about 10 ms for 16 nodes at 1024 vnodes).
+    """
+
+    def __init__(
+        self,
+        *,
+        vnodes: int = DEFAULT_VNODES,
+        manual_admission: bool = False,
+        pre_scaling_timeout: float = DEFAULT_PRE_SCALING_TIMEOUT,
+        admission_window: float = DEFAULT_ADMISSION_WINDOW,
+        leave_timeout: float = DEFAULT_LEAVE_TIMEOUT,
+    ) -> None:
+        if pre_scaling_timeout <= 0:
+            raise ValueError(f"pre_scaling_timeout must be positive, not {pre_scaling_timeout}")
+        if admission_window < 0:
+            raise ValueError(f"admission_window must not be negative, not {admission_window}")
+        self.vnodes = vnodes
+        self.manual_admission = manual_admission
+        self.pre_scaling_timeout = pre_scaling_timeout
+        self.admission_window = admission_window
+        self.leave_timeout = leave_timeout
+        self.ring = HashRing((), vnodes=vnodes, epoch=0)
+        self.highest_epoch = 0
+        self.burnt: set[int] = set()
+        self.members: dict[str, Member] = {}
+        self.event: ScaleEvent | None = None
+        self.last_abort = ""
+        self.last_event: Figures = {}
+        self.log: list[Transition] = []
+        self._pending_replies: list[_PendingReply] = []
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The current ring's epoch (0 before the first admission)."""
+        return self.ring.epoch
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """Every registered node's address."""
+        return {name: m.address for name, m in self.members.items()}
+
+    def role_of(self, name: str) -> Role | None:
+        """``name``'s role, or ``None`` if it is not registered."""
+        member = self.members.get(name)
+        return None if member is None else member.role
+
+    def waiting(self) -> list[str]:
+        """Registered nodes waiting for admission, by name."""
+        return sorted(n for n, m in self.members.items() if m.role is Role.WAITING)
+
+    def lost(self) -> list[str]:
+        """Members (and joiners) whose connection is gone and who have not rejoined."""
+        return sorted(n for n, m in self.members.items() if not m.connected)
+
+    def cluster_stage(self) -> str:
+        """``normal`` between events, else the running event's phase."""
+        return NORMAL if self.event is None else self.event.phase.value
+
+    def next_deadline(self) -> float | None:
+        """The earliest ``now`` at which :meth:`tick` has something to do, or ``None``."""
+        deadlines: list[float] = []
+        event = self.event
+        if event is not None and event.phase is Phase.PRE_SCALING:
+            deadlines.append(event.started_at + self.pre_scaling_timeout)
+        deadlines.extend(
+            m.leave_deadline for m in self.members.values() if m.leave_deadline is not None
+        )
+        due = self._admission_due()
+        if due is not None:
+            deadlines.append(due)
+        return min(deadlines, default=None)
+
+    def ring_state(self, accepted: bool, text: str) -> RingState:
+        """The cluster as a :class:`RingState` (the answer to a registration)."""
+        addresses = self.addresses
+        event = self.event
+        return RingState(
+            accepted,
+            text,
+            self.ring.epoch,
+            _member_list(self.ring, addresses),
+            self.cluster_stage(),
+            None if event is None else event.epoch,
+            None if event is None else _member_list(event.next_ring, addresses),
+            self.vnodes,
+        )
+
+    def cluster_status(
+        self, request_id: int, now: float, figures: dict[str, Figures] | None = None
+    ) -> ClusterStatus:
+        """What ``ctl status`` shows, with the members' ``figures`` gathered by the shell."""
+        rows = [
+            (m.name, m.address, m.role.value, m.stage, m.epoch, m.connected)
+            for m in sorted(self.members.values(), key=lambda m: m.name)
+        ]
+        event_info: dict[str, Any] = {}
+        event = self.event
+        if event is not None:
+            event_info = {
+                "kind": event.kind,
+                "epoch": event.epoch,
+                "phase": event.phase.value,
+                "added": sorted(event.added),
+                "removed": sorted(event.removed),
+                "waiting_for": event.waiting_for(),
+                "elapsed_s": round(now - event.started_at, 3),
+                "text": event.describe(),
+            }
+        return ClusterStatus(
+            request_id,
+            self.ring.epoch,
+            self.highest_epoch,
+            self.cluster_stage(),
+            rows,
+            event_info,
+            self.last_abort,
+            dict(self.last_event),
+            dict(figures or {}),
+        )
+
+    # -- stimuli: membership ---------------------------------------------------------------
+
+    def register(self, name: str, address: str, now: float) -> tuple[RingState, list[Effect]]:
+        """A node asks to join (or to come back after its connection was lost).
+
+        Returns the answer for the registering connection (send it before the effects: they
+        may include the first stage command for this node) and the effects.
+        """
+        effects: list[Effect] = []
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            return self._refuse_registration(name, str(exc), now), effects
+        existing = self.members.get(name)
+        if existing is not None and existing.connected:
+            return self._refuse_registration(
+                name,
+                f"the name {name!r} is already used by a connected node at {existing.address}",
+                now,
+            ), effects
+        if existing is not None:
+            if existing.address != address:
+                return self._refuse_registration(
+                    name,
+                    f"{name} was at {existing.address}; a node of that name must come back "
+                    f"at the same address, not {address}",
+                    now,
+                ), effects
+            existing.connected = True
+            self._record(now, "rejoin", name)
+            effects.append(Log(f"{name} rejoined as a {existing.role.value}"))
+            effects.extend(self._resync(existing, now))
+            return self.ring_state(True, f"rejoined as a {existing.role.value}"), effects
+        self.members[name] = Member(name, address, Role.WAITING, now)
+        self._record(now, "register", name, text=address)
+        effects.append(Log(f"{name} registered from {address}; waiting for admission"))
+        how = "manual admission: waiting for scale-out" if self.manual_admission else "admitting"
+        state = self.ring_state(True, f"registered; {how}")
+        effects.extend(self._due(now))
+        return state, effects
+
+    def member_gone(self, name: str, now: float) -> list[Effect]:
+        """``name``'s connection to the controller ended."""
+        member = self.members.get(name)
+        if member is None or not member.connected:
+            return []
+        self._record(now, "gone", name)
+        effects: list[Effect] = []
+        if member.role is Role.WAITING:
+            del self.members[name]
+            effects.append(Log(f"{name} went away before admission"))
+        elif member.role is Role.LEAVING:
+            effects.extend(self._left(name, now, "disconnected"))
+        else:
+            member.connected = False
+            event = self.event
+            if event is not None and name in event.participants:
+                if event.phase is Phase.PRE_SCALING:
+                    effects.extend(
+                        self._abort(f"{name} disconnected before acknowledging pre-scaling", now)
+                    )
+                else:
+                    effects.append(
+                        Log(
+                            f"{name} disconnected during {event.phase.value} of epoch "
+                            f"{event.epoch}; the event cannot be rolled back and waits for "
+                            f"{name} to rejoin",
+                            "WARNING",
+                        )
+                    )
+            else:
+                effects.append(
+                    Log(
+                        f"{name} disconnected; it stays in the ring (its keys are unreachable) "
+                        "and no event can start until it rejoins",
+                        "WARNING",
+                    )
+                )
+        effects.extend(self._due(now))
+        return effects
+
+    # -- stimuli: requests -----------------------------------------------------------------
+
+    def request_scale_out(
+        self, names: Sequence[str] | None, now: float, request_id: int | None = None
+    ) -> list[Effect]:
+        """Admit ``names`` (every waiting node when ``None`` or empty)."""
+        refusal = self._busy()
+        if refusal is None:
+            waiting = self.waiting()
+            if names:
+                for name in names:
+                    role = self.role_of(name)
+                    if role is None:
+                        listing = ", ".join(waiting) or "none"
+                        refusal = f"unknown node {name!r} (waiting for admission: {listing})"
+                    elif role is not Role.WAITING:
+                        refusal = f"{name} is already a {role.value}"
+                    if refusal is not None:
+                        break
+                chosen = sorted(set(names))
+            else:
+                chosen = waiting
+                if not chosen:
+                    refusal = "no node is waiting for admission"
+        if refusal is not None:
+            return self._refuse_request(refusal, now, request_id)
+        return self._start_event(frozenset(chosen), frozenset(), now, request_id)
+
+    def request_scale_in(
+        self, names: Sequence[str], now: float, request_id: int | None = None
+    ) -> list[Effect]:
+        """Remove ``names`` from the ring; they drain, then are told to leave."""
+        refusal = self._busy()
+        if refusal is None:
+            if not names:
+                refusal = "scale-in needs the names of the nodes to remove"
+            for name in names:
+                role = self.role_of(name)
+                if role is None:
+                    members = ", ".join(sorted(self.ring.nodes)) or "none"
+                    refusal = f"unknown node {name!r} (members: {members})"
+                elif role is not Role.MEMBER:
+                    refusal = f"{name} is not a member of the ring (it is {role.value})"
+                if refusal is not None:
+                    break
+            if refusal is None and set(names) >= self.ring.nodes:
+                refusal = "cannot remove every member: the ring would be empty"
+        if refusal is not None:
+            return self._refuse_request(refusal, now, request_id)
+        return self._start_event(frozenset(), frozenset(names), now, request_id)
+
+    # -- stimuli: answers from members -----------------------------------------------------
+
+    def ack(self, name: str, command: str, epoch: int, now: float) -> list[Effect]:
+        """``name`` has acted on ``command`` of ``epoch`` (its callback returned)."""
+        member = self.members.get(name)
+        if member is None:
+            return [self._stale(name, command, epoch, now, "not registered")]
+        if command == LEAVE:
+            if member.role is not Role.LEAVING:
+                return [self._stale(name, command, epoch, now, "not leaving")]
+            return self._left(name, now, "left")
+        if command == ABORT:
+            self._record(now, "ack", name, ABORT, epoch)
+            member.stage, member.epoch = NORMAL, self._abort_ring_epoch(member)
+            return []
+        event = self.event
+        if event is None or epoch != event.epoch or name not in event.participants:
+            if command == NORMAL and event is None and epoch == self.ring.epoch:
+                # A rejoined member acknowledging the resync of a quiet cluster.
+                self._record(now, "ack", name, NORMAL, epoch)
+                member.stage, member.epoch = NORMAL, epoch
+                return []
+            return [self._stale(name, command, epoch, now, "no such event running")]
+        effects: list[Effect] = []
+        if command == PRE_SCALING and event.phase is Phase.PRE_SCALING:
+            if name not in event.pre_acked:
+                self._record(now, "ack", name, command, epoch)
+                event.pre_acked.add(name)
+                member.stage, member.epoch = PRE_SCALING, epoch
+                if event.participants <= event.pre_acked:
+                    effects.extend(self._enter_scaling(now))
+            return effects
+        if command == SCALING and event.phase in (Phase.SCALING, Phase.NORMAL):
+            if name not in event.scaling_acked:
+                self._record(now, "ack", name, command, epoch)
+                event.scaling_acked.add(name)
+                if member.stage == PRE_SCALING:
+                    member.stage = SCALING
+            return effects
+        if command == NORMAL and event.phase is Phase.NORMAL:
+            if name not in event.normal_acked:
+                self._record(now, "ack", name, command, epoch)
+                event.normal_acked.add(name)
+                member.stage, member.epoch = NORMAL, epoch
+                if event.participants <= event.normal_acked:
+                    effects.extend(self._finish(now))
+            return effects
+        return [self._stale(name, command, epoch, now, f"event is in {event.phase.value}")]
+
+    def report_drained(
+        self, name: str, epoch: int, records_moved: int, objects_moved: int, now: float
+    ) -> list[Effect]:
+        """``name`` has handed on (and had acknowledged) every record of the old epoch that
+        it must give away.  A report implies the node is SCALING, whatever the order in
+        which its ack and report arrive."""
+        event = self.event
+        member = self.members.get(name)
+        if (
+            member is None
+            or event is None
+            or event.epoch != epoch
+            or name not in event.participants
+            or event.phase is not Phase.SCALING
+        ):
+            return [self._stale(name, "drained", epoch, now, "no event is scaling")]
+        if name in event.drained:
+            return []
+        event.drained[name] = (records_moved, objects_moved)
+        member.stage, member.epoch = SCALING, epoch
+        self._record(now, "drained", name, SCALING, epoch, text=f"{records_moved}/{objects_moved}")
+        effects: list[Effect] = []
+        done, total = len(event.drained), len(event.participants)
+        effects.extend(
+            self._progress(
+                f"{name} drained: {records_moved} records, {objects_moved} objects moved "
+                f"({done}/{total})"
+            )
+        )
+        if event.participants <= event.drained.keys():
+            effects.extend(self._enter_normal(now))
+        return effects
+
+    def tick(self, now: float) -> list[Effect]:
+        """Time has passed: pre-scaling timeouts, leave timeouts, automatic admission."""
+        return self._due(now)
+
+    # -- the event -------------------------------------------------------------------------
+
+    def _busy(self) -> str | None:
+        """Why no event can start now, or ``None``."""
+        if self.event is not None:
+            return f"a scaling event is already running: {self.event.describe()}"
+        lost = self.lost()
+        if lost:
+            return (
+                f"{', '.join(lost)} disconnected and must rejoin first (a lost member "
+                "cannot take part in the barrier)"
+            )
+        return None
+
+    def _start_event(
+        self,
+        added: frozenset[str],
+        removed: frozenset[str],
+        now: float,
+        request_id: int | None,
+    ) -> list[Effect]:
+        assert self.event is None
+        previous = self.ring
+        epoch = self.highest_epoch + 1
+        self.highest_epoch = epoch
+        next_ring = previous.with_nodes(added, removed, epoch=epoch)
+        form = not previous.nodes
+        kind = "form" if form else ("out" if added else "in")
+        participants = frozenset(previous.nodes) | added
+        event = ScaleEvent(
+            kind,
+            epoch,
+            previous,
+            next_ring,
+            added,
+            removed,
+            participants,
+            Phase.NORMAL if form else Phase.PRE_SCALING,
+            now,
+            request_id,
+        )
+        self.event = event
+        for name in added:
+            member = self.members[name]
+            member.role = Role.JOINING
+            member.held = False
+        self._record(now, "event", stage=kind, epoch=epoch, members=tuple(sorted(participants)))
+        effects: list[Effect] = [Log(f"event started: {event.describe()}")]
+        if form:
+            effects.extend(
+                self._progress(
+                    f"forming the first ring at epoch {epoch} with {', '.join(sorted(added))} "
+                    "(no barrier: nobody holds state yet)"
+                )
+            )
+        else:
+            effects.extend(
+                self._progress(
+                    f"{_KIND_NAMES[kind]} to epoch {epoch}: pre-scaling {len(participants)} nodes"
+                )
+            )
+        effects.extend(self._command_all(PRE_SCALING if not form else NORMAL, now))
+        return effects
+
+    def _enter_scaling(self, now: float) -> list[Effect]:
+        event = self.event
+        assert event is not None and event.participants <= event.pre_acked
+        event.phase = Phase.SCALING
+        effects = self._progress(
+            f"all {len(event.participants)} nodes acknowledged pre-scaling; scaling"
+        )
+        effects.extend(self._command_all(SCALING, now))
+        return effects
+
+    def _enter_normal(self, now: float) -> list[Effect]:
+        event = self.event
+        assert event is not None and event.participants <= event.drained.keys()
+        event.phase = Phase.NORMAL
+        effects = self._progress(f"all nodes drained; normal on epoch {event.epoch}")
+        effects.extend(self._command_all(NORMAL, now))
+        return effects
+
+    def _command(self, name: str, command: str) -> StageCommand:
+        """The command that puts ``name`` in ``command``'s stage of the running event (or,
+        between events, NORMAL on the current ring)."""
+        addresses = self.addresses
+        event = self.event
+        if event is None or command == NORMAL:
+            ring = self.ring if event is None else event.next_ring
+            return StageCommand(
+                command, ring.epoch, _member_list(ring, addresses), None, None, self.vnodes
+            )
+        return StageCommand(
+            command,
+            event.previous.epoch,
+            _member_list(event.previous, addresses),
+            event.epoch,
+            _member_list(event.next_ring, addresses),
+            self.vnodes,
+        )
+
+    def _command_all(self, command: str, now: float) -> list[Effect]:
+        event = self.event
+        assert event is not None
+        effects: list[Effect] = []
+        for name in sorted(event.participants):
+            effects.append(Send(name, self._command(name, command)))
+            self._record(now, "command", name, command, event.epoch)
+        return effects
+
+    def _resync(self, member: Member, now: float) -> list[Effect]:
+        """The command a rejoining member needs to be where the cluster is."""
+        event = self.event
+        name = member.name
+        if event is None or name not in event.participants:
+            if member.role is Role.MEMBER:
+                self._record(now, "command", name, NORMAL, self.ring.epoch)
+                return [Send(name, self._command(name, NORMAL))]
+            return []
+        command = {
+            Phase.PRE_SCALING: PRE_SCALING,
+            Phase.SCALING: SCALING,
+            Phase.NORMAL: NORMAL,
+        }[event.phase]
+        if event.kind == "form":
+            command = NORMAL
+        self._record(now, "command", name, command, event.epoch)
+        return [Send(name, self._command(name, command))]
+
+    def _finish(self, now: float) -> list[Effect]:
+        event = self.event
+        assert event is not None and event.participants <= event.normal_acked
+        self.ring = event.next_ring
+        self.event = None
+        records = sum(r for r, _ in event.drained.values())
+        objects = sum(o for _, o in event.drained.values())
+        duration = now - event.started_at
+        summary: Figures = {
+            "kind": event.kind,
+            "epoch": event.epoch,
+            "members": len(self.ring),
+            "added": ", ".join(sorted(event.added)),
+            "removed": ", ".join(sorted(event.removed)),
+            "duration_s": round(duration, 3),
+            "records_moved": records,
+            "objects_moved": objects,
+        }
+        self.last_event = summary
+        self._record(now, "finish", epoch=event.epoch, members=tuple(sorted(self.ring.nodes)))
+        effects: list[Effect] = [
+            Log(
+                f"epoch {event.epoch} reached: {len(self.ring)} members, {records} records and "
+                f"{objects} objects moved in {duration:.3f} s"
+            )
+        ]
+        for name in event.added:
+            self.members[name].role = Role.MEMBER
+        text = f"{_KIND_NAMES[event.kind]} done: every node is normal on epoch {event.epoch}"
+        if event.request_id is not None:
+            effects.append(Progress(event.request_id, text))
+        leaving = set(event.removed)
+        for name in sorted(leaving):
+            member = self.members[name]
+            member.role = Role.LEAVING
+            member.leave_deadline = now + self.leave_timeout
+            effects.append(Send(name, self._leave_command()))
+            self._record(now, "command", name, LEAVE, event.epoch)
+        if event.request_id is not None:
+            if leaving:
+                self._pending_replies.append(
+                    _PendingReply(event.request_id, text, summary, leaving)
+                )
+            else:
+                effects.append(Reply(event.request_id, True, "done", text, summary))
+        effects.extend(self._due(now))
+        return effects
+
+    def _leave_command(self) -> StageCommand:
+        return StageCommand(
+            LEAVE,
+            self.ring.epoch,
+            _member_list(self.ring, self.addresses),
+            None,
+            None,
+            self.vnodes,
+        )
+
+    def _left(self, name: str, now: float, how: str) -> list[Effect]:
+        del self.members[name]
+        self._record(now, "left", name, text=how)
+        effects: list[Effect] = [Log(f"{name} {how} after leaving the ring")]
+        for pending in list(self._pending_replies):
+            if name in pending.waiting:
+                pending.waiting.discard(name)
+                effects.append(Progress(pending.request_id, f"{name} {how}"))
+                if not pending.waiting:
+                    self._pending_replies.remove(pending)
+                    effects.append(
+                        Reply(pending.request_id, True, "done", pending.text, pending.summary)
+                    )
+        return effects
+
+    def _abort(self, reason: str, now: float) -> list[Effect]:
+        event = self.event
+        assert event is not None and event.phase is Phase.PRE_SCALING
+        assert not event.scaling_acked and not event.drained
+        text = (
+            f"{_KIND_NAMES[event.kind]} to epoch {event.epoch} aborted: {reason}; "
+            f"epoch {event.epoch} is burnt and the cluster stays on epoch {event.previous.epoch}"
+        )
+        self.last_abort = text
+        addresses = self.addresses
+        effects: list[Effect] = [Log(text, "WARNING")]
+        command = StageCommand(
+            ABORT,
+            event.previous.epoch,
+            _member_list(event.previous, addresses),
+            event.epoch,
+            None,
+            self.vnodes,
+        )
+        for name in sorted(event.participants):
+            effects.append(Send(name, command))
+            self._record(now, "command", name, ABORT, event.epoch)
+        self.burnt.add(event.epoch)
+        self.event = None
+        self._record(now, "abort", epoch=event.epoch, text=reason)
+        for name in event.added:
+            member = self.members[name]
+            member.role = Role.WAITING
+            member.held = True
+            if not member.connected:
+                del self.members[name]
+        if event.request_id is not None:
+            effects.append(Reply(event.request_id, False, "aborted", text))
+        return effects
+
+    def _abort_ring_epoch(self, member: Member) -> int:
+        return self.ring.epoch if member.role is Role.MEMBER else member.epoch
+
+    # -- time ------------------------------------------------------------------------------
+
+    def _admission_due(self) -> float | None:
+        if self.manual_admission or self.event is not None or self.lost():
+            return None
+        times = [
+            m.registered_at
+            for m in self.members.values()
+            if m.role is Role.WAITING and not m.held and m.connected
+        ]
+        return min(times) + self.admission_window if times else None
+
+    def _due(self, now: float) -> list[Effect]:
+        """Everything whose time has come: run after every stimulus."""
+        effects: list[Effect] = []
+        event = self.event
+        if (
+            event is not None
+            and event.phase is Phase.PRE_SCALING
+            and now >= event.started_at + self.pre_scaling_timeout
+        ):
+            late = ", ".join(event.waiting_for())
+            effects.extend(
+                self._abort(
+                    f"{late} did not acknowledge pre-scaling within {self.pre_scaling_timeout:g} s",
+                    now,
+                )
+            )
+        for member in list(self.members.values()):
+            if member.leave_deadline is not None and now >= member.leave_deadline:
+                effects.extend(self._left(member.name, now, "timed out"))
+        due = self._admission_due()
+        if due is not None and now >= due:
+            names = frozenset(
+                n
+                for n, m in self.members.items()
+                if m.role is Role.WAITING and not m.held and m.connected
+            )
+            effects.extend(self._start_event(names, frozenset(), now, None))
+        return effects
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _progress(self, text: str) -> list[Effect]:
+        event = self.event
+        effects: list[Effect] = [Log(text)]
+        if event is not None and event.request_id is not None:
+            effects.append(Progress(event.request_id, text))
+        return effects
+
+    def _refuse_request(self, text: str, now: float, request_id: int | None) -> list[Effect]:
+        self._record(now, "refused", text=text)
+        effects: list[Effect] = [Log(f"request refused: {text}")]
+        if request_id is not None:
+            effects.append(Reply(request_id, False, "refused", text))
+        return effects
+
+    def _refuse_registration(self, name: str, text: str, now: float) -> RingState:
+        self._record(now, "refused", name, text=text)
+        return self.ring_state(False, text)
+
+    def _stale(self, name: str, what: str, epoch: int, now: float, why: str) -> Effect:
+        self._record(now, "stale", name, what, epoch, text=why)
+        return Log(f"ignored {what} of epoch {epoch} from {name}: {why}", "DEBUG")
+
+    def _record(
+        self,
+        at: float,
+        what: str,
+        member: str = "",
+        stage: str = "",
+        epoch: int = 0,
+        *,
+        members: tuple[str, ...] = (),
+        text: str = "",
+    ) -> None:
+        self.log.append(Transition(at, what, member, stage, epoch, members, text))
+
+    # -- invariants ------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Assert the invariants of the current state (tests call it after every step)."""
+        ring = self.ring
+        assert ring.epoch <= self.highest_epoch
+        assert ring.epoch not in self.burnt
+        assert all(e <= self.highest_epoch for e in self.burnt)
+        members = {n for n, m in self.members.items() if m.role is Role.MEMBER}
+        assert members == set(ring.nodes), f"ring {sorted(ring.nodes)} != members {members}"
+        event = self.event
+        joining = {n for n, m in self.members.items() if m.role is Role.JOINING}
+        if event is None:
+            assert not joining, f"joiners {joining} without an event"
+            for m in self.members.values():
+                # Between events nobody is known to be SCALING: every event ended with all
+                # NORMAL acks, or aborted before anyone was told SCALING.
+                assert m.stage != SCALING, f"{m.name} is scaling between events"
+            return
+        assert event.epoch == self.highest_epoch and event.epoch > ring.epoch
+        assert event.previous is ring
+        assert joining == set(event.added)
+        assert event.removed <= ring.nodes and not event.added & ring.nodes
+        assert event.participants == ring.nodes | event.added
+        assert event.next_ring.nodes == (ring.nodes - event.removed) | event.added
+        assert event.next_ring.epoch == event.epoch
+        assert event.pre_acked <= event.participants
+        assert event.drained.keys() <= event.participants
+        assert event.normal_acked <= event.participants
+        if event.kind == "form":
+            assert not ring.nodes and event.phase is Phase.NORMAL
+            return
+        if event.phase is Phase.PRE_SCALING:
+            # Nobody has been told SCALING, so the event may still abort.
+            assert not event.scaling_acked and not event.drained and not event.normal_acked
+        else:
+            # The barrier: SCALING was commanded only after every PRE_SCALING ack, so no
+            # participant can still be NORMAL on the old epoch.
+            assert event.participants <= event.pre_acked
+            for name in event.participants:
+                m = self.members[name]
+                assert m.epoch == event.epoch and m.stage in (PRE_SCALING, SCALING, NORMAL), (
+                    f"{name} is known {m.stage} on epoch {m.epoch} while epoch "
+                    f"{event.epoch} is {event.phase.value}"
+                )
+        if event.phase is Phase.NORMAL:
+            assert event.participants <= event.drained.keys()
+        else:
+            assert not event.normal_acked
+
+
+# --- checking a log -----------------------------------------------------------------------
+
+
+def check_transitions(log: Iterable[Transition]) -> list[str]:
+    """Every breach of the barrier rules in ``log`` (empty when it kept them all).
+
+    Checked: events do not overlap and their epochs only grow (a burnt epoch never comes
+    back); SCALING is commanded only after every participant acknowledged PRE_SCALING;
+    NORMAL on the new epoch only after every participant reported drained (except for the
+    first ring, which has no barrier); an abort only before any SCALING command; an event
+    finishes only after every participant acknowledged NORMAL; each member's commands of one
+    event go forward only (pre-scaling, scaling, normal; or pre-scaling, abort).
+    """
+    problems: list[str] = []
+    order = {PRE_SCALING: 0, SCALING: 1, NORMAL: 2, ABORT: 2}
+    highest = 0
+    ring_epoch = 0
+    epoch: int | None = None
+    kind = ""
+    participants: set[str] = set()
+    pre_acked: set[str] = set()
+    drained: set[str] = set()
+    normal_acked: set[str] = set()
+    scaling_sent = False
+    last_command: dict[str, str] = {}
+    for i, t in enumerate(log):
+        where = f"entry {i} ({t.what} {t.member} {t.stage} {t.epoch})"
+        if t.what == "event":
+            if epoch is not None:
+                problems.append(f"{where}: event starts while epoch {epoch} is running")
+            if t.epoch <= highest:
+                problems.append(f"{where}: epoch {t.epoch} is not above {highest}")
+            highest = max(highest, t.epoch)
+            epoch, kind = t.epoch, t.stage
+            participants = set(t.members)
+            pre_acked, drained, normal_acked = set(), set(), set()
+            scaling_sent = False
+            last_command = {}
+        elif t.what == "command":
+            if t.stage == LEAVE:
+                continue
+            if epoch is None or t.epoch != epoch:
+                if not (t.stage == NORMAL and t.epoch == ring_epoch):
+                    problems.append(f"{where}: command outside its event")
+                continue
+            if t.member not in participants:
+                problems.append(f"{where}: {t.member} is not a participant")
+            before = last_command.get(t.member)
+            if before is not None and order[t.stage] < order[before]:
+                problems.append(f"{where}: {t.member} went back from {before}")
+            last_command[t.member] = t.stage
+            if t.stage == SCALING:
+                if not participants <= pre_acked:
+                    missing = sorted(participants - pre_acked)
+                    problems.append(f"{where}: scaling before pre-scaling acks of {missing}")
+                scaling_sent = True
+            elif t.stage == NORMAL and kind != "form" and not participants <= drained:
+                problems.append(f"{where}: normal before drained reports of {participants}")
+            elif t.stage == ABORT and scaling_sent:
+                problems.append(f"{where}: abort after scaling was commanded")
+        elif t.what == "ack" and epoch is not None and t.epoch == epoch:
+            if t.stage == PRE_SCALING:
+                pre_acked.add(t.member)
+            elif t.stage == NORMAL:
+                normal_acked.add(t.member)
+        elif t.what == "drained" and epoch is not None and t.epoch == epoch:
+            drained.add(t.member)
+        elif t.what == "abort":
+            if epoch is None or t.epoch != epoch:
+                problems.append(f"{where}: abort of an event that is not running")
+            elif scaling_sent:
+                problems.append(f"{where}: abort after scaling was commanded")
+            epoch = None
+        elif t.what == "finish":
+            if epoch is None or t.epoch != epoch:
+                problems.append(f"{where}: finish of an event that is not running")
+            elif not participants <= normal_acked:
+                problems.append(f"{where}: finished before normal acks of {participants}")
+            ring_epoch = t.epoch
+            epoch = None
+    return problems
+
+
+# --- the node's side ----------------------------------------------------------------------
+
+
+class Callback(enum.Enum):
+    """The handler callbacks of ``store.membership``, in the order a node may need them."""
+
+    PRE_SCALING = "on_pre_scaling"
+    SCALING = "on_scaling"
+    NORMAL = "on_normal"
+    ABORT = "on_abort"
+    LEAVE = "on_leave"
+
+
+class MemberSide:
+    """Which callbacks a node runs for each command, and the stage it is in after them.
+
+    Commands arrive in order on one connection, but a node that rejoined after losing its
+    connection may get the command of a later stage than the one it is in (it missed the
+    commands in between), or one it has already acted on.  :meth:`plan` copes with both:
+    a repeated command runs no callback (and is simply acknowledged again), a SCALING
+    command to a NORMAL node runs ``on_pre_scaling`` first, a NORMAL command for another
+    ring to a node that is scaling is an abort.  O(1).
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.stage = NORMAL
+        self.epoch = epoch  # the ring the node is NORMAL on, or the previous ring
+        self.next_epoch: int | None = None  # the event's epoch while scaling
+        self.left = False
+
+    def plan(self, command: StageCommand) -> list[Callback]:
+        """The callbacks to run for ``command``, in order; updates the stage as if they ran."""
+        kind = command.command
+        if kind == PRE_SCALING:
+            if self.stage in (PRE_SCALING, SCALING) and self.next_epoch == command.next_epoch:
+                return []
+            self._scaling(PRE_SCALING, command)
+            return [Callback.PRE_SCALING]
+        if kind == SCALING:
+            if self.stage == SCALING and self.next_epoch == command.next_epoch:
+                return []
+            steps = []
+            if not (self.stage == PRE_SCALING and self.next_epoch == command.next_epoch):
+                steps.append(Callback.PRE_SCALING)
+            self._scaling(SCALING, command)
+            return [*steps, Callback.SCALING]
+        if kind == NORMAL:
+            if self.stage == NORMAL and self.epoch == command.epoch:
+                return []
+            aborted = self.stage != NORMAL and self.next_epoch != command.epoch
+            self._normal(command.epoch)
+            return [Callback.ABORT if aborted else Callback.NORMAL]
+        if kind == ABORT:
+            if self.stage == NORMAL or self.next_epoch != command.next_epoch:
+                return []
+            self._normal(command.epoch)
+            return [Callback.ABORT]
+        if self.left:
+            return []
+        self.left = True
+        return [Callback.LEAVE]
+
+    def _scaling(self, stage: str, command: StageCommand) -> None:
+        self.stage, self.epoch, self.next_epoch = stage, command.epoch, command.next_epoch
+
+    def _normal(self, epoch: int) -> None:
+        self.stage, self.epoch, self.next_epoch = NORMAL, epoch, None

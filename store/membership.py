@@ -1,0 +1,461 @@
+"""A node's side of the membership protocol: register, get admitted, follow the stages.
+
+The node process uses it like this::
+
+    async with join_cluster(
+        "10.0.0.1:7000", name="n4", address="10.0.0.4:7100", secret=secret,
+        handler=node, status_provider=node.figures,
+    ) as membership:
+        ...  # admitted: membership.view is this node's NodeView on the current ring
+        await membership.leave()  # a graceful scale-in of this node, when it wants to go
+
+:func:`join_cluster` connects to the controller, registers, and returns once the node is a
+member of a ring (at once with automatic admission, after ``ctl scale-out`` with manual
+admission).  From then on, and already while it waits (a joiner takes part in the event
+that admits it), the controller drives the node through the stages of ``ring.ownership``
+by calling the handler's callbacks.
+
+The callback contract
+---------------------
+Each callback is ``async def on_x(self, membership: Membership) -> None``.  Before it is
+called, :attr:`Membership.stage`, :attr:`~Membership.ring`, :attr:`~Membership.next_ring`
+and :attr:`~Membership.addresses` already describe the new stage, so the callback's first
+job is to install ``membership.view`` (a :class:`ring.ownership.NodeView`) as the view its
+routing decisions use.  The controller is told the stage is reached when the callback
+**returns**, so return only once the node really acts by the new view.  Callbacks run one
+at a time, in the order the controller sent the commands; while one runs, the next waits
+(status requests are still answered).
+
+``on_pre_scaling``
+    NodeView(PRE_SCALING, ring=previous ring, next_ring=the event's ring).  Forward, do not
+    hand on (rule P3): no key moves yet.  A joining node gets this too; its ``ring`` is the
+    ring it is not yet part of.
+``on_scaling``
+    NodeView(SCALING, same rings).  Start the background drain (``drain_destination``) and
+    return at once; when every hand-on has been acknowledged, call
+    ``await membership.report_drained(records_moved, objects_moved)``.  Nobody becomes
+    NORMAL on the new ring until every node has reported.  (Reporting inside this callback
+    is allowed: the report is sent after the acknowledgement.)
+``on_normal``
+    NodeView(NORMAL, ring=the new ring).  Also the first callback of a node admitted into
+    the very first ring (which has no barrier), and of a node that rejoins.  Drop the
+    handed-on markers of the finished event.
+``on_abort``
+    NodeView(NORMAL, ring=the previous ring): the event was aborted before anyone scaled,
+    so nothing moved; forget the next ring.  A joiner of an aborted event is not a member of
+    that ring and stays waiting for the next event.
+``on_leave``
+    A scale-in removed this node and everybody is NORMAL on the ring without it; it holds
+    nothing.  Finish parked work, flush, then return: the node may exit afterwards.
+
+Leaving the ``async with`` block without :meth:`Membership.leave` disconnects the node: the
+controller keeps it in the ring as a lost member (its keys unreachable) until a node of the
+same name and address joins again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Final, NoReturn, Protocol
+
+import trio
+
+from ring.hashring import HashRing
+from ring.ownership import NodeView, Stage
+from store.controller_messages import (
+    SCALING,
+    ControllerRefused,
+    DrainedReport,
+    Figures,
+    MemberList,
+    NodeStatus,
+    Register,
+    RingState,
+    ScaleProgress,
+    ScaleReply,
+    ScaleRequest,
+    ScalingAborted,
+    StageAck,
+    StageCommand,
+    StatusRequest,
+    describe_failure,
+    parse_address,
+)
+from store.core.barrier import Callback, MemberSide
+from store.errors import PeerUnavailable, ProtocolError
+from store.messages import Message
+from store.transport import Peer, connect_peer
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "Membership",
+    "MembershipHandler",
+    "StatusProvider",
+    "join_cluster",
+]
+
+logger = logging.getLogger("store.membership")
+
+#: Seconds to reach the controller and complete the handshake and registration.
+CONNECT_TIMEOUT: Final = 5.0
+
+#: What a node tells ``ctl status`` about itself: names to scalars.
+StatusProvider = Callable[[], Mapping[str, object]]
+
+
+class MembershipHandler(Protocol):
+    """The node's callbacks (see the module docstring for what each must do)."""
+
+    async def on_pre_scaling(self, membership: Membership) -> None: ...
+
+    async def on_scaling(self, membership: Membership) -> None: ...
+
+    async def on_normal(self, membership: Membership) -> None: ...
+
+    async def on_abort(self, membership: Membership) -> None: ...
+
+    async def on_leave(self, membership: Membership) -> None: ...
+
+
+class Membership:
+    """This node's standing in the cluster, kept current by the controller's commands.
+
+    Created by :func:`join_cluster`; read its attributes from the callbacks and from the
+    node.  The rings are rebuilt only when their members or epoch change.
+    """
+
+    def __init__(
+        self,
+        peer: Peer,
+        *,
+        name: str,
+        address: str,
+        handler: MembershipHandler,
+        status_provider: StatusProvider | None,
+        state: RingState,
+    ) -> None:
+        #: This node's name and the address its peers reach it at.
+        self.name = name
+        self.address = address
+        self._peer = peer
+        self._handler = handler
+        self._status_provider = status_provider
+        self._vnodes = state.vnodes
+        self._side = MemberSide(state.epoch)
+        self._rings: dict[tuple[int, tuple[tuple[str, str], ...]], HashRing] = {}
+        #: The stage this node is in (as of the callback running or last run).
+        self.stage = Stage.NORMAL
+        #: The current ring in NORMAL, the previous one while scaling.
+        self.ring = self._ring(state.epoch, state.members)
+        #: The event's ring while PRE_SCALING or SCALING, else ``None``.
+        self.next_ring: HashRing | None = None
+        #: ``name -> address`` of every node of :attr:`ring` and :attr:`next_ring`.
+        self.addresses: dict[str, str] = dict(state.members)
+        self._commands_in, self._commands = trio.open_memory_channel[StageCommand](math.inf)
+        self._admitted = trio.Event()
+        self._left = trio.Event()
+        self._disconnected = trio.Event()
+        self._scaling_acked: int | None = None
+        self._drained: DrainedReport | None = None
+        self._ids = itertools.count(1)
+        self._replies: dict[int, tuple[trio.Event, list[ScaleReply]]] = {}
+
+    # -- what the node reads ---------------------------------------------------------------
+
+    @property
+    def view(self) -> NodeView:
+        """This node's :class:`~ring.ownership.NodeView`: what ``decide`` needs."""
+        return NodeView(self.name, self.stage, self.ring, self.next_ring)
+
+    @property
+    def epoch(self) -> int:
+        """The newest epoch this node knows of (the event's while scaling)."""
+        return self.view.epoch
+
+    @property
+    def admitted(self) -> bool:
+        """Whether this node has been a member of a ring (it stays true after leaving)."""
+        return self._admitted.is_set()
+
+    @property
+    def left(self) -> bool:
+        """Whether a scale-in removed this node and ``on_leave`` has run."""
+        return self._left.is_set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the controller is still up."""
+        return not self._disconnected.is_set()
+
+    async def wait_left(self) -> None:
+        """Wait until ``on_leave`` has run (the controller removed this node)."""
+        await self._left.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Wait until the connection to the controller is gone."""
+        await self._disconnected.wait()
+
+    # -- what the node does ----------------------------------------------------------------
+
+    async def report_drained(self, records_moved: int = 0, objects_moved: int = 0) -> None:
+        """Tell the controller that this node's drain of the running event is complete:
+        every record it had to hand on was handed on and acknowledged.  Call it once per
+        event, while SCALING (``RuntimeError`` otherwise: a bug in the node)."""
+        if self.stage is not Stage.SCALING or self.next_ring is None:
+            raise RuntimeError(f"report_drained while {self.stage.value}: only SCALING drains")
+        self._drained = DrainedReport(self.name, self.next_ring.epoch, records_moved, objects_moved)
+        if self._scaling_acked == self.next_ring.epoch:
+            self._send_drained()
+        await trio.lowlevel.checkpoint()
+
+    async def leave(self) -> Figures:
+        """Ask the controller to scale this node in, and wait until it has left (the
+        ``on_leave`` callback has run).  Returns the event's summary.  Raises
+        :class:`ControllerRefused` (e.g. an event is running, or this is the last member)
+        or :class:`ScalingAborted`; the node is still a member then and may retry."""
+        reply = await self._ask(ScaleRequest(0, "in", [self.name]))
+        if reply.code == "refused":
+            raise ControllerRefused(reply.text)
+        if not reply.ok:
+            raise ScalingAborted(reply.text)
+        await self._left.wait()
+        return dict(reply.summary)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _ring(self, epoch: int, members: MemberList) -> HashRing:
+        key = (epoch, tuple(members))
+        ring = self._rings.get(key)
+        if ring is None:
+            if len(self._rings) > 4:
+                self._rings.clear()
+            ring = HashRing((n for n, _ in members), vnodes=self._vnodes, epoch=epoch)
+            self._rings[key] = ring
+        return ring
+
+    def _send(self, message: Message) -> None:
+        try:
+            self._peer.send_nowait(message)
+        except PeerUnavailable:
+            logger.info("controller gone: %s not sent", type(message).__name__)
+
+    def _send_drained(self) -> None:
+        if self._drained is not None:
+            self._send(self._drained)
+
+    async def _ask(self, request: ScaleRequest) -> ScaleReply:
+        request_id = next(self._ids)
+        done = trio.Event()
+        slot: list[ScaleReply] = []
+        self._replies[request_id] = (done, slot)
+        try:
+            self._send(ScaleRequest(request_id, request.kind, request.names))
+            await _first_of(done, self._disconnected)
+        finally:
+            del self._replies[request_id]
+        if not slot:
+            raise PeerUnavailable("the controller went away before answering")
+        return slot[0]
+
+    def _enter(self, step: Callback, command: StageCommand) -> None:
+        """Set the attributes the callback ``step`` will read."""
+        self.ring = self._ring(command.epoch, command.members)
+        self.addresses = dict(command.members)
+        if step in (Callback.PRE_SCALING, Callback.SCALING):
+            assert command.next_epoch is not None and command.next_members is not None
+            self.next_ring = self._ring(command.next_epoch, command.next_members)
+            self.addresses.update(command.next_members)
+            self.stage = Stage.PRE_SCALING if step is Callback.PRE_SCALING else Stage.SCALING
+        else:
+            self.next_ring = None
+            self.stage = Stage.NORMAL
+
+    async def _work(self) -> None:
+        """Run the commands one by one: callbacks first, then the acknowledgement."""
+        async for command in self._commands:
+            for step in self._side.plan(command):
+                self._enter(step, command)
+                if step is Callback.SCALING:
+                    self._drained = None
+                await getattr(self._handler, step.value)(self)
+                if step is Callback.LEAVE:
+                    self._left.set()
+            self._send(StageAck(self.name, command.command, command.event_epoch))
+            if command.command == SCALING:
+                self._scaling_acked = command.event_epoch
+                if self._drained is not None and self._drained.epoch == command.event_epoch:
+                    self._send_drained()
+            if self.stage is Stage.NORMAL and self.name in self.ring:
+                self._admitted.set()
+
+    async def _read(self) -> None:
+        """Take the controller's messages; answer status requests right away, even while
+        a callback is running."""
+        try:
+            async for batch in self._peer:
+                for msg in batch:
+                    self._dispatch(msg)
+        except (PeerUnavailable, ProtocolError) as exc:
+            logger.warning("lost the controller: %s", exc)
+        finally:
+            self._disconnected.set()
+            self._commands_in.close()
+
+    def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, StageCommand):
+            self._commands_in.send_nowait(msg)
+        elif isinstance(msg, StatusRequest):
+            self._send(NodeStatus(msg.request_id, self.name, self._figures()))
+        elif isinstance(msg, ScaleReply):
+            waiting = self._replies.get(msg.request_id)
+            if waiting is not None:
+                waiting[1].append(msg)
+                waiting[0].set()
+        elif isinstance(msg, ScaleProgress):
+            logger.info("%s", msg.text)
+        else:
+            logger.warning("ignored %s from the controller", type(msg).__name__)
+
+    def _figures(self) -> Figures:
+        figures: Figures = {"stage": self.stage.value, "epoch": self.epoch}
+        if self._status_provider is not None:
+            try:
+                provided = self._status_provider()
+            except Exception as exc:  # the node's bug; the status request still gets an answer
+                figures["error"] = f"status provider failed: {exc!r}"[:200]
+            else:
+                for key, value in provided.items():
+                    # Only exact int/float/str travel (a bool is not an int on the wire).
+                    ok = type(value) in (int, float, str)
+                    figures[str(key)] = value if ok else str(value)  # type: ignore[assignment]
+        return figures
+
+
+async def _register(peer: Peer, name: str, address: str) -> tuple[RingState, list[Message]]:
+    """Register; the controller's RingState, and what came with it in the same frame (the
+    first stage command, when admission is immediate)."""
+    peer.send_nowait(Register(name, address))
+    batch = await peer.receive()
+    state = batch[0]
+    if not isinstance(state, RingState):
+        raise ProtocolError(f"the controller answered {type(state).__name__}, not RingState")
+    if not state.accepted:
+        raise ControllerRefused(f"the controller refused {name}: {state.text}")
+    return state, batch[1:]
+
+
+@asynccontextmanager
+async def join_cluster(
+    controller: str,
+    *,
+    name: str,
+    address: str,
+    secret: bytes,
+    handler: MembershipHandler,
+    status_provider: StatusProvider | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    admission_timeout: float | None = None,
+) -> AsyncIterator[Membership]:
+    """Join the cluster whose controller listens at ``controller`` (``HOST:PORT``).
+
+    Returns once this node is a member of a ring (``on_normal`` has run), yielding its
+    :class:`Membership`; the callbacks of ``handler`` may run before that (a joiner takes
+    part in its own admission event).  ``address`` is where the other nodes reach this
+    one.  ``status_provider`` (optional) returns the figures ``ctl status`` shows.
+
+    Raises :class:`PeerUnavailable` if the controller cannot be reached within
+    ``connect_timeout`` seconds or goes away before admitting us, :class:`ControllerRefused`
+    if it refuses the registration (name in use, bad address), ``TimeoutError`` if
+    ``admission_timeout`` is given and passes first, and ``ValueError`` for a malformed
+    ``controller`` address.
+    """
+    host, port = parse_address(controller)
+    parse_address(address)
+    unreachable = f"cannot reach the controller at {controller} within {connect_timeout:g} s"
+    registered = False
+    # connect_peer's own timeout does not cover a listener that accepts the connection and
+    # never answers, so this scope carries the deadline, and it is lifted once registered.
+    # It spans the whole block: a scope around the connection alone would be exited before
+    # connect_peer's nursery, which trio forbids.
+    with trio.CancelScope(deadline=trio.current_time() + connect_timeout) as connecting:
+        try:
+            async with connect_peer(
+                host, port, secret=secret, name=name, timeout=connect_timeout
+            ) as peer:
+                state, rest = await _register(peer, name, address)
+                registered = True
+                connecting.deadline = math.inf
+                membership = Membership(
+                    peer,
+                    name=name,
+                    address=address,
+                    handler=handler,
+                    status_provider=status_provider,
+                    state=state,
+                )
+                for msg in rest:
+                    membership._dispatch(msg)
+                async with _running(membership, controller, admission_timeout):
+                    yield membership
+        except PeerUnavailable as exc:
+            if registered:
+                raise
+            raise PeerUnavailable(f"{unreachable}: {describe_failure(exc)}") from None
+    if connecting.cancelled_caught:
+        raise PeerUnavailable(f"{unreachable}: it accepted the connection but never answered")
+
+
+@asynccontextmanager
+async def _running(
+    membership: Membership, controller: str, admission_timeout: float | None
+) -> AsyncIterator[None]:
+    """The membership's reader and worker tasks, for the duration of the block; enters
+    once the node is admitted."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(membership._read)
+            nursery.start_soon(membership._work)
+            await _wait_admitted(membership, controller, admission_timeout)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        _reraise_single(group)
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def until(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(until, event)
+
+
+async def _wait_admitted(membership: Membership, controller: str, timeout: float | None) -> None:
+    """Until the node is a member, the connection drops, or ``timeout`` passes."""
+    with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+        await _first_of(membership._admitted, membership._disconnected)
+    if membership.admitted:
+        return
+    if scope.cancelled_caught:
+        raise TimeoutError(f"{membership.name} was not admitted within {timeout:g} s")
+    raise PeerUnavailable(
+        f"the controller at {controller} closed the connection before admitting {membership.name}"
+    )
+
+
+def _reraise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Surface the one exception that matters, not the nursery's group around it."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    raise inner
