@@ -115,24 +115,29 @@ def render_status(status: ClusterStatus, out: Console) -> None:
     keys: list[str] = []
     for figures in status.figures.values():
         keys.extend(k for k in figures if k not in keys and k not in ("stage", "epoch"))
-    table = Table(title=None, show_lines=False)
-    for column in ("node", "address", "role", "stage", "epoch", "connected", *keys):
-        table.add_column(column, overflow="fold")
-    for name, address, role, stage, epoch, connected in status.members:
-        figures = status.figures.get(name, {})
-        table.add_row(
-            name,
-            address,
-            role,
-            stage,
-            str(epoch),
-            "yes" if connected else "LOST",
-            *(_cell(figures.get(k, "")) for k in keys),
-        )
-    if status.members:
-        out.print(table)
-    else:
+    if not status.members:
         out.print("no nodes registered", highlight=False)
+        return
+    # One column per node and one row per figure: a cluster has a few nodes but a node has
+    # many figures, and a row per node would not fit a terminal.
+    table = Table(title=None, show_lines=False)
+    table.add_column("", overflow="fold")
+    for name, *_ in status.members:
+        table.add_column(name, overflow="fold", justify="right")
+    rows: list[tuple[str, list[str]]] = [
+        ("address", [row[1] for row in status.members]),
+        ("role", [row[2] for row in status.members]),
+        ("stage", [row[3] for row in status.members]),
+        ("epoch", [str(row[4]) for row in status.members]),
+        ("connected", ["yes" if row[5] else "LOST" for row in status.members]),
+    ]
+    for key in keys:
+        rows.append(
+            (key, [_cell(status.figures.get(row[0], {}).get(key, "")) for row in status.members])
+        )
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    out.print(table)
 
 
 async def _run(args: argparse.Namespace, secret: bytes, out: Console) -> int:

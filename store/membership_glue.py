@@ -13,6 +13,7 @@ the node must do (``store.membership``'s docstring states the contract):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,10 +21,13 @@ from typing import Any
 import trio
 
 from store.api import Space
+from store.controller_messages import ControllerRefused, ScalingAborted
 from store.membership import Membership, join_cluster
 from store.node import Node, open_node
 
-__all__ = ["DEFAULT_DRAIN_RATE", "NodeMember", "join_space"]
+__all__ = ["DEFAULT_DRAIN_RATE", "NodeMember", "join_space", "leave"]
+
+logger = logging.getLogger("store.membership_glue")
 
 #: Key records handed on per second by the background drain.  Each is one small message;
 #: 20,000/s is about a tenth of what one connection carries batched, so packets keep most
@@ -124,3 +128,30 @@ async def join_space(
             node.enter_stage(membership.view)
             node.membership = membership
             yield Space(node)
+            await leave(node, membership)
+
+
+async def leave(node: Node, membership: Membership) -> None:
+    """A graceful scale-in of this member, in the order the issue and the paper want: no
+    new units (the caller stopped submitting), parked microthreads finish, untethered
+    batches and replicas are flushed, then the controller runs the scale-in event in which
+    this node hands over its key records and objects; return once it has left.  The last
+    member of a cluster cannot leave (there is nobody to hand over to): it just stops."""
+    with trio.fail_after(LEAVE_TIMEOUT):
+        while node.micro.statistics().in_flight:
+            await trio.sleep(0.005)
+        await node.space_flush()
+        delay = 0.01
+        while not membership.left and len(membership.ring) > 1:
+            try:
+                await membership.leave()
+            except (ControllerRefused, ScalingAborted) as exc:
+                # Another event runs (members leaving together go one at a time), or this
+                # one was aborted: stay a full member, and ask again a little later.
+                logger.info("%s waits to leave: %s", node.name, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+
+#: Seconds a member waits to finish its work and be scaled in before it gives up.
+LEAVE_TIMEOUT = 60.0

@@ -848,3 +848,19 @@ class HandOnAck:
     map: str
     key: Key
     epoch: int
+
+
+@message(28)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Evacuate:
+    """A leaving node hands an object it holds to the object's next key owner (scale-in).
+
+    ``cls`` is ``"module:qualname"`` of the object class, so that a node that never
+    registered the map (a bare ``store.node``) can still hold it; ``version`` continues the
+    object's chain of holders.  Acknowledged with :class:`HandOnAck`."""
+
+    map: str
+    key: Key
+    cls: str
+    version: int
+    state: bytes

@@ -20,6 +20,7 @@ never opens a socket: every message it sends goes to itself, inside the core.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ import trio
 from ring.hashring import HashRing
 from ring.ownership import NodeView, Stage
 from store.core.node_state import NodeState
+from store.core.objects import ClassInfo, info_of
 from store.errors import PeerUnavailable, StoreError
 from store.microthreads import Microthreads
 from store.transport import Peer, WireCounters, WireStatistics, connect_peer, serve_peers
@@ -40,6 +42,19 @@ logger = logging.getLogger("store.node")
 
 DEFAULT_FLUSH_INTERVAL = 0.010
 DEFAULT_MERGE_INTERVAL = 0.050
+
+
+def import_class(path: str) -> ClassInfo:
+    """The object class named ``"module:qualname"`` (for objects a leaving node hands us).
+
+    Only classes of the store's object kinds are accepted, and only from peers that proved
+    the cluster secret.  Object classes must therefore be importable by every node, as
+    NF code is in every instance of the original S6."""
+    module_name, _, qualname = path.partition(":")
+    target: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return info_of(target)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -66,6 +81,7 @@ class Node:
         counters: WireCounters | None = None,
     ) -> None:
         self.state = NodeState(name, ring)
+        self.state.resolve_class = import_class
         self.micro = Microthreads(limit)
         self.secret = secret
         self.flush_interval = flush_interval
@@ -104,7 +120,7 @@ class Node:
         """Send every untethered batch and replica fold; return once all are applied."""
         state = self.state
         state.fold_replicas()
-        dests = sorted(state.untethered_since_flush - {state.name})
+        dests = sorted((state.untethered_since_flush & self.members()) - {state.name})
         state.untethered_since_flush.clear()
         waits = [state.barrier(dest) for dest in dests]
         self._kick.set()

@@ -47,6 +47,8 @@ async def serve(controller: str, listen: str, secret: bytes, drain_rate: int | N
 
                 nursery.start_soon(until_left)
                 async for _ in signals:
+                    # A signal asks for a graceful scale-in: hand everything over, then exit.
+                    print(f"node {space.name} leaving", flush=True)
                     nursery.cancel_scope.cancel()
                     break
 

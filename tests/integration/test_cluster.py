@@ -34,12 +34,27 @@ def start_cluster(procs: list[Proc], secret_file: Path, nodes: int = 3) -> tuple
 
 
 def test_instances_share_objects_linearizably(procs: list[Proc], secret_file: Path) -> None:
-    controller, nodes = start_cluster(procs, secret_file)
+    controller, _nodes = start_cluster(procs, secret_file)
     workers = [
         Proc(
-            ["-m", "tests.integration.worker", "--controller", controller, "--secret-file",
-             str(secret_file), "--seed", str(seed), "--ops", "250", "--keys", "4",
-             "--instances", str(3 + WORKERS), "--workers", str(WORKERS)]
+            [
+                "-m",
+                "tests.integration.worker",
+                "--controller",
+                controller,
+                "--secret-file",
+                str(secret_file),
+                "--seed",
+                str(seed),
+                "--ops",
+                "250",
+                "--keys",
+                "4",
+                "--instances",
+                str(3 + WORKERS),
+                "--workers",
+                str(WORKERS),
+            ]
         )
         for seed in range(WORKERS)
     ]
@@ -52,8 +67,9 @@ def test_instances_share_objects_linearizably(procs: list[Proc], secret_file: Pa
     recorder = HistoryRecorder()
     for result in results:
         for op in result["history"]:
-            handle = recorder.invoke(op["process"], op["name"], op["arg"], key=op["key"],
-                                     at=op["invoke"])
+            handle = recorder.invoke(
+                op["process"], op["name"], op["arg"], key=op["key"], at=op["invoke"]
+            )
             value = NOT_FOUND if op["result"] == "NOT_FOUND" else op["result"]
             recorder.respond(handle, value, at=op["response"])
     verdicts = assert_linearizable(recorder.ops)
@@ -77,7 +93,7 @@ def test_wrong_secret_and_garbage_frames_do_not_disturb_the_node(
             try:
                 async with connect_peer(host, int(port), secret=b"wrong", name="intruder"):
                     raise AssertionError("a wrong secret was accepted")
-            except Exception as exc:  # noqa: BLE001 - any refusal will do; checked below
+            except Exception as exc:
                 assert "auth" in str(exc).lower() or "refused" in str(exc).lower(), exc
             async with connect_peer(host, int(port), secret=secret, name="tester:1") as peer:
                 await peer._link.send_frame(b"\xff\x00 not cbor")
@@ -85,15 +101,34 @@ def test_wrong_secret_and_garbage_frames_do_not_disturb_the_node(
 
     trio.run(poke)
     worker = Proc(
-        ["-m", "tests.integration.worker", "--controller", controller, "--secret-file",
-         str(secret_file), "--ops", "50", "--instances", "2", "--workers", "1"]
+        [
+            "-m",
+            "tests.integration.worker",
+            "--controller",
+            controller,
+            "--secret-file",
+            str(secret_file),
+            "--ops",
+            "50",
+            "--instances",
+            "2",
+            "--workers",
+            "1",
+        ]
     )
     procs.append(worker)
     code, out, err = worker.finish(timeout=60)
     assert code == 0, err
     status = Proc(
-        ["-m", "store.ctl", "--controller", controller, "--secret-file", str(secret_file),
-         "status"],
+        [
+            "-m",
+            "store.ctl",
+            "--controller",
+            controller,
+            "--secret-file",
+            str(secret_file),
+            "status",
+        ],
         env={"COLUMNS": "1000"},
     )
     code, out, err = status.finish(timeout=30)

@@ -19,43 +19,39 @@ from typing import Any
 import trio
 
 import store
-from store import MultiWriter, SingleWriter, stale, untethered
-
-
-class Cell(SingleWriter):
-    def __init__(self) -> None:
-        self.value = 0
-
-    def set(self, value: int) -> None:
-        self.value = value
-
-    def apply(self, delta: int) -> int:
-        self.value += delta
-        return self.value
-
-    def read(self) -> int:
-        return self.value
-
-    @stale(max_age=0.2)
-    def peek(self) -> int:
-        return self.value
-
-
-class Tally(MultiWriter):
-    def __init__(self) -> None:
-        self.total = 0
-        self.by: dict[str, list[int]] = {}
-
-    @untethered
-    def add(self, who: str, n: int) -> None:
-        self.total += n
-        self.by.setdefault(who, []).append(n)
-
-    def read(self) -> int:
-        return self.total
-
+from tests.integration.objects import Cell, Tally
 
 NOT_FOUND = "NOT_FOUND"
+
+
+async def one_op(cells: Any, kind: str, key: int, arg: int) -> Any:
+    """One SingleWriter operation as the linearizability model names it."""
+    if kind == "create":
+        async with cells.create(key) as ref:
+            if ref.created:
+                await ref.set(arg)
+            return ref.created
+    if kind == "remove":
+        return await cells.remove(key)
+    try:
+        async with cells.get(key) as ref:
+            return await (ref.apply(arg) if kind == "apply" else ref.read())
+    except store.ObjectNotFound:
+        return NOT_FOUND
+
+
+def dump(space: Any, kind: str, key: int) -> None:
+    """What a stuck operation was waiting for, for the test's failure message."""
+    state = space.node.state
+    print(f"{space.name}: {kind}({key}) stuck", file=sys.stderr)
+    for req_id, pending in state._pending.items():
+        print(f"  pending {req_id}: {pending.kind} {pending.k}", file=sys.stderr)
+    for k, rec in state.records.items():
+        print(f"  record {k}: {rec.to_wire()} queue={rec.queue}", file=sys.stderr)
+    for k, held in state.objects.items():
+        print(
+            f"  held {k}: v{held.version} refs={held.refs} release={held.release}", file=sys.stderr
+        )
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,28 +76,27 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await ref.add(me, 1)
                 adds += 1
                 continue
-            arg: Any = None
+            arg = rng.randrange(100) if kind == "create" else rng.randrange(1, 10)
             t0 = time.monotonic()
-            if kind == "create":
-                arg = rng.randrange(100)
-                async with cells.create(key) as ref:
-                    if ref.created:
-                        await ref.set(arg)
-                    result: Any = ref.created
-            elif kind == "remove":
-                result = await cells.remove(key)
-            else:
-                if kind == "apply":
-                    arg = rng.randrange(1, 10)
-                try:
-                    async with cells.get(key) as ref:
-                        result = await (ref.apply(arg) if kind == "apply" else ref.read())
-                except store.ObjectNotFound:
-                    result = NOT_FOUND
+            try:
+                with trio.fail_after(20):
+                    result = await one_op(cells, kind, key, arg)
+            except trio.TooSlowError:
+                dump(space, kind, key)
+                raise
+            if kind not in ("create", "apply"):
+                arg = None
             t1 = time.monotonic()
             history.append(
-                {"process": me, "name": kind, "arg": arg, "result": result, "key": key,
-                 "invoke": t0, "response": t1}
+                {
+                    "process": me,
+                    "name": kind,
+                    "arg": arg,
+                    "result": result,
+                    "key": key,
+                    "invoke": t0,
+                    "response": t1,
+                }
             )
             if rng.random() < 0.1:
                 await trio.sleep(0)
