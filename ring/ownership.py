@@ -102,9 +102,12 @@ Routing never depends on whether the request creates a key or accesses one: the 
 decides that when it serves (a create makes the record, an access of a missing key fails
 with not-found), which is why the paper's new/existing split of R2 is not needed here.
 
-Hop bound: a request is served after at most :data:`MAX_HOPS` = 4 transfers.  The longest
-path is a request routed by a NORMAL(p) node, arriving late at ``A`` after ``A`` entered
-NORMAL(n): A →(N3) B →(S4 pull) A →(N2 hand-on) B, serve.  Once every node is NORMAL on
+Hop bound: a request is served after at most :data:`MAX_HOPS` = 4 transfers since it was
+last routed by a node that knew the newest ring (a node that receives a request stamped with
+an epoch older than its own ring routes it afresh and restarts the count: otherwise a request
+that stays in flight across several events could collect hops in each).  The longest path is
+a request routed by a PRE_SCALING node, arriving late at ``A`` after ``A`` entered NORMAL(n):
+A →(N3) B →(S4 pull) A →(N2 hand-on) B, serve.  Once every node is NORMAL on
 one ring, a request is served where it arrives or after one forward (N1/N3).
 
 Background drain: while SCALING, a node hands on every record it holds whose next owner is
@@ -243,7 +246,10 @@ def decide(view: NodeView, holding: Holding, request: Request) -> Decision:
     """
     if request.arrival is Arrival.HANDOFF and request.epoch == view.epoch:  # H
         return Serve(adopt=True)
-    hops = request.hops + 1
+    # A request stamped by a ring older than ours was routed by a node that has since been
+    # overtaken by a scaling event: we route it afresh, so its hop count starts again (this
+    # keeps the bound per event even for a request that stays in flight across several).
+    hops = 1 if request.epoch < view.ring.epoch else request.hops + 1
     if hops > MAX_HOPS:  # X
         return Reject(f"request went {request.hops} hops without being served")
     if request.epoch > view.epoch:

@@ -81,8 +81,9 @@ def test_a_stale_handoff_is_routed_as_plain() -> None:
 
 def test_late_pull_at_a_converged_node_hands_the_bare_authority_on() -> None:
     converged = NodeView("a", Stage.NORMAL, NEW)
+    # Stamped by the previous ring: routed afresh, so the hop count restarts.
     assert decide(converged, Holding.NONE, req(Arrival.PULL, epoch=3, hops=2)) == Forward(
-        "c", 4, 3, handoff=True
+        "c", 4, 1, handoff=True
     )
 
 
