@@ -443,9 +443,21 @@ async def test_controller_and_ctl_as_real_processes(tmp_path: Path) -> None:
                 text = status.stdout.decode()
                 assert status.returncode == 0, status.stderr
                 assert "epoch 1 (highest used 1), stage normal, 3 members" in text
-                for i in (1, 2, 3):
-                    row = next(line for line in text.splitlines() if f" n{i} " in line)
-                    assert "member" in row and "normal" in row and str(9000 + i) in row
+                # One column per node, one row per figure.
+                lines = text.splitlines()
+                header = next(line for line in lines if " n1 " in line)
+                assert " n2 " in header and " n3 " in header
+                row = {
+                    label: next(
+                        line
+                        for line in lines
+                        if line.split("│")[1:2] and line.split("│")[1].strip() == label
+                    )
+                    for label in ("role", "stage", "address")
+                }
+                assert row["role"].count("member") == 3
+                assert row["stage"].count("normal") == 3
+                assert all(str(9000 + i) in row["address"] for i in (1, 2, 3))
                 assert "keys" in text and "parked" in text
 
                 out = await run(*ctl, "scale-in", "n3")
