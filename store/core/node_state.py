@@ -54,6 +54,7 @@ from ring.ownership import (
     Serve,
     Stage,
     decide,
+    drain_destination,
 )
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, dump_state, load_state
 from store.core.scheduler import Wait
@@ -69,7 +70,10 @@ from store.messages import (
     Barrier,
     Call,
     Drop,
+    Evacuate,
     Fold,
+    HandOn,
+    HandOnAck,
     KeyOp,
     Message,
     Release,
@@ -169,7 +173,18 @@ class NodeStatistics:
 class _Pending:
     """A request this node made and waits to hear about."""
 
-    __slots__ = ("args", "info", "k", "kind", "method", "tries", "waits")
+    __slots__ = (
+        "args",
+        "asked",
+        "at",
+        "creators",
+        "info",
+        "k",
+        "kind",
+        "method",
+        "tries",
+        "waits",
+    )
 
     def __init__(self, kind: str, k: K | None, info: ClassInfo | None) -> None:
         self.kind = kind
@@ -179,6 +194,9 @@ class _Pending:
         self.method = ""
         self.args: list[Any] = []
         self.tries = 0
+        self.creators: list[Wait[Any]] | None = None  # acquire: the waits that asked to create
+        self.asked = 0  # acquire: waits[:asked] were there when the request was sent
+        self.at = 0.0  # call: the caller's clock when it was made (a stale read's age)
 
 
 ClassResolver = Callable[[str], ClassInfo]
@@ -205,8 +223,17 @@ class NodeState:
         self._pending: dict[int, _Pending] = {}
         self._acquiring: dict[K, _Pending] = {}
         self._early_release: dict[K, Release] = {}
+        self._early_drop: dict[K, int] = {}  # a Drop that overtook the object's Transfer
+        self._parked: dict[K, list[tuple[Call | Fold, str]]] = {}  # calls for an object on its way
         self._seq: dict[K, int] = {}
         self._next_id = 0
+        self._unacked = 0  # hand-ons of this event not yet acknowledged
+        self.moved_to: dict[K, str] = {}  # objects this (leaving) node evacuated, and where
+        self.objects_evacuated = 0
+        #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
+        #: a leaving one; the shell installs an importing resolver (no import in the core).
+        self.resolve_class: Callable[[str], ClassInfo] | None = None
+        self.records_handed_on = 0
         self._local: deque[Message] = deque()
         self._pumping = False
         self.untethered_since_flush: set[str] = set()
@@ -284,7 +311,7 @@ class NodeState:
             return Holding.HANDED_ON
         return Holding.NONE
 
-    def _route(self, msg: KeyOp) -> None:
+    def _route(self, msg: KeyOp, sender: str | None = None) -> None:
         k = (msg.map, msg.key)
         arrival = Arrival(_ARRIVALS[msg.arrival])
         decision = decide(
@@ -293,6 +320,8 @@ class NodeState:
         if isinstance(decision, Serve):
             if decision.adopt:
                 self._adopt(k, msg.extra)
+                if sender is not None and sender != self.name:
+                    self._send(sender, HandOnAck(msg.map, msg.key, msg.epoch))
             self._serve_key(msg)
             return
         if isinstance(decision, Forward):
@@ -305,6 +334,8 @@ class NodeState:
                 extra = _handoff_payload(rec, msg)
                 if self.view.stage is not Stage.NORMAL:
                     self.handed.add(k)
+                    self._unacked += 1
+                    self.records_handed_on += 1
             out = KeyOp(
                 msg.op,
                 msg.map,
@@ -368,14 +399,22 @@ class NodeState:
             rec.queue.append(msg)
             return
         if op == Op.REMOVE:
-            removed = rec is not None and rec.exists
-            if rec is not None and rec.exists:
-                rec.exists = False
-                rec.version += 1
-                if rec.owner is not None:
-                    self._send(rec.owner, Drop(msg.map, msg.key, rec.version))
-                    rec.owner = None
-            self._reply(msg.origin, msg.req_id, Status.OK, removed)
+            if rec is None or not rec.exists:
+                self._reply(msg.origin, msg.req_id, Status.OK, False)
+                return
+            # The holder may still be using the object through local references.  Until it
+            # has dropped it, nothing else is served for this key and the remover waits:
+            # otherwise a create could grant a second writable object while the old one is
+            # still written, and a get at the holder could succeed after remove returned.
+            # The holder answers a Barrier sent behind the Drop once it has applied the Drop.
+            holder = rec.owner
+            assert holder is not None
+            rec.exists, rec.owner, rec.busy = False, None, True
+            rec.version += 1
+            self._send(holder, Drop(msg.map, msg.key, rec.version))
+            req_id, pending = self._new_pending("dropped", k, None)
+            pending.args = [rec.kind, rec.version, msg.origin, msg.req_id]
+            self._send(holder, Barrier(req_id))
             return
         if rec is None or not rec.exists:
             if op != Op.CREATE:
@@ -408,12 +447,15 @@ class NodeState:
         self._send(rec.owner, Release(msg.map, msg.key, msg.origin, msg.req_id, rec.version))
 
     def _moved(self, k: K, rec: KeyRecord | None, msg: KeyOp) -> None:
-        new_owner, version = msg.extra
+        new_owner, version, *removal = msg.extra
         if rec is None:
             self._count_error("moved-without-record")
             return
         rec.owner, rec.version, rec.busy = new_owner, version, False
-        if not rec.exists:  # removed while it moved: the new holder must drop it too
+        if removal:  # [None, version, origin, req_id]: the holder dropped a removed object
+            origin, req_id = removal
+            self._reply(origin, req_id, Status.OK, True)
+        elif not rec.exists:  # removed while it moved: the new holder must drop it too
             self._send(new_owner, Drop(msg.map, msg.key, version))
             rec.owner = None
         queue = rec.queue
@@ -464,7 +506,7 @@ class NodeState:
             self._count_error(f"handler-{type(exc).__name__}")
 
     def _on_key_op(self, msg: KeyOp, sender: str) -> None:
-        self._route(msg)
+        self._route(msg, sender)
 
     def _on_transfer(self, msg: Transfer, sender: str) -> None:
         k = (msg.map, msg.key)
@@ -472,6 +514,7 @@ class NodeState:
         if pending is not None and pending.k == k:
             k = pending.k  # the tuple the key record may share (see _request_key)
         self._acquiring.pop(k, None)
+        dropped = self._early_drop.pop(k, 0)
         if pending is None or pending.info is None:
             self._count_error("transfer-without-request")
             return
@@ -480,22 +523,33 @@ class NodeState:
             if held is None:
                 for wait in pending.waits:
                     wait.fail(StoreError(f"{k!r}: key owner says we hold it, but we do not"))
+                self._unpark(k)
                 return
         else:
             info = pending.info
             obj = info.cls() if msg.created else load_state(info.cls, msg.state or b"\xa0")
             held = Held(info, obj, msg.version)
-            self.objects[k] = held
-            if not msg.created:
-                self.stats.migrations_in += 1
-            if self.trace is not None:
-                self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
+            if msg.version < dropped:
+                # Removed on its way here (the Drop overtook this Transfer).  The grant came
+                # first, so the waits it answers get their reference, to an object already
+                # removed; those that joined since may come after the removal: ask again.
+                held.removed = True
+                self._ask_again(pending, pending.waits[pending.asked :])
+                del pending.waits[pending.asked :]
+            else:
+                self.objects[k] = held
+                if not msg.created:
+                    self.stats.migrations_in += 1
+                if self.trace is not None:
+                    self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
         held.refs += len(pending.waits)
         early = self._early_release.pop(k, None)
-        if early is not None and early.version == held.version:
+        if early is not None and early.version == held.version and not held.removed:
             held.release = early
-        for wait in pending.waits:
-            wait.resolve((held, msg.created))
+        maker = pending.creators[0] if msg.created and pending.creators else None
+        for wait in pending.waits:  # only the first create made the object
+            wait.resolve((held, wait is maker))
+        self._unpark(k)
 
     def _on_release(self, msg: Release, sender: str) -> None:
         k = (msg.map, msg.key)
@@ -539,8 +593,14 @@ class NodeState:
         k = (msg.map, msg.key)
         held = self.objects.get(k)
         if held is None or held.removed:
+            if self._expects(k):
+                self._parked.setdefault(k, []).append((msg, sender))
+                return
+            moved = self.moved_to.get(k)
             if msg.req_id:
-                self._reply(sender, msg.req_id, Status.NOT_HERE)
+                self._reply(sender, msg.req_id, Status.NOT_HERE, moved)
+            elif moved is not None:  # evacuated: pass it on, once (seq 0: no dedup there)
+                self._send(moved, Call(msg.map, msg.key, msg.method, msg.args, 0, 0), False)
             else:
                 self._count_error("untethered-call-lost")
             return
@@ -579,12 +639,37 @@ class NodeState:
         k = (msg.map, msg.key)
         held = self.objects.get(k)
         if held is None or held.removed:
+            if self._expects(k):
+                self._parked.setdefault(k, []).append((msg, sender))
+                return
+            moved = self.moved_to.get(k)
+            if moved is not None:
+                self._send(moved, Fold(msg.map, msg.key, 0, msg.state), False)
+                return
             self._count_error("fold-lost")
             return
-        if not self._fresh(held, sender, msg.seq):
+        if msg.seq and not self._fresh(held, sender, msg.seq):
             return
         held.obj.merge(load_state(held.info.cls, msg.state))
         self.stats.merges += 1
+
+    def _expects(self, k: K) -> bool:
+        """Whether an object for ``k`` may be on its way here: this node asked for it (a
+        single-writer acquire) or asked where it is, maybe to create it (a multi-writer
+        locate).  The key owner names a node as the object's owner as soon as it grants
+        or creates it there, so a call or fold can reach that node before the object:
+        it waits for the answer instead of being refused (or, untethered, lost).
+        O(requests in flight), and only on that rare path."""
+        if k in self._acquiring:
+            return True
+        return any(p.kind == "locate" and p.k == k for p in self._pending.values())
+
+    def _unpark(self, k: K) -> None:
+        """The request that an object for ``k`` may come with was answered: handle the calls
+        and folds that waited for it, in the order they came."""
+        parked = self._parked.pop(k, None)
+        for msg, sender in parked or ():
+            self._dispatch(msg, sender)
 
     def _on_drop(self, msg: Drop, sender: str) -> None:
         k = (msg.map, msg.key)
@@ -592,6 +677,10 @@ class NodeState:
         if held is not None and held.version <= msg.version:
             del self.objects[k]
             held.removed = True
+        elif held is None and k in self._acquiring:
+            # The object is on its way here from its previous holder, and this Drop from
+            # the key owner overtook it: it is dropped when it lands (see _on_transfer).
+            self._early_drop[k] = max(self._early_drop.get(k, 0), msg.version)
         self.locations.pop(k, None)
         self.replicas.pop(k, None)
 
@@ -616,11 +705,37 @@ class NodeState:
     # -- replies to our requests --
 
     def _reply_acquire(self, pending: _Pending, msg: Reply) -> None:
-        assert pending.k is not None
-        self._acquiring.pop(pending.k, None)
+        k = pending.k
+        assert k is not None
+        self._acquiring.pop(k, None)
+        self._early_drop.pop(k, None)  # answered without an object: nothing on its way
         exc = self._error_of(pending, msg)
-        for wait in pending.waits:
+        answered = pending.waits
+        if msg.status == Status.NOT_FOUND:
+            # "Not found" was true when the key owner served the request; the waits that
+            # joined it since (gets made later, creates) ask again.
+            answered = pending.waits[: pending.asked]
+            self._ask_again(pending, pending.waits[pending.asked :])
+        for wait in answered:
             wait.fail(exc)
+        self._unpark(k)
+
+    def _ask(self, pending: _Pending, req_id: int) -> None:
+        """Send the acquire ``pending`` for the waits it has now: a create if any of them
+        asked to create.  Waits that join it later are answered too (see _reply_acquire)."""
+        assert pending.k is not None
+        pending.asked = len(pending.waits)
+        self._acquiring[pending.k] = pending
+        self._key_op(Op.CREATE if pending.creators else Op.ACQUIRE, pending.k, 0, req_id)
+
+    def _ask_again(self, pending: _Pending, waits: list[Wait[Any]]) -> None:
+        if not waits:
+            return
+        req_id, again = self._new_pending("acquire", pending.k, pending.info)
+        again.waits = list(waits)
+        makers = [w for w in waits if w in (pending.creators or ())]
+        again.creators = makers or None
+        self._ask(again, req_id)
 
     def _reply_locate(self, pending: _Pending, msg: Reply) -> None:
         k = pending.k
@@ -628,6 +743,7 @@ class NodeState:
         if msg.status != Status.OK:
             for wait in pending.waits:
                 wait.fail(self._error_of(pending, msg))
+            self._unpark(k)
             return
         owner, version, created = msg.value
         if created and owner == self.name:
@@ -635,6 +751,7 @@ class NodeState:
         self.locations[k] = owner
         for wait in pending.waits:
             wait.resolve((owner, created))
+        self._unpark(k)
 
     def _reply_call(self, pending: _Pending, msg: Reply) -> None:
         k = pending.k
@@ -642,6 +759,11 @@ class NodeState:
         if msg.status == Status.NOT_HERE and pending.tries < MAX_RELOCATE:
             self.locations.pop(k, None)
             pending.tries += 1
+            if isinstance(msg.value, str):  # the former holder says where it went
+                self.locations[k] = msg.value
+                pending.kind = "call"
+                self._ship_call(pending, msg.value)
+                return
             req_id = self._next_id = self._next_id + 1
             pending.kind = "relocate"
             self._pending[req_id] = pending
@@ -652,9 +774,11 @@ class NodeState:
                 wait.fail(self._error_of(pending, msg))
             return
         info = pending.info.methods.get(pending.method)
-        if info is not None and info.kind is MethodKind.STALE and self.now_hint is not None:
+        if info is not None and info.kind is MethodKind.STALE:
+            # The value is at least as fresh as the request: its age counts from then (not
+            # from when the reply came, nor from the latest call, which could be later).
             cache_key = (k[0], k[1], pending.method, tuple(pending.args))
-            self.stale_cache[cache_key] = (self.now_hint, msg.value)
+            self.stale_cache[cache_key] = (pending.at, msg.value)
         for wait in pending.waits:
             wait.resolve(msg.value)
 
@@ -669,6 +793,14 @@ class NodeState:
         self.locations[k] = owner
         pending.kind = "call"
         self._ship_call(pending, owner)
+
+    def _reply_dropped(self, pending: _Pending, msg: Reply) -> None:
+        """The holder applied a removal's Drop (it answered the Barrier sent behind it): tell
+        the key's authority, routed like a MOVED notice so that it finds the record even if
+        the record was handed on meanwhile; the authority then answers the remover."""
+        assert pending.k is not None
+        kind, version, origin, req_id = pending.args
+        self._key_op(Op.MOVED, pending.k, kind, 0, [None, version, origin, req_id])
 
     def _reply_plain(self, pending: _Pending, msg: Reply) -> None:
         if msg.status != Status.OK:
@@ -691,7 +823,8 @@ class NodeState:
 
     # -- the API's slow paths --
 
-    now_hint: float | None = None  # the shell's clock at the last entry (for stale caches)
+    now_hint: float | None = None  # the shell's clock at the last call (stale entries are
+    # stamped with their own request's time, see _reply_call)
 
     def acquire(self, map_name: str, key: Any, create: bool) -> Wait[tuple[Held, bool]]:
         """A writable single-writer reference, when the fast path found none: ask the key
@@ -701,13 +834,18 @@ class NodeState:
         info = self.maps[map_name]
         wait: Wait[tuple[Held, bool]] = Wait(k)
         pending = self._acquiring.get(k)
-        if pending is not None:
+        if pending is not None:  # join the request in flight
             pending.waits.append(wait)
+            if create:
+                if pending.creators is None:
+                    pending.creators = []
+                pending.creators.append(wait)
             return wait
         req_id, pending = self._new_pending("acquire", k, info)
         pending.waits.append(wait)
-        self._acquiring[k] = pending
-        self._key_op(Op.CREATE if create else Op.ACQUIRE, k, 0, req_id)
+        if create:
+            pending.creators = [wait]
+        self._ask(pending, req_id)
         self._pump()
         return wait
 
@@ -766,6 +904,11 @@ class NodeState:
             self.stats.untethered_calls += 1
             if info.mergeable:
                 replica = self.replicas.get(k)
+                if replica is not None and replica[1] != owner:
+                    # The object is elsewhere now (removed and made again there): the
+                    # updates made for the old place go there, the new ones to the new.
+                    self._send_fold(k)
+                    replica = None
                 if replica is None:
                     replica = (info.cls(), owner)
                     self.replicas[k] = replica
@@ -781,7 +924,7 @@ class NodeState:
         # A blocking call (or a stale read that missed): our replica's updates go first.
         self._send_fold(k)
         req_id, pending = self._new_pending("call", k, info)
-        pending.method, pending.args = method, list(args)
+        pending.method, pending.args, pending.at = method, list(args), now
         wait: Wait[Any] = Wait(k)
         pending.waits.append(wait)
         self.stats.remote_calls += 1
@@ -851,6 +994,138 @@ class NodeState:
         self._pump()
         return wait
 
+    # -- scaling (paper §4.4; the rules are ring.ownership's) --
+
+    def enter_stage(self, view: NodeView) -> None:
+        """Adopt the controller's new stage.  Entering NORMAL ends an event (or its abort):
+        the handed-on markers and bare records of the event are forgotten, and cached
+        locations on nodes outside the ring are dropped."""
+        if view.stage is Stage.NORMAL:
+            self.handed.clear()
+            for k, rec in list(self.records.items()):
+                if not rec.exists and not rec.busy and not rec.queue:
+                    del self.records[k]
+            members = view.ring.nodes
+            for k, where in list(self.locations.items()):
+                if where not in members:
+                    del self.locations[k]
+            for k, (replica, owner) in list(self.replicas.items()):
+                if owner not in members:  # evacuated to its key owner under the new ring
+                    self.replicas[k] = (replica, view.ring.owner(key_token(*k)))
+            self._drain_keys = None
+        elif view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
+            self._unacked = 0
+            self._drain_keys = None
+        self.view = view
+
+    _drain_keys: list[K] | None = None
+
+    def drain(self, limit: int) -> int:
+        """Hand on up to ``limit`` key records whose next owner is another node (the
+        background drain of SCALING); returns how many.  O(records) once per event to list
+        them, then O(limit)."""
+        view = self.view
+        if view.stage is not Stage.SCALING:
+            return 0
+        if self._drain_keys is None:
+            self._drain_keys = [
+                k for k in self.records if drain_destination(view, key_token(*k)) is not None
+            ]
+        keys = self._drain_keys
+        assert view.next_ring is not None
+        epoch = view.next_ring.epoch
+        moved = 0
+        if self.name not in view.next_ring:
+            moved = self._evacuate(limit)
+        while keys and moved < limit:
+            k = keys.pop()
+            rec = self.records.get(k)
+            if rec is None:
+                continue  # already moved on a request's first touch
+            dest = drain_destination(view, key_token(*k))
+            assert dest is not None
+            del self.records[k]
+            self.handed.add(k)
+            self._unacked += 1
+            self.records_handed_on += 1
+            self._send(dest, HandOn(k[0], k[1], epoch, _handoff_payload(rec, None)))
+            moved += 1
+        self._pump()
+        return moved
+
+    def drained(self) -> bool:
+        """Every record this node had to hand on was handed on and acknowledged (and, on a
+        leaving node, every object it held)."""
+        view = self.view
+        leaving = view.next_ring is not None and self.name not in view.next_ring
+        return (
+            view.stage is Stage.SCALING
+            and self._unacked == 0
+            and (self._drain_keys is not None and not self._drain_keys)
+            and not (leaving and self.objects)
+        )
+
+    def _evacuate(self, limit: int) -> int:
+        """Scale-in: send up to ``limit`` held objects, single- and multi-writer alike, to
+        their next key owner (the original S6 lost multi-writer state here).  Objects still
+        in use by a local reference wait for the next call."""
+        view = self.view
+        assert view.next_ring is not None
+        sent = 0
+        for k, held in list(self.objects.items()):
+            if sent >= limit:
+                break
+            if held.refs or held.release is not None:
+                continue
+            dest = view.next_ring.owner(key_token(*k))
+            self._fold_local_replica(k, held)
+            state = dump_state(held.obj)
+            cls = held.info.cls
+            version = held.version + 1
+            del self.objects[k]
+            self.moved_to[k] = dest
+            self._unacked += 1
+            self.objects_evacuated += 1
+            self.stats.migrations_out += 1
+            if self.trace is not None and held.info.kind is ObjectKind.SINGLE:
+                self.trace.append(("release", k[0], k[1], held.version, self.name))
+            self._send(
+                dest, Evacuate(k[0], k[1], f"{cls.__module__}:{cls.__qualname__}", version, state)
+            )
+            kind = KIND_CODE[held.info.kind]
+            self._key_op(Op.MOVED, k, kind, 0, [dest, version])
+            sent += 1
+        return sent
+
+    def _on_evacuate(self, msg: Evacuate, sender: str) -> None:
+        k = (msg.map, msg.key)
+        info = self.maps.get(msg.map)
+        if info is None and self.resolve_class is not None:
+            try:
+                info = self.resolve_class(msg.cls)
+            except Exception as exc:
+                self._count_error(f"evacuate-unknown-class-{type(exc).__name__}")
+                info = None
+        if info is None:
+            self._count_error("evacuate-unknown-class")
+            return  # not acknowledged: the leaving node keeps waiting (and says so)
+        self.objects[k] = Held(info, load_state(info.cls, msg.state), msg.version)
+        self.stats.migrations_in += 1
+        if self.trace is not None and info.kind is ObjectKind.SINGLE:
+            self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
+        self._send(sender, HandOnAck(msg.map, msg.key, self.view.epoch))
+
+    def _on_hand_on(self, msg: HandOn, sender: str) -> None:
+        k = (msg.map, msg.key)
+        if msg.epoch != self.view.epoch:
+            self._count_error("stale-hand-on")
+        self._adopt(k, msg.record)
+        self._send(sender, HandOnAck(msg.map, msg.key, msg.epoch))
+
+    def _on_hand_on_ack(self, msg: HandOnAck, sender: str) -> None:
+        if self._unacked > 0 and msg.epoch == self.view.epoch:
+            self._unacked -= 1
+
     # -- observability --
 
     def statistics(self) -> NodeStatistics:
@@ -884,9 +1159,13 @@ class NodeState:
         for k, rec in self.records.items():
             assert rec.exists == (rec.owner is not None), k
             assert rec.queue is None or rec.busy or not rec.queue, k
+        for k in self._parked:
+            assert self._expects(k), k  # calls wait only for an object that may come
+        for k in self._early_drop:
+            assert k in self._acquiring, k
 
 
-def _handoff_payload(rec: KeyRecord | None, msg: KeyOp) -> list[Any]:
+def _handoff_payload(rec: KeyRecord | None, msg: KeyOp | None) -> list[Any]:
     """What travels with a hand-on: the record (or None: bare authority) and its queue."""
     if rec is None:
         return [None, []]
@@ -907,6 +1186,9 @@ _HANDLERS: dict[type, Callable[[NodeState, Any, str], None]] = {
     Barrier: NodeState._on_barrier,
     Scan: NodeState._on_scan,
     Snapshot: NodeState._on_snapshot,
+    HandOn: NodeState._on_hand_on,
+    HandOnAck: NodeState._on_hand_on_ack,
+    Evacuate: NodeState._on_evacuate,
 }
 
 _REPLY_HANDLERS: dict[str, Callable[[NodeState, _Pending, Reply], None]] = {
@@ -915,4 +1197,5 @@ _REPLY_HANDLERS: dict[str, Callable[[NodeState, _Pending, Reply], None]] = {
     "call": NodeState._reply_call,
     "relocate": NodeState._reply_relocate,
     "plain": NodeState._reply_plain,
+    "dropped": NodeState._reply_dropped,
 }
