@@ -43,6 +43,11 @@ logger = logging.getLogger("store.node")
 DEFAULT_FLUSH_INTERVAL = 0.010
 DEFAULT_MERGE_INTERVAL = 0.050
 
+#: How long a node waits for the websocket close handshake when it shuts a link down.  By
+#: then it has handed everything over, so a peer that does not answer quickly is not
+#: worth the transport's default 5 s on every exit.
+LINK_CLOSE_TIMEOUT = 0.25
+
 
 def import_class(path: str) -> ClassInfo:
     """The object class named ``"module:qualname"`` (for objects a leaving node hands us).
@@ -187,6 +192,7 @@ class Node:
             name=self.name,
             max_frame=self.max_frame,
             counters=WireCounters(self.counters),
+            close_timeout=LINK_CLOSE_TIMEOUT,
         ) as peer:
             self._peers[dest] = peer
             task_status.started(peer)
@@ -249,6 +255,7 @@ async def open_node(
                             secret=secret,
                             name=name or listen,
                             counters=counters,
+                            close_timeout=LINK_CLOSE_TIMEOUT,
                             task_status=task_status,
                         )
                     )
