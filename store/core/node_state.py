@@ -37,6 +37,7 @@ the rare caller that finds an object gone.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import deque
 from collections.abc import Callable
@@ -115,7 +116,7 @@ KIND_OF = {0: ObjectKind.SINGLE, 1: ObjectKind.MULTI}
 class KeyRecord:
     """What the key's authority knows about one key (about 100 bytes)."""
 
-    __slots__ = ("busy", "exists", "kind", "owner", "queue", "version")
+    __slots__ = ("busy", "exists", "kind", "owner", "queue", "releasing", "version")
 
     def __init__(self, kind: int, owner: str | None, version: int, exists: bool) -> None:
         self.kind = kind
@@ -124,6 +125,7 @@ class KeyRecord:
         self.exists = exists
         self.busy = False  # a release is in flight: queue requests until MOVED
         self.queue: deque[KeyOp] | None = None
+        self.releasing: tuple[str, int] | None = None  # the (to, req_id) of that release
 
     def to_wire(self) -> list[Any]:
         return [self.kind, self.owner, self.version, self.exists, self.busy]
@@ -317,21 +319,24 @@ class NodeState:
         decision = decide(
             self.view, self._holding(k), Request(key_token(*k), msg.epoch, msg.hops, arrival)
         )
+        own_extra = msg.extra[2] if msg.arrival == 2 else msg.extra
         if isinstance(decision, Serve):
             if decision.adopt:
                 self._adopt(k, msg.extra)
                 if sender is not None and sender != self.name:
                     self._send(sender, HandOnAck(msg.map, msg.key, msg.epoch))
+            if msg.arrival == 2:
+                msg = dataclasses.replace(msg, arrival=0, extra=own_extra)
             self._serve_key(msg)
             return
         if isinstance(decision, Forward):
             self.stats.forwarded += 1
             arrival_code = 0
-            extra = msg.extra if msg.op == Op.MOVED else None
+            extra = own_extra
             if decision.handoff:
                 arrival_code = 2
                 rec = self.records.pop(k, None)
-                extra = _handoff_payload(rec, msg)
+                extra = [*_handoff_payload(rec, msg), own_extra]
                 if self.view.stage is not Stage.NORMAL:
                     self.handed.add(k)
                     self._unacked += 1
@@ -362,7 +367,7 @@ class NodeState:
                 decision.epoch,
                 decision.hops,
                 1,
-                msg.extra,
+                own_extra,
             )
             self._send(decision.source, out)
             return
@@ -372,7 +377,7 @@ class NodeState:
     def _adopt(self, k: K, payload: Any) -> None:
         """Install the authority that came with a hand-on (keeping our own record if any),
         with the requests that were queued behind a move in progress."""
-        record, queued = payload if payload else (None, [])
+        record, queued = payload[:2] if payload else (None, [])
         if k in self.records or record is None:
             return
         kind, owner, version, exists, busy = record
@@ -444,6 +449,7 @@ class NodeState:
             self._send(msg.origin, Transfer(msg.map, msg.key, msg.req_id, rec.version, None, False))
             return
         rec.busy = True
+        rec.releasing = (msg.origin, msg.req_id)
         self._send(rec.owner, Release(msg.map, msg.key, msg.origin, msg.req_id, rec.version))
 
     def _moved(self, k: K, rec: KeyRecord | None, msg: KeyOp) -> None:
@@ -451,7 +457,20 @@ class NodeState:
         if rec is None:
             self._count_error("moved-without-record")
             return
+        if removal == ["evacuated"]:
+            # A leaving node handed the object to new_owner on its own initiative.  A release
+            # we had sent it is void (it ignores it): ask the new holder instead, and stay
+            # busy until that hand-over's own MOVED.
+            rec.owner, rec.version = new_owner, version
+            if not rec.exists:
+                self._send(new_owner, Drop(msg.map, msg.key, version))
+                rec.owner = None
+            elif rec.busy and rec.releasing is not None:
+                to, req_id = rec.releasing
+                self._send(new_owner, Release(msg.map, msg.key, to, req_id, version))
+            return
         rec.owner, rec.version, rec.busy = new_owner, version, False
+        rec.releasing = None
         if removal:  # [None, version, origin, req_id]: the holder dropped a removed object
             origin, req_id = removal
             self._reply(origin, req_id, Status.OK, True)
@@ -554,6 +573,8 @@ class NodeState:
     def _on_release(self, msg: Release, sender: str) -> None:
         k = (msg.map, msg.key)
         held = self.objects.get(k)
+        if held is None and k in self.moved_to:
+            return  # we evacuated it; the key owner asks its new holder (see _moved)
         if held is None or held.version < msg.version:
             self._early_release[k] = msg  # the object is still on its way to us
             return
@@ -681,6 +702,8 @@ class NodeState:
             # The object is on its way here from its previous holder, and this Drop from
             # the key owner overtook it: it is dropped when it lands (see _on_transfer).
             self._early_drop[k] = max(self._early_drop.get(k, 0), msg.version)
+        elif held is None and k in self.moved_to:
+            self._send(self.moved_to[k], msg)  # we evacuated it: the drop follows it
         self.locations.pop(k, None)
         self.replicas.pop(k, None)
 
@@ -1093,7 +1116,7 @@ class NodeState:
                 dest, Evacuate(k[0], k[1], f"{cls.__module__}:{cls.__qualname__}", version, state)
             )
             kind = KIND_CODE[held.info.kind]
-            self._key_op(Op.MOVED, k, kind, 0, [dest, version])
+            self._key_op(Op.MOVED, k, kind, 0, [dest, version, "evacuated"])
             sent += 1
         return sent
 

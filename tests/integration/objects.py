@@ -37,3 +37,20 @@ class Tally(MultiWriter):
 
     def read(self) -> int:
         return self.total
+
+
+class Hits(MultiWriter):
+    """A shared counter with local replicas folded by merge (paper §4.2)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    @untethered
+    def hit(self, k: int) -> None:
+        self.n += k
+
+    def value(self) -> int:
+        return self.n
+
+    def merge(self, other: Hits) -> None:
+        self.n += other.n
