@@ -29,7 +29,10 @@ async def one_op(cells: Any, kind: str, key: int, arg: int) -> Any:
     if kind == "create":
         async with cells.create(key) as ref:
             if ref.created:
-                await ref.set(arg)
+                try:
+                    await ref.set(arg)
+                except store.ObjectRemoved:
+                    pass  # another instance removed it right after we created it
             return ref.created
     if kind == "remove":
         return await cells.remove(key)
