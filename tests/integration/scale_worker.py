@@ -103,7 +103,12 @@ async def run(args: argparse.Namespace) -> None:
             nursery.start_soon(updates)
             assert await commands.__anext__() == "stop"
             stop.set()
-        await space.flush()
+        try:
+            with trio.fail_after(30):
+                await space.flush()
+        except trio.TooSlowError:
+            dump(space, "flush", -1)
+            raise
         print(json.dumps({"name": space.name, "issued": issued, "failures": failures}), flush=True)
         assert await commands.__anext__() == "leave"
     print("left", flush=True)

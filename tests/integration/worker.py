@@ -51,6 +51,12 @@ def dump(space: Any, kind: str, key: int) -> None:
         print(f"  pending {req_id}: {pending.kind} {pending.k}", file=sys.stderr)
     for k, rec in state.records.items():
         print(f"  record {k}: {rec.to_wire()} queue={rec.queue}", file=sys.stderr)
+    print(
+        f"  untethered_since_flush={state.untethered_since_flush} members="
+        f"{sorted(space.node.members())} outbox={ {k: len(v) for k, v in state.outbox.items()} }"
+        f" peers={sorted(space.node._peers)}",
+        file=sys.stderr,
+    )
     for k, held in state.objects.items():
         print(
             f"  held {k}: v{held.version} refs={held.refs} release={held.release}", file=sys.stderr
