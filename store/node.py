@@ -259,10 +259,14 @@ async def open_node(
                             task_status=task_status,
                         )
                     )
-                except OSError as exc:
-                    raise PeerUnavailable(
-                        f"cannot listen on {listen}: {exc.strerror or exc}"
-                    ) from None
+                except (OSError, BaseExceptionGroup) as exc:
+                    leaf: BaseException = exc
+                    while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+                        leaf = leaf.exceptions[0]
+                    if not isinstance(leaf, OSError):
+                        raise
+                    why = leaf.strerror or str(leaf)
+                    raise PeerUnavailable(f"cannot listen on {listen}: {why}") from None
                 name = f"{host}:{server.port}"
             name = name or "local"
             ring = HashRing([name, *(members or [])])

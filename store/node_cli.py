@@ -63,9 +63,21 @@ def main() -> None:
         trio.run(serve, args.controller, args.listen, secret, args.drain_rate)
     except KeyboardInterrupt:
         pass
-    except (StoreError, OSError, ValueError, TimeoutError) as exc:
-        fail(PROG, str(exc) or type(exc).__name__)
+    except BaseException as exc:  # one clear line for what we expect, a traceback otherwise
+        leaf = first_leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            sys.exit(0)
+        if isinstance(leaf, StoreError | OSError | ValueError | TimeoutError):
+            fail(PROG, str(leaf) or type(leaf).__name__)
+        raise
     sys.exit(0)
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""The node's command line: bad input gets one clear line and a non-zero exit, never a
+traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "store.node", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "words"),
+    [
+        ([], 2, "--controller"),
+        (["--controller", "nowhere"], 2, "HOST:PORT"),
+        (["--controller", "127.0.0.1:1", "--listen", "x:y"], 2, "HOST:PORT"),
+        (["--controller", "127.0.0.1:1", "--drain-rate", "0"], 2, "drain-rate"),
+        (["--controller", "127.0.0.1:1", "--secret-file", "/nonexistent/s"], 1, "secret"),
+    ],
+)
+def test_bad_arguments_get_one_line(args: list[str], status: int, words: str) -> None:
+    result = run(*args)
+    assert result.returncode == status
+    lines = [line for line in result.stderr.splitlines() if "warning" not in line]
+    assert len(lines) == 1 and words in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_controller_gets_one_line() -> None:
+    result = run("--controller", f"127.0.0.1:{closed_port()}")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
+    assert len(lines) == 1 and "controller" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_gets_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("--controller", "127.0.0.1:1", "--listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
+    assert len(lines) == 1 and "listen" in lines[0], result.stderr
