@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m bench.ring_demo
+	$(PY) -m bench.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
