@@ -151,6 +151,19 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
         replica_method.__name__ = name
         return replica_method
 
+    if minfo.kind is MethodKind.UNTETHERED and multi:
+
+        def shipped_method(self: Ref, *args: Any) -> Any:
+            state = self._map._node.state
+            k = self._k
+            if k in state.objects:  # held here after all: NodeState.call applies it
+                return method(self, *args)
+            state.untethered(k, name, args, self._owner)
+            return _ready(None)
+
+        shipped_method.__name__ = name
+        return shipped_method
+
     method.__name__ = name
     return method
 

@@ -864,3 +864,13 @@ class Evacuate:
     cls: str
     version: int
     state: bytes
+
+
+@message(29)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Untethered:
+    """A batch of untethered calls from one sender, in the order they were made: each entry
+    is ``[map, key, method, args, seq]``.  Sent as one message so that an untethered call
+    costs its caller a list append, not a message object (paper §4.2)."""
+
+    calls: list[Any]

@@ -150,7 +150,7 @@ class Node:
             if state.replicas and now >= self._next_merge:
                 self._next_merge = now + self.merge_interval
                 state.fold_replicas()
-            if not state.outbox:
+            if not state.has_output:
                 continue
             for dest, msgs in state.take_outbox().items():
                 try:

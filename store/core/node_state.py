@@ -82,6 +82,8 @@ from store.messages import (
     Scan,
     Snapshot,
     Transfer,
+    Untethered,
+    key_from_wire,
 )
 
 __all__ = ["Held", "KeyRecord", "NodeState", "NodeStatistics", "Op", "Status"]
@@ -240,6 +242,8 @@ class NodeState:
         self._pumping = False
         self.untethered_since_flush: set[str] = set()
         self._untethered_dests: set[str] = set()
+        #: Untethered calls not yet put in the outbox, by destination, in call order.
+        self._untethered: dict[str, list[list[Any]]] = {}
         #: Test hook: when a list, every grant and release of a single-writer object is
         #: appended as ("grant" | "release", map, key, version, node).
         self.trace: list[tuple[str, str, Any, int, str]] | None = None
@@ -256,6 +260,8 @@ class NodeState:
     # -- sending --
 
     def _send(self, to: str, msg: Message, urgent: bool = True) -> None:
+        if self._untethered and to in self._untethered:
+            self._flush_untethered(to)  # keep this sender's order: earlier calls go first
         if to == self.name:
             self.stats.messages_to_self += 1
             self._local.append(msg)
@@ -268,9 +274,25 @@ class NodeState:
         if urgent:
             self.urgent.add(to)
 
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`take_outbox` would return anything."""
+        return bool(self.outbox or self._untethered)
+
+    def _flush_untethered(self, to: str) -> None:
+        calls = self._untethered.pop(to)
+        box = self.outbox.get(to)
+        if box is None:
+            self.outbox[to] = [Untethered(calls)]
+        else:
+            box.append(Untethered(calls))
+        self._untethered_dests.add(to)
+
     def take_outbox(self) -> dict[str, list[Message]]:
         """Everything queued for other nodes, by destination; the shell sends each list as
         one frame.  Clears the outbox."""
+        for to in list(self._untethered):
+            self._flush_untethered(to)
         out, self.outbox = self.outbox, {}
         self.urgent.clear()
         self.stats.untethered_batches += len(self._untethered_dests)
@@ -937,13 +959,7 @@ class NodeState:
                     self.replicas[k] = replica
                 getattr(replica[0], method)(*args)
                 return None
-            seq = self._seq[k] = self._seq.get(k, 0) + 1
-            self.untethered_since_flush.add(owner)
-            if owner != self.name:
-                self._untethered_dests.add(owner)
-            self._send(owner, Call(k[0], k[1], method, list(args), 0, seq), urgent=False)
-            self._pump()
-            return None
+            return self.untethered(k, method, args, owner)
         # A blocking call (or a stale read that missed): our replica's updates go first.
         self._send_fold(k)
         req_id, pending = self._new_pending("call", k, info)
@@ -954,6 +970,32 @@ class NodeState:
         self._ship_call(pending, owner, req_id)
         self._pump()
         return wait
+
+    def untethered(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None:
+        """An untethered call of a multi-writer object held by ``owner``: queued, in order,
+        for the next batch to it (sent by the flush timer, or ahead of any later message to
+        it).  O(1); no message object per call."""
+        self.stats.untethered_calls += 1
+        seq = self._seq[k] = self._seq.get(k, 0) + 1
+        self.untethered_since_flush.add(owner)
+        if owner == self.name:
+            self._send(owner, Call(k[0], k[1], method, list(args), 0, seq), urgent=False)
+            self._pump()
+            return
+        calls = self._untethered.get(owner)
+        if calls is None:
+            calls = self._untethered[owner] = []
+        calls.append([k[0], k[1], method, args, seq])
+
+    def _on_untethered(self, msg: Untethered, sender: str) -> None:
+        for entry in msg.calls:
+            try:
+                map_name, key, method, args, seq = entry
+                call = Call(map_name, key_from_wire(key), method, list(args), 0, seq)
+            except (StoreError, TypeError, ValueError):
+                self._count_error("malformed-untethered-call")
+                continue
+            self._on_call(call, sender)
 
     def _ship_call(self, pending: _Pending, owner: str, req_id: int | None = None) -> None:
         k = pending.k
@@ -1212,6 +1254,7 @@ _HANDLERS: dict[type, Callable[[NodeState, Any, str], None]] = {
     HandOn: NodeState._on_hand_on,
     HandOnAck: NodeState._on_hand_on_ack,
     Evacuate: NodeState._on_evacuate,
+    Untethered: NodeState._on_untethered,
 }
 
 _REPLY_HANDLERS: dict[str, Callable[[NodeState, _Pending, Reply], None]] = {
