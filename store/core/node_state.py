@@ -946,8 +946,8 @@ class NodeState:
                 self.stats.stale_cache_hits += 1
                 return cached[1]
         if minfo.kind is MethodKind.UNTETHERED:
-            self.stats.untethered_calls += 1
             if info.mergeable:
+                self.stats.untethered_calls += 1  # (untethered() counts the others)
                 replica = self.replicas.get(k)
                 if replica is not None and replica[1] != owner:
                     # The object is elsewhere now (removed and made again there): the
