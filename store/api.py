@@ -143,6 +143,11 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
             state.now_hint = node.clock()
             state.stats.untethered_calls += 1
             replica = state.replicas.get(k)
+            if replica is not None and replica[1] != self._owner:
+                # The object lives elsewhere now (removed and made again there): the updates
+                # made for the old place go there, the new ones start a new replica.
+                state._send_fold(k)
+                replica = None
             if replica is None:
                 replica = state.replicas[k] = (make(), self._owner)
             fn(replica[0], *args)
