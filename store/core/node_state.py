@@ -1021,10 +1021,17 @@ class NodeState:
         if owner == self.name and k in self.objects:
             self._fold_local_replica(k, self.objects[k])
             return
+        try:
+            state = dump_state(obj)
+        except TypeError:
+            # The class's merge left something cbor cannot carry in the replica: the fault
+            # is the NF's, the node keeps running, and the error count says what was lost.
+            self._count_error("replica-not-encodable")
+            return
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         self.untethered_since_flush.add(owner)
         self._untethered_dests.add(owner)
-        self._send(owner, Fold(k[0], k[1], seq, dump_state(obj)), urgent=False)
+        self._send(owner, Fold(k[0], k[1], seq, state), urgent=False)
 
     def fold_replicas(self) -> None:
         """Send every replica's updates to its owner (the merge interval, and ``flush``)."""
