@@ -43,6 +43,9 @@ logger = logging.getLogger("store.node")
 DEFAULT_FLUSH_INTERVAL = 0.010
 DEFAULT_MERGE_INTERVAL = 0.050
 
+#: Seconds a flush waits for a node's barrier answer before asking again.
+BARRIER_RETRY = 2.0
+
 #: How long a node waits for the websocket close handshake when it shuts a link down.  By
 #: then it has handed everything over, so a peer that does not answer quickly is not
 #: worth the transport's default 5 s on every exit.
@@ -128,10 +131,23 @@ class Node:
         state.fold_replicas()
         dests = sorted((state.untethered_since_flush & self.members()) - {state.name})
         state.untethered_since_flush.clear()
-        waits = [state.barrier(dest) for dest in dests]
+        waits = {dest: state.barrier(dest) for dest in dests}
         self._kick.set()
-        for wait in waits:
-            await wait
+        for dest, wait in waits.items():
+            # A barrier only asks for an answer, so asking again is harmless: if a link
+            # broke under the first one (the transport drops what it had queued, and says
+            # so in the log), a fresh link carries the second.
+            while True:
+                with trio.move_on_after(BARRIER_RETRY):
+                    await wait
+                    break
+                if dest not in self.members():
+                    break
+                logger.warning(
+                    "%s: no answer to a flush barrier from %s; asking again", self.name, dest
+                )
+                wait = state.barrier(dest)
+                self._kick.set()
 
     def kick(self) -> None:
         """Something urgent may be queued: wake the sender.  Cheap when nothing is."""

@@ -503,7 +503,7 @@ class Peer:
         if isinstance(error, FrameTooLarge):
             self._counters._bump("frames_too_large")
         if self._queue:
-            logger.debug(
+            logger.warning(
                 "peer %s: dropping %d queued messages: %s", self.name, len(self._queue), error
             )
         self._queue = []
