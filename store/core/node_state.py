@@ -344,7 +344,7 @@ class NodeState:
         own_extra = msg.extra[2] if msg.arrival == 2 else msg.extra
         if isinstance(decision, Serve):
             if decision.adopt:
-                self._adopt(k, msg.extra)
+                self._adopt(k, msg.extra, msg.kind)
                 if sender is not None and sender != self.name:
                     self._send(sender, HandOnAck(msg.map, msg.key, msg.epoch))
             if msg.arrival == 2:
@@ -396,11 +396,17 @@ class NodeState:
         self._count_error("rejected-request")
         self._reply(msg.origin, msg.req_id, Status.ERROR, ["Rejected", decision.reason])
 
-    def _adopt(self, k: K, payload: Any) -> None:
+    def _adopt(self, k: K, payload: Any, kind: int = 0) -> None:
         """Install the authority that came with a hand-on (keeping our own record if any),
-        with the requests that were queued behind a move in progress."""
+        with the requests that were queued behind a move in progress.  A bare authority
+        becomes a bare record (version 0, no object): without it this node would not know
+        it is the authority, and would pull ``k`` back from the previous owner, which
+        forwards to this node again, until the request is rejected after MAX_HOPS."""
         record, queued = payload[:2] if payload else (None, [])
-        if k in self.records or record is None:
+        if k in self.records:
+            return
+        if record is None:
+            self.records[k] = KeyRecord(kind, None, 0, False)
             return
         kind, owner, version, exists, busy = record
         rec = self.records[k] = KeyRecord(kind, owner, version, exists)
@@ -1075,7 +1081,9 @@ class NodeState:
         if view.stage is Stage.NORMAL:
             self.handed.clear()
             for k, rec in list(self.records.items()):
-                if not rec.exists and not rec.busy and not rec.queue:
+                # Only bare authority: a removed key's record keeps its version, so that a
+                # later incarnation is granted higher versions than any Drop still in flight.
+                if not rec.exists and not rec.version and not rec.busy and not rec.queue:
                     del self.records[k]
             members = view.ring.nodes
             for k, where in list(self.locations.items()):

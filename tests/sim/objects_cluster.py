@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ring.hashring import HashRing, key_token
+from ring.ownership import NodeView, Stage
 from store.core.node_state import Held, NodeState
 from store.core.objects import MultiWriter, SingleWriter, info_of, stale, untethered
 from store.core.scheduler import Wait
 from store.errors import ObjectNotFound, ObjectRemoved, StoreError
-from store.messages import Drop, Message, Transfer
+from store.messages import Drop, Evacuate, HandOn, KeyOp, Message, Transfer
 from tests.linearizability import NOT_FOUND, Op, assert_linearizable, singlewriter_step
 
 _uids = itertools.count(1)
@@ -173,12 +174,7 @@ class ObjectCluster:
         self.trace: list[tuple[str, str, Any, int, str]] = []
         self.nodes: dict[str, NodeState] = {}
         for name in sorted(self.ring.nodes):
-            state = SimNode(name, self.ring)
-            for map_name, cls in MAPS.items():
-                state.register_map(map_name, info_of(cls))
-            state.trace = self.trace
-            state.on_drop = self._dropped
-            self.nodes[name] = state
+            self.add_node(name)
         self.queues: dict[tuple[str, str], deque[Message]] = {}
         self.clock = 0
         self.now = 0.0  # seconds, for @stale caches
@@ -194,6 +190,147 @@ class ObjectCluster:
         self._settling = False
         self._traced = 0
         self._chain: dict[K, tuple[bool, int, str]] = {}  # k -> (granted?, version, node)
+        #: The running scaling event (None between events), see :class:`Event`.
+        self.event: Event | None = None
+        self.highest_epoch = self.ring.epoch
+        self.gone: set[str] = set()  # nodes that left the ring (kept alive for stragglers)
+
+    def add_node(self, name: str) -> NodeState:
+        """A NodeState on the cluster's current ring, with the maps, trace and drop hook."""
+        state = SimNode(name, self.ring)
+        for map_name, cls in MAPS.items():
+            state.register_map(map_name, info_of(cls))
+        state.trace = self.trace
+        state.on_drop = self._dropped
+        self.nodes[name] = state
+        return state
+
+    @property
+    def members(self) -> list[str]:
+        """Nodes that may take new operations: the ring's, less a leaving node, plus joiners."""
+        names = set(self.ring.nodes)
+        event = self.event
+        if event is not None:
+            names -= set(event.removed)
+            if not self.can_abort():  # a joiner takes operations once the event must finish
+                names |= set(event.added)
+        return sorted(names)
+
+    # -- scaling events (the controller's barrier, ring.ownership's module docstring) --------
+
+    def start_event(self, added: Iterable[str] = (), removed: Iterable[str] = ()) -> None:
+        """Begin a scaling event: joiners start in PRE_SCALING (old ring, new ring)."""
+        assert self.event is None
+        self.highest_epoch += 1  # an aborted event's epoch is never reused
+        next_ring = self.ring.with_nodes(added, removed, epoch=self.highest_epoch)
+        participants = sorted(set(self.ring.nodes) | set(next_ring.nodes))
+        self.event = Event(next_ring, sorted(added), sorted(removed), participants)
+        for name in added:
+            state = self.add_node(name)
+            state.enter_stage(NodeView(name, Stage.PRE_SCALING, self.ring, next_ring))
+
+    def stage(self, name: str) -> Stage:
+        return self.nodes[name].view.stage
+
+    def can_enter_pre(self, name: str) -> bool:
+        return self.event is not None and self.stage(name) is Stage.NORMAL
+
+    def enter_pre(self, name: str) -> None:
+        assert self.event is not None and self.can_enter_pre(name)
+        self.nodes[name].enter_stage(
+            NodeView(name, Stage.PRE_SCALING, self.ring, self.event.next_ring)
+        )
+        self.settle()
+
+    def can_enter_scaling(self, name: str) -> bool:
+        return (
+            self.event is not None
+            and self.stage(name) is Stage.PRE_SCALING
+            and all(self.stage(n) is not Stage.NORMAL for n in self.event.participants)
+        )
+
+    def enter_scaling(self, name: str) -> None:
+        assert self.event is not None and self.can_enter_scaling(name)
+        self.nodes[name].enter_stage(NodeView(name, Stage.SCALING, self.ring, self.event.next_ring))
+        self.settle()
+
+    def drain(self, name: str, limit: int) -> int:
+        moved = self.nodes[name].drain(limit)
+        self.settle()
+        return moved
+
+    def can_enter_normal(self, name: str) -> bool:
+        event = self.event
+        if event is None or self.stage(name) is not Stage.SCALING:
+            return False
+        if not event.all_drained and all(self.nodes[n].drained() for n in event.participants):
+            event.all_drained = True  # the controller latches it and releases everyone
+        return event.all_drained
+
+    def enter_normal(self, name: str) -> None:
+        event = self.event
+        assert event is not None and self.can_enter_normal(name)
+        self.nodes[name].enter_stage(NodeView(name, Stage.NORMAL, event.next_ring))
+        self.settle()
+        if all(self.stage(n) is Stage.NORMAL for n in event.participants):
+            self.ring = event.next_ring
+            self.gone |= set(event.removed)
+            self.event = None
+
+    def can_abort(self) -> bool:
+        return self.event is not None and all(
+            self.stage(n) is not Stage.SCALING for n in self.event.participants
+        )
+
+    def abort(self) -> None:
+        """Every node back to NORMAL on the old ring; a joiner stays alive, outside it."""
+        event = self.event
+        assert event is not None and self.can_abort()
+        for name in event.participants:
+            state = self.nodes[name]
+            if name in event.added:
+                assert not state.records and not state.objects, f"joiner {name} got state"
+                self.gone.add(name)
+            state.enter_stage(NodeView(name, Stage.NORMAL, self.ring))
+        self.event = None
+        self.settle()
+
+    def complete_event(self, rounds: int = 200) -> None:
+        """Drive a running event to its end (every stage in turn, drain until drained)."""
+        event = self.event
+        if event is None:
+            return
+        for name in event.participants:
+            if self.can_enter_pre(name):
+                self.enter_pre(name)
+        for name in event.participants:
+            if self.can_enter_scaling(name):
+                self.enter_scaling(name)
+        for _ in range(rounds):
+            for name in event.participants:
+                self.drain(name, 1000)
+            self.deliver_all()
+            self.check()
+            if all(self.can_enter_normal(n) for n in event.participants):
+                break
+        else:
+            stuck = [n for n in event.participants if not self.nodes[n].drained()]
+            raise Violation(f"the event never drained: {stuck} not drained")
+        for name in event.participants:
+            self.enter_normal(name)
+            self.check()
+
+    def check_gone(self) -> None:
+        """A node that left holds no object, no live record and no reference."""
+        for name in self.gone:
+            state = self.nodes[name]
+            if state.objects:
+                raise Violation(f"{name} left the ring but holds {sorted(state.objects)}")
+            live = [k for k, rec in state.records.items() if rec.exists]
+            if live:
+                raise Violation(f"{name} left the ring but keeps records {live}")
+            if any(ref.node == name for ref in self.sw_refs):
+                raise Violation(f"{name} left the ring with a reference open")
 
     # -- time and the network ---------------------------------------------------------------
 
@@ -203,6 +340,27 @@ class ObjectCluster:
 
     def authority(self, k: K) -> NodeState:
         return self.nodes[self.ring.owner(key_token(*k))]
+
+    def record_exists(self, k: K) -> bool:
+        """Whether ``k``'s one key record (held by a node or travelling in a hand-on) says
+        an object exists; two live records at once is a violation."""
+        found: list[str] = [n for n, s in self.nodes.items() if k in s.records]
+        live = [n for n in found if self.nodes[n].records[k].exists]
+        for dst, msg in self.in_flight():
+            if getattr(msg, "map", None) != k[0] or getattr(msg, "key", None) != k[1]:
+                continue
+            wire = None
+            if isinstance(msg, HandOn) and msg.record:
+                wire = msg.record[0]
+            elif isinstance(msg, KeyOp) and msg.arrival == 2 and msg.extra:
+                wire = msg.extra[0]
+            if wire is not None:
+                found.append(f"->{dst}")
+                if wire[3]:
+                    live.append(f"->{dst}")
+        if len(live) > 1:
+            raise Violation(f"{k}: live key records at {live} at once")
+        return bool(live)
 
     def collect(self) -> None:
         """Move every node's outbox onto the pair queues."""
@@ -541,6 +699,8 @@ class ObjectCluster:
                 continue
             if isinstance(msg, Transfer) and (msg.state is not None or msg.created):
                 copies.append((dst, msg.version))
+            elif isinstance(msg, Evacuate):
+                copies.append((dst, msg.version))
             elif isinstance(msg, Drop):
                 drops.append((dst, msg.version))
         live = [
@@ -549,15 +709,15 @@ class ObjectCluster:
             if self.drops_delivered.get((n, k), 0) <= v  # not doomed on arrival
             and not any(d == n and dv > v for d, dv in drops)  # not being dropped
         ]
-        rec = self.authority(k).records.get(k)
-        expected = 1 if rec is not None and rec.exists else 0
+        expected = 1 if self.record_exists(k) else 0
         if len(live) != expected:
             raise Violation(f"{k}: live copies {live} (held or in flight), expected {expected}")
 
     def _check_multi_writer(self, k: K) -> None:
         holders = [(n, s.objects[k]) for n, s in self.nodes.items() if k in s.objects]
-        if len(holders) > 1:
-            raise Violation(f"{k}: held by {[n for n, _ in holders]}")
+        evacuating = [dst for dst, msg in self.in_flight() if _about(msg, k, Evacuate)]
+        if len(holders) + len(evacuating) > 1:
+            raise Violation(f"{k}: held by {[n for n, _ in holders]}, evacuating to {evacuating}")
         for n, held in holders:
             if self.drops_delivered.get((n, k), 0) > held.version:
                 raise Violation(f"{k}: {n} holds v{held.version} after its Drop was delivered")
@@ -630,6 +790,8 @@ class ObjectCluster:
     def _check_multi_final(self, k: K) -> None:
         holders = [(n, s.objects[k]) for n, s in self.nodes.items() if k in s.objects]
         calls = [op for op in self.ops if (op.map, op.key) == k and op.name in UPDATES]
+        if self.record_exists(k) and not holders and not self.busy_pairs():
+            raise Violation(f"{k}: its record says it exists, but no node holds it")
         if not holders:
             return
         ((owner, held),) = holders
@@ -717,6 +879,21 @@ def _must_precede(earlier: Operation, later: Operation) -> bool:
     if earlier.name == "bump":
         return True
     return earlier.response is not None and earlier.response < later.invoke
+
+
+@dataclass
+class Event:
+    """A running scaling event, as the controller sees it."""
+
+    next_ring: HashRing
+    added: list[str]
+    removed: list[str]
+    participants: list[str]
+    all_drained: bool = False
+
+
+def _about(msg: Message, k: K, kind: type) -> bool:
+    return isinstance(msg, kind) and (getattr(msg, "map", None), getattr(msg, "key", None)) == k
 
 
 def _outcome(wait: Wait[Any]) -> tuple[Any, BaseException | None]:
