@@ -1014,10 +1014,23 @@ class NodeState:
         self._send(owner, Call(k[0], k[1], pending.method, pending.args, req_id, seq))
 
     def _fold_local_replica(self, k: K, held: Held) -> None:
-        replica = self.replicas.pop(k, None)
-        if replica is not None:
-            held.obj.merge(replica[0])
-            self.stats.merges += 1
+        replica = self.replicas.get(k)
+        if replica is None:
+            return
+        owner = replica[1]
+        view = self.view
+        leaving = owner not in view.ring or (
+            view.next_ring is not None and owner not in view.next_ring
+        )
+        if owner != self.name and not leaving:
+            # Made for an object held elsewhere, since removed there and made again here:
+            # its updates go to the old place, not into this (newer) object after calls
+            # already applied to it.  (An owner that left evacuated the object to us.)
+            self._send_fold(k)
+            return
+        del self.replicas[k]
+        held.obj.merge(replica[0])
+        self.stats.merges += 1
 
     def _send_fold(self, k: K) -> None:
         replica = self.replicas.pop(k, None)
