@@ -55,6 +55,7 @@ class NodeMember:
         node, state = self.node, self.node.state
         epoch = membership.epoch
         moved = 0
+        objects_before = state.stats.migrations_out  # this event's objects, not lifetime
         tick = 0.01
         per_tick = max(1, int(self.drain_rate * tick))
         while True:
@@ -67,7 +68,7 @@ class NodeMember:
             if membership.epoch != epoch:
                 return  # the event ended (or aborted) under us
         self.records_moved += moved
-        await membership.report_drained(moved, state.stats.migrations_out)
+        await membership.report_drained(moved, state.stats.migrations_out - objects_before)
 
     async def on_normal(self, membership: Membership) -> None:
         self.node.enter_stage(membership.view)
