@@ -363,38 +363,32 @@ class NodeState:
                     self.handed.add(k)
                     self._unacked += 1
                     self.records_handed_on += 1
-            out = KeyOp(
-                msg.op,
-                msg.map,
-                msg.key,
-                msg.kind,
-                msg.origin,
-                msg.req_id,
-                decision.epoch,
-                decision.hops,
-                arrival_code,
-                extra,
-            )
-            self._send(decision.to, out)
+            self._relay(msg, decision.to, decision.epoch, decision.hops, arrival_code, extra)
             return
         if isinstance(decision, Pull):
             self.stats.forwarded += 1
-            out = KeyOp(
+            self._relay(msg, decision.source, decision.epoch, decision.hops, 1, own_extra)
+            return
+        self._count_error("rejected-request")
+        self._reply(msg.origin, msg.req_id, Status.ERROR, ["Rejected", decision.reason])
+
+    def _relay(self, msg: KeyOp, to: str, epoch: int, hops: int, arrival: int, extra: Any) -> None:
+        """Send ``msg`` on to ``to`` with the routing version ``ring.ownership`` chose."""
+        self._send(
+            to,
+            KeyOp(
                 msg.op,
                 msg.map,
                 msg.key,
                 msg.kind,
                 msg.origin,
                 msg.req_id,
-                decision.epoch,
-                decision.hops,
-                1,
-                own_extra,
-            )
-            self._send(decision.source, out)
-            return
-        self._count_error("rejected-request")
-        self._reply(msg.origin, msg.req_id, Status.ERROR, ["Rejected", decision.reason])
+                epoch,
+                hops,
+                arrival,
+                extra,
+            ),
+        )
 
     def _adopt(self, k: K, payload: Any, kind: int = 0) -> None:
         """Install the authority that came with a hand-on (keeping our own record if any),
