@@ -43,6 +43,10 @@ logger = logging.getLogger("store.node")
 DEFAULT_FLUSH_INTERVAL = 0.010
 DEFAULT_MERGE_INTERVAL = 0.050
 
+#: Seconds the sender waits to open a link before it drops that batch (and says so): one
+#: unreachable node must not stall every other destination.
+CONNECT_TIMEOUT = 5.0
+
 #: Seconds a flush waits for a node's barrier answer before asking again.
 BARRIER_RETRY = 2.0
 
@@ -168,12 +172,21 @@ class Node:
                 state.fold_replicas()
             if not state.has_output:
                 continue
+            members = self.members()
             for dest, msgs in state.take_outbox().items():
+                if dest not in members and dest not in self._peers:
+                    # A node that left the cluster: nothing it could answer matters now, and
+                    # dialing a process on its way out can hang (it accepts, never answers).
+                    state._count_error("sent-to-departed-node")
+                    continue
                 try:
-                    peer = self._peers.get(dest) or await self._connect(dest)
+                    peer = self._peers.get(dest)
+                    if peer is None:
+                        with trio.fail_after(CONNECT_TIMEOUT):
+                            peer = await self._connect(dest)
                     for msg in msgs:
                         peer.send_nowait(msg)
-                except StoreError as exc:
+                except (StoreError, trio.TooSlowError) as exc:
                     logger.warning(
                         "%s: dropped %d messages to %s: %s", self.name, len(msgs), dest, exc
                     )

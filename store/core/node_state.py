@@ -232,6 +232,8 @@ class NodeState:
         self._seq: dict[K, int] = {}
         self._next_id = 0
         self._unacked = 0  # hand-ons of this event not yet acknowledged
+        #: The last exception a message handler raised (counted in statistics().errors).
+        self.last_handler_error = ""
         self.moved_to: dict[K, str] = {}  # objects this (leaving) node evacuated, and where
         self.objects_evacuated = 0
         #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
@@ -541,10 +543,9 @@ class NodeState:
             return
         try:
             handler(self, msg, sender)
-        except StoreError:
-            raise
         except Exception as exc:  # a bug or a bad peer must not stop the node
             self._count_error(f"handler-{type(exc).__name__}")
+            self.last_handler_error = f"{type(msg).__name__} from {sender}: {exc!r}"
 
     def _on_key_op(self, msg: KeyOp, sender: str) -> None:
         self._route(msg, sender)
