@@ -130,8 +130,7 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
         return stale_method
 
     if minfo.kind is MethodKind.UNTETHERED and info.mergeable and multi:
-        make = info.cls
-        fn = getattr(make, name)
+        fn = getattr(info.cls, name)
 
         def replica_method(self: Ref, *args: Any) -> Any:
             map_ = self._map
@@ -143,13 +142,8 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
             state.now_hint = node.clock()
             state.stats.untethered_calls += 1
             replica = state.replicas.get(k)
-            if replica is not None and replica[1] != self._owner:
-                # The object lives elsewhere now (removed and made again there): the updates
-                # made for the old place go there, the new ones start a new replica.
-                state._send_fold(k)
-                replica = None
-            if replica is None:
-                replica = state.replicas[k] = (make(), self._owner)
+            if replica is None or replica[1] != self._owner:  # rare: NodeState decides
+                replica = state.replica_for(k, info, self._owner)
             fn(replica[0], *args)
             return _ready(None)
 

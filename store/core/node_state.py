@@ -950,14 +950,8 @@ class NodeState:
             if info.mergeable:
                 self.stats.untethered_calls += 1  # (untethered() counts the others)
                 replica = self.replicas.get(k)
-                if replica is not None and replica[1] != owner:
-                    # The object is elsewhere now (removed and made again there): the
-                    # updates made for the old place go there, the new ones to the new.
-                    self._send_fold(k)
-                    replica = None
-                if replica is None:
-                    replica = (info.cls(), owner)
-                    self.replicas[k] = replica
+                if replica is None or replica[1] != owner:
+                    replica = self.replica_for(k, info, owner)
                 getattr(replica[0], method)(*args)
                 return None
             return self.untethered(k, method, args, owner)
@@ -971,6 +965,19 @@ class NodeState:
         self._ship_call(pending, owner, req_id)
         self._pump()
         return wait
+
+    def replica_for(self, k: K, info: ClassInfo, owner: str) -> tuple[Any, str]:
+        """This node's replica of ``k`` for the object held at ``owner``, made if needed.
+
+        A replica made for another place (the object was removed and made again there) is
+        folded to that old place first: its updates belong there, the new ones here."""
+        replica = self.replicas.get(k)
+        if replica is not None and replica[1] != owner:
+            self._send_fold(k)
+            replica = None
+        if replica is None:
+            replica = self.replicas[k] = (info.cls(), owner)
+        return replica
 
     def untethered(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None:
         """An untethered call of a multi-writer object held by ``owner``: queued, in order,
