@@ -50,6 +50,10 @@ CONNECT_TIMEOUT = 5.0
 #: Seconds a flush waits for a node's barrier answer before asking again.
 BARRIER_RETRY = 2.0
 
+#: Seconds a node that is stopping normally gives its links to send what its core still
+#: has queued (see :meth:`Node.send_remaining`).  The close handshake comes on top.
+EXIT_FLUSH_TIMEOUT = 1.0
+
 #: How long a node waits for the websocket close handshake when it shuts a link down.  By
 #: then it has handed everything over, so a peer that does not answer quickly is not
 #: worth the transport's default 5 s on every exit.
@@ -103,6 +107,7 @@ class Node:
         self._kick = trio.Event()
         self._peers: dict[str, Peer] = {}
         self._connecting: dict[str, trio.Event] = {}
+        self._sending = False  # the sender holds messages taken from the core, not yet queued
         self._nursery: trio.Nursery | None = None
         self._next_merge = 0.0
         # The run's clock object, read directly: trio.current_time() costs three frames.
@@ -153,6 +158,26 @@ class Node:
                 wait = state.barrier(dest)
                 self._kick.set()
 
+    async def send_remaining(self) -> None:
+        """Hand the links what the core still has queued, and wait until they have written
+        it; at most ``EXIT_FLUSH_TIMEOUT``.  Called when the node stops normally.
+
+        A node that left keeps forwarding calls for the objects it evacuated until it
+        stops, and a forwarded untethered call is not urgent: it waits for the sender's
+        next tick.  Cancelling the sender before that tick drops the call silently, and
+        with it an update its caller was told had been made (the scaling test saw a tally
+        one short).  Bounded, so that a link that does not drain cannot hold the exit: what
+        is still unsent then is lost, as on a broken link."""
+        with trio.move_on_after(EXIT_FLUSH_TIMEOUT):
+            while self.state.has_output or self._sending:
+                self._kick.set()
+                await trio.sleep(0.001)
+            for peer in list(self._peers.values()):
+                try:
+                    await peer.flush()
+                except StoreError:
+                    pass  # that link broke: what it held is gone, as the transport logged
+
     def kick(self) -> None:
         """Something urgent may be queued: wake the sender.  Cheap when nothing is."""
         if self.state.urgent:
@@ -173,24 +198,29 @@ class Node:
             if not state.has_output:
                 continue
             members = self.members()
-            for dest, msgs in state.take_outbox().items():
-                if dest not in members and dest not in self._peers:
-                    # A node that left the cluster: nothing it could answer matters now, and
-                    # dialing a process on its way out can hang (it accepts, never answers).
-                    state._count_error("sent-to-departed-node")
-                    continue
-                try:
-                    peer = self._peers.get(dest)
-                    if peer is None:
-                        with trio.fail_after(CONNECT_TIMEOUT):
-                            peer = await self._connect(dest)
-                    for msg in msgs:
-                        peer.send_nowait(msg)
-                except (StoreError, trio.TooSlowError) as exc:
-                    logger.warning(
-                        "%s: dropped %d messages to %s: %s", self.name, len(msgs), dest, exc
-                    )
-                    state._count_error("send-failed")
+            self._sending = True
+            try:
+                for dest, msgs in state.take_outbox().items():
+                    if dest not in members and dest not in self._peers:
+                        # A node that left the cluster: nothing it could answer matters now,
+                        # and dialing a process on its way out can hang (it accepts, never
+                        # answers).
+                        state._count_error("sent-to-departed-node")
+                        continue
+                    try:
+                        peer = self._peers.get(dest)
+                        if peer is None:
+                            with trio.fail_after(CONNECT_TIMEOUT):
+                                peer = await self._connect(dest)
+                        for msg in msgs:
+                            peer.send_nowait(msg)
+                    except (StoreError, trio.TooSlowError) as exc:
+                        logger.warning(
+                            "%s: dropped %d messages to %s: %s", self.name, len(msgs), dest, exc
+                        )
+                        state._count_error("send-failed")
+            finally:
+                self._sending = False
             self.micro.run_ready()
 
     async def _connect(self, dest: str) -> Peer:
@@ -308,6 +338,7 @@ async def open_node(
             nursery.start_soon(node._sender)
             try:
                 yield node
+                await node.send_remaining()
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

@@ -21,6 +21,7 @@ import json
 import os
 import random
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import trio
@@ -41,6 +42,18 @@ async def lines(stream: trio.abc.ReceiveStream) -> Any:
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             yield line.decode().strip()
+
+
+async def say(text: str) -> None:
+    """Print one line on stdout without stopping this member's event loop.
+
+    A report can be larger than a pipe's buffer (64 KiB on Linux: one entry per object
+    updated), and the test reads its workers' reports one after another.  A plain
+    ``print`` blocks the whole process until the test reads it, so this member would stop
+    answering the others: a member still flushing would never get the answer to its flush
+    barrier, never report, and the test (reading that member first) would wait forever.
+    A worker thread blocks on the pipe instead, while the node keeps serving."""
+    await trio.to_thread.run_sync(partial(print, text, flush=True))
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -65,7 +78,7 @@ async def run(args: argparse.Namespace) -> None:
                 pass
             async with hits.create(i):
                 pass
-        print(f"ready {space.name}", flush=True)
+        await say(f"ready {space.name}")
         assert await commands.__anext__() == "go"
         stop = trio.Event()
 
@@ -109,9 +122,9 @@ async def run(args: argparse.Namespace) -> None:
         except trio.TooSlowError:
             dump(space, "flush", -1)
             raise
-        print(json.dumps({"name": space.name, "issued": issued, "failures": failures}), flush=True)
+        await say(json.dumps({"name": space.name, "issued": issued, "failures": failures}))
         assert await commands.__anext__() == "leave"
-    print("left", flush=True)
+    await say("left")
 
 
 def main() -> None:
