@@ -874,3 +874,19 @@ class Untethered:
     costs its caller a list append, not a message object (paper §4.2)."""
 
     calls: list[Any]
+
+
+@message(30)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fence:
+    """``origin`` is about to send its calls of ``map[key]`` somewhere else than its earlier
+    ones went, and that place is leaving (or left) the ring, which forwards what it gets for
+    an object it evacuated.  A node that forwards the object passes the fence on behind what
+    it forwarded (per-pair FIFO); the node that holds it, or knows nothing of it, answers
+    ``origin`` with a :class:`Reply`.  After the answer every earlier call of ``origin`` has
+    reached the object, so its later ones cannot overtake them."""
+
+    req_id: int
+    origin: str
+    map: str
+    key: Key

@@ -72,6 +72,7 @@ from store.messages import (
     Call,
     Drop,
     Evacuate,
+    Fence,
     Fold,
     HandOn,
     HandOnAck,
@@ -228,8 +229,19 @@ class NodeState:
         self._acquiring: dict[K, _Pending] = {}
         self._early_release: dict[K, Release] = {}
         self._early_drop: dict[K, int] = {}  # a Drop that overtook the object's Transfer
-        self._parked: dict[K, list[tuple[Call | Fold, str]]] = {}  # calls for an object on its way
+        #: Calls, folds and fences for an object on its way here, in arrival order.
+        self._parked: dict[K, list[tuple[Call | Fold | Fence, str]]] = {}
         self._seq: dict[K, int] = {}
+        #: Where this node last sent a numbered message (call, untethered call, fold) of a
+        #: multi-writer object.  If that node leaves the ring it forwards what it gets for
+        #: the objects it evacuated, so calls sent elsewhere next could overtake those:
+        #: a :class:`Fence` goes first (see :meth:`_needs_fence`).
+        self._dest: dict[K, str] = {}
+        #: Keys whose fence is out, with what waits for its answer, in call order.
+        self._fencing: dict[K, list[Callable[[], None]]] = {}
+        #: Objects evacuated to this node while its own fence for them was out: they are
+        #: installed when it returns (calls for them wait, see :meth:`_expects`).
+        self._arriving: dict[K, Held] = {}
         self._next_id = 0
         self._unacked = 0  # hand-ons of this event not yet acknowledged
         #: The last exception a message handler raised (counted in statistics().errors).
@@ -704,7 +716,7 @@ class NodeState:
         or creates it there, so a call or fold can reach that node before the object:
         it waits for the answer instead of being refused (or, untethered, lost).
         O(requests in flight), and only on that rare path."""
-        if k in self._acquiring:
+        if k in self._acquiring or k in self._arriving:
             return True
         return any(p.kind == "locate" and p.k == k for p in self._pending.values())
 
@@ -718,7 +730,11 @@ class NodeState:
     def _on_drop(self, msg: Drop, sender: str) -> None:
         k = (msg.map, msg.key)
         held = self.objects.get(k)
-        if held is not None and held.version <= msg.version:
+        arriving = self._arriving.get(k)
+        if held is None and arriving is not None and arriving.version <= msg.version:
+            del self._arriving[k]
+            arriving.removed = True
+        elif held is not None and held.version <= msg.version:
             del self.objects[k]
             held.removed = True
         elif held is None and k in self._acquiring:
@@ -808,7 +824,7 @@ class NodeState:
             if isinstance(msg.value, str):  # the former holder says where it went
                 self.locations[k] = msg.value
                 pending.kind = "call"
-                self._ship_call(pending, msg.value)
+                self._reship(pending, msg.value)
                 return
             req_id = self._next_id = self._next_id + 1
             pending.kind = "relocate"
@@ -838,7 +854,7 @@ class NodeState:
         owner = msg.value[0]
         self.locations[k] = owner
         pending.kind = "call"
-        self._ship_call(pending, owner)
+        self._reship(pending, owner)
 
     def _reply_dropped(self, pending: _Pending, msg: Reply) -> None:
         """The holder applied a removal's Drop (it answered the Barrier sent behind it): tell
@@ -938,6 +954,8 @@ class NodeState:
         if held is not None and info.kind is ObjectKind.MULTI:
             if held.removed:
                 raise ObjectRemoved(f"{k[0]}[{k[1]!r}] was removed")
+            if self._dest and self._needs_fence(k, self.name):
+                return self._call_later(k, info, method, args, owner, now)
             self._fold_local_replica(k, held)
             return getattr(held.obj, method)(*args)
         self.now_hint = now
@@ -956,6 +974,12 @@ class NodeState:
                 return None
             return self.untethered(k, method, args, owner)
         # A blocking call (or a stale read that missed): our replica's updates go first.
+        if self._dest or self._fencing:
+            replica = self.replicas.get(k)
+            if self._needs_fence(k, owner) or (
+                replica is not None and self._needs_fence(k, replica[1])
+            ):
+                return self._call_later(k, info, method, args, owner, now)
         self._send_fold(k)
         req_id, pending = self._new_pending("call", k, info)
         pending.method, pending.args, pending.at = method, list(args), now
@@ -973,7 +997,7 @@ class NodeState:
         folded to that old place first: its updates belong there, the new ones here."""
         replica = self.replicas.get(k)
         if replica is not None and replica[1] != owner:
-            self._send_fold(k)
+            self._send_fold(k)  # (it takes the replica out, even when the fold must wait)
             replica = None
         if replica is None:
             replica = self.replicas[k] = (info.cls(), owner)
@@ -984,12 +1008,22 @@ class NodeState:
         for the next batch to it (sent by the flush timer, or ahead of any later message to
         it).  O(1); no message object per call."""
         self.stats.untethered_calls += 1
+        if self._dest.get(k) != owner and self._needs_fence(k, owner):
+            self._fence(k, lambda: self._untethered_now(k, method, args, owner))
+            return
+        self._untethered_now(k, method, args, owner)
+
+    def _untethered_now(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None:
+        if self._fencing and self._needs_fence(k, owner):  # (a deferred call, still behind)
+            self._fence(k, lambda: self._untethered_now(k, method, args, owner))
+            return
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         self.untethered_since_flush.add(owner)
         if owner == self.name:
             self._send(owner, Call(k[0], k[1], method, list(args), 0, seq), urgent=False)
             self._pump()
             return
+        self._dest[k] = owner
         calls = self._untethered.get(owner)
         if calls is None:
             calls = self._untethered[owner] = []
@@ -1013,7 +1047,19 @@ class NodeState:
             req_id = self._next_id
             self._pending[req_id] = pending
         seq = self._seq[k] = self._seq.get(k, 0) + 1
+        info = pending.info
+        if owner != self.name and info is not None and info.kind is ObjectKind.MULTI:
+            self._dest[k] = owner
         self._send(owner, Call(k[0], k[1], pending.method, pending.args, req_id, seq))
+
+    def _reship(self, pending: _Pending, owner: str) -> None:
+        """Send a blocking call again, to where its object went (after a fence if the old
+        place is leaving: the calls sent before it must not be overtaken)."""
+        assert pending.k is not None
+        if self._needs_fence(pending.k, owner):
+            self._fence(pending.k, lambda: self._reship(pending, owner))
+            return
+        self._ship_call(pending, owner)
 
     def _fold_local_replica(self, k: K, held: Held) -> None:
         replica = self.replicas.get(k)
@@ -1031,28 +1077,127 @@ class NodeState:
             self._send_fold(k)
             return
         del self.replicas[k]
-        held.obj.merge(replica[0])
-        self.stats.merges += 1
+        self._fold_out(k, replica[0], self.name)
 
     def _send_fold(self, k: K) -> None:
         replica = self.replicas.pop(k, None)
-        if replica is None:
+        if replica is not None:
+            obj, owner = replica
+            self._fold_out(k, obj, self.name if owner == self.name and k in self.objects else owner)
+
+    def _fold_out(self, k: K, replica: Any, to: str) -> None:
+        """Deliver the updates of a replica taken out of :attr:`replicas` to the object at
+        ``to`` (this node: merged here), after a fence when one is needed."""
+        if (self._dest or self._fencing) and self._needs_fence(k, to):
+            self._fence(k, lambda: self._fold_out(k, replica, to))
             return
-        obj, owner = replica
-        if owner == self.name and k in self.objects:
-            self._fold_local_replica(k, self.objects[k])
-            return
+        if to == self.name:
+            held = self.objects.get(k)
+            if held is not None and not held.removed:
+                held.obj.merge(replica)
+                self.stats.merges += 1
+                return
         try:
-            state = dump_state(obj)
+            state = dump_state(replica)
         except TypeError:
             # The class's merge left something cbor cannot carry in the replica: the fault
             # is the NF's, the node keeps running, and the error count says what was lost.
             self._count_error("replica-not-encodable")
             return
         seq = self._seq[k] = self._seq.get(k, 0) + 1
-        self.untethered_since_flush.add(owner)
-        self._untethered_dests.add(owner)
-        self._send(owner, Fold(k[0], k[1], seq, state), urgent=False)
+        self.untethered_since_flush.add(to)
+        if to != self.name:
+            self._untethered_dests.add(to)
+            self._dest[k] = to
+        self._send(to, Fold(k[0], k[1], seq, state), urgent=False)
+
+    # -- per-caller order across a scale-in --
+
+    def _needs_fence(self, k: K, to: str) -> bool:
+        """Whether a numbered message of multi-writer ``k`` for ``to`` (this node: applied
+        here) must wait for a :class:`Fence`: one is out already, or the last one went to
+        another node that is leaving or has left the ring.  Such a node forwards what it
+        gets for the objects it evacuated, so a message sent straight to the new place
+        could overtake the ones still on their way through it (a caller's calls would then
+        apply out of order).  O(1); only scale-ins ever make it true."""
+        if k in self._fencing:
+            return True
+        prev = self._dest.get(k)
+        if prev is None or prev == to:
+            return False
+        view = self.view
+        return prev not in (view.ring if view.next_ring is None else view.next_ring)
+
+    def _fence(self, k: K, then: Callable[[], None]) -> None:
+        """Run ``then`` once every numbered message of ``k`` sent so far has reached the
+        object: send a fence where they went (unless one is out), and queue ``then``."""
+        waiting = self._fencing.get(k)
+        if waiting is None:
+            prev = self._dest.pop(k)
+            req_id, _ = self._new_pending("fence", k, None)
+            waiting = self._fencing[k] = []
+            self._send(prev, Fence(req_id, self.name, k[0], k[1]))
+        waiting.append(then)
+
+    def _call_later(
+        self, k: K, info: ClassInfo, method: str, args: tuple[Any, ...], owner: str, now: float
+    ) -> Wait[Any] | None:
+        """:meth:`call`, once the fence of ``k`` is back: a Wait for its value (None for an
+        untethered call: its caller does not wait)."""
+        wait: Wait[Any] | None = None
+        if info.methods[method].kind is not MethodKind.UNTETHERED:
+            wait = Wait(k)
+
+        def again() -> None:
+            try:
+                result = self.call(k, info, method, args, owner, now)
+            except Exception as exc:
+                if wait is None:
+                    self._count_error(f"call-{type(exc).__name__}")
+                else:
+                    wait.fail(exc)
+                return
+            if wait is not None:
+                if isinstance(result, Wait):
+                    result.add_done_callback(_passing_to(wait))
+                else:
+                    wait.resolve(result)
+
+        self._fence(k, again)
+        return wait
+
+    def _on_fence(self, msg: Fence, sender: str) -> None:
+        k = (msg.map, msg.key)
+        if k in self.objects or k in self._arriving:
+            self._reply(msg.origin, msg.req_id, Status.OK)
+        elif self._expects(k):
+            self._parked.setdefault(k, []).append((msg, sender))
+        elif k in self.moved_to:
+            self._send(self.moved_to[k], msg)  # behind what we forwarded there
+        else:
+            self._reply(msg.origin, msg.req_id, Status.OK)  # whatever came was applied
+
+    def _reply_fence(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None
+        held = self._arriving.pop(k, None)
+        if held is not None:
+            self.objects[k] = held
+        waiting = self._fencing.pop(k, [])
+        if not self._expects(k):
+            self._unpark(k)  # calls that came for the arriving object, in their order
+        for then in waiting:
+            then()
+
+    def undeliverable(self, to: str, msgs: list[Message]) -> None:
+        """The shell could not send ``msgs`` to ``to``, a node that left: a fence among them
+        is answered here (nothing more can come through that node), the rest is counted."""
+        for msg in msgs:
+            if isinstance(msg, Fence) and msg.origin == self.name:
+                self._on_reply(Reply(msg.req_id, int(Status.OK), None), to)
+            else:
+                self._count_error("sent-to-departed-node")
+        self._pump()
 
     def fold_replicas(self) -> None:
         """Send every replica's updates to its owner (the merge interval, and ``flush``)."""
@@ -1204,7 +1349,14 @@ class NodeState:
         if info is None:
             self._count_error("evacuate-unknown-class")
             return  # not acknowledged: the leaving node keeps waiting (and says so)
-        self.objects[k] = Held(info, load_state(info.cls, msg.state), msg.version)
+        held = Held(info, load_state(info.cls, msg.state), msg.version)
+        if info.kind is ObjectKind.MULTI and (self._dest.get(k) == sender or k in self._fencing):
+            # Our own calls of it may still be on their way through the leaving node: the
+            # object is used here only once they have arrived (the fence comes back).
+            self._arriving[k] = held
+            self._fence(k, _nothing)
+        else:
+            self.objects[k] = held
         self.stats.migrations_in += 1
         if self.trace is not None and info.kind is ObjectKind.SINGLE:
             self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
@@ -1285,6 +1437,7 @@ _HANDLERS: dict[type, Callable[[NodeState, Any, str], None]] = {
     HandOnAck: NodeState._on_hand_on_ack,
     Evacuate: NodeState._on_evacuate,
     Untethered: NodeState._on_untethered,
+    Fence: NodeState._on_fence,
 }
 
 _REPLY_HANDLERS: dict[str, Callable[[NodeState, _Pending, Reply], None]] = {
@@ -1294,4 +1447,24 @@ _REPLY_HANDLERS: dict[str, Callable[[NodeState, _Pending, Reply], None]] = {
     "relocate": NodeState._reply_relocate,
     "plain": NodeState._reply_plain,
     "dropped": NodeState._reply_dropped,
+    "fence": NodeState._reply_fence,
 }
+
+
+def _nothing() -> None:
+    """What an object waiting in ``_arriving`` runs when its fence is back (installing it
+    is :meth:`NodeState._reply_fence`'s own work)."""
+
+
+def _passing_to(target: Wait[Any]) -> Callable[[Wait[Any]], None]:
+    """A done-callback that settles ``target`` as its Wait was settled."""
+
+    def done(wait: Wait[Any]) -> None:
+        try:
+            value = wait.result()
+        except BaseException as exc:
+            target.fail(exc)
+            return
+        target.resolve(value)
+
+    return done
