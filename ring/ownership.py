@@ -102,10 +102,12 @@ Routing never depends on whether the request creates a key or accesses one: the 
 decides that when it serves (a create makes the record, an access of a missing key fails
 with not-found), which is why the paper's new/existing split of R2 is not needed here.
 
-Hop bound: a request is served after at most :data:`MAX_HOPS` = 4 transfers since it was
-last routed by a node that knew the newest ring (a node that receives a request stamped with
-an epoch older than its own ring routes it afresh and restarts the count: otherwise a request
-that stays in flight across several events could collect hops in each).  The longest path is
+Hop bound: a request is served after at most :data:`MAX_HOPS` = 4 transfers since its count
+last restarted.  A request carries ``since``, the newest epoch known to the nodes that counted
+it; a node that knows a newer epoch routes it afresh and restarts the count
+(:func:`counted_since`): otherwise a request that stays in flight across several events could
+collect hops in each (a request stamped by one event's next ring can arrive during the
+following event, whose previous ring is that same ring).  The longest path is
 a request routed by a PRE_SCALING node, arriving late at ``A`` after ``A`` entered NORMAL(n):
 A →(N3) B →(S4 pull) A →(N2 hand-on) B, serve.  Once every node is NORMAL on
 one ring, a request is served where it arrives or after one forward (N1/N3).
@@ -134,6 +136,7 @@ __all__ = [
     "Request",
     "Serve",
     "Stage",
+    "counted_since",
     "decide",
     "drain_destination",
 ]
@@ -197,8 +200,11 @@ class Request:
 
     token: int
     epoch: int = 0  # the epoch of the ring that chose the node it was sent to
-    hops: int = 0  # transfers so far
+    hops: int = 0  # transfers so far (since the count last restarted)
     arrival: Arrival = Arrival.PLAIN
+    #: The newest epoch known where the hop count last restarted (see :func:`counted_since`).
+    #: None: restart only for a request stamped by a ring older than the receiver's.
+    since: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,10 +252,13 @@ def decide(view: NodeView, holding: Holding, request: Request) -> Decision:
     """
     if request.arrival is Arrival.HANDOFF and request.epoch == view.epoch:  # H
         return Serve(adopt=True)
-    # A request stamped by a ring older than ours was routed by a node that has since been
-    # overtaken by a scaling event: we route it afresh, so its hop count starts again (this
-    # keeps the bound per event even for a request that stays in flight across several).
-    hops = 1 if request.epoch < view.ring.epoch else request.hops + 1
+    # A request counted under an older newest-epoch than ours has been overtaken by a
+    # scaling event: we route it afresh, so its hop count starts again (this keeps the bound
+    # per event even for a request that stays in flight across several).
+    if request.since is None:
+        hops = 1 if request.epoch < view.ring.epoch else request.hops + 1
+    else:
+        hops = 1 if request.since < view.epoch else request.hops + 1
     if hops > MAX_HOPS:  # X
         return Reject(f"request went {request.hops} hops without being served")
     if request.epoch > view.epoch:
@@ -278,6 +287,20 @@ def decide(view: NodeView, holding: Holding, request: Request) -> Decision:
     if holding is Holding.RECORD or (prev == me and holding is Holding.NONE):  # S3
         return Forward(nxt, view.next_ring.epoch, hops, handoff=True)
     return Forward(nxt, view.next_ring.epoch, hops)  # S3 (handed on already), S5
+
+
+def counted_since(view: NodeView, request: Request) -> int:
+    """The ``since`` a request forwarded by ``view.me`` carries: the newest epoch known to any
+    node that counted its hops since the count last restarted.
+
+    Why not restart on the routing stamp (``epoch``) alone: a request stamped with an
+    event's next ring by a SCALING node (rules S3/S5) may arrive after the next event has
+    begun, whose previous ring is that very ring, so the stamp is not older and the hops of
+    both events add up (Hypothesis found 5).  ``since`` moves only when a node that knows a
+    newer event handles the request, and it restarts the count there: within one such
+    window the bound of one event holds, and there are finitely many windows."""
+    since = request.epoch if request.since is None else request.since
+    return max(since, view.epoch)
 
 
 def drain_destination(view: NodeView, token: int) -> str | None:

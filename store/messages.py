@@ -707,6 +707,7 @@ class KeyOp:
     hops: int
     arrival: int
     extra: Any = None
+    since: int | None = None  # ring.ownership.Request.since
 
 
 @message(17)
@@ -890,3 +891,17 @@ class Fence:
     origin: str
     map: str
     key: Key
+    #: A node that left: answer only once its :class:`Gone` has arrived here (everything
+    #: it forwarded here came before it).  Set when the fence cannot go through that node
+    #: any more and goes straight to the object's new place instead.
+    after: str | None = None
+
+
+@message(31)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Gone:
+    """A node that left the ring says goodbye, after everything it forwarded: the receiver
+    answers with a :class:`Reply` and sends it nothing more (so the leaver may exit once
+    every member has answered: what each sent before its answer has been handled)."""
+
+    req_id: int

@@ -54,6 +54,7 @@ from ring.ownership import (
     Request,
     Serve,
     Stage,
+    counted_since,
     decide,
     drain_destination,
 )
@@ -74,6 +75,7 @@ from store.messages import (
     Evacuate,
     Fence,
     Fold,
+    Gone,
     HandOn,
     HandOnAck,
     KeyOp,
@@ -242,6 +244,10 @@ class NodeState:
         #: Objects evacuated to this node while its own fence for them was out: they are
         #: installed when it returns (calls for them wait, see :meth:`_expects`).
         self._arriving: dict[K, Held] = {}
+        #: Nodes that left and said goodbye (:class:`Gone`): nothing more is sent to them.
+        self.departed: set[str] = set()
+        #: Fences waiting for a leaver's goodbye, by leaver (see ``Fence.after``).
+        self._after_gone: dict[str, list[tuple[Fence, str]]] = {}
         self._next_id = 0
         self._unacked = 0  # hand-ons of this event not yet acknowledged
         #: The last exception a message handler raised (counted in statistics().errors).
@@ -339,7 +345,8 @@ class NodeState:
 
     def _key_op(self, op: Op, k: K, kind: int, req_id: int, extra: Any = None) -> None:
         """Start a key-layer request at this node, as its origin."""
-        msg = KeyOp(int(op), k[0], k[1], kind, self.name, req_id, self.view.epoch, 0, 0, extra)
+        epoch = self.view.epoch
+        msg = KeyOp(int(op), k[0], k[1], kind, self.name, req_id, epoch, 0, 0, extra, epoch)
         self._route(msg)
 
     def _holding(self, k: K) -> Holding:
@@ -352,9 +359,8 @@ class NodeState:
     def _route(self, msg: KeyOp, sender: str | None = None) -> None:
         k = (msg.map, msg.key)
         arrival = Arrival(_ARRIVALS[msg.arrival])
-        decision = decide(
-            self.view, self._holding(k), Request(key_token(*k), msg.epoch, msg.hops, arrival)
-        )
+        request = Request(key_token(*k), msg.epoch, msg.hops, arrival, msg.since)
+        decision = decide(self.view, self._holding(k), request)
         own_extra = msg.extra[2] if msg.arrival == 2 else msg.extra
         if isinstance(decision, Serve):
             if decision.adopt:
@@ -377,16 +383,20 @@ class NodeState:
                     self.handed.add(k)
                     self._unacked += 1
                     self.records_handed_on += 1
-            self._relay(msg, decision.to, decision.epoch, decision.hops, arrival_code, extra)
+            since = counted_since(self.view, request)
+            self._relay(msg, decision.to, decision.epoch, decision.hops, arrival_code, extra, since)
             return
         if isinstance(decision, Pull):
             self.stats.forwarded += 1
-            self._relay(msg, decision.source, decision.epoch, decision.hops, 1, own_extra)
+            since = counted_since(self.view, request)
+            self._relay(msg, decision.source, decision.epoch, decision.hops, 1, own_extra, since)
             return
         self._count_error("rejected-request")
         self._reply(msg.origin, msg.req_id, Status.ERROR, ["Rejected", decision.reason])
 
-    def _relay(self, msg: KeyOp, to: str, epoch: int, hops: int, arrival: int, extra: Any) -> None:
+    def _relay(
+        self, msg: KeyOp, to: str, epoch: int, hops: int, arrival: int, extra: Any, since: int
+    ) -> None:
         """Send ``msg`` on to ``to`` with the routing version ``ring.ownership`` chose."""
         self._send(
             to,
@@ -401,6 +411,7 @@ class NodeState:
                 hops,
                 arrival,
                 extra,
+                since,
             ),
         )
 
@@ -420,8 +431,9 @@ class NodeState:
         rec = self.records[k] = KeyRecord(kind, owner, version, exists)
         rec.busy = busy
         if queued:
+            epoch = self.view.epoch
             rec.queue = deque(
-                KeyOp(op, k[0], k[1], kind_, origin, req_id, self.view.epoch, 0, 0, extra)
+                KeyOp(op, k[0], k[1], kind_, origin, req_id, epoch, 0, 0, extra, epoch)
                 for op, kind_, origin, req_id, extra in queued
             )
 
@@ -1009,13 +1021,13 @@ class NodeState:
         it).  O(1); no message object per call."""
         self.stats.untethered_calls += 1
         if self._dest.get(k) != owner and self._needs_fence(k, owner):
-            self._fence(k, lambda: self._untethered_now(k, method, args, owner))
+            self._fence(k, owner, lambda: self._untethered_now(k, method, args, owner))
             return
         self._untethered_now(k, method, args, owner)
 
     def _untethered_now(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None:
         if self._fencing and self._needs_fence(k, owner):  # (a deferred call, still behind)
-            self._fence(k, lambda: self._untethered_now(k, method, args, owner))
+            self._fence(k, owner, lambda: self._untethered_now(k, method, args, owner))
             return
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         self.untethered_since_flush.add(owner)
@@ -1057,7 +1069,7 @@ class NodeState:
         place is leaving: the calls sent before it must not be overtaken)."""
         assert pending.k is not None
         if self._needs_fence(pending.k, owner):
-            self._fence(pending.k, lambda: self._reship(pending, owner))
+            self._fence(pending.k, owner, lambda: self._reship(pending, owner))
             return
         self._ship_call(pending, owner)
 
@@ -1089,7 +1101,7 @@ class NodeState:
         """Deliver the updates of a replica taken out of :attr:`replicas` to the object at
         ``to`` (this node: merged here), after a fence when one is needed."""
         if (self._dest or self._fencing) and self._needs_fence(k, to):
-            self._fence(k, lambda: self._fold_out(k, replica, to))
+            self._fence(k, to, lambda: self._fold_out(k, replica, to))
             return
         if to == self.name:
             held = self.objects.get(k)
@@ -1128,15 +1140,20 @@ class NodeState:
         view = self.view
         return prev not in (view.ring if view.next_ring is None else view.next_ring)
 
-    def _fence(self, k: K, then: Callable[[], None]) -> None:
-        """Run ``then`` once every numbered message of ``k`` sent so far has reached the
-        object: send a fence where they went (unless one is out), and queue ``then``."""
+    def _fence(self, k: K, to: str, then: Callable[[], None]) -> None:
+        """Run ``then`` (which sends to ``to``) once every numbered message of ``k`` sent so
+        far has reached the object: send a fence where they went (unless one is out), and
+        queue ``then``.  If that node has gone, the fence goes to ``to`` and waits there
+        for the goodbye that followed everything the leaver forwarded."""
         waiting = self._fencing.get(k)
         if waiting is None:
             prev = self._dest.pop(k)
             req_id, _ = self._new_pending("fence", k, None)
             waiting = self._fencing[k] = []
-            self._send(prev, Fence(req_id, self.name, k[0], k[1]))
+            if prev in self.departed:
+                self._send(to, Fence(req_id, self.name, k[0], k[1], prev))
+            else:
+                self._send(prev, Fence(req_id, self.name, k[0], k[1]))
         waiting.append(then)
 
     def _call_later(
@@ -1163,12 +1180,15 @@ class NodeState:
                 else:
                     wait.resolve(result)
 
-        self._fence(k, again)
+        to = self.name if k in self.objects and info.kind is ObjectKind.MULTI else owner
+        self._fence(k, to, again)
         return wait
 
     def _on_fence(self, msg: Fence, sender: str) -> None:
         k = (msg.map, msg.key)
-        if k in self.objects or k in self._arriving:
+        if msg.after is not None and msg.after not in self.departed:
+            self._after_gone.setdefault(msg.after, []).append((msg, sender))
+        elif k in self.objects or k in self._arriving:
             self._reply(msg.origin, msg.req_id, Status.OK)
         elif self._expects(k):
             self._parked.setdefault(k, []).append((msg, sender))
@@ -1182,12 +1202,32 @@ class NodeState:
         assert k is not None
         held = self._arriving.pop(k, None)
         if held is not None:
-            self.objects[k] = held
+            self._install(k, held)
         waiting = self._fencing.pop(k, [])
         if not self._expects(k):
             self._unpark(k)  # calls that came for the arriving object, in their order
         for then in waiting:
             then()
+
+    def _on_gone(self, msg: Gone, sender: str) -> None:
+        self.departed.add(sender)
+        self._reply(sender, msg.req_id, Status.OK)
+        for fence, via in self._after_gone.pop(sender, ()):
+            self._on_fence(fence, via)
+
+    def farewell(self, nodes: list[str]) -> list[Wait[Any]]:
+        """This node left the ring: say goodbye to ``nodes`` (after everything it has
+        queued for them).  It may stop once every Wait is resolved: each of them has
+        sent it nothing since, and it has handled (forwarded) all they had sent."""
+        waits = []
+        for node in nodes:
+            req_id, pending = self._new_pending("plain", None, None)
+            wait: Wait[Any] = Wait(("gone", node))
+            pending.waits.append(wait)
+            self._send(node, Gone(req_id))
+            waits.append(wait)
+        self._pump()
+        return waits
 
     def undeliverable(self, to: str, msgs: list[Message]) -> None:
         """The shell could not send ``msgs`` to ``to``, a node that left: a fence among them
@@ -1195,6 +1235,10 @@ class NodeState:
         for msg in msgs:
             if isinstance(msg, Fence) and msg.origin == self.name:
                 self._on_reply(Reply(msg.req_id, int(Status.OK), None), to)
+            elif isinstance(msg, Call) and msg.req_id:
+                # A blocking call through a reference taken before the node left: find the
+                # object again (the caller waits a little longer, nothing is lost).
+                self._on_reply(Reply(msg.req_id, int(Status.NOT_HERE), None), to)
             else:
                 self._count_error("sent-to-departed-node")
         self._pump()
@@ -1253,7 +1297,9 @@ class NodeState:
                 if owner not in members:  # evacuated to its key owner under the new ring
                     self.replicas[k] = (replica, view.ring.owner(key_token(*k)))
             self._drain_keys = None
-        elif view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
+        if self.departed:  # a name that joins again is a new process: talk to it
+            self.departed -= view.ring.nodes | (view.next_ring.nodes if view.next_ring else set())
+        if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
             self._unacked = 0
             self._drain_keys = None
         self.view = view
@@ -1354,13 +1400,21 @@ class NodeState:
             # Our own calls of it may still be on their way through the leaving node: the
             # object is used here only once they have arrived (the fence comes back).
             self._arriving[k] = held
-            self._fence(k, _nothing)
+            self._fence(k, self.name, _nothing)
         else:
-            self.objects[k] = held
+            self._install(k, held)
         self.stats.migrations_in += 1
         if self.trace is not None and info.kind is ObjectKind.SINGLE:
             self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
         self._send(sender, HandOnAck(msg.map, msg.key, self.view.epoch))
+
+    def _install(self, k: K, held: Held) -> None:
+        """Hold an object evacuated to this node.  Updates this node made into a replica
+        while the object was elsewhere are merged first: a local reference taken from now
+        on calls the object directly, and its calls must come after them."""
+        self.objects[k] = held
+        if k in self.replicas:
+            self._fold_local_replica(k, held)
 
     def _on_hand_on(self, msg: HandOn, sender: str) -> None:
         k = (msg.map, msg.key)
@@ -1438,6 +1492,7 @@ _HANDLERS: dict[type, Callable[[NodeState, Any, str], None]] = {
     Evacuate: NodeState._on_evacuate,
     Untethered: NodeState._on_untethered,
     Fence: NodeState._on_fence,
+    Gone: NodeState._on_gone,
 }
 
 _REPLY_HANDLERS: dict[str, Callable[[NodeState, _Pending, Reply], None]] = {

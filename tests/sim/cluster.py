@@ -29,6 +29,7 @@ from ring.ownership import (
     Request,
     Serve,
     Stage,
+    counted_since,
     decide,
     drain_destination,
 )
@@ -86,6 +87,7 @@ class Msg:
     payload: Record | None = None  # the authority carried by a HANDOFF
     needs_ack: bool = False  # the sender counts this hand-on until it is acknowledged
     ack: bool = False
+    since: int | None = None  # ring.ownership.Request.since
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Cluster:
         rid = len(self.requests)
         self.requests[rid] = RequestLog(rid, key, op, self.converged(), self.events)
         node = self.nodes[at]
-        msg = Msg(key, node.view().epoch, 0, Arrival.PLAIN, op, rid)
+        msg = Msg(key, node.view().epoch, 0, Arrival.PLAIN, op, rid, since=node.view().epoch)
         self.handle(node, msg, sender=None)
 
     def deliver(self, pair: tuple[str, str]) -> None:
@@ -203,15 +205,16 @@ class Cluster:
         if msg.op is None:  # a background-drain hand-on, no request riding on it
             self.adopt(node, msg, sender)
             return
-        decision = self.decide(
-            node.view(), node.holding(msg.key), Request(token, msg.epoch, msg.hops, msg.arrival)
-        )
+        request = Request(token, msg.epoch, msg.hops, msg.arrival, msg.since)
+        decision = self.decide(node.view(), node.holding(msg.key), request)
+        since = counted_since(node.view(), request)
         if isinstance(decision, Serve):
             if decision.adopt:
                 self.adopt(node, msg, sender)
             self.serve(node, msg)
         elif isinstance(decision, Forward):
             out = Msg(msg.key, decision.epoch, decision.hops, Arrival.PLAIN, msg.op, msg.request_id)
+            out.since = since
             if decision.handoff:
                 out.arrival = Arrival.HANDOFF
                 out.payload = node.records.pop(msg.key, None) or Record(exists=False)
@@ -222,6 +225,7 @@ class Cluster:
             self.send(node.name, decision.to, out)
         elif isinstance(decision, Pull):
             out = Msg(msg.key, decision.epoch, decision.hops, Arrival.PULL, msg.op, msg.request_id)
+            out.since = since
             self.send(node.name, decision.source, out)
         else:
             assert isinstance(decision, Reject)

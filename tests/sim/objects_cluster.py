@@ -204,6 +204,8 @@ class ObjectCluster:
         self.event: Event | None = None
         self.highest_epoch = self.ring.epoch
         self.gone: set[str] = set()  # nodes that left the ring (kept alive for stragglers)
+        self.farewells: dict[str, list[Wait[Any]]] = {}  # goodbyes said, and their answers
+        self.exited: set[str] = set()  # nodes gone for good: messages to them are undeliverable
 
     def add_node(self, name: str) -> NodeState:
         """A NodeState on the cluster's current ring, with the maps, trace and drop hook."""
@@ -383,11 +385,43 @@ class ObjectCluster:
         return bool(live)
 
     def collect(self) -> None:
-        """Move every node's outbox onto the pair queues."""
-        for name, state in self.nodes.items():
-            for dest, msgs in state.take_outbox().items():
-                assert dest != name, "a node queued a message to itself in its outbox"
-                self.queues.setdefault((name, dest), deque()).extend(msgs)
+        """Move every node's outbox onto the pair queues; what is meant for a node that
+        exited goes back to its sender as undeliverable (as the shell does)."""
+        again = True
+        while again:
+            again = False
+            for name, state in self.nodes.items():
+                for dest, msgs in state.take_outbox().items():
+                    assert dest != name, "a node queued a message to itself in its outbox"
+                    if dest in self.exited:
+                        state.undeliverable(dest, msgs)
+                        again = True
+                    else:
+                        self.queues.setdefault((name, dest), deque()).extend(msgs)
+
+    # -- a node that left says goodbye, then exits ---------------------------------------------
+
+    def can_say_goodbye(self, name: str) -> bool:
+        return name in self.gone and name not in self.farewells and self.event is None
+
+    def say_goodbye(self, name: str) -> None:
+        """What a leaver's shell does once it has left: :meth:`NodeState.farewell`."""
+        assert self.can_say_goodbye(name)
+        others = sorted(set(self.ring.nodes) - {name})
+        self.farewells[name] = self.nodes[name].farewell(others)
+        self.settle()
+
+    def can_exit(self, name: str) -> bool:
+        waits = self.farewells.get(name)
+        return name not in self.exited and waits is not None and all(w.done() for w in waits)
+
+    def exit(self, name: str) -> None:
+        """Every member answered the goodbye: nothing may be on its way to the node."""
+        assert self.can_exit(name)
+        late = [(src, msg) for (src, dst), q in self.queues.items() if dst == name for msg in q]
+        if late:
+            raise Violation(f"{name} exits after its goodbye, with messages on their way: {late}")
+        self.exited.add(name)
 
     def busy_pairs(self) -> list[tuple[str, str]]:
         return sorted(pair for pair, q in self.queues.items() if q)

@@ -203,6 +203,18 @@ class ScalingObjectSpaceMachine(RuleBasedStateMachine):
         self.cluster.mw_refs = [r for r in self.cluster.mw_refs if r.node != name]
         self.cluster.start_event(removed=[name])
 
+    @precondition(lambda self: any(self.cluster.can_say_goodbye(n) for n in self.cluster.gone))
+    @rule(data=st.data())
+    def say_goodbye(self, data: st.DataObject) -> None:
+        c = self.cluster
+        c.say_goodbye(self.pick(data, [n for n in c.gone if c.can_say_goodbye(n)]))
+
+    @precondition(lambda self: any(self.cluster.can_exit(n) for n in self.cluster.gone))
+    @rule(data=st.data())
+    def exit(self, data: st.DataObject) -> None:
+        c = self.cluster
+        c.exit(self.pick(data, [n for n in c.gone if c.can_exit(n)]))
+
     def participants(self) -> list[str]:
         event = self.cluster.event
         return [] if event is None else event.participants
@@ -305,7 +317,8 @@ def with_message_log() -> Iterator[None]:
     except Violation as exc:
         if objects_cluster.MESSAGE_LOG is None:
             raise
-        tail = "\n".join(objects_cluster.MESSAGE_LOG[-150:])
+        count = int(os.environ.get("S6_SIM_LOG_TAIL", "150"))
+        tail = "\n".join(objects_cluster.MESSAGE_LOG[-count:])
         raise Violation(f"{exc}\nmessages handled, oldest first:\n{tail}") from None
 
 
