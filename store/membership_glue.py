@@ -152,6 +152,8 @@ async def leave(node: Node, membership: Membership) -> None:
                 logger.info("%s waits to leave: %s", node.name, exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.5)
+        if membership.left:
+            await node.farewell()
 
 
 #: Seconds a member waits to finish its work and be scaled in before it gives up.

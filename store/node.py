@@ -54,6 +54,9 @@ BARRIER_RETRY = 2.0
 #: has queued (see :meth:`Node.send_remaining`).  The close handshake comes on top.
 EXIT_FLUSH_TIMEOUT = 1.0
 
+#: Seconds a node that left waits for the members to answer its goodbye before it stops.
+FAREWELL_TIMEOUT = 5.0
+
 #: How long a node waits for the websocket close handshake when it shuts a link down.  By
 #: then it has handed everything over, so a peer that does not answer quickly is not
 #: worth the transport's default 5 s on every exit.
@@ -178,6 +181,25 @@ class Node:
                 except StoreError:
                     pass  # that link broke: what it held is gone, as the transport logged
 
+    async def farewell(self) -> None:
+        """This node has left the ring: say goodbye to every member and wait (at most
+        ``FAREWELL_TIMEOUT``) for each to answer.  A member answers after handling
+        everything it sent here, and sends nothing here after it, so once all have
+        answered, what this node forwarded for the objects it evacuated is all there is:
+        stopping then loses nothing (``send_remaining`` sends it)."""
+        state = self.state
+        view = state.view
+        ring = view.ring if view.next_ring is None else view.next_ring
+        others = sorted(ring.nodes - {self.name})
+        waits = state.farewell(others)
+        self._kick.set()
+        with trio.move_on_after(FAREWELL_TIMEOUT) as scope:
+            for wait in waits:
+                await wait
+        if scope.cancelled_caught:
+            missing = [n for n, w in zip(others, waits, strict=True) if not w.done()]
+            logger.warning("%s: no goodbye answer from %s; stopping anyway", self.name, missing)
+
     def kick(self) -> None:
         """Something urgent may be queued: wake the sender.  Cheap when nothing is."""
         if self.state.urgent:
@@ -201,11 +223,12 @@ class Node:
             self._sending = True
             try:
                 for dest, msgs in state.take_outbox().items():
-                    if dest not in members and dest not in self._peers:
-                        # A node that left the cluster: nothing it could answer matters now,
-                        # and dialing a process on its way out can hang (it accepts, never
-                        # answers).
-                        state._count_error("sent-to-departed-node")
+                    if dest in state.departed or (dest not in members and dest not in self._peers):
+                        # A node that left the cluster (and said goodbye, or is not even
+                        # connected): it could not answer, and dialing a process on its way
+                        # out can hang (it accepts, never answers).  The core answers what it
+                        # can itself (fences, blocking calls go elsewhere) and counts the rest.
+                        state.undeliverable(dest, msgs)
                         continue
                     try:
                         peer = self._peers.get(dest)

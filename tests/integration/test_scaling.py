@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 import store
@@ -79,15 +78,6 @@ async def values(space: store.Space) -> AsyncIterator[tuple[str, Any]]:
             yield f"hits/{key}", await ref.value()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known open bug: now and then (about 1 run in 25) one untethered Tally.add is "
-    "lost around the scale-in, so a tally ends one short and no node counts an error: "
-    "apparently shipped to a member that has just left (a reference taken before the event "
-    "still names it), which exits before it reads or forwards the call. Being fixed in "
-    "store.core. (The flush hang once marked here is fixed: the worker's report was a "
-    "blocking print that froze its node.)",
-)
 async def test_scale_out_and_in_under_load_loses_and_doubles_nothing(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(os.urandom(16).hex().encode())
