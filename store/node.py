@@ -223,11 +223,12 @@ class Node:
             self._sending = True
             try:
                 for dest, msgs in state.take_outbox().items():
-                    if dest in state.departed or (dest not in members and dest not in self._peers):
-                        # A node that left the cluster (and said goodbye, or is not even
-                        # connected): it could not answer, and dialing a process on its way
-                        # out can hang (it accepts, never answers).  The core answers what it
-                        # can itself (fences, blocking calls go elsewhere) and counts the rest.
+                    if dest not in members and dest not in self._peers:
+                        # A node that left the cluster, and we are not even connected: it
+                        # could not answer, and dialing a process on its way out can hang (it
+                        # accepts, never answers).  The core answers what it can itself
+                        # (fences, blocking calls go elsewhere) and counts the rest.  (After
+                        # a node's goodbye the core itself sends it nothing.)
                         state.undeliverable(dest, msgs)
                         continue
                     try:

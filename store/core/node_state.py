@@ -280,6 +280,9 @@ class NodeState:
     # -- sending --
 
     def _send(self, to: str, msg: Message, urgent: bool = True) -> None:
+        if self.departed and to in self.departed:
+            self._bounce(to, msg)
+            return
         if self._untethered and to in self._untethered:
             self._flush_untethered(to)  # keep this sender's order: earlier calls go first
         if to == self.name:
@@ -1210,8 +1213,8 @@ class NodeState:
             then()
 
     def _on_gone(self, msg: Gone, sender: str) -> None:
+        self._reply(sender, msg.req_id, Status.OK)  # (the last message it gets from us)
         self.departed.add(sender)
-        self._reply(sender, msg.req_id, Status.OK)
         for fence, via in self._after_gone.pop(sender, ()):
             self._on_fence(fence, via)
 
@@ -1233,15 +1236,20 @@ class NodeState:
         """The shell could not send ``msgs`` to ``to``, a node that left: a fence among them
         is answered here (nothing more can come through that node), the rest is counted."""
         for msg in msgs:
-            if isinstance(msg, Fence) and msg.origin == self.name:
-                self._on_reply(Reply(msg.req_id, int(Status.OK), None), to)
-            elif isinstance(msg, Call) and msg.req_id:
-                # A blocking call through a reference taken before the node left: find the
-                # object again (the caller waits a little longer, nothing is lost).
-                self._on_reply(Reply(msg.req_id, int(Status.NOT_HERE), None), to)
-            else:
-                self._count_error("sent-to-departed-node")
+            self._bounce(to, msg)
         self._pump()
+
+    def _bounce(self, to: str, msg: Message) -> None:
+        """``msg`` cannot reach ``to``, which left: answer it here if we can (the answers
+        are handled like any message to ourselves), else count it."""
+        if isinstance(msg, Fence) and msg.origin == self.name:
+            self._local.append(Reply(msg.req_id, int(Status.OK), None))
+        elif isinstance(msg, Call) and msg.req_id:
+            # A blocking call through a reference taken before the node left: find the
+            # object again (the caller waits a little longer, nothing is lost).
+            self._local.append(Reply(msg.req_id, int(Status.NOT_HERE), None))
+        else:
+            self._count_error("sent-to-departed-node")
 
     def fold_replicas(self) -> None:
         """Send every replica's updates to its owner (the merge interval, and ``flush``)."""

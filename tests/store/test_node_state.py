@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from ring.hashring import HashRing, key_token
+from ring.ownership import NodeView, Stage
 from store.core.node_state import Held, NodeState, Op
 from store.core.objects import ClassInfo, SingleWriter, info_of
 from store.core.scheduler import Wait
@@ -585,3 +586,69 @@ def test_state_that_cbor_cannot_encode_fails_with_a_type_error_when_it_must_trav
 
 def test_info_of_the_test_classes() -> None:
     assert isinstance(SW, ClassInfo) and MM.mergeable and not MW.mergeable
+
+
+# -- the scale-in boundary: fences and goodbyes -------------------------------------------------
+
+
+def scale_in(net: Net, leaver: str) -> HashRing:
+    """Every node of ``net`` in SCALING towards the ring without ``leaver``."""
+    nxt = net.ring.with_nodes(removed=[leaver])
+    for name, state in net.nodes.items():
+        state.enter_stage(NodeView(name, Stage.PRE_SCALING, net.ring, nxt))
+    for name, state in net.nodes.items():
+        state.enter_stage(NodeView(name, Stage.SCALING, net.ring, nxt))
+    return nxt
+
+
+def test_calls_sent_to_a_leaver_are_not_overtaken_by_later_ones_sent_straight_on(
+    make_net: Any,
+) -> None:
+    """Regression: b's untethered calls on their way to the leaving a are forwarded by a to
+    the object's new holder; b's next call, made once b knows the new place, must not
+    arrive before them (b's calls apply in b's order).  A fence goes through a first."""
+    net = make_net(["a", "b", "c"])
+    nxt = net.ring.with_nodes(removed=["a"])
+    key = next(
+        n
+        for n in range(1000)
+        if net.ring.owner(key_token("mw", n)) == "a" and nxt.owner(key_token("mw", n)) == "c"
+    )
+    k = ("mw", key)
+    assert result(net["a"].locate("mw", key, True)) == ("a", True)
+    net.deliver_all()
+    net["b"].untethered(k, "bump", ("b", 1, 1), "a")
+    net["b"].untethered(k, "bump", ("b", 2, 1), "a")
+    net.collect()  # b's calls are on their way to a
+    scale_in(net, "a")
+    net["a"].drain(100)  # a evacuates the object to its next key owner, c
+    net.deliver_pair("a", "c")
+    net.deliver_pair("c", "a")
+    assert k in net["c"].objects
+    net["b"].untethered(k, "bump", ("b", 3, 1), "c")  # b learnt the new place
+    assert not net.queued("b", "c"), "the third call went ahead of the first two"
+    assert [type(m).__name__ for m in net.queued("b", "a")] == ["Untethered", "Fence"]
+    net.deliver_all()
+    assert net["c"].objects[k].obj.log == [["b", 1], ["b", 2], ["b", 3]]
+
+
+def test_a_goodbye_is_answered_and_nothing_is_sent_to_the_leaver_after_it(
+    make_net: Any,
+) -> None:
+    """Regression: the answer to a goodbye was itself dropped as a message to a departed
+    node, so a leaver always waited out its timeout.  After answering, a node sends the
+    leaver nothing; a blocking call through a stale reference finds the object again."""
+    net = make_net(["a", "b", "c"])
+    key = net.key("mw", "c")
+    k = ("mw", key)
+    assert result(net["c"].locate("mw", key, True)) == ("c", True)
+    net.deliver_all()
+    (bye,) = net["a"].farewell(["b"])
+    net.deliver("a", "b")
+    assert [type(m) for m in net.queued("b", "a")] == [Reply]
+    net.deliver_all()
+    assert result(bye) is None and "a" in net["b"].departed
+    value = net["b"].call(k, MW, "add", ("b", 1, 5), "a", 0.0)  # a stale owner: a
+    assert not net.queued("b", "a")
+    net.deliver_all()
+    assert result(value) == 5 and net["b"].locations[k] == "c"
