@@ -7,9 +7,12 @@ first line on stdout is ``node HOST:PORT admitted epoch E``, for scripts and tes
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import signal
 import sys
+from typing import Any
 
 import trio
 
@@ -28,29 +31,47 @@ def parser() -> OneLineParser:
     p.add_argument("--secret-file", help="file holding the cluster secret")
     p.add_argument("--drain-rate", type=int, default=None, help="key records moved per second")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING"])
+    # A test aid, not an operator option: record every SingleWriter grant and release of
+    # this node (NodeState.trace) and write them to FILE as JSON lines when the node exits,
+    # so that an integration test can check the grant chain across processes.
+    p.add_argument("--trace-grants", metavar="FILE", help=argparse.SUPPRESS)
     return p
 
 
-async def serve(controller: str, listen: str, secret: bytes, drain_rate: int | None) -> None:
+async def serve(
+    controller: str,
+    listen: str,
+    secret: bytes,
+    drain_rate: int | None,
+    trace_file: str | None = None,
+) -> None:
     from store.membership_glue import join_space
 
     options = {} if drain_rate is None else {"drain_rate": drain_rate}
-    async with join_space(controller, listen, secret, options) as space:
-        print(f"node {space.name} admitted epoch {space.node.state.view.epoch}", flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            membership = space.node.membership
-            async with trio.open_nursery() as nursery:
+    trace: list[tuple[str, str, Any, int, str]] = []
+    try:
+        async with join_space(controller, listen, secret, options) as space:
+            if trace_file is not None:
+                space.node.state.trace = trace  # (test aid, see --trace-grants)
+            print(f"node {space.name} admitted epoch {space.node.state.view.epoch}", flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                membership = space.node.membership
+                async with trio.open_nursery() as nursery:
 
-                async def until_left() -> None:
-                    await membership.wait_left()
-                    nursery.cancel_scope.cancel()
+                    async def until_left() -> None:
+                        await membership.wait_left()
+                        nursery.cancel_scope.cancel()
 
-                nursery.start_soon(until_left)
-                async for _ in signals:
-                    # A signal asks for a graceful scale-in: hand everything over, then exit.
-                    print(f"node {space.name} leaving", flush=True)
-                    nursery.cancel_scope.cancel()
-                    break
+                    nursery.start_soon(until_left)
+                    async for _ in signals:
+                        # A signal asks for a graceful scale-in: hand everything over, then exit.
+                        print(f"node {space.name} leaving", flush=True)
+                        nursery.cancel_scope.cancel()
+                        break
+    finally:
+        if trace_file is not None:  # after a scale-in's evacuation: its releases are in it
+            with open(trace_file, "w", encoding="utf-8") as out:
+                out.writelines(json.dumps(entry) + "\n" for entry in trace)
 
 
 def main() -> None:
@@ -60,7 +81,7 @@ def main() -> None:
     if args.drain_rate is not None and args.drain_rate <= 0:
         fail(PROG, "--drain-rate must be a positive number of records per second", 2)
     try:
-        trio.run(serve, args.controller, args.listen, secret, args.drain_rate)
+        trio.run(serve, args.controller, args.listen, secret, args.drain_rate, args.trace_grants)
     except KeyboardInterrupt:
         pass
     except BaseException as exc:  # one clear line for what we expect, a traceback otherwise

@@ -11,7 +11,11 @@ Reads commands on stdin, one per line, and answers on stdout:
   until ``stop``;
 * ``stop``: flushes and prints one JSON line: how many updates it issued per object, and
   every failure it saw;
-* ``leave``: leaves the space gracefully (a scale-in of this member) and exits.
+* ``leave``: leaves the space gracefully (a scale-in of this member), writes its
+  SingleWriter grant trace to ``--trace`` (if given), prints ``left`` and exits.
+
+The trace is written only after leaving because the objects this member evacuates at its
+scale-in are part of it (a release here, a grant at the receiver).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import trio
 
 import store
 from store.cli_common import read_secret
+from tests.integration.grant_chain import Entry, write_trace
 from tests.integration.objects import Cell, Hits, Tally
 from tests.integration.worker import dump
 
@@ -61,7 +66,10 @@ async def run(args: argparse.Namespace) -> None:
     rng = random.Random(args.id)
     stdin = trio.lowlevel.FdStream(os.dup(0))
     commands = lines(stdin)
+    trace: list[Entry] = []
     async with store.open_space(controller=args.controller, secret=secret) as space:
+        if args.trace is not None:
+            space.node.state.trace = trace  # before this member can hold any object
         with trio.fail_after(30):
             while len(space.node.members()) < args.members:
                 await trio.sleep(0.01)
@@ -124,6 +132,8 @@ async def run(args: argparse.Namespace) -> None:
             raise
         await say(json.dumps({"name": space.name, "issued": issued, "failures": failures}))
         assert await commands.__anext__() == "leave"
+    if args.trace is not None:
+        write_trace(args.trace, trace)
     await say("left")
 
 
@@ -136,6 +146,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--sw", type=int, default=9_800)
     parser.add_argument("--mw", type=int, default=100)
+    parser.add_argument("--trace", help="file for this member's SingleWriter grant trace")
     trio.run(run, parser.parse_args())
 
 

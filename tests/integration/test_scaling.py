@@ -4,7 +4,9 @@ objects of both kinds continuously, a scale-out 3 -> 4 and a scale-in 4 -> 2 whi
 After the members flush, every object's state must equal a model of every update issued
 (untethered ones and merged replicas included: nothing lost, nothing counted twice), no
 request may have failed, and the controller's log must show epochs and stages moving only
-in the order the barrier allows.
+in the order the barrier allows.  Every process records its SingleWriter grants and
+releases, and merged they must form one chain per object (``grant_chain``): never two
+writable references to one SingleWriter, across migrations and evacuations alike.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import trio
 import store
 from store.controller import open_controller
 from store.core.barrier import check_transitions
+from tests.integration.grant_chain import Entry, check_grant_chain, read_trace
 from tests.integration.objects import Cell, Hits, Tally
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +86,7 @@ async def test_scale_out_and_in_under_load_loses_and_doubles_nothing(tmp_path: P
     secret_file.write_bytes(os.urandom(16).hex().encode())
     secret = secret_file.read_bytes()
     reports: list[dict[str, Any]] = []
+    checker_trace: list[Entry] = []
     with trio.fail_after(240):
         async with open_controller(secret=secret) as ctl, trio.open_nursery() as nursery:
             common = ["--controller", ctl.address, "--secret-file", str(secret_file)]
@@ -102,6 +106,8 @@ async def test_scale_out_and_in_under_load_loses_and_doubles_nothing(tmp_path: P
                     str(SW),
                     "--mw",
                     str(MW),
+                    "--trace",
+                    str(tmp_path / f"trace-{i}.jsonl"),
                 )
                 for i in range(WORKERS)
             ]
@@ -111,7 +117,14 @@ async def test_scale_out_and_in_under_load_loses_and_doubles_nothing(tmp_path: P
             await trio.sleep(1.0)  # load before the events (timing is not what is checked)
 
             # Scale-out 3 -> 4: a node process joins and is admitted automatically.
-            node = await Child.start(nursery, "-m", "store.node", *common)
+            node = await Child.start(
+                nursery,
+                "-m",
+                "store.node",
+                *common,
+                "--trace-grants",
+                str(tmp_path / "trace-node.jsonl"),
+            )
             node_name = (await node.line()).split()[1]
             await trio.sleep(1.0)
 
@@ -124,6 +137,7 @@ async def test_scale_out_and_in_under_load_loses_and_doubles_nothing(tmp_path: P
             assert await leaving.line() == "left"
             result = await ctl.scale_in([node_name])
             assert result.summary.get("members") == 2, result.text
+            assert await node.process.wait() == 0  # it has left; its trace is written
             await trio.sleep(0.5)
 
             for w in workers:
@@ -132,12 +146,22 @@ async def test_scale_out_and_in_under_load_loses_and_doubles_nothing(tmp_path: P
 
             # Check every object from a fresh member (its admission is one more event).
             async with store.open_space(controller=ctl.address, secret=secret) as checker:
+                checker.node.state.trace = checker_trace  # it receives objects by reading
                 seen = {key: value async for key, value in values(checker)}
                 for w in workers:
                     await w.say("leave")
                 for w in workers:
                     assert await w.line() == "left"
             nursery.cancel_scope.cancel()
+
+    traces = [read_trace(path) for path in sorted(tmp_path.glob("trace-*.jsonl"))]
+    assert len(traces) == WORKERS + 1
+    traces.append(checker_trace)
+    assert check_grant_chain(traces, gapless=True) == []
+    grants = Counter((m, key) for t in traces for e, m, key, _, _ in t if e == "grant")
+    assert set(grants) == {("cells", i) for i in range(SW)}  # each created, hence traced
+    moved = sum(grants.values()) - SW
+    assert moved > 1000, f"only {moved} SingleWriter migrations: the chain means little"
 
     failures = [f for r in reports for f in r["failures"]]
     assert failures == [], failures[:5]
