@@ -1,7 +1,8 @@
 """Scaling under load: a scale-out from one member to two and a scale-in back to one, while
 client traffic keeps flowing (the paper's §7.1, Figs. 6 and 7).
 
-Run ``python -m bench.scaling [--quick] [--load F] [--limit N] [--out results/scaling.json]``.
+Run ``python -m bench.scaling [--quick] [--load F] [--limit N] [--steer-over S]
+[--out results/scaling.json]``.
 
 The set-up follows the paper's synthetic NF.  A controller runs in this process; each of the
 two members, A and B, is a process of its own (``--member``, driven by JSON lines on its
@@ -20,6 +21,9 @@ never share a CPU thread with each other or with the controller.
    end (the paper's end-to-end packet latency): it includes the generator's tick and any
    queueing, not only the store's work.  ``--limit`` raises the number of microthreads a
    member keeps in flight before the generator has to wait (the store's default: 4096).
+   ``--steer-over S`` makes the load balancer move the flows that change member one by one
+   over S seconds instead of all at once (default 0, the paper's set-up): with all at once,
+   about 5,000 migrations are asked for within one packet gap of a flow (about 50 ms).
 3. **Scale-out**: B (started and imported beforehand) joins through the controller, which
    admits it automatically.  Once B is admitted, the load balancer sends B the flows whose
    key hashes to B on the two-member ring; B's first packet of each such flow pulls the
@@ -227,6 +231,9 @@ class Member:
             self.plans[plan] = [i for i, k in enumerate(keys) if ring.owner_of("flows", k) == me]
         self.rate = 0.0
         self.mine: list[int] = []
+        #: Gradual steering: flow -> (moment it changes member, whether it comes here).
+        self.switch: dict[int, tuple[float, bool]] = {}
+        self.target: list[int] = []  # the flows of the last plan steered to
         self.cursor = 0
         self.t0 = 0.0
         self.issued = 0
@@ -292,9 +299,25 @@ class Member:
         self.rec.clear()
         return done / took
 
-    def steer(self, rate: float, plan: str) -> float:
-        """From now on, this member's share of ``rate`` (its flows under ``plan``)."""
-        self.mine = self.plans[plan]
+    def steer(self, rate: float, plan: str, over: float = 0.0, start: float = 0.0) -> float:
+        """From now on, this member's share of ``rate`` (its flows under ``plan``).
+
+        With ``over`` > 0 the load balancer moves the flows that change member one by one
+        over that many seconds, each at a moment both members derive from its index (so
+        that a flow is never sent to both, nor to neither): this member walks the old and
+        the new flows together, each at its own per-flow rate, and skips a flow's turn
+        while the flow is elsewhere."""
+        new = self.plans[plan]
+        self.switch = {}
+        old, self.target = self.target, new
+        if over > 0:
+            old, now_set = set(old), set(new)
+            start = start or clock()  # (one monotonic clock for every process here)
+            for idx in old ^ now_set:
+                at = start + over * ((idx * 2654435761) % 2**32) / 2**32
+                self.switch[idx] = (at, idx in now_set)
+            new = sorted(old | now_set)
+        self.mine = new
         self.rate = rate * len(self.mine) / len(self.keys)
         self.cursor = 0
         self.t0 = clock()
@@ -321,6 +344,9 @@ class Member:
                 self.issued += 1
                 idx = mine[self.cursor]
                 self.cursor = (self.cursor + 1) % len(mine)
+                switch = self.switch.get(idx) if self.switch else None
+                if switch is not None and (arrival >= switch[0]) != switch[1]:
+                    continue  # the flow is at the other member at this moment
                 await self.submit(idx, arrival)
                 if self.rate != rate:
                     break  # steered while waiting for room
@@ -447,7 +473,7 @@ async def serve_commands(member: Member, chan: JsonLines) -> str:
         elif cmd == "capacity":
             reply = {"ops_per_s": await member.capacity(msg["seconds"])}
         elif cmd == "steer":
-            at = member.steer(msg["rate"], msg["plan"])
+            at = member.steer(msg["rate"], msg["plan"], msg.get("over", 0.0), msg.get("start", 0.0))
             reply = {"at": at, "flows": len(member.mine), "rate": member.rate}
         elif cmd == "stop":
             reply = await member.stop()
@@ -623,9 +649,11 @@ async def _orchestrate(
                 run.marks["join"] = clock()
                 await b.chan.send(join)
                 run.marks["admitted"] = (await b.answer())["at"]
+                over = size.get("steer_over", 0.0)
+                begin = clock()
                 steered = await both(
-                    lambda: a.ask("steer", rate=run.rate, plan="two"),
-                    lambda: b.ask("steer", rate=run.rate, plan="two"),
+                    lambda: a.ask("steer", rate=run.rate, plan="two", over=over, start=begin),
+                    lambda: b.ask("steer", rate=run.rate, plan="two", over=over, start=begin),
                 )
                 run.marks["steer_out"] = min(s["at"] for s in steered)
                 run.flows_b = steered[1]["flows"]
@@ -634,10 +662,17 @@ async def _orchestrate(
                 await trio.sleep(size["between"])
 
                 phase("scale-in: B leaves", 0)
-                run.marks["steer_in"] = clock()
-                await a.chan.send({"cmd": "steer", "rate": run.rate, "plan": "one"})
-                await b.chan.send({"cmd": "leave"})
-                await a.answer()
+                run.marks["steer_in"] = begin = clock()
+                steer_in = {"cmd": "steer", "rate": run.rate, "plan": "one", "over": over}
+                await a.chan.send({**steer_in, "start": begin})
+                if over > 0:  # B serves its flows until the balancer has moved them all
+                    await b.ask("steer", rate=run.rate, plan="one", over=over, start=begin)
+                    await a.answer()
+                    await trio.sleep(over)
+                    await b.chan.send({"cmd": "leave"})
+                else:
+                    await b.chan.send({"cmd": "leave"})
+                    await a.answer()
                 run.reports["B"] = await b.answer()
                 run.events["in"] = await finished_event(controller, "in", offset)
                 phase("after the scale-in", size["after"])
@@ -1156,6 +1191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="microthreads in flight per member before the generator waits (store default)",
     )
+    parser.add_argument(
+        "--steer-over",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="the load balancer moves flows between members gradually over S seconds "
+        "(default 0: all at once, the paper's set-up)",
+    )
     parser.add_argument("--member", metavar="CONTROLLER", help=argparse.SUPPRESS)
     parser.add_argument("--listen", default="127.0.0.1:0", help=argparse.SUPPRESS)
     parser.add_argument("--label", default="member", help=argparse.SUPPRESS)
@@ -1167,7 +1210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    size = SIZES["quick" if args.quick else "full"]
+    size = dict(SIZES["quick" if args.quick else "full"], steer_over=args.steer_over)
     # On a terminal rich fits the tables to its width; into a pipe or a file, 120 columns.
     console = Console(width=None if sys.stdout.isatty() else 120)
     started = clock()
@@ -1219,6 +1262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "offered_ops_per_s": round(run.rate),
         "load_fraction": args.load,
         "microthread_limit": args.limit or "store default",
+        "steer_over_s": args.steer_over,
         "latency": "scheduled arrival to end of the operation (open loop, 1 ms generator tick)",
         "python": sys.version.split()[0],
         "machine": platform.machine(),
