@@ -863,6 +863,8 @@ class NodeState:
         k = pending.k
         assert k is not None
         if msg.status != Status.OK:
+            if not pending.waits:
+                self._count_error("untethered-call-lost")
             for wait in pending.waits:
                 wait.fail(self._error_of(pending, msg))
             return
@@ -1031,6 +1033,10 @@ class NodeState:
     def _untethered_now(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None:
         if self._fencing and self._needs_fence(k, owner):  # (a deferred call, still behind)
             self._fence(k, owner, lambda: self._untethered_now(k, method, args, owner))
+            return
+        if self.departed and owner in self.departed:  # a reference older than a goodbye
+            self._relocate_untethered(k, method, list(args))
+            self._pump()
             return
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         self.untethered_since_flush.add(owner)
@@ -1248,8 +1254,24 @@ class NodeState:
             # A blocking call through a reference taken before the node left: find the
             # object again (the caller waits a little longer, nothing is lost).
             self._local.append(Reply(msg.req_id, int(Status.NOT_HERE), None))
+        elif isinstance(msg, Call):
+            self._relocate_untethered((msg.map, msg.key), msg.method, msg.args)
+        elif isinstance(msg, Untethered):
+            for map_name, key, method, args, _ in msg.calls:
+                self._relocate_untethered((map_name, key), method, list(args))
         else:
             self._count_error("sent-to-departed-node")
+
+    def _relocate_untethered(self, k: K, method: str, args: list[Any]) -> None:
+        """An untethered call that could not reach a departed node: ask the key owner where
+        the object is now and ship it there (as a call whose answer nobody awaits)."""
+        info = self.maps.get(k[0])
+        if info is None:
+            self._count_error("sent-to-departed-node")
+            return
+        req_id, pending = self._new_pending("relocate", k, info)
+        pending.method, pending.args = method, args
+        self._key_op(Op.LOCATE, k, KIND_CODE[info.kind], req_id)
 
     def fold_replicas(self) -> None:
         """Send every replica's updates to its owner (the merge interval, and ``flush``)."""

@@ -637,7 +637,8 @@ def test_a_goodbye_is_answered_and_nothing_is_sent_to_the_leaver_after_it(
 ) -> None:
     """Regression: the answer to a goodbye was itself dropped as a message to a departed
     node, so a leaver always waited out its timeout.  After answering, a node sends the
-    leaver nothing; a blocking call through a stale reference finds the object again."""
+    leaver nothing; calls through a stale reference (blocking or untethered) find the object
+    again."""
     net = make_net(["a", "b", "c"])
     key = net.key("mw", "c")
     k = ("mw", key)
@@ -649,6 +650,9 @@ def test_a_goodbye_is_answered_and_nothing_is_sent_to_the_leaver_after_it(
     net.deliver_all()
     assert result(bye) is None and "a" in net["b"].departed
     value = net["b"].call(k, MW, "add", ("b", 1, 5), "a", 0.0)  # a stale owner: a
+    net["b"].untethered(k, "bump", ("b", 2, 1), "a")
     assert not net.queued("b", "a")
     net.deliver_all()
     assert result(value) == 5 and net["b"].locations[k] == "c"
+    assert net["c"].objects[k].obj.log == [["b", 1], ["b", 2]]  # the untethered one too
+    assert not net["b"].stats.errors
