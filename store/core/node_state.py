@@ -776,7 +776,11 @@ class NodeState:
         out = []
         for key in msg.keys:
             held = self.objects.get((msg.map, key))
-            out.append([key, None if held is None or held.removed else dump_state(held.obj)])
+            try:
+                out.append([key, None if held is None or held.removed else dump_state(held.obj)])
+            except TypeError as exc:  # the asker gets the reason, not silence
+                self._reply(sender, msg.req_id, Status.ERROR, ["StateNotEncodable", str(exc)])
+                return
         self._reply(sender, msg.req_id, Status.OK, out)
 
     # -- replies to our requests --
@@ -896,7 +900,7 @@ class NodeState:
         if msg.status == Status.WRONG_KIND:
             return WrongKind(f"{what} holds a {KIND_OF[msg.value].value} object")
         kind, text = msg.value if isinstance(msg.value, list) else ("Error", str(msg.value))
-        if kind == "TypeError" and pending.kind == "acquire":
+        if (kind == "TypeError" and pending.kind == "acquire") or kind == "StateNotEncodable":
             return StateNotEncodable(f"{what}: {text}")
         return RemoteCallError(f"{what}: {kind}: {text}")
 

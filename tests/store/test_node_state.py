@@ -584,6 +584,21 @@ def test_state_that_cbor_cannot_encode_fails_with_a_type_error_when_it_must_trav
     assert acquired(again) is held
 
 
+def test_a_snapshot_of_state_that_cbor_cannot_encode_fails_instead_of_never_answering(
+    make_net: Any,
+) -> None:
+    """Regression: the holder's handler raised, so ``Map.items()`` waited forever."""
+    net = make_net(["a", "b"], {"a": {"u": Unmovable}, "b": {"u": Unmovable}})
+    key = net.key("u", "b")
+    creating = net["a"].acquire("u", key, create=True)
+    net.deliver_all()
+    net["a"].release_ref(("u", key), acquired(creating))
+    snap = net["b"].snapshot("a", "u", [key])
+    net.deliver_all()
+    with pytest.raises(StateNotEncodable, match=r"Unmovable\.lock"):
+        snap.result()
+
+
 def test_info_of_the_test_classes() -> None:
     assert isinstance(SW, ClassInfo) and MM.mergeable and not MW.mergeable
 
