@@ -34,9 +34,6 @@ logger = logging.getLogger("store.membership_glue")
 #: of the node while it drains, and 10,000 records move in half a second.
 DEFAULT_DRAIN_RATE = 20_000
 
-#: A leaving node drains this many times faster (see ``NodeMember._drain``).
-LEAVER_DRAIN_FACTOR = 10
-
 
 class NodeMember:
     """The membership handler of one node."""
@@ -61,12 +58,6 @@ class NodeMember:
         objects_before = state.stats.migrations_out  # this event's objects, not lifetime
         tick = 0.01
         per_tick = max(1, int(self.drain_rate * tick))
-        view = state.view
-        if view.next_ring is not None and node.name not in view.next_ring:
-            # A leaving node takes no new units: the budget that protects packet latency
-            # here protects nothing, while every record still here costs the next owner a
-            # pull (an extra round trip) on first touch.
-            per_tick *= LEAVER_DRAIN_FACTOR
         while True:
             step = state.drain(per_tick)
             moved += step
