@@ -905,3 +905,24 @@ class Gone:
     every member has answered: what each sent before its answer has been handled)."""
 
     req_id: int
+
+
+@message(32)
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandOns:
+    """Background drain, batched: the key records handed on to one next owner in one
+    drain step of scaling event ``epoch``, each ``[map, key, record]`` (``record`` as in
+    :class:`HandOn`).  One message and one acknowledgement per batch, not per record: the
+    receiver of a drain is usually busy with packets too."""
+
+    epoch: int
+    records: list[Any]
+
+
+@message(33)
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandOnsAck:
+    """The receiver installed ``count`` records of a :class:`HandOns` of event ``epoch``."""
+
+    epoch: int
+    count: int

@@ -44,7 +44,7 @@ from store.core.node_state import Held, NodeState
 from store.core.objects import MultiWriter, SingleWriter, info_of, stale, untethered
 from store.core.scheduler import Wait
 from store.errors import ObjectNotFound, ObjectRemoved, StoreError
-from store.messages import Drop, Evacuate, HandOn, KeyOp, Message, Transfer
+from store.messages import Drop, Evacuate, HandOn, HandOns, KeyOp, Message, Transfer
 from tests.linearizability import NOT_FOUND, Op, assert_linearizable, singlewriter_step
 
 _uids = itertools.count(1)
@@ -369,6 +369,13 @@ class ObjectCluster:
         found: list[str] = [n for n, s in self.nodes.items() if k in s.records]
         live = [n for n in found if self.nodes[n].records[k].exists]
         for dst, msg in self.in_flight():
+            if isinstance(msg, HandOns):
+                for map_name, key, record in msg.records:
+                    if (map_name, key) == k and record[0] is not None:
+                        found.append(f"->{dst}")
+                        if record[0][3]:
+                            live.append(f"->{dst}")
+                continue
             if getattr(msg, "map", None) != k[0] or getattr(msg, "key", None) != k[1]:
                 continue
             wire = None
