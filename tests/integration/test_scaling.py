@@ -60,7 +60,7 @@ class Child:
         while b"\n" not in self._buffer:
             chunk = await self.process.stdout.receive_some()
             if not chunk:
-                raise AssertionError(f"{self.process.args} exited ({self.process.returncode})")
+                raise AssertionError(f"{self.process.args!r} exited ({self.process.returncode})")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line.decode().strip()

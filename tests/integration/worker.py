@@ -93,14 +93,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             except trio.TooSlowError:
                 dump(space, kind, key)
                 raise
-            if kind not in ("create", "apply"):
-                arg = None
+            logged: int | None = arg if kind in ("create", "apply") else None
             t1 = time.monotonic()
             history.append(
                 {
                     "process": me,
                     "name": kind,
-                    "arg": arg,
+                    "arg": logged,
                     "result": result,
                     "key": key,
                     "invoke": t0,
