@@ -82,6 +82,7 @@ PACKET = 64
 BUCKET = 0.1  # seconds per point of the time series
 SAMPLE = 0.025  # seconds between two samples of a member's counters
 SECRET_ENV = "S6_BENCH_SECRET"
+FREEZE_GC_ENV = "S6_BENCH_FREEZE_GC"  # set by --freeze-gc for the member processes
 GOAL_P99_MS = 10.0
 GOAL_MAX_MS = 50.0
 GOAL_CONVERGE_S = 2.0
@@ -427,7 +428,9 @@ async def member_main(args: argparse.Namespace) -> None:
 
     secret = os.environ[SECRET_ENV].encode()
     chan = JsonLines(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
-    options = {} if args.limit is None else {"limit": args.limit}
+    options: dict[str, Any] = {} if args.limit is None else {"limit": args.limit}
+    if os.environ.get(FREEZE_GC_ENV):
+        options["freeze_gc"] = True
     try:
         first = await chan.receive()
         assert first["cmd"] == "join", first
@@ -1199,6 +1202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the load balancer moves flows between members gradually over S seconds "
         "(default 0: all at once, the paper's set-up)",
     )
+    parser.add_argument(
+        "--freeze-gc",
+        action="store_true",
+        help="members freeze the garbage collector's generations after each event "
+        "(open_space(freeze_gc=True))",
+    )
     parser.add_argument("--member", metavar="CONTROLLER", help=argparse.SUPPRESS)
     parser.add_argument("--listen", default="127.0.0.1:0", help=argparse.SUPPRESS)
     parser.add_argument("--label", default="member", help=argparse.SUPPRESS)
@@ -1211,6 +1220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.progress import Progress
 
     size = dict(SIZES["quick" if args.quick else "full"], steer_over=args.steer_over)
+    if args.freeze_gc:
+        os.environ[FREEZE_GC_ENV] = "1"  # inherited by the member processes
     # On a terminal rich fits the tables to its width; into a pipe or a file, 120 columns.
     console = Console(width=None if sys.stdout.isatty() else 120)
     started = clock()
@@ -1263,6 +1274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_fraction": args.load,
         "microthread_limit": args.limit or "store default",
         "steer_over_s": args.steer_over,
+        "freeze_gc": args.freeze_gc,
         "latency": "scheduled arrival to end of the operation (open loop, 1 ms generator tick)",
         "python": sys.version.split()[0],
         "machine": platform.machine(),

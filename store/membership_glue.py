@@ -64,7 +64,9 @@ class NodeMember:
             node.kick()
             if step == 0 and state.drained():
                 break
-            await trio.sleep(tick if step else 0.001)
+            # Paced while there is work (records to hand on or to look at: deciding which
+            # move costs a key hash each); once only acknowledgements are awaited, poll.
+            await trio.sleep(tick if step or state.drain_scanning else 0.001)
             if membership.epoch != epoch:
                 return  # the event ended (or aborted) under us
         self.records_moved += moved

@@ -47,7 +47,11 @@ async def serve(
 ) -> None:
     from store.membership_glue import join_space
 
-    options = {} if drain_rate is None else {"drain_rate": drain_rate}
+    # A node process is the store's alone: keeping the collector's full scans off the
+    # objects and records that arrive with each event is safe here (see Node.enter_stage).
+    options: dict[str, Any] = {"freeze_gc": True}
+    if drain_rate is not None:
+        options["drain_rate"] = drain_rate
     trace: list[tuple[str, str, Any, int, str]] = []
     try:
         async with join_space(controller, listen, secret, options) as space:

@@ -1386,6 +1386,12 @@ class NodeState:
         self._pump()
         return moved
 
+    @property
+    def drain_scanning(self) -> bool:
+        """Whether :meth:`drain` still has records to look at in this event (as opposed to
+        waiting only for acknowledgements): the shell paces its calls while it has."""
+        return self._drain_keys is None or bool(self._drain_keys)
+
     def drained(self) -> bool:
         """Every record this node had to hand on was handed on and acknowledged (and, on a
         leaving node, every object it held)."""
