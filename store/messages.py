@@ -766,6 +766,9 @@ class Call:
     args: list[Any]
     req_id: int
     seq: int
+    #: Set on a call a leaving node forwards: the version of the incarnation it evacuated.
+    #: A holder of another incarnation (removed and made again meanwhile) drops it.
+    version: int = 0
 
 
 @message(21)
@@ -777,6 +780,7 @@ class Fold:
     key: Key
     seq: int
     state: bytes
+    version: int = 0  # as Call.version
 
 
 @message(22)

@@ -255,6 +255,7 @@ class NodeState:
         #: The last exception a message handler raised (counted in statistics().errors).
         self.last_handler_error = ""
         self.moved_to: dict[K, str] = {}  # objects this (leaving) node evacuated, and where
+        self.moved_version: dict[K, int] = {}  # and the version they arrived there with
         self.objects_evacuated = 0
         #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
         #: a leaving one; the shell installs an importing resolver (no import in the core).
@@ -673,9 +674,17 @@ class NodeState:
             if msg.req_id:
                 self._reply(sender, msg.req_id, Status.NOT_HERE, moved)
             elif moved is not None:  # evacuated: pass it on, once (seq 0: no dedup there)
-                self._send(moved, Call(msg.map, msg.key, msg.method, msg.args, 0, 0), False)
+                version = self.moved_version.get(k, 0)
+                self._send(
+                    moved, Call(msg.map, msg.key, msg.method, msg.args, 0, 0, version), False
+                )
             else:
                 self._count_error("untethered-call-lost")
+            return
+        if msg.version and msg.version != held.version:
+            # Forwarded by a leaver for the incarnation it evacuated, which was removed
+            # since: this one was made again after the call was made.
+            self._count_error("untethered-call-lost")
             return
         minfo = held.info.methods.get(msg.method)
         if minfo is None or (
@@ -717,9 +726,13 @@ class NodeState:
                 return
             moved = self.moved_to.get(k)
             if moved is not None:
-                self._send(moved, Fold(msg.map, msg.key, 0, msg.state), False)
+                version = self.moved_version.get(k, 0)
+                self._send(moved, Fold(msg.map, msg.key, 0, msg.state, version), False)
                 return
             self._count_error("fold-lost")
+            return
+        if msg.version and msg.version != held.version:
+            self._count_error("fold-lost")  # for an incarnation removed since (as in _on_call)
             return
         if msg.seq and not self._fresh(held, sender, msg.seq):
             return
@@ -1423,6 +1436,7 @@ class NodeState:
             version = held.version + 1
             del self.objects[k]
             self.moved_to[k] = dest
+            self.moved_version[k] = version
             self._unacked += 1
             self.objects_evacuated += 1
             self.stats.migrations_out += 1
