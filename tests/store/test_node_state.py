@@ -671,3 +671,40 @@ def test_a_goodbye_is_answered_and_nothing_is_sent_to_the_leaver_after_it(
     assert result(value) == 5 and net["b"].locations[k] == "c"
     assert net["c"].objects[k].obj.log == [["b", 1], ["b", 2]]  # the untethered one too
     assert not net["b"].stats.errors
+
+
+def test_a_call_forwarded_for_a_removed_incarnation_is_not_applied_to_a_new_one(
+    make_net: Any,
+) -> None:
+    """Regression: a call that reached the leaver after it evacuated the object was passed
+    on and applied to whatever the new place held by then, even an object made again
+    after a remove (so after the caller's later calls on it).  Forwarded calls carry the
+    evacuated incarnation's version now."""
+    net = make_net(["a", "b", "c"])
+    nxt = net.ring.with_nodes(removed=["a"])
+    key = next(
+        n
+        for n in range(1000)
+        if net.ring.owner(key_token("mw", n)) == "a" and nxt.owner(key_token("mw", n)) == "c"
+    )
+    k = ("mw", key)
+    assert result(net["a"].locate("mw", key, True)) == ("a", True)
+    net.deliver_all()
+    net["b"].untethered(k, "bump", ("b", 1, 1), "a")
+    held_back = net.queued("b", "a")  # b's call stays on its way to a for now
+    net.queues[("b", "a")].clear()
+    scale_in(net, "a")
+    net["a"].drain(100)  # the object goes to c
+    net.deliver_all()
+    assert k in net["c"].objects
+    removed = net["c"].remove("mw", key)
+    net.deliver_all()
+    assert result(removed) is True
+    assert result(net["c"].locate("mw", key, True)) == ("c", True)
+    net.deliver_all()
+    assert net["c"].call(k, MW, "add", ("c", 2, 5), "c", 0.0) == 5  # the new incarnation
+    for msg in held_back:
+        net["a"].handle(msg, sender="b")
+    net.deliver_all()
+    assert net["c"].objects[k].obj.log == [["c", 2]]
+    assert net["c"].stats.errors == {"untethered-call-lost": 1}
