@@ -1,7 +1,7 @@
 """Scaling under load: a scale-out from one member to two and a scale-in back to one, while
 client traffic keeps flowing (the paper's §7.1, Figs. 6 and 7).
 
-Run ``python -m bench.scaling [--quick] [--load F] [--limit N] [--steer-over S]
+Run ``python -m bench.scaling [--quick] [--load F] [--limit N] [--steer-over S] [--freeze-gc]
 [--out results/scaling.json]``.
 
 The set-up follows the paper's synthetic NF.  A controller runs in this process; each of the
@@ -24,6 +24,8 @@ never share a CPU thread with each other or with the controller.
    ``--steer-over S`` makes the load balancer move the flows that change member one by one
    over S seconds instead of all at once (default 0, the paper's set-up): with all at once,
    about 5,000 migrations are asked for within one packet gap of a flow (about 50 ms).
+   ``--freeze-gc`` has the members freeze the garbage collector's generations after each
+   event (``open_space(freeze_gc=True)``; see ``store.node.Node.enter_stage``).
 3. **Scale-out**: B (started and imported beforehand) joins through the controller, which
    admits it automatically.  Once B is admitted, the load balancer sends B the flows whose
    key hashes to B on the two-member ring; B's first packet of each such flow pulls the
