@@ -293,6 +293,14 @@ class ObjectCluster:
             self.ring = event.next_ring
             self.gone |= set(event.removed)
             self.event = None
+            for node, state in self.nodes.items():  # an event's bare authority is forgotten
+                bare = [
+                    k
+                    for k, rec in state.records.items()
+                    if not (rec.exists or rec.version or rec.busy or rec.queue)
+                ]
+                if bare:
+                    raise Violation(f"{node} keeps bare records {bare} after the event")
 
     def can_abort(self) -> bool:
         return self.event is not None and all(
