@@ -145,10 +145,12 @@ class Node:
         left in the collector's generations they make its next full collection scan them
         all, a pause of 10 to 20 ms for every packet (measured in ``bench.scaling`` with
         10,000 flows).  Freezing costs O(1) and objects are still freed by reference
-        counting; only a reference cycle that exists at that moment is never collected.
+        counting; the young generations are collected just before (cheap), so only a
+        reference cycle already old by then is never collected.
         Off by default, since it changes the whole process's collector."""
         self.state.enter_stage(view)
         if self.freeze_gc and view.stage is Stage.NORMAL:
+            gc.collect(1)  # the young cyclic garbage first (cheap): frozen, it would stay
             gc.freeze()
         self.kick()
 
