@@ -616,6 +616,19 @@ def scale_in(net: Net, leaver: str) -> HashRing:
     return nxt
 
 
+def shared_at_leaver(net: Net) -> tuple[str, int]:
+    """A MultiWriter object made at a, whose key goes to c when a leaves."""
+    nxt = net.ring.with_nodes(removed=["a"])
+    key = next(
+        n
+        for n in range(1000)
+        if net.ring.owner(key_token("mw", n)) == "a" and nxt.owner(key_token("mw", n)) == "c"
+    )
+    assert result(net["a"].locate("mw", key, True)) == ("a", True)
+    net.deliver_all()
+    return ("mw", key)
+
+
 def test_calls_sent_to_a_leaver_are_not_overtaken_by_later_ones_sent_straight_on(
     make_net: Any,
 ) -> None:
@@ -623,15 +636,7 @@ def test_calls_sent_to_a_leaver_are_not_overtaken_by_later_ones_sent_straight_on
     the object's new holder; b's next call, made once b knows the new place, must not
     arrive before them (b's calls apply in b's order).  A fence goes through a first."""
     net = make_net(["a", "b", "c"])
-    nxt = net.ring.with_nodes(removed=["a"])
-    key = next(
-        n
-        for n in range(1000)
-        if net.ring.owner(key_token("mw", n)) == "a" and nxt.owner(key_token("mw", n)) == "c"
-    )
-    k = ("mw", key)
-    assert result(net["a"].locate("mw", key, True)) == ("a", True)
-    net.deliver_all()
+    k = shared_at_leaver(net)
     net["b"].untethered(k, "bump", ("b", 1, 1), "a")
     net["b"].untethered(k, "bump", ("b", 2, 1), "a")
     net.collect()  # b's calls are on their way to a
@@ -681,15 +686,8 @@ def test_a_call_forwarded_for_a_removed_incarnation_is_not_applied_to_a_new_one(
     after a remove (so after the caller's later calls on it).  Forwarded calls carry the
     evacuated incarnation's version now."""
     net = make_net(["a", "b", "c"])
-    nxt = net.ring.with_nodes(removed=["a"])
-    key = next(
-        n
-        for n in range(1000)
-        if net.ring.owner(key_token("mw", n)) == "a" and nxt.owner(key_token("mw", n)) == "c"
-    )
-    k = ("mw", key)
-    assert result(net["a"].locate("mw", key, True)) == ("a", True)
-    net.deliver_all()
+    k = shared_at_leaver(net)
+    key = k[1]
     net["b"].untethered(k, "bump", ("b", 1, 1), "a")
     held_back = net.queued("b", "a")  # b's call stays on its way to a for now
     net.queues[("b", "a")].clear()
