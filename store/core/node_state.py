@@ -994,7 +994,7 @@ class NodeState:
         if held is not None and info.kind is ObjectKind.MULTI:
             if held.removed:
                 raise ObjectRemoved(f"{k[0]}[{k[1]!r}] was removed")
-            if self._dest and self._needs_fence(k, self.name):
+            if self._needs_fence(k, self.name):
                 return self._call_later(k, info, method, args, owner, now)
             self._fold_local_replica(k, held)
             return getattr(held.obj, method)(*args)
@@ -1014,12 +1014,10 @@ class NodeState:
                 return None
             return self.untethered(k, method, args, owner)
         # A blocking call (or a stale read that missed): our replica's updates go first.
-        if self._dest or self._fencing:
-            replica = self.replicas.get(k)
-            if self._needs_fence(k, owner) or (
-                replica is not None and self._needs_fence(k, replica[1])
-            ):
-                return self._call_later(k, info, method, args, owner, now)
+        replica = self.replicas.get(k)
+        fold_to = owner if replica is None else replica[1]
+        if self._needs_fence(k, owner) or self._needs_fence(k, fold_to):
+            return self._call_later(k, info, method, args, owner, now)
         self._send_fold(k)
         req_id, pending = self._new_pending("call", k, info)
         pending.method, pending.args, pending.at = method, list(args), now
@@ -1054,7 +1052,7 @@ class NodeState:
         self._untethered_now(k, method, args, owner)
 
     def _untethered_now(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None:
-        if self._fencing and self._needs_fence(k, owner):  # (a deferred call, still behind)
+        if self._needs_fence(k, owner):  # (a deferred call, still behind)
             self._fence(k, owner, lambda: self._untethered_now(k, method, args, owner))
             return
         if self.departed and owner in self.departed:  # a reference older than a goodbye
@@ -1132,7 +1130,7 @@ class NodeState:
     def _fold_out(self, k: K, replica: Any, to: str) -> None:
         """Deliver the updates of a replica taken out of :attr:`replicas` to the object at
         ``to`` (this node: merged here), after a fence when one is needed."""
-        if (self._dest or self._fencing) and self._needs_fence(k, to):
+        if self._needs_fence(k, to):
             self._fence(k, to, lambda: self._fold_out(k, replica, to))
             return
         if to == self.name:
@@ -1164,6 +1162,8 @@ class NodeState:
         gets for the objects it evacuated, so a message sent straight to the new place
         could overtake the ones still on their way through it (a caller's calls would then
         apply out of order).  O(1); only scale-ins ever make it true."""
+        if not (self._dest or self._fencing):
+            return False  # no numbered message out at all: the common case
         if k in self._fencing:
             return True
         prev = self._dest.get(k)
