@@ -1059,6 +1059,16 @@ class NodeState:
             self._relocate_untethered(k, method, list(args))
             self._pump()
             return
+        held = self.objects.get(k) if owner == self.name else None
+        if held is not None and not held.removed:
+            # Held here by now (this call waited for a fence): apply it at once, as a local
+            # call would be; a message to ourselves would come after calls made later.
+            self._fold_local_replica(k, held)
+            try:
+                getattr(held.obj, method)(*args)
+            except Exception as exc:
+                self._count_error(f"call-{type(exc).__name__}")
+            return
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         self.untethered_since_flush.add(owner)
         if owner == self.name:
@@ -1485,11 +1495,15 @@ class NodeState:
 
     def _install(self, k: K, held: Held) -> None:
         """Hold an object evacuated to this node.  Updates this node made into a replica
-        while the object was elsewhere are merged first: a local reference taken from now
-        on calls the object directly, and its calls must come after them."""
+        while the object was elsewhere, and calls parked for it, are applied first: a
+        local reference taken from now on calls the object directly, and its calls must
+        come after them."""
         self.objects[k] = held
         if k in self.replicas:
             self._fold_local_replica(k, held)
+        # Calls that came for it meanwhile go first, even if this node still waits for
+        # something else about k (a locate): from now on local calls apply at once.
+        self._unpark(k)
 
     def _on_hand_on(self, msg: HandOn, sender: str) -> None:
         k = (msg.map, msg.key)
