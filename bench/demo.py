@@ -53,8 +53,8 @@ from rich.text import Text
 
 from bench.scaling import Flow, Gauge, Tally
 from store.api import Space
-from store.controller_messages import parse_address
 from store.core.scheduler import SchedulerFull
+from store.wire.control import parse_address
 
 RATE = 20_000  # operations per second, offered
 FLOWS = 2_000  # flows alive at any time
@@ -387,9 +387,9 @@ async def operator_request(
     """What ``python -m store.ctl`` does, over an operator session of our own: "status"
     returns the cluster's status; "in"/"out" runs a scaling event, passes the controller's
     progress lines to ``say`` as they come, and returns its reply."""
-    from store.controller_messages import ScaleProgress, ScaleReply, ScaleRequest
-    from store.ctl import request_status
-    from store.transport import connect_peer
+    from store.cli.ctl import request_status
+    from store.shell.transport import connect_peer
+    from store.wire.control import ScaleProgress, ScaleReply, ScaleRequest
 
     host, port = parse_address(controller)
     async with connect_peer(host, port, secret=secret, name=f"demo-{os.getpid()}") as peer:

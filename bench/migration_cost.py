@@ -31,7 +31,7 @@ from bench._common import RESULTS_DIR, flow_keys, write_json
 from ring.hashring import HashRing, key_token
 from store.core.node_state import NodeState
 from store.core.objects import SingleWriter, info_of
-from store.messages import Message, decode_batch, encode_batch
+from store.wire.messages import Message, decode_batch, encode_batch
 
 
 class Flow(SingleWriter):

@@ -65,7 +65,7 @@ from bench._common import RESULTS_DIR, FlowKey, flow_keys, write_json
 from ring.hashring import HashRing
 from store import MultiWriter, SingleWriter, stale, untethered
 from store.api import Space
-from store.node import Node, open_node
+from store.shell.node import Node, open_node
 from store.space import open_space
 
 #: How much of everything one run does; "full" is the default, "quick" is ``--quick``.

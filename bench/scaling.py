@@ -621,7 +621,7 @@ async def orchestrate(
 async def _orchestrate(
     run: Run, load: float, phase: Callable[[str, float], None], limit: int | None
 ) -> None:
-    from store.controller import open_controller
+    from store.shell.controller import open_controller
 
     size = run.size
     secret = os.urandom(16).hex()

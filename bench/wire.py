@@ -4,12 +4,12 @@ Run ``python -m bench.wire [--quick] [--out results/wire.json]``.
 
 Three questions, each answered for one message per frame and for batches:
 
-* **codec**: microseconds per message to encode and decode (``store.messages``, with its
+* **codec**: microseconds per message to encode and decode (``store.wire.messages``, with its
   validation) next to bare ``cbor2.dumps``/``loads`` of the same positional array, which
   is the figure FACTS.md quotes (2.9 µs for a 97-byte message).  Batching amortises the
   per-call and per-frame overheads; validation and dataclass construction are per message
   and stay.
-* **throughput**: messages/s from one :class:`~store.transport.Peer` to another over one
+* **throughput**: messages/s from one :class:`~store.shell.transport.Peer` to another over one
   loopback websocket, counted when the *receiver* has decoded them all.  Both ends run in
   this one process and share one core, so the figure is the cost of sending *plus*
   receiving (as it is for a node that both sends and serves).  The sending patterns:
@@ -49,9 +49,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._common import RESULTS_DIR, flow_keys, write_json
-from store.messages import Key, decode_batch, encode_batch, encode_message, message
-from store.messages import frame_from_encoded as join_frame
-from store.transport import Peer, PeerServer, connect_peer, serve_peers
+from store.shell.transport import Peer, PeerServer, connect_peer, serve_peers
+from store.wire.messages import Key, decode_batch, encode_batch, encode_message, message
+from store.wire.messages import frame_from_encoded as join_frame
 
 SECRET = b"bench secret"
 BATCH = 64

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from store.core.objects import MultiWriter, SingleWriter, stale, untethered
-from store.errors import (
+from store.wire.errors import (
     ObjectNotFound,
     ObjectRemoved,
     PeerUnavailable,

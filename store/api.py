@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from store.core.node_state import Held
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, info_of, load_state
 from store.core.scheduler import Wait
-from store.errors import ObjectNotFound, ObjectRemoved
-from store.messages import key_from_wire
+from store.wire.errors import ObjectNotFound, ObjectRemoved
+from store.wire.messages import key_from_wire
 
 if TYPE_CHECKING:
-    from store.node import Node
+    from store.shell.node import Node
 
 __all__ = ["Map", "Ref", "Space", "SpaceStatistics"]
 

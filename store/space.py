@@ -7,10 +7,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from store.api import Space
-from store.controller import DEV_SECRET as _CONTROLLER_DEV_SECRET
-from store.node import open_node
+from store.shell.controller import DEV_SECRET as _CONTROLLER_DEV_SECRET
+from store.shell.member import DEFAULT_DRAIN_RATE, NodeMember, leave
+from store.shell.membership import join_cluster
+from store.shell.node import open_node
 
-__all__ = ["DEV_SECRET", "open_space"]
+__all__ = ["DEV_SECRET", "join_space", "open_space"]
 
 #: The secret used when none is given (the controller's too): for development only.
 DEV_SECRET = _CONTROLLER_DEV_SECRET
@@ -37,8 +39,6 @@ async def open_space(
     garbage collector's generations after each scaling event, see ``Node.enter_stage``).
     """
     if controller is not None:
-        from store.membership_glue import join_space
-
         async with join_space(controller, listen or "127.0.0.1:0", secret, options) as space:
             yield space
         return
@@ -46,3 +46,25 @@ async def open_space(
         listen = "127.0.0.1:0"
     async with open_node(listen=listen, members=members, secret=secret, **options) as node:
         yield Space(node)
+
+
+@asynccontextmanager
+async def join_space(
+    controller: str, listen: str, secret: bytes, options: dict[str, Any]
+) -> AsyncIterator[Space]:
+    """An embedded member: a listening node admitted through ``controller``."""
+    drain_rate = options.pop("drain_rate", DEFAULT_DRAIN_RATE)
+    async with open_node(listen=listen, secret=secret, **options) as node:
+        member = NodeMember(node, drain_rate)
+        async with join_cluster(
+            controller,
+            name=node.name,
+            address=node.name,
+            secret=secret,
+            handler=member,
+            status_provider=member.figures,
+        ) as membership:
+            node.enter_stage(membership.view)
+            node.membership = membership
+            yield Space(node)
+            await leave(node, membership)

@@ -56,7 +56,7 @@ Every decision is appended to :attr:`Barrier.log` as a :class:`Transition`;
 :func:`check_transitions` replays a log and lists every breach of the rules above, and
 :meth:`Barrier.validate` checks the invariants of the current state.  The node's side of the
 protocol (which callbacks a command calls) is :class:`MemberSide`, here too, so that the
-property tests drive the very logic that ``store.membership`` runs.
+property tests drive the very logic that ``store.shell.membership`` runs.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ring.hashring import DEFAULT_VNODES, HashRing
-from store.controller_messages import (
+from store.wire.control import (
     ABORT,
     LEAVE,
     NORMAL,
@@ -80,7 +80,7 @@ from store.controller_messages import (
     StageCommand,
     parse_address,
 )
-from store.messages import Message
+from store.wire.messages import Message
 
 __all__ = [
     "DEFAULT_ADMISSION_WINDOW",
@@ -1071,7 +1071,7 @@ def check_transitions(log: Iterable[Transition]) -> list[str]:
 
 
 class Callback(enum.Enum):
-    """The handler callbacks of ``store.membership``, in the order a node may need them."""
+    """The handler callbacks of ``store.shell.membership``, in the order a node may need them."""
 
     PRE_SCALING = "on_pre_scaling"
     SCALING = "on_scaling"

@@ -60,7 +60,7 @@ from ring.ownership import (
 )
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, dump_state, load_state
 from store.core.scheduler import Wait
-from store.errors import (
+from store.wire.errors import (
     ObjectNotFound,
     ObjectRemoved,
     RemoteCallError,
@@ -68,7 +68,7 @@ from store.errors import (
     StoreError,
     WrongKind,
 )
-from store.messages import (
+from store.wire.messages import (
     Barrier,
     Call,
     Drop,

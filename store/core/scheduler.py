@@ -39,7 +39,7 @@ awaits it:
     ``throw(exc)`` once the Wait is resolved or failed;
 (b) inside an ordinary trio task (control plane, clients, tests), yielding a Wait to trio
     would crash the task, so ``Wait.__await__`` instead delegates to a *blocking hook*
-    installed by the trio shell (``store.microthreads`` installs one on import that blocks
+    installed by the trio shell (``store.shell.microthreads`` installs one on import that blocks
     on a ``trio.Event`` created only then).  This keeps trio out of the pure core.
 
 How a Wait knows which case applies: each scheduler sets its own ``_stepping`` flag while it
@@ -51,7 +51,7 @@ A scheduler therefore belongs to the thread that created it, as trio's run loop 
 
 A microthread that awaits anything else (``trio.sleep``, a socket, an asyncio future) yields
 a foreign object to the scheduler; the scheduler throws
-:class:`~store.errors.NotAStoreOperation` into it, naming what it awaited, closes it, marks
+:class:`~store.wire.errors.NotAStoreOperation` into it, naming what it awaited, closes it, marks
 the unit failed, counts it and carries on.
 
 Re-entrancy: :meth:`Wait.resolve` never steps a coroutine; it only moves the waiting unit to
@@ -77,7 +77,7 @@ from functools import partial
 from heapq import heappop, heappush
 from typing import Any, Generic, TypeVar, TypeVarTuple, cast
 
-from store.errors import NotAStoreOperation, StoreError
+from store.wire.errors import NotAStoreOperation, StoreError
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -167,7 +167,7 @@ def set_blocking_hook(hook: BlockingHook | None) -> BlockingHook | None:
 
     ``hook(wait)`` returns an awaitable that completes once ``wait`` is resolved or failed
     (it need not return the value: the Wait reads its own outcome afterwards).  The trio
-    shell, :mod:`store.microthreads`, installs one on import.  Returns the previous hook."""
+    shell, :mod:`store.shell.microthreads`, installs one on import.  Returns the previous hook."""
     global _blocking_hook
     previous = _blocking_hook
     _blocking_hook = hook
@@ -274,7 +274,7 @@ class Wait(Generic[T]):
         if hook is None:
             raise RuntimeError(
                 f"{self!r} awaited outside a microthread, but no blocking hook is installed "
-                "(import store.microthreads to block trio tasks on Waits)"
+                "(import store.shell.microthreads to block trio tasks on Waits)"
             )
         yield from hook(self).__await__()
         return self.result()

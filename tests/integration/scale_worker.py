@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 import store
-from store.cli_common import read_secret
+from store.cli.common import read_secret
 from tests.integration.grant_chain import Entry, write_trace
 from tests.integration.objects import Cell, Hits, Tally
 from tests.integration.worker import dump

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from store.transport import connect_peer
+from store.shell.transport import connect_peer
 from tests.integration.conftest import Proc
 from tests.linearizability import NOT_FOUND, HistoryRecorder, assert_linearizable
 

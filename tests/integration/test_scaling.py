@@ -23,8 +23,8 @@ from typing import Any
 import trio
 
 import store
-from store.controller import open_controller
 from store.core.barrier import check_transitions
+from store.shell.controller import open_controller
 from tests.integration.grant_chain import Entry, check_grant_chain, read_trace
 from tests.integration.objects import Cell, Hits, Tally
 

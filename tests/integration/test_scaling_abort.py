@@ -30,9 +30,9 @@ import trio
 
 import store
 from ring.ownership import Stage
-from store.controller import Controller, open_controller
 from store.core.barrier import check_transitions
-from store.membership import Membership, join_cluster
+from store.shell.controller import Controller, open_controller
+from store.shell.membership import Membership, join_cluster
 from tests.integration.grant_chain import Entry, check_grant_chain
 from tests.integration.objects import Cell, Hits, Tally
 

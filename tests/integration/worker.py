@@ -65,7 +65,7 @@ def dump(space: Any, kind: str, key: int) -> None:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    from store.cli_common import read_secret
+    from store.cli.common import read_secret
 
     secret = read_secret(args.secret_file, "worker")
     history: list[dict[str, Any]] = []

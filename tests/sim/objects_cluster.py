@@ -43,8 +43,8 @@ from ring.ownership import NodeView, Stage
 from store.core.node_state import Held, NodeState
 from store.core.objects import MultiWriter, SingleWriter, info_of, stale, untethered
 from store.core.scheduler import Wait
-from store.errors import ObjectNotFound, ObjectRemoved, StoreError
-from store.messages import Drop, Evacuate, HandOn, HandOns, KeyOp, Message, Transfer
+from store.wire.errors import ObjectNotFound, ObjectRemoved, StoreError
+from store.wire.messages import Drop, Evacuate, HandOn, HandOns, KeyOp, Message, Transfer
 from tests.linearizability import NOT_FOUND, Op, assert_linearizable, singlewriter_step
 
 _uids = itertools.count(1)

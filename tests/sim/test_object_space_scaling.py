@@ -41,7 +41,7 @@ from hypothesis.stateful import (
 )
 
 from ring.ownership import Stage
-from store.errors import ObjectNotFound
+from store.wire.errors import ObjectNotFound
 from tests.sim import objects_cluster
 from tests.sim.objects_cluster import MULTI_MAPS, ObjectCluster, Violation
 

@@ -37,7 +37,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from store.errors import ObjectNotFound
+from store.wire.errors import ObjectNotFound
 from tests.linearizability import NOT_FOUND
 from tests.sim.objects_cluster import MULTI_MAPS, ObjectCluster
 

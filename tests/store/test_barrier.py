@@ -19,14 +19,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from store.controller_messages import (
-    ABORT,
-    LEAVE,
-    NORMAL,
-    PRE_SCALING,
-    SCALING,
-    StageCommand,
-)
 from store.core.barrier import (
     Barrier,
     Callback,
@@ -39,6 +31,14 @@ from store.core.barrier import (
     Send,
     Transition,
     check_transitions,
+)
+from store.wire.control import (
+    ABORT,
+    LEAVE,
+    NORMAL,
+    PRE_SCALING,
+    SCALING,
+    StageCommand,
 )
 
 VNODES = 4  # small rings: the barrier does not care about balance, and tests stay fast
@@ -396,7 +396,7 @@ class SimNode:
     acked_scaling: set[int] = field(default_factory=set)
 
     def can_report(self) -> bool:
-        """Its drain is done once it acknowledged SCALING (``store.membership`` sends a
+        """Its drain is done once it acknowledged SCALING (``store.shell.membership`` sends a
         report only after that ack) and it has not reported this epoch yet."""
         return (
             self.connected
@@ -486,7 +486,7 @@ class BarrierMachine(RuleBasedStateMachine):
                     node.acked_scaling.add(command.event_epoch)
                     if command.event_epoch in node.reported:
                         # A repeated SCALING (after a rejoin): the report may have been lost
-                        # with the old connection, so it goes again, as store.membership does.
+                        # with the old connection, so it goes again, as store.shell.membership does.
                         node.outbox.append(("drained", command.event_epoch, 1))
         elif action == "report":
             epoch = node.side.next_epoch

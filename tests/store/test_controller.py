@@ -19,18 +19,18 @@ import pytest
 import trio
 from rich.console import Console
 
-from store.controller import Controller, open_controller
-from store.controller_messages import (
+from store.cli.ctl import render_status, request_status
+from store.core.barrier import check_transitions
+from store.shell.controller import Controller, open_controller
+from store.shell.membership import Membership, join_cluster
+from store.shell.transport import connect_peer
+from store.wire.control import (
     ClusterStatus,
     ControllerRefused,
     ScalingAborted,
     parse_address,
 )
-from store.core.barrier import check_transitions
-from store.ctl import render_status, request_status
-from store.errors import PeerUnavailable
-from store.membership import Membership, join_cluster
-from store.transport import connect_peer
+from store.wire.errors import PeerUnavailable
 
 SECRET = b"controller tests secret"
 DEADLINE = 10.0

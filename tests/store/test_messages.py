@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store.errors import MalformedMessage, UnknownMessageType
-from store.messages import (
+from store.wire.errors import MalformedMessage, UnknownMessageType
+from store.wire.messages import (
     WIRE_VERSION,
     Error,
     Hello,

@@ -28,8 +28,8 @@ from store.core.scheduler import (
     Wait,
     set_blocking_hook,
 )
-from store.errors import NotAStoreOperation
-from store.microthreads import Microthreads, open_microthreads
+from store.shell.microthreads import Microthreads, open_microthreads
+from store.wire.errors import NotAStoreOperation
 
 T = TypeVar("T")
 

@@ -21,8 +21,8 @@ from ring.ownership import NodeView, Stage
 from store.core.node_state import Held, NodeState, Op
 from store.core.objects import ClassInfo, SingleWriter, info_of
 from store.core.scheduler import Wait
-from store.errors import ObjectNotFound, StateNotEncodable, WrongKind
-from store.messages import (
+from store.wire.errors import ObjectNotFound, StateNotEncodable, WrongKind
+from store.wire.messages import (
     Barrier,
     Call,
     Drop,

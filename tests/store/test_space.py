@@ -14,7 +14,7 @@ import store
 from ring.hashring import HashRing
 from store import MultiWriter, SingleWriter, stale, untethered
 from store.api import Space
-from store.node import open_node
+from store.shell.node import open_node
 
 SECRET = b"test-secret"
 

@@ -19,14 +19,24 @@ import trio
 import trio.testing
 import trio_websocket
 
-from store.errors import (
+from store.shell.transport import (
+    HIGH_WATER,
+    Peer,
+    PeerServer,
+    WireCounters,
+    connect_peer,
+    open_memory_peer_pair,
+    proof_mac,
+    serve_peers,
+)
+from store.wire.errors import (
     AuthenticationError,
     FrameTooLarge,
     MessageTooLarge,
     PeerUnavailable,
     ProtocolError,
 )
-from store.messages import (
+from store.wire.messages import (
     WIRE_VERSION,
     Error,
     Hello,
@@ -37,16 +47,6 @@ from store.messages import (
     decode_batch,
     encode_batch,
     message,
-)
-from store.transport import (
-    HIGH_WATER,
-    Peer,
-    PeerServer,
-    WireCounters,
-    connect_peer,
-    open_memory_peer_pair,
-    proof_mac,
-    serve_peers,
 )
 
 SECRET = b"cluster secret for tests"
@@ -148,7 +148,7 @@ async def test_handshake_then_echo() -> None:
 async def test_wrong_secret_is_refused_logged_once_and_server_keeps_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="store.transport")
+    caplog.set_level(logging.WARNING, logger="store.shell.transport")
     with trio.fail_after(DEADLINE):
         async with server() as srv:
             with pytest.raises(AuthenticationError, match="refused"):

@@ -1,7 +1,7 @@
 """What the controller, the member nodes and the operator's ``ctl`` say to each other.
 
 Three kinds of sessions reach the controller, all as authenticated peers of
-``store.transport`` (same cluster secret as the node-to-node links):
+``store.shell.transport`` (same cluster secret as the node-to-node links):
 
 * a **member** sends :class:`Register` first and then stays connected for as long as it is
   part of the cluster; the controller answers with :class:`RingState`, later drives it with
@@ -18,7 +18,7 @@ never as token arrays: every process builds the identical :class:`~ring.hashring
 from them (the ring's tokens depend only on names and vnodes), and a node learns the
 addresses of its peers from the same message that tells it who they are.
 
-Tags 40-59 belong to this module.  Fields are positional on the wire (``store.messages``).
+Tags 40-59 belong to this module.  Fields are positional on the wire (``store.wire.messages``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from store.errors import StoreError
-from store.messages import message
+from store.wire.errors import StoreError
+from store.wire.messages import message
 
 __all__ = [
     "ABORT",

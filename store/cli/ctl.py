@@ -31,8 +31,10 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from store.controller import OneLineParser, read_secret
-from store.controller_messages import (
+from store.cli.common import OneLineParser
+from store.shell.controller import read_secret
+from store.shell.transport import Peer, connect_peer
+from store.wire.control import (
     ClusterStatus,
     ScaleProgress,
     ScaleReply,
@@ -41,9 +43,8 @@ from store.controller_messages import (
     describe_failure,
     parse_address,
 )
-from store.errors import AuthenticationError, PeerUnavailable, ProtocolError
-from store.messages import Message
-from store.transport import Peer, connect_peer
+from store.wire.errors import AuthenticationError, PeerUnavailable, ProtocolError
+from store.wire.messages import Message
 
 __all__ = ["CtlError", "main", "render_status", "request_scale", "request_status"]
 
@@ -252,7 +253,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.status
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,11 +33,12 @@ from ring.hashring import HashRing
 from ring.ownership import NodeView, Stage
 from store.core.node_state import NodeState
 from store.core.objects import ClassInfo, info_of
-from store.errors import PeerUnavailable, StoreError
-from store.microthreads import Microthreads
-from store.transport import Peer, WireCounters, WireStatistics, connect_peer, serve_peers
+from store.shell.microthreads import Microthreads
+from store.shell.transport import Peer, WireCounters, WireStatistics, connect_peer, serve_peers
+from store.wire.control import parse_address
+from store.wire.errors import PeerUnavailable, StoreError
 
-__all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_MERGE_INTERVAL", "Node", "open_node", "split_address"]
+__all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_MERGE_INTERVAL", "Node", "open_node"]
 
 logger = logging.getLogger("store.node")
 
@@ -75,14 +76,6 @@ def import_class(path: str) -> ClassInfo:
     for part in qualname.split("."):
         target = getattr(target, part)
     return info_of(target)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` -> ``(host, port)``, or a ``ValueError`` saying what is wrong."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host, int(port)
 
 
 class Node:
@@ -138,7 +131,7 @@ class Node:
         self.enter_stage(NodeView(self.name, Stage.NORMAL, ring))
 
     def enter_stage(self, view: NodeView) -> None:
-        """Install the controller's new stage in the core (see ``store.membership``).
+        """Install the controller's new stage in the core (see ``store.shell.membership``).
 
         With ``freeze_gc``, entering NORMAL also calls :func:`gc.freeze`: the key records
         and objects that arrived during the event (thousands of them) are long-lived, and
@@ -284,7 +277,7 @@ class Node:
     async def _hold_connection(
         self, dest: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
-        host, port = split_address(dest)
+        host, port = parse_address(dest)
         async with connect_peer(
             host,
             port,
@@ -338,7 +331,7 @@ async def open_node(
             server = None
             counters = WireCounters()
             if listen is not None:
-                host, port = split_address(listen)
+                host, port = parse_address(listen)
                 holder: list[Node] = []
                 built = trio.Event()
 
@@ -388,9 +381,3 @@ async def open_node(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
-
-
-if __name__ == "__main__":
-    from store.node_cli import main
-
-    main()

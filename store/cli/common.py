@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import NoReturn
 
-from store.node import split_address
+from store.shell.controller import read_secret as controller_read_secret
+from store.wire.control import parse_address
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -19,17 +20,15 @@ class OneLineParser(argparse.ArgumentParser):
 def address(text: str) -> str:
     """argparse type for ``HOST:PORT``."""
     try:
-        split_address(text)
+        parse_address(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(f"{exc} (expected HOST:PORT)") from None
     return text
 
 
 def read_secret(path: str | None, prog: str) -> bytes:
     """The cluster secret from ``path``, read as the controller reads it, or the development
     secret (with a warning line)."""
-    from store.controller import read_secret as controller_read_secret
-
     try:
         secret, development = controller_read_secret(path)
     except ValueError as exc:

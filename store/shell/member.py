@@ -1,7 +1,7 @@
 """Joining a space through the controller: the node's answers to the membership callbacks.
 
-``store.membership`` carries the controller's commands; this module turns each into what
-the node must do (``store.membership``'s docstring states the contract):
+``store.shell.membership`` carries the controller's commands; this module turns each into what
+the node must do (``store.shell.membership``'s docstring states the contract):
 
 * every stage change installs the new :class:`~ring.ownership.NodeView` in the core before
   the callback returns (the controller counts the stage as reached on return);
@@ -14,20 +14,16 @@ the node must do (``store.membership``'s docstring states the contract):
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import trio
 
-from store.api import Space
-from store.controller_messages import ControllerRefused, ScalingAborted
-from store.membership import Membership, join_cluster
-from store.node import Node, open_node
+from store.shell.membership import Membership
+from store.shell.node import Node
+from store.wire.control import ControllerRefused, ScalingAborted
 
-__all__ = ["DEFAULT_DRAIN_RATE", "NodeMember", "join_space", "leave"]
+__all__ = ["DEFAULT_DRAIN_RATE", "NodeMember", "leave"]
 
-logger = logging.getLogger("store.membership_glue")
+logger = logging.getLogger("store.shell.member")
 
 #: Key records handed on per second by the background drain.  Each is one small message;
 #: 20,000/s is about a tenth of what one connection carries batched, so packets keep most
@@ -110,28 +106,6 @@ class NodeMember:
             "bad_frames": wire.frames_malformed + wire.frames_unknown_type + wire.frames_too_large,
             "auth_failures": wire.auth_failures,
         }
-
-
-@asynccontextmanager
-async def join_space(
-    controller: str, listen: str, secret: bytes, options: dict[str, Any]
-) -> AsyncIterator[Space]:
-    """An embedded member: a listening node admitted through ``controller``."""
-    drain_rate = options.pop("drain_rate", DEFAULT_DRAIN_RATE)
-    async with open_node(listen=listen, secret=secret, **options) as node:
-        member = NodeMember(node, drain_rate)
-        async with join_cluster(
-            controller,
-            name=node.name,
-            address=node.name,
-            secret=secret,
-            handler=member,
-            status_provider=member.figures,
-        ) as membership:
-            node.enter_stage(membership.view)
-            node.membership = membership
-            yield Space(node)
-            await leave(node, membership)
 
 
 async def leave(node: Node, membership: Membership) -> None:

@@ -66,7 +66,9 @@ import trio
 
 from ring.hashring import HashRing
 from ring.ownership import NodeView, Stage
-from store.controller_messages import (
+from store.core.barrier import Callback, MemberSide
+from store.shell.transport import Peer, connect_peer
+from store.wire.control import (
     SCALING,
     ControllerRefused,
     DrainedReport,
@@ -85,10 +87,8 @@ from store.controller_messages import (
     describe_failure,
     parse_address,
 )
-from store.core.barrier import Callback, MemberSide
-from store.errors import PeerUnavailable, ProtocolError
-from store.messages import Message
-from store.transport import Peer, connect_peer
+from store.wire.errors import PeerUnavailable, ProtocolError
+from store.wire.messages import Message
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -98,7 +98,7 @@ __all__ = [
     "join_cluster",
 ]
 
-logger = logging.getLogger("store.membership")
+logger = logging.getLogger("store.shell.membership")
 
 #: Seconds to reach the controller and complete the handshake and registration.
 CONNECT_TIMEOUT: Final = 5.0

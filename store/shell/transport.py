@@ -14,13 +14,13 @@ What this layer promises the node above it:
   per websocket frame tops out near 14 k msgs/s, batches of 64 near 230 k.
 * **Order.**  Messages on one connection arrive in the order they were queued.
 * **Bad input is contained.**  An undecodable frame or an unknown message type is counted,
-  answered with an :class:`~store.messages.Error`, and skipped; the connection stays up.
+  answered with an :class:`~store.wire.messages.Error`, and skipped; the connection stays up.
   A frame over ``max_frame`` closes that connection (the websocket library has already
   refused to buffer it), and is counted.  Other peers never notice either.
 * **Our errors only.**  trio and trio-websocket exceptions are mapped to the store's error
   family here and nowhere else: a closed or unreachable peer is
-  :class:`~store.errors.PeerUnavailable`, a broken protocol a
-  :class:`~store.errors.ProtocolError` subclass.
+  :class:`~store.wire.errors.PeerUnavailable`, a broken protocol a
+  :class:`~store.wire.errors.ProtocolError` subclass.
 
 The same :class:`Peer` class runs over a websocket (:func:`serve_peers`,
 :func:`connect_peer`) or over in-memory channels (:func:`open_memory_peer_pair`), so tests
@@ -57,7 +57,7 @@ import cbor2
 import trio
 import trio_websocket
 
-from store.errors import (
+from store.wire.errors import (
     AuthenticationError,
     FrameTooLarge,
     MalformedMessage,
@@ -67,7 +67,7 @@ from store.errors import (
     StoreError,
     UnknownMessageType,
 )
-from store.messages import (
+from store.wire.messages import (
     WIRE_VERSION,
     Error,
     Hello,
@@ -98,7 +98,7 @@ __all__ = [
     "serve_peers",
 ]
 
-logger = logging.getLogger("store.transport")
+logger = logging.getLogger("store.shell.transport")
 
 #: Largest frame a peer accepts unless told otherwise.  Big enough for a migrating object
 #: with its batch; small enough that a hostile or broken peer cannot make us buffer much.
@@ -518,7 +518,7 @@ class Peer:
 
         The message is encoded now, so ``TypeError``/``ValueError`` for an unregistered
         class or an unencodable field surfaces here, at the caller.  Raises
-        :class:`~store.errors.MessageTooLarge` if the message alone exceeds
+        :class:`~store.wire.errors.MessageTooLarge` if the message alone exceeds
         :attr:`frame_limit`, and :class:`PeerUnavailable` once the peer is closed.  The
         queue is not bounded here (the node decides what to do with :attr:`queued_bytes`);
         :meth:`send` is the variant with backpressure.

@@ -11,13 +11,12 @@ import argparse
 import json
 import logging
 import signal
-import sys
 from typing import Any
 
 import trio
 
-from store.cli_common import OneLineParser, address, fail, read_secret
-from store.errors import StoreError
+from store.cli.common import OneLineParser, address, fail, read_secret
+from store.wire.errors import StoreError
 
 PROG = "store.node"
 
@@ -45,7 +44,7 @@ async def serve(
     drain_rate: int | None,
     trace_file: str | None = None,
 ) -> None:
-    from store.membership_glue import join_space
+    from store.space import join_space
 
     # A node process is the store's alone: keeping the collector's full scans off the
     # objects and records that arrive with each event is safe here (see Node.enter_stage).
@@ -78,7 +77,7 @@ async def serve(
                 out.writelines(json.dumps(entry) + "\n" for entry in trace)
 
 
-def main() -> None:
+def main() -> int:
     args = parser().parse_args()
     logging.basicConfig(level=args.log_level, format=f"{PROG}: %(levelname)s %(message)s")
     secret = read_secret(args.secret_file, PROG)
@@ -87,15 +86,15 @@ def main() -> None:
     try:
         trio.run(serve, args.controller, args.listen, secret, args.drain_rate, args.trace_grants)
     except KeyboardInterrupt:
-        pass
+        return 0
     except BaseException as exc:  # one clear line for what we expect, a traceback otherwise
         leaf = first_leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):
-            sys.exit(0)
+            return 0
         if isinstance(leaf, StoreError | OSError | ValueError | TimeoutError):
             fail(PROG, str(leaf) or type(leaf).__name__)
         raise
-    sys.exit(0)
+    return 0
 
 
 def first_leaf(exc: BaseException) -> BaseException:
@@ -103,7 +102,3 @@ def first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
-"""The controller process: the membership authority of a cluster, over ``store.transport``.
+"""The controller process: the membership authority of a cluster, over ``store.shell.transport``.
 
 Run it with ``python -m store.controller --listen HOST:PORT``; its first line on stdout is
 ``listening on HOST:PORT`` with the port actually bound (useful with port 0).  Nodes join it
-with :func:`store.membership.join_cluster`; operators use ``python -m store.ctl``.  Tests and
+with :func:`store.shell.membership.join_cluster`; operators use ``python -m store.ctl``.  Tests and
 benchmarks run it in-process with :func:`open_controller`.
 
 All decisions are made by the pure :class:`~store.core.barrier.Barrier`; this module is the
@@ -18,11 +18,9 @@ connection; when it ends the barrier hears :meth:`Barrier.member_gone`.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import math
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,7 +31,20 @@ from typing import Final, NoReturn
 import trio
 
 from ring.hashring import DEFAULT_VNODES
-from store.controller_messages import (
+from store.core.barrier import (
+    DEFAULT_ADMISSION_WINDOW,
+    DEFAULT_LEAVE_TIMEOUT,
+    DEFAULT_PRE_SCALING_TIMEOUT,
+    Barrier,
+    Effect,
+    Log,
+    Progress,
+    Reply,
+    Send,
+    Transition,
+)
+from store.shell.transport import Peer, serve_peers
+from store.wire.control import (
     ClusterStatus,
     ControllerRefused,
     DrainedReport,
@@ -51,28 +62,14 @@ from store.controller_messages import (
     format_address,
     parse_address,
 )
-from store.core.barrier import (
-    DEFAULT_ADMISSION_WINDOW,
-    DEFAULT_LEAVE_TIMEOUT,
-    DEFAULT_PRE_SCALING_TIMEOUT,
-    Barrier,
-    Effect,
-    Log,
-    Progress,
-    Reply,
-    Send,
-    Transition,
-)
-from store.errors import PeerUnavailable, ProtocolError
-from store.messages import Message
-from store.transport import Peer, serve_peers
+from store.wire.errors import PeerUnavailable, ProtocolError
+from store.wire.messages import Message
 
 __all__ = [
     "CONTROLLER_NAME",
     "DEV_SECRET",
     "Controller",
     "ScaleResult",
-    "main",
     "open_controller",
     "read_secret",
 ]
@@ -458,108 +455,3 @@ def _reraise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
         inner = inner.exceptions[0]
     raise inner
-
-
-# --- the command line ---------------------------------------------------------------------
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (and exit status 2), not a
-    usage block: operators and scripts read the reason, ``--help`` shows the usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
-
-
-def _parser() -> OneLineParser:
-    parser = OneLineParser(
-        prog="python -m store.controller",
-        description="Run the membership authority of an S6 cluster (admission and the "
-        "scaling barrier).  Prints 'listening on HOST:PORT' as its first line.",
-    )
-    parser.add_argument(
-        "--listen", required=True, metavar="HOST:PORT", help="where to accept nodes and ctl"
-    )
-    parser.add_argument(
-        "--manual-admission",
-        action="store_true",
-        help="registered nodes wait for 'ctl scale-out' instead of joining at once",
-    )
-    parser.add_argument(
-        "--secret-file",
-        metavar="F",
-        help="file holding the cluster secret (default: a development secret, with a warning)",
-    )
-    parser.add_argument(
-        "--pre-scaling-timeout",
-        type=_positive,
-        default=DEFAULT_PRE_SCALING_TIMEOUT,
-        metavar="S",
-        help="seconds every node has to acknowledge pre-scaling before the event aborts "
-        f"(default {DEFAULT_PRE_SCALING_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--vnodes", type=int, default=DEFAULT_VNODES, help=argparse.SUPPRESS
-    )  # for experiments: every node must use the ring the controller sends
-    return parser
-
-
-async def _run(args: argparse.Namespace, secret: bytes) -> None:
-    async with open_controller(
-        args.listen,
-        secret=secret,
-        manual_admission=args.manual_admission,
-        pre_scaling_timeout=args.pre_scaling_timeout,
-        vnodes=args.vnodes,
-    ) as controller:
-        print(f"listening on {controller.address}", flush=True)
-        await trio.sleep_forever()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        parse_address(args.listen)
-    except ValueError as exc:
-        parser.error(f"--listen: {exc}")
-    if args.vnodes < 1:
-        parser.error("--vnodes must be at least 1")
-    try:
-        secret, default = read_secret(args.secret_file)
-    except ValueError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s controller: %(message)s", stream=sys.stderr
-    )
-    if default:
-        logger.warning(
-            "no --secret-file given: using the development secret; anyone can join this cluster"
-        )
-    try:
-        trio.run(_run, args, secret)
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        print(
-            f"{parser.prog}: error: cannot listen on {args.listen}: {describe_failure(exc)}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

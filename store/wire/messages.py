@@ -9,8 +9,8 @@ bytes on field names than on data, and cbor encode/decode time grows with the by
 Why typed classes and not dicts: a message with a wrong field is caught once, here, when it
 is decoded, instead of as a ``KeyError`` deep in the node.  Why validate at all: frames come
 from other processes, and a node must be able to count a bad frame and keep serving, so
-:func:`decode_batch` raises only :class:`~store.errors.MalformedMessage` or
-:class:`~store.errors.UnknownMessageType`, never a raw cbor2, ``ValueError`` or ``TypeError``.
+:func:`decode_batch` raises only :class:`~store.wire.errors.MalformedMessage` or
+:class:`~store.wire.errors.UnknownMessageType`, never a raw cbor2, ``ValueError`` or ``TypeError``.
 Pickle is never used: a frame can only ever produce plain data and registered classes.
 
 Declaring messages in another module
@@ -21,7 +21,7 @@ way, in their own modules, with the decorator from this one::
     from dataclasses import dataclass
     from typing import Any
 
-    from store.messages import Key, message
+    from store.wire.messages import Key, message
 
     @message(16)  # any unused int (or short str); 1-15 are the wire layer's
     @dataclass(frozen=True, slots=True)
@@ -76,7 +76,7 @@ from typing import Annotated, Any, ClassVar, Final, Protocol, TypeAlias, TypeVar
 
 import cbor2
 
-from store.errors import MalformedMessage, UnknownMessageType
+from store.wire.errors import MalformedMessage, UnknownMessageType
 
 __all__ = [
     "MAX_DEPTH",
@@ -597,9 +597,9 @@ _new_instance: Final = object.__new__
 def decode_batch(frame: bytes) -> list[Message]:
     """The messages of one frame, in order.
 
-    Raises :class:`~store.errors.MalformedMessage` if the frame is not one cbor array of
+    Raises :class:`~store.wire.errors.MalformedMessage` if the frame is not one cbor array of
     well-formed entries (wrong arity, wrong field types, trailing bytes, refused tags), and
-    :class:`~store.errors.UnknownMessageType` for an entry with an unregistered tag.  A
+    :class:`~store.wire.errors.UnknownMessageType` for an entry with an unregistered tag.  A
     frame is accepted or refused as a whole: no partial batch is returned.
     """
     decoded = _loads(frame)
@@ -641,7 +641,7 @@ class Hello:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Proof:
     """HMAC-SHA256, keyed with the cluster secret, over the other side's nonce and both
-    names (see ``store.transport.proof_mac``): shows the secret without sending it."""
+    names (see ``store.shell.transport.proof_mac``): shows the secret without sending it."""
 
     mac: bytes
 
@@ -825,7 +825,7 @@ class Snapshot:
 
 def key_from_wire(value: Any) -> Any:
     """A key that travelled inside an ``Any`` field, with its tuples restored (cbor has one
-    array type).  Raises :class:`~store.errors.MalformedMessage` for non-key material."""
+    array type).  Raises :class:`~store.wire.errors.MalformedMessage` for non-key material."""
     try:
         return _to_key(value)
     except _Mismatch as exc:

@@ -1,0 +1,1 @@
+"""The command lines: ``python -m store.node``, ``store.controller`` and ``store.ctl``."""

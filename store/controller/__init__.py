@@ -1,0 +1,1 @@
+"""``python -m store.controller`` (the code is in :mod:`store.cli.controller`)."""

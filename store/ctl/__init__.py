@@ -1,0 +1,1 @@
+"""``python -m store.ctl`` (the code is in :mod:`store.cli.ctl`)."""

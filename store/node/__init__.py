@@ -1,0 +1,1 @@
+"""``python -m store.node`` (the code is in :mod:`store.cli.node`)."""

@@ -1,0 +1,2 @@
+"""The trio shell: transport, the node process around the pure core, membership, the
+controller, microthreads."""

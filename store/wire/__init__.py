@@ -1,0 +1,2 @@
+"""The wire: messages and their encoding, controller messages, errors, codes.  Pure: no
+I/O, no clock, nothing of ours below it."""
