@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from store.cli.common import OneLineParser, address, fail, read_secret
-from store.wire.errors import StoreError
+from store.wire.errors import StoreError, first_leaf
 
 PROG = "store.node"
 
@@ -88,6 +88,8 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:  # one clear line for what we expect, a traceback otherwise
+        # first_leaf, not reraise_single: this only decides what to print (one line, or the
+        # whole traceback), and when several things failed at once the first stands for all.
         leaf = first_leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):
             return 0
@@ -95,10 +97,3 @@ def main() -> int:
             fail(PROG, str(leaf) or type(leaf).__name__)
         raise
     return 0
-
-
-def first_leaf(exc: BaseException) -> BaseException:
-    """The first exception inside (possibly nested) exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc

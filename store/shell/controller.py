@@ -62,7 +62,7 @@ from store.wire.control import (
     format_address,
     parse_address,
 )
-from store.wire.errors import PeerUnavailable, ProtocolError
+from store.wire.errors import PeerUnavailable, ProtocolError, reraise_single
 from store.wire.messages import Message
 
 __all__ = [
@@ -445,13 +445,6 @@ async def open_controller(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        _reraise_single(group)
-
-
-def _reraise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Our nursery wraps the one exception that matters in a group (twice, for a bind
-    error); callers should see that exception itself."""
-    inner: BaseException = group
-    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-        inner = inner.exceptions[0]
-    raise inner
+        # The server and the timer run beside the caller's block (and a bind error comes
+        # wrapped twice): the caller sees the one exception that matters.
+        reraise_single(group)

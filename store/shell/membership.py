@@ -60,7 +60,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Final, NoReturn, Protocol
+from typing import Final, Protocol
 
 import trio
 
@@ -87,7 +87,7 @@ from store.wire.control import (
     describe_failure,
     parse_address,
 )
-from store.wire.errors import PeerUnavailable, ProtocolError
+from store.wire.errors import PeerUnavailable, ProtocolError, reraise_single
 from store.wire.messages import Message
 
 __all__ = [
@@ -425,7 +425,9 @@ async def _running(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        _reraise_single(group)
+        # The reader and the worker run beside the caller's block: the caller sees the
+        # one exception that matters, not the nursery's group around it.
+        reraise_single(group)
 
 
 async def _first_of(*events: trio.Event) -> None:
@@ -451,11 +453,3 @@ async def _wait_admitted(membership: Membership, controller: str, timeout: float
     raise PeerUnavailable(
         f"the controller at {controller} closed the connection before admitting {membership.name}"
     )
-
-
-def _reraise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Surface the one exception that matters, not the nursery's group around it."""
-    inner: BaseException = group
-    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-        inner = inner.exceptions[0]
-    raise inner

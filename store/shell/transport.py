@@ -66,6 +66,7 @@ from store.wire.errors import (
     ProtocolError,
     StoreError,
     UnknownMessageType,
+    reraise_single,
 )
 from store.wire.messages import (
     WIRE_VERSION,
@@ -706,23 +707,6 @@ class Peer:
         self._fail(PeerUnavailable(f"connection with {self._link.remote} closed locally"))
 
 
-def _reraise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Re-raise the only exception of ``group`` as itself (keeping its context).
-
-    Our context managers run a writer task next to the caller's code, so trio wraps the
-    caller's exception in a group; the caller should see the exception it raised.
-    """
-    if len(group.exceptions) != 1:
-        raise group
-    exc = group.exceptions[0]
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context
-
-
 @asynccontextmanager
 async def _running(peer: Peer) -> AsyncIterator[Peer]:
     """Run ``peer``'s writer for the duration of the block; flush and close at the end
@@ -740,7 +724,8 @@ async def _running(peer: Peer) -> AsyncIterator[Peer]:
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        _reraise_single(group)
+        # The writer runs beside the caller's block: the caller sees its own exception.
+        reraise_single(group)
 
 
 # --- the handshake ------------------------------------------------------------------------
