@@ -439,7 +439,7 @@ class Demo:
         """Note every stage this member goes through, and when."""
         last = ("", -1)
         while True:
-            view = space.node.state.view
+            view = space.node.view
             now = (view.stage.value, view.epoch)
             if now != last:
                 self.stages.append((clock(), *now))
@@ -465,7 +465,7 @@ class Demo:
                     f"   latency p50 {r['p50_ms']:6.2f}  p99 {r['p99_ms']:6.2f}  "
                     f"max {r['max_ms']:7.2f} ms"
                 )
-            view = client.space.node.state.view
+            view = client.space.node.view
             line.append(f"   epoch {view.epoch} {view.stage.value}", style="dim")
             style = "bold red" if client.failed else "green"
             line.append(f"   failed {client.failed}", style=style)
@@ -476,7 +476,7 @@ async def wait_for_stage(space: Space, epoch: int, timeout: float = 30.0) -> flo
     """Until this member is NORMAL on ``epoch`` or later; when it got there."""
     with trio.fail_after(timeout):
         while True:
-            view = space.node.state.view
+            view = space.node.view
             if view.stage.value == "normal" and view.epoch >= epoch:
                 return clock()
             await trio.sleep(0.002)
@@ -494,7 +494,7 @@ async def run_demo(demo: Demo, procs: Processes, live: Live) -> None:
     async with open_space(controller=controller, secret=procs.secret) as space:
         say(
             f"this process joined as member {space.name} "
-            f"(epoch {space.node.state.view.epoch}); creating the shared objects"
+            f"(epoch {space.node.view.epoch}); creating the shared objects"
         )
         client = Client(space)
         await client.setup()
@@ -559,7 +559,7 @@ async def run_demo(demo: Demo, procs: Processes, live: Live) -> None:
         demo.phase = "client leaves"
         live.update(demo.status_line(), refresh=True)
         lo = clock()
-        epoch = space.node.state.view.epoch + 1
+        epoch = space.node.view.epoch + 1
     hi = clock()
     status = await event_status(controller, procs.secret, epoch, demo.say)
     demo.events.append(event_row("this client's member leaves", status.last_event, lo, hi))

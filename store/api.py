@@ -7,20 +7,35 @@ is arranged so that the common case costs least:
 * **A local single-writer object** (the per-flow state of a flow this instance serves):
   ``async with flows.create(key) as ref`` is one dict lookup and two attribute checks, and
   ``await ref.method(...)`` one plain call; no task, no trio call, no message.
-* **Anything else** goes to :class:`~store.core.node_state.NodeState`'s slow paths, which
-  queue messages and hand back a :class:`~store.core.scheduler.Wait`; the node's shell is
-  kicked to send them, and the awaiting microthread parks until the answer comes.
+* **Anything else** becomes a stimulus to the node's core (``Node.handle``), which
+  queues messages and settles the :class:`~store.core.scheduler.Wait` that the awaiting
+  microthread parks on when the answer comes.
+
+The only calls into the core that do not go through ``Node.handle`` are the object layer's
+fast paths (``Node.fast``: ``take``, ``let_go``, ``held``, ``located``, ``call_now``), which
+serve local state at once; the logic of every case lives in the core, none here.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from store.core.node_state import Held
+from store.core.instructions import (
+    Acquire,
+    AskScan,
+    AskSnapshot,
+    Invoke,
+    LetGo,
+    Locate,
+    RegisterMap,
+    Remove,
+)
+from store.core.object_layer import SLOW, Held
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, info_of, load_state
+from store.core.router import NodeStatistics
 from store.core.scheduler import Wait
 from store.wire.errors import ObjectNotFound, ObjectRemoved
 from store.wire.messages import key_from_wire
@@ -87,81 +102,20 @@ def _local_method(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
-    """A method of an object held elsewhere: ``NodeState.call`` does the work, except in
-    the two cases that need no message, which are done here without its frame: a
-    ``@stale`` read that the cache answers, and an ``@untethered`` update into this node's
-    replica of a mergeable object.  Both do exactly what ``NodeState.call`` does for them
-    (counters and ``now_hint`` included); keep them in step with it."""
-    minfo = info.methods[name]
-    multi = info.kind is ObjectKind.MULTI
+    """A method of an object held elsewhere (or of a multi-writer one held here): the
+    core's ``call_now`` does it at once when it can (a local object or replica, a fresh
+    ``@stale`` entry, an untethered call queued for shipping); otherwise an ``Invoke``."""
+    untethered = info.methods[name].kind is MethodKind.UNTETHERED
 
     def method(self: Ref, *args: Any) -> Any:
         map_ = self._map
         node = map_._node
-        state = node.state
-        result = state.call(self._k, map_.info, name, args, self._owner, node.clock())
-        if isinstance(result, Wait):
-            node.kick()
-            return result
+        result = map_._call_now(self._k, map_.info, name, args, self._owner, node.clock())
+        if result is SLOW:
+            wait: Wait[Any] | None = None if untethered else Wait(self._k)
+            node.handle(Invoke(self._k, map_.info, name, args, self._owner, wait))
+            return _ready(None) if wait is None else wait
         return _ready(result)
-
-    if minfo.kind is MethodKind.STALE:
-        max_age = minfo.max_age
-
-        def stale_method(self: Ref, *args: Any) -> Any:
-            map_ = self._map
-            node = map_._node
-            state = node.state
-            k = self._k
-            now = node.clock()
-            if not multi or k not in state.objects:
-                cached = state.stale_cache.get((k[0], k[1], name, args))
-                if cached is not None and now - cached[0] <= max_age:
-                    state.now_hint = now
-                    state.stats.stale_cache_hits += 1
-                    return _ready(cached[1])
-            result = state.call(k, map_.info, name, args, self._owner, now)
-            if isinstance(result, Wait):
-                node.kick()
-                return result
-            return _ready(result)
-
-        stale_method.__name__ = name
-        return stale_method
-
-    if minfo.kind is MethodKind.UNTETHERED and info.mergeable and multi:
-        fn = getattr(info.cls, name)
-
-        def replica_method(self: Ref, *args: Any) -> Any:
-            map_ = self._map
-            node = map_._node
-            state = node.state
-            k = self._k
-            if k in state.objects:  # held here after all: NodeState.call applies it
-                return method(self, *args)
-            state.now_hint = node.clock()
-            state.stats.untethered_calls += 1
-            replica = state.replicas.get(k)
-            if replica is None or replica[1] != self._owner:  # rare: NodeState decides
-                replica = state.replica_for(k, info, self._owner)
-            fn(replica[0], *args)
-            return _ready(None)
-
-        replica_method.__name__ = name
-        return replica_method
-
-    if minfo.kind is MethodKind.UNTETHERED and multi:
-
-        def shipped_method(self: Ref, *args: Any) -> Any:
-            state = self._map._node.state
-            k = self._k
-            if k in state.objects:  # held here after all: NodeState.call applies it
-                return method(self, *args)
-            state.untethered(k, name, args, self._owner)
-            return _ready(None)
-
-        shipped_method.__name__ = name
-        return shipped_method
 
     method.__name__ = name
     return method
@@ -172,7 +126,7 @@ def _readonly_method(name: str, fn: Callable[..., Any], remote: Callable[..., An
     else through the stale cache."""
 
     def method(self: Ref, *args: Any) -> Any:
-        held = self._map._objects.get(self._k)
+        held = self._map._held(self._k)
         if held is not None:
             return _ready(fn(held.obj, *args))
         return remote(self, *args)
@@ -232,10 +186,8 @@ class _Access:
     async def __aenter__(self) -> Any:
         map_ = self._map
         k = (map_.name, self._key)
-        held = map_._objects.get(k)
-        if held is not None and not self._readonly and held.release is None:
-            if map_._single:
-                held.refs += 1
+        held = None if self._readonly else map_._take(k, map_._single)
+        if held is not None:
             ref = _new(map_._local)  # Ref.__init__, inline
             ref._map = map_
             ref._k = k
@@ -244,40 +196,35 @@ class _Access:
             ref.created = False
             self._ref = ref
             return ref
-        return await self._slow(k, held)
+        return await self._slow(k)
 
-    async def _slow(self, k: tuple[str, Any], held: Held | None) -> Ref:
+    async def _slow(self, k: tuple[str, Any]) -> Ref:
         map_ = self._map
         node = map_._node
-        state = node.state
         if self._readonly and map_._single:
-            if held is None:
-                owner = state.locations.get(k)
+            if map_._held(k) is None:
+                owner = node.fast.located(k)
                 if owner is None:
-                    wait = state.locate(k[0], k[1], False)
-                    node.kick()
+                    wait: Wait[Any] = Wait(k)
+                    node.handle(Locate(k, False, wait))
                     owner, _ = await wait
-                else:
-                    state.stats.location_cache_hits += 1
             else:
                 owner = map_._me
             ref: Ref = map_._readonly_ref(map_, k, None, owner)
         elif map_._single:
-            wait_w = state.acquire(k[0], k[1], self._create)
-            node.kick()
-            held, created = await wait_w
+            wait = Wait(k)
+            node.handle(Acquire(k, self._create, wait))
+            held, created = await wait
             ref = map_._local(map_, k, held, map_._me)
             ref.created = created
         else:
-            owner = state.locations.get(k) if not self._create else None
+            owner = node.fast.located(k) if not self._create else None
             created = False
             if owner is None:
-                wait = state.locate(k[0], k[1], self._create)
-                node.kick()
+                wait = Wait(k)
+                node.handle(Locate(k, self._create, wait))
                 owner, created = await wait
-            else:
-                state.stats.location_cache_hits += 1
-            held = map_._objects.get(k)
+            held = map_._held(k)
             if held is not None:
                 ref = map_._local(map_, k, held, owner)
             else:
@@ -294,13 +241,9 @@ class _Access:
     ) -> None:
         ref = self._ref
         if ref is not None and ref._held is not None and self._map._single:
-            held = ref._held
-            if held.release is None or held.refs > 1:
-                held.refs -= 1
-            else:
-                node = self._map._node
-                node.state.release_ref(ref._k, held)
-                node.kick()
+            map_ = self._map
+            if not map_._let_go(ref._held):
+                map_._node.handle(LetGo(ref._k, ref._held))
 
 
 class Map(Generic[T]):
@@ -308,13 +251,17 @@ class Map(Generic[T]):
 
     def __init__(self, node: Node, name: str, cls: type[T]) -> None:
         info = info_of(cls)
-        node.state.register_map(name, info)
+        node.handle(RegisterMap(name, info))
         self.name = name
         self.cls = cls
         self.info = info
         self._node = node
-        self._objects = node.state.objects
-        self._me = node.state.name
+        # The core's fast paths, bound once (see the module docstring).
+        self._take = node.fast.take
+        self._let_go = node.fast.let_go
+        self._held = node.fast.held
+        self._call_now = node.fast.call_now
+        self._me = node.name
         self._single = info.kind is ObjectKind.SINGLE
         self._local = _ref_class(info, "local")
         self._remote = _ref_class(info, "remote")
@@ -350,20 +297,18 @@ class Map(Generic[T]):
     async def remove(self, key: Any) -> bool:
         """Remove the object under ``key``; whether one existed.  Later accesses fail with
         ``ObjectNotFound`` until a create; references still held raise ``ObjectRemoved``."""
-        node = self._node
-        wait = node.state.remove(self.name, key)
-        node.kick()
+        wait: Wait[bool] = Wait((self.name, key))
+        self._node.handle(Remove((self.name, key), wait))
         return await wait
 
     async def items(self) -> AsyncIterator[tuple[Any, T]]:
         """Each existing key once, with a read-only snapshot of its object (a copy: changing
         it changes nothing).  Moves nothing; for the control plane, not the packet path."""
         node = self._node
-        state = node.state
         seen: set[Any] = set()
         for member in sorted(node.members()):
-            wait = state.scan(member, self.name)
-            node.kick()
+            wait: Wait[list[list[Any]]] = Wait(("scan", member, self.name))
+            node.handle(AskScan(member, self.name, wait))
             entries = await wait
             by_owner: dict[str, list[Any]] = {}
             for raw, owner in entries:
@@ -379,22 +324,21 @@ class Map(Generic[T]):
 
     async def _snapshots(self, owner: str, keys: list[Any]) -> list[tuple[Any, bytes]]:
         node = self._node
-        state = node.state
         out: list[tuple[Any, bytes]] = []
         pending = {owner: keys}
         for _attempt in range(4):
             retry: dict[str, list[Any]] = {}
             for where, wanted in pending.items():
-                wait = state.snapshot(where, self.name, wanted)
-                node.kick()
+                wait: Wait[list[list[Any]]] = Wait(("snapshot", where, self.name))
+                node.handle(AskSnapshot(where, self.name, wanted, wait))
                 for raw, data in await wait:
                     key = key_from_wire(raw)
                     if data is not None:
                         out.append((key, data))
                         continue
                     try:  # it moved (or went): ask its key owner where it is now
-                        lwait = state.locate(self.name, key, False)
-                        node.kick()
+                        lwait: Wait[Any] = Wait((self.name, key))
+                        node.handle(Locate((self.name, key), False, lwait))
                         now_at, _ = await lwait
                     except ObjectNotFound:
                         continue
@@ -442,9 +386,7 @@ class Space:
         """Like :meth:`submit_nowait`, but waits for room when the parked bound is reached:
         the backpressure.  Returns once the unit is accepted; ``await`` the unit for its
         result.  Units of one flow finish in the order submitted."""
-        unit = await self._node.micro.submit(flow, fn, *args)
-        self._node.kick()
-        return unit
+        return await self._node.micro.submit(flow, fn, *args)
 
     async def flush(self) -> None:
         """Send every untethered batch and fold every replica, and return once each
@@ -454,17 +396,14 @@ class Space:
     def statistics(self) -> SpaceStatistics:
         """A frozen record of this member's figures (see :class:`SpaceStatistics`)."""
         node = self._node
-        core = node.state.statistics()
+        core = node.core.statistics()
         micro = node.micro.statistics()
         wire = node.wire_statistics()
+        figures = asdict(core)
+        figures["errors"] = {**core.errors, **node.errors}
         return SpaceStatistics(
+            **figures,
             node=node.name,
-            epoch=node.state.view.epoch,
-            stage=node.state.view.stage.value,
-            key_records=core.key_records,
-            objects_single=core.objects_single,
-            objects_multi=core.objects_multi,
-            references_in_use=core.references_in_use,
             microthreads_parked=micro.parked,
             microthreads_run=micro.units_run,
             messages_sent=wire.messages_sent,
@@ -472,16 +411,6 @@ class Space:
             bytes_sent=wire.bytes_sent,
             bytes_received=wire.bytes_received,
             frames_sent=wire.frames_sent,
-            migrations_in=core.migrations_in,
-            migrations_out=core.migrations_out,
-            forwarded=core.forwarded,
-            location_cache_hits=core.location_cache_hits,
-            stale_cache_hits=core.stale_cache_hits,
-            untethered_calls=core.untethered_calls,
-            untethered_batches=core.untethered_batches,
-            merges=core.merges,
-            remote_calls=core.remote_calls,
-            errors=dict(core.errors or {}),
             wire_errors={
                 "frames_too_large": wire.frames_too_large,
                 "frames_malformed": wire.frames_malformed,
@@ -491,17 +420,12 @@ class Space:
         )
 
 
-@dataclass(frozen=True)
-class SpaceStatistics:
-    """Per-member figures: what ``space.statistics()`` and ``store.ctl status`` show."""
+@dataclass(frozen=True, kw_only=True)
+class SpaceStatistics(NodeStatistics):
+    """Per-member figures: what ``space.statistics()`` and ``store.ctl status`` show: the
+    core's (:class:`~store.core.router.NodeStatistics`) and the shell's below."""
 
     node: str
-    epoch: int
-    stage: str
-    key_records: int
-    objects_single: int
-    objects_multi: int
-    references_in_use: int
     microthreads_parked: int
     microthreads_run: int
     messages_sent: int
@@ -509,14 +433,4 @@ class SpaceStatistics:
     bytes_sent: int
     bytes_received: int
     frames_sent: int
-    migrations_in: int
-    migrations_out: int
-    forwarded: int
-    location_cache_hits: int
-    stale_cache_hits: int
-    untethered_calls: int
-    untethered_batches: int
-    merges: int
-    remote_calls: int
-    errors: dict[str, int]
     wire_errors: dict[str, int]

@@ -31,7 +31,7 @@ def parser() -> OneLineParser:
     p.add_argument("--drain-rate", type=int, default=None, help="key records moved per second")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING"])
     # A test aid, not an operator option: record every SingleWriter grant and release of
-    # this node (NodeState.trace) and write them to FILE as JSON lines when the node exits,
+    # this node (the object layer's trace) and write them to FILE as JSON lines at exit,
     # so that an integration test can check the grant chain across processes.
     p.add_argument("--trace-grants", metavar="FILE", help=argparse.SUPPRESS)
     return p
@@ -52,11 +52,12 @@ async def serve(
     if drain_rate is not None:
         options["drain_rate"] = drain_rate
     trace: list[tuple[str, str, Any, int, str]] = []
+    if trace_file is not None:
+        options["trace"] = trace  # (test aid, see --trace-grants)
     try:
         async with join_space(controller, listen, secret, options) as space:
-            if trace_file is not None:
-                space.node.state.trace = trace  # (test aid, see --trace-grants)
-            print(f"node {space.name} admitted epoch {space.node.state.view.epoch}", flush=True)
+            epoch = space.statistics().epoch
+            print(f"node {space.name} admitted epoch {epoch}", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 membership = space.node.membership
                 async with trio.open_nursery() as nursery:

@@ -49,8 +49,8 @@ Choices, and why
   aborts the event.  Later on, the event cannot be rolled back (records are moving), so it
   waits; a member that is lost with no event running stays in the ring.  Either way new
   events are refused until the member registers again under the same name and address; it is
-  then sent the command of the stage it should be in (a *rejoin*).  Replicating records so
-  that a lost node can be dropped is the "crash safety" item of DESIGN.md, not done here.
+  then sent the command of the stage it should be in (a *rejoin*).  Dropping a lost node
+  needs its records replicated elsewhere first (crash safety), which is not done here.
 
 Every decision is appended to :attr:`Barrier.log` as a :class:`Transition`;
 :func:`check_transitions` replays a log and lists every breach of the rules above, and
@@ -67,15 +67,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ring.hashring import DEFAULT_VNODES, HashRing
+from ring.ownership import Stage
 from store.wire.control import (
-    ABORT,
-    LEAVE,
-    NORMAL,
-    PRE_SCALING,
-    SCALING,
     ClusterStatus,
+    Command,
     Figures,
     MemberList,
+    Order,
     RingState,
     StageCommand,
     parse_address,
@@ -92,7 +90,6 @@ __all__ = [
     "Log",
     "Member",
     "MemberSide",
-    "Phase",
     "Progress",
     "Reply",
     "Role",
@@ -165,14 +162,6 @@ class Role(enum.Enum):
     LEAVING = "leaving"  # removed by a finished event, told to leave, not yet gone
 
 
-class Phase(enum.Enum):
-    """What the running event is waiting for."""
-
-    PRE_SCALING = "pre-scaling"  # PRE_SCALING acks from every participant
-    SCALING = "scaling"  # drained reports from every participant
-    NORMAL = "normal"  # NORMAL(n) acks from every participant
-
-
 @dataclass
 class Member:
     """One registered node.  ``stage``/``epoch`` are the last ones it acknowledged (what
@@ -183,7 +172,7 @@ class Member:
     role: Role
     registered_at: float
     connected: bool = True
-    stage: str = NORMAL
+    stage: Stage = Stage.NORMAL
     epoch: int = 0
     held: bool = False  # its admission aborted: automatic admission skips it
     leave_deadline: float | None = None
@@ -200,7 +189,9 @@ class ScaleEvent:
     added: frozenset[str]
     removed: frozenset[str]
     participants: frozenset[str]
-    phase: Phase
+    # The stage the participants were last told to enter; the event waits for their answers:
+    # PRE_SCALING acks, then drained reports (SCALING), then NORMAL acks on the new ring.
+    phase: Stage
     started_at: float
     request_id: int | None
     pre_acked: set[str] = field(default_factory=set)
@@ -222,9 +213,9 @@ class ScaleEvent:
 
     def waiting_for(self) -> list[str]:
         """Participants whose answer the current phase still needs."""
-        if self.phase is Phase.PRE_SCALING:
+        if self.phase is Stage.PRE_SCALING:
             done: Iterable[str] = self.pre_acked
-        elif self.phase is Phase.SCALING:
+        elif self.phase is Stage.SCALING:
             done = self.drained
         else:
             done = self.normal_acked
@@ -239,15 +230,16 @@ class Transition:
     """One entry of the controller's log.
 
     ``what`` is one of: register, rejoin, gone, refused, event (an event starts; ``members``
-    lists its participants), command, ack, drained, stale (an answer that was ignored), abort
-    (``epoch`` is the burnt one), finish, left.  ``stage`` is the command or acknowledged
-    stage where that applies, ``epoch`` the event's epoch (or the ring's, outside events).
+    lists its participants, ``text`` its kind: form, out or in), command, ack, drained, stale
+    (an answer that was ignored), abort (``epoch`` is the burnt one), finish, left.
+    ``stage`` is the command sent or acknowledged where that applies (SCALING for a drained
+    report), ``epoch`` the event's epoch (or the ring's, outside events).
     """
 
     at: float
     what: str
     member: str = ""
-    stage: str = ""
+    stage: Command | None = None
     epoch: int = 0
     members: tuple[str, ...] = ()
     text: str = ""
@@ -304,6 +296,9 @@ class Barrier:
         self.last_abort = ""
         self.last_event: Figures = {}
         self.log: list[Transition] = []
+        #: Answers ignored because they belong to no running event (a race: late, repeated,
+        #: or from a node that moved on), by counter name: ``stale-ack``, ``stale-drained``.
+        self.errors: dict[str, int] = {}
         self._pending_replies: list[_PendingReply] = []
 
     # -- queries ---------------------------------------------------------------------------
@@ -331,15 +326,15 @@ class Barrier:
         """Members (and joiners) whose connection is gone and who have not rejoined."""
         return sorted(n for n, m in self.members.items() if not m.connected)
 
-    def cluster_stage(self) -> str:
-        """``normal`` between events, else the running event's phase."""
-        return NORMAL if self.event is None else self.event.phase.value
+    def cluster_stage(self) -> Stage:
+        """NORMAL between events, else the running event's phase."""
+        return Stage.NORMAL if self.event is None else self.event.phase
 
     def next_deadline(self) -> float | None:
         """The earliest ``now`` at which :meth:`tick` has something to do, or ``None``."""
         deadlines: list[float] = []
         event = self.event
-        if event is not None and event.phase is Phase.PRE_SCALING:
+        if event is not None and event.phase is Stage.PRE_SCALING:
             deadlines.append(event.started_at + self.pre_scaling_timeout)
         deadlines.extend(
             m.leave_deadline for m in self.members.values() if m.leave_deadline is not None
@@ -358,7 +353,7 @@ class Barrier:
             text,
             self.ring.epoch,
             _member_list(self.ring, addresses),
-            self.cluster_stage(),
+            self.cluster_stage().value,
             None if event is None else event.epoch,
             None if event is None else _member_list(event.next_ring, addresses),
             self.vnodes,
@@ -369,7 +364,7 @@ class Barrier:
     ) -> ClusterStatus:
         """What ``ctl status`` shows, with the members' ``figures`` gathered by the shell."""
         rows = [
-            (m.name, m.address, m.role.value, m.stage, m.epoch, m.connected)
+            (m.name, m.address, m.role.value, m.stage.value, m.epoch, m.connected)
             for m in sorted(self.members.values(), key=lambda m: m.name)
         ]
         event_info: dict[str, Any] = {}
@@ -389,7 +384,7 @@ class Barrier:
             request_id,
             self.ring.epoch,
             self.highest_epoch,
-            self.cluster_stage(),
+            self.cluster_stage().value,
             rows,
             event_info,
             self.last_abort,
@@ -454,7 +449,7 @@ class Barrier:
             member.connected = False
             event = self.event
             if event is not None and name in event.participants:
-                if event.phase is Phase.PRE_SCALING:
+                if event.phase is Stage.PRE_SCALING:
                     effects.extend(
                         self._abort(f"{name} disconnected before acknowledging pre-scaling", now)
                     )
@@ -531,48 +526,48 @@ class Barrier:
 
     # -- stimuli: answers from members -----------------------------------------------------
 
-    def ack(self, name: str, command: str, epoch: int, now: float) -> list[Effect]:
+    def ack(self, name: str, command: Command, epoch: int, now: float) -> list[Effect]:
         """``name`` has acted on ``command`` of ``epoch`` (its callback returned)."""
         member = self.members.get(name)
         if member is None:
             return [self._stale(name, command, epoch, now, "not registered")]
-        if command == LEAVE:
+        if command is Order.LEAVE:
             if member.role is not Role.LEAVING:
                 return [self._stale(name, command, epoch, now, "not leaving")]
             return self._left(name, now, "left")
-        if command == ABORT:
-            self._record(now, "ack", name, ABORT, epoch)
-            member.stage, member.epoch = NORMAL, self._abort_ring_epoch(member)
+        if command is Order.ABORT:
+            self._record(now, "ack", name, Order.ABORT, epoch)
+            member.stage, member.epoch = Stage.NORMAL, self._abort_ring_epoch(member)
             return []
         event = self.event
         if event is None or epoch != event.epoch or name not in event.participants:
-            if command == NORMAL and event is None and epoch == self.ring.epoch:
+            if command is Stage.NORMAL and event is None and epoch == self.ring.epoch:
                 # A rejoined member acknowledging the resync of a quiet cluster.
-                self._record(now, "ack", name, NORMAL, epoch)
-                member.stage, member.epoch = NORMAL, epoch
+                self._record(now, "ack", name, Stage.NORMAL, epoch)
+                member.stage, member.epoch = Stage.NORMAL, epoch
                 return []
             return [self._stale(name, command, epoch, now, "no such event running")]
         effects: list[Effect] = []
-        if command == PRE_SCALING and event.phase is Phase.PRE_SCALING:
+        if command is Stage.PRE_SCALING and event.phase is Stage.PRE_SCALING:
             if name not in event.pre_acked:
                 self._record(now, "ack", name, command, epoch)
                 event.pre_acked.add(name)
-                member.stage, member.epoch = PRE_SCALING, epoch
+                member.stage, member.epoch = Stage.PRE_SCALING, epoch
                 if event.participants <= event.pre_acked:
                     effects.extend(self._enter_scaling(now))
             return effects
-        if command == SCALING and event.phase in (Phase.SCALING, Phase.NORMAL):
+        if command is Stage.SCALING and event.phase in (Stage.SCALING, Stage.NORMAL):
             if name not in event.scaling_acked:
                 self._record(now, "ack", name, command, epoch)
                 event.scaling_acked.add(name)
-                if member.stage == PRE_SCALING:
-                    member.stage = SCALING
+                if member.stage is Stage.PRE_SCALING:
+                    member.stage = Stage.SCALING
             return effects
-        if command == NORMAL and event.phase is Phase.NORMAL:
+        if command is Stage.NORMAL and event.phase is Stage.NORMAL:
             if name not in event.normal_acked:
                 self._record(now, "ack", name, command, epoch)
                 event.normal_acked.add(name)
-                member.stage, member.epoch = NORMAL, epoch
+                member.stage, member.epoch = Stage.NORMAL, epoch
                 if event.participants <= event.normal_acked:
                     effects.extend(self._finish(now))
             return effects
@@ -591,14 +586,18 @@ class Barrier:
             or event is None
             or event.epoch != epoch
             or name not in event.participants
-            or event.phase is not Phase.SCALING
+            or event.phase is not Stage.SCALING
         ):
-            return [self._stale(name, "drained", epoch, now, "no event is scaling")]
+            return [
+                self._stale(name, Stage.SCALING, epoch, now, "no event is scaling", report=True)
+            ]
         if name in event.drained:
             return []
         event.drained[name] = (records_moved, objects_moved)
-        member.stage, member.epoch = SCALING, epoch
-        self._record(now, "drained", name, SCALING, epoch, text=f"{records_moved}/{objects_moved}")
+        member.stage, member.epoch = Stage.SCALING, epoch
+        self._record(
+            now, "drained", name, Stage.SCALING, epoch, text=f"{records_moved}/{objects_moved}"
+        )
         effects: list[Effect] = []
         done, total = len(event.drained), len(event.participants)
         effects.extend(
@@ -652,7 +651,7 @@ class Barrier:
             added,
             removed,
             participants,
-            Phase.NORMAL if form else Phase.PRE_SCALING,
+            Stage.NORMAL if form else Stage.PRE_SCALING,
             now,
             request_id,
         )
@@ -661,7 +660,7 @@ class Barrier:
             member = self.members[name]
             member.role = Role.JOINING
             member.held = False
-        self._record(now, "event", stage=kind, epoch=epoch, members=tuple(sorted(participants)))
+        self._record(now, "event", epoch=epoch, members=tuple(sorted(participants)), text=kind)
         effects: list[Effect] = [Log(f"event started: {event.describe()}")]
         if form:
             effects.extend(
@@ -676,39 +675,39 @@ class Barrier:
                     f"{_KIND_NAMES[kind]} to epoch {epoch}: pre-scaling {len(participants)} nodes"
                 )
             )
-        effects.extend(self._command_all(PRE_SCALING if not form else NORMAL, now))
+        effects.extend(self._command_all(event.phase, now))
         return effects
 
     def _enter_scaling(self, now: float) -> list[Effect]:
         event = self.event
         assert event is not None and event.participants <= event.pre_acked
-        event.phase = Phase.SCALING
+        event.phase = Stage.SCALING
         effects = self._progress(
             f"all {len(event.participants)} nodes acknowledged pre-scaling; scaling"
         )
-        effects.extend(self._command_all(SCALING, now))
+        effects.extend(self._command_all(Stage.SCALING, now))
         return effects
 
     def _enter_normal(self, now: float) -> list[Effect]:
         event = self.event
         assert event is not None and event.participants <= event.drained.keys()
-        event.phase = Phase.NORMAL
+        event.phase = Stage.NORMAL
         effects = self._progress(f"all nodes drained; normal on epoch {event.epoch}")
-        effects.extend(self._command_all(NORMAL, now))
+        effects.extend(self._command_all(Stage.NORMAL, now))
         return effects
 
-    def _command(self, name: str, command: str) -> StageCommand:
-        """The command that puts ``name`` in ``command``'s stage of the running event (or,
-        between events, NORMAL on the current ring)."""
+    def _command(self, name: str, stage: Stage) -> StageCommand:
+        """The command that puts ``name`` in ``stage`` of the running event (or, between
+        events, NORMAL on the current ring)."""
         addresses = self.addresses
         event = self.event
-        if event is None or command == NORMAL:
+        if event is None or stage is Stage.NORMAL:
             ring = self.ring if event is None else event.next_ring
             return StageCommand(
-                command, ring.epoch, _member_list(ring, addresses), None, None, self.vnodes
+                stage.value, ring.epoch, _member_list(ring, addresses), None, None, self.vnodes
             )
         return StageCommand(
-            command,
+            stage.value,
             event.previous.epoch,
             _member_list(event.previous, addresses),
             event.epoch,
@@ -716,13 +715,13 @@ class Barrier:
             self.vnodes,
         )
 
-    def _command_all(self, command: str, now: float) -> list[Effect]:
+    def _command_all(self, stage: Stage, now: float) -> list[Effect]:
         event = self.event
         assert event is not None
         effects: list[Effect] = []
         for name in sorted(event.participants):
-            effects.append(Send(name, self._command(name, command)))
-            self._record(now, "command", name, command, event.epoch)
+            effects.append(Send(name, self._command(name, stage)))
+            self._record(now, "command", name, stage, event.epoch)
         return effects
 
     def _resync(self, member: Member, now: float) -> list[Effect]:
@@ -731,18 +730,13 @@ class Barrier:
         name = member.name
         if event is None or name not in event.participants:
             if member.role is Role.MEMBER:
-                self._record(now, "command", name, NORMAL, self.ring.epoch)
-                return [Send(name, self._command(name, NORMAL))]
+                self._record(now, "command", name, Stage.NORMAL, self.ring.epoch)
+                return [Send(name, self._command(name, Stage.NORMAL))]
             return []
-        command = {
-            Phase.PRE_SCALING: PRE_SCALING,
-            Phase.SCALING: SCALING,
-            Phase.NORMAL: NORMAL,
-        }[event.phase]
-        if event.kind == "form":
-            command = NORMAL
-        self._record(now, "command", name, command, event.epoch)
-        return [Send(name, self._command(name, command))]
+        # The stage the others were told (NORMAL throughout the forming of the first ring).
+        stage = event.phase
+        self._record(now, "command", name, stage, event.epoch)
+        return [Send(name, self._command(name, stage))]
 
     def _finish(self, now: float) -> list[Effect]:
         event = self.event
@@ -781,7 +775,7 @@ class Barrier:
             member.role = Role.LEAVING
             member.leave_deadline = now + self.leave_timeout
             effects.append(Send(name, self._leave_command()))
-            self._record(now, "command", name, LEAVE, event.epoch)
+            self._record(now, "command", name, Order.LEAVE, event.epoch)
         if event.request_id is not None:
             if leaving:
                 self._pending_replies.append(
@@ -794,7 +788,7 @@ class Barrier:
 
     def _leave_command(self) -> StageCommand:
         return StageCommand(
-            LEAVE,
+            Order.LEAVE.value,
             self.ring.epoch,
             _member_list(self.ring, self.addresses),
             None,
@@ -819,7 +813,7 @@ class Barrier:
 
     def _abort(self, reason: str, now: float) -> list[Effect]:
         event = self.event
-        assert event is not None and event.phase is Phase.PRE_SCALING
+        assert event is not None and event.phase is Stage.PRE_SCALING
         assert not event.scaling_acked and not event.drained
         text = (
             f"{_KIND_NAMES[event.kind]} to epoch {event.epoch} aborted: {reason}; "
@@ -829,7 +823,7 @@ class Barrier:
         addresses = self.addresses
         effects: list[Effect] = [Log(text, "WARNING")]
         command = StageCommand(
-            ABORT,
+            Order.ABORT.value,
             event.previous.epoch,
             _member_list(event.previous, addresses),
             event.epoch,
@@ -838,7 +832,7 @@ class Barrier:
         )
         for name in sorted(event.participants):
             effects.append(Send(name, command))
-            self._record(now, "command", name, ABORT, event.epoch)
+            self._record(now, "command", name, Order.ABORT, event.epoch)
         self.burnt.add(event.epoch)
         self.event = None
         self._record(now, "abort", epoch=event.epoch, text=reason)
@@ -873,7 +867,7 @@ class Barrier:
         event = self.event
         if (
             event is not None
-            and event.phase is Phase.PRE_SCALING
+            and event.phase is Stage.PRE_SCALING
             and now >= event.started_at + self.pre_scaling_timeout
         ):
             late = ", ".join(event.waiting_for())
@@ -916,8 +910,15 @@ class Barrier:
         self._record(now, "refused", name, text=text)
         return self.ring_state(False, text)
 
-    def _stale(self, name: str, what: str, epoch: int, now: float, why: str) -> Effect:
-        self._record(now, "stale", name, what, epoch, text=why)
+    def _stale(
+        self, name: str, command: Command, epoch: int, now: float, why: str, *, report: bool = False
+    ) -> Effect:
+        """An acknowledgement of ``command`` (or, with ``report``, a drained report) that
+        belongs to no running event: a race, so it is recorded, counted and logged low."""
+        what = "drained report" if report else f"{command.value} ack"
+        counter = "stale-drained" if report else "stale-ack"
+        self.errors[counter] = self.errors.get(counter, 0) + 1
+        self._record(now, "stale", name, command, epoch, text=f"{what}: {why}")
         return Log(f"ignored {what} of epoch {epoch} from {name}: {why}", "DEBUG")
 
     def _record(
@@ -925,7 +926,7 @@ class Barrier:
         at: float,
         what: str,
         member: str = "",
-        stage: str = "",
+        stage: Command | None = None,
         epoch: int = 0,
         *,
         members: tuple[str, ...] = (),
@@ -950,7 +951,7 @@ class Barrier:
             for m in self.members.values():
                 # Between events nobody is known to be SCALING: every event ended with all
                 # NORMAL acks, or aborted before anyone was told SCALING.
-                assert m.stage != SCALING, f"{m.name} is scaling between events"
+                assert m.stage is not Stage.SCALING, f"{m.name} is scaling between events"
             return
         assert event.epoch == self.highest_epoch and event.epoch > ring.epoch
         assert event.previous is ring
@@ -963,9 +964,9 @@ class Barrier:
         assert event.drained.keys() <= event.participants
         assert event.normal_acked <= event.participants
         if event.kind == "form":
-            assert not ring.nodes and event.phase is Phase.NORMAL
+            assert not ring.nodes and event.phase is Stage.NORMAL
             return
-        if event.phase is Phase.PRE_SCALING:
+        if event.phase is Stage.PRE_SCALING:
             # Nobody has been told SCALING, so the event may still abort.
             assert not event.scaling_acked and not event.drained and not event.normal_acked
         else:
@@ -974,11 +975,11 @@ class Barrier:
             assert event.participants <= event.pre_acked
             for name in event.participants:
                 m = self.members[name]
-                assert m.epoch == event.epoch and m.stage in (PRE_SCALING, SCALING, NORMAL), (
-                    f"{name} is known {m.stage} on epoch {m.epoch} while epoch "
+                assert m.epoch == event.epoch, (
+                    f"{name} is known {m.stage.value} on epoch {m.epoch} while epoch "
                     f"{event.epoch} is {event.phase.value}"
                 )
-        if event.phase is Phase.NORMAL:
+        if event.phase is Stage.NORMAL:
             assert event.participants <= event.drained.keys()
         else:
             assert not event.normal_acked
@@ -998,7 +999,12 @@ def check_transitions(log: Iterable[Transition]) -> list[str]:
     event go forward only (pre-scaling, scaling, normal; or pre-scaling, abort).
     """
     problems: list[str] = []
-    order = {PRE_SCALING: 0, SCALING: 1, NORMAL: 2, ABORT: 2}
+    order: dict[Command, int] = {
+        Stage.PRE_SCALING: 0,
+        Stage.SCALING: 1,
+        Stage.NORMAL: 2,
+        Order.ABORT: 2,
+    }
     highest = 0
     ring_epoch = 0
     epoch: int | None = None
@@ -1008,46 +1014,50 @@ def check_transitions(log: Iterable[Transition]) -> list[str]:
     drained: set[str] = set()
     normal_acked: set[str] = set()
     scaling_sent = False
-    last_command: dict[str, str] = {}
+    last_command: dict[str, Command] = {}
     for i, t in enumerate(log):
-        where = f"entry {i} ({t.what} {t.member} {t.stage} {t.epoch})"
+        stage = t.stage
+        where = f"entry {i} ({t.what} {t.member} {'' if stage is None else stage.value} {t.epoch})"
         if t.what == "event":
             if epoch is not None:
                 problems.append(f"{where}: event starts while epoch {epoch} is running")
             if t.epoch <= highest:
                 problems.append(f"{where}: epoch {t.epoch} is not above {highest}")
             highest = max(highest, t.epoch)
-            epoch, kind = t.epoch, t.stage
+            epoch, kind = t.epoch, t.text
             participants = set(t.members)
             pre_acked, drained, normal_acked = set(), set(), set()
             scaling_sent = False
             last_command = {}
         elif t.what == "command":
-            if t.stage == LEAVE:
+            if stage is None:
+                problems.append(f"{where}: a command without its stage")
+                continue
+            if stage is Order.LEAVE:
                 continue
             if epoch is None or t.epoch != epoch:
-                if not (t.stage == NORMAL and t.epoch == ring_epoch):
+                if not (stage is Stage.NORMAL and t.epoch == ring_epoch):
                     problems.append(f"{where}: command outside its event")
                 continue
             if t.member not in participants:
                 problems.append(f"{where}: {t.member} is not a participant")
             before = last_command.get(t.member)
-            if before is not None and order[t.stage] < order[before]:
-                problems.append(f"{where}: {t.member} went back from {before}")
-            last_command[t.member] = t.stage
-            if t.stage == SCALING:
+            if before is not None and order[stage] < order[before]:
+                problems.append(f"{where}: {t.member} went back from {before.value}")
+            last_command[t.member] = stage
+            if stage is Stage.SCALING:
                 if not participants <= pre_acked:
                     missing = sorted(participants - pre_acked)
                     problems.append(f"{where}: scaling before pre-scaling acks of {missing}")
                 scaling_sent = True
-            elif t.stage == NORMAL and kind != "form" and not participants <= drained:
+            elif stage is Stage.NORMAL and kind != "form" and not participants <= drained:
                 problems.append(f"{where}: normal before drained reports of {participants}")
-            elif t.stage == ABORT and scaling_sent:
+            elif stage is Order.ABORT and scaling_sent:
                 problems.append(f"{where}: abort after scaling was commanded")
         elif t.what == "ack" and epoch is not None and t.epoch == epoch:
-            if t.stage == PRE_SCALING:
+            if stage is Stage.PRE_SCALING:
                 pre_acked.add(t.member)
-            elif t.stage == NORMAL:
+            elif stage is Stage.NORMAL:
                 normal_acked.add(t.member)
         elif t.what == "drained" and epoch is not None and t.epoch == epoch:
             drained.add(t.member)
@@ -1092,35 +1102,36 @@ class MemberSide:
     """
 
     def __init__(self, epoch: int = 0) -> None:
-        self.stage = NORMAL
+        self.stage = Stage.NORMAL
         self.epoch = epoch  # the ring the node is NORMAL on, or the previous ring
         self.next_epoch: int | None = None  # the event's epoch while scaling
         self.left = False
 
     def plan(self, command: StageCommand) -> list[Callback]:
         """The callbacks to run for ``command``, in order; updates the stage as if they ran."""
-        kind = command.command
-        if kind == PRE_SCALING:
-            if self.stage in (PRE_SCALING, SCALING) and self.next_epoch == command.next_epoch:
+        kind = command.kind
+        if kind is Stage.PRE_SCALING:
+            in_event = self.stage in (Stage.PRE_SCALING, Stage.SCALING)
+            if in_event and self.next_epoch == command.next_epoch:
                 return []
-            self._scaling(PRE_SCALING, command)
+            self._scaling(Stage.PRE_SCALING, command)
             return [Callback.PRE_SCALING]
-        if kind == SCALING:
-            if self.stage == SCALING and self.next_epoch == command.next_epoch:
+        if kind is Stage.SCALING:
+            if self.stage is Stage.SCALING and self.next_epoch == command.next_epoch:
                 return []
             steps = []
-            if not (self.stage == PRE_SCALING and self.next_epoch == command.next_epoch):
+            if not (self.stage is Stage.PRE_SCALING and self.next_epoch == command.next_epoch):
                 steps.append(Callback.PRE_SCALING)
-            self._scaling(SCALING, command)
+            self._scaling(Stage.SCALING, command)
             return [*steps, Callback.SCALING]
-        if kind == NORMAL:
-            if self.stage == NORMAL and self.epoch == command.epoch:
+        if kind is Stage.NORMAL:
+            if self.stage is Stage.NORMAL and self.epoch == command.epoch:
                 return []
-            aborted = self.stage != NORMAL and self.next_epoch != command.epoch
+            aborted = self.stage is not Stage.NORMAL and self.next_epoch != command.epoch
             self._normal(command.epoch)
             return [Callback.ABORT if aborted else Callback.NORMAL]
-        if kind == ABORT:
-            if self.stage == NORMAL or self.next_epoch != command.next_epoch:
+        if kind is Order.ABORT:
+            if self.stage is Stage.NORMAL or self.next_epoch != command.next_epoch:
                 return []
             self._normal(command.epoch)
             return [Callback.ABORT]
@@ -1129,8 +1140,8 @@ class MemberSide:
         self.left = True
         return [Callback.LEAVE]
 
-    def _scaling(self, stage: str, command: StageCommand) -> None:
+    def _scaling(self, stage: Stage, command: StageCommand) -> None:
         self.stage, self.epoch, self.next_epoch = stage, command.epoch, command.next_epoch
 
     def _normal(self, epoch: int) -> None:
-        self.stage, self.epoch, self.next_epoch = NORMAL, epoch, None
+        self.stage, self.epoch, self.next_epoch = Stage.NORMAL, epoch, None

@@ -17,6 +17,7 @@ import logging
 
 import trio
 
+from store.core.instructions import DrainProgress, DrainStep, Instruction
 from store.shell.membership import Membership
 from store.shell.node import Node
 from store.wire.control import ControllerRefused, ScalingAborted
@@ -48,25 +49,25 @@ class NodeMember:
         self.node._nursery.start_soon(self._drain, membership)
 
     async def _drain(self, membership: Membership) -> None:
-        node, state = self.node, self.node.state
+        node = self.node
         epoch = membership.epoch
         moved = 0
-        objects_before = state.stats.migrations_out  # this event's objects, not lifetime
+        before = node.core.statistics()  # this event's objects, not lifetime
         tick = 0.01
         per_tick = max(1, int(self.drain_rate * tick))
         while True:
-            step = state.drain(per_tick)
-            moved += step
-            node.kick()
-            if step == 0 and state.drained():
+            progress = _progress(node.handle(DrainStep(per_tick)))
+            moved += progress.moved
+            if progress.moved == 0 and progress.drained:
                 break
             # Paced while there is work (records to hand on or to look at: deciding which
             # move costs a key hash each); once only acknowledgements are awaited, poll.
-            await trio.sleep(tick if step or state.drain_scanning else 0.001)
+            await trio.sleep(tick if progress.moved or progress.scanning else 0.001)
             if membership.epoch != epoch:
                 return  # the event ended (or aborted) under us
         self.records_moved += moved
-        await membership.report_drained(moved, state.stats.migrations_out - objects_before)
+        after = node.core.statistics()
+        await membership.report_drained(moved, after.migrations_out - before.migrations_out)
 
     async def on_normal(self, membership: Membership) -> None:
         self.node.enter_stage(membership.view)
@@ -78,13 +79,14 @@ class NodeMember:
         await self.node.space_flush()
 
     def figures(self) -> dict[str, int | float | str]:
+        """The row ``store.ctl status`` shows for this node."""
         node = self.node
-        core = node.state.statistics()
+        core = node.core.statistics()
         micro = node.micro.statistics()
         wire = node.wire_statistics()
         return {
-            "stage": node.state.view.stage.value,
-            "epoch": node.state.view.epoch,
+            "stage": core.stage,
+            "epoch": core.epoch,
             "keys": core.key_records,
             "objects_single": core.objects_single,
             "objects_multi": core.objects_multi,
@@ -102,7 +104,7 @@ class NodeMember:
             "untethered_batches": core.untethered_batches,
             "merges": core.merges,
             "records_moved": self.records_moved,
-            "errors": sum((core.errors or {}).values()),
+            "errors": sum(core.errors.values()) + sum(node.errors.values()),
             "bad_frames": wire.frames_malformed + wire.frames_unknown_type + wire.frames_too_large,
             "auth_failures": wire.auth_failures,
         }
@@ -134,3 +136,10 @@ async def leave(node: Node, membership: Membership) -> None:
 
 #: Seconds a member waits to finish its work and be scaled in before it gives up.
 LEAVE_TIMEOUT = 60.0
+
+
+def _progress(instructions: list[Instruction]) -> DrainProgress:
+    for ins in instructions:
+        if type(ins) is DrainProgress:
+            return ins
+    raise AssertionError("the core did not answer a DrainStep")

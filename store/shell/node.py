@@ -1,16 +1,18 @@
-"""The trio shell of a node: sockets, timers and the microthread driver around NodeState.
+"""The trio shell of a node: sockets, timers and the microthread driver around the core.
 
 Everything that decides anything lives in :mod:`store.core`; this module only moves bytes
-and time:
+and time.  It feeds the core stimuli through ``Router.handle`` and carries out the
+instructions that come back (:meth:`Node.handle`): messages to send, Waits to settle, log
+lines.
 
 * one **listener** accepts authenticated connections from other nodes; a reader task per
-  connection hands each decoded batch to ``NodeState.handle_batch`` and then resumes the
+  connection hands each decoded batch to the core (``Deliver``) and then resumes the
   microthreads that the batch made ready, inline, without another task switch;
 * one **sender** task waits for a kick (something urgent was queued) or for the
-  untethered-flush timer (at most ``flush_interval``, 10 ms by default), takes the core's
-  outbox and queues each destination's messages on its connection, where the transport's
-  writer sends everything queued as one frame; it also folds multi-writer replicas every
-  ``merge_interval``;
+  untethered-flush timer (at most ``flush_interval``, 10 ms by default), asks the core for
+  everything it holds (``Flush``) and queues each destination's messages on its
+  connection, where the transport's writer sends everything queued as one frame; it also
+  has multi-writer replicas folded every ``merge_interval``;
 * outgoing connections are opened lazily, one per destination, and used only to send, so
   every pair of nodes has one ordered channel per direction, as ``ring.ownership`` assumes.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,16 +34,37 @@ import trio
 
 from ring.hashring import HashRing
 from ring.ownership import NodeView, Stage
-from store.core.node_state import NodeState
+from store.core.instructions import (
+    AskBarrier,
+    Deliver,
+    EnterStage,
+    Fail,
+    Farewell,
+    Flush,
+    FlushTargets,
+    Instruction,
+    Log,
+    Resolve,
+    Send,
+    Stimulus,
+    Undeliverable,
+)
 from store.core.objects import ClassInfo, info_of
+from store.core.router import Router
+from store.core.scheduler import Wait
 from store.shell.microthreads import Microthreads
 from store.shell.transport import Peer, WireCounters, WireStatistics, connect_peer, serve_peers
 from store.wire.control import parse_address
 from store.wire.errors import PeerUnavailable, StoreError
+from store.wire.messages import Message
 
 __all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_MERGE_INTERVAL", "Node", "open_node"]
 
 logger = logging.getLogger("store.node")
+
+#: Raise, rather than only count and log, an exception that the core's own code did not
+#: expect (a bug of ours): the test suite sets it, a deployment does not.
+RAISE_BUGS = os.environ.get("S6_RAISE_BUGS") == "1"
 
 DEFAULT_FLUSH_INTERVAL = 0.010
 DEFAULT_MERGE_INTERVAL = 0.050
@@ -93,12 +117,26 @@ class Node:
         max_frame: int = 16 * 1024 * 1024,
         counters: WireCounters | None = None,
         freeze_gc: bool = False,
+        trace: list[Any] | None = None,
     ) -> None:
-        self.state = NodeState(name, ring)
+        self.name = name
+        self.core = Router(
+            name,
+            ring,
+            raise_bugs=RAISE_BUGS,
+            resolve_class=import_class,
+            trace=trace,
+        )
+        #: The object layer's fast paths (``store.api`` calls them directly).
+        self.fast = self.core.fast
+        self.view = NodeView(name, Stage.NORMAL, ring)
         #: Freeze the cyclic garbage collector's view of the heap after each scaling event
         #: (see :meth:`enter_stage`).
         self.freeze_gc = freeze_gc
-        self.state.resolve_class = import_class
+        #: Messages the core gave us to send, by destination, until the sender takes them.
+        self._queued: dict[str, list[Message]] = {}
+        #: Errors of the shell itself (a link that could not be opened...), by kind.
+        self.errors: dict[str, int] = {}
         self.micro = Microthreads(limit)
         self.secret = secret
         self.flush_interval = flush_interval
@@ -116,13 +154,38 @@ class Node:
         #: The node's standing with the controller, when it joined through one.
         self.membership: Any = None
 
-    @property
-    def name(self) -> str:
-        return self.state.name
+    def handle(self, stimulus: Stimulus) -> list[Instruction]:
+        """Hand ``stimulus`` to the core and carry out what it answers; returns the
+        instructions (a caller may look for the ones addressed to it)."""
+        instructions = self.core.handle(stimulus, self.clock())
+        if instructions:
+            self.execute(instructions)
+        return instructions
+
+    def execute(self, instructions: list[Instruction]) -> None:
+        """Do what the core asks: queue messages (waking the sender for urgent ones), settle
+        Waits, write log lines.  Results (drain progress, flush targets) are the caller's."""
+        for ins in instructions:
+            if isinstance(ins, Send):
+                queued = self._queued.get(ins.to)
+                if queued is None:
+                    self._queued[ins.to] = ins.msgs
+                else:
+                    queued.extend(ins.msgs)
+                if ins.urgent:
+                    self._kick.set()
+            elif isinstance(ins, Resolve):
+                ins.wait.resolve(ins.value)
+            elif isinstance(ins, Fail):
+                ins.wait.fail(ins.error)
+            elif isinstance(ins, Log):
+                error = ins.error
+                exc_info = None if error is None else (type(error), error, error.__traceback__)
+                logger.log(logging.getLevelName(ins.level), "%s", ins.text, exc_info=exc_info)
 
     def members(self) -> frozenset[str]:
         """The nodes of the current ring (and of the next one while scaling)."""
-        view = self.state.view
+        view = self.view
         nodes = view.ring.nodes
         return nodes if view.next_ring is None else nodes | view.next_ring.nodes
 
@@ -141,19 +204,20 @@ class Node:
         counting; the young generations are collected just before (cheap), so only a
         reference cycle already old by then is never collected.
         Off by default, since it changes the whole process's collector."""
-        self.state.enter_stage(view)
+        self.view = view
+        self.handle(EnterStage(view))
         if self.freeze_gc and view.stage is Stage.NORMAL:
             gc.collect(1)  # the young cyclic garbage first (cheap): frozen, it would stay
             gc.freeze()
-        self.kick()
+        self._kick.set()
 
     async def space_flush(self) -> None:
         """Send every untethered batch and replica fold; return once all are applied."""
-        state = self.state
-        state.fold_replicas()
-        dests = sorted((state.untethered_since_flush & self.members()) - {state.name})
-        state.untethered_since_flush.clear()
-        waits = {dest: state.barrier(dest) for dest in dests}
+        dests: list[str] = []
+        for ins in self.handle(Flush(replicas=True, targets=True)):
+            if type(ins) is FlushTargets:
+                dests = ins.nodes
+        waits = {dest: self._barrier(dest) for dest in dests}
         self._kick.set()
         for dest, wait in waits.items():
             # A barrier only asks for an answer, so asking again is harmless: if a link
@@ -168,8 +232,13 @@ class Node:
                 logger.warning(
                     "%s: no answer to a flush barrier from %s; asking again", self.name, dest
                 )
-                wait = state.barrier(dest)
+                wait = self._barrier(dest)
                 self._kick.set()
+
+    def _barrier(self, dest: str) -> Wait[Any]:
+        wait: Wait[Any] = Wait(("barrier", dest))
+        self.handle(AskBarrier(dest, wait))
+        return wait
 
     async def send_remaining(self) -> None:
         """Hand the links what the core still has queued, and wait until they have written
@@ -182,7 +251,8 @@ class Node:
         one short).  Bounded, so that a link that does not drain cannot hold the exit: what
         is still unsent then is lost, as on a broken link."""
         with trio.move_on_after(EXIT_FLUSH_TIMEOUT):
-            while self.state.has_output or self._sending:
+            self.handle(Flush())
+            while self._queued or self._sending:
                 self._kick.set()
                 await trio.sleep(0.001)
             for peer in list(self._peers.values()):
@@ -197,11 +267,11 @@ class Node:
         everything it sent here, and sends nothing here after it, so once all have
         answered, what this node forwarded for the objects it evacuated is all there is:
         stopping then loses nothing (``send_remaining`` sends it)."""
-        state = self.state
-        view = state.view
+        view = self.view
         ring = view.ring if view.next_ring is None else view.next_ring
         others = sorted(ring.nodes - {self.name})
-        waits = state.farewell(others)
+        waits: list[Wait[Any]] = [Wait(("gone", node)) for node in others]
+        self.handle(Farewell(others, waits))
         self._kick.set()
         with trio.move_on_after(FAREWELL_TIMEOUT) as scope:
             for wait in waits:
@@ -210,36 +280,32 @@ class Node:
             missing = [n for n, w in zip(others, waits, strict=True) if not w.done()]
             logger.warning("%s: no goodbye answer from %s; stopping anyway", self.name, missing)
 
-    def kick(self) -> None:
-        """Something urgent may be queued: wake the sender.  Cheap when nothing is."""
-        if self.state.urgent:
-            self._kick.set()
-
     # -- tasks -------------------------------------------------------------------------------
 
     async def _sender(self) -> None:
-        state = self.state
         while True:
             with trio.move_on_after(self.flush_interval):
                 await self._kick.wait()
             self._kick = trio.Event()
             now = trio.current_time()
-            if state.replicas and now >= self._next_merge:
+            fold = now >= self._next_merge
+            if fold:
                 self._next_merge = now + self.merge_interval
-                state.fold_replicas()
-            if not state.has_output:
+            self.handle(Flush(replicas=fold))
+            if not self._queued:
                 continue
             members = self.members()
             self._sending = True
             try:
-                for dest, msgs in state.take_outbox().items():
+                queued, self._queued = self._queued, {}
+                for dest, msgs in queued.items():
                     if dest not in members and dest not in self._peers:
                         # A node that left the cluster, and we are not even connected: it
                         # could not answer, and dialing a process on its way out can hang (it
                         # accepts, never answers).  The core answers what it can itself
                         # (fences, blocking calls go elsewhere) and counts the rest.  (After
                         # a node's goodbye the core itself sends it nothing.)
-                        state.undeliverable(dest, msgs)
+                        self.handle(Undeliverable(dest, msgs))
                         continue
                     try:
                         peer = self._peers.get(dest)
@@ -252,7 +318,7 @@ class Node:
                         logger.warning(
                             "%s: dropped %d messages to %s: %s", self.name, len(msgs), dest, exc
                         )
-                        state._count_error("send-failed")
+                        self.errors["send-failed"] = self.errors.get("send-failed", 0) + 1
             finally:
                 self._sending = False
             self.micro.run_ready()
@@ -296,12 +362,11 @@ class Node:
                 self._peers.pop(dest, None)
 
     async def _on_peer(self, peer: Peer) -> None:
-        state, micro = self.state, self.micro
+        core, micro, execute, clock = self.core, self.micro, self.execute, self.clock
+        name = peer.name
         async for batch in peer:
-            state.handle_batch(batch, peer.name)
+            execute(core.handle(Deliver(name, batch), clock()))
             micro.run_ready()
-            if state.urgent:
-                self._kick.set()
 
     # -- observability ---------------------------------------------------------------------------
 

@@ -37,8 +37,9 @@ The rules, all enforced when the class is registered (at import time):
 * ``@message`` goes *above* ``@dataclass(frozen=True, slots=True)``: ``slots=True`` builds a
   new class, and the registry must hold the final one.
 * Field annotations are wire types: ``int``, ``float``, ``str``, ``bytes``, ``bool``,
-  ``None``, unions of them (``X | None``), ``list[T]``, ``tuple[T, ...]``,
-  ``tuple[A, B]``, ``dict[K, V]`` (bare ``list``/``tuple``/``dict`` too), ``Any`` (any cbor
+  ``None``, an ``enum.IntEnum`` (decoded back into its member), unions of them
+  (``X | None``), ``list[T]``, ``tuple[T, ...]``, ``tuple[A, B]``, ``dict[K, V]`` (bare
+  ``list``/``tuple``/``dict`` too), ``Any`` (any cbor
   value, not checked) and :data:`Key`.  Anything else is a ``TypeError``: objects travel as
   cbor of their plain fields, never as instances of arbitrary classes.
 * A tag is a non-negative ``int`` or a short ``str``; a tag used twice is a ``TypeError``,
@@ -67,6 +68,7 @@ the sender, naming the message class.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import io
 import types
 import typing
@@ -76,6 +78,7 @@ from typing import Annotated, Any, ClassVar, Final, Protocol, TypeAlias, TypeVar
 
 import cbor2
 
+from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
 from store.wire.errors import MalformedMessage, UnknownMessageType
 
 __all__ = [
@@ -103,7 +106,7 @@ __all__ = [
 
 #: The version of the handshake and framing rules; peers with different versions refuse
 #: each other instead of misreading each other's frames.
-WIRE_VERSION: Final = 1
+WIRE_VERSION: Final = 2
 
 #: Longest string tag: tags are sent in every message, so they must stay short.
 MAX_TAG_LENGTH: Final = 16
@@ -407,10 +410,25 @@ _EXACT_TYPES: Final[dict[_Convert | None, type[Any]]] = {
 }
 
 
+def _to_enum(cls: type[enum.IntEnum]) -> _Convert:
+    # A dict lookup, not cls(value): about six times cheaper per decoded message.
+    members = {int(m): m for m in cls}
+
+    def convert(value: Any) -> Any:
+        member = members.get(value) if type(value) is int else None
+        if member is None:
+            raise _Mismatch(f"expected a {cls.__name__} code, got {value!r:.40}")
+        return member
+
+    return convert
+
+
 def _converter(annotation: Any, *, where: str) -> _Convert | None:
     """Build the converter for one annotation; ``TypeError`` for non-wire types."""
     if annotation is Any:
         return None
+    if isinstance(annotation, type) and issubclass(annotation, enum.IntEnum):
+        return _to_enum(annotation)
     if annotation in _SCALARS:
         return _SCALARS[annotation]
     origin = typing.get_origin(annotation)
@@ -440,7 +458,7 @@ def _converter(annotation: Any, *, where: str) -> _Convert | None:
         return _dict_of(_converter(args[0], where=where), _converter(args[1], where=where))
     raise TypeError(
         f"{where}: {annotation!r} is not a wire type (use int, float, str, bytes, bool, None, "
-        "list, tuple, dict, Any or Key)"
+        "an IntEnum, list, tuple, dict, Any or Key)"
     )
 
 
@@ -690,24 +708,35 @@ class Error:
 class KeyOp:
     """A request about one key, routed to the key's authority by ``ring.ownership``.
 
-    ``op`` is one of ``store.core.node_state.Op``; ``kind`` the object kind the caller's map
-    expects (0 single-writer, 1 multi-writer); ``epoch``, ``hops`` and ``arrival`` are the
-    forwarded request's version (``ring.ownership.Request``).  ``extra`` carries what the
-    op needs: ``[new_owner, version]`` for a MOVED notice, and, on a HANDOFF arrival, the
-    key record that travels with the request.
+    ``kind`` is the object kind the caller's map expects; ``epoch``, ``hops``, ``arrival``
+    and ``since`` are the forwarded request's version (``ring.ownership.Request``).
+    The answer goes to ``origin``'s request ``req_id``.
+
+    A MOVED notice (``op``) says where the object is now: ``owner`` (None when dropped),
+    ``version``, and ``note`` saying why; for ``MovedNote.DROPPED``, ``origin`` and
+    ``req_id`` are the remover's, answered once the authority has the notice.
+
+    A request arriving as ``Arrival.HANDOFF`` carries the key's authority with it: the
+    authority's ``record`` (``[kind, owner, version, exists, busy]``, or None for a key
+    with no record: bare authority) and the requests ``queued`` behind a move in progress,
+    each ``[op, kind, origin, req_id]``.
     """
 
-    op: int
+    op: Op
     map: str
     key: Key
-    kind: int
+    kind: Kind
     origin: str
     req_id: int
     epoch: int
     hops: int
-    arrival: int
-    extra: Any = None
+    arrival: Arrival
     since: int | None = None  # ring.ownership.Request.since
+    owner: str | None = None  # MOVED: the object's new holder
+    version: int = 0  # MOVED: the version it has there
+    note: MovedNote = MovedNote.HANDED_OVER  # MOVED: why
+    record: list[Any] | None = None  # HANDOFF: the authority's record
+    queued: list[list[Any]] | None = None  # HANDOFF: requests queued behind a move
 
 
 @message(17)
@@ -731,11 +760,11 @@ class Transfer:
 @message(18)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Reply:
-    """The answer to a request: ``status`` is one of ``store.core.node_state.Status``;
-    ``value`` the result (a location, a call's return value, an error's text...)."""
+    """The answer to a request: ``value`` is the result (a location, a call's return
+    value, an error's ``[class name, text]``...)."""
 
     req_id: int
-    status: int
+    status: Status
     value: Any = None
 
 
@@ -786,11 +815,18 @@ class Fold:
 @message(22)
 @dataclasses.dataclass(frozen=True, slots=True)
 class Drop:
-    """Key owner to holder: the object was removed (record version ``version``)."""
+    """Key owner to holder: the object was removed (record version ``version``).
+
+    ``origin``/``req_id`` name the remover when the key owner waits for the holder to have
+    dropped it: the holder then sends the authority a MOVED notice (``MovedNote.DROPPED``)
+    that answers the remover.  A node that passes it on (it evacuated the object) sends
+    that notice itself and passes the drop on with ``origin`` None."""
 
     map: str
     key: Key
     version: int
+    origin: str | None = None
+    req_id: int = 0
 
 
 @message(23)
@@ -834,21 +870,21 @@ def key_from_wire(value: Any) -> Any:
 
 @message(26)
 @dataclasses.dataclass(frozen=True, slots=True)
-class HandOn:
-    """Background drain: the key record of ``map[key]`` (``record``, as in a HANDOFF
-    ``KeyOp``'s extra) handed on to its next owner during scaling event ``epoch``."""
+class EvacuateAck:
+    """The receiver of an :class:`Evacuate` holds the object now: the leaving node counts
+    its evacuation one object nearer done."""
 
     map: str
     key: Key
     epoch: int
-    record: Any
 
 
 @message(27)
 @dataclasses.dataclass(frozen=True, slots=True)
 class HandOnAck:
-    """The receiver installed a handed-on record of ``map[key]``: the sender may count its
-    drain one step nearer done (a node reports drained only when all are acknowledged)."""
+    """The receiver of a request that arrived as a HANDOFF installed the authority of
+    ``map[key]`` that came with it: the sender counts its drain one step nearer done (a
+    node reports drained only when all are acknowledged)."""
 
     map: str
     key: Key
@@ -862,7 +898,7 @@ class Evacuate:
 
     ``cls`` is ``"module:qualname"`` of the object class, so that a node that never
     registered the map (a bare ``store.node``) can still hold it; ``version`` continues the
-    object's chain of holders.  Acknowledged with :class:`HandOnAck`."""
+    object's chain of holders.  Acknowledged with :class:`EvacuateAck`."""
 
     map: str
     key: Key
@@ -915,9 +951,9 @@ class Gone:
 @dataclasses.dataclass(frozen=True, slots=True)
 class HandOns:
     """Background drain, batched: the key records handed on to one next owner in one
-    drain step of scaling event ``epoch``, each ``[map, key, record]`` (``record`` as in
-    :class:`HandOn`).  One message and one acknowledgement per batch, not per record: the
-    receiver of a drain is usually busy with packets too."""
+    drain step of scaling event ``epoch``, each ``[map, key, record, queued]`` (as a
+    HANDOFF :class:`KeyOp` carries them).  One message and one acknowledgement per batch,
+    not per record: the receiver of a drain is usually busy with packets too."""
 
     epoch: int
     records: list[Any]

@@ -69,7 +69,7 @@ async def run(args: argparse.Namespace) -> None:
     trace: list[Entry] = []
     async with store.open_space(controller=args.controller, secret=secret) as space:
         if args.trace is not None:
-            space.node.state.trace = trace  # before this member can hold any object
+            space.node.core.objects.trace = trace  # before this member can hold any object
         with trio.fail_after(30):
             while len(space.node.members()) < args.members:
                 await trio.sleep(0.01)

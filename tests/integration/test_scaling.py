@@ -146,7 +146,7 @@ async def test_scale_out_and_in_under_load_loses_and_doubles_nothing(tmp_path: P
 
             # Check every object from a fresh member (its admission is one more event).
             async with store.open_space(controller=ctl.address, secret=secret) as checker:
-                checker.node.state.trace = checker_trace  # it receives objects by reading
+                checker.node.core.objects.trace = checker_trace  # it receives objects by reading
                 seen = {key: value async for key, value in values(checker)}
                 for w in workers:
                     await w.say("leave")

@@ -159,7 +159,7 @@ async def ctl_status(address: str, secret_file: Path) -> str:
 
 async def wait_for_stage(space: store.Space, stage: Stage, epoch: int) -> None:
     """Wait until ``space``'s node acts by ``stage`` of ``epoch`` (under a deadline)."""
-    while (space.node.state.view.stage, space.node.state.view.epoch) != (stage, epoch):
+    while (space.node.view.stage, space.node.view.epoch) != (stage, epoch):
         await trio.sleep(0.005)
 
 
@@ -177,7 +177,7 @@ async def test_an_aborted_event_under_load_keeps_serving_and_a_later_scale_out_s
                 store.open_space(controller=ctl.address, secret=secret) as a,
                 store.open_space(controller=ctl.address, secret=secret) as b,
             ):
-                a.node.state.trace, b.node.state.trace = traces[0], traces[1]
+                a.node.core.objects.trace, b.node.core.objects.trace = traces[0], traces[1]
                 while len(a.node.members()) < 2 or len(b.node.members()) < 2:
                     await trio.sleep(0.005)
                 for i in range(SW):
@@ -197,7 +197,7 @@ async def test_an_aborted_event_under_load_keeps_serving_and_a_later_scale_out_s
 
                     # A later scale-out: a fresh, well-behaved member, on a fresh epoch.
                     async with store.open_space(controller=ctl.address, secret=secret) as c:
-                        c.node.state.trace = traces[2]
+                        c.node.core.objects.trace = traces[2]
                         # c is NORMAL; the controller finishes once every ack is in.
                         await ctl.wait_until(lambda barrier: barrier.event is None)
                         assert ctl.barrier.epoch == burnt + 1, ctl.barrier.last_abort

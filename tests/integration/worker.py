@@ -45,19 +45,19 @@ async def one_op(cells: Any, kind: str, key: int, arg: int) -> Any:
 
 def dump(space: Any, kind: str, key: int) -> None:
     """What a stuck operation was waiting for, for the test's failure message."""
-    state = space.node.state
+    objects, keys = space.node.core.objects, space.node.core.keys
     print(f"{space.name}: {kind}({key}) stuck", file=sys.stderr)
-    for req_id, pending in state._pending.items():
+    for req_id, pending in objects._pending.items():
         print(f"  pending {req_id}: {pending.kind} {pending.k}", file=sys.stderr)
-    for k, rec in state.records.items():
+    for k, rec in keys.items():
         print(f"  record {k}: {rec.to_wire()} queue={rec.queue}", file=sys.stderr)
     print(
-        f"  untethered_since_flush={state.untethered_since_flush} members="
-        f"{sorted(space.node.members())} outbox={ {k: len(v) for k, v in state.outbox.items()} }"
+        f"  untethered_since_flush={objects.untethered_since_flush} members="
+        f"{sorted(space.node.members())} queued={ {k: len(v) for k, v in space.node._queued.items()} }"
         f" peers={sorted(space.node._peers)}",
         file=sys.stderr,
     )
-    for k, held in state.objects.items():
+    for k, held in objects.objects.items():
         print(
             f"  held {k}: v{held.version} refs={held.refs} release={held.release}", file=sys.stderr
         )

@@ -93,7 +93,7 @@ async def cluster(size: int) -> AsyncIterator[list[Space]]:
 
 def sent(space: Space) -> int:
     stats = space.statistics()
-    return stats.messages_sent + space.node.state.stats.messages_to_self
+    return stats.messages_sent + space.statistics().messages_to_self
 
 
 async def test_embedded_space_create_get_remove() -> None:
@@ -188,7 +188,7 @@ async def test_untethered_calls_are_batched_ordered_and_counted_once_after_flush
                 await space.flush()
             async with maps[1].get("h") as ref:
                 assert await ref.add("check", 0) == 3 * (sum(range(50)) + 1000)
-        held = spaces[0].node.state.objects[("hosts", "h")].obj
+        held = spaces[0].node.fast.held(("hosts", "h")).obj
         for space in spaces:
             mine = [n for who, n in held.seen if who == space.name]
             assert mine == [*range(50), 1000]

@@ -1,0 +1,521 @@
+"""The key layer of one node (paper §4.1): where each key's authority lives and serves.
+
+For every key there is exactly one *authority*, the node ``ring.ownership`` names (during a
+scaling event, the rules there say which of the previous and the next owner it is).  The
+authority holds the key's :class:`KeyRecord`: the object's kind, its owner (the node
+holding it), its version, and the requests waiting while it moves.  Create, get, remove
+and the granting of writable references are serialized there.
+
+A key request (:class:`~store.wire.messages.KeyOp`) starts at the node that needs the
+answer, always by way of this layer of that node (the object layer sends it to itself),
+and is routed here by :func:`ring.ownership.decide`: served, forwarded, pulled from the
+previous owner, or rejected.  The answer goes straight back to the origin's object layer:
+a :class:`~store.wire.messages.Transfer` (a single-writer object granted), a
+:class:`~store.wire.messages.Reply`, or, when the object must come from another holder, a
+:class:`~store.wire.messages.Release` sent to that holder, which transfers the object and
+tells the authority with a MOVED notice (itself a KeyOp, routed like any other).
+
+During a scaling event the layer also drains: it hands the records whose next owner is
+another node on to that node (:class:`~store.wire.messages.HandOns`, acknowledged), a few
+at a time so that packets keep the node.
+
+A key's life is the explicit :class:`KeyState` of its record, and :data:`TRANSITIONS`
+lists the changes allowed: every change goes through :meth:`KeyLayer._become`, which
+refuses any other, and :meth:`KeyLayer.validate` checks each record's fields against its
+state.  Records are kept per map (``records[map][key]``): no tuple per record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+from typing import Any, Final
+
+from ring.hashring import HashRing, key_token
+from ring.ownership import (
+    Arrival as RuleArrival,
+)
+from ring.ownership import (
+    Forward,
+    Holding,
+    NodeView,
+    Pull,
+    Request,
+    Serve,
+    Stage,
+    counted_since,
+    decide,
+    drain_destination,
+)
+from store.core.outbox import Outbox
+from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
+from store.wire.errors import StoreError
+from store.wire.messages import (
+    Drop,
+    HandOnAck,
+    HandOns,
+    HandOnsAck,
+    KeyOp,
+    Message,
+    Release,
+    Reply,
+    Scan,
+    Transfer,
+    key_from_wire,
+)
+
+__all__ = ["TRANSITIONS", "KeyLayer", "KeyRecord", "KeyState"]
+
+K = tuple[str, Any]  # (map name, key)
+
+
+class KeyState(enum.IntEnum):
+    """Where a key stands, at its authority."""
+
+    ABSENT = 0  # no object (bare authority, or removed: the version is kept)
+    LIVE = 1  # the object exists, held by ``owner``
+    MOVING = 2  # a release to another node is in flight: requests queue until MOVED
+    DROPPING = 3  # removed; the holder has not yet confirmed the drop: requests queue
+    # The faults issue adds: REBUILDING (the record is rebuilt after its node died) and
+    # LOST (the object died with its holder).
+
+
+#: The state changes allowed (a state may always stay as it is, e.g. a new owner).
+TRANSITIONS: Final[dict[KeyState, frozenset[KeyState]]] = {
+    KeyState.ABSENT: frozenset({KeyState.LIVE}),
+    KeyState.LIVE: frozenset({KeyState.MOVING, KeyState.DROPPING}),
+    KeyState.MOVING: frozenset({KeyState.LIVE, KeyState.ABSENT}),
+    KeyState.DROPPING: frozenset({KeyState.ABSENT}),
+}
+
+_EXISTS: Final = frozenset({KeyState.LIVE, KeyState.MOVING})
+_BUSY: Final = frozenset({KeyState.MOVING, KeyState.DROPPING})
+
+_RULE_ARRIVAL: Final = {
+    Arrival.PLAIN: RuleArrival.PLAIN,
+    Arrival.PULL: RuleArrival.PULL,
+    Arrival.HANDOFF: RuleArrival.HANDOFF,
+}
+
+
+class KeyRecord:
+    """What the key's authority knows about one key (about 100 bytes)."""
+
+    __slots__ = ("kind", "owner", "queue", "releasing", "state", "version")
+
+    def __init__(self, kind: Kind, owner: str | None, version: int, state: KeyState) -> None:
+        self.kind = kind
+        self.owner = owner  # the object's holder; None when no object exists
+        self.version = version  # bumped by every grant, move and remove
+        self.state = state
+        self.queue: deque[KeyOp] | None = None  # requests waiting while MOVING/DROPPING
+        self.releasing: tuple[str, int] | None = None  # MOVING: the (to, req_id) released to
+
+    @property
+    def exists(self) -> bool:
+        return self.state in _EXISTS
+
+    @property
+    def busy(self) -> bool:
+        return self.state in _BUSY
+
+    def to_wire(self) -> list[Any]:
+        return [int(self.kind), self.owner, self.version, int(self.state)]
+
+    @staticmethod
+    def from_wire(data: list[Any]) -> KeyRecord:
+        try:
+            kind, owner, version, state = data
+            if type(version) is not int or not (owner is None or type(owner) is str):
+                raise ValueError("bad owner or version")
+            return KeyRecord(Kind(kind), owner, version, KeyState(state))
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"malformed key record: {exc}") from None
+
+
+class KeyLayer:
+    """The key records this node is the authority for, and the routing of key requests.
+    See the module docstring; the router hands it the messages it owns."""
+
+    def __init__(self, name: str, ring: HashRing, out: Outbox) -> None:
+        self.name = name
+        self.view = NodeView(name, Stage.NORMAL, ring)
+        self.out = out
+        self.records: dict[str, dict[Any, KeyRecord]] = {}
+        #: Keys whose authority this node handed on during the current event.
+        self.handed: set[K] = set()
+        self._bare: set[K] = set()  # records adopted as bare authority during this event
+        self._unacked = 0  # hand-ons of this event not yet acknowledged
+        self._drain_keys: list[K] | None = None
+        self.forwarded = 0
+        self.records_handed_on = 0
+
+    # -- records --
+
+    def record(self, k: K) -> KeyRecord | None:
+        by_key = self.records.get(k[0])
+        return None if by_key is None else by_key.get(k[1])
+
+    def _put(self, k: K, rec: KeyRecord) -> None:
+        by_key = self.records.get(k[0])
+        if by_key is None:
+            by_key = self.records[k[0]] = {}
+        by_key[k[1]] = rec
+
+    def _pop(self, k: K) -> KeyRecord | None:
+        by_key = self.records.get(k[0])
+        return None if by_key is None else by_key.pop(k[1], None)
+
+    def _become(self, rec: KeyRecord, state: KeyState) -> None:
+        """Move ``rec`` to ``state``, if :data:`TRANSITIONS` allows it."""
+        if state is not rec.state and state not in TRANSITIONS[rec.state]:
+            raise AssertionError(f"key record: {rec.state.name} -> {state.name} is not allowed")
+        rec.state = state
+
+    def items(self) -> list[tuple[K, KeyRecord]]:
+        """Every record, as ``((map, key), record)`` (for tests and the drain)."""
+        return [
+            ((m, key), rec) for m, by_key in self.records.items() for key, rec in by_key.items()
+        ]
+
+    # -- messages --
+
+    def receive(self, msg: Message, sender: str) -> None:
+        kind = type(msg)
+        if kind is KeyOp:
+            self.route(msg, sender)  # type: ignore[arg-type]
+        elif kind is HandOns:
+            self._on_hand_ons(msg, sender)  # type: ignore[arg-type]
+        elif kind is HandOnsAck or kind is HandOnAck:
+            self._on_ack(msg)  # type: ignore[arg-type]
+        elif kind is Scan:
+            self._on_scan(msg, sender)  # type: ignore[arg-type]
+        else:
+            raise TypeError(f"the key layer does not take {kind.__name__}")
+
+    def _holding(self, k: K) -> Holding:
+        if self.record(k) is not None:
+            return Holding.RECORD
+        if k in self.handed:
+            return Holding.HANDED_ON
+        return Holding.NONE
+
+    def route(self, msg: KeyOp, sender: str) -> None:
+        """Serve, forward or pull ``msg`` as ``ring.ownership`` decides (the only place a
+        key request's route is chosen)."""
+        k = (msg.map, msg.key)
+        request = Request(key_token(*k), msg.epoch, msg.hops, _RULE_ARRIVAL[msg.arrival], msg.since)
+        decision = decide(self.view, self._holding(k), request)
+        if isinstance(decision, Serve):
+            if decision.adopt:
+                try:
+                    self._adopt(k, msg.record, msg.queued, msg.kind)
+                except (StoreError, TypeError, ValueError) as exc:
+                    self.out.error("malformed-key-op", f"from {sender}: {exc}")
+                    return
+                if sender != self.name:
+                    self.out.send(sender, HandOnAck(msg.map, msg.key, msg.epoch))
+            if msg.arrival is Arrival.HANDOFF:
+                msg = dataclasses.replace(msg, arrival=Arrival.PLAIN, record=None, queued=None)
+            self._serve(msg)
+            return
+        if isinstance(decision, Forward):
+            self.forwarded += 1
+            record: list[Any] | None = None
+            queued: list[list[Any]] | None = None
+            arrival = Arrival.PLAIN
+            if decision.handoff:
+                arrival = Arrival.HANDOFF
+                rec = self._pop(k)
+                record, queued = _handoff_payload(rec)
+                if self.view.stage is not Stage.NORMAL:
+                    self.handed.add(k)
+                    self._unacked += 1
+                    self.records_handed_on += 1
+            since = counted_since(self.view, request)
+            relayed = dataclasses.replace(
+                msg,
+                epoch=decision.epoch,
+                hops=decision.hops,
+                arrival=arrival,
+                since=since,
+                record=record,
+                queued=queued,
+            )
+            self.out.send(decision.to, relayed)
+            return
+        if isinstance(decision, Pull):
+            self.forwarded += 1
+            since = counted_since(self.view, request)
+            relayed = dataclasses.replace(
+                msg,
+                epoch=decision.epoch,
+                hops=decision.hops,
+                arrival=Arrival.PULL,
+                since=since,
+                record=None,
+                queued=None,
+            )
+            self.out.send(decision.source, relayed)
+            return
+        self.out.error("rejected-request", f"{msg.op.name} {k!r:.80}: {decision.reason}")
+        self._reply(msg.origin, msg.req_id, Status.ERROR, ["Rejected", decision.reason])
+
+    def _adopt(
+        self, k: K, record: list[Any] | None, queued: list[list[Any]] | None, kind: Kind
+    ) -> None:
+        """Install the authority that came with a hand-on (keeping our own record if any),
+        with the requests that were queued behind a move in progress.  A bare authority
+        becomes a bare record (version 0, no object): without it this node would not know
+        it is the authority, and would pull ``k`` back from the previous owner, which
+        forwards to this node again, until the request is rejected after MAX_HOPS."""
+        if self.record(k) is not None:
+            return
+        if record is None:
+            self._put(k, KeyRecord(kind, None, 0, KeyState.ABSENT))
+            self._bare.add(k)
+            return
+        rec = KeyRecord.from_wire(record)
+        self._put(k, rec)
+        if not rec.version:
+            self._bare.add(k)  # a bare record handed on as it was: forgotten at NORMAL too
+        if queued:
+            epoch = self.view.epoch
+            rec.queue = deque(
+                KeyOp(Op(op), k[0], k[1], Kind(kind_), origin, req_id, epoch, 0, Arrival.PLAIN)
+                for op, kind_, origin, req_id in queued
+            )
+
+    # -- serving --
+
+    def _serve(self, msg: KeyOp) -> None:
+        k = (msg.map, msg.key)
+        rec = self.record(k)
+        op = msg.op
+        if op is Op.MOVED:
+            self._moved(k, rec, msg)
+            return
+        if rec is not None and rec.busy:
+            if rec.queue is None:
+                rec.queue = deque()
+            rec.queue.append(msg)
+            return
+        if op is Op.REMOVE:
+            if rec is None or not rec.exists:
+                self._reply(msg.origin, msg.req_id, Status.OK, False)
+                return
+            # The holder may still be using the object through local references.  Until it
+            # has dropped it, nothing else is served for this key and the remover waits:
+            # otherwise a create could grant a second writable object while the old one is
+            # still written, and a get at the holder could succeed after remove returned.
+            # The holder confirms with a MOVED notice (DROPPED) that answers the remover.
+            holder = rec.owner
+            assert holder is not None
+            self._become(rec, KeyState.DROPPING)
+            rec.owner = None
+            rec.version += 1
+            self.out.send(holder, Drop(msg.map, msg.key, rec.version, msg.origin, msg.req_id))
+            return
+        if rec is None or not rec.exists:
+            if op is not Op.CREATE:
+                self._reply(msg.origin, msg.req_id, Status.NOT_FOUND)
+                return
+            if rec is None:
+                rec = KeyRecord(msg.kind, msg.origin, 1, KeyState.LIVE)
+                self._put(k, rec)
+            else:
+                self._become(rec, KeyState.LIVE)
+                rec.kind, rec.owner, rec.version = msg.kind, msg.origin, rec.version + 1
+            if msg.kind is Kind.SINGLE:
+                transfer = Transfer(msg.map, msg.key, msg.req_id, rec.version, None, True)
+                self.out.send(msg.origin, transfer)
+            else:
+                self._reply(msg.origin, msg.req_id, Status.OK, [msg.origin, rec.version, True])
+            return
+        if rec.kind != msg.kind:
+            self._reply(msg.origin, msg.req_id, Status.WRONG_KIND, int(rec.kind))
+            return
+        if op is Op.LOCATE or rec.kind is Kind.MULTI:
+            self._reply(msg.origin, msg.req_id, Status.OK, [rec.owner, rec.version, False])
+            return
+        # A writable single-writer reference for msg.origin.
+        assert rec.owner is not None
+        if rec.owner == msg.origin:
+            transfer = Transfer(msg.map, msg.key, msg.req_id, rec.version, None, False)
+            self.out.send(msg.origin, transfer)
+            return
+        self._become(rec, KeyState.MOVING)
+        rec.releasing = (msg.origin, msg.req_id)
+        self.out.send(rec.owner, Release(msg.map, msg.key, msg.origin, msg.req_id, rec.version))
+
+    def _moved(self, k: K, rec: KeyRecord | None, msg: KeyOp) -> None:
+        if rec is None:
+            self.out.error("moved-without-record", f"{k!r:.80}")
+            return
+        if msg.note is MovedNote.EVACUATED:
+            # A leaving node handed the object to msg.owner on its own initiative.  A release
+            # we had sent it is void (it ignores it): ask the new holder instead, and stay
+            # MOVING until that hand-over's own MOVED.
+            new_owner = msg.owner
+            assert new_owner is not None
+            rec.version = msg.version
+            if not rec.exists:
+                self.out.send(new_owner, Drop(msg.map, msg.key, msg.version))
+                return
+            rec.owner = new_owner
+            if rec.state is KeyState.MOVING and rec.releasing is not None:
+                to, req_id = rec.releasing
+                self.out.send(new_owner, Release(msg.map, msg.key, to, req_id, msg.version))
+            return
+        rec.releasing = None
+        rec.version = msg.version
+        if msg.note is MovedNote.DROPPED:
+            # The holder dropped a removed object: the remover (origin, req_id) may go on.
+            if rec.state is KeyState.DROPPING:
+                self._become(rec, KeyState.ABSENT)
+            self._reply(msg.origin, msg.req_id, Status.OK, True)
+        elif rec.exists:
+            self._become(rec, KeyState.LIVE)
+            rec.owner = msg.owner
+        else:  # removed while it moved: the new holder must drop it too
+            if msg.owner is not None:
+                self.out.send(msg.owner, Drop(msg.map, msg.key, msg.version))
+            rec.owner = None
+            if rec.state is KeyState.DROPPING:
+                self._become(rec, KeyState.ABSENT)
+        queue = rec.queue
+        rec.queue = None
+        while queue:
+            self._serve(queue.popleft())
+            if rec.busy and queue:  # another move started: the rest waits behind it
+                if rec.queue is None:
+                    rec.queue = deque()
+                rec.queue.extend(queue)
+                return
+
+    def _reply(self, origin: str, req_id: int, status: Status, value: Any = None) -> None:
+        self.out.send(origin, Reply(req_id, status, value))
+
+    def _on_scan(self, msg: Scan, sender: str) -> None:
+        by_key = self.records.get(msg.map) or {}
+        entries = [[key, rec.owner] for key, rec in by_key.items() if rec.exists]
+        self.out.send(sender, Reply(msg.req_id, Status.OK, entries))
+
+    # -- scaling (paper §4.4; the rules are ring.ownership's) --
+
+    def enter_stage(self, view: NodeView) -> None:
+        """Adopt the controller's new stage.  Entering NORMAL ends an event (or its abort):
+        the handed-on markers and bare records of the event are forgotten."""
+        if view.stage is Stage.NORMAL:
+            self.handed.clear()
+            # Only bare authority: a removed key's record keeps its version, so that a later
+            # incarnation is granted higher versions than any Drop still in flight.  Only the
+            # records adopted bare this event are looked at (walking every record here was a
+            # stall of O(records) for every packet at the end of each event).
+            for k in self._bare:
+                rec = self.record(k)
+                if rec is not None and rec.state is KeyState.ABSENT and not rec.version:
+                    if not rec.queue:
+                        self._pop(k)
+            self._bare.clear()
+            self._drain_keys = None
+        if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
+            self._unacked = 0
+            self._drain_keys = None
+        self.view = view
+
+    def drain(self, limit: int) -> int:
+        """Hand on up to ``limit`` key records whose next owner is another node (the
+        background drain of SCALING); returns how many.  Looks at no more than ``2 * limit``
+        records per call: which records move is decided a few at a time, since hashing every
+        key at once (about 4 µs each: 40 ms for 10,000 records) stalled every packet at the
+        start of an event.  O(records) once per event for a copy of the key list."""
+        view = self.view
+        if view.stage is not Stage.SCALING or limit <= 0:
+            return 0
+        if self._drain_keys is None:
+            self._drain_keys = [k for k, _ in self.items()]
+        keys = self._drain_keys
+        assert view.next_ring is not None
+        epoch = view.next_ring.epoch
+        moved = 0
+        budget = 2 * limit
+        batches: dict[str, list[Any]] = {}
+        while keys and moved < limit and budget:
+            budget -= 1
+            k = keys.pop()
+            if self.record(k) is None:
+                continue  # already moved on a request's first touch
+            dest = drain_destination(view, key_token(*k))
+            if dest is None:
+                continue  # its next owner is this node: it stays
+            rec = self._pop(k)
+            self.handed.add(k)
+            self._unacked += 1
+            self.records_handed_on += 1
+            batch = batches.get(dest)
+            if batch is None:
+                batch = batches[dest] = []
+            batch.append([k[0], k[1], *_handoff_payload(rec)])
+            moved += 1
+        for dest, batch in batches.items():
+            self.out.send(dest, HandOns(epoch, batch))
+        return moved
+
+    @property
+    def drain_scanning(self) -> bool:
+        """Whether :meth:`drain` still has records to look at in this event."""
+        return self._drain_keys is None or bool(self._drain_keys)
+
+    def drained(self) -> bool:
+        """Every record this node had to hand on was handed on and acknowledged."""
+        return (
+            self.view.stage is Stage.SCALING
+            and self._unacked == 0
+            and self._drain_keys is not None
+            and not self._drain_keys
+        )
+
+    def _on_hand_ons(self, msg: HandOns, sender: str) -> None:
+        if msg.epoch != self.view.epoch:
+            self.out.error("stale-hand-on", f"epoch {msg.epoch}, ours {self.view.epoch}")
+        count = 0
+        for entry in msg.records:
+            try:
+                map_name, key, record, queued = entry
+                if type(map_name) is not str:
+                    raise StoreError("map name is not a str")
+                k = (map_name, key_from_wire(key))
+                self._adopt(k, record, queued, Kind.SINGLE)
+            except (StoreError, TypeError, ValueError) as exc:
+                self.out.error("malformed-hand-on", f"from {sender}: {exc}")
+                continue
+            count += 1
+        self.out.send(sender, HandOnsAck(msg.epoch, count))
+
+    def _on_ack(self, msg: HandOnsAck | HandOnAck) -> None:
+        if msg.epoch == self.view.epoch:
+            count = msg.count if type(msg) is HandOnsAck else 1
+            self._unacked = max(0, self._unacked - count)
+
+    # -- observability --
+
+    def live_records(self) -> int:
+        return sum(rec.exists for by_key in self.records.values() for rec in by_key.values())
+
+    def validate(self) -> None:
+        """Assert each record's fields agree with its state (tests call it)."""
+        for k, rec in self.items():
+            assert (rec.owner is not None) == rec.exists, (k, rec.state, rec.owner)
+            assert rec.queue is None or rec.busy or not rec.queue, (k, rec.state)
+            assert rec.releasing is None or rec.state is KeyState.MOVING, (k, rec.state)
+            assert rec.state is not KeyState.ABSENT or rec.owner is None, k
+
+
+def _handoff_payload(rec: KeyRecord | None) -> tuple[list[Any] | None, list[list[Any]]]:
+    """What travels with a hand-on: the record (or None: bare authority) and its queue."""
+    if rec is None:
+        return None, []
+    queue = [[int(q.op), int(q.kind), q.origin, q.req_id] for q in rec.queue or ()]
+    return rec.to_wire(), queue

@@ -1,0 +1,1206 @@
+"""The object layer of one node (paper §4.1): the objects it holds, and calls to them.
+
+A single-writer object lives where it was last written: a node that wants it asks the key's
+authority (a KeyOp to its own key layer, routed from there), which grants it
+(:class:`Transfer`) or has its holder release it.  A multi-writer object lives where it was
+created and takes calls shipped to it: blocking ones (answered with a :class:`Reply`),
+``@untethered`` ones (batched, unanswered) and folds of per-node replicas.
+
+Location cache, invalidated lazily: a node remembers where a multi-writer object (or a
+read-only single-writer one) lives and sends calls straight there.  A call that reaches a
+node that no longer holds the object is answered NOT_HERE, and the caller asks the key
+owner again.  Eager invalidation would make every key record carry the set of nodes that
+cached it; lazy invalidation costs one extra round trip to the rare caller that finds an
+object gone.
+
+Per-caller order across a scale-in: a node remembers where it last sent numbered calls of a
+multi-writer object.  When its next one would go elsewhere while that place is leaving or
+has left, a :class:`Fence` goes there first and the calls wait for its answer (the leaver
+forwards what it gets for objects it evacuated, so calls sent straight to the new place
+could overtake earlier ones).  What waits for a fence is kept as data (:data:`Deferred`),
+never as a closure.
+
+**The fast paths** are the only calls into this layer that do not go through
+``Router.handle``, and they return no instructions: :meth:`ObjectLayer.take`,
+:meth:`ObjectLayer.let_go`, :meth:`ObjectLayer.held` and :meth:`ObjectLayer.call_now`
+(section "fast paths" below).  Each does its work at once when the state it needs is here
+(a local hit taking a reference, a call into a local object or replica, a fresh ``@stale``
+cache entry, an untethered call queued for shipping) and otherwise says so, and the API
+falls back to ``handle``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, TypeAlias
+
+from ring.hashring import HashRing, key_token
+from ring.ownership import NodeView, Stage
+from store.core.instructions import (
+    Acquire,
+    AskBarrier,
+    AskScan,
+    AskSnapshot,
+    Farewell,
+    Flush,
+    Invoke,
+    LetGo,
+    Locate,
+    Remove,
+    Undeliverable,
+)
+from store.core.objects import ClassInfo, MethodKind, ObjectKind, dump_state, load_state
+from store.core.outbox import Outbox
+from store.core.scheduler import Wait
+from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
+from store.wire.errors import (
+    ObjectNotFound,
+    ObjectRemoved,
+    RemoteCallError,
+    StateNotEncodable,
+    StoreError,
+    WrongKind,
+)
+from store.wire.messages import (
+    Barrier,
+    Call,
+    Drop,
+    Evacuate,
+    EvacuateAck,
+    Fence,
+    Fold,
+    Gone,
+    KeyOp,
+    Message,
+    Release,
+    Reply,
+    Scan,
+    Snapshot,
+    Transfer,
+    Untethered,
+    key_from_wire,
+)
+
+__all__ = ["SLOW", "Held", "ObjectLayer"]
+
+K: TypeAlias = tuple[str, Any]  # (map name, key): the identity of one object
+
+KIND_CODE: Final = {ObjectKind.SINGLE: Kind.SINGLE, ObjectKind.MULTI: Kind.MULTI}
+
+MAX_RELOCATE = 3  # a call chases a moving object at most this many times
+
+
+class _Slow:
+    """``call_now``'s answer when the call needs ``handle(Invoke(...))``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SLOW"
+
+
+SLOW: Final = _Slow()
+
+
+class Held:
+    """An object this node holds, with what its local references need (about 90 bytes)."""
+
+    __slots__ = ("info", "obj", "refs", "release", "removed", "seen", "version")
+
+    def __init__(self, info: ClassInfo, obj: Any, version: int) -> None:
+        self.info = info
+        self.obj = obj
+        self.version = version
+        self.refs = 0  # local references in use (single-writer)
+        self.release: Release | None = None  # someone else wants it: hand over at refs == 0
+        self.removed = False
+        self.seen: dict[str, int] | None = None  # multi-writer: last seq applied per sender
+
+
+class _Pending:
+    """A request this node made and waits to hear about."""
+
+    __slots__ = (
+        "args",
+        "asked",
+        "at",
+        "creators",
+        "info",
+        "k",
+        "kind",
+        "method",
+        "tries",
+        "waits",
+    )
+
+    def __init__(self, kind: str, k: K | None, info: ClassInfo | None) -> None:
+        self.kind = kind
+        self.k = k
+        self.info = info
+        self.waits: list[Wait[Any]] = []
+        self.method = ""
+        self.args: list[Any] = []
+        self.tries = 0
+        self.creators: list[Wait[Any]] | None = None  # acquire: the waits that asked to create
+        self.asked = 0  # acquire: waits[:asked] were there when the request was sent
+        self.at = 0.0  # call: the caller's clock when it was made (a stale read's age)
+
+
+#: What waits for a fence, as data: ("invoke", Invoke, now), ("untethered", k, method,
+#: args, owner), ("reship", pending, owner), ("fold", k, replica, to) or ("arrived",).
+Deferred: TypeAlias = tuple[Any, ...]
+
+
+class ObjectLayer:
+    """The objects one node holds and the calls it makes.  See the module docstring."""
+
+    def __init__(self, name: str, ring: HashRing, out: Outbox) -> None:
+        self.name = name
+        self.view = NodeView(name, Stage.NORMAL, ring)
+        self.out = out
+        self.maps: dict[str, ClassInfo] = {}
+        self.objects: dict[K, Held] = {}
+        self.locations: dict[K, str] = {}
+        self.stale_cache: dict[tuple[str, Any, str, tuple[Any, ...]], tuple[float, Any]] = {}
+        self.replicas: dict[K, tuple[Any, str]] = {}  # multi-writer replica, its owner node
+        self._pending: dict[int, _Pending] = {}
+        self._acquiring: dict[K, _Pending] = {}
+        self._early_release: dict[K, Release] = {}
+        self._early_drop: dict[K, int] = {}  # a Drop that overtook the object's Transfer
+        #: Calls, folds and fences for an object on its way here, in arrival order.
+        self._parked: dict[K, list[tuple[Call | Fold | Fence, str]]] = {}
+        self._seq: dict[K, int] = {}
+        #: Where this node last sent a numbered message (call, untethered call, fold) of a
+        #: multi-writer object (see :meth:`_needs_fence`).
+        self._dest: dict[K, str] = {}
+        #: Keys whose fence is out, with what waits for its answer, in call order.
+        self._fencing: dict[K, list[Deferred]] = {}
+        #: Objects evacuated to this node while its own fence for them was out: they are
+        #: installed when it returns (calls for them wait, see :meth:`_expects`).
+        self._arriving: dict[K, Held] = {}
+        #: Fences waiting for a leaver's goodbye, by leaver (see ``Fence.after``).
+        self._after_gone: dict[str, list[tuple[Fence, str]]] = {}
+        self._next_id = 0
+        self.moved_to: dict[K, str] = {}  # objects this (leaving) node evacuated, and where
+        self.moved_version: dict[K, int] = {}  # and the version they arrived there with
+        self._unacked = 0  # evacuations of this event not yet acknowledged
+        self.untethered_since_flush: set[str] = set()
+        #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
+        #: a leaving one; the shell installs an importing resolver (no import in the core).
+        self.resolve_class: Any = None
+        #: Test hook: when a list, every grant and release of a single-writer object (and
+        #: every drop of one) is appended as (event, map, key, version, node).
+        self.trace: list[tuple[str, str, Any, int, str]] | None = None
+        # counters
+        self.migrations_in = 0
+        self.migrations_out = 0
+        self.objects_evacuated = 0
+        self.location_cache_hits = 0
+        self.stale_cache_hits = 0
+        self.untethered_calls = 0
+        self.merges = 0
+        self.remote_calls = 0
+
+    # == fast paths: called directly by the API, never through handle =====================
+
+    def take(self, k: K, single: bool) -> Held | None:
+        """A local reference to ``k``, if one can be taken at once: the object is held
+        here and nobody waits for it (single-writer: the reference is counted)."""
+        held = self.objects.get(k)
+        if held is not None and held.release is None:
+            if single:
+                held.refs += 1
+            return held
+        return None
+
+    def let_go(self, held: Held) -> bool:
+        """A local single-writer reference is let go; False when the object must now be
+        handed over (``handle(LetGo(...))`` does it)."""
+        if held.release is None or held.refs > 1:
+            held.refs -= 1
+            return True
+        return False
+
+    def held(self, k: K) -> Held | None:
+        """The object if this node holds it (a read-only reference reads it in place)."""
+        return self.objects.get(k)
+
+    def located(self, k: K) -> str | None:
+        """The cached location of ``k``, if any (counted as a hit)."""
+        where = self.locations.get(k)
+        if where is not None:
+            self.location_cache_hits += 1
+        return where
+
+    def call_now(
+        self, k: K, info: ClassInfo, method: str, args: tuple[Any, ...], owner: str, now: float
+    ) -> Any:
+        """A method call through a reference to an object held elsewhere (or a multi-writer
+        one held here), done at once when it can be: the value, or :data:`SLOW` when it
+        needs ``handle(Invoke(...))`` (a message, or a fence to wait for)."""
+        minfo = info.methods[method]
+        held = self.objects.get(k)
+        if held is not None and info.kind is ObjectKind.MULTI:
+            if held.removed:
+                raise ObjectRemoved(f"{k[0]}[{k[1]!r}] was removed")
+            if (self._dest or self._fencing) and self._needs_fence(k, self.name):
+                return SLOW
+            if self.replicas and k in self.replicas:
+                self._fold_local_replica(k, held)
+            return getattr(held.obj, method)(*args)
+        kind = minfo.kind
+        if kind is MethodKind.STALE:
+            cached = self.stale_cache.get((k[0], k[1], method, args))
+            if cached is not None and now - cached[0] <= minfo.max_age:
+                self.stale_cache_hits += 1
+                return cached[1]
+            return SLOW
+        if kind is MethodKind.UNTETHERED:
+            if info.mergeable:
+                replica = self.replicas.get(k)
+                if replica is None or replica[1] != owner:
+                    replica = self._replica_for(k, info, owner)
+                self.untethered_calls += 1
+                getattr(replica[0], method)(*args)
+                return None
+            if self._fencing and k in self._fencing:
+                return SLOW
+            prev = self._dest.get(k)
+            if prev is not None and prev != owner and self._needs_fence(k, owner):
+                return SLOW
+            if owner == self.name or (self.out.departed and owner in self.out.departed):
+                return SLOW
+            self.untethered_calls += 1
+            seq = self._seq[k] = self._seq.get(k, 0) + 1
+            self.untethered_since_flush.add(owner)
+            self._dest[k] = owner
+            calls = self.out.untethered.get(owner)
+            if calls is None:
+                calls = self.out.untethered[owner] = []
+            calls.append([k[0], k[1], method, args, seq])
+            return None
+        return SLOW
+
+    # == stimuli from the API and the shell ================================================
+
+    def register_map(self, name: str, info: ClassInfo) -> None:
+        old = self.maps.get(name)
+        if old is not None and old.cls is not info.cls:
+            raise TypeError(f"map {name!r} already holds {old.name} objects, not {info.name}")
+        self.maps[name] = info
+
+    def acquire(self, stim: Acquire) -> None:
+        """A writable single-writer reference, when the fast path found none: ask the key
+        owner.  Concurrent misses on one key make one request."""
+        k = stim.k
+        info = self.maps[k[0]]
+        wait = stim.wait
+        pending = self._acquiring.get(k)
+        if pending is not None:  # join the request in flight
+            pending.waits.append(wait)
+            if stim.create:
+                if pending.creators is None:
+                    pending.creators = []
+                pending.creators.append(wait)
+            return
+        req_id, pending = self._new_pending("acquire", k, info)
+        pending.waits.append(wait)
+        if stim.create:
+            pending.creators = [wait]
+        self._ask(pending, req_id)
+
+    def locate(self, stim: Locate) -> None:
+        k = stim.k
+        info = self.maps[k[0]]
+        req_id, pending = self._new_pending("locate", k, info)
+        pending.waits.append(stim.wait)
+        self._key_op(Op.CREATE if stim.create else Op.LOCATE, k, KIND_CODE[info.kind], req_id)
+
+    def remove(self, stim: Remove) -> None:
+        k = stim.k
+        info = self.maps[k[0]]
+        req_id, pending = self._new_pending("plain", k, info)
+        pending.waits.append(stim.wait)
+        self._key_op(Op.REMOVE, k, KIND_CODE[info.kind], req_id)
+
+    def let_go_slow(self, stim: LetGo) -> None:
+        held: Held = stim.held
+        held.refs -= 1
+        if held.refs == 0 and held.release is not None and not held.removed:
+            self._hand_over(stim.k, held)
+
+    def invoke(self, stim: Invoke, now: float) -> None:
+        """A call ``call_now`` could not do at once: ship it, or wait for a fence."""
+        k, info, method, args, owner, wait = (
+            stim.k,
+            stim.info,
+            stim.method,
+            stim.args,
+            stim.owner,
+            stim.wait,
+        )
+        try:
+            result = self.call_now(k, info, method, args, owner, now)
+        except Exception as exc:
+            if wait is None:
+                self.out.error(f"call-{type(exc).__name__}", str(exc)[:200])
+            else:
+                self.out.fail(wait, exc)
+            return
+        if result is not SLOW:
+            if wait is not None:
+                self.out.resolve(wait, result)
+            return
+        minfo = info.methods[method]
+        held = self.objects.get(k)
+        if held is not None and info.kind is ObjectKind.MULTI:  # held here, behind a fence
+            self._fence(k, self.name, ("invoke", stim, now))
+            return
+        if minfo.kind is MethodKind.UNTETHERED:
+            self.untethered_calls += 1
+            self._untethered_now(k, method, args, owner)
+            return
+        # A blocking call (or a stale read that missed): our replica's updates go first.
+        replica = self.replicas.get(k)
+        fold_to = owner if replica is None else replica[1]
+        if self._needs_fence(k, owner) or self._needs_fence(k, fold_to):
+            self._fence(k, owner, ("invoke", stim, now))
+            return
+        self._send_fold(k)
+        req_id, pending = self._new_pending("call", k, info)
+        pending.method, pending.args, pending.at = method, list(args), now
+        assert wait is not None
+        pending.waits.append(wait)
+        self.remote_calls += 1
+        self._ship_call(pending, owner, req_id)
+
+    def flush(self, stim: Flush) -> list[str] | None:
+        """Fold replicas if asked; the untethered destinations since the last such ask."""
+        if stim.replicas:
+            for k in list(self.replicas):
+                self._send_fold(k)
+        if not stim.targets:
+            return None
+        members = self.view.ring.nodes
+        if self.view.next_ring is not None:
+            members = members | self.view.next_ring.nodes
+        dests = sorted((self.untethered_since_flush & members) - {self.name})
+        self.untethered_since_flush.clear()
+        return dests
+
+    def ask_barrier(self, stim: AskBarrier) -> None:
+        req_id, pending = self._new_pending("plain", None, None)
+        pending.waits.append(stim.wait)
+        self.out.send(stim.node, Barrier(req_id))
+
+    def ask_scan(self, stim: AskScan) -> None:
+        req_id, pending = self._new_pending("plain", None, None)
+        pending.waits.append(stim.wait)
+        self.out.send(stim.node, Scan(req_id, stim.map))
+
+    def ask_snapshot(self, stim: AskSnapshot) -> None:
+        req_id, pending = self._new_pending("plain", None, None)
+        pending.waits.append(stim.wait)
+        self.out.send(stim.node, Snapshot(req_id, stim.map, stim.keys))
+
+    def farewell(self, stim: Farewell) -> None:
+        """This node left the ring: say goodbye (after everything queued for each node).
+        It may stop once every wait is resolved: each of them has sent it nothing since."""
+        for node, wait in zip(stim.nodes, stim.waits, strict=True):
+            req_id, pending = self._new_pending("plain", None, None)
+            pending.waits.append(wait)
+            self.out.send(node, Gone(req_id))
+
+    def undeliverable(self, stim: Undeliverable) -> None:
+        for msg in stim.msgs:
+            self.bounce(stim.to, msg)
+
+    # == messages ==========================================================================
+
+    def receive(self, msg: Message, sender: str) -> None:
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            raise TypeError(f"the object layer does not take {type(msg).__name__}")
+        handler(self, msg, sender)
+
+    def _new_pending(self, kind: str, k: K | None, info: ClassInfo | None) -> tuple[int, _Pending]:
+        self._next_id += 1
+        pending = _Pending(kind, k, info)
+        self._pending[self._next_id] = pending
+        self.out.cause = (self.name, self._next_id)
+        return self._next_id, pending
+
+    def _key_op(
+        self,
+        op: Op,
+        k: K,
+        kind: Kind,
+        req_id: int,
+        *,
+        owner: str | None = None,
+        version: int = 0,
+        note: MovedNote = MovedNote.HANDED_OVER,
+        origin: str | None = None,
+    ) -> None:
+        """A key request from this node, to its own key layer, which routes it."""
+        epoch = self.view.epoch
+        msg = KeyOp(
+            op,
+            k[0],
+            k[1],
+            kind,
+            origin or self.name,
+            req_id,
+            epoch,
+            0,
+            Arrival.PLAIN,
+            epoch,
+            owner,
+            version,
+            note,
+        )
+        self.out.send(self.name, msg)
+
+    def _reply(self, origin: str, req_id: int, status: Status, value: Any = None) -> None:
+        self.out.send(origin, Reply(req_id, status, value))
+
+    def _on_transfer(self, msg: Transfer, sender: str) -> None:
+        k = (msg.map, msg.key)
+        pending = self._pending.pop(msg.req_id, None)
+        if pending is not None and pending.k == k:
+            k = pending.k  # the caller's own tuple
+        self._acquiring.pop(k, None)
+        dropped = self._early_drop.pop(k, 0)
+        if pending is None or pending.info is None:
+            self.out.error("transfer-without-request", f"from {sender}: {k!r:.80}")
+            return
+        if msg.state is None and not msg.created:
+            held = self.objects.get(k)
+            if held is None:
+                for wait in pending.waits:
+                    error = StoreError(f"{k!r}: key owner says we hold it, but we do not")
+                    self.out.fail(wait, error)
+                self._unpark(k)
+                return
+        else:
+            info = pending.info
+            obj = info.cls() if msg.created else load_state(info.cls, msg.state or b"\xa0")
+            held = Held(info, obj, msg.version)
+            if msg.version < dropped:
+                # Removed on its way here (the Drop overtook this Transfer).  The grant came
+                # first, so the waits it answers get their reference, to an object already
+                # removed; those that joined since may come after the removal: ask again.
+                held.removed = True
+                self._ask_again(pending, pending.waits[pending.asked :])
+                del pending.waits[pending.asked :]
+            else:
+                self.objects[k] = held
+                if not msg.created:
+                    self.migrations_in += 1
+                if self.trace is not None:
+                    self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
+        held.refs += len(pending.waits)
+        early = self._early_release.pop(k, None)
+        if early is not None and early.version == held.version and not held.removed:
+            held.release = early
+        maker = pending.creators[0] if msg.created and pending.creators else None
+        for wait in pending.waits:  # only the first create made the object
+            self.out.resolve(wait, (held, wait is maker))
+        self._unpark(k)
+
+    def _on_release(self, msg: Release, sender: str) -> None:
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        if held is None and k in self.moved_to:
+            return  # we evacuated it; the key owner asks its new holder (see MOVED)
+        if held is None or held.version < msg.version:
+            self._early_release[k] = msg  # the object is still on its way to us
+            return
+        held.release = msg
+        if held.refs == 0:
+            self._hand_over(k, held)
+
+    def _hand_over(self, k: K, held: Held) -> None:
+        release = held.release
+        assert release is not None
+        try:
+            state = dump_state(held.obj)
+        except TypeError as exc:
+            # The object cannot travel: it stays here, the asker gets the reason, and the
+            # key owner hears "moved to where it already is" so its queue goes on.
+            held.release = None
+            self.out.error("state-not-encodable", str(exc))
+            self._reply(release.to, release.req_id, Status.ERROR, ["TypeError", str(exc)])
+            self._key_op(Op.MOVED, k, Kind.SINGLE, 0, owner=self.name, version=held.version)
+            return
+        del self.objects[k]
+        version = held.version + 1
+        if self.trace is not None:
+            self.trace.append(("release", k[0], k[1], held.version, self.name))
+        self.migrations_out += 1
+        self.out.send(release.to, Transfer(k[0], k[1], release.req_id, version, state, False))
+        self._key_op(Op.MOVED, k, Kind.SINGLE, 0, owner=release.to, version=version)
+
+    def _on_reply(self, msg: Reply, sender: str) -> None:
+        pending = self._pending.pop(msg.req_id, None)
+        if pending is None:
+            self.out.error("reply-without-request", f"from {sender}: #{msg.req_id}")
+            return
+        self.out.cause = (self.name, msg.req_id)
+        _REPLY_HANDLERS[pending.kind](self, pending, msg)
+
+    def _on_call(self, msg: Call, sender: str) -> None:
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        if held is None or held.removed:
+            if self._expects(k):
+                self._parked.setdefault(k, []).append((msg, sender))
+                return
+            moved = self.moved_to.get(k)
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.NOT_HERE, moved)
+            elif moved is not None:  # evacuated: pass it on, once (seq 0: no dedup there)
+                version = self.moved_version.get(k, 0)
+                forwarded = Call(msg.map, msg.key, msg.method, msg.args, 0, 0, version)
+                self.out.send(moved, forwarded, urgent=False)
+            else:
+                self.out.error("untethered-call-lost", f"from {sender}: {k!r:.80}")
+            return
+        if msg.version and msg.version != held.version:
+            # Forwarded by a leaver for the incarnation it evacuated, which was removed
+            # since: this one was made again after the call was made.
+            self.out.error("untethered-call-lost", f"from {sender}: {k!r:.80} (old version)")
+            return
+        minfo = held.info.methods.get(msg.method)
+        if minfo is None or (
+            held.info.kind is ObjectKind.SINGLE and minfo.kind is not MethodKind.STALE
+        ):
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.ERROR, ["NotCallable", msg.method])
+            else:
+                self.out.error("malformed-call", f"from {sender}: {msg.method!r:.40}")
+            return
+        if msg.seq and not self._fresh(held, sender, msg.seq):
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.ERROR, ["Duplicate", "call applied already"])
+            return
+        self._fold_local_replica(k, held)
+        try:
+            value = getattr(held.obj, msg.method)(*msg.args)
+        except Exception as exc:  # the NF's method raised: its caller hears why
+            self.out.error(f"call-{type(exc).__name__}", f"{msg.method}: {str(exc)[:200]}")
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.ERROR, [type(exc).__name__, str(exc)])
+            return
+        if msg.req_id:
+            self._reply(sender, msg.req_id, Status.OK, value)
+
+    def _fresh(self, held: Held, sender: str, seq: int) -> bool:
+        seen = held.seen
+        if seen is None:
+            seen = held.seen = {}
+        if seq <= seen.get(sender, 0):
+            return False
+        seen[sender] = seq
+        return True
+
+    def _on_fold(self, msg: Fold, sender: str) -> None:
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        if held is None or held.removed:
+            if self._expects(k):
+                self._parked.setdefault(k, []).append((msg, sender))
+                return
+            moved = self.moved_to.get(k)
+            if moved is not None:
+                version = self.moved_version.get(k, 0)
+                self.out.send(moved, Fold(msg.map, msg.key, 0, msg.state, version), False)
+                return
+            self.out.error("fold-lost", f"from {sender}: {k!r:.80}")
+            return
+        if msg.version and msg.version != held.version:
+            self.out.error("fold-lost", f"from {sender}: {k!r:.80} (old version)")
+            return
+        if msg.seq and not self._fresh(held, sender, msg.seq):
+            return
+        held.obj.merge(load_state(held.info.cls, msg.state))
+        self.merges += 1
+
+    def _expects(self, k: K) -> bool:
+        """Whether an object for ``k`` may be on its way here: this node asked for it (a
+        single-writer acquire) or asked where it is, maybe to create it (a multi-writer
+        locate).  The key owner names a node as the object's owner as soon as it grants
+        or creates it there, so a call or fold can reach that node before the object:
+        it waits for the answer instead of being refused (or, untethered, lost).
+        O(requests in flight), and only on that rare path."""
+        if k in self._acquiring or k in self._arriving:
+            return True
+        return any(p.kind == "locate" and p.k == k for p in self._pending.values())
+
+    def _unpark(self, k: K) -> None:
+        """The request that an object for ``k`` may come with was answered: handle the calls
+        and folds that waited for it, in the order they came."""
+        parked = self._parked.pop(k, None)
+        for msg, sender in parked or ():
+            self.receive(msg, sender)
+
+    def _on_drop(self, msg: Drop, sender: str) -> None:
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        arriving = self._arriving.get(k)
+        if held is None and arriving is not None and arriving.version <= msg.version:
+            del self._arriving[k]
+            arriving.removed = True
+        elif held is not None and held.version <= msg.version:
+            del self.objects[k]
+            held.removed = True
+            if self.trace is not None and held.info.kind is ObjectKind.SINGLE:
+                self.trace.append(("drop", k[0], k[1], held.version, self.name))
+        elif held is None and k in self._acquiring:
+            # The object is on its way here from its previous holder, and this Drop from
+            # the key owner overtook it: it is dropped when it lands (see _on_transfer).
+            self._early_drop[k] = max(self._early_drop.get(k, 0), msg.version)
+        elif held is None and k in self.moved_to:
+            # We evacuated it: the drop follows it (the remover is answered from here).
+            self.out.send(self.moved_to[k], Drop(msg.map, msg.key, msg.version))
+        self.locations.pop(k, None)
+        self.replicas.pop(k, None)
+        if msg.origin is not None:
+            self._confirm_drop(msg)
+
+    def _confirm_drop(self, msg: Drop) -> None:
+        """The key owner waits for this node to have dropped a removed object: tell the
+        authority, routed like any key request (the record may have been handed on
+        meanwhile); it then answers the remover (``msg.origin``)."""
+        assert msg.origin is not None
+        info = self.maps.get(msg.map)
+        kind = KIND_CODE[info.kind] if info is not None else Kind.SINGLE
+        self._key_op(
+            Op.MOVED,
+            (msg.map, msg.key),
+            kind,
+            msg.req_id,
+            version=msg.version,
+            note=MovedNote.DROPPED,
+            origin=msg.origin,
+        )
+
+    def _on_barrier(self, msg: Barrier, sender: str) -> None:
+        self._reply(sender, msg.req_id, Status.OK)
+
+    def _on_snapshot(self, msg: Snapshot, sender: str) -> None:
+        out = []
+        for key in msg.keys:
+            held = self.objects.get((msg.map, key))
+            try:
+                out.append([key, None if held is None or held.removed else dump_state(held.obj)])
+            except TypeError as exc:  # the asker gets the reason, not silence
+                self._reply(sender, msg.req_id, Status.ERROR, ["StateNotEncodable", str(exc)])
+                return
+        self._reply(sender, msg.req_id, Status.OK, out)
+
+    # -- replies to our requests --
+
+    def _reply_acquire(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None
+        self._acquiring.pop(k, None)
+        self._early_drop.pop(k, None)  # answered without an object: nothing on its way
+        exc = self._error_of(pending, msg)
+        answered = pending.waits
+        if msg.status == Status.NOT_FOUND:
+            # "Not found" was true when the key owner served the request; the waits that
+            # joined it since (gets made later, creates) ask again.
+            answered = pending.waits[: pending.asked]
+            self._ask_again(pending, pending.waits[pending.asked :])
+        for wait in answered:
+            self.out.fail(wait, exc)
+        self._unpark(k)
+
+    def _ask(self, pending: _Pending, req_id: int) -> None:
+        """Send the acquire ``pending`` for the waits it has now: a create if any of them
+        asked to create.  Waits that join it later are answered too (see _reply_acquire)."""
+        assert pending.k is not None
+        pending.asked = len(pending.waits)
+        self._acquiring[pending.k] = pending
+        op = Op.CREATE if pending.creators else Op.ACQUIRE
+        self._key_op(op, pending.k, Kind.SINGLE, req_id)
+
+    def _ask_again(self, pending: _Pending, waits: list[Wait[Any]]) -> None:
+        if not waits:
+            return
+        req_id, again = self._new_pending("acquire", pending.k, pending.info)
+        again.waits = list(waits)
+        makers = [w for w in waits if w in (pending.creators or ())]
+        again.creators = makers or None
+        self._ask(again, req_id)
+
+    def _reply_locate(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None and pending.info is not None
+        if msg.status != Status.OK:
+            for wait in pending.waits:
+                self.out.fail(wait, self._error_of(pending, msg))
+            self._unpark(k)
+            return
+        owner, version, created = msg.value
+        if created and owner == self.name:
+            self.objects[k] = Held(pending.info, pending.info.cls(), version)
+        self.locations[k] = owner
+        for wait in pending.waits:
+            self.out.resolve(wait, (owner, created))
+        self._unpark(k)
+
+    def _reply_call(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None and pending.info is not None
+        if msg.status == Status.NOT_HERE and pending.tries < MAX_RELOCATE:
+            self.locations.pop(k, None)
+            pending.tries += 1
+            if isinstance(msg.value, str):  # the former holder says where it went
+                self.locations[k] = msg.value
+                pending.kind = "call"
+                self._reship(pending, msg.value)
+                return
+            req_id = self._next_id = self._next_id + 1
+            pending.kind = "relocate"
+            self._pending[req_id] = pending
+            self._key_op(Op.LOCATE, k, KIND_CODE[pending.info.kind], req_id)
+            return
+        if msg.status != Status.OK:
+            for wait in pending.waits:
+                self.out.fail(wait, self._error_of(pending, msg))
+            return
+        info = pending.info.methods.get(pending.method)
+        if info is not None and info.kind is MethodKind.STALE:
+            # The value is at least as fresh as the request: its age counts from then (not
+            # from when the reply came, nor from the latest call, which could be later).
+            cache_key = (k[0], k[1], pending.method, tuple(pending.args))
+            self.stale_cache[cache_key] = (pending.at, msg.value)
+        for wait in pending.waits:
+            self.out.resolve(wait, msg.value)
+
+    def _reply_relocate(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None
+        if msg.status != Status.OK:
+            if not pending.waits:
+                self.out.error("untethered-call-lost", f"{k!r:.80}: {msg.status.name}")
+            for wait in pending.waits:
+                self.out.fail(wait, self._error_of(pending, msg))
+            return
+        owner = msg.value[0]
+        self.locations[k] = owner
+        pending.kind = "call"
+        self._reship(pending, owner)
+
+    def _reply_plain(self, pending: _Pending, msg: Reply) -> None:
+        if msg.status != Status.OK:
+            for wait in pending.waits:
+                self.out.fail(wait, self._error_of(pending, msg))
+            return
+        for wait in pending.waits:
+            self.out.resolve(wait, msg.value)
+
+    def _error_of(self, pending: _Pending, msg: Reply) -> StoreError:
+        what = f"{pending.k[0]}[{pending.k[1]!r}]" if pending.k else "request"
+        if msg.status in (Status.NOT_FOUND, Status.NOT_HERE):
+            return ObjectNotFound(f"{what}: no such object")
+        if msg.status == Status.WRONG_KIND:
+            kind = ObjectKind.MULTI if msg.value == Kind.MULTI else ObjectKind.SINGLE
+            return WrongKind(f"{what} holds a {kind.value} object")
+        kind_, text = msg.value if isinstance(msg.value, list) else ("Error", str(msg.value))
+        if (kind_ == "TypeError" and pending.kind == "acquire") or kind_ == "StateNotEncodable":
+            return StateNotEncodable(f"{what}: {text}")
+        return RemoteCallError(f"{what}: {kind_}: {text}")
+
+    # -- shipping calls --
+
+    def _replica_for(self, k: K, info: ClassInfo, owner: str) -> tuple[Any, str]:
+        """This node's replica of ``k`` for the object held at ``owner``, made if needed.
+
+        A replica made for another place (the object was removed and made again there) is
+        folded to that old place first: its updates belong there, the new ones here."""
+        replica = self.replicas.get(k)
+        if replica is not None and replica[1] != owner:
+            self._send_fold(k)  # (it takes the replica out, even when the fold must wait)
+            replica = None
+        if replica is None:
+            replica = self.replicas[k] = (info.cls(), owner)
+        return replica
+
+    def _untethered_now(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None:
+        if self._needs_fence(k, owner):  # (a deferred call, still behind)
+            self._fence(k, owner, ("untethered", k, method, args, owner))
+            return
+        if self.out.departed and owner in self.out.departed:  # a reference older than a goodbye
+            self._relocate_untethered(k, method, list(args))
+            return
+        held = self.objects.get(k) if owner == self.name else None
+        if held is not None and not held.removed:
+            # Held here by now (this call waited for a fence): apply it at once, as a local
+            # call would be; a message to ourselves would come after calls made later.
+            self._fold_local_replica(k, held)
+            try:
+                getattr(held.obj, method)(*args)
+            except Exception as exc:
+                self.out.error(f"call-{type(exc).__name__}", f"{method}: {str(exc)[:200]}")
+            return
+        seq = self._seq[k] = self._seq.get(k, 0) + 1
+        self.untethered_since_flush.add(owner)
+        if owner == self.name:
+            self.out.send(owner, Call(k[0], k[1], method, list(args), 0, seq), urgent=False)
+            return
+        self._dest[k] = owner
+        calls = self.out.untethered.get(owner)
+        if calls is None:
+            calls = self.out.untethered[owner] = []
+        calls.append([k[0], k[1], method, args, seq])
+
+    def _on_untethered(self, msg: Untethered, sender: str) -> None:
+        for entry in msg.calls:
+            try:
+                map_name, key, method, args, seq = entry
+                if type(map_name) is not str or type(method) is not str or type(seq) is not int:
+                    raise TypeError("map, method or seq of the wrong type")
+                call = Call(map_name, key_from_wire(key), method, list(args), 0, seq)
+            except (StoreError, TypeError, ValueError) as exc:
+                self.out.error("malformed-untethered-call", f"from {sender}: {exc}")
+                continue
+            self._on_call(call, sender)
+
+    def _ship_call(self, pending: _Pending, owner: str, req_id: int | None = None) -> None:
+        k = pending.k
+        assert k is not None
+        if req_id is None:
+            self._next_id += 1
+            req_id = self._next_id
+            self._pending[req_id] = pending
+        seq = self._seq[k] = self._seq.get(k, 0) + 1
+        info = pending.info
+        if owner != self.name and info is not None and info.kind is ObjectKind.MULTI:
+            self._dest[k] = owner
+        self.out.send(owner, Call(k[0], k[1], pending.method, pending.args, req_id, seq))
+
+    def _reship(self, pending: _Pending, owner: str) -> None:
+        """Send a blocking call again, to where its object went (after a fence if the old
+        place is leaving: the calls sent before it must not be overtaken)."""
+        assert pending.k is not None
+        if self._needs_fence(pending.k, owner):
+            self._fence(pending.k, owner, ("reship", pending, owner))
+            return
+        self._ship_call(pending, owner)
+
+    def _fold_local_replica(self, k: K, held: Held) -> None:
+        replica = self.replicas.get(k)
+        if replica is None:
+            return
+        owner = replica[1]
+        view = self.view
+        leaving = owner not in view.ring or (
+            view.next_ring is not None and owner not in view.next_ring
+        )
+        if owner != self.name and not leaving:
+            # Made for an object held elsewhere, since removed there and made again here:
+            # its updates go to the old place, not into this (newer) object after calls
+            # already applied to it.  (An owner that left evacuated the object to us.)
+            self._send_fold(k)
+            return
+        del self.replicas[k]
+        self._fold_out(k, replica[0], self.name)
+
+    def _send_fold(self, k: K) -> None:
+        replica = self.replicas.pop(k, None)
+        if replica is not None:
+            obj, owner = replica
+            self._fold_out(k, obj, self.name if owner == self.name and k in self.objects else owner)
+
+    def _fold_out(self, k: K, replica: Any, to: str) -> None:
+        """Deliver the updates of a replica taken out of :attr:`replicas` to the object at
+        ``to`` (this node: merged here), after a fence when one is needed."""
+        if self._needs_fence(k, to):
+            self._fence(k, to, ("fold", k, replica, to))
+            return
+        if to == self.name:
+            held = self.objects.get(k)
+            if held is not None and not held.removed:
+                held.obj.merge(replica)
+                self.merges += 1
+                return
+        try:
+            state = dump_state(replica)
+        except TypeError as exc:
+            # The class's merge left something cbor cannot carry in the replica: the fault
+            # is the NF's, the node keeps running, and the error count says what was lost.
+            self.out.error("replica-not-encodable", str(exc))
+            return
+        seq = self._seq[k] = self._seq.get(k, 0) + 1
+        self.untethered_since_flush.add(to)
+        if to != self.name:
+            self.out.untethered_dests.add(to)
+            self._dest[k] = to
+        self.out.send(to, Fold(k[0], k[1], seq, state), urgent=False)
+
+    # -- per-caller order across a scale-in --
+
+    def _needs_fence(self, k: K, to: str) -> bool:
+        """Whether a numbered message of multi-writer ``k`` for ``to`` (this node: applied
+        here) must wait for a :class:`Fence`: one is out already, or the last one went to
+        another node that is leaving or has left the ring.  O(1); only scale-ins ever make
+        it true."""
+        if not (self._dest or self._fencing):
+            return False  # no numbered message out at all: the common case
+        if k in self._fencing:
+            return True
+        prev = self._dest.get(k)
+        if prev is None or prev == to:
+            return False
+        view = self.view
+        return prev not in (view.ring if view.next_ring is None else view.next_ring)
+
+    def _fence(self, k: K, to: str, then: Deferred) -> None:
+        """Do ``then`` (which sends to ``to``) once every numbered message of ``k`` sent so
+        far has reached the object: send a fence where they went (unless one is out), and
+        queue ``then``.  If that node has gone, the fence goes to ``to`` and waits there
+        for the goodbye that followed everything the leaver forwarded."""
+        waiting = self._fencing.get(k)
+        if waiting is None:
+            prev = self._dest.pop(k)
+            req_id, _ = self._new_pending("fence", k, None)
+            waiting = self._fencing[k] = []
+            if prev in self.out.departed:
+                self.out.send(to, Fence(req_id, self.name, k[0], k[1], prev))
+            else:
+                self.out.send(prev, Fence(req_id, self.name, k[0], k[1]))
+        waiting.append(then)
+
+    def _run_deferred(self, then: Deferred) -> None:
+        what = then[0]
+        if what == "invoke":
+            self.invoke(then[1], then[2])
+        elif what == "untethered":
+            self._untethered_now(then[1], then[2], then[3], then[4])
+        elif what == "reship":
+            self._reship(then[1], then[2])
+        elif what == "fold":
+            self._fold_out(then[1], then[2], then[3])
+        # "arrived": installing the object is _reply_fence's own work
+
+    def _on_fence(self, msg: Fence, sender: str) -> None:
+        k = (msg.map, msg.key)
+        if msg.after is not None and msg.after not in self.out.departed:
+            self._after_gone.setdefault(msg.after, []).append((msg, sender))
+        elif k in self.objects or k in self._arriving:
+            self._reply(msg.origin, msg.req_id, Status.OK)
+        elif self._expects(k):
+            self._parked.setdefault(k, []).append((msg, sender))
+        elif k in self.moved_to:
+            self.out.send(self.moved_to[k], msg)  # behind what we forwarded there
+        else:
+            self._reply(msg.origin, msg.req_id, Status.OK)  # whatever came was applied
+
+    def _reply_fence(self, pending: _Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None
+        held = self._arriving.pop(k, None)
+        if held is not None:
+            self._install(k, held)
+        waiting = self._fencing.pop(k, [])
+        if not self._expects(k):
+            self._unpark(k)  # calls that came for the arriving object, in their order
+        for then in waiting:
+            self._run_deferred(then)
+
+    def _on_gone(self, msg: Gone, sender: str) -> None:
+        self._reply(sender, msg.req_id, Status.OK)  # (the last message it gets from us)
+        self.out.departed.add(sender)
+        for fence, via in self._after_gone.pop(sender, ()):
+            self._on_fence(fence, via)
+
+    def bounce(self, to: str, msg: Message) -> None:
+        """``msg`` cannot reach ``to``, which left: answer it here if we can (the answers
+        are handled like any message to ourselves), else count it."""
+        if isinstance(msg, Fence) and msg.origin == self.name:
+            self.out.send(self.name, Reply(msg.req_id, Status.OK, None))
+        elif isinstance(msg, Call) and msg.req_id:
+            # A blocking call through a reference taken before the node left: find the
+            # object again (the caller waits a little longer, nothing is lost).
+            self.out.send(self.name, Reply(msg.req_id, Status.NOT_HERE, None))
+        elif isinstance(msg, Call):
+            self._relocate_untethered((msg.map, msg.key), msg.method, msg.args)
+        elif isinstance(msg, Untethered):
+            for map_name, key, method, args, _ in msg.calls:
+                self._relocate_untethered((map_name, key), method, list(args))
+        elif isinstance(msg, Drop) and msg.origin is not None:
+            self._confirm_drop(msg)  # nothing left there to drop: the remover may go on
+        elif type(msg).__name__ in ("HandOnAck", "HandOnsAck", "EvacuateAck"):
+            pass  # for a hand-on that a late request made the leaver forward: it counts nothing
+        else:
+            self.out.error(f"sent-to-departed-node-{type(msg).__name__}", to)
+
+    def _relocate_untethered(self, k: K, method: str, args: list[Any]) -> None:
+        """An untethered call that could not reach a departed node: ask the key owner where
+        the object is now and ship it there (as a call whose answer nobody awaits)."""
+        info = self.maps.get(k[0])
+        if info is None:
+            self.out.error("sent-to-departed-node", f"{k!r:.80}: unknown map")
+            return
+        req_id, pending = self._new_pending("relocate", k, info)
+        pending.method, pending.args = method, args
+        self._key_op(Op.LOCATE, k, KIND_CODE[info.kind], req_id)
+
+    # -- scaling --
+
+    def enter_stage(self, view: NodeView) -> None:
+        """Adopt the controller's new stage: entering NORMAL drops cached locations on
+        nodes outside the ring and retargets replicas of objects evacuated from them."""
+        if view.stage is Stage.NORMAL:
+            members = view.ring.nodes
+            for k, where in list(self.locations.items()):
+                if where not in members:
+                    del self.locations[k]
+            for k, (replica, owner) in list(self.replicas.items()):
+                if owner not in members:  # evacuated to its key owner under the new ring
+                    self.replicas[k] = (replica, view.ring.owner(key_token(*k)))
+        departed = self.out.departed
+        if departed:  # a name that joins again is a new process: talk to it
+            departed -= view.ring.nodes | (view.next_ring.nodes if view.next_ring else set())
+        if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
+            self._unacked = 0
+        self.view = view
+
+    @property
+    def leaving(self) -> bool:
+        view = self.view
+        return view.next_ring is not None and self.name not in view.next_ring
+
+    def evacuated(self) -> bool:
+        """A leaving node has handed every object over, and each was acknowledged."""
+        return not self.leaving or (not self.objects and self._unacked == 0)
+
+    def evacuate(self, limit: int) -> int:
+        """Scale-in: send up to ``limit`` held objects, single- and multi-writer alike, to
+        their next key owner (the original S6 lost multi-writer state here).  Objects still
+        in use by a local reference wait for the next call."""
+        view = self.view
+        if view.stage is not Stage.SCALING or not self.leaving:
+            return 0
+        assert view.next_ring is not None
+        sent = 0
+        for k, held in list(self.objects.items()):
+            if sent >= limit:
+                break
+            if held.refs or held.release is not None:
+                continue
+            dest = view.next_ring.owner(key_token(*k))
+            self._fold_local_replica(k, held)
+            try:
+                state = dump_state(held.obj)
+            except TypeError as exc:
+                self.out.error("state-not-encodable", f"cannot evacuate {k!r:.80}: {exc}")
+                continue
+            cls = held.info.cls
+            version = held.version + 1
+            del self.objects[k]
+            self.moved_to[k] = dest
+            self.moved_version[k] = version
+            self._unacked += 1
+            self.objects_evacuated += 1
+            self.migrations_out += 1
+            if self.trace is not None and held.info.kind is ObjectKind.SINGLE:
+                self.trace.append(("release", k[0], k[1], held.version, self.name))
+            path = f"{cls.__module__}:{cls.__qualname__}"
+            self.out.send(dest, Evacuate(k[0], k[1], path, version, state))
+            kind = KIND_CODE[held.info.kind]
+            self._key_op(
+                Op.MOVED, k, kind, 0, owner=dest, version=version, note=MovedNote.EVACUATED
+            )
+            sent += 1
+        return sent
+
+    def _on_evacuate(self, msg: Evacuate, sender: str) -> None:
+        k = (msg.map, msg.key)
+        info = self.maps.get(msg.map)
+        if info is None and self.resolve_class is not None:
+            try:
+                info = self.resolve_class(msg.cls)
+            except Exception as exc:
+                self.out.error("evacuate-unknown-class", f"{msg.cls}: {exc!r:.200}")
+                info = None
+        if info is None:
+            self.out.error("evacuate-unknown-class", msg.cls)
+            return  # not acknowledged: the leaving node keeps waiting (and says so)
+        held = Held(info, load_state(info.cls, msg.state), msg.version)
+        if info.kind is ObjectKind.MULTI and (self._dest.get(k) == sender or k in self._fencing):
+            # Our own calls of it may still be on their way through the leaving node: the
+            # object is used here only once they have arrived (the fence comes back).
+            self._arriving[k] = held
+            self._fence(k, self.name, ("arrived",))
+        else:
+            self._install(k, held)
+        self.migrations_in += 1
+        if self.trace is not None and info.kind is ObjectKind.SINGLE:
+            self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
+        self.out.send(sender, EvacuateAck(msg.map, msg.key, self.view.epoch))
+
+    def _on_evacuate_ack(self, msg: EvacuateAck, sender: str) -> None:
+        if self._unacked > 0 and msg.epoch == self.view.epoch:
+            self._unacked -= 1
+
+    def _install(self, k: K, held: Held) -> None:
+        """Hold an object evacuated to this node.  Updates this node made into a replica
+        while the object was elsewhere, and calls parked for it, are applied first: a
+        local reference taken from now on calls the object directly, and its calls must
+        come after them."""
+        self.objects[k] = held
+        if k in self.replicas:
+            self._fold_local_replica(k, held)
+        self._unpark(k)
+
+    # -- observability --
+
+    def idle(self) -> bool:
+        """Nothing in flight: no request waits for an answer, no replica or fence is out."""
+        return not (self._pending or self._acquiring or self.replicas or self._fencing)
+
+    def validate(self) -> None:
+        """Assert the layer's invariants (tests call it)."""
+        for k, held in self.objects.items():
+            assert held.refs >= 0, k
+            assert not held.removed, k
+            if held.info.kind is ObjectKind.SINGLE:
+                assert held.release is None or held.release.version == held.version, k
+        for k in self._parked:
+            assert self._expects(k), k  # calls wait only for an object that may come
+        for k in self._early_drop:
+            assert k in self._acquiring, k
+        for k in self._arriving:
+            assert k in self._fencing, k  # an arriving object waits for its fence
+
+
+_HANDLERS: dict[type, Any] = {
+    Transfer: ObjectLayer._on_transfer,
+    Release: ObjectLayer._on_release,
+    Reply: ObjectLayer._on_reply,
+    Call: ObjectLayer._on_call,
+    Fold: ObjectLayer._on_fold,
+    Drop: ObjectLayer._on_drop,
+    Barrier: ObjectLayer._on_barrier,
+    Snapshot: ObjectLayer._on_snapshot,
+    Evacuate: ObjectLayer._on_evacuate,
+    EvacuateAck: ObjectLayer._on_evacuate_ack,
+    Untethered: ObjectLayer._on_untethered,
+    Fence: ObjectLayer._on_fence,
+    Gone: ObjectLayer._on_gone,
+}
+
+_REPLY_HANDLERS: dict[str, Any] = {
+    "acquire": ObjectLayer._reply_acquire,
+    "locate": ObjectLayer._reply_locate,
+    "call": ObjectLayer._reply_call,
+    "relocate": ObjectLayer._reply_relocate,
+    "plain": ObjectLayer._reply_plain,
+    "fence": ObjectLayer._reply_fence,
+}
+
+#: The message types this layer takes (the router sends the others to the key layer).
+MESSAGES: Final = frozenset(_HANDLERS)

@@ -1,0 +1,244 @@
+"""One node's core: the key layer and the object layer behind one entry point.
+
+``Router.handle(stimulus, now) -> list[Instruction]`` is how the shell (or a simulation)
+drives a node; :meth:`Router.validate` checks its invariants and :meth:`Router.statistics`
+reports its figures.  Apart from these three, the only calls into the core from outside
+are the object layer's fast paths, gathered in :attr:`Router.fast` (see
+``store.core.object_layer``): they serve what is local at once and return nothing to do.
+
+The router holds no state of either layer.  It hands each message to the layer that takes
+its type, and messages a layer sends to this node itself (a key request from the object
+layer to the key layer, the key layer's answer back) are handed over the same way before
+``handle`` returns: the one pump of the node.  A message that came from a peer and cannot
+be used is the peer's fault (counted ``malformed-*`` or ``unexpected-*``, logged); an
+exception our own code did not expect is a bug (counted ``bug-<Exc>``, logged with its
+traceback, and raised when the router was made with ``raise_bugs``, as tests do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ring.hashring import HashRing
+from store.core.instructions import (
+    Acquire,
+    AskBarrier,
+    AskScan,
+    AskSnapshot,
+    Deliver,
+    DrainProgress,
+    DrainStep,
+    EnterStage,
+    Farewell,
+    Flush,
+    FlushTargets,
+    Instruction,
+    Invoke,
+    LetGo,
+    Locate,
+    RegisterMap,
+    Remove,
+    Stimulus,
+    Undeliverable,
+)
+from store.core.key_layer import KeyLayer
+from store.core.object_layer import MESSAGES as OBJECT_MESSAGES
+from store.core.object_layer import ObjectLayer
+from store.core.objects import ClassInfo, ObjectKind
+from store.core.outbox import Outbox
+from store.wire.errors import StoreError
+from store.wire.messages import HandOnAck, HandOns, HandOnsAck, KeyOp, Message, Scan
+
+__all__ = ["FastPaths", "NodeStatistics", "Router"]
+
+KEY_MESSAGES = frozenset({KeyOp, HandOns, HandOnsAck, HandOnAck, Scan})
+
+
+class FastPaths(NamedTuple):
+    """The object layer's fast paths (the only exceptions to ``handle``)."""
+
+    take: Callable[..., Any]
+    let_go: Callable[..., bool]
+    held: Callable[..., Any]
+    located: Callable[..., str | None]
+    call_now: Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class NodeStatistics:
+    """Counters and gauges of one node's core (``Space.statistics()`` adds the shell's)."""
+
+    epoch: int
+    stage: str
+    key_records: int
+    objects_single: int
+    objects_multi: int
+    references_in_use: int
+    migrations_in: int
+    migrations_out: int
+    forwarded: int
+    location_cache_hits: int
+    stale_cache_hits: int
+    untethered_calls: int
+    untethered_batches: int
+    merges: int
+    remote_calls: int
+    messages_to_self: int
+    records_handed_on: int
+    objects_evacuated: int
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Router:
+    """A node's two layers and the outbox they share.  See the module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        ring: HashRing,
+        *,
+        raise_bugs: bool = False,
+        resolve_class: Callable[[str], ClassInfo] | None = None,
+        trace: list[tuple[str, str, Any, int, str]] | None = None,
+    ) -> None:
+        self.name = name
+        self.out = Outbox(name)
+        self.keys = KeyLayer(name, ring, self.out)
+        self.objects = ObjectLayer(name, ring, self.out)
+        self.objects.resolve_class = resolve_class
+        self.objects.trace = trace
+        self.raise_bugs = raise_bugs
+        objects, keys = self.objects, self.keys
+        self.fast = FastPaths(
+            objects.take, objects.let_go, objects.held, objects.located, objects.call_now
+        )
+        self._takes: dict[type, Callable[[Any, str], None]] = {
+            **{t: objects.receive for t in OBJECT_MESSAGES},
+            **{t: keys.receive for t in KEY_MESSAGES},
+        }
+
+    # -- the entry point --
+
+    def handle(self, stimulus: Stimulus, now: float) -> list[Instruction]:
+        """Do what ``stimulus`` asks; return what the shell must do about it."""
+        out = self.out
+        out.cause = None
+        objects = self.objects
+        kind = type(stimulus)
+        if kind is Deliver:
+            for msg in stimulus.msgs:  # type: ignore[union-attr]
+                self._deliver(msg, stimulus.sender)  # type: ignore[union-attr]
+        elif kind is Acquire:
+            objects.acquire(stimulus)  # type: ignore[arg-type]
+        elif kind is Invoke:
+            objects.invoke(stimulus, now)  # type: ignore[arg-type]
+        elif kind is LetGo:
+            objects.let_go_slow(stimulus)  # type: ignore[arg-type]
+        elif kind is Locate:
+            objects.locate(stimulus)  # type: ignore[arg-type]
+        elif kind is Remove:
+            objects.remove(stimulus)  # type: ignore[arg-type]
+        elif kind is Flush:
+            targets = objects.flush(stimulus)  # type: ignore[arg-type]
+            if targets is not None:
+                out.effects.append(FlushTargets(targets))
+        elif kind is AskBarrier:
+            objects.ask_barrier(stimulus)  # type: ignore[arg-type]
+        elif kind is AskScan:
+            objects.ask_scan(stimulus)  # type: ignore[arg-type]
+        elif kind is AskSnapshot:
+            objects.ask_snapshot(stimulus)  # type: ignore[arg-type]
+        elif kind is Farewell:
+            objects.farewell(stimulus)  # type: ignore[arg-type]
+        elif kind is Undeliverable:
+            objects.undeliverable(stimulus)  # type: ignore[arg-type]
+        elif kind is EnterStage:
+            self.keys.enter_stage(stimulus.view)  # type: ignore[union-attr]
+            objects.enter_stage(stimulus.view)  # type: ignore[union-attr]
+        elif kind is DrainStep:
+            self._drain(stimulus.limit)  # type: ignore[union-attr]
+        elif kind is RegisterMap:
+            objects.register_map(stimulus.name, stimulus.info)  # type: ignore[union-attr]
+        else:
+            raise TypeError(f"not a stimulus: {stimulus!r:.80}")
+        self._pump()
+        return out.take(kind is Flush)
+
+    def _deliver(self, msg: Message, sender: str) -> None:
+        takes = self._takes.get(type(msg))
+        if takes is None:
+            self.out.error(f"unexpected-{type(msg).__name__}", f"from {sender}")
+            return
+        try:
+            takes(msg, sender)
+        except StoreError as exc:  # raised on a peer's data that does not make sense
+            self.out.error(f"malformed-{type(msg).__name__}", f"from {sender}: {exc}")
+        except Exception as exc:
+            self.out.bug(exc, f"{type(msg).__name__} from {sender}")
+            if self.raise_bugs:
+                raise
+
+    def _pump(self) -> None:
+        """Hand this node's messages to itself to the layer each is for, and what could not
+        reach a departed node to the object layer; iteratively, never recursively."""
+        out = self.out
+        local, bounced = out.local, out.bounced
+        while local or bounced:
+            while local:
+                self._deliver(local.popleft(), self.name)
+            while bounced:
+                to, msg = bounced.pop(0)
+                try:
+                    self.objects.bounce(to, msg)
+                except Exception as exc:
+                    self.out.bug(exc, f"bounced {type(msg).__name__} to {to}")
+                    if self.raise_bugs:
+                        raise
+
+    def _drain(self, limit: int) -> None:
+        moved = self.objects.evacuate(limit)
+        moved += self.keys.drain(limit - moved)
+        self._pump()
+        done = self.keys.drained() and self.objects.evacuated()
+        self.out.effects.append(DrainProgress(moved, self.keys.drain_scanning, done))
+
+    # -- observability --
+
+    @property
+    def has_output(self) -> bool:
+        """Messages are queued (a ``Flush`` would send them)."""
+        return self.out.has_output
+
+    def statistics(self) -> NodeStatistics:
+        objects, keys, out = self.objects, self.keys, self.out
+        held = objects.objects.values()
+        single = sum(1 for h in held if h.info.kind is ObjectKind.SINGLE)
+        return NodeStatistics(
+            epoch=keys.view.epoch,
+            stage=keys.view.stage.value,
+            key_records=keys.live_records(),
+            objects_single=single,
+            objects_multi=len(objects.objects) - single,
+            references_in_use=sum(h.refs for h in held),
+            migrations_in=objects.migrations_in,
+            migrations_out=objects.migrations_out,
+            forwarded=keys.forwarded,
+            location_cache_hits=objects.location_cache_hits,
+            stale_cache_hits=objects.stale_cache_hits,
+            untethered_calls=objects.untethered_calls,
+            untethered_batches=out.untethered_batches,
+            merges=objects.merges,
+            remote_calls=objects.remote_calls,
+            messages_to_self=out.messages_to_self,
+            records_handed_on=keys.records_handed_on,
+            objects_evacuated=objects.objects_evacuated,
+            errors=dict(out.errors),
+        )
+
+    def validate(self) -> None:
+        """Assert both layers' invariants, and that nothing is left half-handled."""
+        assert not self.out.local and not self.out.bounced
+        self.keys.validate()
+        self.objects.validate()
