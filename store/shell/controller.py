@@ -331,7 +331,7 @@ class Controller:
         now = trio.current_time()
         for msg in batch:
             if isinstance(msg, StageAck):
-                self._stimulus(self.barrier.ack(name, msg.command, msg.epoch, now))
+                self._stimulus(self.barrier.ack(name, msg.kind, msg.epoch, now))
             elif isinstance(msg, DrainedReport):
                 self._stimulus(
                     self.barrier.report_drained(

@@ -69,7 +69,6 @@ from ring.ownership import NodeView, Stage
 from store.core.barrier import Callback, MemberSide
 from store.shell.transport import Peer, connect_peer
 from store.wire.control import (
-    SCALING,
     ControllerRefused,
     DrainedReport,
     Figures,
@@ -285,7 +284,7 @@ class Membership:
                 if step is Callback.LEAVE:
                     self._left.set()
             self._send(StageAck(self.name, command.command, command.event_epoch))
-            if command.command == SCALING:
+            if command.kind is Stage.SCALING:
                 self._scaling_acked = command.event_epoch
                 if self._drained is not None and self._drained.epoch == command.event_epoch:
                     self._send_drained()

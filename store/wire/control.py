@@ -18,30 +18,32 @@ never as token arrays: every process builds the identical :class:`~ring.hashring
 from them (the ring's tokens depend only on names and vnodes), and a node learns the
 addresses of its peers from the same message that tells it who they are.
 
+The scaling stages are those of :class:`ring.ownership.Stage`, defined there once; a stage
+travels as its value (``"pre-scaling"``...), and so does an :class:`Order` (the commands that
+are not stages).  :data:`Command` is either.
+
 Tags 40-59 belong to this module.  Fields are positional on the wire (``store.wire.messages``).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
+from ring.ownership import Stage
 from store.wire.errors import StoreError
 from store.wire.messages import message
 
 __all__ = [
-    "ABORT",
-    "COMMANDS",
-    "LEAVE",
-    "NORMAL",
-    "PRE_SCALING",
-    "SCALING",
     "ClusterStatus",
+    "Command",
     "ControllerRefused",
     "DrainedReport",
     "Figures",
     "MemberList",
     "NodeStatus",
+    "Order",
     "Register",
     "RingState",
     "ScaleProgress",
@@ -51,20 +53,34 @@ __all__ = [
     "StageAck",
     "StageCommand",
     "StatusRequest",
+    "command_named",
     "describe_failure",
     "format_address",
     "parse_address",
 ]
 
-#: The commands of :class:`StageCommand`.  The first three are the stages of
-#: ``ring.ownership.Stage`` (same strings); ``abort`` returns a node to NORMAL on its previous
-#: ring, and ``leave`` tells a node that a scale-in removed it and it may now exit.
-PRE_SCALING: Final = "pre-scaling"
-SCALING: Final = "scaling"
-NORMAL: Final = "normal"
-ABORT: Final = "abort"
-LEAVE: Final = "leave"
-COMMANDS: Final = frozenset({PRE_SCALING, SCALING, NORMAL, ABORT, LEAVE})
+
+class Order(enum.Enum):
+    """The commands of :class:`StageCommand` that are not stages."""
+
+    ABORT = "abort"  # the event was aborted: back to NORMAL on the previous ring
+    LEAVE = "leave"  # a scale-in removed the node and everybody is past it: it may exit
+
+
+#: What a :class:`StageCommand` tells a node (and its :class:`StageAck` confirms): enter a
+#: stage of ``ring.ownership``, or an :class:`Order`.
+Command: TypeAlias = Stage | Order
+
+_COMMANDS: Final[dict[str, Command]] = {c.value: c for c in (*Stage, *Order)}
+
+
+def command_named(name: str) -> Command:
+    """The :data:`Command` whose wire value is ``name``; ``ValueError`` for any other."""
+    try:
+        return _COMMANDS[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable value from a bad message
+        raise ValueError(f"unknown stage command {name!r:.40}") from None
+
 
 #: A ring's members on the wire: ``(name, address)`` pairs, sorted by name.
 MemberList = list[tuple[str, str]]
@@ -159,7 +175,8 @@ class Register:
 class RingState:
     """The controller's answer to :class:`Register`: accepted or not (``text`` says why, or
     what happens next: waiting for admission, joining now, rejoined), and the cluster as it
-    stands: the current ring, the cluster's stage, and the running event's ring if any."""
+    stands: the current ring, the cluster's stage (a :class:`~ring.ownership.Stage` value;
+    empty in a refusal), and the running event's ring if any."""
 
     accepted: bool
     text: str
@@ -178,7 +195,7 @@ class StageCommand:
     command is done with (``normal``, ``abort``, ``leave``) or the previous ring while
     scaling (``pre-scaling``, ``scaling``); ``next_epoch``/``next_members`` is the event's
     ring for ``pre-scaling``/``scaling`` and the burnt epoch (members ``None``) for
-    ``abort``."""
+    ``abort``.  ``command`` is a :data:`Command`'s value; :attr:`kind` is the command."""
 
     command: str
     epoch: int
@@ -188,12 +205,16 @@ class StageCommand:
     vnodes: int
 
     def __post_init__(self) -> None:
-        if self.command not in COMMANDS:
-            raise ValueError(f"unknown stage command {self.command!r}")
-        if self.command in (PRE_SCALING, SCALING) and (
+        kind = command_named(self.command)
+        if kind in (Stage.PRE_SCALING, Stage.SCALING) and (
             self.next_epoch is None or self.next_members is None
         ):
             raise ValueError(f"a {self.command} command needs the next ring")
+
+    @property
+    def kind(self) -> Command:
+        """The command itself (checked when the message was made or received)."""
+        return _COMMANDS[self.command]
 
     @property
     def event_epoch(self) -> int:
@@ -205,11 +226,20 @@ class StageCommand:
 @message(43)
 @dataclass(frozen=True, slots=True)
 class StageAck:
-    """The node has acted on the command (its callback returned)."""
+    """The node has acted on the command (its callback returned).  ``command`` is the
+    command's value, as in :class:`StageCommand`; :attr:`kind` is the command."""
 
     name: str
     command: str
     epoch: int
+
+    def __post_init__(self) -> None:
+        command_named(self.command)  # a StageAck of no command is malformed
+
+    @property
+    def kind(self) -> Command:
+        """The command acknowledged (checked when the message was made or received)."""
+        return _COMMANDS[self.command]
 
 
 @message(44)
@@ -252,7 +282,8 @@ class ClusterStatus:
     """The controller's answer to ``ctl``'s :class:`StatusRequest`.
 
     ``members`` rows are ``(name, address, role, stage, epoch, connected)`` with role one of
-    waiting/joining/member/leaving and stage/epoch the last ones the node acknowledged;
+    waiting/joining/member/leaving and stage/epoch the last ones the node acknowledged (the
+    stage as a :class:`~ring.ownership.Stage` value, as is ``stage``, the cluster's);
     ``event`` describes the running event (empty when none); ``last_abort`` is the reason of
     the latest abort (empty when none); ``figures`` maps node name to what it reported.
     """

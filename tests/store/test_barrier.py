@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from ring.ownership import Stage
 from store.core.barrier import (
     Barrier,
     Callback,
     Effect,
     MemberSide,
-    Phase,
     Progress,
     Reply,
     Role,
@@ -32,14 +32,7 @@ from store.core.barrier import (
     Transition,
     check_transitions,
 )
-from store.wire.control import (
-    ABORT,
-    LEAVE,
-    NORMAL,
-    PRE_SCALING,
-    SCALING,
-    StageCommand,
-)
+from store.wire.control import Command, Order, StageCommand, command_named
 
 VNODES = 4  # small rings: the barrier does not care about balance, and tests stay fast
 
@@ -48,10 +41,10 @@ def addr(name: str) -> str:
     return f"127.0.0.1:{7000 + sum(map(ord, name))}"
 
 
-def sends(effects: list[Effect]) -> list[tuple[str, str, int]]:
+def sends(effects: list[Effect]) -> list[tuple[str, Command, int]]:
     """``(to, command, event epoch)`` of every stage command sent."""
     return [
-        (e.to, e.message.command, e.message.event_epoch)
+        (e.to, e.message.kind, e.message.event_epoch)
         for e in effects
         if isinstance(e, Send) and isinstance(e.message, StageCommand)
     ]
@@ -68,7 +61,7 @@ def formed(names: str = "abc", **options: float | bool) -> Barrier:
         b.register(n, addr(n), 0.0)
     b.request_scale_out(None, 0.0, 1)
     for n in names:
-        b.ack(n, NORMAL, 1, 0.0)
+        b.ack(n, Stage.NORMAL, 1, 0.0)
     b.validate()
     assert b.epoch == 1 and b.event is None
     return b
@@ -82,14 +75,14 @@ def run_event(
     assert event is not None
     out: list[Effect] = []
     for n in names:
-        out += b.ack(n, PRE_SCALING, event.epoch, now)
+        out += b.ack(n, Stage.PRE_SCALING, event.epoch, now)
         b.validate()
     for n in names:
-        out += b.ack(n, SCALING, event.epoch, now)
+        out += b.ack(n, Stage.SCALING, event.epoch, now)
         out += b.report_drained(n, event.epoch, *drained, now)
         b.validate()
     for n in names:
-        out += b.ack(n, NORMAL, event.epoch, now)
+        out += b.ack(n, Stage.NORMAL, event.epoch, now)
         b.validate()
     return out
 
@@ -105,11 +98,15 @@ def test_first_ring_forms_at_epoch_1_without_a_barrier() -> None:
         assert not sends(effects)  # manual admission: they wait
     assert b.waiting() == ["a", "b", "c"]
     effects = b.request_scale_out(None, 1.0, 5)
-    assert sends(effects) == [("a", NORMAL, 1), ("b", NORMAL, 1), ("c", NORMAL, 1)]
+    assert sends(effects) == [
+        ("a", Stage.NORMAL, 1),
+        ("b", Stage.NORMAL, 1),
+        ("c", Stage.NORMAL, 1),
+    ]
     assert b.event is not None and b.event.kind == "form"
     for n in "ab":
-        assert not replies(b.ack(n, NORMAL, 1, 1.5))
-    [reply] = replies(b.ack("c", NORMAL, 1, 2.0))
+        assert not replies(b.ack(n, Stage.NORMAL, 1, 1.5))
+    [reply] = replies(b.ack("c", Stage.NORMAL, 1, 2.0))
     assert reply.ok and reply.code == "done" and reply.summary["epoch"] == 1
     assert reply.summary["duration_s"] == 1.0
     assert b.epoch == 1 and set(b.ring.nodes) == {"a", "b", "c"}
@@ -122,25 +119,25 @@ def test_scale_out_walks_the_barrier_in_order() -> None:
     b = formed()
     b.register("d", addr("d"), 1.0)
     effects = b.request_scale_out(["d"], 1.0, 7)
-    assert sends(effects) == [(n, PRE_SCALING, 2) for n in "abcd"]
+    assert sends(effects) == [(n, Stage.PRE_SCALING, 2) for n in "abcd"]
     # Three of four acks: nobody is told SCALING yet.
     for n in "abc":
-        assert not sends(b.ack(n, PRE_SCALING, 2, 1.1))
-    assert b.event is not None and b.event.phase is Phase.PRE_SCALING
-    effects = b.ack("d", PRE_SCALING, 2, 1.2)
-    assert sends(effects) == [(n, SCALING, 2) for n in "abcd"]
+        assert not sends(b.ack(n, Stage.PRE_SCALING, 2, 1.1))
+    assert b.event is not None and b.event.phase is Stage.PRE_SCALING
+    effects = b.ack("d", Stage.PRE_SCALING, 2, 1.2)
+    assert sends(effects) == [(n, Stage.SCALING, 2) for n in "abcd"]
     for n in "abc":
-        b.ack(n, SCALING, 2, 1.3)
+        b.ack(n, Stage.SCALING, 2, 1.3)
         assert not sends(b.report_drained(n, 2, 10, 1, 1.3))
     # d's report arrives before its SCALING ack: a report implies it is scaling.
     effects = b.report_drained("d", 2, 0, 0, 1.4)
-    assert sends(effects) == [(n, NORMAL, 2) for n in "abcd"]
+    assert sends(effects) == [(n, Stage.NORMAL, 2) for n in "abcd"]
     progress = [e.text for e in effects if isinstance(e, Progress)]
     assert any("d drained" in t for t in progress)
-    b.ack("d", SCALING, 2, 1.4)  # late, harmless
+    b.ack("d", Stage.SCALING, 2, 1.4)  # late, harmless
     for n in "abc":
-        assert not replies(b.ack(n, NORMAL, 2, 1.5))
-    [reply] = replies(b.ack("d", NORMAL, 2, 1.6))
+        assert not replies(b.ack(n, Stage.NORMAL, 2, 1.5))
+    [reply] = replies(b.ack("d", Stage.NORMAL, 2, 1.6))
     assert reply.ok and reply.summary["records_moved"] == 30 and reply.summary["objects_moved"] == 3
     assert b.epoch == 2 and set(b.ring.nodes) == set("abcd")
     assert check_transitions(b.log) == []
@@ -149,12 +146,12 @@ def test_scale_out_walks_the_barrier_in_order() -> None:
 def test_scale_in_tells_removed_nodes_to_leave_and_replies_once_they_left() -> None:
     b = formed("abcd")
     effects = b.request_scale_in(["c"], 1.0, 3)
-    assert sends(effects) == [(n, PRE_SCALING, 2) for n in "abcd"]
+    assert sends(effects) == [(n, Stage.PRE_SCALING, 2) for n in "abcd"]
     out = run_event(b, list("abcd"), 2.0, drained=(5, 2))
-    assert ("c", LEAVE, 2) in sends(out)
+    assert ("c", Order.LEAVE, 2) in sends(out)
     assert not replies(out)  # waits for c to leave
     assert b.role_of("c") is Role.LEAVING and set(b.ring.nodes) == set("abd")
-    [reply] = replies(b.ack("c", LEAVE, 2, 2.5))
+    [reply] = replies(b.ack("c", Order.LEAVE, 2, 2.5))
     assert reply.ok and reply.summary["removed"] == "c" and reply.summary["records_moved"] == 20
     assert b.role_of("c") is None
     assert check_transitions(b.log) == []
@@ -208,12 +205,12 @@ def test_pre_scaling_timeout_aborts_burns_the_epoch_and_a_later_event_succeeds()
     b.register("d", addr("d"), 10.0)
     b.request_scale_out(["d"], 10.0, 9)
     for n in "acd":
-        b.ack(n, PRE_SCALING, 2, 10.5)
+        b.ack(n, Stage.PRE_SCALING, 2, 10.5)
     assert b.next_deadline() == 15.0
     assert not b.tick(14.9)
     effects = b.tick(15.0)
     b.validate()
-    assert sends(effects) == [(n, ABORT, 2) for n in "abcd"]
+    assert sends(effects) == [(n, Order.ABORT, 2) for n in "abcd"]
     [reply] = replies(effects)
     assert reply.code == "aborted" and "b did not acknowledge pre-scaling within 5 s" in reply.text
     assert "epoch 2 is burnt" in reply.text
@@ -222,14 +219,14 @@ def test_pre_scaling_timeout_aborts_burns_the_epoch_and_a_later_event_succeeds()
     abort = next(e.message for e in effects if isinstance(e, Send))
     assert isinstance(abort, StageCommand) and abort.epoch == 1 and abort.next_epoch == 2
     # The stuck node's pre-scaling ack arrives late: ignored, logged as stale.
-    assert not sends(b.ack("b", PRE_SCALING, 2, 16.0))
+    assert not sends(b.ack("b", Stage.PRE_SCALING, 2, 16.0))
     assert b.log[-1].what == "stale"
     for n in "abcd":
-        b.ack(n, ABORT, 2, 16.0)
+        b.ack(n, Order.ABORT, 2, 16.0)
     b.validate()
     # d is held: automatic admission would skip it; an explicit request admits it.
     effects = b.request_scale_out(["d"], 20.0, 10)
-    assert sends(effects) == [(n, PRE_SCALING, 3) for n in "abcd"]
+    assert sends(effects) == [(n, Stage.PRE_SCALING, 3) for n in "abcd"]
     [reply] = replies(run_event(b, list("abcd"), 21.0))
     assert reply.ok and reply.summary["epoch"] == 3
     assert b.epoch == 3 and b.highest_epoch == 3
@@ -240,7 +237,7 @@ def test_losing_a_participant_during_pre_scaling_aborts_at_once() -> None:
     b = formed()
     b.register("d", addr("d"), 1.0)
     b.request_scale_out(["d"], 1.0, 4)
-    b.ack("a", PRE_SCALING, 2, 1.1)
+    b.ack("a", Stage.PRE_SCALING, 2, 1.1)
     effects = b.member_gone("d", 1.2)
     [reply] = replies(effects)
     assert reply.code == "aborted" and "d disconnected" in reply.text
@@ -254,7 +251,7 @@ def test_a_member_lost_while_scaling_stalls_the_event_until_it_rejoins() -> None
     b.register("d", addr("d"), 1.0)
     b.request_scale_out(["d"], 1.0, 4)
     for n in "abcd":
-        b.ack(n, PRE_SCALING, 2, 1.1)
+        b.ack(n, Stage.PRE_SCALING, 2, 1.1)
     effects = b.member_gone("b", 2.0)
     assert not replies(effects) and b.event is not None  # no abort after SCALING
     assert b.lost() == ["b"]
@@ -264,11 +261,11 @@ def test_a_member_lost_while_scaling_stalls_the_event_until_it_rejoins() -> None
     b.validate()
     state, effects = b.register("b", addr("b"), 101.0)
     assert state.accepted and state.text == "rejoined as a member" and state.next_epoch == 2
-    assert sends(effects) == [("b", SCALING, 2)]
+    assert sends(effects) == [("b", Stage.SCALING, 2)]
     effects = b.report_drained("b", 2, 1, 1, 101.5)
-    assert sends(effects) == [(n, NORMAL, 2) for n in "abcd"]
+    assert sends(effects) == [(n, Stage.NORMAL, 2) for n in "abcd"]
     for n in "abcd":
-        b.ack(n, NORMAL, 2, 102.0)
+        b.ack(n, Stage.NORMAL, 2, 102.0)
     assert b.epoch == 2 and not b.lost()
     assert check_transitions(b.log) == []
 
@@ -280,8 +277,8 @@ def test_a_lost_member_blocks_new_events_until_it_rejoins() -> None:
     [r] = replies(b.request_scale_out(["d"], 1.0, 1))
     assert "c disconnected and must rejoin first" in r.text
     state, effects = b.register("c", addr("c"), 2.0)
-    assert state.accepted and sends(effects) == [("c", NORMAL, 1)]
-    b.ack("c", NORMAL, 1, 2.0)
+    assert state.accepted and sends(effects) == [("c", Stage.NORMAL, 1)]
+    b.ack("c", Stage.NORMAL, 1, 2.0)
     assert sends(b.request_scale_out(["d"], 3.0, 2))
     assert check_transitions(b.log) == []
 
@@ -292,14 +289,14 @@ def test_automatic_admission_batches_close_registrations_into_one_event() -> Non
     _, e2 = b.register("b", addr("b"), 0.2)
     assert not sends(e1 + e2) and b.next_deadline() == 0.5
     effects = b.tick(0.5)
-    assert sends(effects) == [("a", NORMAL, 1), ("b", NORMAL, 1)]
+    assert sends(effects) == [("a", Stage.NORMAL, 1), ("b", Stage.NORMAL, 1)]
     _, e3 = b.register("c", addr("c"), 0.6)  # arrives during the event: waits for it
     assert not sends(e3) and b.next_deadline() is None
-    b.ack("a", NORMAL, 1, 0.7)
-    assert not sends(b.ack("b", NORMAL, 1, 0.7))  # the event ends inside c's window
+    b.ack("a", Stage.NORMAL, 1, 0.7)
+    assert not sends(b.ack("b", Stage.NORMAL, 1, 0.7))  # the event ends inside c's window
     assert b.next_deadline() == pytest.approx(1.1)
     effects = b.tick(1.1)
-    assert sends(effects) == [(n, PRE_SCALING, 2) for n in "abc"]
+    assert sends(effects) == [(n, Stage.PRE_SCALING, 2) for n in "abc"]
     assert not replies(effects)  # nobody asked: no reply
     b.validate()
 
@@ -307,19 +304,19 @@ def test_automatic_admission_batches_close_registrations_into_one_event() -> Non
 def test_zero_window_admits_on_registration() -> None:
     b = Barrier(vnodes=VNODES, admission_window=0.0)
     _, effects = b.register("a", addr("a"), 0.0)
-    assert sends(effects) == [("a", NORMAL, 1)]
+    assert sends(effects) == [("a", Stage.NORMAL, 1)]
 
 
 def test_cluster_status_describes_event_and_abort() -> None:
     b = formed(pre_scaling_timeout=1.0)
     b.register("d", addr("d"), 1.0)
     b.request_scale_out(["d"], 1.0, 1)
-    b.ack("a", PRE_SCALING, 2, 1.2)
+    b.ack("a", Stage.PRE_SCALING, 2, 1.2)
     status = b.cluster_status(9, 1.5, {"a": {"keys": 3}})
-    assert status.stage == PRE_SCALING and status.event["waiting_for"] == ["b", "c", "d"]
+    assert status.stage == "pre-scaling" and status.event["waiting_for"] == ["b", "c", "d"]
     assert status.event["elapsed_s"] == 0.5 and status.figures == {"a": {"keys": 3}}
-    assert ("a", addr("a"), "member", PRE_SCALING, 2, True) in status.members
-    assert ("d", addr("d"), "joining", NORMAL, 0, True) in status.members
+    assert ("a", addr("a"), "member", "pre-scaling", 2, True) in status.members
+    assert ("d", addr("d"), "joining", "normal", 0, True) in status.members
     b.tick(2.0)
     status = b.cluster_status(10, 2.0)
     assert status.event == {} and "aborted" in status.last_abort and status.highest_epoch == 2
@@ -327,15 +324,15 @@ def test_cluster_status_describes_event_and_abort() -> None:
 
 def test_check_transitions_finds_breaches() -> None:
     bad = [
-        Transition(0.0, "event", stage="out", epoch=2, members=("a", "b")),
-        Transition(0.1, "command", "a", PRE_SCALING, 2),
-        Transition(0.1, "command", "b", PRE_SCALING, 2),
-        Transition(0.2, "ack", "a", PRE_SCALING, 2),
-        Transition(0.3, "command", "a", SCALING, 2),  # b has not acked
-        Transition(0.4, "command", "a", NORMAL, 2),  # nobody drained
-        Transition(0.5, "command", "b", ABORT, 2),  # after scaling
+        Transition(0.0, "event", epoch=2, members=("a", "b"), text="out"),
+        Transition(0.1, "command", "a", Stage.PRE_SCALING, 2),
+        Transition(0.1, "command", "b", Stage.PRE_SCALING, 2),
+        Transition(0.2, "ack", "a", Stage.PRE_SCALING, 2),
+        Transition(0.3, "command", "a", Stage.SCALING, 2),  # b has not acked
+        Transition(0.4, "command", "a", Stage.NORMAL, 2),  # nobody drained
+        Transition(0.5, "command", "b", Order.ABORT, 2),  # after scaling
         Transition(0.6, "abort", epoch=2),
-        Transition(0.7, "event", stage="out", epoch=2, members=("a",)),  # burnt epoch reused
+        Transition(0.7, "event", epoch=2, members=("a",), text="out"),  # burnt epoch reused
     ]
     problems = check_transitions(bad)
     assert any("scaling before pre-scaling acks of ['b']" in p for p in problems)
@@ -344,32 +341,32 @@ def test_check_transitions_finds_breaches() -> None:
     assert any("epoch 2 is not above 2" in p for p in problems)
 
 
-def cmd(command: str, epoch: int, next_epoch: int | None = None) -> StageCommand:
+def cmd(command: Command, epoch: int, next_epoch: int | None = None) -> StageCommand:
     members = [("a", addr("a"))]
-    nxt = members if command in (PRE_SCALING, SCALING) else None
-    return StageCommand(command, epoch, members, next_epoch, nxt, VNODES)
+    nxt = members if command in (Stage.PRE_SCALING, Stage.SCALING) else None
+    return StageCommand(command.value, epoch, members, next_epoch, nxt, VNODES)
 
 
 def test_member_side_plans_callbacks_and_tolerates_repeats_and_gaps() -> None:
     side = MemberSide(epoch=1)
-    assert side.plan(cmd(PRE_SCALING, 1, 2)) == [Callback.PRE_SCALING]
-    assert side.plan(cmd(PRE_SCALING, 1, 2)) == []  # repeated: just ack again
-    assert side.plan(cmd(SCALING, 1, 2)) == [Callback.SCALING]
-    assert side.plan(cmd(SCALING, 1, 2)) == []
-    assert side.plan(cmd(NORMAL, 2)) == [Callback.NORMAL]
-    assert side.plan(cmd(NORMAL, 2)) == []
+    assert side.plan(cmd(Stage.PRE_SCALING, 1, 2)) == [Callback.PRE_SCALING]
+    assert side.plan(cmd(Stage.PRE_SCALING, 1, 2)) == []  # repeated: just ack again
+    assert side.plan(cmd(Stage.SCALING, 1, 2)) == [Callback.SCALING]
+    assert side.plan(cmd(Stage.SCALING, 1, 2)) == []
+    assert side.plan(cmd(Stage.NORMAL, 2)) == [Callback.NORMAL]
+    assert side.plan(cmd(Stage.NORMAL, 2)) == []
     # A rejoined node that missed pre-scaling gets both callbacks, in order.
-    assert side.plan(cmd(SCALING, 2, 3)) == [Callback.PRE_SCALING, Callback.SCALING]
+    assert side.plan(cmd(Stage.SCALING, 2, 3)) == [Callback.PRE_SCALING, Callback.SCALING]
     side = MemberSide(epoch=1)
-    side.plan(cmd(PRE_SCALING, 1, 2))
-    assert side.plan(cmd(ABORT, 1, 2)) == [Callback.ABORT]
-    assert side.plan(cmd(ABORT, 1, 2)) == []  # stale abort
-    assert (side.stage, side.epoch) == (NORMAL, 1)
+    side.plan(cmd(Stage.PRE_SCALING, 1, 2))
+    assert side.plan(cmd(Order.ABORT, 1, 2)) == [Callback.ABORT]
+    assert side.plan(cmd(Order.ABORT, 1, 2)) == []  # stale abort
+    assert (side.stage, side.epoch) == (Stage.NORMAL, 1)
     # A NORMAL command for the old ring while pre-scaling is an abort in disguise (resync).
-    side.plan(cmd(PRE_SCALING, 1, 3))
-    assert side.plan(cmd(NORMAL, 1)) == [Callback.ABORT]
-    assert side.plan(cmd(LEAVE, 1)) == [Callback.LEAVE]
-    assert side.plan(cmd(LEAVE, 1)) == []
+    side.plan(cmd(Stage.PRE_SCALING, 1, 3))
+    assert side.plan(cmd(Stage.NORMAL, 1)) == [Callback.ABORT]
+    assert side.plan(cmd(Order.LEAVE, 1)) == [Callback.LEAVE]
+    assert side.plan(cmd(Order.LEAVE, 1)) == []
 
 
 def test_constructor_refuses_nonsense() -> None:
@@ -400,7 +397,7 @@ class SimNode:
         report only after that ack) and it has not reported this epoch yet."""
         return (
             self.connected
-            and self.side.stage == SCALING
+            and self.side.stage is Stage.SCALING
             and self.side.next_epoch in self.acked_scaling
             and self.side.next_epoch not in self.reported
         )
@@ -482,7 +479,7 @@ class BarrierMachine(RuleBasedStateMachine):
             node.busy = None
             if node.connected:
                 node.outbox.append((command.command, command.event_epoch, -1))
-                if command.command == SCALING:
+                if command.kind is Stage.SCALING:
                     node.acked_scaling.add(command.event_epoch)
                     if command.event_epoch in node.reported:
                         # A repeated SCALING (after a rejoin): the report may have been lost
@@ -498,7 +495,8 @@ class BarrierMachine(RuleBasedStateMachine):
             if what == "drained":
                 self.apply(self.barrier.report_drained(node.name, epoch, moved, 0, self.now))
             else:
-                self.apply(self.barrier.ack(node.name, what, epoch, self.now))
+                # StageAck carries the command's value; the shell hands the barrier its kind.
+                self.apply(self.barrier.ack(node.name, command_named(what), epoch, self.now))
 
     def settle(self) -> None:
         """Run every node until nothing is left to do (no faults, no time passing)."""
@@ -600,7 +598,7 @@ class BarrierMachine(RuleBasedStateMachine):
             if t.what == "event":
                 self.event_members[t.epoch] = frozenset(t.members)
         for x in self.nodes.values():
-            if x.side.stage != SCALING:
+            if x.side.stage is not Stage.SCALING:
                 continue
             e = x.side.next_epoch
             assert e is not None
@@ -608,10 +606,10 @@ class BarrierMachine(RuleBasedStateMachine):
                 y = self.nodes.get(name)
                 if y is None:
                     continue
-                assert not (y.side.stage == NORMAL and y.side.epoch < e), (
+                assert not (y.side.stage is Stage.NORMAL and y.side.epoch < e), (
                     f"{x.name} scaling to {e} while {name} is normal on {y.side.epoch}"
                 )
-                assert not (y.side.stage == PRE_SCALING and y.side.next_epoch != e), (
+                assert not (y.side.stage is Stage.PRE_SCALING and y.side.next_epoch != e), (
                     f"{x.name} scaling to {e} while {name} is pre-scaling to {y.side.next_epoch}"
                 )
 
@@ -637,7 +635,7 @@ class BarrierMachine(RuleBasedStateMachine):
         assert self.barrier.event is None, self.barrier.event
         for name in self.barrier.ring.nodes:
             side = self.nodes[name].side
-            assert (side.stage, side.epoch) == (NORMAL, self.barrier.epoch), name
+            assert (side.stage, side.epoch) == (Stage.NORMAL, self.barrier.epoch), name
         assert set(self.answered) == set(range(1, self.next_request)), "unanswered request"
         assert all(count == 1 for count in self.answered.values())
 
