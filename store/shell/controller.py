@@ -6,10 +6,12 @@ with :func:`store.shell.membership.join_cluster`; operators use ``python -m stor
 benchmarks run it in-process with :func:`open_controller`.
 
 All decisions are made by the pure :class:`~store.core.barrier.Barrier`; this module is the
-shell around it (DESIGN.md, "The core and the shell"): it accepts authenticated peers, turns
-what they send into stimuli, carries out the effects, and reads the clock.  One timer task
-sleeps until :meth:`Barrier.next_deadline` (pre-scaling timeouts, admission windows) and is
-woken whenever a stimulus may have moved that deadline, so nothing polls.
+shell around it, as trio shells are around every pure core of the store (the core decides
+and never waits; the shell waits, does the I/O and reads the clock): it accepts
+authenticated peers, turns what they send into stimuli, carries out the effects, and reads
+the clock.  One timer task sleeps until :meth:`Barrier.next_deadline` (pre-scaling
+timeouts, admission windows) and is woken whenever a stimulus may have moved that deadline,
+so nothing polls.
 
 Sessions are told apart by their first message: :class:`Register` opens a member session,
 anything else is an operator session (``ctl``).  A member's session lasts as long as its

@@ -194,10 +194,6 @@ class Membership:
         """Wait until ``on_leave`` has run (the controller removed this node)."""
         await self._left.wait()
 
-    async def wait_disconnected(self) -> None:
-        """Wait until the connection to the controller is gone."""
-        await self._disconnected.wait()
-
     # -- what the node does ----------------------------------------------------------------
 
     async def report_drained(self, records_moved: int = 0, objects_moved: int = 0) -> None:
