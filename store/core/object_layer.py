@@ -187,8 +187,8 @@ class ObjectLayer:
         #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
         #: a leaving one; the shell installs an importing resolver (no import in the core).
         self.resolve_class: Any = None
-        #: Test hook: when a list, every grant and release of a single-writer object (and
-        #: every drop of one) is appended as (event, map, key, version, node).
+        #: Test hook: when a list, every grant and release of a single-writer object is
+        #: appended as (event, map, key, version, node).
         self.trace: list[tuple[str, str, Any, int, str]] | None = None
         # counters
         self.migrations_in = 0
@@ -653,8 +653,6 @@ class ObjectLayer:
         elif held is not None and held.version <= msg.version:
             del self.objects[k]
             held.removed = True
-            if self.trace is not None and held.info.kind is ObjectKind.SINGLE:
-                self.trace.append(("drop", k[0], k[1], held.version, self.name))
         elif held is None and k in self._acquiring:
             # The object is on its way here from its previous holder, and this Drop from
             # the key owner overtook it: it is dropped when it lands (see _on_transfer).

@@ -23,44 +23,20 @@ from typing import Any
 
 from store.core.instructions import Cause, Fail, Instruction, Log, Resolve, Send
 from store.core.scheduler import Wait
+from store.wire.errors import bug_counter, classify
 from store.wire.messages import Message, Untethered
 
-__all__ = ["ERROR_KINDS", "Outbox", "error_kind"]
+__all__ = ["Outbox"]
 
-#: How each error counter's name begins, and whose fault it is: a **peer**'s (a message
-#: that is wrong), a **race** (a message that lost a legitimate race with another, or
-#: arrived after its subject went away: expected now and then during scaling), or a
-#: **bug** of ours (an exception our own code did not expect).  ``error_kind`` applies it.
-ERROR_KINDS: dict[str, str] = {
-    "bug-": "bug",
-    "malformed-": "peer",
-    "unexpected-": "peer",
-    "rejected-": "race",
-    "stale-": "race",
-    "reply-without-request": "race",
-    "transfer-without-request": "race",
-    "moved-without-record": "race",
-    "untethered-call-lost": "race",
-    "fold-lost": "race",
-    "sent-to-departed-node": "race",
-    "send-failed": "race",
-    "call-": "nf",  # the NF's own method raised at the holder
-    "evacuate-unknown-class": "nf",  # the NF's class is not importable on this node
-    "state-not-encodable": "nf",
-    "replica-not-encodable": "nf",
-}
+#: The log level of an error counted under each kind of fault (``store.wire.errors.classify``).
+_LEVELS = {"bug": "ERROR", "peer": "WARNING", "app": "WARNING", "race": "DEBUG"}
 
 
-def error_kind(counter: str) -> str:
-    """``"peer"``, ``"race"``, ``"bug"`` or ``"nf"`` (the NF code's fault) for an error
-    counter's name; ``"bug"`` for a name nobody classified."""
-    for prefix, kind in ERROR_KINDS.items():
-        if counter.startswith(prefix):
-            return kind
-    return "bug"
-
-
-_LEVELS = {"bug": "ERROR", "peer": "WARNING", "nf": "WARNING", "race": "DEBUG"}
+def _fault(counter: str) -> str:
+    try:
+        return classify(counter)
+    except ValueError:  # a counter nobody classified: ours to fix (a unit test checks)
+        return "bug"
 
 
 class Outbox:
@@ -149,7 +125,7 @@ class Outbox:
     def error(self, counter: str, text: str = "", exc: BaseException | None = None) -> None:
         """Count one error under ``counter`` and log it at the level its kind deserves."""
         self.errors[counter] = self.errors.get(counter, 0) + 1
-        kind = error_kind(counter)
+        kind = _fault(counter)
         where = f" (for {self.cause[0]}#{self.cause[1]})" if self.cause else ""
         line = f"{self.me}: {counter}{where}{': ' + text if text else ''}"
         self.last_error = line
@@ -158,7 +134,7 @@ class Outbox:
     def bug(self, exc: BaseException, what: str) -> None:
         """Our own code raised ``exc`` while handling ``what``: count it as ``bug-<Exc>``
         and log it with its traceback (the shell formats it: that reads source files)."""
-        self.error(f"bug-{type(exc).__name__}", f"{what}: {exc!r}", exc)
+        self.error(bug_counter(exc), f"{what}: {type(exc).__name__}", exc)
 
     # -- taking --
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,16 +54,12 @@ from store.core.scheduler import Wait
 from store.shell.microthreads import Microthreads
 from store.shell.transport import Peer, WireCounters, WireStatistics, connect_peer, serve_peers
 from store.wire.control import parse_address
-from store.wire.errors import PeerUnavailable, StoreError
+from store.wire.errors import PeerUnavailable, StoreError, raise_bugs
 from store.wire.messages import Message
 
 __all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_MERGE_INTERVAL", "Node", "open_node"]
 
 logger = logging.getLogger("store.node")
-
-#: Raise, rather than only count and log, an exception that the core's own code did not
-#: expect (a bug of ours): the test suite sets it, a deployment does not.
-RAISE_BUGS = os.environ.get("S6_RAISE_BUGS") == "1"
 
 DEFAULT_FLUSH_INTERVAL = 0.010
 DEFAULT_MERGE_INTERVAL = 0.050
@@ -123,7 +118,7 @@ class Node:
         self.core = Router(
             name,
             ring,
-            raise_bugs=RAISE_BUGS,
+            raise_bugs=raise_bugs(),
             resolve_class=import_class,
             trace=trace,
         )

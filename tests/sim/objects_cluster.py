@@ -1,7 +1,9 @@
-"""A simulated cluster of :class:`~store.core.node_state.NodeState`: the key and object layers
-of several nodes, with no trio and no sockets.
+"""A simulated cluster of node cores (``store.core.router.Router``, driven through
+:class:`tests.fixtures.core.CoreNode`): the key and object layers of several nodes, with no
+trio and no sockets.
 
-Every node shares one :class:`~ring.hashring.HashRing` and registers the same three maps:
+Every node shares one :class:`~ring.hashring.HashRing` and registers the same three maps
+(``tests.fixtures.objects``):
 
 * ``"sw"``: :class:`Counter`, a SingleWriter with ``add(n)`` and a ``@stale`` read;
 * ``"mw"``: :class:`Shared`, a MultiWriter with a blocking ``add``, an ``@untethered``
@@ -9,21 +11,19 @@ Every node shares one :class:`~ring.hashring.HashRing` and registers the same th
 * ``"mm"``: :class:`Merged`, the same with a ``merge``, so untethered calls from a node that
   does not hold the object go into a local replica that is folded into the owner's object.
 
-Messages move the way the real network moves them: everything a node puts in its outbox
-goes, in order, onto one FIFO queue per ordered pair ``(src, dst)``, and the test decides
-which pair delivers next.  Within a pair order is kept; across pairs anything goes.
+Messages move the way the real network moves them: everything a node sends goes, in order,
+onto one FIFO queue per ordered pair ``(src, dst)``, and the test decides which pair
+delivers next.  Within a pair order is kept; across pairs anything goes.
 
-Operations are driven the way ``store.api`` drives ``NodeState``, written as generators that
+Operations are driven the way ``store.api`` drives the core, written as generators that
 yield the :class:`~store.core.scheduler.Wait` they need (as a microthread awaits it): the
 harness steps a generator until it yields a Wait that is not settled, and steps it again,
-outside any ``NodeState`` call, once that Wait settles.  Every operation is recorded with
+outside any call into the core, once that Wait settles.  Every operation is recorded with
 logical invoke and response times, so the SingleWriter history can be fed to
 ``tests.linearizability`` and the MultiWriter calls checked for order and exactly-once.
 
-Object identity: every object built by ``cls()`` draws a fresh ``uid`` that travels with its
-state, so a SingleWriter object keeps its uid across migrations and each incarnation of a
-key (create, remove, create) has its own.  MultiWriter objects record in ``log`` which call
-(caller node, operation id) they applied, in the order they applied them.
+Object identity: see ``tests.fixtures.objects`` (a ``uid`` per incarnation, a ``log`` of the
+calls a MultiWriter object applied).
 
 :meth:`ObjectCluster.check` asserts the invariants after every step; :meth:`finish` closes
 every reference, flushes every node, delivers everything and checks the end state.
@@ -31,7 +31,6 @@ every reference, flushes every node, delivers everything and checks the end stat
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
@@ -40,66 +39,23 @@ from typing import Any
 
 from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
-from store.core.node_state import Held, NodeState
-from store.core.objects import MultiWriter, SingleWriter, info_of, stale, untethered
+from store.core.key_layer import KeyState
+from store.core.object_layer import Held
+from store.core.objects import info_of
 from store.core.scheduler import Wait
+from store.wire.codes import Arrival
 from store.wire.errors import ObjectNotFound, ObjectRemoved, StoreError
-from store.wire.messages import Drop, Evacuate, HandOn, HandOns, KeyOp, Message, Transfer
+from store.wire.messages import Drop, Evacuate, HandOns, KeyOp, Message, Transfer
+from tests.fixtures.core import CoreNode
+from tests.fixtures.objects import MAPS, MULTI_MAPS, Counter, Merged, Shared
 from tests.linearizability import NOT_FOUND, Op, assert_linearizable, singlewriter_step
 
-_uids = itertools.count(1)
+__all__ = ["MAPS", "MULTI_MAPS", "Counter", "Merged", "ObjectCluster", "Shared", "Violation"]
 
 K = tuple[str, Any]
+_LIVE = (int(KeyState.LIVE), int(KeyState.MOVING))
 
 
-class Counter(SingleWriter):
-    """Per-flow state: a counter that moves to whoever writes it."""
-
-    def __init__(self) -> None:
-        self.uid = next(_uids)
-        self.value = 0
-
-    def add(self, n: int) -> int:
-        self.value += n
-        return self.value
-
-    @stale(max_age=1.0)
-    def read(self) -> int:
-        return self.value
-
-
-class Shared(MultiWriter):
-    """Shared state: stays where it was created; calls travel to it."""
-
-    def __init__(self) -> None:
-        self.uid = next(_uids)
-        self.value = 0
-        self.log: list[list[Any]] = []  # [caller node, operation id], in the order applied
-
-    def add(self, caller: str, op: int, n: int) -> int:
-        self.value += n
-        self.log.append([caller, op])
-        return self.value
-
-    @untethered
-    def bump(self, caller: str, op: int, n: int) -> None:
-        self.value += n
-        self.log.append([caller, op])
-
-    def get(self) -> int:
-        return self.value
-
-
-class Merged(Shared):
-    """Like :class:`Shared`, but mergeable: untethered calls go to per-node replicas."""
-
-    def merge(self, other: Merged) -> None:
-        self.value += other.value
-        self.log.extend(other.log)
-
-
-MAPS: dict[str, type] = {"sw": Counter, "mw": Shared, "mm": Merged}
-MULTI_MAPS = ("mw", "mm")
 UPDATES = ("add", "bump")
 
 Gen = Generator[Wait[Any], Any, None]
@@ -155,25 +111,34 @@ class MwRef:
 MESSAGE_LOG: list[str] | None = [] if os.environ.get("S6_SIM_LOG") else None
 
 
-class SimNode(NodeState):
-    """A NodeState that reports every Drop it applies, including the ones it sends itself
+class SimNode(CoreNode):
+    """A node's core that reports every Drop it applies, including the ones it sends itself
     (a key owner that also holds the object), which never cross a pair queue."""
 
     on_drop: Callable[[SimNode, Drop, Held | None], None] | None = None
 
-    def _dispatch(self, msg: Message, sender: str) -> None:
-        if MESSAGE_LOG is not None:
-            MESSAGE_LOG.append(f"{sender}->{self.name} [{self.view.stage.value}] {msg}")
-        if not isinstance(msg, Drop) or self.on_drop is None:
-            super()._dispatch(msg, sender)
-            return
-        before = self.objects.get((msg.map, msg.key))
-        super()._dispatch(msg, sender)
-        self.on_drop(self, msg, before)
+    def __init__(self, name: str, ring: HashRing, trace: list[Any]) -> None:
+        super().__init__(name, ring, MAPS, trace)
+        takes = self.router._takes
+        for kind, take in list(takes.items()):
+            takes[kind] = self._watch(take)
+
+    def _watch(self, take: Callable[[Any, str], None]) -> Callable[[Any, str], None]:
+        def watched(msg: Any, sender: str) -> None:
+            if MESSAGE_LOG is not None:
+                MESSAGE_LOG.append(f"{sender}->{self.name} [{self.view.stage.value}] {msg}")
+            if not isinstance(msg, Drop) or self.on_drop is None:
+                take(msg, sender)
+                return
+            before = self.objects.get((msg.map, msg.key))
+            take(msg, sender)
+            self.on_drop(self, msg, before)
+
+        return watched
 
 
 class ObjectCluster:
-    """N NodeStates on one ring, pair-FIFO message queues, and the operations' records."""
+    """N node cores on one ring, pair-FIFO message queues, and the operations' records."""
 
     def __init__(self, names: Iterable[str], *, keys: int = 2, vnodes: int = 16) -> None:
         if MESSAGE_LOG is not None:
@@ -182,7 +147,7 @@ class ObjectCluster:
         self.keys = list(range(keys))
         #: One trace shared by every node, so grants and releases are in real-time order.
         self.trace: list[tuple[str, str, Any, int, str]] = []
-        self.nodes: dict[str, NodeState] = {}
+        self.nodes: dict[str, SimNode] = {}
         for name in sorted(self.ring.nodes):
             self.add_node(name)
         self.queues: dict[tuple[str, str], deque[Message]] = {}
@@ -207,12 +172,9 @@ class ObjectCluster:
         self.farewells: dict[str, list[Wait[Any]]] = {}  # goodbyes said, and their answers
         self.exited: set[str] = set()  # nodes gone for good: messages to them are undeliverable
 
-    def add_node(self, name: str) -> NodeState:
-        """A NodeState on the cluster's current ring, with the maps, trace and drop hook."""
-        state = SimNode(name, self.ring)
-        for map_name, cls in MAPS.items():
-            state.register_map(map_name, info_of(cls))
-        state.trace = self.trace
+    def add_node(self, name: str) -> SimNode:
+        """A node on the cluster's current ring, with the maps, trace and drop hook."""
+        state = SimNode(name, self.ring, self.trace)
         state.on_drop = self._dropped
         self.nodes[name] = state
         return state
@@ -368,32 +330,23 @@ class ObjectCluster:
         self.clock += 1
         return self.clock
 
-    def authority(self, k: K) -> NodeState:
+    def authority(self, k: K) -> SimNode:
         return self.nodes[self.ring.owner(key_token(*k))]
 
     def record_exists(self, k: K) -> bool:
         """Whether ``k``'s one key record (held by a node or travelling in a hand-on) says
         an object exists; two live records at once is a violation."""
-        found: list[str] = [n for n, s in self.nodes.items() if k in s.records]
-        live = [n for n in found if self.nodes[n].records[k].exists]
+        live = [n for n, s in self.nodes.items() if (r := s.router.keys.record(k)) and r.exists]
         for dst, msg in self.in_flight():
             if isinstance(msg, HandOns):
-                for map_name, key, record in msg.records:
-                    if (map_name, key) == k and record[0] is not None:
-                        found.append(f"->{dst}")
-                        if record[0][3]:
-                            live.append(f"->{dst}")
+                for map_name, key, record, _queued in msg.records:
+                    if (map_name, key) == k and record is not None and record[3] in _LIVE:
+                        live.append(f"->{dst}")
                 continue
             if getattr(msg, "map", None) != k[0] or getattr(msg, "key", None) != k[1]:
                 continue
-            wire = None
-            if isinstance(msg, HandOn) and msg.record:
-                wire = msg.record[0]
-            elif isinstance(msg, KeyOp) and msg.arrival == 2 and msg.extra:
-                wire = msg.extra[0]
-            if wire is not None:
-                found.append(f"->{dst}")
-                if wire[3]:
+            if isinstance(msg, KeyOp) and msg.arrival is Arrival.HANDOFF and msg.record:
+                if msg.record[3] in _LIVE:
                     live.append(f"->{dst}")
         if len(live) > 1:
             raise Violation(f"{k}: live key records at {live} at once")
@@ -420,7 +373,7 @@ class ObjectCluster:
         return name in self.gone and name not in self.farewells and self.event is None
 
     def say_goodbye(self, name: str) -> None:
-        """What a leaver's shell does once it has left: :meth:`NodeState.farewell`."""
+        """What a leaver's shell does once it has left: it says goodbye (``Farewell``)."""
         assert self.can_say_goodbye(name)
         others = sorted(set(self.ring.nodes) - {name})
         self.farewells[name] = self.nodes[name].farewell(others)
@@ -527,7 +480,7 @@ class ObjectCluster:
             value, exc = _outcome(wait)
 
     def settle(self) -> None:
-        """Resume the operations whose Waits settled (never from inside a NodeState call)."""
+        """Resume the operations whose Waits settled (never from inside a call into a core)."""
         self.collect()
         self._settling = True
         try:
@@ -551,9 +504,8 @@ class ObjectCluster:
         def body(op: Operation) -> Gen:
             state = self.nodes[node]
             k = ("sw", key)
-            held = state.objects.get(k)
-            if held is not None and held.release is None:  # the API's local fast path
-                held.refs += 1
+            held = state.take("sw", key)  # the API's local fast path
+            if held is not None:
                 created = False
             else:
                 try:
@@ -702,9 +654,7 @@ class ObjectCluster:
 
         def body(op: Operation) -> Gen:
             state = self.nodes[node]
-            state.fold_replicas()
-            dests = sorted(state.untethered_since_flush - {state.name})
-            state.untethered_since_flush.clear()
+            dests = state.flush_targets()
             waits = [state.barrier(dest) for dest in dests]
             yield from waits
 
@@ -836,8 +786,9 @@ class ObjectCluster:
             raise Violation(f"operations never answered: {unanswered}")
         for name, state in self.nodes.items():
             assert not state.replicas, f"{name} kept replicas after flush"
-            assert not state._pending, f"{name} still waits for {state._pending}"
-            assert not state._acquiring, name
+            objects = state.router.objects
+            assert not objects._pending, f"{name} still waits for {objects._pending}"
+            assert not objects._acquiring, name
             assert all(h.refs == 0 for h in state.objects.values()), name
         self.check_values()
         assert_linearizable(self.sw_history(incarnations=True), incarnation_step)
