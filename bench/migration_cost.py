@@ -5,7 +5,7 @@ Run ``python -m bench.migration_cost [--quick] [--out results/migration_cost.jso
 Why this exists: ``bench.scaling`` shows that when a load balancer moves half of 10,000 flows
 to another member at once, the p99 latency during the event is set by the burst of about
 5,000 migrations asked for within one packet gap.  This script measures what one migration
-costs the two nodes' cores (``NodeState``: key layer, object layer) and the wire codec
+costs the two nodes' cores (``store.core.router.Router``: both layers) and the wire codec
 (each batch of messages encoded and decoded as a frame, as the shell does), all in one
 process with no trio and no socket, so that the figure is the floor a faster transport
 could not go under.  Side by side, in the same run: a local access (a reference taken at
@@ -29,8 +29,10 @@ from typing import Any
 
 from bench._common import RESULTS_DIR, flow_keys, write_json
 from ring.hashring import HashRing, key_token
-from store.core.node_state import NodeState
+from store.core.instructions import Acquire, Deliver, Fail, Flush, RegisterMap, Resolve, Send
 from store.core.objects import SingleWriter, info_of
+from store.core.router import Router
+from store.core.scheduler import Wait
 from store.wire.messages import Message, decode_batch, encode_batch
 
 
@@ -46,22 +48,47 @@ class Flow(SingleWriter):
         self.octets += size
 
 
-def make_pair() -> tuple[NodeState, NodeState, HashRing]:
+class Driven:
+    """A node's core with what a shell keeps: the messages it was told to send."""
+
+    def __init__(self, name: str, ring: HashRing) -> None:
+        self.core = Router(name, ring)
+        self.outbox: dict[str, list[Message]] = {}
+        self.run(RegisterMap("flows", info_of(Flow)))
+
+    def run(self, stimulus: Any) -> None:
+        for ins in self.core.handle(stimulus, 0.0):
+            if isinstance(ins, Send):
+                self.outbox.setdefault(ins.to, []).extend(ins.msgs)
+            elif isinstance(ins, Resolve):
+                ins.wait.resolve(ins.value)
+            elif isinstance(ins, Fail):
+                ins.wait.fail(ins.error)
+
+    def acquire(self, key: Any, create: bool) -> Wait[Any]:
+        wait: Wait[Any] = Wait(key)
+        self.run(Acquire(("flows", key), create, wait))
+        return wait
+
+    def take_outbox(self) -> dict[str, list[Message]]:
+        self.run(Flush())
+        out, self.outbox = self.outbox, {}
+        return out
+
+
+def make_pair() -> tuple[Driven, Driven, HashRing]:
     ring = HashRing(["a", "b"])
-    a, b = NodeState("a", ring), NodeState("b", ring)
-    for node in (a, b):
-        node.register_map("flows", info_of(Flow))
-    return a, b, ring
+    return Driven("a", ring), Driven("b", ring), ring
 
 
-def pump(nodes: dict[str, NodeState], codec: bool) -> None:
+def pump(nodes: dict[str, Driven], codec: bool) -> None:
     """Deliver every queued batch, each as one frame when ``codec``, until all is quiet."""
     while True:
         moved = False
         for name, node in nodes.items():
             for dest, msgs in node.take_outbox().items():
                 batch: list[Message] = list(decode_batch(encode_batch(msgs))) if codec else msgs
-                nodes[dest].handle_batch(batch, name)
+                nodes[dest].run(Deliver(name, batch))
                 moved = True
         if not moved:
             return
@@ -74,23 +101,25 @@ def one_round(count: int, codec: bool, seed: int) -> tuple[float, float]:
     keys = [k for k in flow_keys(count * 3, seed) if ring.owner(key_token("flows", k)) == "b"]
     keys = keys[:count]
     for key in keys:
-        a.acquire("flows", key, True)
+        a.acquire(key, True)
     pump(nodes, codec)
+    take_a, let_go_a = a.core.fast.take, a.core.fast.let_go
     for key in keys:  # the creating units are done: nobody holds a reference
-        a.objects[("flows", key)].refs = 0
+        held = take_a(("flows", key), True)
+        held.refs = 0
     start = time.perf_counter()
-    waits = [b.acquire("flows", key, False) for key in keys]
+    waits = [b.acquire(key, False) for key in keys]
     pump(nodes, codec)
     migrate = (time.perf_counter() - start) / len(keys)
     assert all(w.done() for w in waits), "a migration was never answered"
-    objects = b.objects
+    take, let_go = b.core.fast.take, b.core.fast.let_go
     start = time.perf_counter()
     for key in keys:  # what the API's fast path does for a local packet
-        held = objects[("flows", key)]
-        held.refs += 1
+        held = take(("flows", key), True)
         held.obj.on_packet(64)
-        held.refs -= 1
+        let_go(held)
     local = (time.perf_counter() - start) / len(keys)
+    del let_go_a
     return migrate, local
 
 

@@ -50,3 +50,53 @@ def test_import_linter_contract_is_kept() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "KEPT" in result.stdout and "BROKEN" not in result.stdout
+
+
+# -- the shell talks to the core through one entry point -------------------------------------
+
+#: What code outside ``store/core`` may use of a node's core (``Router``), and of its fast
+#: paths (``Router.fast``): the one entry point, the checks, the figures, and the named
+#: fast paths of the object layer.
+CORE_API = {"handle", "validate", "statistics", "fast"}
+FAST_PATHS = {"take", "let_go", "held", "located", "call_now"}
+#: The names outside code may import from the core's layer modules: types and the marker
+#: the fast paths answer with, no function or state.
+LAYER_IMPORTS = {"SLOW", "Held", "KeyRecord", "KeyState"}
+
+
+def _shell_sources() -> list[Path]:
+    store = ROOT / "store"
+    return [p for p in store.rglob("*.py") if "core" not in p.relative_to(store).parts[:1]]
+
+
+def test_outside_the_core_only_handle_validate_statistics_and_fast_paths_are_used() -> None:
+    import ast
+
+    from store.core.router import FastPaths
+
+    assert set(FastPaths._fields) == FAST_PATHS
+    bad: list[str] = []
+    for path in _shell_sources():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+                owner = node.value.attr
+                if owner == "core" and node.attr not in CORE_API:
+                    bad.append(f"{path.name}:{node.lineno}: .core.{node.attr}")
+                if owner == "fast" and node.attr not in FAST_PATHS:
+                    bad.append(f"{path.name}:{node.lineno}: .fast.{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module in (
+                "store.core.key_layer",
+                "store.core.object_layer",
+                "store.core.outbox",
+            ):
+                for alias in node.names:
+                    if alias.name not in LAYER_IMPORTS:
+                        bad.append(f"{path.name}:{node.lineno}: imports {alias.name}")
+    assert not bad, "the shell reaches into the core: " + ", ".join(bad)
+
+
+def test_the_two_layers_do_not_import_each_other() -> None:
+    for module, other in (("key_layer", "object_layer"), ("object_layer", "key_layer")):
+        text = (ROOT / "store" / "core" / f"{module}.py").read_text()
+        assert f"store.core.{other}" not in text, f"{module} imports {other}"
