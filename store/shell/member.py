@@ -14,6 +14,7 @@ the node must do (``store.shell.membership``'s docstring states the contract):
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import trio
 
@@ -79,35 +80,28 @@ class NodeMember:
         await self.node.space_flush()
 
     def figures(self) -> dict[str, int | float | str]:
-        """The row ``store.ctl status`` shows for this node."""
+        """The column ``store.ctl status`` shows for this node: the core's statistics (by
+        their own names), then the shell's; error counts as totals (``errors`` by kind is
+        in ``Space.statistics()``)."""
         node = self.node
         core = node.core.statistics()
         micro = node.micro.statistics()
         wire = node.wire_statistics()
-        return {
-            "stage": core.stage,
-            "epoch": core.epoch,
-            "keys": core.key_records,
-            "objects_single": core.objects_single,
-            "objects_multi": core.objects_multi,
-            "references": core.references_in_use,
-            "parked": micro.parked,
-            "messages_sent": wire.messages_sent,
-            "messages_received": wire.messages_received,
-            "bytes_sent": wire.bytes_sent,
-            "bytes_received": wire.bytes_received,
-            "migrations_in": core.migrations_in,
-            "migrations_out": core.migrations_out,
-            "forwarded": core.forwarded,
-            "location_hits": core.location_cache_hits,
-            "stale_hits": core.stale_cache_hits,
-            "untethered_batches": core.untethered_batches,
-            "merges": core.merges,
-            "records_moved": self.records_moved,
-            "errors": sum(core.errors.values()) + sum(node.errors.values()),
-            "bad_frames": wire.frames_malformed + wire.frames_unknown_type + wire.frames_too_large,
-            "auth_failures": wire.auth_failures,
+        figures: dict[str, int | float | str] = {
+            name: value for name, value in asdict(core).items() if not isinstance(value, dict)
         }
+        figures["errors"] = sum(core.errors.values()) + sum(node.errors.values())
+        figures["parked"] = micro.parked
+        figures["messages_sent"] = wire.messages_sent
+        figures["messages_received"] = wire.messages_received
+        figures["bytes_sent"] = wire.bytes_sent
+        figures["bytes_received"] = wire.bytes_received
+        figures["bad_frames"] = (
+            wire.frames_malformed + wire.frames_unknown_type + wire.frames_too_large
+        )
+        figures["auth_failures"] = wire.auth_failures
+        figures["records_moved"] = self.records_moved
+        return figures
 
 
 async def leave(node: Node, membership: Membership) -> None:
