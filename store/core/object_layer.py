@@ -31,6 +31,7 @@ falls back to ``handle``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
 from ring.hashring import HashRing, key_token
@@ -416,11 +417,12 @@ class ObjectLayer:
 
     # == messages ==========================================================================
 
+    def handlers(self) -> dict[type, Callable[[Any, str], None]]:
+        """The messages this layer takes, each with its handler ``(msg, sender)``."""
+        return {kind: getattr(self, name) for kind, name in _HANDLERS.items()}
+
     def receive(self, msg: Message, sender: str) -> None:
-        handler = _HANDLERS.get(type(msg))
-        if handler is None:
-            raise TypeError(f"the object layer does not take {type(msg).__name__}")
-        handler(self, msg, sender)
+        getattr(self, _HANDLERS[type(msg)])(msg, sender)
 
     def _new_pending(self, kind: str, k: K | None, info: ClassInfo | None) -> tuple[int, _Pending]:
         self._next_id += 1
@@ -1175,20 +1177,20 @@ class ObjectLayer:
             assert k in self._fencing, k  # an arriving object waits for its fence
 
 
-_HANDLERS: dict[type, Any] = {
-    Transfer: ObjectLayer._on_transfer,
-    Release: ObjectLayer._on_release,
-    Reply: ObjectLayer._on_reply,
-    Call: ObjectLayer._on_call,
-    Fold: ObjectLayer._on_fold,
-    Drop: ObjectLayer._on_drop,
-    Barrier: ObjectLayer._on_barrier,
-    Snapshot: ObjectLayer._on_snapshot,
-    Evacuate: ObjectLayer._on_evacuate,
-    EvacuateAck: ObjectLayer._on_evacuate_ack,
-    Untethered: ObjectLayer._on_untethered,
-    Fence: ObjectLayer._on_fence,
-    Gone: ObjectLayer._on_gone,
+_HANDLERS: dict[type, str] = {
+    Transfer: "_on_transfer",
+    Release: "_on_release",
+    Reply: "_on_reply",
+    Call: "_on_call",
+    Fold: "_on_fold",
+    Drop: "_on_drop",
+    Barrier: "_on_barrier",
+    Snapshot: "_on_snapshot",
+    Evacuate: "_on_evacuate",
+    EvacuateAck: "_on_evacuate_ack",
+    Untethered: "_on_untethered",
+    Fence: "_on_fence",
+    Gone: "_on_gone",
 }
 
 _REPLY_HANDLERS: dict[str, Any] = {
@@ -1199,6 +1201,3 @@ _REPLY_HANDLERS: dict[str, Any] = {
     "plain": ObjectLayer._reply_plain,
     "fence": ObjectLayer._reply_fence,
 }
-
-#: The message types this layer takes (the router sends the others to the key layer).
-MESSAGES: Final = frozenset(_HANDLERS)

@@ -44,16 +44,13 @@ from store.core.instructions import (
     Undeliverable,
 )
 from store.core.key_layer import KeyLayer
-from store.core.object_layer import MESSAGES as OBJECT_MESSAGES
 from store.core.object_layer import ObjectLayer
 from store.core.objects import ClassInfo, ObjectKind
 from store.core.outbox import Outbox
 from store.wire.errors import StoreError
-from store.wire.messages import HandOnAck, HandOns, HandOnsAck, KeyOp, Message, Scan
+from store.wire.messages import Message
 
 __all__ = ["FastPaths", "NodeStatistics", "Router"]
-
-KEY_MESSAGES = frozenset({KeyOp, HandOns, HandOnsAck, HandOnAck, Scan})
 
 
 class FastPaths(NamedTuple):
@@ -114,9 +111,10 @@ class Router:
         self.fast = FastPaths(
             objects.take, objects.let_go, objects.held, objects.located, objects.call_now
         )
+        #: Which layer's handler takes each message type (the layers say which they take).
         self._takes: dict[type, Callable[[Any, str], None]] = {
-            **{t: objects.receive for t in OBJECT_MESSAGES},
-            **{t: keys.receive for t in KEY_MESSAGES},
+            **objects.handlers(),
+            **keys.handlers(),
         }
 
     # -- the entry point --
