@@ -15,10 +15,21 @@ What this layer promises the node above it:
   ``python -m bench.wire`` measures about 10 k msgs/s with one message per frame against
   about 180 k with batches of 64, on one loopback connection.
 * **Order.**  Messages on one connection arrive in the order they were queued.
-* **Bad input is contained.**  An undecodable frame or an unknown message type is counted,
-  answered with an :class:`~store.wire.messages.Error`, and skipped; the connection stays up.
-  A frame over ``max_frame`` closes that connection (the websocket library has already
-  refused to buffer it), and is counted.  Other peers never notice either.
+* **Bad input is contained, and told apart from our bugs.**  Before the handshake is done,
+  anything malformed (garbage, a text frame, an unknown message type, a message out of
+  turn) is counted and the connection closed, by a server after a
+  :class:`~store.wire.messages.Refused` saying why (a client has no refusal to send):
+  nothing is known of the other side yet.  After it, an undecodable frame or an unknown
+  message type is counted, logged, answered with an :class:`~store.wire.messages.Error` and
+  skipped, and the connection stays up: one bad frame from an authenticated peer is its bug
+  to report, not a reason to drop the messages in flight.  Higher layers refuse a
+  well-formed message they cannot take the same way (:meth:`Peer.refuse`).  A frame over
+  ``max_frame`` closes that connection (the websocket library has already refused to
+  buffer it), and is counted.  Other peers never notice any of it.  A handler of
+  :func:`serve_peers` that fails with anything but the peer's or the network's errors has
+  a bug: logged with its traceback and counted as ``bug-<ExceptionType>``
+  (``store.wire.errors``), it ends that connection only, unless ``S6_RAISE_BUGS=1`` asks
+  for the bug to surface.
 * **Our errors only.**  trio and trio-websocket exceptions are mapped to the store's error
   family here and nowhere else: a closed or unreachable peer is
   :class:`~store.wire.errors.PeerUnavailable`, a broken protocol a
@@ -51,7 +62,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, NoReturn, Protocol
 
@@ -68,6 +79,8 @@ from store.wire.errors import (
     ProtocolError,
     StoreError,
     UnknownMessageType,
+    bug_counter,
+    raise_bugs,
     reraise_single,
 )
 from store.wire.messages import (
@@ -147,7 +160,11 @@ class WireStatistics:
 
     ``frames_too_large`` counts connections ended by the 1009 (message too big) close code:
     normally a peer's frame over our ``max_frame``; it would also count our frame refused
-    by a peer that advertised a larger limit than it enforces.
+    by a peer that advertised a larger limit than it enforces.  ``errors_received`` counts
+    the peer's :class:`~store.wire.messages.Error` answers: frames of ours it refused.
+
+    ``errors`` holds the named counters no field covers: ``bug-<ExceptionType>`` for a
+    handler of :func:`serve_peers` that failed with a bug of ours.
     """
 
     messages_sent: int = 0
@@ -163,6 +180,7 @@ class WireStatistics:
     auth_failures: int = 0
     handshake_failures: int = 0
     peers_connected: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 class WireCounters:
@@ -179,6 +197,7 @@ class WireCounters:
         "auth_failures",
         "bytes_received",
         "bytes_sent",
+        "errors",
         "errors_received",
         "frames_malformed",
         "frames_received",
@@ -206,6 +225,7 @@ class WireCounters:
         self.auth_failures = 0
         self.handshake_failures = 0
         self.peers_connected = 0
+        self.errors: dict[str, int] = {}
 
     def statistics(self) -> WireStatistics:
         """A frozen snapshot of the counters now."""
@@ -223,6 +243,7 @@ class WireCounters:
             auth_failures=self.auth_failures,
             handshake_failures=self.handshake_failures,
             peers_connected=self.peers_connected,
+            errors=dict(self.errors),
         )
 
     def _sent(self, messages: int, size: int) -> None:
@@ -246,6 +267,14 @@ class WireCounters:
         node: WireCounters | None = self
         while node is not None:
             setattr(node, name, getattr(node, name) + amount)
+            node = node._parent
+
+    def _count_error(self, name: str) -> None:
+        """Add one to the error counter ``name`` of :attr:`errors`, here and in every
+        ancestor (rare events only)."""
+        node: WireCounters | None = self
+        while node is not None:
+            node.errors[name] = node.errors.get(name, 0) + 1
             node = node._parent
 
 
@@ -659,8 +688,21 @@ class Peer:
     def _bad_frame(self, code: str, counter: str, exc: ProtocolError) -> None:
         self._counters._bump(counter)
         logger.warning("peer %s sent a bad frame (%s): %s", self.name, code, exc)
+        self.refuse(code, str(exc))
+
+    def refuse(self, code: str, text: str) -> None:
+        """Tell the peer that something it sent was refused: an
+        :class:`~store.wire.messages.Error` (``code`` for programs, such as ``"malformed"``
+        or ``"unexpected"``; ``text``, cut to 500 characters, for people), which the peer
+        logs and counts as ``errors_received``.  The connection stays up.
+
+        The transport does this itself for frames it cannot decode; higher layers call it
+        for a well-formed message they will not take (of a kind they never take from this
+        peer, or with fields that contradict the session), after counting and logging it.
+        Does nothing once the connection is closing or closed: there is nobody to tell.
+        """
         if self._error is None and not self._closing:
-            self.send_nowait(Error(code, str(exc)[:500]))
+            self.send_nowait(Error(code, text[:500]))
 
     def _take_errors(self, batch: list[Message]) -> list[Message]:
         kept: list[Message] = []
@@ -955,10 +997,14 @@ async def serve_peers(
     Start it with ``server = await nursery.start(partial(serve_peers, handler, host, 0,
     secret=..., name=...))`` to learn ``server.port``.  When ``handler`` returns, what it
     queued is flushed and the connection closed.  If the handler lets a
-    :class:`PeerUnavailable` or :class:`ProtocolError` escape, that one connection is
-    logged and closed; any other exception is a bug and propagates (trio style: it stops
-    the server rather than hiding).  A failed handshake (wrong secret, garbage, timeout) is
-    counted, logged as one line, and closed, without ever calling the handler.
+    :class:`PeerUnavailable` or :class:`ProtocolError` escape (the network's or the peer's
+    doing), that one connection is logged as one line and closed.  Any other exception is a
+    bug of ours: it is logged with its traceback, counted as ``bug-<ExceptionType>`` in
+    :attr:`WireStatistics.errors`, and that connection is closed while the server goes on
+    serving the others; with ``S6_RAISE_BUGS=1`` (:func:`store.wire.errors.raise_bugs`) it
+    propagates instead and stops the server, so that tests fail loudly.  A failed handshake
+    (wrong secret, garbage, timeout) is counted, logged as one line, and closed, without
+    ever calling the handler.
 
     ``max_frame`` is the largest frame accepted (and advertised to clients, so that they
     never send a larger one); ``counters`` lets a node total several transports.
@@ -1011,6 +1057,13 @@ async def serve_peers(
                 await handler(peer)
         except (PeerUnavailable, ProtocolError) as exc:
             logger.info("connection with peer %r (%s) ended: %s", hello.name, remote, exc)
+        except Exception as exc:
+            peer._counters._count_error(bug_counter(exc))
+            logger.exception(
+                "bug in the handler of peer %r (%s); its connection is closed", hello.name, remote
+            )
+            if raise_bugs():
+                raise
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(

@@ -215,6 +215,64 @@ async def test_garbage_instead_of_hello_is_refused() -> None:
                 await round_trip(peer, 4)
 
 
+@pytest.mark.parametrize(
+    ("after_hello", "frame", "counter"),
+    [
+        (False, "a text frame", "frames_malformed"),
+        (False, b"\x81\x82\x19\x27\x0f\x00", "frames_unknown_type"),  # [[9999, 0]]
+        (False, encode_batch([Seq(1)]), None),  # well-formed, but not a Hello
+        (True, b"\xff\x00 not cbor", "frames_malformed"),  # garbage instead of the Proof
+        (True, encode_batch([Seq(1)]), None),  # a message instead of the Proof
+    ],
+    ids=["text-frame", "unknown-type", "not-a-hello", "garbage-for-proof", "not-a-proof"],
+)
+async def test_malformed_input_before_authentication_is_refused_and_closes(
+    after_hello: bool, frame: bytes | str, counter: str | None
+) -> None:
+    """Before the proofs nothing is known of the other side: whatever it sends wrong gets
+    a Refused and the connection is closed (no Error, no second chance)."""
+    with trio.fail_after(DEADLINE):
+        async with server() as srv:
+            async with raw_client(srv.port, handshake=False) as ws:
+                if after_hello:
+                    await ws.send_message(encode_batch([Hello(WIRE_VERSION, "x", b"n" * 32, 4096)]))
+                    [hello] = decode_batch(await ws.get_message())  # type: ignore[arg-type]
+                    assert isinstance(hello, Hello)
+                await ws.send_message(frame)
+                [refused] = decode_batch(await ws.get_message())  # type: ignore[arg-type]
+                assert isinstance(refused, Refused) and refused.code == "protocol"
+                with pytest.raises(trio_websocket.ConnectionClosed):
+                    await ws.get_message()
+            stats = srv.statistics()
+            assert stats.handshake_failures == 1 and stats.peers_connected == 0
+            if counter is not None:
+                assert getattr(stats, counter) == 1
+            async with client(srv.port) as peer:  # the server goes on serving the others
+                await round_trip(peer, 1)
+
+
+async def test_a_client_closes_on_a_server_that_sends_garbage_instead_of_its_hello() -> None:
+    async def garbage(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the client's Hello
+        await ws.send_message(b"\xff\x00 not cbor")
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()  # the client hung up
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            ws_server = await nursery.start(
+                partial(trio_websocket.serve_websocket, garbage, "127.0.0.1", 0, None)
+            )
+            counters = WireCounters()
+            with pytest.raises(ProtocolError, match="not valid cbor"):
+                async with client(ws_server.port, counters=counters):
+                    raise AssertionError("must not get a peer")
+            stats = counters.statistics()
+            assert (stats.handshake_failures, stats.frames_malformed) == (1, 1)
+            nursery.cancel_scope.cancel()
+
+
 async def test_silent_connection_times_out_without_blocking_others() -> None:
     with trio.fail_after(DEADLINE):
         async with server(handshake_timeout=0.3) as srv:
@@ -264,6 +322,50 @@ async def test_garbage_is_counted_and_answered_while_another_peer_keeps_working(
             stats = srv.statistics()
             assert stats.frames_malformed == 3
             assert stats.frames_unknown_type == 1
+
+
+async def test_after_authentication_a_bad_frame_gets_an_error_and_the_link_carries_on() -> None:
+    """The rule of the other side of the handshake, on one connection: each bad frame is
+    answered with an Error and counted by kind, and good messages keep flowing both ways
+    around it."""
+    with trio.fail_after(DEADLINE):
+        async with server() as srv, raw_client(srv.port) as ws:
+            bad_frames = [
+                b"\xff\x00",  # not cbor
+                b"\x81\x82\x19\x27\x0f\x00",  # [[9999, 0]]: an unknown message type
+                b"\x81\x81\x05",  # [[5]]: an Error without its fields
+            ]
+            codes = []
+            for n, bad in enumerate(bad_frames):
+                await ws.send_message(encode_batch([Seq(n)]))
+                assert decode_batch(await ws.get_message()) == [Seq(n)]  # type: ignore[arg-type]
+                await ws.send_message(bad)
+                [answer] = decode_batch(await ws.get_message())  # type: ignore[arg-type]
+                assert isinstance(answer, Error)
+                codes.append(answer.code)
+            assert codes == ["malformed", "unknown-type", "malformed"]
+            await ws.send_message(encode_batch([Seq(9)]))
+            assert decode_batch(await ws.get_message()) == [Seq(9)]  # type: ignore[arg-type]
+            stats = srv.statistics()
+            assert (stats.frames_malformed, stats.frames_unknown_type) == (2, 1)
+            assert stats.messages_received == 4 and stats.handshake_failures == 0
+
+
+async def test_a_higher_layer_refuses_a_message_and_the_link_stays_up() -> None:
+    async def picky(peer: Peer) -> None:
+        async for batch in peer:
+            for msg in batch:
+                if isinstance(msg, Seq) and msg.n < 0:
+                    peer.refuse("unexpected", f"no negative numbers, not {msg.n}")
+                else:
+                    peer.send_nowait(msg)
+
+    with trio.fail_after(DEADLINE):
+        async with server(picky) as srv, client(srv.port) as peer:
+            peer.send_nowait(Seq(-1))
+            await round_trip(peer, 1)  # the Error was counted, not returned
+            assert peer.statistics().errors_received == 1
+            assert srv.statistics().errors == {}
 
 
 async def test_oversized_frame_closes_only_that_connection() -> None:
@@ -398,6 +500,48 @@ async def test_handler_protocol_errors_are_contained() -> None:
             async with client(srv.port) as again:  # and the server still serves
                 again.send_nowait(Seq(2))
                 await again.flush()
+
+
+async def test_a_handler_bug_is_logged_counted_and_ends_only_its_connection(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("S6_RAISE_BUGS", raising=False)  # as in production
+
+    async def buggy(peer: Peer) -> None:
+        async for batch in peer:
+            for msg in batch:
+                if isinstance(msg, Seq) and msg.n == 13:
+                    raise KeyError("a bug of ours")
+                peer.send_nowait(msg)
+
+    caplog.set_level(logging.ERROR, logger="store.shell.transport")
+    with trio.fail_after(DEADLINE):
+        async with server(buggy) as srv:
+            async with client(srv.port) as peer:
+                await round_trip(peer, 1)
+                peer.send_nowait(Seq(13))
+                with pytest.raises(PeerUnavailable):
+                    await peer.receive()  # closed by the server
+            async with client(srv.port) as again:  # the server still serves the others
+                await round_trip(again, 2)
+            assert srv.statistics().errors == {"bug-KeyError": 1}
+            [record] = [r for r in caplog.records if "bug in the handler" in r.getMessage()]
+            assert record.exc_info is not None and record.exc_info[0] is KeyError
+
+
+async def test_a_handler_bug_stops_the_server_under_s6_raise_bugs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("S6_RAISE_BUGS", "1")
+
+    async def buggy(peer: Peer) -> None:
+        await peer.receive()
+        raise KeyError("a bug of ours")
+
+    with trio.fail_after(DEADLINE), pytest.RaisesGroup(KeyError, flatten_subgroups=True):
+        async with server(buggy) as srv, client(srv.port) as peer:
+            peer.send_nowait(Seq(1))
+            await trio.sleep_forever()  # until the server's failure cancels us
 
 
 async def test_node_counters_total_several_connections() -> None:
