@@ -16,6 +16,17 @@ so nothing polls.
 Sessions are told apart by their first message: :class:`Register` opens a member session,
 anything else is an operator session (``ctl``).  A member's session lasts as long as its
 connection; when it ends the barrier hears :meth:`Barrier.member_gone`.
+
+Whose fault is what (``store.wire.errors``).  Every session's peer has authenticated
+already, so a message the controller will not take is refused and the session goes on: one
+of a kind that session never takes (a second Register, a member's message from ``ctl``) is
+answered with an ``Error``, counted as ``unexpected-<Message>`` and logged; one whose fields
+contradict the session (an acknowledgement in another member's name) likewise, as
+``malformed-<Message>``.  A late answer (figures for a status round that is over, an
+acknowledgement of an event that ended) is a race: counted as ``stale-*`` and ignored.  A
+message whose handling fails otherwise has met a bug of ours: logged with its traceback and
+counted as ``bug-<ExceptionType>``, and the session goes on, unless ``S6_RAISE_BUGS=1``
+asks for the bug to surface.  :attr:`Controller.errors` has the counts.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ from store.core.barrier import (
     Send,
     Transition,
 )
-from store.shell.transport import Peer, serve_peers
+from store.shell.transport import Peer, PeerServer, WireStatistics, serve_peers
 from store.wire.control import (
     ClusterStatus,
     ControllerRefused,
@@ -64,7 +75,13 @@ from store.wire.control import (
     format_address,
     parse_address,
 )
-from store.wire.errors import PeerUnavailable, ProtocolError, reraise_single
+from store.wire.errors import (
+    PeerUnavailable,
+    ProtocolError,
+    bug_counter,
+    raise_bugs,
+    reraise_single,
+)
 from store.wire.messages import Message
 
 __all__ = [
@@ -150,24 +167,40 @@ class Controller:
     from there, so there are no locks.
     """
 
-    def __init__(self, barrier: Barrier, address: str) -> None:
+    def __init__(self, barrier: Barrier, address: str, server: PeerServer | None = None) -> None:
         #: The pure state machine (read it freely; never call its stimuli from outside).
         self.barrier = barrier
         #: ``HOST:PORT`` the controller listens on, with the port actually bound.
         self.address = address
+        self._server = server
         self._sessions: dict[str, Peer] = {}
         self._requests: dict[int, _Waiter | _Remote] = {}
         self._rounds: dict[int, _StatusRound] = {}
         self._ids = itertools.count(1)
         self._wake = trio.Event()
         self._changed = trio.Event()
+        self._errors: dict[str, int] = {}
 
     # -- the public API --------------------------------------------------------------------
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Error counters by name (``store.wire.errors.classify`` says whose fault each is):
+        the sessions' (``unexpected-*``, ``malformed-*``, ``stale-node-status``, ``bug-*``)
+        and the barrier's (``stale-ack``, ``stale-drained``).  A new dict each time."""
+        return {**self.barrier.errors, **self._errors}
 
     @property
     def log(self) -> list[Transition]:
         """Every decision so far (see :func:`store.core.barrier.check_transitions`)."""
         return self.barrier.log
+
+    def wire_statistics(self) -> WireStatistics:
+        """The transport's counters over every connection the controller accepted (bad
+        frames, failed handshakes, bugs in a session...)."""
+        if self._server is None:
+            return WireStatistics()
+        return self._server.statistics()
 
     def status(self) -> ClusterStatus:
         """The controller's view of the cluster, without asking the members for figures."""
@@ -287,10 +320,15 @@ class Controller:
             first = await peer.receive()
         except PeerUnavailable:
             return
-        if isinstance(first[0], Register):
-            await self._member_session(peer, first[0], first[1:])
-        else:
-            await self._operator_session(peer, first)
+        try:
+            if isinstance(first[0], Register):
+                await self._member_session(peer, first[0], first[1:])
+            else:
+                await self._operator_session(peer, first)
+        finally:
+            for request_id, target in list(self._requests.items()):
+                if isinstance(target, _Remote) and target.peer is peer:
+                    del self._requests[request_id]  # the event goes on; nobody listens
 
     async def _member_session(self, peer: Peer, register: Register, rest: list[Message]) -> None:
         name = register.name
@@ -316,10 +354,7 @@ class Controller:
         self._sessions[name] = peer
         try:
             self._stimulus(effects)
-            async with trio.open_nursery() as nursery:
-                self._member_messages(nursery, peer, name, rest)
-                async for batch in peer:
-                    self._member_messages(nursery, peer, name, batch)
+            await self._session(peer, rest, partial(self._member_message, name))
         except (PeerUnavailable, ProtocolError) as exc:
             logger.info("connection with %s ended: %s", name, exc)
         finally:
@@ -327,43 +362,81 @@ class Controller:
                 del self._sessions[name]
                 self._stimulus(self.barrier.member_gone(name, trio.current_time()))
 
-    def _member_messages(
-        self, nursery: trio.Nursery, peer: Peer, name: str, batch: list[Message]
-    ) -> None:
-        now = trio.current_time()
-        for msg in batch:
-            if isinstance(msg, StageAck):
-                self._stimulus(self.barrier.ack(name, msg.kind, msg.epoch, now))
-            elif isinstance(msg, DrainedReport):
-                self._stimulus(
-                    self.barrier.report_drained(
-                        name, msg.epoch, msg.records_moved, msg.objects_moved, now
-                    )
-                )
-            elif isinstance(msg, NodeStatus):
-                status_round = self._rounds.get(msg.request_id)
-                if status_round is not None:
-                    status_round.figures[name] = dict(msg.figures)
-                    status_round.expected.discard(name)
-                    if not status_round.expected:
-                        status_round.done.set()
-            else:
-                self._operator_message(nursery, peer, msg)
-
     async def _operator_session(self, peer: Peer, first: list[Message]) -> None:
+        try:
+            await self._session(peer, first, self._operator_message)
+        except (PeerUnavailable, ProtocolError) as exc:
+            logger.debug("operator %s went away: %s", peer.name, exc)
+
+    async def _session(
+        self,
+        peer: Peer,
+        first: list[Message],
+        take: Callable[[trio.Nursery, Peer, Message], None],
+    ) -> None:
+        """Hand ``first``, then every message ``peer`` sends, to ``take`` until the
+        connection ends; what ``take`` starts (status answers) runs in the session's nursery.
+
+        The end of the connection comes out as itself (:class:`PeerUnavailable`,
+        :class:`ProtocolError`), not inside the nursery's exception group: a member whose
+        connection breaks must end its session, not the controller.
+        """
         try:
             async with trio.open_nursery() as nursery:
                 for msg in first:
-                    self._operator_message(nursery, peer, msg)
+                    self._take(take, nursery, peer, msg)
                 async for batch in peer:
                     for msg in batch:
-                        self._operator_message(nursery, peer, msg)
-        except (PeerUnavailable, ProtocolError) as exc:
-            logger.debug("operator %s went away: %s", peer.name, exc)
-        finally:
-            for request_id, target in list(self._requests.items()):
-                if isinstance(target, _Remote) and target.peer is peer:
-                    del self._requests[request_id]  # the event goes on; nobody listens
+                        self._take(take, nursery, peer, msg)
+        except BaseExceptionGroup as group:
+            reraise_single(group)
+
+    def _take(
+        self,
+        take: Callable[[trio.Nursery, Peer, Message], None],
+        nursery: trio.Nursery,
+        peer: Peer,
+        msg: Message,
+    ) -> None:
+        """``take(nursery, peer, msg)``; a failure there is a bug of ours (the peer's faults
+        are refused by ``take`` itself), logged, counted, and re-raised only in tests."""
+        try:
+            take(nursery, peer, msg)
+        except (PeerUnavailable, ProtocolError):
+            raise  # the connection's end (not raised by today's handlers), not a bug
+        except Exception as exc:
+            self._count(bug_counter(exc))
+            logger.exception("bug taking %s from %s", type(msg).__name__, peer.name)
+            if raise_bugs():
+                raise
+
+    def _member_message(self, name: str, nursery: trio.Nursery, peer: Peer, msg: Message) -> None:
+        if isinstance(msg, StageAck | DrainedReport | NodeStatus) and msg.name != name:
+            self._refuse(
+                peer, "malformed", msg, f"{type(msg).__name__} in the name of {msg.name!r}"
+            )
+            return
+        now = trio.current_time()
+        if isinstance(msg, StageAck):
+            self._stimulus(self.barrier.ack(name, msg.kind, msg.epoch, now))
+        elif isinstance(msg, DrainedReport):
+            self._stimulus(
+                self.barrier.report_drained(
+                    name, msg.epoch, msg.records_moved, msg.objects_moved, now
+                )
+            )
+        elif isinstance(msg, NodeStatus):
+            status_round = self._rounds.get(msg.request_id)
+            if status_round is None:
+                self._count("stale-node-status")
+                logger.debug("%s's figures came after their status round ended", name)
+                return
+            status_round.figures[name] = dict(msg.figures)
+            status_round.expected.discard(name)
+            if not status_round.expected:
+                status_round.done.set()
+        else:
+            self._operator_message(nursery, peer, msg)
 
     def _operator_message(self, nursery: trio.Nursery, peer: Peer, msg: Message) -> None:
         if isinstance(msg, StatusRequest):
@@ -379,7 +452,21 @@ class Controller:
                 effects = self.barrier.request_scale_in(msg.names, now, request_id)
             self._stimulus(effects)
         else:
-            logger.warning("ignored %s from %s", type(msg).__name__, peer.name)
+            self._refuse(
+                peer,
+                "unexpected",
+                msg,
+                f"the controller takes no {type(msg).__name__} in this session",
+            )
+
+    def _refuse(self, peer: Peer, code: str, msg: Message, text: str) -> None:
+        """The peer's fault: count ``<code>-<Message>``, log it, answer with an Error."""
+        self._count(f"{code}-{type(msg).__name__}")
+        logger.warning("refused %s from %s: %s", type(msg).__name__, peer.name, text)
+        peer.refuse(code, text)
+
+    def _count(self, counter: str) -> None:
+        self._errors[counter] = self._errors.get(counter, 0) + 1
 
     async def _answer_status(self, peer: Peer, request_id: int) -> None:
         figures = await self._gather_figures(STATUS_TIMEOUT)
@@ -439,7 +526,7 @@ async def open_controller(
             server = await nursery.start(
                 partial(serve_peers, serve, host, port, secret=secret, name=CONTROLLER_NAME)
             )
-            controller = Controller(barrier, format_address(host, server.port))
+            controller = Controller(barrier, format_address(host, server.port), server)
             nursery.start_soon(controller._timer)
             logger.info("listening on %s", controller.address)
             try:

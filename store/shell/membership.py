@@ -48,9 +48,23 @@ at a time, in the order the controller sent the commands; while one runs, the ne
     A scale-in removed this node and everybody is NORMAL on the ring without it; it holds
     nothing.  Finish parked work, flush, then return: the node may exit afterwards.
 
+A callback that raises ends the membership, and the node's ``async with`` block, with that
+exception: acknowledging a stage the node did not reach would break the barrier, and never
+acknowledging it would hold every other node at the barrier.
+
 Leaving the ``async with`` block without :meth:`Membership.leave` disconnects the node: the
 controller keeps it in the ring as a lost member (its keys unreachable) until a node of the
 same name and address joins again.
+
+Whose fault is what (``store.wire.errors``).  The controller has authenticated, so a
+message a member never takes from it (a ``Register``, another node's message) is the
+controller's fault: answered with an ``Error``, counted as ``unexpected-<Message>`` and
+logged, and the connection stays up; a malformed one never gets here (the transport refuses
+it the same way).  An answer to a request given up is a race: counted
+(``stale-scale-reply``) and ignored.  A message whose handling fails otherwise has met a
+bug of ours (the status provider, say): logged with its traceback and counted as
+``bug-<ExceptionType>``, and the membership goes on, unless ``S6_RAISE_BUGS=1`` asks for the
+bug to surface.  :attr:`Membership.errors` has the counts.
 """
 
 from __future__ import annotations
@@ -86,7 +100,13 @@ from store.wire.control import (
     describe_failure,
     parse_address,
 )
-from store.wire.errors import PeerUnavailable, ProtocolError, reraise_single
+from store.wire.errors import (
+    PeerUnavailable,
+    ProtocolError,
+    bug_counter,
+    raise_bugs,
+    reraise_single,
+)
 from store.wire.messages import Message
 
 __all__ = [
@@ -162,6 +182,9 @@ class Membership:
         self._drained: DrainedReport | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[trio.Event, list[ScaleReply]]] = {}
+        #: Error counters by name (``unexpected-*``, ``stale-scale-reply``, ``bug-*``;
+        #: ``store.wire.errors.classify`` says whose fault each is).
+        self.errors: dict[str, int] = {}
 
     # -- what the node reads ---------------------------------------------------------------
 
@@ -293,41 +316,67 @@ class Membership:
         try:
             async for batch in self._peer:
                 for msg in batch:
-                    self._dispatch(msg)
+                    self._take(msg)
         except (PeerUnavailable, ProtocolError) as exc:
             logger.warning("lost the controller: %s", exc)
         finally:
             self._disconnected.set()
             self._commands_in.close()
 
+    def _take(self, msg: Message) -> None:
+        """Handle one message from the controller; a failure is a bug of ours (the
+        controller's faults are refused by :meth:`_dispatch`), logged with its traceback,
+        counted, and re-raised only when ``S6_RAISE_BUGS=1``."""
+        try:
+            self._dispatch(msg)
+        except Exception as exc:
+            self._count(bug_counter(exc))
+            logger.exception("%s: bug taking %s from the controller", self.name, type(msg).__name__)
+            if raise_bugs():
+                raise
+
     def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, StageCommand):
             self._commands_in.send_nowait(msg)
         elif isinstance(msg, StatusRequest):
-            self._send(NodeStatus(msg.request_id, self.name, self._figures()))
+            figures, failure = self._figures()
+            self._send(NodeStatus(msg.request_id, self.name, figures))
+            if failure is not None:
+                raise failure  # answered all the same; reported as the bug it is by _take
         elif isinstance(msg, ScaleReply):
             waiting = self._replies.get(msg.request_id)
-            if waiting is not None:
-                waiting[1].append(msg)
-                waiting[0].set()
+            if waiting is None:
+                self._count("stale-scale-reply")
+                logger.debug("%s: the answer to a request given up: %s", self.name, msg.text)
+                return
+            waiting[1].append(msg)
+            waiting[0].set()
         elif isinstance(msg, ScaleProgress):
             logger.info("%s", msg.text)
         else:
-            logger.warning("ignored %s from the controller", type(msg).__name__)
+            kind = type(msg).__name__
+            self._count(f"unexpected-{kind}")
+            logger.warning("%s: refused %s from the controller", self.name, kind)
+            self._peer.refuse("unexpected", f"a member takes no {kind} from the controller")
 
-    def _figures(self) -> Figures:
+    def _count(self, counter: str) -> None:
+        self.errors[counter] = self.errors.get(counter, 0) + 1
+
+    def _figures(self) -> tuple[Figures, Exception | None]:
+        """This node's figures for ``ctl status``, and the status provider's exception if
+        it failed (a bug of the node: the figures then say so, and the caller reports it)."""
         figures: Figures = {"stage": self.stage.value, "epoch": self.epoch}
         if self._status_provider is not None:
             try:
                 provided = self._status_provider()
-            except Exception as exc:  # the node's bug; the status request still gets an answer
+            except Exception as exc:
                 figures["error"] = f"status provider failed: {exc!r}"[:200]
-            else:
-                for key, value in provided.items():
-                    # Only exact int/float/str travel (a bool is not an int on the wire).
-                    ok = type(value) in (int, float, str)
-                    figures[str(key)] = value if ok else str(value)  # type: ignore[assignment]
-        return figures
+                return figures, exc
+            for key, value in provided.items():
+                # Only exact int/float/str travel (a bool is not an int on the wire).
+                ok = type(value) in (int, float, str)
+                figures[str(key)] = value if ok else str(value)  # type: ignore[assignment]
+        return figures, None
 
 
 async def _register(peer: Peer, name: str, address: str) -> tuple[RingState, list[Message]]:
@@ -393,7 +442,7 @@ async def join_cluster(
                     state=state,
                 )
                 for msg in rest:
-                    membership._dispatch(msg)
+                    membership._take(msg)
                 async with _running(membership, controller, admission_timeout):
                     yield membership
         except PeerUnavailable as exc:
