@@ -411,7 +411,7 @@ _EXACT_TYPES: Final[dict[_Convert | None, type[Any]]] = {
 
 
 def _to_enum(cls: type[enum.IntEnum]) -> _Convert:
-    # A dict lookup, not cls(value): about six times cheaper per decoded message.
+    # A dict lookup, not cls(value), which goes through the enum machinery every time.
     members = {int(m): m for m in cls}
 
     def convert(value: Any) -> Any:
