@@ -220,7 +220,9 @@ def test_pre_scaling_timeout_aborts_burns_the_epoch_and_a_later_event_succeeds()
     assert isinstance(abort, StageCommand) and abort.epoch == 1 and abort.next_epoch == 2
     # The stuck node's pre-scaling ack arrives late: ignored, logged as stale.
     assert not sends(b.ack("b", Stage.PRE_SCALING, 2, 16.0))
-    assert b.log[-1].what == "stale"
+    assert b.log[-1].what == "stale" and b.log[-1].stage is Stage.PRE_SCALING
+    assert not sends(b.report_drained("b", 2, 0, 0, 16.0))  # and so is a report for it
+    assert b.errors == {"stale-ack": 1, "stale-drained": 1}  # races, counted
     for n in "abcd":
         b.ack(n, Order.ABORT, 2, 16.0)
     b.validate()
@@ -333,12 +335,14 @@ def test_check_transitions_finds_breaches() -> None:
         Transition(0.5, "command", "b", Order.ABORT, 2),  # after scaling
         Transition(0.6, "abort", epoch=2),
         Transition(0.7, "event", epoch=2, members=("a",), text="out"),  # burnt epoch reused
+        Transition(0.8, "command", "a", None, 2),  # a command must say which
     ]
     problems = check_transitions(bad)
     assert any("scaling before pre-scaling acks of ['b']" in p for p in problems)
     assert any("normal before drained" in p for p in problems)
     assert sum("abort after scaling" in p for p in problems) == 2
     assert any("epoch 2 is not above 2" in p for p in problems)
+    assert any("a command without its stage" in p for p in problems)
 
 
 def cmd(command: Command, epoch: int, next_epoch: int | None = None) -> StageCommand:
