@@ -25,7 +25,7 @@ never share a CPU thread with each other or with the controller.
    over S seconds instead of all at once (default 0, the paper's set-up): with all at once,
    about 5,000 migrations are asked for within one packet gap of a flow (about 50 ms).
    ``--freeze-gc`` has the members freeze the garbage collector's generations after each
-   event (``open_space(freeze_gc=True)``; see ``store.node.Node.enter_stage``).
+   event (``open_space(freeze_gc=True)``; see ``store.shell.node.Node.enter_stage``).
 3. **Scale-out**: B (started and imported beforehand) joins through the controller, which
    admits it automatically.  Once B is admitted, the load balancer sends B the flows whose
    key hashes to B on the two-member ring; B's first packet of each such flow pulls the
@@ -447,9 +447,7 @@ async def member_main(args: argparse.Namespace) -> None:
             ) as space:
                 member = Member(space, keys, first["plans"])
                 outer.start_soon(member.sample)
-                await chan.send(
-                    {"name": space.name, "epoch": space.node.view.epoch, "at": clock()}
-                )
+                await chan.send({"name": space.name, "epoch": space.node.view.epoch, "at": clock()})
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(member.pace)
                     last = await serve_commands(member, chan)

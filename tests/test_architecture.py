@@ -1,4 +1,5 @@
-"""The architecture rule of DESIGN.md: the pure core does no I/O and reads no clock.
+"""The architecture rules: the pure core does no I/O and reads no clock, and the shell
+talks to it through one entry point.
 
 ``ring`` and ``store.core`` must not import trio, trio-websocket, socket, asyncio, selectors
 or time, directly or through anything they import.  Two checks:

@@ -54,7 +54,13 @@ from store.core.scheduler import Wait
 from store.shell.microthreads import Microthreads
 from store.shell.transport import Peer, WireCounters, WireStatistics, connect_peer, serve_peers
 from store.wire.control import parse_address
-from store.wire.errors import PeerUnavailable, StoreError, raise_bugs
+from store.wire.errors import (
+    PeerUnavailable,
+    StoreError,
+    first_leaf,
+    raise_bugs,
+    reraise_single,
+)
 from store.wire.messages import Message
 
 __all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_MERGE_INTERVAL", "Node", "open_node"]
@@ -413,9 +419,7 @@ async def open_node(
                         )
                     )
                 except (OSError, BaseExceptionGroup) as exc:
-                    leaf: BaseException = exc
-                    while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
-                        leaf = leaf.exceptions[0]
+                    leaf = first_leaf(exc)
                     if not isinstance(leaf, OSError):
                         raise
                     why = leaf.strerror or str(leaf)
@@ -438,6 +442,4 @@ async def open_node(
     except BaseExceptionGroup as group:
         # The node's background tasks ended cleanly when the block ended; an error from the
         # caller's own block should reach the caller as itself, not wrapped in a group.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+        reraise_single(group)

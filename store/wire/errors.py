@@ -154,9 +154,6 @@ _NAMES: Final[dict[str, Fault]] = {
 # exception type), checked after the whole names.
 _FAMILIES: Final[tuple[tuple[str, Fault], ...]] = (
     ("bug-", "bug"),
-    # today's catch-all of the core's message handlers: it hides bugs and peer faults alike,
-    # and is being split into bug-* and the peer's malformed-*/unexpected-*
-    ("handler-", "bug"),
     ("malformed-", "peer"),
     ("unknown-", "peer"),
     ("unexpected-", "peer"),  # a message of a kind the receiver never takes from that peer

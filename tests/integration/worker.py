@@ -53,7 +53,8 @@ def dump(space: Any, kind: str, key: int) -> None:
         print(f"  record {k}: {rec.to_wire()} queue={rec.queue}", file=sys.stderr)
     print(
         f"  untethered_since_flush={objects.untethered_since_flush} members="
-        f"{sorted(space.node.members())} queued={ {k: len(v) for k, v in space.node._queued.items()} }"
+        f"{sorted(space.node.members())} "
+        f"queued={ {k: len(v) for k, v in space.node._queued.items()} }"
         f" peers={sorted(space.node._peers)}",
         file=sys.stderr,
     )
