@@ -5,10 +5,9 @@ Run ``python -m bench.wire [--quick] [--out results/wire.json]``.
 Three questions, each answered for one message per frame and for batches:
 
 * **codec**: microseconds per message to encode and decode (``store.wire.messages``, with its
-  validation) next to bare ``cbor2.dumps``/``loads`` of the same positional array, which
-  is the figure FACTS.md quotes (2.9 µs for a 97-byte message).  Batching amortises the
-  per-call and per-frame overheads; validation and dataclass construction are per message
-  and stay.
+  validation) next to bare ``cbor2.dumps``/``loads`` of the same positional array (the
+  cost of cbor itself, without our checks).  Batching amortises the per-call and per-frame
+  overheads; validation and dataclass construction are per message and stay.
 * **throughput**: messages/s from one :class:`~store.shell.transport.Peer` to another over one
   loopback websocket, counted when the *receiver* has decoded them all.  Both ends run in
   this one process and share one core, so the figure is the cost of sending *plus*
