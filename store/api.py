@@ -103,11 +103,13 @@ def _local_method(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
     """A method of an object held elsewhere (or of a multi-writer one held here): the
-    core's ``call_now`` does it at once when it can (a local object or replica, a fresh
-    ``@stale`` entry, an untethered call queued for shipping); otherwise an ``Invoke``."""
-    untethered = info.methods[name].kind is MethodKind.UNTETHERED
+    core's fast paths do it at once when they can (a local object or replica, a fresh
+    ``@stale`` entry, an untethered call queued for shipping); otherwise an ``Invoke``.
+    A method of each kind calls the fast path made for its kind."""
+    minfo = info.methods[name]
+    untethered = minfo.kind is MethodKind.UNTETHERED
 
-    def method(self: Ref, *args: Any) -> Any:
+    def slow(self: Ref, args: tuple[Any, ...]) -> Any:
         map_ = self._map
         node = map_._node
         result = map_._call_now(self._k, map_.info, name, args, self._owner, node.clock())
@@ -116,6 +118,39 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
             node.handle(Invoke(self._k, map_.info, name, args, self._owner, wait))
             return _ready(None) if wait is None else wait
         return _ready(result)
+
+    def method(self: Ref, *args: Any) -> Any:
+        return slow(self, args)
+
+    if minfo.kind is MethodKind.STALE:
+        max_age = minfo.max_age
+
+        def stale_method(self: Ref, *args: Any) -> Any:
+            map_ = self._map
+            value = map_._read_stale(self._k, name, args, max_age, map_._node.clock())
+            return slow(self, args) if value is SLOW else _ready(value)
+
+        stale_method.__name__ = name
+        return stale_method
+
+    if untethered and info.kind is ObjectKind.MULTI:
+        if info.mergeable:
+            fn = getattr(info.cls, name)
+
+            def replica_method(self: Ref, *args: Any) -> Any:
+                map_ = self._map
+                done = map_._update_replica(self._k, map_.info, fn, args, self._owner)
+                return slow(self, args) if done is SLOW else _ready(None)
+
+            replica_method.__name__ = name
+            return replica_method
+
+        def shipped_method(self: Ref, *args: Any) -> Any:
+            done = self._map._ship_untethered(self._k, name, args, self._owner)
+            return slow(self, args) if done is SLOW else _ready(None)
+
+        shipped_method.__name__ = name
+        return shipped_method
 
     method.__name__ = name
     return method
@@ -261,6 +296,9 @@ class Map(Generic[T]):
         self._let_go = node.fast.let_go
         self._held = node.fast.held
         self._call_now = node.fast.call_now
+        self._read_stale = node.fast.read_stale
+        self._update_replica = node.fast.update_replica
+        self._ship_untethered = node.fast.ship_untethered
         self._me = node.name
         self._single = info.kind is ObjectKind.SINGLE
         self._local = _ref_class(info, "local")

@@ -59,7 +59,16 @@ def test_import_linter_contract_is_kept() -> None:
 #: paths (``Router.fast``): the one entry point, the checks, the figures, and the named
 #: fast paths of the object layer.
 CORE_API = {"handle", "validate", "statistics", "fast"}
-FAST_PATHS = {"take", "let_go", "held", "located", "call_now"}
+FAST_PATHS = {
+    "take",
+    "let_go",
+    "held",
+    "located",
+    "call_now",
+    "read_stale",
+    "update_replica",
+    "ship_untethered",
+}
 #: The names outside code may import from the core's layer modules: types and the marker
 #: the fast paths answer with, no function or state.
 LAYER_IMPORTS = {"SLOW", "Held", "KeyRecord", "KeyState"}

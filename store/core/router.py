@@ -61,6 +61,9 @@ class FastPaths(NamedTuple):
     held: Callable[..., Any]
     located: Callable[..., str | None]
     call_now: Callable[..., Any]
+    read_stale: Callable[..., Any]
+    update_replica: Callable[..., Any]
+    ship_untethered: Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,14 @@ class Router:
         self.raise_bugs = raise_bugs
         objects, keys = self.objects, self.keys
         self.fast = FastPaths(
-            objects.take, objects.let_go, objects.held, objects.located, objects.call_now
+            objects.take,
+            objects.let_go,
+            objects.held,
+            objects.located,
+            objects.call_now,
+            objects.read_stale,
+            objects.update_replica,
+            objects.ship_untethered,
         )
         #: Which layer's handler takes each message type (the layers say which they take).
         self._takes: dict[type, Callable[[Any, str], None]] = {
