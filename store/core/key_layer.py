@@ -333,6 +333,9 @@ class KeyLayer:
         if rec is None:
             self.out.error("moved-without-record", f"{k!r:.80}")
             return
+        if msg.owner is None and msg.note is not MovedNote.DROPPED:
+            self.out.error("malformed-moved", f"{k!r:.80}: a move to nowhere")
+            return
         if msg.note is MovedNote.EVACUATED:
             # A leaving node handed the object to msg.owner on its own initiative.  A release
             # we had sent it is void (it ignores it): ask the new holder instead, and stay

@@ -33,6 +33,8 @@ from typing import Any, ClassVar, TypeVar
 
 import cbor2
 
+from store.wire.errors import MalformedMessage
+
 __all__ = [
     "ClassInfo",
     "MethodInfo",
@@ -197,7 +199,15 @@ def load_state(cls: type, data: bytes) -> Any:
     """Rebuild an object of ``cls`` from :func:`dump_state` output without calling
     ``__init__`` (which would reset the fields we are about to restore).
 
-    cbor has one array type, so a field that held a tuple comes back as a list."""
+    cbor has one array type, so a field that held a tuple comes back as a list.  State that
+    is not a cbor map (a peer's fault: our own dump_state never makes it) raises
+    :class:`~store.wire.errors.MalformedMessage`."""
+    try:
+        state = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types for a truncated or bad item
+        raise MalformedMessage(f"{cls.__qualname__} state is not cbor: {exc}") from None
+    if type(state) is not dict or not all(type(name) is str for name in state):
+        raise MalformedMessage(f"{cls.__qualname__} state is not a map of field names")
     obj: Any = object.__new__(cls)
-    obj.__dict__.update(cbor2.loads(data))
+    obj.__dict__.update(state)
     return obj

@@ -48,9 +48,12 @@ from store.core.object_layer import ObjectLayer
 from store.core.objects import ClassInfo, ObjectKind
 from store.core.outbox import Outbox
 from store.wire.errors import StoreError
-from store.wire.messages import Message
+from store.wire.messages import Message, Reply, Transfer
 
 __all__ = ["FastPaths", "NodeStatistics", "Router"]
+
+#: Messages that answer a request of this node's (their ``req_id`` is ours).
+_ANSWERS = frozenset({Reply, Transfer})
 
 
 class FastPaths(NamedTuple):
@@ -175,6 +178,15 @@ class Router:
         return out.take(kind is Flush)
 
     def _deliver(self, msg: Message, sender: str) -> None:
+        # The request this message is about: a key request's origin and id, an answer's id
+        # here, a call's (or barrier's...) id at its sender; a handler may narrow it.
+        req_id = getattr(msg, "req_id", 0)
+        if not req_id:  # (0: a notice or an untethered call, which nobody answers)
+            self.out.cause = None
+        else:
+            origin = getattr(msg, "origin", None)
+            answer = type(msg) in _ANSWERS
+            self.out.cause = (self.name if answer else (origin or sender), req_id)
         takes = self._takes.get(type(msg))
         if takes is None:
             self.out.error(f"unexpected-{type(msg).__name__}", f"from {sender}")

@@ -717,7 +717,7 @@ class KeyOp:
     ``req_id`` are the remover's, answered once the authority has the notice.
 
     A request arriving as ``Arrival.HANDOFF`` carries the key's authority with it: the
-    authority's ``record`` (``[kind, owner, version, exists, busy]``, or None for a key
+    authority's ``record`` (``[kind, owner, version, state]``, or None for a key
     with no record: bare authority) and the requests ``queued`` behind a move in progress,
     each ``[op, kind, origin, req_id]``.
     """
