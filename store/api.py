@@ -127,7 +127,7 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
 
         def stale_method(self: Ref, *args: Any) -> Any:
             map_ = self._map
-            value = map_._read_stale(self._k, name, args, max_age, map_._node.clock())
+            value = map_._read_stale(self._k, name, args, max_age, map_._clock())
             return slow(self, args) if value is SLOW else _ready(value)
 
         stale_method.__name__ = name
@@ -300,6 +300,7 @@ class Map(Generic[T]):
         self._update_replica = node.fast.update_replica
         self._ship_untethered = node.fast.ship_untethered
         self._me = node.name
+        self._clock = node.clock
         self._single = info.kind is ObjectKind.SINGLE
         self._local = _ref_class(info, "local")
         self._remote = _ref_class(info, "remote")

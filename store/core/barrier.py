@@ -2,11 +2,11 @@
 
 The controller of S6 (paper §4.4, §6) decides which nodes form the ring and walks every
 scaling event through the stages of ``ring.ownership``.  This module holds all of its
-decisions; ``store.controller`` only moves messages and reads the clock.  Every stimulus is a
-method that takes ``now`` (seconds, any monotonic origin) and returns a list of effects:
-:class:`Send` (a message to a member), :class:`Progress` and :class:`Reply` (to whoever asked
-for a scaling event) and :class:`Log` (a line for the operator).  Nothing here blocks, and
-tests drive it with a fake clock.
+decisions; ``store.shell.controller`` only moves messages and reads the clock.  Every
+stimulus is a method that takes ``now`` (seconds, any monotonic origin) and returns a list
+of effects: :class:`Send` (a message to a member), :class:`Progress` and :class:`Reply` (to
+whoever asked for a scaling event) and :class:`Log` (a line for the operator).  Nothing
+here blocks, and tests drive it with a fake clock.
 
 The rules it keeps (those of ``ring/ownership.py``, seen from the controller)
 ---------------------------------------------------------------------------------

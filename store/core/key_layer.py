@@ -190,19 +190,17 @@ class KeyLayer:
             Scan: self._on_scan,
         }
 
-    def _holding(self, k: K) -> Holding:
-        if self.record(k) is not None:
-            return Holding.RECORD
-        if k in self.handed:
-            return Holding.HANDED_ON
-        return Holding.NONE
-
     def route(self, msg: KeyOp, sender: str) -> None:
         """Serve, forward or pull ``msg`` as ``ring.ownership`` decides (the only place a
         key request's route is chosen)."""
         k = (msg.map, msg.key)
+        by_key = self.records.get(msg.map)
+        if by_key is not None and msg.key in by_key:
+            holding = Holding.RECORD
+        else:
+            holding = Holding.HANDED_ON if k in self.handed else Holding.NONE
         request = Request(key_token(*k), msg.epoch, msg.hops, _RULE_ARRIVAL[msg.arrival], msg.since)
-        decision = decide(self.view, self._holding(k), request)
+        decision = decide(self.view, holding, request)
         if isinstance(decision, Serve):
             if decision.adopt:
                 try:
@@ -271,7 +269,8 @@ class KeyLayer:
 
     def _serve(self, msg: KeyOp) -> None:
         k = (msg.map, msg.key)
-        rec = self.record(k)
+        by_key = self.records.get(msg.map)
+        rec = None if by_key is None else by_key.get(msg.key)
         op = msg.op
         if op is Op.MOVED:
             self._moved(k, rec, msg)

@@ -13,12 +13,9 @@ owner again.  Eager invalidation would make every key record carry the set of no
 cached it; lazy invalidation costs one extra round trip to the rare caller that finds an
 object gone.
 
-Per-caller order across a scale-in: a node remembers where it last sent numbered calls of a
-multi-writer object.  When its next one would go elsewhere while that place is leaving or
-has left, a :class:`Fence` goes there first and the calls wait for its answer (the leaver
-forwards what it gets for objects it evacuated, so calls sent straight to the new place
-could overtake earlier ones).  What waits for a fence is kept as data (:data:`Deferred`),
-never as a closure.
+Its part in a scale-in (fences that keep each caller's calls in order, goodbyes, the
+evacuation of a leaving node's objects) is in ``store.core.scale_in``; what it keeps per
+object and per request is in ``store.core.held``.
 
 **The fast paths** are the only calls into this layer that do not go through
 ``Router.handle``, and they return no instructions: :meth:`ObjectLayer.take`,
@@ -32,10 +29,11 @@ falls back to ``handle``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, TypeAlias
+from typing import Any
 
-from ring.hashring import HashRing, key_token
+from ring.hashring import HashRing
 from ring.ownership import NodeView, Stage
+from store.core.held import KIND_CODE, MAX_RELOCATE, SLOW, Held, K, Pending
 from store.core.instructions import (
     Acquire,
     AskBarrier,
@@ -51,6 +49,7 @@ from store.core.instructions import (
 )
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, dump_state, load_state
 from store.core.outbox import Outbox
+from store.core.scale_in import ScaleIn
 from store.core.scheduler import Wait
 from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
 from store.wire.errors import (
@@ -83,107 +82,29 @@ from store.wire.messages import (
 
 __all__ = ["SLOW", "Held", "ObjectLayer"]
 
-K: TypeAlias = tuple[str, Any]  # (map name, key): the identity of one object
 
-KIND_CODE: Final = {ObjectKind.SINGLE: Kind.SINGLE, ObjectKind.MULTI: Kind.MULTI}
-
-MAX_RELOCATE = 3  # a call chases a moving object at most this many times
-
-
-class _Slow:
-    """``call_now``'s answer when the call needs ``handle(Invoke(...))``."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "SLOW"
-
-
-SLOW: Final = _Slow()
-
-
-class Held:
-    """An object this node holds, with what its local references need (about 90 bytes)."""
-
-    __slots__ = ("info", "obj", "refs", "release", "removed", "seen", "version")
-
-    def __init__(self, info: ClassInfo, obj: Any, version: int) -> None:
-        self.info = info
-        self.obj = obj
-        self.version = version
-        self.refs = 0  # local references in use (single-writer)
-        self.release: Release | None = None  # someone else wants it: hand over at refs == 0
-        self.removed = False
-        self.seen: dict[str, int] | None = None  # multi-writer: last seq applied per sender
-
-
-class _Pending:
-    """A request this node made and waits to hear about."""
-
-    __slots__ = (
-        "args",
-        "asked",
-        "at",
-        "creators",
-        "info",
-        "k",
-        "kind",
-        "method",
-        "tries",
-        "waits",
-    )
-
-    def __init__(self, kind: str, k: K | None, info: ClassInfo | None) -> None:
-        self.kind = kind
-        self.k = k
-        self.info = info
-        self.waits: list[Wait[Any]] = []
-        self.method = ""
-        self.args: list[Any] = []
-        self.tries = 0
-        self.creators: list[Wait[Any]] | None = None  # acquire: the waits that asked to create
-        self.asked = 0  # acquire: waits[:asked] were there when the request was sent
-        self.at = 0.0  # call: the caller's clock when it was made (a stale read's age)
-
-
-#: What waits for a fence, as data: ("invoke", Invoke, now), ("untethered", k, method,
-#: args, owner), ("reship", pending, owner), ("fold", k, replica, to) or ("arrived",).
-Deferred: TypeAlias = tuple[Any, ...]
-
-
-class ObjectLayer:
-    """The objects one node holds and the calls it makes.  See the module docstring."""
+class ObjectLayer(ScaleIn):
+    """The objects one node holds and the calls it makes.  See the module docstring; its
+    part in a scale-in (fences, goodbyes, evacuation) is :class:`ScaleIn`'s."""
 
     def __init__(self, name: str, ring: HashRing, out: Outbox) -> None:
+        ScaleIn.__init__(self)
         self.name = name
         self.view = NodeView(name, Stage.NORMAL, ring)
         self.out = out
         self.maps: dict[str, ClassInfo] = {}
         self.objects: dict[K, Held] = {}
         self.locations: dict[K, str] = {}
-        self.stale_cache: dict[tuple[str, Any, str, tuple[Any, ...]], tuple[float, Any]] = {}
+        self.stale_cache: dict[tuple[K, str, tuple[Any, ...]], tuple[float, Any]] = {}
         self.replicas: dict[K, tuple[Any, str]] = {}  # multi-writer replica, its owner node
-        self._pending: dict[int, _Pending] = {}
-        self._acquiring: dict[K, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
+        self._acquiring: dict[K, Pending] = {}
         self._early_release: dict[K, Release] = {}
         self._early_drop: dict[K, int] = {}  # a Drop that overtook the object's Transfer
         #: Calls, folds and fences for an object on its way here, in arrival order.
         self._parked: dict[K, list[tuple[Call | Fold | Fence, str]]] = {}
         self._seq: dict[K, int] = {}
-        #: Where this node last sent a numbered message (call, untethered call, fold) of a
-        #: multi-writer object (see :meth:`_needs_fence`).
-        self._dest: dict[K, str] = {}
-        #: Keys whose fence is out, with what waits for its answer, in call order.
-        self._fencing: dict[K, list[Deferred]] = {}
-        #: Objects evacuated to this node while its own fence for them was out: they are
-        #: installed when it returns (calls for them wait, see :meth:`_expects`).
-        self._arriving: dict[K, Held] = {}
-        #: Fences waiting for a leaver's goodbye, by leaver (see ``Fence.after``).
-        self._after_gone: dict[str, list[tuple[Fence, str]]] = {}
         self._next_id = 0
-        self.moved_to: dict[K, str] = {}  # objects this (leaving) node evacuated, and where
-        self.moved_version: dict[K, int] = {}  # and the version they arrived there with
-        self._unacked = 0  # evacuations of this event not yet acknowledged
         self.untethered_since_flush: set[str] = set()
         #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
         #: a leaving one; the shell installs an importing resolver (no import in the core).
@@ -194,7 +115,6 @@ class ObjectLayer:
         # counters
         self.migrations_in = 0
         self.migrations_out = 0
-        self.objects_evacuated = 0
         self.location_cache_hits = 0
         self.stale_cache_hits = 0
         self.untethered_calls = 0
@@ -251,7 +171,7 @@ class ObjectLayer:
             return getattr(held.obj, method)(*args)
         kind = minfo.kind
         if kind is MethodKind.STALE:
-            cached = self.stale_cache.get((k[0], k[1], method, args))
+            cached = self.stale_cache.get((k, method, args))
             if cached is not None and now - cached[0] <= minfo.max_age:
                 self.stale_cache_hits += 1
                 return cached[1]
@@ -291,7 +211,7 @@ class ObjectLayer:
     ) -> Any:
         """A ``@stale`` read of an object held elsewhere, from the cache if fresh enough;
         :data:`SLOW` otherwise (``call_now``, then ``Invoke``)."""
-        cached = self.stale_cache.get((k[0], k[1], method, args))
+        cached = self.stale_cache.get((k, method, args))
         if cached is not None and now - cached[0] <= max_age and k not in self.objects:
             self.stale_cache_hits += 1
             return cached[1]
@@ -476,9 +396,9 @@ class ObjectLayer:
     def receive(self, msg: Message, sender: str) -> None:
         getattr(self, _HANDLERS[type(msg)])(msg, sender)
 
-    def _new_pending(self, kind: str, k: K | None, info: ClassInfo | None) -> tuple[int, _Pending]:
+    def _new_pending(self, kind: str, k: K | None, info: ClassInfo | None) -> tuple[int, Pending]:
         self._next_id += 1
-        pending = _Pending(kind, k, info)
+        pending = Pending(kind, k, info)
         self._pending[self._next_id] = pending
         self.out.cause = (self.name, self._next_id)
         return self._next_id, pending
@@ -754,7 +674,7 @@ class ObjectLayer:
 
     # -- replies to our requests --
 
-    def _reply_acquire(self, pending: _Pending, msg: Reply) -> None:
+    def _reply_acquire(self, pending: Pending, msg: Reply) -> None:
         k = pending.k
         assert k is not None
         self._acquiring.pop(k, None)
@@ -770,7 +690,7 @@ class ObjectLayer:
             self.out.fail(wait, exc)
         self._unpark(k)
 
-    def _ask(self, pending: _Pending, req_id: int) -> None:
+    def _ask(self, pending: Pending, req_id: int) -> None:
         """Send the acquire ``pending`` for the waits it has now: a create if any of them
         asked to create.  Waits that join it later are answered too (see _reply_acquire)."""
         assert pending.k is not None
@@ -779,7 +699,7 @@ class ObjectLayer:
         op = Op.CREATE if pending.creators else Op.ACQUIRE
         self._key_op(op, pending.k, Kind.SINGLE, req_id)
 
-    def _ask_again(self, pending: _Pending, waits: list[Wait[Any]]) -> None:
+    def _ask_again(self, pending: Pending, waits: list[Wait[Any]]) -> None:
         if not waits:
             return
         req_id, again = self._new_pending("acquire", pending.k, pending.info)
@@ -788,7 +708,7 @@ class ObjectLayer:
         again.creators = makers or None
         self._ask(again, req_id)
 
-    def _reply_locate(self, pending: _Pending, msg: Reply) -> None:
+    def _reply_locate(self, pending: Pending, msg: Reply) -> None:
         k = pending.k
         assert k is not None and pending.info is not None
         if msg.status != Status.OK:
@@ -804,7 +724,7 @@ class ObjectLayer:
             self.out.resolve(wait, (owner, created))
         self._unpark(k)
 
-    def _reply_call(self, pending: _Pending, msg: Reply) -> None:
+    def _reply_call(self, pending: Pending, msg: Reply) -> None:
         k = pending.k
         assert k is not None and pending.info is not None
         if msg.status == Status.NOT_HERE and pending.tries < MAX_RELOCATE:
@@ -828,12 +748,12 @@ class ObjectLayer:
         if info is not None and info.kind is MethodKind.STALE:
             # The value is at least as fresh as the request: its age counts from then (not
             # from when the reply came, nor from the latest call, which could be later).
-            cache_key = (k[0], k[1], pending.method, tuple(pending.args))
+            cache_key = (k, pending.method, tuple(pending.args))
             self.stale_cache[cache_key] = (pending.at, msg.value)
         for wait in pending.waits:
             self.out.resolve(wait, msg.value)
 
-    def _reply_relocate(self, pending: _Pending, msg: Reply) -> None:
+    def _reply_relocate(self, pending: Pending, msg: Reply) -> None:
         k = pending.k
         assert k is not None
         if msg.status != Status.OK:
@@ -847,7 +767,7 @@ class ObjectLayer:
         pending.kind = "call"
         self._reship(pending, owner)
 
-    def _reply_plain(self, pending: _Pending, msg: Reply) -> None:
+    def _reply_plain(self, pending: Pending, msg: Reply) -> None:
         if msg.status != Status.OK:
             for wait in pending.waits:
                 self.out.fail(wait, self._error_of(pending, msg))
@@ -855,7 +775,7 @@ class ObjectLayer:
         for wait in pending.waits:
             self.out.resolve(wait, msg.value)
 
-    def _error_of(self, pending: _Pending, msg: Reply) -> StoreError:
+    def _error_of(self, pending: Pending, msg: Reply) -> StoreError:
         what = f"{pending.k[0]}[{pending.k[1]!r}]" if pending.k else "request"
         if msg.status in (Status.NOT_FOUND, Status.NOT_HERE):
             return ObjectNotFound(f"{what}: no such object")
@@ -922,7 +842,7 @@ class ObjectLayer:
                 continue
             self._on_call(call, sender)
 
-    def _ship_call(self, pending: _Pending, owner: str, req_id: int | None = None) -> None:
+    def _ship_call(self, pending: Pending, owner: str, req_id: int | None = None) -> None:
         k = pending.k
         assert k is not None
         if req_id is None:
@@ -935,7 +855,7 @@ class ObjectLayer:
             self._dest[k] = owner
         self.out.send(owner, Call(k[0], k[1], pending.method, pending.args, req_id, seq))
 
-    def _reship(self, pending: _Pending, owner: str) -> None:
+    def _reship(self, pending: Pending, owner: str) -> None:
         """Send a blocking call again, to where its object went (after a fence if the old
         place is leaving: the calls sent before it must not be overtaken)."""
         assert pending.k is not None
@@ -994,227 +914,7 @@ class ObjectLayer:
             self._dest[k] = to
         self.out.send(to, Fold(k[0], k[1], seq, state), urgent=False)
 
-    # -- per-caller order across a scale-in --
-
-    def _needs_fence(self, k: K, to: str) -> bool:
-        """Whether a numbered message of multi-writer ``k`` for ``to`` (this node: applied
-        here) must wait for a :class:`Fence`: one is out already, or the last one went to
-        another node that is leaving or has left the ring.  O(1); only scale-ins ever make
-        it true."""
-        if not (self._dest or self._fencing):
-            return False  # no numbered message out at all: the common case
-        if k in self._fencing:
-            return True
-        prev = self._dest.get(k)
-        if prev is None or prev == to:
-            return False
-        view = self.view
-        return prev not in (view.ring if view.next_ring is None else view.next_ring)
-
-    def _fence(self, k: K, to: str, then: Deferred) -> None:
-        """Do ``then`` (which sends to ``to``) once every numbered message of ``k`` sent so
-        far has reached the object: send a fence where they went (unless one is out), and
-        queue ``then``.  If that node has gone, the fence goes to ``to`` and waits there
-        for the goodbye that followed everything the leaver forwarded."""
-        waiting = self._fencing.get(k)
-        if waiting is None:
-            prev = self._dest.pop(k)
-            req_id, _ = self._new_pending("fence", k, None)
-            waiting = self._fencing[k] = []
-            if prev in self.out.departed:
-                self.out.send(to, Fence(req_id, self.name, k[0], k[1], prev))
-            else:
-                self.out.send(prev, Fence(req_id, self.name, k[0], k[1]))
-        waiting.append(then)
-
-    def _run_deferred(self, then: Deferred) -> None:
-        what = then[0]
-        if what == "invoke":
-            self.invoke(then[1], then[2])
-        elif what == "untethered":
-            self._untethered_now(then[1], then[2], then[3], then[4])
-        elif what == "reship":
-            self._reship(then[1], then[2])
-        elif what == "fold":
-            self._fold_out(then[1], then[2], then[3])
-        # "arrived": installing the object is _reply_fence's own work
-
-    def _on_fence(self, msg: Fence, sender: str) -> None:
-        k = (msg.map, msg.key)
-        if msg.after is not None and msg.after not in self.out.departed:
-            self._after_gone.setdefault(msg.after, []).append((msg, sender))
-        elif k in self.objects or k in self._arriving:
-            self._reply(msg.origin, msg.req_id, Status.OK)
-        elif self._expects(k):
-            self._parked.setdefault(k, []).append((msg, sender))
-        elif k in self.moved_to:
-            self.out.send(self.moved_to[k], msg)  # behind what we forwarded there
-        else:
-            self._reply(msg.origin, msg.req_id, Status.OK)  # whatever came was applied
-
-    def _reply_fence(self, pending: _Pending, msg: Reply) -> None:
-        k = pending.k
-        assert k is not None
-        held = self._arriving.pop(k, None)
-        if held is not None:
-            self._install(k, held)
-        waiting = self._fencing.pop(k, [])
-        if not self._expects(k):
-            self._unpark(k)  # calls that came for the arriving object, in their order
-        for then in waiting:
-            self._run_deferred(then)
-
-    def _on_gone(self, msg: Gone, sender: str) -> None:
-        self._reply(sender, msg.req_id, Status.OK)  # (the last message it gets from us)
-        self.out.departed.add(sender)
-        for fence, via in self._after_gone.pop(sender, ()):
-            self._on_fence(fence, via)
-
-    def bounce(self, to: str, msg: Message) -> None:
-        """``msg`` cannot reach ``to``, which left: answer it here if we can (the answers
-        are handled like any message to ourselves), else count it."""
-        if isinstance(msg, Fence) and msg.origin == self.name:
-            self.out.send(self.name, Reply(msg.req_id, Status.OK, None))
-        elif isinstance(msg, Call) and msg.req_id:
-            # A blocking call through a reference taken before the node left: find the
-            # object again (the caller waits a little longer, nothing is lost).
-            self.out.send(self.name, Reply(msg.req_id, Status.NOT_HERE, None))
-        elif isinstance(msg, Call):
-            self._relocate_untethered((msg.map, msg.key), msg.method, msg.args)
-        elif isinstance(msg, Untethered):
-            for map_name, key, method, args, _ in msg.calls:
-                self._relocate_untethered((map_name, key), method, list(args))
-        elif isinstance(msg, Drop) and msg.origin is not None:
-            self._confirm_drop(msg)  # nothing left there to drop: the remover may go on
-        elif type(msg).__name__ in ("HandOnAck", "HandOnsAck", "EvacuateAck"):
-            pass  # for a hand-on that a late request made the leaver forward: it counts nothing
-        else:
-            self.out.error(f"sent-to-departed-node-{type(msg).__name__}", to)
-
-    def _relocate_untethered(self, k: K, method: str, args: list[Any]) -> None:
-        """An untethered call that could not reach a departed node: ask the key owner where
-        the object is now and ship it there (as a call whose answer nobody awaits)."""
-        info = self.maps.get(k[0])
-        if info is None:
-            self.out.error("sent-to-departed-node", f"{k!r:.80}: unknown map")
-            return
-        req_id, pending = self._new_pending("relocate", k, info)
-        pending.method, pending.args = method, args
-        self._key_op(Op.LOCATE, k, KIND_CODE[info.kind], req_id)
-
-    # -- scaling --
-
-    def enter_stage(self, view: NodeView) -> None:
-        """Adopt the controller's new stage: entering NORMAL drops cached locations on
-        nodes outside the ring and retargets replicas of objects evacuated from them."""
-        if view.stage is Stage.NORMAL:
-            members = view.ring.nodes
-            for k, where in list(self.locations.items()):
-                if where not in members:
-                    del self.locations[k]
-            for k, (replica, owner) in list(self.replicas.items()):
-                if owner not in members:  # evacuated to its key owner under the new ring
-                    self.replicas[k] = (replica, view.ring.owner(key_token(*k)))
-        departed = self.out.departed
-        if departed:  # a name that joins again is a new process: talk to it
-            departed -= view.ring.nodes | (view.next_ring.nodes if view.next_ring else set())
-        if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
-            self._unacked = 0
-        self.view = view
-
-    @property
-    def leaving(self) -> bool:
-        view = self.view
-        return view.next_ring is not None and self.name not in view.next_ring
-
-    def evacuated(self) -> bool:
-        """A leaving node has handed every object over, and each was acknowledged."""
-        return not self.leaving or (not self.objects and self._unacked == 0)
-
-    def evacuate(self, limit: int) -> int:
-        """Scale-in: send up to ``limit`` held objects, single- and multi-writer alike, to
-        their next key owner (the original S6 lost multi-writer state here).  Objects still
-        in use by a local reference wait for the next call."""
-        view = self.view
-        if view.stage is not Stage.SCALING or not self.leaving:
-            return 0
-        assert view.next_ring is not None
-        sent = 0
-        for k, held in list(self.objects.items()):
-            if sent >= limit:
-                break
-            if held.refs or held.release is not None:
-                continue
-            dest = view.next_ring.owner(key_token(*k))
-            self._fold_local_replica(k, held)
-            try:
-                state = dump_state(held.obj)
-            except TypeError as exc:
-                self.out.error("state-not-encodable", f"cannot evacuate {k!r:.80}: {exc}")
-                continue
-            cls = held.info.cls
-            version = held.version + 1
-            del self.objects[k]
-            self.moved_to[k] = dest
-            self.moved_version[k] = version
-            self._unacked += 1
-            self.objects_evacuated += 1
-            self.migrations_out += 1
-            if self.trace is not None and held.info.kind is ObjectKind.SINGLE:
-                self.trace.append(("release", k[0], k[1], held.version, self.name))
-            path = f"{cls.__module__}:{cls.__qualname__}"
-            self.out.send(dest, Evacuate(k[0], k[1], path, version, state))
-            kind = KIND_CODE[held.info.kind]
-            self._key_op(
-                Op.MOVED, k, kind, 0, owner=dest, version=version, note=MovedNote.EVACUATED
-            )
-            sent += 1
-        return sent
-
-    def _on_evacuate(self, msg: Evacuate, sender: str) -> None:
-        k = (msg.map, msg.key)
-        info = self.maps.get(msg.map)
-        if info is None and self.resolve_class is not None:
-            try:
-                info = self.resolve_class(msg.cls)
-            except Exception as exc:
-                self.out.error("evacuate-unknown-class", f"{msg.cls}: {exc!r:.200}")
-                info = None
-        if info is None:
-            self.out.error("evacuate-unknown-class", msg.cls)
-            return  # not acknowledged: the leaving node keeps waiting (and says so)
-        held = Held(info, load_state(info.cls, msg.state), msg.version)
-        if info.kind is ObjectKind.MULTI and (self._dest.get(k) == sender or k in self._fencing):
-            # Our own calls of it may still be on their way through the leaving node: the
-            # object is used here only once they have arrived (the fence comes back).
-            self._arriving[k] = held
-            self._fence(k, self.name, ("arrived",))
-        else:
-            self._install(k, held)
-        self.migrations_in += 1
-        if self.trace is not None and info.kind is ObjectKind.SINGLE:
-            self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
-        self.out.send(sender, EvacuateAck(msg.map, msg.key, self.view.epoch))
-
-    def _on_evacuate_ack(self, msg: EvacuateAck, sender: str) -> None:
-        if self._unacked > 0 and msg.epoch == self.view.epoch:
-            self._unacked -= 1
-
-    def _install(self, k: K, held: Held) -> None:
-        """Hold an object evacuated to this node.  Updates this node made into a replica
-        while the object was elsewhere, and calls parked for it, are applied first: a
-        local reference taken from now on calls the object directly, and its calls must
-        come after them."""
-        self.objects[k] = held
-        if k in self.replicas:
-            self._fold_local_replica(k, held)
-        self._unpark(k)
-
     # -- observability --
-
-    def idle(self) -> bool:
-        """Nothing in flight: no request waits for an answer, no replica or fence is out."""
-        return not (self._pending or self._acquiring or self.replicas or self._fencing)
 
     def validate(self) -> None:
         """Assert the layer's invariants (tests call it)."""

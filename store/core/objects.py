@@ -206,8 +206,8 @@ def load_state(cls: type, data: bytes) -> Any:
         state = cbor2.loads(data)
     except Exception as exc:  # cbor2 raises several types for a truncated or bad item
         raise MalformedMessage(f"{cls.__qualname__} state is not cbor: {exc}") from None
-    if type(state) is not dict or not all(type(name) is str for name in state):
-        raise MalformedMessage(f"{cls.__qualname__} state is not a map of field names")
+    if type(state) is not dict:
+        raise MalformedMessage(f"{cls.__qualname__} state is not a map of fields")
     obj: Any = object.__new__(cls)
     obj.__dict__.update(state)
     return obj

@@ -48,12 +48,24 @@ from store.core.object_layer import ObjectLayer
 from store.core.objects import ClassInfo, ObjectKind
 from store.core.outbox import Outbox
 from store.wire.errors import StoreError
-from store.wire.messages import Message, Reply, Transfer
+from store.wire.messages import (
+    Barrier,
+    Call,
+    Gone,
+    KeyOp,
+    Message,
+    Reply,
+    Scan,
+    Snapshot,
+    Transfer,
+)
 
 __all__ = ["FastPaths", "NodeStatistics", "Router"]
 
-#: Messages that answer a request of this node's (their ``req_id`` is ours).
+#: Messages that answer a request of this node's (their ``req_id`` is ours), and messages
+#: that ask something of it (their ``req_id`` is their sender's).
 _ANSWERS = frozenset({Reply, Transfer})
+_ASKS = frozenset({Call, Barrier, Scan, Snapshot, Gone})
 
 
 class FastPaths(NamedTuple):
@@ -180,14 +192,21 @@ class Router:
     def _deliver(self, msg: Message, sender: str) -> None:
         # The request this message is about: a key request's origin and id, an answer's id
         # here, a call's (or barrier's...) id at its sender; a handler may narrow it.
-        req_id = getattr(msg, "req_id", 0)
-        if not req_id:  # (0: a notice or an untethered call, which nobody answers)
-            self.out.cause = None
+        # (req_id 0: a notice or an untethered call, which nobody answers)
+        kind = type(msg)
+        if kind is KeyOp:
+            self.out.cause = (msg.origin, msg.req_id) if msg.req_id else None  # type: ignore[attr-defined]
+        elif kind in _ANSWERS:
+            self.out.cause = (self.name, msg.req_id)  # type: ignore[attr-defined]
+        elif kind in _ASKS:
+            self.out.cause = (sender, msg.req_id) if msg.req_id else None  # type: ignore[attr-defined]
         else:
-            origin = getattr(msg, "origin", None)
-            answer = type(msg) in _ANSWERS
-            self.out.cause = (self.name if answer else (origin or sender), req_id)
-        takes = self._takes.get(type(msg))
+            self.out.cause = None
+        self._dispatch(msg, sender)
+
+    def _dispatch(self, msg: Message, sender: str) -> None:
+        kind = type(msg)
+        takes = self._takes.get(kind)
         if takes is None:
             self.out.error(f"unexpected-{type(msg).__name__}", f"from {sender}")
             return
@@ -207,7 +226,8 @@ class Router:
         local, bounced = out.local, out.bounced
         while local or bounced:
             while local:
-                self._deliver(local.popleft(), self.name)
+                # (a message to ourselves continues the work in progress: same cause)
+                self._dispatch(local.popleft(), self.name)
             while bounced:
                 to, msg = bounced.pop(0)
                 try:
@@ -225,11 +245,6 @@ class Router:
         self.out.effects.append(DrainProgress(moved, self.keys.drain_scanning, done))
 
     # -- observability --
-
-    @property
-    def has_output(self) -> bool:
-        """Messages are queued (a ``Flush`` would send them)."""
-        return self.out.has_output
 
     def statistics(self) -> NodeStatistics:
         objects, keys, out = self.objects, self.keys, self.out

@@ -105,7 +105,7 @@ class NodeMember:
 
 
 async def leave(node: Node, membership: Membership) -> None:
-    """A graceful scale-in of this member, in the order the issue and the paper want: no
+    """A graceful scale-in of this member, in the order the paper (§4.4) describes: no
     new units (the caller stopped submitting), parked microthreads finish, untethered
     batches and replicas are flushed, then the controller runs the scale-in event in which
     this node hands over its key records and objects; return once it has left.  The last

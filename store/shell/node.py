@@ -65,7 +65,7 @@ from store.wire.messages import Message
 
 __all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_MERGE_INTERVAL", "Node", "open_node"]
 
-logger = logging.getLogger("store.node")
+logger = logging.getLogger("store.shell.node")
 
 DEFAULT_FLUSH_INTERVAL = 0.010
 DEFAULT_MERGE_INTERVAL = 0.050
@@ -437,6 +437,8 @@ async def open_node(
             try:
                 yield node
                 await node.send_remaining()
+                if raise_bugs():  # (tests): the core's invariants hold at the end
+                    node.core.validate()
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 
 from store import check_merge
 from store.merge_check import calls
-from tests.store.test_space import Counter
+from tests.fixtures.objects import Tally
 
 
 def test_counter_merge_is_commutative_associative_and_loses_nothing() -> None:
-    check_merge(Counter, calls("bump", st.integers(-5, 50)), max_examples=100)
+    check_merge(Tally, calls("bump", st.integers(-5, 50)), max_examples=100)

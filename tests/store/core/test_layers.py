@@ -219,7 +219,7 @@ def test_a_single_node_space_serves_everything_without_a_message(make_net: Any) 
     solo = net["solo"]
 
     def quiet() -> None:
-        assert solo.take_outbox() == {} and not solo.router.has_output and solo.sends == 0
+        assert solo.take_outbox() == {} and not solo.router.out.has_output and solo.sends == 0
 
     held, created = result(solo.acquire("sw", 1, create=True))
     assert created and held.refs == 1

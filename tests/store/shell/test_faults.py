@@ -4,7 +4,7 @@ Every peer here has passed the transport's handshake, so a wrong message is refu
 ``Error`` back, counted, logged) and the connection carries on; a race is counted and
 ignored; a bug of ours is logged with its traceback and counted as ``bug-<Exception>``, and
 raised when ``S6_RAISE_BUGS=1`` (the suite's default, see ``tests/conftest.py``).  The
-transport's own rules (before and after the handshake) are in ``tests/store/test_transport.py``.
+transport's own rules (before and after the handshake) are in ``test_transport.py``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from store.wire.errors import PeerUnavailable
 
 SECRET = b"controller tests secret"
 DEADLINE = 10.0
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 Entry = tuple[str, str, str, int]  # (member, what, callback, epoch)
 

@@ -15,6 +15,7 @@ from ring.hashring import HashRing
 from store import MultiWriter, SingleWriter, stale, untethered
 from store.api import Space
 from store.shell.node import open_node
+from tests.fixtures.objects import Tally
 
 SECRET = b"test-secret"
 
@@ -52,21 +53,6 @@ class Hosts(MultiWriter):
     @stale(max_age=0.5)
     def peek(self) -> int:
         return self.total
-
-
-class Counter(MultiWriter):
-    def __init__(self) -> None:
-        self.n = 0
-
-    @untethered
-    def bump(self, k: int = 1) -> None:
-        self.n += k
-
-    def value(self) -> int:
-        return self.n
-
-    def merge(self, other: Counter) -> None:
-        self.n += other.n
 
 
 class Socketish(SingleWriter):
@@ -197,7 +183,7 @@ async def test_untethered_calls_are_batched_ordered_and_counted_once_after_flush
 
 async def test_merged_replicas_count_every_update_once() -> None:
     async with cluster(2) as (a, b):
-        ca, cb = a.map("c", Counter), b.map("c", Counter)
+        ca, cb = a.map("c", Tally), b.map("c", Tally)
         async with ca.create("x") as ref:
             await ref.bump(1)
         with trio.fail_after(10):

@@ -1,0 +1,324 @@
+"""The object layer's part in a scale-in (paper §4.4): per-caller order, goodbyes, evacuation.
+
+A node leaving the ring hands every object it holds to the object's next key owner
+(:meth:`ScaleIn.evacuate`), then keeps forwarding what still reaches it for them.  Three
+rules keep that boundary exact:
+
+* **Fences keep a caller's calls in order.**  A node remembers where it last sent numbered
+  messages (calls, untethered calls, folds) of a multi-writer object.  When its next one
+  would go elsewhere while that place is leaving or has left, a :class:`Fence` goes there
+  first; the leaver passes it on behind what it forwarded, the holder answers, and only
+  then do the waiting calls go out (kept as data, :data:`~store.core.held.Deferred`).
+* **A leaver says goodbye** (:class:`Gone`) before it stops: a member answers after
+  everything it sent the leaver and sends it nothing afterwards; a fence that can no longer
+  go through the leaver waits at the new place for that goodbye.
+* **Forwarded calls carry the incarnation's version**, so that the holder of a newer
+  incarnation (removed and made again meanwhile) drops them.
+
+:class:`ScaleIn` is part of :class:`~store.core.object_layer.ObjectLayer` (a base class, so
+that each module stays small enough to read alone); it owns the state listed in its
+``__init__`` and uses the layer's request and call machinery declared below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ring.hashring import key_token
+from ring.ownership import NodeView, Stage
+from store.core.held import KIND_CODE, Deferred, Held, K, Pending
+from store.core.objects import ClassInfo, ObjectKind, dump_state, load_state
+from store.core.outbox import Outbox
+from store.wire.codes import Kind, MovedNote, Op, Status
+from store.wire.messages import (
+    Call,
+    Drop,
+    Evacuate,
+    EvacuateAck,
+    Fence,
+    Fold,
+    Gone,
+    Message,
+    Reply,
+    Untethered,
+)
+
+if TYPE_CHECKING:
+    from store.core.instructions import Invoke
+
+__all__ = ["ScaleIn"]
+
+
+class ScaleIn:
+    """Fences, goodbyes and evacuation, for :class:`~store.core.object_layer.ObjectLayer`."""
+
+    if TYPE_CHECKING:  # what the object layer provides
+        name: str
+        view: NodeView
+        out: Outbox
+        maps: dict[str, ClassInfo]
+        objects: dict[K, Held]
+        locations: dict[K, str]
+        replicas: dict[K, tuple[Any, str]]
+        _parked: dict[K, list[tuple[Call | Fold | Fence, str]]]
+        migrations_in: int
+        migrations_out: int
+        resolve_class: Any
+        trace: list[tuple[str, str, Any, int, str]] | None
+
+        def _new_pending(
+            self, kind: str, k: K | None, info: ClassInfo | None
+        ) -> tuple[int, Pending]: ...
+        def _reply(self, origin: str, req_id: int, status: Status, value: Any = None) -> None: ...
+        def _key_op(
+            self,
+            op: Op,
+            k: K,
+            kind: Kind,
+            req_id: int,
+            *,
+            owner: str | None = None,
+            version: int = 0,
+            note: MovedNote = MovedNote.HANDED_OVER,
+            origin: str | None = None,
+        ) -> None: ...
+        def _expects(self, k: K) -> bool: ...
+        def _unpark(self, k: K) -> None: ...
+        def _fold_local_replica(self, k: K, held: Held) -> None: ...
+        def _fold_out(self, k: K, replica: Any, to: str) -> None: ...
+        def _reship(self, pending: Pending, owner: str) -> None: ...
+        def _untethered_now(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None: ...
+        def _confirm_drop(self, msg: Drop) -> None: ...
+        def invoke(self, stim: Invoke, now: float) -> None: ...
+
+    def __init__(self) -> None:
+        #: Where this node last sent a numbered message (call, untethered call, fold) of a
+        #: multi-writer object (see :meth:`_needs_fence`).
+        self._dest: dict[K, str] = {}
+        #: Keys whose fence is out, with what waits for its answer, in call order.
+        self._fencing: dict[K, list[Deferred]] = {}
+        #: Objects evacuated to this node while its own fence for them was out: they are
+        #: installed when it returns (calls for them wait, see ``_expects``).
+        self._arriving: dict[K, Held] = {}
+        #: Fences waiting for a leaver's goodbye, by leaver (see ``Fence.after``).
+        self._after_gone: dict[str, list[tuple[Fence, str]]] = {}
+        self.moved_to: dict[K, str] = {}  # objects this (leaving) node evacuated, and where
+        self.moved_version: dict[K, int] = {}  # and the version they arrived there with
+        self._unacked = 0  # evacuations of this event not yet acknowledged
+        self.objects_evacuated = 0
+
+    # -- per-caller order across a scale-in --
+
+    def _needs_fence(self, k: K, to: str) -> bool:
+        """Whether a numbered message of multi-writer ``k`` for ``to`` (this node: applied
+        here) must wait for a :class:`Fence`: one is out already, or the last one went to
+        another node that is leaving or has left the ring.  O(1); only scale-ins ever make
+        it true."""
+        if not (self._dest or self._fencing):
+            return False  # no numbered message out at all: the common case
+        if k in self._fencing:
+            return True
+        prev = self._dest.get(k)
+        if prev is None or prev == to:
+            return False
+        view = self.view
+        return prev not in (view.ring if view.next_ring is None else view.next_ring)
+
+    def _fence(self, k: K, to: str, then: Deferred) -> None:
+        """Do ``then`` (which sends to ``to``) once every numbered message of ``k`` sent so
+        far has reached the object: send a fence where they went (unless one is out), and
+        queue ``then``.  If that node has gone, the fence goes to ``to`` and waits there
+        for the goodbye that followed everything the leaver forwarded."""
+        waiting = self._fencing.get(k)
+        if waiting is None:
+            prev = self._dest.pop(k)
+            req_id, _ = self._new_pending("fence", k, None)
+            waiting = self._fencing[k] = []
+            if prev in self.out.departed:
+                self.out.send(to, Fence(req_id, self.name, k[0], k[1], prev))
+            else:
+                self.out.send(prev, Fence(req_id, self.name, k[0], k[1]))
+        waiting.append(then)
+
+    def _run_deferred(self, then: Deferred) -> None:
+        what = then[0]
+        if what == "invoke":
+            self.invoke(then[1], then[2])
+        elif what == "untethered":
+            self._untethered_now(then[1], then[2], then[3], then[4])
+        elif what == "reship":
+            self._reship(then[1], then[2])
+        elif what == "fold":
+            self._fold_out(then[1], then[2], then[3])
+        # "arrived": installing the object is _reply_fence's own work
+
+    def _on_fence(self, msg: Fence, sender: str) -> None:
+        k = (msg.map, msg.key)
+        if msg.after is not None and msg.after not in self.out.departed:
+            self._after_gone.setdefault(msg.after, []).append((msg, sender))
+        elif k in self.objects or k in self._arriving:
+            self._reply(msg.origin, msg.req_id, Status.OK)
+        elif self._expects(k):
+            self._parked.setdefault(k, []).append((msg, sender))
+        elif k in self.moved_to:
+            self.out.send(self.moved_to[k], msg)  # behind what we forwarded there
+        else:
+            self._reply(msg.origin, msg.req_id, Status.OK)  # whatever came was applied
+
+    def _reply_fence(self, pending: Pending, msg: Reply) -> None:
+        k = pending.k
+        assert k is not None
+        held = self._arriving.pop(k, None)
+        if held is not None:
+            self._install(k, held)
+        waiting = self._fencing.pop(k, [])
+        if not self._expects(k):
+            self._unpark(k)  # calls that came for the arriving object, in their order
+        for then in waiting:
+            self._run_deferred(then)
+
+    def _on_gone(self, msg: Gone, sender: str) -> None:
+        self._reply(sender, msg.req_id, Status.OK)  # (the last message it gets from us)
+        self.out.departed.add(sender)
+        for fence, via in self._after_gone.pop(sender, ()):
+            self._on_fence(fence, via)
+
+    def bounce(self, to: str, msg: Message) -> None:
+        """``msg`` cannot reach ``to``, which left: answer it here if we can (the answers
+        are handled like any message to ourselves), else count it."""
+        if isinstance(msg, Fence) and msg.origin == self.name:
+            self.out.send(self.name, Reply(msg.req_id, Status.OK, None))
+        elif isinstance(msg, Call) and msg.req_id:
+            # A blocking call through a reference taken before the node left: find the
+            # object again (the caller waits a little longer, nothing is lost).
+            self.out.send(self.name, Reply(msg.req_id, Status.NOT_HERE, None))
+        elif isinstance(msg, Call):
+            self._relocate_untethered((msg.map, msg.key), msg.method, msg.args)
+        elif isinstance(msg, Untethered):
+            for map_name, key, method, args, _ in msg.calls:
+                self._relocate_untethered((map_name, key), method, list(args))
+        elif isinstance(msg, Drop) and msg.origin is not None:
+            self._confirm_drop(msg)  # nothing left there to drop: the remover may go on
+        elif type(msg).__name__ in ("HandOnAck", "HandOnsAck", "EvacuateAck"):
+            pass  # for a hand-on that a late request made the leaver forward: it counts nothing
+        else:
+            self.out.error(f"sent-to-departed-node-{type(msg).__name__}", to)
+
+    def _relocate_untethered(self, k: K, method: str, args: list[Any]) -> None:
+        """An untethered call that could not reach a departed node: ask the key owner where
+        the object is now and ship it there (as a call whose answer nobody awaits)."""
+        info = self.maps.get(k[0])
+        if info is None:
+            self.out.error("sent-to-departed-node", f"{k!r:.80}: unknown map")
+            return
+        req_id, pending = self._new_pending("relocate", k, info)
+        pending.method, pending.args = method, args
+        self._key_op(Op.LOCATE, k, KIND_CODE[info.kind], req_id)
+
+    # -- scaling --
+
+    def enter_stage(self, view: NodeView) -> None:
+        """Adopt the controller's new stage: entering NORMAL drops cached locations on
+        nodes outside the ring and retargets replicas of objects evacuated from them."""
+        if view.stage is Stage.NORMAL:
+            members = view.ring.nodes
+            for k, where in list(self.locations.items()):
+                if where not in members:
+                    del self.locations[k]
+            for k, (replica, owner) in list(self.replicas.items()):
+                if owner not in members:  # evacuated to its key owner under the new ring
+                    self.replicas[k] = (replica, view.ring.owner(key_token(*k)))
+        departed = self.out.departed
+        if departed:  # a name that joins again is a new process: talk to it
+            departed -= view.ring.nodes | (view.next_ring.nodes if view.next_ring else set())
+        if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
+            self._unacked = 0
+        self.view = view
+
+    @property
+    def leaving(self) -> bool:
+        view = self.view
+        return view.next_ring is not None and self.name not in view.next_ring
+
+    def evacuated(self) -> bool:
+        """A leaving node has handed every object over, and each was acknowledged."""
+        return not self.leaving or (not self.objects and self._unacked == 0)
+
+    def evacuate(self, limit: int) -> int:
+        """Scale-in: send up to ``limit`` held objects, single- and multi-writer alike, to
+        their next key owner (the original S6 lost multi-writer state here).  Objects still
+        in use by a local reference wait for the next call."""
+        view = self.view
+        if view.stage is not Stage.SCALING or not self.leaving:
+            return 0
+        assert view.next_ring is not None
+        sent = 0
+        for k, held in list(self.objects.items()):
+            if sent >= limit:
+                break
+            if held.refs or held.release is not None:
+                continue
+            dest = view.next_ring.owner(key_token(*k))
+            self._fold_local_replica(k, held)
+            try:
+                state = dump_state(held.obj)
+            except TypeError as exc:
+                self.out.error("state-not-encodable", f"cannot evacuate {k!r:.80}: {exc}")
+                continue
+            cls = held.info.cls
+            version = held.version + 1
+            del self.objects[k]
+            self.moved_to[k] = dest
+            self.moved_version[k] = version
+            self._unacked += 1
+            self.objects_evacuated += 1
+            self.migrations_out += 1
+            if self.trace is not None and held.info.kind is ObjectKind.SINGLE:
+                self.trace.append(("release", k[0], k[1], held.version, self.name))
+            path = f"{cls.__module__}:{cls.__qualname__}"
+            self.out.send(dest, Evacuate(k[0], k[1], path, version, state))
+            kind = KIND_CODE[held.info.kind]
+            self._key_op(
+                Op.MOVED, k, kind, 0, owner=dest, version=version, note=MovedNote.EVACUATED
+            )
+            sent += 1
+        return sent
+
+    def _on_evacuate(self, msg: Evacuate, sender: str) -> None:
+        k = (msg.map, msg.key)
+        info = self.maps.get(msg.map)
+        if info is None and self.resolve_class is not None:
+            try:
+                info = self.resolve_class(msg.cls)
+            except Exception as exc:
+                self.out.error("evacuate-unknown-class", f"{msg.cls}: {exc!r:.200}")
+                info = None
+        if info is None:
+            self.out.error("evacuate-unknown-class", msg.cls)
+            return  # not acknowledged: the leaving node keeps waiting (and says so)
+        held = Held(info, load_state(info.cls, msg.state), msg.version)
+        if info.kind is ObjectKind.MULTI and (self._dest.get(k) == sender or k in self._fencing):
+            # Our own calls of it may still be on their way through the leaving node: the
+            # object is used here only once they have arrived (the fence comes back).
+            self._arriving[k] = held
+            self._fence(k, self.name, ("arrived",))
+        else:
+            self._install(k, held)
+        self.migrations_in += 1
+        if self.trace is not None and info.kind is ObjectKind.SINGLE:
+            self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
+        self.out.send(sender, EvacuateAck(msg.map, msg.key, self.view.epoch))
+
+    def _on_evacuate_ack(self, msg: EvacuateAck, sender: str) -> None:
+        if self._unacked > 0 and msg.epoch == self.view.epoch:
+            self._unacked -= 1
+
+    def _install(self, k: K, held: Held) -> None:
+        """Hold an object evacuated to this node.  Updates this node made into a replica
+        while the object was elsewhere, and calls parked for it, are applied first: a
+        local reference taken from now on calls the object directly, and its calls must
+        come after them."""
+        self.objects[k] = held
+        if k in self.replicas:
+            self._fold_local_replica(k, held)
+        self._unpark(k)
