@@ -710,7 +710,7 @@ async def finished_event(controller: Any, kind: str, offset: float) -> dict[str,
     with trio.fail_after(30):
         while True:
             log = controller.log
-            started = [t for t in log if t.what == "event" and t.stage == kind]
+            started = [t for t in log if t.what == "event" and t.text == kind]
             if started:
                 epoch = started[-1].epoch
                 done = [t for t in log if t.what == "finish" and t.epoch == epoch]
@@ -727,7 +727,12 @@ async def finished_event(controller: Any, kind: str, offset: float) -> dict[str,
         "start": started[-1].at - offset,
         "converged": done[0].at - offset,
         "steps": [
-            {"what": t.what, "member": t.member, "stage": t.stage, "at": t.at - offset}
+            {
+                "what": t.what,
+                "member": t.member,
+                "stage": None if t.stage is None else t.stage.value,
+                "at": t.at - offset,
+            }
             for t in (*acks, *drained)
         ],
     }
