@@ -345,22 +345,36 @@ class Node:
         self, dest: str, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
         host, port = parse_address(dest)
-        async with connect_peer(
-            host,
-            port,
-            secret=self.secret,
-            name=self.name,
-            max_frame=self.max_frame,
-            counters=WireCounters(self.counters),
-            close_timeout=LINK_CLOSE_TIMEOUT,
-        ) as peer:
-            self._peers[dest] = peer
-            task_status.started(peer)
-            try:
-                async for _batch in peer:  # nothing is sent back on our outgoing link
-                    pass
-            finally:
-                self._peers.pop(dest, None)
+        started = False
+        try:
+            async with connect_peer(
+                host,
+                port,
+                secret=self.secret,
+                name=self.name,
+                max_frame=self.max_frame,
+                counters=WireCounters(self.counters),
+                close_timeout=LINK_CLOSE_TIMEOUT,
+            ) as peer:
+                self._peers[dest] = peer
+                task_status.started(peer)
+                started = True
+                try:
+                    async for _batch in peer:  # nothing is sent back on our outgoing link
+                        pass
+                finally:
+                    self._peers.pop(dest, None)
+        except (StoreError, OSError, trio.BrokenResourceError, BaseExceptionGroup) as exc:
+            # The peer died or the link broke: that must not end this node (the task runs
+            # in the node's nursery).  Before the link was up, the caller (the sender) is
+            # told; after, the next message to that node opens a new link.
+            leaf = first_leaf(exc)
+            if not isinstance(leaf, StoreError | OSError | trio.BrokenResourceError):
+                raise
+            if not started:
+                raise PeerUnavailable(f"could not connect to {dest}: {leaf}") from None
+            self.errors["link-lost"] = self.errors.get("link-lost", 0) + 1
+            logger.warning("%s: the link to %s broke: %s", self.name, dest, leaf)
 
     async def _on_peer(self, peer: Peer) -> None:
         core, micro, execute, clock = self.core, self.micro, self.execute, self.clock

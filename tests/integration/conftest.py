@@ -18,11 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Proc:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, stdin: bool = False
+    ) -> None:
         self.args = args
         self.popen = subprocess.Popen(
             [sys.executable, *args],
             cwd=ROOT,
+            stdin=subprocess.PIPE if stdin else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

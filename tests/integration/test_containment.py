@@ -1,0 +1,151 @@
+"""Containment: the death of one process (kill -9) ends no other process.
+
+A controller, three ``store.node`` processes and two member processes on loopback; one of
+them is killed with SIGKILL, and the test checks, by asking them, that every other process
+still runs and still serves: each member's own updates keep counting up, and the
+controller answers ``ctl status``, showing the dead process as LOST.  Nothing here waits
+for luck: every wait is for an answer, under a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import ROOT, Proc
+from tests.integration.test_cluster import start_cluster
+
+
+class Member:
+    """A member process the test talks to on stdin/stdout."""
+
+    def __init__(self, procs: list[Proc], controller: str, secret_file: Path) -> None:
+        self.proc = Proc(
+            [
+                "-m",
+                "tests.integration.member",
+                "--controller",
+                controller,
+                "--secret-file",
+                str(secret_file),
+            ],
+            stdin=True,
+        )
+        procs.append(self.proc)
+        line = self.proc.first_line()
+        assert line.startswith("member "), line
+        self.name = line.split()[1]
+
+    def ask(self, command: str, timeout: float = 30) -> dict[str, object]:
+        popen = self.proc.popen
+        assert popen.stdin is not None
+        popen.stdin.write(command + "\n")
+        popen.stdin.flush()
+        answer: dict[str, object] = json.loads(self.proc.first_line(timeout))
+        return answer
+
+    def updates(self) -> int:
+        return int(self.ask("stats")["updates"])  # type: ignore[call-overload]
+
+    def keeps_working(self) -> None:
+        """Its own (local) updates go on: the count grows between two answers."""
+        first = self.updates()
+        for _ in range(200):
+            if self.updates() > first:
+                return
+        raise AssertionError(f"member {self.name} stopped updating its own objects")
+
+
+def status(controller: str, secret_file: Path) -> str:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "store.ctl",
+            "--controller",
+            controller,
+            "--secret-file",
+            str(secret_file),
+            "--timeout",
+            "10",
+            "status",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def alive(procs: list[Proc], but: Proc) -> None:
+    for proc in procs:
+        if proc is not but:
+            assert proc.popen.poll() is None, f"{proc.args} exited: {proc.stderr()}"
+
+
+def kill(proc: Proc) -> None:
+    proc.popen.send_signal(signal.SIGKILL)
+    proc.popen.wait(10)
+
+
+@pytest.mark.parametrize("victim", ["node", "member"])
+def test_a_killed_process_ends_no_other(procs: list[Proc], secret_file: Path, victim: str) -> None:
+    controller, _nodes = start_cluster(procs, secret_file, nodes=3)
+    members = [Member(procs, controller, secret_file) for _ in range(2)]
+    dead = procs[2] if victim == "node" else members[0].proc
+    survivor = members[1]
+    survivor.keeps_working()
+    kill(dead)
+    survivor.keeps_working()
+    text = status(controller, secret_file)
+    assert "LOST" in text, text
+    survivor.keeps_working()
+    alive(procs, but=dead)
+
+
+def test_a_killed_operator_client_ends_nothing(procs: list[Proc], secret_file: Path) -> None:
+    controller, _nodes = start_cluster(procs, secret_file, nodes=2)
+    member = Member(procs, controller, secret_file)
+    # An authenticated operator connection, killed while it is connected.
+    client = Proc(
+        [
+            "-c",
+            "import sys, trio\n"
+            "from store.cli.common import read_secret\n"
+            "from store.shell.transport import connect_peer\n"
+            "from store.wire.control import parse_address\n"
+            "async def main():\n"
+            "    host, port = parse_address(sys.argv[1])\n"
+            "    secret = read_secret(sys.argv[2], 'client')\n"
+            "    async with connect_peer(host, port, secret=secret, name='ctl-1') as peer:\n"
+            "        print('connected', flush=True)\n"
+            "        await trio.sleep_forever()\n"
+            "trio.run(main)\n",
+            controller,
+            str(secret_file),
+        ]
+    )
+    procs.append(client)
+    assert client.first_line() == "connected"
+    kill(client)
+    status(controller, secret_file)
+    member.keeps_working()
+    alive(procs, but=client)
+
+
+def test_members_keep_serving_when_the_controller_dies(
+    procs: list[Proc], secret_file: Path
+) -> None:
+    controller, _nodes = start_cluster(procs, secret_file, nodes=2)
+    member = Member(procs, controller, secret_file)
+    member.keeps_working()
+    kill(procs[0])
+    member.keeps_working()
+    alive(procs, but=procs[0])
