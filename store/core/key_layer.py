@@ -84,7 +84,7 @@ class KeyState(enum.IntEnum):
 TRANSITIONS: Final[dict[KeyState, frozenset[KeyState]]] = {
     KeyState.ABSENT: frozenset({KeyState.LIVE}),
     KeyState.LIVE: frozenset({KeyState.MOVING, KeyState.DROPPING}),
-    KeyState.MOVING: frozenset({KeyState.LIVE, KeyState.ABSENT}),
+    KeyState.MOVING: frozenset({KeyState.LIVE}),
     KeyState.DROPPING: frozenset({KeyState.ABSENT}),
 }
 
