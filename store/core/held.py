@@ -58,6 +58,7 @@ class Pending:
         "k",
         "kind",
         "method",
+        "relocated",
         "tries",
         "waits",
     )
@@ -73,6 +74,9 @@ class Pending:
         self.creators: list[Wait[Any]] | None = None  # acquire: the waits that asked to create
         self.asked = 0  # acquire: waits[:asked] were there when the request was sent
         self.at = 0.0  # call: the caller's clock when it was made (a stale read's age)
+        #: An untethered call that could not reach a node that left, sent again where its
+        #: object is now (a flush's barrier to that node waits for it, see ScaleIn.bounce).
+        self.relocated = False
 
 
 #: What waits for a fence, as data: ("invoke", Invoke, now), ("untethered", k, method,

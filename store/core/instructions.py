@@ -42,6 +42,7 @@ __all__ = [
     "Fail",
     "Farewell",
     "Flush",
+    "FlushCheck",
     "FlushTargets",
     "Instruction",
     "Invoke",
@@ -143,6 +144,15 @@ class Flush:
 
 
 @dataclass(slots=True)
+class FlushCheck:
+    """The end of a flush, once every barrier was answered: ``wait`` resolves to None, or
+    fails with :class:`~store.core.objects.UntetheredCallsFailed` if any untethered call
+    (or fold) of this node failed since the last FlushCheck."""
+
+    wait: Wait[Any]
+
+
+@dataclass(slots=True)
 class AskBarrier:
     """``wait`` resolves once ``node`` has applied everything this node sent it before."""
 
@@ -210,6 +220,7 @@ Stimulus: TypeAlias = (
     | LetGo
     | Invoke
     | Flush
+    | FlushCheck
     | AskBarrier
     | AskScan
     | AskSnapshot

@@ -41,18 +41,30 @@ from store.core.instructions import (
     AskSnapshot,
     Farewell,
     Flush,
+    FlushCheck,
     Invoke,
     LetGo,
     Locate,
     Remove,
     Undeliverable,
 )
-from store.core.objects import ClassInfo, MethodKind, ObjectKind, dump_state, load_state
+from store.core.objects import (
+    ClassInfo,
+    MethodKind,
+    ObjectKind,
+    UntetheredCallsFailed,
+    ValueNotEncodable,
+    dump_state,
+    encode_args,
+    encode_value,
+    load_state,
+)
 from store.core.outbox import Outbox
 from store.core.scale_in import ScaleIn
 from store.core.scheduler import Wait
 from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
 from store.wire.errors import (
+    MessageTooLarge,
     ObjectNotFound,
     ObjectRemoved,
     RemoteCallError,
@@ -63,6 +75,7 @@ from store.wire.errors import (
 from store.wire.messages import (
     Barrier,
     Call,
+    CallFailed,
     Drop,
     Evacuate,
     EvacuateAck,
@@ -101,6 +114,9 @@ class ObjectLayer(ScaleIn):
         self._acquiring: dict[K, Pending] = {}
         self._early_release: dict[K, Release] = {}
         self._early_drop: dict[K, int] = {}  # a Drop that overtook the object's Transfer
+        #: Single-writer objects granted here as new whose constructor raised, by the
+        #: version granted: their removal is on its way to the key owner (see _unbuilt).
+        self._unbuilt: dict[K, int] = {}
         #: Calls, folds and fences for an object on its way here, in arrival order.
         self._parked: dict[K, list[tuple[Call | Fold | Fence, str]]] = {}
         self._seq: dict[K, int] = {}
@@ -314,8 +330,11 @@ class ObjectLayer(ScaleIn):
         try:
             result = self.call_now(k, info, method, args, owner, now)
         except Exception as exc:
-            if wait is None:
-                self.out.error(f"call-{type(exc).__name__}", str(exc)[:200])
+            if wait is None:  # an untethered call, applied here: it fails alone
+                self.out.failed_update(
+                    f"call-{type(exc).__name__}",
+                    f"{info.name}.{method} raised {type(exc).__name__}: {str(exc)[:200]}",
+                )
             else:
                 self.out.fail(wait, exc)
             return
@@ -332,6 +351,11 @@ class ObjectLayer(ScaleIn):
             self.untethered_calls += 1
             self._untethered_now(k, method, args, owner)
             return
+        assert wait is not None
+        error = self._unsendable(info, method, args)
+        if error is not None:  # told where the call is made, before any message
+            self.out.fail(wait, error)
+            return
         # A blocking call (or a stale read that missed): our replica's updates go first.
         replica = self.replicas.get(k)
         fold_to = owner if replica is None else replica[1]
@@ -341,24 +365,46 @@ class ObjectLayer(ScaleIn):
         self._send_fold(k)
         req_id, pending = self._new_pending("call", k, info)
         pending.method, pending.args, pending.at = method, list(args), now
-        assert wait is not None
         pending.waits.append(wait)
         self.remote_calls += 1
         self._ship_call(pending, owner, req_id)
 
+    def _unsendable(self, info: ClassInfo, method: str, args: tuple[Any, ...]) -> Any:
+        """Why a blocking call's arguments cannot go in a message (the error to raise at
+        its caller), or None.  One encoding of the arguments; a call that takes the
+        remote path pays it beside a round trip."""
+        what = f"{info.cls.__qualname__}.{method}"
+        try:
+            size = len(encode_args(args, what))
+        except ValueNotEncodable as exc:
+            return exc
+        if size > self.out.max_payload:
+            return MessageTooLarge(
+                f"the arguments of {what} are {size} bytes encoded; a call carries at most "
+                f"{self.out.max_payload} (the frame limit, max_frame, less room for the rest)"
+            )
+        return None
+
     def flush(self, stim: Flush) -> list[str] | None:
-        """Fold replicas if asked; the untethered destinations since the last such ask."""
+        """Fold replicas if asked; the untethered destinations since the last such ask,
+        members or not: a node that left is waited for too (its barrier is answered, or
+        bounced and answered here once what it could not take was relocated)."""
         if stim.replicas:
             for k in list(self.replicas):
                 self._send_fold(k)
         if not stim.targets:
             return None
-        members = self.view.ring.nodes
-        if self.view.next_ring is not None:
-            members = members | self.view.next_ring.nodes
-        dests = sorted((self.untethered_since_flush & members) - {self.name})
+        dests = sorted(self.untethered_since_flush - {self.name})
         self.untethered_since_flush.clear()
         return dests
+
+    def flush_check(self, stim: FlushCheck) -> None:
+        """The end of a flush: the untethered failures since the last one, if any."""
+        count, failures = self.out.take_failures()
+        if count:
+            self.out.fail(stim.wait, UntetheredCallsFailed(count, failures))
+        else:
+            self.out.resolve(stim.wait, None)
 
     def ask_barrier(self, stim: AskBarrier) -> None:
         req_id, pending = self._new_pending("plain", None, None)
@@ -459,7 +505,14 @@ class ObjectLayer(ScaleIn):
                 return
         else:
             info = pending.info
-            obj = info.cls() if msg.created else load_state(info.cls, msg.state or b"\xa0")
+            if msg.created:
+                try:
+                    obj = info.cls()
+                except Exception as exc:  # the NF's constructor: the create hears it
+                    self._unbuilt_single(k, pending, msg.version, dropped, exc)
+                    return
+            else:
+                obj = load_state(info.cls, msg.state or b"\xa0")
             held = Held(info, obj, msg.version)
             if msg.version < dropped:
                 # Removed on its way here (the Drop overtook this Transfer).  The grant came
@@ -483,11 +536,52 @@ class ObjectLayer(ScaleIn):
             self.out.resolve(wait, (held, wait is maker))
         self._unpark(k)
 
+    def _constructor_failed(self, k: K, pending: Pending, exc: Exception) -> None:
+        """``cls()`` raised making the object ``k`` that the key owner just created for
+        us: every create (and get) waiting for it raises the constructor's exception,
+        and the key owner is asked to remove the record it made, so that the key is
+        absent again and nothing waits for an object that was never built."""
+        info = pending.info
+        assert info is not None
+        self.out.error(
+            f"call-{type(exc).__name__}",
+            f"{info.name}() raised {type(exc).__name__}: {str(exc)[:200]} "
+            f"(creating {k[0]}[{k[1]!r:.60}])",
+        )
+        for wait in pending.waits:
+            self.out.fail(wait, exc)
+        req_id, _ = self._new_pending("plain", k, info)
+        self._key_op(Op.REMOVE, k, KIND_CODE[info.kind], req_id)
+
+    def _unbuilt_single(
+        self, k: K, pending: Pending, version: int, dropped: int, exc: Exception
+    ) -> None:
+        """A single-writer object granted here as new (``version``) could not be built.
+        Until the removal reaches the key owner, another node's request may come first
+        and make it send us a Release: the object, never built, then goes to that node
+        as new (see :meth:`_on_release`) and is removed there."""
+        if version < dropped:  # removed already (its Drop overtook the grant)
+            info = pending.info
+            assert info is not None
+            self.out.error(f"call-{type(exc).__name__}", f"{info.name}() raised: {exc!s:.200}")
+            for wait in pending.waits:
+                self.out.fail(wait, exc)
+        else:
+            self._unbuilt[k] = version
+            self._constructor_failed(k, pending, exc)
+        self._unpark(k)
+
     def _on_release(self, msg: Release, sender: str) -> None:
         k = (msg.map, msg.key)
         held = self.objects.get(k)
         if held is None and k in self.moved_to:
             return  # we evacuated it; the key owner asks its new holder (see MOVED)
+        if held is None and self._unbuilt.get(k) == msg.version:
+            del self._unbuilt[k]  # never built here: the asker builds it (new), and our
+            version = msg.version + 1  # removal, queued behind this move, follows it
+            self.out.send(msg.to, Transfer(k[0], k[1], msg.req_id, version, None, True))
+            self._key_op(Op.MOVED, k, Kind.SINGLE, 0, owner=msg.to, version=version)
+            return
         if held is None or held.version < msg.version:
             self._early_release[k] = msg  # the object is still on its way to us
             return
@@ -500,6 +594,11 @@ class ObjectLayer(ScaleIn):
         assert release is not None
         try:
             state = dump_state(held.obj)
+            if len(state) > self.out.max_payload:
+                raise TypeError(
+                    f"{held.info.cls.__qualname__} state is {len(state)} bytes, over the "
+                    f"{self.out.max_payload} a frame holds"
+                )
         except TypeError as exc:
             # The object cannot travel: it stays here, the asker gets the reason, and the
             # key owner hears "moved to where it already is" so its queue goes on.
@@ -553,7 +652,8 @@ class ObjectLayer(ScaleIn):
             if msg.req_id:
                 self._reply(sender, msg.req_id, Status.ERROR, ["NotCallable", msg.method])
             else:
-                self.out.error("malformed-call", f"from {sender}: {msg.method!r:.40}")
+                text = f"{held.info.name} has no untethered method {msg.method!r:.40}"
+                self._call_failed(sender, msg, "malformed-call", f"from {sender}: {text}", text)
             return
         if msg.seq and not self._fresh(held, sender, msg.seq):
             if msg.req_id:
@@ -563,12 +663,56 @@ class ObjectLayer(ScaleIn):
         try:
             value = getattr(held.obj, msg.method)(*msg.args)
         except Exception as exc:  # the NF's method raised: its caller hears why
-            self.out.error(f"call-{type(exc).__name__}", f"{msg.method}: {str(exc)[:200]}")
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            counter = f"call-{type(exc).__name__}"
+            text = f"{held.info.name}.{msg.method} called by {sender} raised {error}"
             if msg.req_id:
+                self.out.error(counter, text)
                 self._reply(sender, msg.req_id, Status.ERROR, [type(exc).__name__, str(exc)])
+            else:
+                self._call_failed(sender, msg, counter, text, error)
             return
         if msg.req_id:
+            if sender != self.name:  # (to this node itself, the value is not encoded)
+                refused = self._unreturnable(held, msg, sender, value)
+                if refused is not None:
+                    self._reply(sender, msg.req_id, Status.ERROR, refused)
+                    return
             self._reply(sender, msg.req_id, Status.OK, value)
+
+    def _unreturnable(self, held: Held, msg: Call, sender: str, value: Any) -> list[str] | None:
+        """Why the result of a call cannot travel back to its caller (``[kind, text]`` for
+        the error reply, which the caller raises as a ``RemoteCallError``), or None.  The
+        owner only counts and logs it: the NF's fault, not a reason to stop."""
+        what = f"the result of {held.info.name}.{msg.method} (a {type(value).__name__})"
+        try:
+            size = len(encode_value(value, what))
+        except ValueNotEncodable as exc:
+            self.out.error("call-not-encodable", f"for {sender}: {exc}")
+            return ["ValueNotEncodable", str(exc)]
+        if size > self.out.max_payload:
+            text = f"{what} is {size} bytes, over the {self.out.max_payload} a reply carries"
+            self.out.error("call-too-large", f"for {sender}: {text}")
+            return ["MessageTooLarge", text]
+        return None
+
+    def _call_failed(
+        self, sender: str, msg: Call | Fold, counter: str, text: str, error: str
+    ) -> None:
+        """An untethered call (or a fold) from ``sender`` could not be applied here:
+        count and log it, and tell the sender, whose next flush raises.  (A call that a
+        leaving node forwarded, seq 0, has lost its caller's name: only counted.)"""
+        if sender == self.name:
+            self.out.failed_update(counter, text)
+            return
+        self.out.error(counter, text)
+        if msg.seq:
+            method = msg.method if isinstance(msg, Call) else ""
+            self.out.send(sender, CallFailed(msg.map, msg.key, method, msg.seq, error))
+
+    def _on_call_failed(self, msg: CallFailed, sender: str) -> None:
+        what = f"{msg.map}[{msg.key!r:.60}].{msg.method or 'merge'}"
+        self.out.failed_update("call-failed-at-owner", f"{what} at {sender}: {msg.error:.300}")
 
     def _fresh(self, held: Held, sender: str, seq: int) -> bool:
         seen = held.seen
@@ -598,7 +742,14 @@ class ObjectLayer(ScaleIn):
             return
         if msg.seq and not self._fresh(held, sender, msg.seq):
             return
-        held.obj.merge(load_state(held.info.cls, msg.state))
+        replica = load_state(held.info.cls, msg.state)
+        try:
+            held.obj.merge(replica)
+        except Exception as exc:  # the NF's merge raised: the folder hears why
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            text = f"{held.info.name}.merge of a replica from {sender} raised {error}"
+            self._call_failed(sender, msg, f"call-{type(exc).__name__}", text, error)
+            return
         self.merges += 1
 
     def _expects(self, k: K) -> bool:
@@ -636,6 +787,8 @@ class ObjectLayer(ScaleIn):
         elif held is None and k in self.moved_to:
             # We evacuated it: the drop follows it (the remover is answered from here).
             self.out.send(self.moved_to[k], Drop(msg.map, msg.key, msg.version))
+        if self._unbuilt and self._unbuilt.get(k, msg.version) < msg.version:
+            del self._unbuilt[k]  # the removal asked for when its constructor raised
         self.locations.pop(k, None)
         self.replicas.pop(k, None)
         if msg.origin is not None:
@@ -663,13 +816,20 @@ class ObjectLayer(ScaleIn):
 
     def _on_snapshot(self, msg: Snapshot, sender: str) -> None:
         out = []
+        size = 0
         for key in msg.keys:
             held = self.objects.get((msg.map, key))
             try:
-                out.append([key, None if held is None or held.removed else dump_state(held.obj)])
+                state = None if held is None or held.removed else dump_state(held.obj)
             except TypeError as exc:  # the asker gets the reason, not silence
                 self._reply(sender, msg.req_id, Status.ERROR, ["StateNotEncodable", str(exc)])
                 return
+            size += 0 if state is None else len(state)
+            if size > self.out.max_payload:  # (the asker asks for a few keys at a time)
+                text = f"the states asked for are over the {self.out.max_payload} bytes allowed"
+                self._reply(sender, msg.req_id, Status.ERROR, ["MessageTooLarge", text])
+                return
+            out.append([key, state])
         self._reply(sender, msg.req_id, Status.OK, out)
 
     # -- replies to our requests --
@@ -718,7 +878,13 @@ class ObjectLayer(ScaleIn):
             return
         owner, version, created = msg.value
         if created and owner == self.name:
-            self.objects[k] = Held(pending.info, pending.info.cls(), version)
+            try:
+                obj = pending.info.cls()
+            except Exception as exc:  # the NF's constructor: the create hears it
+                self._constructor_failed(k, pending, exc)
+                self._unpark(k)
+                return
+            self.objects[k] = Held(pending.info, obj, version)
         self.locations[k] = owner
         for wait in pending.waits:
             self.out.resolve(wait, (owner, created))
@@ -740,6 +906,14 @@ class ObjectLayer(ScaleIn):
             self._pending[req_id] = pending
             self._key_op(Op.LOCATE, k, KIND_CODE[pending.info.kind], req_id)
             return
+        if pending.relocated:  # an untethered call, sent again: nobody waits for it
+            self._relocated(pending)
+            if msg.status == Status.ERROR:
+                error = self._error_of(pending, msg)
+                self.out.failed_update("call-failed-at-owner", f"{error}"[:300])
+            elif msg.status != Status.OK:
+                self.out.error("untethered-call-lost", f"{k!r:.80}: {msg.status.name}")
+            return
         if msg.status != Status.OK:
             for wait in pending.waits:
                 self.out.fail(wait, self._error_of(pending, msg))
@@ -759,6 +933,7 @@ class ObjectLayer(ScaleIn):
         if msg.status != Status.OK:
             if not pending.waits:
                 self.out.error("untethered-call-lost", f"{k!r:.80}: {msg.status.name}")
+            self._relocated(pending)
             for wait in pending.waits:
                 self.out.fail(wait, self._error_of(pending, msg))
             return
@@ -817,7 +992,10 @@ class ObjectLayer(ScaleIn):
             try:
                 getattr(held.obj, method)(*args)
             except Exception as exc:
-                self.out.error(f"call-{type(exc).__name__}", f"{method}: {str(exc)[:200]}")
+                self.out.failed_update(
+                    f"call-{type(exc).__name__}",
+                    f"{held.info.name}.{method} raised {type(exc).__name__}: {str(exc)[:200]}",
+                )
             return
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         self.untethered_since_flush.add(owner)
@@ -897,15 +1075,29 @@ class ObjectLayer(ScaleIn):
         if to == self.name:
             held = self.objects.get(k)
             if held is not None and not held.removed:
-                held.obj.merge(replica)
+                try:
+                    held.obj.merge(replica)
+                except Exception as exc:  # the NF's merge raised: this node's flush says so
+                    self.out.failed_update(
+                        f"call-{type(exc).__name__}",
+                        f"{held.info.name}.merge raised {type(exc).__name__}: {str(exc)[:200]}",
+                    )
+                    return
                 self.merges += 1
                 return
         try:
             state = dump_state(replica)
         except TypeError as exc:
             # The class's merge left something cbor cannot carry in the replica: the fault
-            # is the NF's, the node keeps running, and the error count says what was lost.
-            self.out.error("replica-not-encodable", str(exc))
+            # is the NF's, the node keeps running, and its next flush says what was lost.
+            self.out.failed_update("replica-not-encodable", str(exc))
+            return
+        if len(state) > self.out.max_payload:
+            self.out.failed_update(
+                "replica-not-encodable",
+                f"a replica of {k[0]}[{k[1]!r:.60}] is {len(state)} bytes, over the "
+                f"{self.out.max_payload} a frame holds",
+            )
             return
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         self.untethered_since_flush.add(to)
@@ -929,6 +1121,9 @@ class ObjectLayer(ScaleIn):
             assert k in self._acquiring, k
         for k in self._arriving:
             assert k in self._fencing, k  # an arriving object waits for its fence
+        for k in self._unbuilt:
+            assert k not in self.objects, k
+        assert self._relocating >= 0 and (self._relocating or not self._barriers_after)
 
 
 _HANDLERS: dict[type, str] = {
@@ -943,6 +1138,7 @@ _HANDLERS: dict[type, str] = {
     Evacuate: "_on_evacuate",
     EvacuateAck: "_on_evacuate_ack",
     Untethered: "_on_untethered",
+    CallFailed: "_on_call_failed",
     Fence: "_on_fence",
     Gone: "_on_gone",
 }

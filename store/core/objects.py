@@ -21,28 +21,45 @@ the hot path.
 Objects travel between nodes as cbor of their plain fields (``vars(obj)``), never pickled:
 a class whose state cbor cannot encode fails with a ``TypeError`` naming the class and the
 field, at the moment it would have to travel.
+
+What else crosses the wire is checked where the caller can be told (:func:`check_key` for
+keys, :func:`encode_value` for a call's arguments and results): a value that cannot
+travel is refused before any message is made, never by the sender task or the peer.
 """
 
 from __future__ import annotations
 
 import enum
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 import cbor2
 
-from store.wire.errors import MalformedMessage
+from store.wire.errors import MalformedMessage, RemoteCallError, StoreError
+from store.wire.messages import MAX_KEY_DEPTH
 
 __all__ = [
+    "FLAT",
+    "MAX_INT_BITS",
+    "MAX_KEY_BYTES",
+    "MAX_VALUE_DEPTH",
     "ClassInfo",
+    "InvalidKey",
     "MethodInfo",
     "MethodKind",
     "MultiWriter",
     "ObjectKind",
     "SingleWriter",
+    "UntetheredCallsFailed",
+    "ValueNotEncodable",
+    "args_travel",
+    "check_key",
     "dump_state",
+    "encode_args",
+    "encode_value",
     "info_of",
     "load_state",
     "stale",
@@ -211,3 +228,184 @@ def load_state(cls: type, data: bytes) -> Any:
     obj: Any = object.__new__(cls)
     obj.__dict__.update(state)
     return obj
+
+
+# --- what may cross the wire: keys, and a call's arguments and results --------------------
+
+#: Largest key, in cbor bytes.  A key travels in nearly every key-layer message and is
+#: hashed for the ring on every access that leaves the node; a flow key is tens of bytes.
+MAX_KEY_BYTES: Final = 4096
+
+#: Deepest nesting of one argument (or result) of a call: the frame's own levels (the batch,
+#: the message, an untethered batch's entry, the argument list) come on top, and the whole
+#: must stay within the decoder's ``store.wire.messages.MAX_DEPTH`` (64).  It also keeps
+#: cbor2's encoder, which recurses in C without a guard, far from the stack's end (it
+#: crashes the process at some 20,000 levels).
+MAX_VALUE_DEPTH: Final = 48
+
+
+class InvalidKey(StoreError, TypeError, ValueError):
+    """The caller's: a key that is not a value with one stable encoding: not built from
+    ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes`` and tuples, a NaN (which
+    equals nothing, not even itself) or ``-0.0`` (equal to ``0.0`` but encoded apart, so
+    the two would find one object here and two key owners), nested deeper than
+    ``MAX_KEY_DEPTH`` or larger than :data:`MAX_KEY_BYTES` encoded.  Refused at the call,
+    before any message.  A ``TypeError`` (the wrong material) and a ``ValueError`` (a wrong
+    value) both, so either ``except`` catches it."""
+
+
+class ValueNotEncodable(StoreError, TypeError):
+    """The caller's: an argument of a call holds a value cbor cannot carry (or one nested
+    deeper than :data:`MAX_VALUE_DEPTH`, or holding itself).  A blocking call raises it
+    where it is made; an untethered call fails alone and the next ``flush()`` says so."""
+
+
+class UntetheredCallsFailed(RemoteCallError):
+    """The NF's: untethered calls made before this flush failed (an argument that could
+    not travel, or the method raised at the object's owner, where it is logged with the
+    caller and the class).  Each failed alone: the calls around it were applied.
+    ``count`` says how many, ``failures`` describes the first few."""
+
+    def __init__(self, count: int, failures: list[str]) -> None:
+        more = "" if count <= len(failures) else f"; and {count - len(failures)} more"
+        super().__init__(
+            f"{count} untethered call{'s' if count != 1 else ''} failed since the last "
+            f"flush: {'; '.join(failures)}{more}"
+        )
+        self.count = count
+        self.failures = failures
+
+
+def check_key(key: Any) -> None:
+    """Raise :class:`InvalidKey`, saying why, unless ``key`` may name an object.
+
+    O(size of the key), and at most :data:`MAX_KEY_BYTES` steps however large it is: the
+    walk stops as soon as the key is known to be too large, before anything encodes it."""
+    _key_part(key, 0, MAX_KEY_BYTES)
+    try:
+        size = len(cbor2.dumps(key))
+    except Exception as exc:  # (the walk above lets through only what cbor2 encodes)
+        raise InvalidKey(f"key {key!r:.80} cannot be encoded: {exc}") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidKey(f"a key of {size} bytes (encoded) is over the {MAX_KEY_BYTES} allowed")
+
+
+def _key_part(part: Any, depth: int, room: int) -> int:
+    """Check one part of a key at tuple ``depth``; the bytes left of the key's budget (a
+    lower bound of the encoding: str length in characters, one byte per item)."""
+    kind = type(part)
+    if kind is str or kind is bytes:
+        room -= len(part) + 1
+    elif kind is int or kind is bool or isinstance(part, int):  # (an IntEnum: an int)
+        if part.bit_length() > MAX_INT_BITS:
+            raise InvalidKey(
+                f"a key holds an int of {part.bit_length()} bits (at most {MAX_INT_BITS} travel)"
+            )
+        room -= 1 + part.bit_length() // 8
+    elif part is None:
+        room -= 1
+    elif kind is tuple or isinstance(part, tuple):  # a named tuple is a tuple on the wire
+        if depth >= MAX_KEY_DEPTH:
+            raise InvalidKey(f"a key nested deeper than {MAX_KEY_DEPTH} levels of tuples")
+        room -= 1
+        for item in part:
+            room = _key_part(item, depth + 1, room)
+    elif isinstance(part, float):
+        if math.isnan(part):
+            raise InvalidKey(
+                "NaN cannot be (part of) a key: it equals nothing, not even itself, so every "
+                "access would miss"
+            )
+        if part == 0.0 and math.copysign(1.0, part) < 0:
+            raise InvalidKey(
+                "-0.0 cannot be (part of) a key: it equals 0.0 but is encoded apart; use 0.0"
+            )
+        room -= 3
+    elif isinstance(part, str | bytes):  # (a StrEnum: a str on the wire)
+        room -= len(part) + 1
+    else:
+        raise InvalidKey(
+            f"a key is built from None, bool, int, float, str, bytes and tuples of them, "
+            f"not {kind.__name__}" + (" (use a tuple)" if isinstance(part, list) else "")
+        )
+    if room < 0:
+        raise InvalidKey(f"a key larger than {MAX_KEY_BYTES} bytes (encoded)")
+    return room
+
+
+#: Widest integer that travels: the decoder refuses a frame holding a wider one (an int of
+#: thousands of digits breaks every error message that formats it).
+MAX_INT_BITS: Final = 1024
+
+#: Types that need no look inside to travel (an int only up to :data:`MAX_INT_BITS`).
+FLAT: Final = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def _why_not(value: Any, room: int) -> str | None:
+    """Why ``value`` cannot travel although cbor2 may encode it (containers nested more
+    than ``room`` levels, which includes a container holding itself, or an int too
+    wide), or None.  A scalar costs a type check."""
+    kind = type(value)
+    if kind is int or (kind is not bool and isinstance(value, int)):
+        if value.bit_length() > MAX_INT_BITS:
+            return f"holds an int of {value.bit_length()} bits (at most {MAX_INT_BITS} travel)"
+        return None
+    if kind in FLAT:
+        return None
+    if isinstance(value, dict):
+        items: Any = [x for pair in value.items() for x in pair]
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = value
+    else:
+        return None  # cbor2 says whether it encodes it
+    if room == 0:
+        return "is nested too deep (or holds itself)"
+    for item in items:
+        if type(item) is not int and type(item) in FLAT:
+            continue
+        why = _why_not(item, room - 1)
+        if why is not None:
+            return why
+    return None
+
+
+def args_travel(args: tuple[Any, ...] | list[Any]) -> str | None:
+    """Why the arguments of one call cannot travel (see :func:`encode_value`), or None."""
+    for arg in args:
+        kind = type(arg)
+        if kind is int:
+            if arg.bit_length() > MAX_INT_BITS:
+                return _why_not(arg, 0)
+        elif kind not in FLAT:
+            why = _why_not(arg, MAX_VALUE_DEPTH)
+            if why is not None:
+                return why
+    return None
+
+
+def encode_value(value: Any, what: str) -> bytes:
+    """``value`` as cbor, or :class:`ValueNotEncodable` saying that ``what`` cannot travel
+    and why.  O(size of the value); never hands cbor2 a value nested deeper than
+    :data:`MAX_VALUE_DEPTH`."""
+    why = _why_not(value, MAX_VALUE_DEPTH)
+    if why is None:
+        try:
+            return cbor2.dumps(value)
+        except Exception as exc:
+            why = f"is not plain data ({exc})"
+    raise ValueNotEncodable(
+        f"{what} {why}, so it cannot travel to another node; pass plain data (None, bool, "
+        f"int, float, str, bytes, and lists, tuples and dicts of them nested at most "
+        f"{MAX_VALUE_DEPTH} deep)"
+    )
+
+
+def encode_args(args: tuple[Any, ...] | list[Any], what: str) -> bytes:
+    """The arguments of a call to ``what`` (``"Class.method"``) as one cbor array, or
+    :class:`ValueNotEncodable` naming the first argument that cannot travel."""
+    try:
+        return encode_value(args, f"the arguments of {what}")
+    except ValueNotEncodable:
+        for i, arg in enumerate(args):
+            encode_value(arg, f"argument {i + 1} of {what} (a {type(arg).__name__})")
+        raise

@@ -33,6 +33,7 @@ from store.core.instructions import (
     EnterStage,
     Farewell,
     Flush,
+    FlushCheck,
     FlushTargets,
     Instruction,
     Invoke,
@@ -46,7 +47,7 @@ from store.core.instructions import (
 from store.core.key_layer import KeyLayer
 from store.core.object_layer import ObjectLayer
 from store.core.objects import ClassInfo, ObjectKind
-from store.core.outbox import Outbox
+from store.core.outbox import DEFAULT_MAX_FRAME, Outbox
 from store.wire.errors import StoreError
 from store.wire.messages import (
     Barrier,
@@ -117,9 +118,12 @@ class Router:
         raise_bugs: bool = False,
         resolve_class: Callable[[str], ClassInfo] | None = None,
         trace: list[tuple[str, str, Any, int, str]] | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
+        """``max_frame``: the largest frame the shell's links carry; no message the core
+        makes is larger (calls and results over it are refused where they are made)."""
         self.name = name
-        self.out = Outbox(name)
+        self.out = Outbox(name, max_frame)
         self.keys = KeyLayer(name, ring, self.out)
         self.objects = ObjectLayer(name, ring, self.out)
         self.objects.resolve_class = resolve_class
@@ -169,6 +173,8 @@ class Router:
                 out.effects.append(FlushTargets(targets))
         elif kind is AskBarrier:
             objects.ask_barrier(stimulus)  # type: ignore[arg-type]
+        elif kind is FlushCheck:
+            objects.flush_check(stimulus)  # type: ignore[arg-type]
         elif kind is AskScan:
             objects.ask_scan(stimulus)  # type: ignore[arg-type]
         elif kind is AskSnapshot:

@@ -31,6 +31,7 @@ from store.core.objects import ClassInfo, ObjectKind, dump_state, load_state
 from store.core.outbox import Outbox
 from store.wire.codes import Kind, MovedNote, Op, Status
 from store.wire.messages import (
+    Barrier,
     Call,
     Drop,
     Evacuate,
@@ -106,6 +107,10 @@ class ScaleIn:
         self.moved_version: dict[K, int] = {}  # and the version they arrived there with
         self._unacked = 0  # evacuations of this event not yet acknowledged
         self.objects_evacuated = 0
+        #: Untethered calls relocated because their node had left, not yet answered, and
+        #: this node's own barriers to such nodes, answered once none is left (see bounce).
+        self._relocating = 0
+        self._barriers_after: list[int] = []
 
     # -- per-caller order across a scale-in --
 
@@ -188,6 +193,14 @@ class ScaleIn:
         are handled like any message to ourselves), else count it."""
         if isinstance(msg, Fence) and msg.origin == self.name:
             self.out.send(self.name, Reply(msg.req_id, Status.OK, None))
+        elif isinstance(msg, Barrier):
+            # A flush waits for that node: what it took before it left, it handed on
+            # before its goodbye; what it could not take was relocated (below), and the
+            # barrier is answered once each of those calls was.
+            if self._relocating:
+                self._barriers_after.append(msg.req_id)
+            else:
+                self.out.send(self.name, Reply(msg.req_id, Status.OK, None))
         elif isinstance(msg, Call) and msg.req_id:
             # A blocking call through a reference taken before the node left: find the
             # object again (the caller waits a little longer, nothing is lost).
@@ -213,7 +226,21 @@ class ScaleIn:
             return
         req_id, pending = self._new_pending("relocate", k, info)
         pending.method, pending.args = method, args
+        pending.relocated = True
+        self._relocating += 1
         self._key_op(Op.LOCATE, k, KIND_CODE[info.kind], req_id)
+
+    def _relocated(self, pending: Pending) -> None:
+        """A relocated untethered call was answered (applied, failed or lost): the
+        barriers that waited for the last of them are answered."""
+        if not pending.relocated:
+            return
+        pending.relocated = False
+        self._relocating -= 1
+        if self._relocating == 0 and self._barriers_after:
+            for req_id in self._barriers_after:
+                self.out.send(self.name, Reply(req_id, Status.OK, None))
+            self._barriers_after = []
 
     # -- scaling --
 

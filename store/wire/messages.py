@@ -966,3 +966,18 @@ class HandOnsAck:
 
     epoch: int
     count: int
+
+
+@message(39)
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallFailed:
+    """An untethered call (``seq``, 0 for a fold) that the receiver sent for ``map[key]``
+    failed where it was to be applied: the method raised, or the object's class has no
+    such method.  ``error`` says why (``"ExceptionType: text"``).  The receiver counts it,
+    and its next ``flush()`` raises: an untethered call fails alone, but not silently."""
+
+    map: str
+    key: Key
+    method: str
+    seq: int
+    error: str
