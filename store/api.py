@@ -34,7 +34,7 @@ from store.core.instructions import (
     Remove,
 )
 from store.core.object_layer import SLOW, Held
-from store.core.objects import ClassInfo, MethodKind, ObjectKind, info_of, load_state
+from store.core.objects import ClassInfo, MethodKind, ObjectKind, check_key, info_of, load_state
 from store.core.router import NodeStatistics
 from store.core.scheduler import Wait
 from store.wire.errors import ObjectNotFound, ObjectRemoved
@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 __all__ = ["Map", "Ref", "Space", "SpaceStatistics"]
 
 T = TypeVar("T")
+
+#: Keys whose states ``Map.items()`` asks a node for at once: the answer is one message.
+SNAPSHOT_KEYS = 256
 
 
 async def _ready(value: Any) -> Any:
@@ -221,7 +224,11 @@ class _Access:
     async def __aenter__(self) -> Any:
         map_ = self._map
         k = (map_.name, self._key)
-        held = None if self._readonly else map_._take(k, map_._single)
+        try:
+            held = None if self._readonly else map_._take(k, map_._single)
+        except TypeError:  # an unhashable key: say what a key may be
+            check_key(self._key)
+            raise
         if held is not None:
             ref = _new(map_._local)  # Ref.__init__, inline
             ref._map = map_
@@ -234,6 +241,9 @@ class _Access:
         return await self._slow(k)
 
     async def _slow(self, k: tuple[str, Any]) -> Ref:
+        # The key is checked here, not on the fast path: a key that finds an object held
+        # here equals the key that object was made or fetched with, which came this way.
+        check_key(k[1])
         map_ = self._map
         node = map_._node
         if self._readonly and map_._single:
@@ -336,6 +346,7 @@ class Map(Generic[T]):
     async def remove(self, key: Any) -> bool:
         """Remove the object under ``key``; whether one existed.  Later accesses fail with
         ``ObjectNotFound`` until a create; references still held raise ``ObjectRemoved``."""
+        check_key(key)
         wait: Wait[bool] = Wait((self.name, key))
         self._node.handle(Remove((self.name, key), wait))
         return await wait
@@ -368,9 +379,13 @@ class Map(Generic[T]):
         for _attempt in range(4):
             retry: dict[str, list[Any]] = {}
             for where, wanted in pending.items():
-                wait: Wait[list[list[Any]]] = Wait(("snapshot", where, self.name))
-                node.handle(AskSnapshot(where, self.name, wanted, wait))
-                for raw, data in await wait:
+                answers: list[list[Any]] = []
+                for i in range(0, len(wanted), SNAPSHOT_KEYS):  # each answer fits a frame
+                    wait: Wait[list[list[Any]]] = Wait(("snapshot", where, self.name))
+                    chunk = wanted[i : i + SNAPSHOT_KEYS]
+                    node.handle(AskSnapshot(where, self.name, chunk, wait))
+                    answers.extend(await wait)
+                for raw, data in answers:
                     key = key_from_wire(raw)
                     if data is not None:
                         out.append((key, data))
@@ -427,10 +442,19 @@ class Space:
         result.  Units of one flow finish in the order submitted."""
         return await self._node.micro.submit(flow, fn, *args)
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float | None = None) -> None:
         """Send every untethered batch and fold every replica, and return once each
-        destination has applied them: every update made before counts exactly once."""
-        await self._node.space_flush()
+        destination has applied them: every update made before counts exactly once.
+
+        Raises :class:`~store.core.objects.UntetheredCallsFailed` (a ``RemoteCallError``)
+        if an untethered call or fold of this member failed since the last flush (the
+        others were applied), and ``PeerUnavailable`` if a destination, member or not,
+        has not answered within ``timeout`` seconds (``store.shell.node.FLUSH_TIMEOUT``
+        by default)."""
+        if timeout is None:
+            await self._node.space_flush()
+        else:
+            await self._node.space_flush(timeout)
 
     def statistics(self) -> SpaceStatistics:
         """A frozen record of this member's figures (see :class:`SpaceStatistics`)."""

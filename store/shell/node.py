@@ -40,6 +40,7 @@ from store.core.instructions import (
     Fail,
     Farewell,
     Flush,
+    FlushCheck,
     FlushTargets,
     Instruction,
     Log,
@@ -76,6 +77,9 @@ CONNECT_TIMEOUT = 5.0
 
 #: Seconds a flush waits for a node's barrier answer before asking again.
 BARRIER_RETRY = 2.0
+
+#: Seconds ``Space.flush()`` waits, by default, for its barriers before it raises.
+FLUSH_TIMEOUT = 30.0
 
 #: Seconds a node that is stopping normally gives its links to send what its core still
 #: has queued (see :meth:`Node.send_remaining`).  The close handshake comes on top.
@@ -127,6 +131,7 @@ class Node:
             raise_bugs=raise_bugs(),
             resolve_class=import_class,
             trace=trace,
+            max_frame=max_frame,
         )
         #: The object layer's fast paths (``store.api`` calls them directly).
         self.fast = self.core.fast
@@ -212,29 +217,48 @@ class Node:
             gc.freeze()
         self._kick.set()
 
-    async def space_flush(self) -> None:
-        """Send every untethered batch and replica fold; return once all are applied."""
+    async def space_flush(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Send every untethered batch and replica fold; return once all are applied.
+
+        Every node sent updates since the last flush is waited for, a member or not (the
+        core answers for a node that left, once what it could not take was sent on);
+        ``PeerUnavailable`` names those that did not answer within ``timeout`` seconds.
+        Then ``UntetheredCallsFailed`` if an update of this node failed since the last
+        flush (the core keeps them: a failure at the owner comes back before its barrier
+        answer)."""
         dests: list[str] = []
         for ins in self.handle(Flush(replicas=True, targets=True)):
             if type(ins) is FlushTargets:
                 dests = ins.nodes
         waits = {dest: self._barrier(dest) for dest in dests}
         self._kick.set()
+        deadline = trio.current_time() + timeout
+        silent: list[str] = []
         for dest, wait in waits.items():
             # A barrier only asks for an answer, so asking again is harmless: if a link
             # broke under the first one (the transport drops what it had queued, and says
             # so in the log), a fresh link carries the second.
             while True:
-                with trio.move_on_after(BARRIER_RETRY):
+                left = deadline - trio.current_time()
+                with trio.move_on_after(max(0.0, min(BARRIER_RETRY, left))):
                     await wait
                     break
-                if dest not in self.members():
+                if left <= BARRIER_RETRY:
+                    silent.append(dest)
                     break
                 logger.warning(
                     "%s: no answer to a flush barrier from %s; asking again", self.name, dest
                 )
                 wait = self._barrier(dest)
                 self._kick.set()
+        if silent:
+            raise PeerUnavailable(
+                f"flush: no answer from {', '.join(silent)} within {timeout:g} s; the "
+                "updates sent there may not have been applied"
+            )
+        check: Wait[Any] = Wait(("flush", self.name))
+        self.handle(FlushCheck(check))
+        await check
 
     def _barrier(self, dest: str) -> Wait[Any]:
         wait: Wait[Any] = Wait(("barrier", dest))
