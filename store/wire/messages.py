@@ -83,6 +83,7 @@ from store.wire.errors import MalformedMessage, UnknownMessageType
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_INT_BITS",
     "MAX_KEY_DEPTH",
     "MAX_TAG_LENGTH",
     "WIRE_VERSION",
@@ -95,7 +96,9 @@ __all__ = [
     "Tag",
     "Welcome",
     "array_header",
+    "brief",
     "decode_batch",
+    "describe_batch",
     "encode_batch",
     "encode_message",
     "frame_from_encoded",
@@ -262,6 +265,44 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+#: Characters of a peer's string (or bytes) that :func:`brief` shows.
+_BRIEF_CHARS: Final = 40
+
+
+def brief(value: Any) -> str:
+    """A short, bounded description of a value that came from a peer, for error texts
+    and logs: O(1) in the value's size, never more than about 80 characters.
+
+    ``repr`` is not safe there: a 16 MB list takes 16 MB to print before ``:.60`` cuts it,
+    and an int of over 4,300 digits makes ``repr`` (and ``str``, and an f-string) raise
+    ``ValueError`` (Python's guard against quadratic int-to-str conversion), which turned
+    a peer's garbage into our crash.  Short ints, floats and the first characters of a
+    string or bytes are shown; anything else by its type and size.
+    """
+    kind = type(value)
+    if value is None or kind is bool or kind is float:
+        return repr(value)
+    if kind is int:
+        return repr(value) if value.bit_length() <= 64 else f"an int of {value.bit_length()} bits"
+    if kind is str or kind is bytes:
+        if len(value) <= _BRIEF_CHARS:
+            return repr(value)
+        return f"{value[:_BRIEF_CHARS]!r}... ({len(value)} {'chars' if kind is str else 'bytes'})"
+    if kind is list or kind is tuple:
+        return f"a {kind.__name__} of {len(value)} items"
+    if kind is dict:
+        return f"a map of {len(value)} entries"
+    return f"a {kind.__name__}"
+
+
+def describe_batch(batch: list[Any]) -> str:
+    """A bounded description of a decoded batch: its first message types and its length,
+    never the fields' values (see :func:`brief`)."""
+    names = ", ".join(type(msg).__qualname__ for msg in batch[:4])
+    more = f", ... ({len(batch)} messages)" if len(batch) > 4 else ""
+    return f"[{names}{more}]"
+
+
 def _exact(kind: type[Any]) -> _Convert:
     # `type(v) is kind`, not isinstance: True must not pass as an int, nor an int as a bool.
     def convert(value: Any) -> Any:
@@ -277,7 +318,10 @@ def _to_float(value: Any) -> Any:
     if kind is float:
         return value
     if kind is int:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a bignum beyond float's range
+            raise _Mismatch(f"expected float, got {brief(value)}") from None
     raise _Mismatch(f"expected float, got {_describe(value)}")
 
 
@@ -417,7 +461,7 @@ def _to_enum(cls: type[enum.IntEnum]) -> _Convert:
     def convert(value: Any) -> Any:
         member = members.get(value) if type(value) is int else None
         if member is None:
-            raise _Mismatch(f"expected a {cls.__name__} code, got {value!r:.40}")
+            raise _Mismatch(f"expected a {cls.__name__} code, got {brief(value)}")
         return member
 
     return convert
@@ -532,17 +576,53 @@ def encode_batch(msgs: Iterable[Message]) -> bytes:
 # --- decoding -----------------------------------------------------------------------------
 
 
-def _refuse_tag(_decoder: Any) -> Any:
+#: Widest integer a frame may carry.  cbor's plain integers stop at 64 bits; wider ones
+#: travel as bignums (tags 2 and 3, a byte string of any length), which cbor2 would turn
+#: into a Python int of any size: 2 KB of frame make an int of 5,000 digits, and the first
+#: error message or log line that formats it raises ``ValueError`` (Python refuses to
+#: convert an int of over 4,300 digits to text).  1024 bits (309 digits) is far above any
+#: integer the store sends and far below that limit.
+MAX_INT_BITS: Final = 1024
+_MAX_INT_BYTES: Final = MAX_INT_BITS // 8
+
+
+def _refuse_tag(_value: Any, _immutable: bool = False) -> Any:
     raise cbor2.CBORDecodeError("semantic tag not allowed on the wire")
 
 
-# Tags cbor2 would otherwise honour but that have no business on our wire: 28/29 build
-# shared (even cyclic) structures, 35 compiles a regular expression, 36 parses a MIME
-# message.  Nothing we send uses them; a frame that does is refused.
-_REFUSED_TAGS: Final = {28: _refuse_tag, 29: _refuse_tag, 35: _refuse_tag, 36: _refuse_tag}
+def _bignum(value: Any, _immutable: bool = False) -> int:
+    if type(value) is not bytes:
+        raise cbor2.CBORDecodeError("a bignum is a byte string")
+    if len(value) > _MAX_INT_BYTES:
+        raise cbor2.CBORDecodeError(
+            f"an integer of {len(value) * 8} bits; at most {MAX_INT_BITS} are allowed"
+        )
+    return int.from_bytes(value, "big")
+
+
+def _negative_bignum(value: Any, immutable: bool = False) -> int:
+    return -1 - _bignum(value, immutable)
+
+
+# Semantic tags decoded our way.  Bignums (2, 3) are bounded by MAX_INT_BITS (decimal
+# fractions, big floats and rationals are built from them, so they are bounded too).
+# Tags cbor2 would otherwise honour but that have no business on our wire are refused:
+# 28/29 build shared (even cyclic) structures, 35 compiles a regular expression, 36 parses
+# a MIME message.  Nothing we send uses them; a frame that does is refused.
+_SEMANTIC: Final = {
+    2: _bignum,
+    3: _negative_bignum,
+    28: _refuse_tag,
+    29: _refuse_tag,
+    35: _refuse_tag,
+    36: _refuse_tag,
+}
 
 #: Deepest container nesting a frame may have (batch array, entry, then field values).
 MAX_DEPTH: Final = 64
+
+# Characters of a cbor2 error's text kept in ours (they may quote the peer's data).
+_ERROR_TEXT: Final = 200
 
 
 def _loads(frame: bytes) -> Any:
@@ -554,19 +634,33 @@ def _loads(frame: bytes) -> Any:
     stream = io.BytesIO(frame)
     try:
         decoded = cbor2.CBORDecoder(
-            stream, semantic_decoders=_REFUSED_TAGS, max_depth=MAX_DEPTH
+            stream, semantic_decoders=_SEMANTIC, max_depth=MAX_DEPTH
         ).decode()
     except Exception as exc:  # cbor2 errors, MemoryError for absurd lengths, ...
-        raise MalformedMessage(f"frame is not valid cbor: {exc}") from None
+        raise MalformedMessage(f"frame is not valid cbor: {_error_text(exc)}") from None
     if stream.tell() != len(frame):
         # cbor2 stops after one item; bytes after it mean the frame is not what we sent.
         raise MalformedMessage(f"{len(frame) - stream.tell()} bytes after the cbor item")
     return decoded
 
 
+def _error_text(exc: BaseException) -> str:
+    """The text of an exception met while decoding, bounded (it may quote the peer's
+    data, and ``str`` itself may fail: a ``__post_init__`` that formats a huge value)."""
+    try:
+        text = str(exc)
+    except Exception:
+        return type(exc).__name__
+    if len(text) > _ERROR_TEXT:
+        return text[:_ERROR_TEXT] + "..."
+    return text
+
+
 def _decode_entry(entry: Any, index: int) -> Message:
     if type(entry) is not list or not entry:
-        raise MalformedMessage(f"batch entry {index}: expected [tag, fields...], got {entry!r:.60}")
+        raise MalformedMessage(
+            f"batch entry {index}: expected [tag, fields...], got {brief(entry)}"
+        )
     tag = entry[0]
     kind = type(tag)
     if kind is not int and kind is not str:
@@ -574,7 +668,7 @@ def _decode_entry(entry: Any, index: int) -> Message:
         raise MalformedMessage(f"batch entry {index}: tag must be int or str, not {kind.__name__}")
     schema = _BY_TAG.get(tag)
     if schema is None:
-        raise UnknownMessageType(f"batch entry {index}: unknown message tag {tag!r:.40}")
+        raise UnknownMessageType(f"batch entry {index}: unknown message tag {brief(tag)}")
     names = schema.names
     if len(entry) != len(names) + 1:
         raise MalformedMessage(
@@ -594,7 +688,7 @@ def _decode_entry(entry: Any, index: int) -> Message:
             values[i] = convert(values[i])  # type: ignore[misc]
         except _Mismatch as exc:
             raise MalformedMessage(
-                f"batch entry {index}: {schema.cls.__qualname__}.{names[i]}: {exc}"
+                f"batch entry {index}: {schema.cls.__qualname__}.{names[i]}: {_error_text(exc)}"
             ) from None
     setters = schema.setters
     if setters is not None:
@@ -606,7 +700,9 @@ def _decode_entry(entry: Any, index: int) -> Message:
         return schema.cls(*values)  # type: ignore[no-any-return]
     except (TypeError, ValueError) as exc:
         # A __post_init__ that rejects the values: still the sender's fault.
-        raise MalformedMessage(f"batch entry {index}: {schema.cls.__qualname__}: {exc}") from None
+        raise MalformedMessage(
+            f"batch entry {index}: {schema.cls.__qualname__}: {_error_text(exc)}"
+        ) from None
 
 
 _new_instance: Final = object.__new__
@@ -619,6 +715,13 @@ def decode_batch(frame: bytes) -> list[Message]:
     well-formed entries (wrong arity, wrong field types, trailing bytes, refused tags), and
     :class:`~store.wire.errors.UnknownMessageType` for an entry with an unregistered tag.  A
     frame is accepted or refused as a whole: no partial batch is returned.
+
+    Bounds, for frames from strangers as much as from peers: nesting at most
+    :data:`MAX_DEPTH` levels, integers at most :data:`MAX_INT_BITS` wide, no length
+    declared beyond the frame's end (nothing is allocated for it); the frame's own size is
+    the caller's limit (the transport's ``max_frame``, and a few KiB before the
+    handshake).  The texts of the errors describe the peer's values with :func:`brief`,
+    never with ``repr``: bounded whatever the frame holds.
     """
     decoded = _loads(frame)
     if type(decoded) is not list:

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from store.wire.errors import MalformedMessage, UnknownMessageType
 from store.wire.messages import (
+    MAX_DEPTH,
+    MAX_INT_BITS,
     WIRE_VERSION,
     Error,
     Hello,
@@ -22,7 +24,9 @@ from store.wire.messages import (
     Refused,
     Welcome,
     array_header,
+    brief,
     decode_batch,
+    describe_batch,
     encode_batch,
     encode_message,
     frame_from_encoded,
@@ -342,3 +346,84 @@ def test_nan_and_infinities_round_trip() -> None:
     [out] = decode_batch(encode_batch([Keyed("m", (math.inf, -math.inf), 0, math.nan)]))
     assert isinstance(out, Keyed)
     assert out.key == (math.inf, -math.inf) and math.isnan(out.value)
+
+
+# --- bounds: depth, integer width, and error texts that never format a value unbounded ----
+
+
+def test_integers_up_to_the_width_limit_round_trip() -> None:
+    widest = 2**MAX_INT_BITS - 1
+    for value in (2**64, -(2**64) - 1, widest, -widest - 1):
+        [out] = decode_batch(encode_batch([Keyed("m", value, 0, value)]))
+        assert isinstance(out, Keyed) and out.key == value and out.value == value
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_an_integer_wider_than_the_limit_is_refused(sign: int) -> None:
+    """The attack of issue 9: 2 KB of frame made an int of 4,400 digits, and the error
+    text built from it raised ValueError (int-to-str over 4,300 digits) instead of
+    refusing the frame."""
+    huge = sign * 10**4400
+    frame_ = cbor2.dumps([[1, huge, "n", b"n" * 32, 4096]])  # a Hello's version
+    assert len(frame_) < 2100
+    with pytest.raises(MalformedMessage, match=f"at most {MAX_INT_BITS}"):
+        decode_batch(frame_)
+    with pytest.raises(MalformedMessage):
+        decode_batch(cbor2.dumps([["test:keyed", "m", 1, 0, [huge]]]))  # deep in an Any field
+    just_over = sign * 2 ** (MAX_INT_BITS + 7)
+    with pytest.raises(MalformedMessage):
+        decode_batch(cbor2.dumps([["test:keyed", "m", just_over, 0, None]]))
+
+
+def test_a_wide_integer_in_a_float_field_is_malformed_not_an_overflow() -> None:
+    bad = frame(["test:typed", True, 2**MAX_INT_BITS - 1, b"", None, [], ["a", 1], [], {}, 1, []])
+    with pytest.raises(MalformedMessage, match="expected float"):
+        decode_batch(bad)
+
+
+def test_nesting_deeper_than_the_limit_is_refused() -> None:
+    # MAX_DEPTH levels below the batch's own array are decoded (then refused: not
+    # messages); one more is refused by the cbor decoder itself.
+    with pytest.raises(MalformedMessage, match="tag must be"):
+        decode_batch(b"\x81" * MAX_DEPTH + b"\x80")
+    with pytest.raises(MalformedMessage, match="not valid cbor"):
+        decode_batch(b"\x81" * (MAX_DEPTH + 1) + b"\x80")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        frame(list(range(100_000))),  # an entry that is a long array... of ints: no tag
+        frame(["x" * 100_000]),  # an unknown tag of 100,000 characters
+        frame(["test:keyed", "m", 1, 0, None, 2**MAX_INT_BITS - 1]),  # arity, wide int
+        frame([1, 2**MAX_INT_BITS - 1, "n", b"n" * 32, 4096, 1]),
+        frame([16, *([[0] * 50_000] * 15)]),  # a KeyOp whose every field is a long list
+        cbor2.dumps([{"a" * 100_000: 1}]),
+    ],
+    ids=["long-entry", "long-tag", "extra-field", "hello-arity", "keyop-lists", "map-entry"],
+)
+def test_error_texts_are_bounded_whatever_the_frame_holds(bad: bytes) -> None:
+    with pytest.raises((MalformedMessage, UnknownMessageType)) as refused:
+        decode_batch(bad)
+    assert len(str(refused.value)) < 400
+
+
+def test_brief_describes_any_value_in_a_few_characters() -> None:
+    for value in (
+        10**4400,
+        -(10**4400),
+        "x" * 10**6,
+        b"y" * 10**6,
+        [0] * 10**6,
+        (1,) * 1000,
+        {i: i for i in range(1000)},
+        object(),
+        math.nan,
+        None,
+        True,
+    ):
+        assert len(brief(value)) <= 80
+    assert brief(7) == "7" and brief("ab") == "'ab'" and brief(2**100) == "an int of 101 bits"
+    assert describe_batch([Welcome()] * 10) == (
+        "[Welcome, Welcome, Welcome, Welcome, ... (10 messages)]"
+    )
