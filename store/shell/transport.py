@@ -30,6 +30,15 @@ What this layer promises the node above it:
   a bug: logged with its traceback and counted as ``bug-<ExceptionType>``
   (``store.wire.errors``), it ends that connection only, unless ``S6_RAISE_BUGS=1`` asks
   for the bug to surface.
+* **The door holds against strangers.**  Before the proofs, a connection may send only
+  frames of :data:`HANDSHAKE_MAX_FRAME` bytes (a larger one is refused by the websocket as
+  it arrives, never buffered or decoded) and must finish within ``handshake_timeout``; at
+  most ``max_unauthenticated`` connections per listener may be at that stage at once
+  (more are closed as they are accepted, and counted).  The decoder bounds nesting and
+  integer width (:func:`~store.wire.messages.decode_batch`), and no error text formats a
+  peer's value unbounded.  Whatever way a connection ends (refused, timed out, closed by
+  the peer, or after its handler), its socket is closed at once, so that a flood of
+  connect-and-close cannot hold file descriptors.
 * **Our errors only.**  trio and trio-websocket exceptions are mapped to the store's error
   family here and nowhere else: a closed or unreachable peer is
   :class:`~store.wire.errors.PeerUnavailable`, a broken protocol a
@@ -61,10 +70,9 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Final, NoReturn, Protocol
+from typing import Final, NoReturn, Protocol, cast
 
 import cbor2
 import trio
@@ -91,7 +99,9 @@ from store.wire.messages import (
     Proof,
     Refused,
     Welcome,
+    brief,
     decode_batch,
+    describe_batch,
     encode_batch,
     encode_message,
     frame_from_encoded,
@@ -101,9 +111,12 @@ __all__ = [
     "BATCH_BYTES",
     "CLOSE_TIMEOUT",
     "DEFAULT_MAX_FRAME",
+    "HANDSHAKE_MAX_FRAME",
     "HANDSHAKE_TIMEOUT",
     "HIGH_WATER",
+    "MAX_UNAUTHENTICATED",
     "MIN_FRAME",
+    "REFUSAL_CLOSE_TIMEOUT",
     "Peer",
     "PeerServer",
     "WireCounters",
@@ -128,9 +141,23 @@ BATCH_BYTES: Final = 256 * 1024
 #: :meth:`Peer.send` waits while more than this many encoded bytes are queued, so a bulk
 #: sender (a migration) cannot grow the queue without bound.  ``send_nowait`` never waits.
 HIGH_WATER: Final = 4 * 1024 * 1024
-#: Seconds a server gives a new connection to finish the handshake (and a client, to
-#: connect and finish it).  Bounds what a silent or slow connection can hold.
+#: Seconds a server gives a new connection to open its websocket and finish the handshake
+#: (and a client, to connect and finish it).  Bounds what a silent or slow connection can
+#: hold.
 HANDSHAKE_TIMEOUT: Final = 10.0
+#: Largest frame either side accepts before the other has proved the secret.  A Hello
+#: (with a name of 255 characters) is under 1.2 KiB; without this limit a stranger could
+#: send ``max_frame`` bytes (16 MiB) of tiny cbor items, which decode to over 1 GB.  Set on
+#: the websocket, so a larger frame is refused (1009) as it arrives, not buffered.
+HANDSHAKE_MAX_FRAME: Final = 4 * 1024
+#: Connections a server lets wait at the door (accepted, not yet authenticated) at once;
+#: more are closed as they are accepted.  Each one holds a socket for at most
+#: :data:`HANDSHAKE_TIMEOUT`, and a handshake takes a round trip or two, so a cluster's
+#: own connections never come near it.
+MAX_UNAUTHENTICATED: Final = 64
+#: Seconds a server waits for the close handshake of a connection it refused before the
+#: proofs (the other side may not answer it at all).
+REFUSAL_CLOSE_TIMEOUT: Final = 1.0
 #: Seconds a closing peer spends flushing its queue and closing the websocket politely.
 CLOSE_TIMEOUT: Final = 5.0
 #: Characters allowed in a node name (it appears in logs and in every proof).
@@ -146,6 +173,10 @@ _RECEIVE_BUFFER: Final = 64 * 1024
 _CLEAN_CLOSE: Final = frozenset({1000, 1001})
 # Close code for "message too big" (RFC 6455); trio-websocket uses it for max_message_size.
 _TOO_BIG: Final = 1009
+# Seconds between two log lines about connections refused at a full door.
+_REFUSAL_LOG_INTERVAL: Final = 10.0
+# Characters of a peer's own text (a Refused reason, an Error's text) we log or send.
+_TEXT_LIMIT: Final = 500
 
 
 # --- statistics ---------------------------------------------------------------------------
@@ -163,8 +194,11 @@ class WireStatistics:
     by a peer that advertised a larger limit than it enforces.  ``errors_received`` counts
     the peer's :class:`~store.wire.messages.Error` answers: frames of ours it refused.
 
+    ``connections_refused`` counts sockets a server closed as soon as it accepted them,
+    because :data:`MAX_UNAUTHENTICATED` others were already waiting at its door.
+
     ``errors`` holds the named counters no field covers: ``bug-<ExceptionType>`` for a
-    handler of :func:`serve_peers` that failed with a bug of ours.
+    handler of :func:`serve_peers` (or its handshake) that failed with a bug of ours.
     """
 
     messages_sent: int = 0
@@ -179,6 +213,7 @@ class WireStatistics:
     errors_received: int = 0
     auth_failures: int = 0
     handshake_failures: int = 0
+    connections_refused: int = 0
     peers_connected: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -197,6 +232,7 @@ class WireCounters:
         "auth_failures",
         "bytes_received",
         "bytes_sent",
+        "connections_refused",
         "errors",
         "errors_received",
         "frames_malformed",
@@ -224,6 +260,7 @@ class WireCounters:
         self.errors_received = 0
         self.auth_failures = 0
         self.handshake_failures = 0
+        self.connections_refused = 0
         self.peers_connected = 0
         self.errors: dict[str, int] = {}
 
@@ -242,6 +279,7 @@ class WireCounters:
             errors_received=self.errors_received,
             auth_failures=self.auth_failures,
             handshake_failures=self.handshake_failures,
+            connections_refused=self.connections_refused,
             peers_connected=self.peers_connected,
             errors=dict(self.errors),
         )
@@ -316,6 +354,10 @@ class _WebSocketLink:
     def __init__(self, ws: trio_websocket.WebSocketConnection, remote: str) -> None:
         self._ws = ws
         self.remote = remote
+
+    @property
+    def websocket(self) -> trio_websocket.WebSocketConnection:
+        return self._ws
 
     def _closed_error(self, reason: trio_websocket.CloseReason | None) -> StoreError:
         if reason is not None and reason.code == _TOO_BIG:
@@ -709,7 +751,9 @@ class Peer:
         for msg in batch:
             if isinstance(msg, Error):
                 self._counters._bump("errors_received")
-                logger.warning("peer %s refused our frame (%s): %s", self.name, msg.code, msg.text)
+                logger.warning(
+                    "peer %s refused our frame (%.40s): %.500s", self.name, msg.code, msg.text
+                )
             else:
                 kept.append(msg)
         return kept
@@ -819,25 +863,25 @@ class _Refusal(ProtocolError):
 async def _refuse(link: _Link, code: str, reason: str) -> None:
     """Tell the other side why, if it still listens; the caller closes."""
     try:
-        await link.send_frame(encode_batch([Refused(code, reason)]))
+        await link.send_frame(encode_batch([Refused(code, reason[:_TEXT_LIMIT])]))
     except StoreError:
         pass
 
 
 def _check_hello(batch: list[Message], who: str) -> Hello:
     if len(batch) != 1 or not isinstance(batch[0], Hello):
-        raise _Refusal("protocol", f"{who} did not start with a Hello: {batch!r:.200}")
+        raise _Refusal("protocol", f"{who} did not start with a Hello: {describe_batch(batch)}")
     hello = batch[0]
     if hello.version != WIRE_VERSION:
         raise _Refusal(
-            "version", f"{who} speaks wire version {hello.version}, we speak {WIRE_VERSION}"
+            "version", f"{who} speaks wire version {brief(hello.version)}, we speak {WIRE_VERSION}"
         )
     if len(hello.nonce) != NONCE_BYTES:
         raise _Refusal("protocol", f"{who} sent a {len(hello.nonce)}-byte nonce")
     if not 0 < len(hello.name) <= MAX_NAME_LENGTH:
         raise _Refusal("protocol", f"{who} sent a name of {len(hello.name)} characters")
     if hello.max_frame < MIN_FRAME:
-        raise _Refusal("protocol", f"{who} accepts frames of only {hello.max_frame} bytes")
+        raise _Refusal("protocol", f"{who} accepts frames of only {brief(hello.max_frame)} bytes")
     return hello
 
 
@@ -857,7 +901,7 @@ async def _accept_handshake(
         if len(batch) != 1 or not isinstance(batch[0], Proof):
             raise _Refusal(
                 "protocol",
-                f"client {hello.name!r} at {link.remote} sent {batch!r:.200}, not a Proof",
+                f"client {hello.name!r} at {link.remote} sent {describe_batch(batch)}, not a Proof",
             )
     except _Refusal as exc:
         await _refuse(link, exc.code, str(exc))
@@ -894,7 +938,7 @@ async def _accept_handshake(
 def _raise_refused(batch: list[Message], where: str) -> None:
     if batch and isinstance(batch[0], Refused):
         refused = batch[0]
-        text = f"{where} refused us ({refused.code}): {refused.reason}"
+        text = f"{where} refused us ({refused.code[:40]}): {refused.reason[:_TEXT_LIMIT]}"
         if refused.code == "auth":
             raise AuthenticationError(text)
         raise ProtocolError(text)
@@ -922,7 +966,7 @@ async def _open_handshake(
     batch = await _handshake_frame(link, counters)
     _raise_refused(batch, where)
     if len(batch) != 2 or not isinstance(batch[0], Proof) or not isinstance(batch[1], Welcome):
-        raise ProtocolError(f"{where} answered {batch!r:.200}, not Proof and Welcome")
+        raise ProtocolError(f"{where} answered {describe_batch(batch)}, not Proof and Welcome")
     expected = proof_mac(
         secret,
         role="server",
@@ -948,10 +992,132 @@ def _check_settings(secret: bytes, name: str, max_frame: int) -> None:
         raise ValueError(f"max_frame must be at least {MIN_FRAME} bytes, not {max_frame}")
 
 
-def _endpoint_text(endpoint: trio_websocket.Endpoint | str) -> str:
-    if isinstance(endpoint, trio_websocket.Endpoint):
-        return f"{endpoint.address}:{endpoint.port}"
-    return str(endpoint)
+def _stream_remote(stream: trio.SocketStream) -> str:
+    """``host:port`` of the other end of a TCP stream, for logs."""
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "an unknown address"
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
+async def _close_stream(stream: trio.abc.Stream) -> None:
+    """Close the socket now: its file descriptor is released at once, whatever state the
+    websocket above it is in.  Bounded and shielded, so it runs in a cancelled scope too."""
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+class _ReaderWatch:
+    """Stands in for the nursery that trio-websocket's ``wrap_server_stream`` and
+    ``wrap_client_stream`` start the websocket's reader task in.
+
+    The reader runs in the real nursery, watched: when it ends (the other side closed the
+    socket or broke the protocol before the websocket was open), :attr:`scope` is
+    cancelled, so that the wait for the opening handshake ends at once.  Without this the
+    library waits for its connect timeout (10 s) with the socket open: about 20,000
+    connect-and-close in a few seconds ran the process out of file descriptors.  An
+    exception from the reader (the library's, met on the peer's input) is kept in
+    :attr:`failure` instead of failing our nursery: it ends that connection only.
+    """
+
+    __slots__ = ("_nursery", "failure", "scope")
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.scope = trio.CancelScope()
+        self.failure: Exception | None = None
+
+    def start_soon(
+        self, async_fn: Callable[..., Awaitable[object]], *args: object, name: object = None
+    ) -> None:
+        async def watched() -> None:
+            try:
+                await async_fn(*args)
+            except Exception as exc:  # the library's error on the peer's input
+                self.failure = exc
+            finally:
+                self.scope.cancel()
+
+        self._nursery.start_soon(watched, name=name)
+
+    def why(self) -> str:
+        if self.failure is not None:
+            return f"the websocket failed: {self.failure!r:.200}"
+        return "the peer closed the connection before the websocket was open"
+
+
+async def _accept_websocket(
+    nursery: trio.Nursery, stream: trio.SocketStream
+) -> tuple[trio_websocket.WebSocketConnection | None, _ReaderWatch]:
+    """The server's side of the websocket opening (HTTP upgrade) on ``stream``, frames
+    limited to :data:`HANDSHAKE_MAX_FRAME` until the proofs are done; ``None`` if the peer
+    went away first (the watch says why)."""
+    watch = _ReaderWatch(nursery)
+    with watch.scope:
+        try:
+            request = await trio_websocket.wrap_server_stream(
+                cast(trio.Nursery, watch),
+                stream,
+                max_message_size=HANDSHAKE_MAX_FRAME,
+                receive_buffer_size=_RECEIVE_BUFFER,
+            )
+            return await request.accept(), watch
+        except trio_websocket.ConnectionClosed:
+            pass  # gone while we answered its upgrade
+    return None, watch
+
+
+def _allow_frames(ws: trio_websocket.WebSocketConnection, max_frame: int) -> None:
+    """Raise the websocket's message limit from the handshake's to ``max_frame``, once the
+    other side has proved it knows the secret.
+
+    trio-websocket fixes the limit when the connection is made and has no public way to
+    change it; this sets the attribute its reader checks for every message part (so a
+    frame over the limit is refused as it arrives, never buffered whole).
+    """
+    ws._max_message_size = max_frame
+
+
+class _Door:
+    """The cap on a listener's unauthenticated connections: each accepted socket holds a
+    place from its accept until it has proved the secret or is closed; a socket that finds
+    every place taken is closed at once and counted (``connections_refused``), logged at
+    most once per :data:`_REFUSAL_LOG_INTERVAL` with how many were refused meanwhile."""
+
+    __slots__ = ("_last_log", "_limit", "_refused_since_log", "open")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.open = 0  # unauthenticated connections now
+        self._last_log = -math.inf
+        self._refused_since_log = 0
+
+    def enter(self) -> bool:
+        if self.open >= self._limit:
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+
+    def log_refusal(self) -> None:
+        self._refused_since_log += 1
+        now = trio.current_time()
+        if now - self._last_log >= _REFUSAL_LOG_INTERVAL:
+            logger.warning(
+                "refused %d connection(s): %d unauthenticated connections are open, the limit",
+                self._refused_since_log,
+                self._limit,
+            )
+            self._last_log = now
+            self._refused_since_log = 0
 
 
 # --- server -------------------------------------------------------------------------------
@@ -961,17 +1127,29 @@ class PeerServer:
     """What :func:`serve_peers` hands back through ``nursery.start``: where it listens and
     what it counted (totals over every connection it accepted)."""
 
-    __slots__ = ("_counters", "_server")
+    __slots__ = ("_counters", "_door", "_listeners")
 
-    def __init__(self, server: trio_websocket.WebSocketServer, counters: WireCounters) -> None:
-        self._server = server
+    def __init__(
+        self, listeners: list[trio.SocketListener], counters: WireCounters, door: _Door
+    ) -> None:
+        self._listeners = listeners
         self._counters = counters
+        self._door = door
 
     @property
     def port(self) -> int:
         """The bound port (useful after asking for port 0).  Only for a single listener:
         pass a concrete ``host``, not ``None``."""
-        return self._server.port
+        if len(self._listeners) != 1:
+            raise RuntimeError(f"{len(self._listeners)} listeners: pass a concrete host")
+        port = self._listeners[0].socket.getsockname()[1]
+        assert isinstance(port, int)
+        return port
+
+    @property
+    def unauthenticated(self) -> int:
+        """Connections accepted that have not proved the secret yet (nor been closed)."""
+        return self._door.open
 
     def statistics(self) -> WireStatistics:
         """Totals over all accepted connections, handshake failures included."""
@@ -988,6 +1166,7 @@ async def serve_peers(
     max_frame: int = DEFAULT_MAX_FRAME,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     close_timeout: float = CLOSE_TIMEOUT,
+    max_unauthenticated: int = MAX_UNAUTHENTICATED,
     counters: WireCounters | None = None,
     task_status: trio.TaskStatus[PeerServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -1002,86 +1181,148 @@ async def serve_peers(
     bug of ours: it is logged with its traceback, counted as ``bug-<ExceptionType>`` in
     :attr:`WireStatistics.errors`, and that connection is closed while the server goes on
     serving the others; with ``S6_RAISE_BUGS=1`` (:func:`store.wire.errors.raise_bugs`) it
-    propagates instead and stops the server, so that tests fail loudly.  A failed handshake
-    (wrong secret, garbage, timeout) is counted, logged as one line, and closed, without
-    ever calling the handler.
+    propagates instead and stops the server, so that tests fail loudly.
 
-    ``max_frame`` is the largest frame accepted (and advertised to clients, so that they
-    never send a larger one); ``counters`` lets a node total several transports.
+    The door, before the handler is ever called: a connection has ``handshake_timeout``
+    seconds to open the websocket and prove the secret, in frames of at most
+    :data:`HANDSHAKE_MAX_FRAME` bytes; at most ``max_unauthenticated`` connections may be
+    at that stage at once (more are closed as they are accepted, and counted as
+    ``connections_refused``).  A failed handshake (wrong secret, garbage, a frame over the
+    limit, timeout, the peer gone) is counted, logged as one line, and closed.  Whatever
+    way a connection ends, its socket is closed at once.
+
+    ``max_frame`` is the largest frame accepted after the handshake (and advertised to
+    clients, so that they never send a larger one); ``counters`` lets a node total several
+    transports.
     """
     _check_settings(secret, name, max_frame)
+    if max_unauthenticated < 1:
+        raise ValueError(f"max_unauthenticated must be at least 1, not {max_unauthenticated}")
     totals = counters if counters is not None else WireCounters()
+    door = _Door(max_unauthenticated)
 
-    async def on_request(request: trio_websocket.WebSocketRequest) -> None:
-        remote = _endpoint_text(request.remote)
-        try:
-            ws = await request.accept()
-        except trio_websocket.ConnectionClosed:
+    async def on_stream(stream: trio.SocketStream) -> None:
+        if not door.enter():
+            totals._bump("connections_refused")
+            door.log_refusal()
+            await _close_stream(stream)
             return
-        link = _WebSocketLink(ws, remote)
+        inside = [True]  # still holding a place at the door
         try:
-            with trio.fail_after(handshake_timeout):
+            async with trio.open_nursery() as nursery:
+                try:
+                    await _serve_connection(
+                        stream,
+                        nursery,
+                        handler,
+                        door=door,
+                        inside=inside,
+                        secret=secret,
+                        name=name,
+                        max_frame=max_frame,
+                        handshake_timeout=handshake_timeout,
+                        close_timeout=close_timeout,
+                        totals=totals,
+                    )
+                finally:
+                    nursery.cancel_scope.cancel()  # the websocket's reader
+        finally:
+            if inside[0]:
+                door.leave()
+            await _close_stream(stream)
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, on_stream, listeners)
+        task_status.started(PeerServer(listeners, totals, door))
+        await trio.sleep_forever()
+    raise AssertionError("unreachable: serve_peers runs until cancelled")  # pragma: no cover
+
+
+async def _serve_connection(
+    stream: trio.SocketStream,
+    nursery: trio.Nursery,
+    handler: Callable[[Peer], Awaitable[None]],
+    *,
+    door: _Door,
+    inside: list[bool],
+    secret: bytes,
+    name: str,
+    max_frame: int,
+    handshake_timeout: float,
+    close_timeout: float,
+    totals: WireCounters,
+) -> None:
+    """One accepted socket: the door (websocket opening and proofs, under one deadline),
+    then the handler.  The caller closes the socket afterwards."""
+    remote = _stream_remote(stream)
+    link: _WebSocketLink | None = None
+    hello: Hello | None = None
+    failure: StoreError | None = None
+    watch: _ReaderWatch | None = None
+    with trio.move_on_after(handshake_timeout) as deadline:
+        try:
+            ws, watch = await _accept_websocket(nursery, stream)
+            if ws is not None:
+                link = _WebSocketLink(ws, remote)
                 hello = await _accept_handshake(
                     link, secret=secret, name=name, max_frame=max_frame, counters=totals
                 )
-        except AuthenticationError as exc:
-            totals._bump("auth_failures")
-            logger.warning("%s", exc)
-            await _close_quietly(link, close_timeout)
-            return
-        except ProtocolError as exc:
-            totals._bump("handshake_failures")
-            if isinstance(exc, FrameTooLarge):
-                totals._bump("frames_too_large")
-            logger.warning("refused connection from %s: %s", remote, exc)
-            await _close_quietly(link, close_timeout)
-            return
-        except (PeerUnavailable, trio.TooSlowError) as exc:
-            totals._bump("handshake_failures")
-            what = "timed out" if isinstance(exc, trio.TooSlowError) else f"failed: {exc}"
-            logger.info("handshake with %s %s", remote, what)
-            await _close_quietly(link, close_timeout)
-            return
-        totals._bump("peers_connected")
-        logger.debug("peer %r connected from %s", hello.name, remote)
-        peer = Peer(
-            link,
-            name=hello.name,
-            local_name=name,
-            frame_limit=min(max_frame, hello.max_frame),
-            counters=WireCounters(totals),
-            close_timeout=close_timeout,
-        )
-        try:
-            async with _running(peer):
-                await handler(peer)
-        except (PeerUnavailable, ProtocolError) as exc:
-            logger.info("connection with peer %r (%s) ended: %s", hello.name, remote, exc)
+        except (ProtocolError, PeerUnavailable) as exc:
+            failure = exc
         except Exception as exc:
-            peer._counters._count_error(bug_counter(exc))
-            logger.exception(
-                "bug in the handler of peer %r (%s); its connection is closed", hello.name, remote
-            )
+            # Nothing a peer sends may end up here: a bug of ours, met on its input.
+            totals._count_error(bug_counter(exc))
+            logger.exception("bug in the handshake with %s; its connection is closed", remote)
             if raise_bugs():
                 raise
-
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(
-                trio_websocket.serve_websocket,
-                on_request,
-                host,
-                port,
-                ssl_context=None,
-                max_message_size=max_frame,
-                receive_buffer_size=_RECEIVE_BUFFER,
-                connect_timeout=handshake_timeout,
-                disconnect_timeout=close_timeout,
-            )
+            return
+    if hello is None or link is None:
+        if isinstance(failure, AuthenticationError):
+            totals._bump("auth_failures")
+            logger.warning("%s", failure)
+        elif isinstance(failure, ProtocolError):
+            totals._bump("handshake_failures")
+            if isinstance(failure, FrameTooLarge):
+                totals._bump("frames_too_large")
+            logger.warning("refused connection from %s: %s", remote, failure)
+        else:
+            totals._bump("handshake_failures")
+            if failure is not None:
+                why = f"failed: {failure}"
+            elif deadline.cancelled_caught:
+                why = f"timed out after {handshake_timeout} s"
+            else:
+                why = f"failed: {watch.why() if watch is not None else 'no websocket'}"
+            logger.info("handshake with %s %s", remote, why)
+        if link is not None:
+            await _close_quietly(link, min(close_timeout, REFUSAL_CLOSE_TIMEOUT))
+        return
+    door.leave()
+    inside[0] = False
+    _allow_frames(link.websocket, max_frame)
+    totals._bump("peers_connected")
+    logger.debug("peer %r connected from %s", hello.name, remote)
+    peer = Peer(
+        link,
+        name=hello.name,
+        local_name=name,
+        frame_limit=min(max_frame, hello.max_frame),
+        counters=WireCounters(totals),
+        close_timeout=close_timeout,
+    )
+    try:
+        async with _running(peer):
+            await handler(peer)
+    except (PeerUnavailable, ProtocolError) as exc:
+        logger.info("connection with peer %r (%s) ended: %s", hello.name, remote, exc)
+    except Exception as exc:
+        peer._counters._count_error(bug_counter(exc))
+        logger.exception(
+            "bug in the handler of peer %r (%s); its connection is closed", hello.name, remote
         )
-        task_status.started(PeerServer(server, totals))
-        await trio.sleep_forever()
-    raise AssertionError("unreachable: serve_peers runs until cancelled")  # pragma: no cover
+        if raise_bugs():
+            raise
 
 
 async def _close_quietly(link: _Link, timeout: float) -> None:
@@ -1110,55 +1351,82 @@ async def connect_peer(
     Raises :class:`PeerUnavailable` if the node cannot be reached or the connection and
     handshake take longer than ``timeout`` seconds, :class:`AuthenticationError` if either
     side fails to prove the secret (logged too), and :class:`ProtocolError` if the other
-    side speaks another protocol.  On exit, what is queued is flushed and the connection
-    closed.
+    side speaks another protocol.  Until the server has proved the secret it may send only
+    frames of :data:`HANDSHAKE_MAX_FRAME` bytes, as a server allows us.  On exit, what is
+    queued is flushed and the connection closed; the socket is closed at once whenever the
+    connection ends.
     """
     _check_settings(secret, name, max_frame)
     where = f"{host}:{port}"
     own = WireCounters(counters)
-    async with AsyncExitStack() as stack:
-        try:
-            ws = await stack.enter_async_context(
-                trio_websocket.open_websocket(
-                    host,
-                    port,
-                    "/",
-                    use_ssl=False,
-                    max_message_size=max_frame,
-                    receive_buffer_size=_RECEIVE_BUFFER,
-                    connect_timeout=timeout,
-                    disconnect_timeout=close_timeout,
-                )
+    stream: trio.SocketStream | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(timeout):
+                    try:
+                        stream = await trio.open_tcp_stream(host, port)
+                    except OSError as exc:
+                        raise PeerUnavailable(f"cannot connect to {where}: {exc!r}") from None
+                    watch = _ReaderWatch(nursery)
+                    ws: trio_websocket.WebSocketConnection | None = None
+                    with watch.scope:
+                        ws = await trio_websocket.wrap_client_stream(
+                            cast(trio.Nursery, watch),
+                            stream,
+                            host,
+                            "/",
+                            max_message_size=HANDSHAKE_MAX_FRAME,
+                            receive_buffer_size=_RECEIVE_BUFFER,
+                        )
+                    if ws is None:
+                        raise PeerUnavailable(f"cannot connect to {where}: {watch.why()}")
+                    link = _WebSocketLink(ws, where)
+                    hello = await _open_handshake(
+                        link, secret=secret, name=name, max_frame=max_frame, counters=own
+                    )
+            except trio.TooSlowError:
+                if stream is None:
+                    raise PeerUnavailable(
+                        f"cannot connect to {where}: no answer in {timeout} s"
+                    ) from None
+                own._bump("handshake_failures")
+                raise PeerUnavailable(
+                    f"handshake with {where} timed out after {timeout} s"
+                ) from None
+            except AuthenticationError as exc:
+                own._bump("auth_failures")
+                logger.warning("%s", exc)
+                raise
+            except ProtocolError:
+                own._bump("handshake_failures")
+                raise
+            except PeerUnavailable:
+                if stream is not None:  # reached, but the handshake did not finish
+                    own._bump("handshake_failures")
+                raise
+            _allow_frames(ws, max_frame)
+            own._bump("peers_connected")
+            peer = Peer(
+                link,
+                name=hello.name,
+                local_name=name,
+                frame_limit=min(max_frame, hello.max_frame),
+                counters=own,
+                close_timeout=close_timeout,
             )
-        except trio_websocket.HandshakeError as exc:
-            raise PeerUnavailable(f"cannot connect to {where}: {exc!r}") from exc
-        link = _WebSocketLink(ws, where)
-        try:
-            with trio.fail_after(timeout):
-                hello = await _open_handshake(
-                    link, secret=secret, name=name, max_frame=max_frame, counters=own
-                )
-        except trio.TooSlowError:
-            own._bump("handshake_failures")
-            raise PeerUnavailable(f"handshake with {where} timed out after {timeout} s") from None
-        except AuthenticationError as exc:
-            own._bump("auth_failures")
-            logger.warning("%s", exc)
-            raise
-        except (ProtocolError, PeerUnavailable):
-            own._bump("handshake_failures")
-            raise
-        own._bump("peers_connected")
-        peer = Peer(
-            link,
-            name=hello.name,
-            local_name=name,
-            frame_limit=min(max_frame, hello.max_frame),
-            counters=own,
-            close_timeout=close_timeout,
-        )
-        async with _running(peer):
-            yield peer
+            try:
+                async with _running(peer):
+                    yield peer
+            finally:
+                nursery.cancel_scope.cancel()  # the websocket's reader
+    except BaseExceptionGroup as group:
+        # The websocket's reader runs beside the caller's block: the caller sees its own
+        # exception.
+        reraise_single(group)
+    finally:
+        if stream is not None:
+            await _close_stream(stream)
 
 
 # --- in memory ----------------------------------------------------------------------------

@@ -147,6 +147,7 @@ _NAMES: Final[dict[str, Fault]] = {
     "frames_too_large": "peer",
     "auth_failures": "peer",
     "handshake_failures": "peer",  # garbage, a timeout or a vanished peer before the proofs
+    "connections_refused": "peer",  # more strangers at a listener's door than it lets wait
     "errors_received": "bug",  # a peer refused a frame of ours: we sent something wrong
 }
 

@@ -6,20 +6,25 @@ passes because a sleep happened to be long enough.
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import secrets
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import cbor2
 import pytest
 import trio
 import trio.testing
 import trio_websocket
 
 from store.shell.transport import (
+    HANDSHAKE_MAX_FRAME,
     HIGH_WATER,
     Peer,
     PeerServer,
@@ -35,6 +40,7 @@ from store.wire.errors import (
     MessageTooLarge,
     PeerUnavailable,
     ProtocolError,
+    classify,
 )
 from store.wire.messages import (
     WIRE_VERSION,
@@ -124,6 +130,117 @@ async def raw_client(
             answer = decode_batch(await ws.get_message())  # type: ignore[arg-type]
             assert isinstance(answer[-1], Welcome)
         yield ws
+
+
+class RawWebSocket:
+    """A websocket client spoken by hand over a TCP stream, so that a test can send what no
+    library would: any frame, of any declared length, before or instead of the handshake,
+    streamed from a small buffer (so the test itself allocates nothing big).
+
+    Frames are masked with a zero key (valid framing; the payload travels as it is)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buffer = bytearray()
+
+    @classmethod
+    async def connect(cls, port: int, *, upgrade: bool = True) -> RawWebSocket:
+        ws = cls(await trio.open_tcp_stream("127.0.0.1", port))
+        if upgrade:
+            await ws.upgrade()
+        return ws
+
+    async def upgrade(self) -> None:
+        key = base64.b64encode(secrets.token_bytes(16))
+        await self.stream.send_all(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        while b"\r\n\r\n" not in self._buffer:
+            if not await self._fill():
+                raise PeerUnavailable("closed during the upgrade")
+        head, _, rest = bytes(self._buffer).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head[:40]
+        self._buffer = bytearray(rest)
+
+    @staticmethod
+    def header(length: int, opcode: int = 0x2, fin: bool = True) -> bytes:
+        first = (0x80 if fin else 0) | opcode
+        if length < 126:
+            head = bytes((first, 0x80 | length))
+        elif length < 1 << 16:
+            head = bytes((first, 0x80 | 126)) + length.to_bytes(2, "big")
+        else:
+            head = bytes((first, 0x80 | 127)) + length.to_bytes(8, "big")
+        return head + b"\0\0\0\0"  # the mask key: zero, so the payload is sent as it is
+
+    async def send_frame(self, payload: bytes, opcode: int = 0x2) -> None:
+        await self.stream.send_all(self.header(len(payload), opcode) + payload)
+
+    async def _fill(self) -> bool:
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # reset by the other side: as closed
+        self._buffer += data
+        return bool(data)
+
+    async def _exactly(self, count: int) -> bytes | None:
+        while len(self._buffer) < count:
+            if not await self._fill():
+                return None
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return data
+
+    async def receive_frame(self) -> tuple[int, bytes] | None:
+        """The next frame from the server as (opcode, payload); None once it closed."""
+        head = await self._exactly(2)
+        if head is None:
+            return None
+        length = head[1] & 0x7F
+        if length >= 126:
+            extended = await self._exactly(2 if length == 126 else 8)
+            if extended is None:
+                return None
+            length = int.from_bytes(extended, "big")
+        payload = await self._exactly(length)
+        return None if payload is None else (head[0] & 0x0F, payload)
+
+    async def messages_until_closed(
+        self, *, answer_close: bool = True
+    ) -> tuple[list[Message], int | None]:
+        """Every message the server sends until it closes, and its close code.  The close
+        is answered, as a client should, unless another task is sending meanwhile."""
+        got: list[Message] = []
+        code = None
+        while (frame := await self.receive_frame()) is not None:
+            opcode, payload = frame
+            if opcode == 0x2:
+                got.extend(decode_batch(payload))
+            elif opcode == 0x8:
+                if len(payload) >= 2:
+                    code = int.from_bytes(payload[:2], "big")
+                if not answer_close:
+                    continue
+                try:
+                    await self.send_frame(payload[:2], opcode=0x8)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        return got, code
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+#: The start of the 16 MiB frame of issue 9: an array of 16,777,211 empty arrays (0x80
+#: each, sent in chunks after this header).
+EMPTY_ARRAYS_HEADER = b"\x9a" + (16 * 1024 * 1024 - 5).to_bytes(4, "big")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 # --- handshake ----------------------------------------------------------------------------
@@ -617,3 +734,224 @@ async def test_send_waits_while_the_queue_is_over_the_high_water_mark() -> None:
                 got = await receive_n(b, count)
             assert [m.n for m in got if isinstance(m, Seq)] == list(range(count))
             assert sent == count
+
+
+# --- the door: what a stranger can make a server hold -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [cbor2.dumps([[1, 10**4400, "n", b"n" * 32, 4096]])],  # a Hello's version
+        [cbor2.dumps([[1, WIRE_VERSION, "n", b"n" * 32, -(10**4400)]])],  # its max_frame
+        [cbor2.dumps([[10**4400, 1]])],  # a message tag
+        [encode_batch([Hello(WIRE_VERSION, "x", b"n" * 32, 4096)]), cbor2.dumps([[2, 10**4400]])],
+        [cbor2.dumps([[1, 2**1000, "n", b"n" * 32, 4096]])],  # within the width limit
+    ],
+    ids=["version", "max-frame", "tag", "proof", "wide-but-allowed"],
+)
+async def test_a_huge_integer_before_authentication_is_refused_not_a_crash(
+    frames: list[bytes],
+) -> None:
+    """The attack of issue 9: one 2 KB frame with an int of over 4,300 digits killed the
+    server, because the refusal's text formatted the int (ValueError in int-to-str)."""
+    with trio.fail_after(DEADLINE):
+        async with server() as srv:
+            if len(frames) == 1:
+                assert len(frames[0]) < 2100
+            ws = await RawWebSocket.connect(srv.port)
+            for frame in frames:
+                await ws.send_frame(frame)
+            got, _ = await ws.messages_until_closed()
+            await ws.aclose()
+            refused = [m for m in got if isinstance(m, Refused)]
+            assert len(refused) == 1 and refused[0].code in ("protocol", "version")
+            assert len(refused[0].reason) < 300
+            stats = srv.statistics()
+            assert stats.handshake_failures == 1 and stats.errors == {}
+            async with client(srv.port) as peer:  # the server goes on serving the others
+                await round_trip(peer, 1)
+
+
+async def test_a_frame_over_the_handshake_limit_is_refused_as_it_arrives() -> None:
+    """The attack of issue 9: a 16 MB frame of empty cbor arrays before authentication was
+    buffered whole and decoded (1.2 GB, 7 s of a blocked event loop).  Now the websocket
+    refuses it (1009) once a few KiB have arrived, and nothing of it is decoded: the whole
+    process (server and this client) allocates under a MiB meanwhile."""
+    chunk = b"\x80" * 65536  # 64 KiB of empty arrays, sent again and again
+    total = 16 * 1024 * 1024
+    with trio.fail_after(DEADLINE):
+        async with server() as srv:
+            ws = await RawWebSocket.connect(srv.port)
+            tracemalloc.start()
+            try:
+                started = trio.current_time()
+                await ws.stream.send_all(ws.header(total) + EMPTY_ARRAYS_HEADER)
+                sent = 0
+                close_code: list[int | None] = []
+
+                async def read_close() -> None:
+                    close_code.append((await ws.messages_until_closed(answer_close=False))[1])
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_close)
+                    try:
+                        while sent < total:
+                            await ws.stream.send_all(chunk)
+                            sent += len(chunk)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the server closed on us: what the test wants
+                elapsed = trio.current_time() - started
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            await ws.aclose()
+            assert close_code == [1009]
+            assert elapsed < 2.0
+            assert peak < 1024 * 1024, f"{peak} bytes allocated while refusing"
+            stats = srv.statistics()
+            assert (stats.handshake_failures, stats.frames_too_large) == (1, 1)
+            async with client(srv.port) as peer:
+                await round_trip(peer, 1)
+
+
+async def test_after_the_proofs_frames_up_to_max_frame_pass_the_door() -> None:
+    """The handshake's limit is lifted for a peer that proved the secret, both ways."""
+    big = Seq(1, b"b" * (4 * HANDSHAKE_MAX_FRAME))
+    with trio.fail_after(DEADLINE):
+        async with server() as srv, client(srv.port) as peer:
+            peer.send_nowait(big)
+            assert await receive_n(peer, 1) == [big]  # there and back
+            assert srv.statistics().frames_too_large == 0
+
+
+async def test_sockets_the_peers_closed_are_released_at_once() -> None:
+    """The attack of issue 9: about 20,000 connect-and-close in a few seconds exhausted the
+    file descriptors, each closed socket being held 10 s (the library's connect timeout).
+    Every way of hanging up before the proofs is released as soon as it happens: the
+    handshake deadline (10 s here) never comes into it."""
+    plain, upgraded, after_hello = 300, 100, 100
+    with trio.fail_after(DEADLINE):
+        async with server(handshake_timeout=10.0) as srv:
+            async with client(srv.port) as peer:  # warm up: the server's own fds are open
+                await round_trip(peer, 1)
+            before = open_fds()
+
+            async def hang_up(kind: int) -> None:
+                ws = await RawWebSocket.connect(srv.port, upgrade=kind > 0)
+                if kind == 2:
+                    await ws.send_frame(encode_batch([Hello(WIRE_VERSION, "x", b"n" * 32, 4096)]))
+                    await ws.receive_frame()  # the server's Hello
+                await ws.aclose()
+
+            for kind, count in enumerate((plain, upgraded, after_hello)):
+                for start in range(0, count, 50):  # 50 at a time, under the door's limit
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(start, min(count, start + 50)):
+                            nursery.start_soon(hang_up, kind)
+            while srv.statistics().handshake_failures < plain + upgraded + after_hello:
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert srv.unauthenticated == 0
+            assert open_fds() <= before + 2
+            assert srv.statistics().handshake_failures == plain + upgraded + after_hello
+            async with client(srv.port) as peer:
+                await round_trip(peer, 2)
+
+
+async def test_unauthenticated_connections_are_capped_per_listener(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="store.shell.transport")
+    with trio.fail_after(DEADLINE):
+        async with server(max_unauthenticated=4) as srv, client(srv.port) as member:
+            silent = [await RawWebSocket.connect(srv.port, upgrade=i % 2 == 0) for i in range(4)]
+            while srv.unauthenticated < 4:
+                await trio.sleep(0.01)
+            for _ in range(3):  # the door is full: closed as soon as accepted
+                extra = await RawWebSocket.connect(srv.port, upgrade=False)
+                assert await extra.receive_frame() is None
+                await extra.aclose()
+            assert srv.statistics().connections_refused == 3
+            assert classify("connections_refused") == "peer"
+            refusals = [
+                r for r in caplog.records if "unauthenticated connections" in r.getMessage()
+            ]
+            assert len(refusals) == 1  # one line for the burst, not one per connection
+            await round_trip(member, 1)  # an authenticated peer is not at the door
+            with pytest.raises(PeerUnavailable):
+                async with client(srv.port):
+                    pass
+            for ws in silent:  # they go: places free at once
+                await ws.aclose()
+            while srv.unauthenticated:
+                await trio.sleep(0.01)
+            async with client(srv.port) as peer:
+                await round_trip(peer, 2)
+            assert srv.statistics().handshake_failures == 4
+
+
+async def test_a_connection_that_never_opens_its_websocket_is_closed_at_the_deadline() -> None:
+    with trio.fail_after(DEADLINE):
+        async with server(handshake_timeout=0.3) as srv:
+            started = trio.current_time()
+            tcp_only = await RawWebSocket.connect(srv.port, upgrade=False)
+            assert await tcp_only.receive_frame() is None  # closed by the server
+            assert 0.3 <= trio.current_time() - started < 2.0
+            await tcp_only.aclose()
+            while srv.statistics().handshake_failures < 1:
+                await trio.sleep(0.01)
+            assert srv.unauthenticated == 0
+
+
+async def test_a_client_gives_up_at_once_on_a_server_that_hangs_up() -> None:
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.aclose()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            [listener] = await nursery.start(partial(trio.serve_tcp, hang_up, 0, host="127.0.0.1"))
+            port = listener.socket.getsockname()[1]
+            before = open_fds()
+            started = trio.current_time()
+            with pytest.raises(PeerUnavailable, match="cannot connect"):
+                async with client(port, timeout=5.0):
+                    raise AssertionError("must not get a peer")
+            assert trio.current_time() - started < 1.0  # not the 5 s timeout
+            assert open_fds() <= before
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_client_refuses_a_large_frame_from_a_server_that_has_not_proved_itself() -> None:
+    async def flood(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the client's Hello
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.send_message(b"\x80" * (HANDSHAKE_MAX_FRAME + 1))
+            await ws.get_message()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            ws_server = await nursery.start(
+                partial(trio_websocket.serve_websocket, flood, "127.0.0.1", 0, None)
+            )
+            counters = WireCounters()
+            with pytest.raises(FrameTooLarge):
+                async with client(ws_server.port, counters=counters):
+                    raise AssertionError("must not get a peer")
+            assert counters.statistics().handshake_failures == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_peers_huge_error_text_is_logged_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    async def complain(peer: Peer) -> None:
+        peer.send_nowait(Error("x" * 10_000, "y" * 1_000_000))
+        peer.send_nowait(Seq(1))
+        await peer.receive()
+
+    caplog.set_level(logging.WARNING, logger="store.shell.transport")
+    with trio.fail_after(DEADLINE):
+        async with server(complain) as srv, client(srv.port) as peer:
+            assert await peer.receive() == [Seq(1)]
+    [record] = [r for r in caplog.records if "refused our frame" in r.getMessage()]
+    assert len(record.getMessage()) < 700
