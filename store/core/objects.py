@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Final, TypeVar
 import cbor2
 
 from store.wire.errors import MalformedMessage, RemoteCallError, StoreError
-from store.wire.messages import MAX_KEY_DEPTH
+from store.wire.messages import MAX_INT_BITS, MAX_KEY_DEPTH
 
 __all__ = [
     "FLAT",
@@ -332,10 +332,6 @@ def _key_part(part: Any, depth: int, room: int) -> int:
         raise InvalidKey(f"a key larger than {MAX_KEY_BYTES} bytes (encoded)")
     return room
 
-
-#: Widest integer that travels: the decoder refuses a frame holding a wider one (an int of
-#: thousands of digits breaks every error message that formats it).
-MAX_INT_BITS: Final = 1024
 
 #: Types that need no look inside to travel (an int only up to :data:`MAX_INT_BITS`).
 FLAT: Final = frozenset({type(None), bool, int, float, str, bytes})
