@@ -931,6 +931,10 @@ async def _accept_handshake(
         verifier=hello.name,
         prover_nonce=nonce,
     )
+    # Raised before the Welcome goes out: the client may send a large frame the moment it
+    # has read it, and the websocket's own reader, which runs ahead of this code, would
+    # refuse that frame under the handshake's limit.
+    _allow_link_frames(link, max_frame)
     await link.send_frame(encode_batch([Proof(mine), Welcome()]))
     return hello
 
@@ -963,6 +967,10 @@ async def _open_handshake(
         prover_nonce=nonce,
     )
     await link.send_frame(encode_batch([Proof(mine)]))
+    # The server sends its proof, its Welcome and possibly large frames right behind them;
+    # the websocket's reader runs ahead of this code, so the limit goes up now (the
+    # server's proof is still checked below, before anything it sends is used).
+    _allow_link_frames(link, max_frame)
     batch = await _handshake_frame(link, counters)
     _raise_refused(batch, where)
     if len(batch) != 2 or not isinstance(batch[0], Proof) or not isinstance(batch[1], Welcome):
@@ -1071,6 +1079,11 @@ async def _accept_websocket(
         except trio_websocket.ConnectionClosed:
             pass  # gone while we answered its upgrade
     return None, watch
+
+
+def _allow_link_frames(link: _Link, max_frame: int) -> None:
+    if isinstance(link, _WebSocketLink):
+        _allow_frames(link.websocket, max_frame)
 
 
 def _allow_frames(ws: trio_websocket.WebSocketConnection, max_frame: int) -> None:

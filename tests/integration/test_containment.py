@@ -91,8 +91,15 @@ def alive(procs: list[Proc], but: Proc) -> None:
 
 
 def kill(proc: Proc) -> None:
-    proc.popen.send_signal(signal.SIGKILL)
+    if proc.popen.poll() is None:
+        proc.popen.send_signal(signal.SIGKILL)
     proc.popen.wait(10)
+
+
+def kill_all(procs: list[Proc]) -> None:
+    """The test is over: no graceful stop (a member's scale-in would wait for the dead)."""
+    for proc in procs:
+        kill(proc)
 
 
 @pytest.mark.parametrize("victim", ["node", "member"])
@@ -108,6 +115,7 @@ def test_a_killed_process_ends_no_other(procs: list[Proc], secret_file: Path, vi
     assert "LOST" in text, text
     survivor.keeps_working()
     alive(procs, but=dead)
+    kill_all(procs)
 
 
 def test_a_killed_operator_client_ends_nothing(procs: list[Proc], secret_file: Path) -> None:
@@ -138,6 +146,7 @@ def test_a_killed_operator_client_ends_nothing(procs: list[Proc], secret_file: P
     status(controller, secret_file)
     member.keeps_working()
     alive(procs, but=client)
+    kill_all(procs)
 
 
 def test_members_keep_serving_when_the_controller_dies(
@@ -149,3 +158,4 @@ def test_members_keep_serving_when_the_controller_dies(
     kill(procs[0])
     member.keeps_working()
     alive(procs, but=procs[0])
+    kill_all(procs)
