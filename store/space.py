@@ -35,8 +35,10 @@ async def open_space(
     others (``"127.0.0.1:0"`` picks a port; the member's name is its bound address).
     ``controller`` joins through the membership authority (``python -m store.controller``):
     the block starts once this member is admitted.  ``options`` tune the node
-    (``flush_interval``, ``merge_interval``, ``limit``, ``max_frame``, ``freeze_gc``: freeze the
-    garbage collector's generations after each scaling event, see ``Node.enter_stage``).
+    (``flush_interval``, ``merge_interval``, ``limit``, ``max_frame``, ``request_timeout``:
+    seconds an operation waits for a remote answer before ``PeerUnavailable`` (30 by
+    default), ``freeze_gc``: freeze the garbage collector's generations after each scaling
+    event, see ``Node.enter_stage``).
     """
     if controller is not None:
         async with join_space(controller, listen or "127.0.0.1:0", secret, options) as space:

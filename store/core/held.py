@@ -53,6 +53,7 @@ class Pending:
         "args",
         "asked",
         "at",
+        "born",
         "creators",
         "info",
         "k",
@@ -74,6 +75,7 @@ class Pending:
         self.creators: list[Wait[Any]] | None = None  # acquire: the waits that asked to create
         self.asked = 0  # acquire: waits[:asked] were there when the request was sent
         self.at = 0.0  # call: the caller's clock when it was made (a stale read's age)
+        self.born = 0.0  # when it was made (it expires request_timeout later)
         #: An untethered call that could not reach a node that left, sent again where its
         #: object is now (a flush's barrier to that node waits for it, see ScaleIn.bounce).
         self.relocated = False

@@ -67,6 +67,7 @@ from store.wire.errors import (
     MessageTooLarge,
     ObjectNotFound,
     ObjectRemoved,
+    PeerUnavailable,
     RemoteCallError,
     StateNotEncodable,
     StoreError,
@@ -121,6 +122,12 @@ class ObjectLayer(ScaleIn):
         self._parked: dict[K, list[tuple[Call | Fold | Fence, str]]] = {}
         self._seq: dict[K, int] = {}
         self._next_id = 0
+        #: The clock of the stimulus being handled (the router sets it).
+        self.now = 0.0
+        #: Seconds a request may wait for its answer (None: for ever; see expire()).
+        self.request_timeout: float | None = None
+        #: Requests that expired, until a late answer comes (see expire()).
+        self._expired: dict[int, Pending] = {}
         self.untethered_since_flush: set[str] = set()
         #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
         #: a leaving one; the shell installs an importing resolver (no import in the core).
@@ -398,6 +405,51 @@ class ObjectLayer(ScaleIn):
         self.untethered_since_flush.clear()
         return dests
 
+    def expire(self) -> None:
+        """Fail the waits of requests unanswered for ``request_timeout`` seconds with
+        :class:`PeerUnavailable`: a node on their path died or stalls, and a caller gets an
+        error within a bound, never a hang.  A fence is taken as answered (what waited for
+        it goes on).  An expired request is kept apart for a while, so that a late answer
+        still installs what it brings (an object granted to this node, say) without
+        settling anything twice.  Requests are met in the order they were made: the walk
+        stops at the first young one."""
+        timeout = self.request_timeout
+        if timeout is None:
+            return
+        limit = self.now - timeout
+        if self._expired:  # forgotten after ten timeouts: no answer comes that late
+            forget = self.now - 10 * timeout
+            for req_id in [i for i, p in self._expired.items() if p.born < forget]:
+                del self._expired[req_id]
+        if not self._pending:
+            return
+        old = []
+        for req_id, pending in self._pending.items():
+            if pending.born > limit:
+                break
+            old.append(req_id)
+        for req_id in old:
+            pending = self._pending.pop(req_id)
+            what = f"{pending.k[0]}[{pending.k[1]!r:.60}]" if pending.k else pending.kind
+            self.out.error("request-expired", f"{pending.kind} #{req_id} of {what}")
+            if pending.kind == "fence":
+                self._reply_fence(pending, Reply(req_id, Status.OK, None))
+                continue
+            k = pending.k
+            if k is not None and self._acquiring.get(k) is pending:
+                del self._acquiring[k]
+                self._early_drop.pop(k, None)
+            error = PeerUnavailable(
+                f"{what}: no answer within {timeout:g} s (a node on its way is down or stalls)"
+            )
+            for wait in pending.waits:
+                self.out.fail(wait, error)
+            pending.waits = []
+            pending.creators = None
+            self._expired[req_id] = pending
+            if k is not None and k in self._parked and not self._expects(k):
+                self._unpark(k)
+
     def flush_check(self, stim: FlushCheck) -> None:
         """The end of a flush: the untethered failures since the last one, if any."""
         count, failures = self.out.take_failures()
@@ -445,6 +497,7 @@ class ObjectLayer(ScaleIn):
     def _new_pending(self, kind: str, k: K | None, info: ClassInfo | None) -> tuple[int, Pending]:
         self._next_id += 1
         pending = Pending(kind, k, info)
+        pending.born = self.now
         self._pending[self._next_id] = pending
         self.out.cause = (self.name, self._next_id)
         return self._next_id, pending
@@ -486,6 +539,8 @@ class ObjectLayer(ScaleIn):
     def _on_transfer(self, msg: Transfer, sender: str) -> None:
         k = (msg.map, msg.key)
         pending = self._pending.pop(msg.req_id, None)
+        if pending is None and self._expired:
+            pending = self._expired.pop(msg.req_id, None)  # late: install, settle nothing
         if pending is not None:
             self.out.cause = (self.name, msg.req_id)  # (not the cause of an earlier message)
             if pending.k == k:
@@ -617,6 +672,8 @@ class ObjectLayer(ScaleIn):
 
     def _on_reply(self, msg: Reply, sender: str) -> None:
         pending = self._pending.pop(msg.req_id, None)
+        if pending is None and self._expired:
+            pending = self._expired.pop(msg.req_id, None)  # late: its waits failed already
         if pending is None:
             self.out.error("reply-without-request", f"from {sender}: #{msg.req_id}")
             return

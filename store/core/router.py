@@ -119,15 +119,19 @@ class Router:
         resolve_class: Callable[[str], ClassInfo] | None = None,
         trace: list[tuple[str, str, Any, int, str]] | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
+        request_timeout: float | None = None,
     ) -> None:
         """``max_frame``: the largest frame the shell's links carry; no message the core
-        makes is larger (calls and results over it are refused where they are made)."""
+        makes is larger (calls and results over it are refused where they are made).
+        ``request_timeout``: seconds a request of this node may wait for its answer before
+        its caller gets ``PeerUnavailable`` (checked at each ``Flush``; None: no limit)."""
         self.name = name
         self.out = Outbox(name, max_frame)
         self.keys = KeyLayer(name, ring, self.out)
         self.objects = ObjectLayer(name, ring, self.out)
         self.objects.resolve_class = resolve_class
         self.objects.trace = trace
+        self.objects.request_timeout = request_timeout
         self.raise_bugs = raise_bugs
         objects, keys = self.objects, self.keys
         self.fast = FastPaths(
@@ -153,6 +157,7 @@ class Router:
         out = self.out
         out.cause = None
         objects = self.objects
+        objects.now = now
         kind = type(stimulus)
         if kind is Deliver:
             for msg in stimulus.msgs:  # type: ignore[union-attr]
@@ -168,6 +173,7 @@ class Router:
         elif kind is Remove:
             objects.remove(stimulus)  # type: ignore[arg-type]
         elif kind is Flush:
+            objects.expire()
             targets = objects.flush(stimulus)  # type: ignore[arg-type]
             if targets is not None:
                 out.effects.append(FlushTargets(targets))

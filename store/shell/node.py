@@ -69,6 +69,10 @@ __all__ = ["DEFAULT_FLUSH_INTERVAL", "DEFAULT_MERGE_INTERVAL", "Node", "open_nod
 logger = logging.getLogger("store.shell.node")
 
 DEFAULT_FLUSH_INTERVAL = 0.010
+
+#: Seconds a request (a reference, a blocking call, a remove...) may wait for its answer
+#: before its caller gets ``PeerUnavailable``: the bound on a wait for a node that died.
+DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_MERGE_INTERVAL = 0.050
 
 #: Seconds the sender waits to open a link before it drops that batch (and says so): one
@@ -123,6 +127,7 @@ class Node:
         counters: WireCounters | None = None,
         freeze_gc: bool = False,
         trace: list[Any] | None = None,
+        request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self.name = name
         self.core = Router(
@@ -132,6 +137,7 @@ class Node:
             resolve_class=import_class,
             trace=trace,
             max_frame=max_frame,
+            request_timeout=request_timeout,
         )
         #: The object layer's fast paths (``store.api`` calls them directly).
         self.fast = self.core.fast

@@ -137,6 +137,8 @@ _NAMES: Final[dict[str, Fault]] = {
     "moved-without-record": "race",  # the record moved on or was removed meanwhile
     "transfer-without-request": "race",  # an object arriving after its request was dropped
     "reply-without-request": "race",  # an answer after its request was given up
+    # a request of ours had no answer within request_timeout: a node on its way is down
+    "request-expired": "peer",
     "send-failed": "race",  # the link to a peer broke: what it held is gone
     "sent-to-departed-node": "race",  # a message for a node that has left
     "state-not-encodable": "app",

@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from tests.integration.test_cluster import start_cluster
 class Member:
     """A member process the test talks to on stdin/stdout."""
 
-    def __init__(self, procs: list[Proc], controller: str, secret_file: Path) -> None:
+    def __init__(
+        self, procs: list[Proc], controller: str, secret_file: Path, *options: str
+    ) -> None:
         self.proc = Proc(
             [
                 "-m",
@@ -33,6 +36,7 @@ class Member:
                 controller,
                 "--secret-file",
                 str(secret_file),
+                *options,
             ],
             stdin=True,
         )
@@ -52,12 +56,15 @@ class Member:
     def updates(self) -> int:
         return int(self.ask("stats")["updates"])  # type: ignore[call-overload]
 
-    def keeps_working(self) -> None:
-        """Its own (local) updates go on: the count grows between two answers."""
+    def keeps_working(self, within: float = 30.0) -> None:
+        """Its own (local) updates go on: the count grows between two answers (polled
+        until it does, under a deadline)."""
         first = self.updates()
-        for _ in range(200):
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
             if self.updates() > first:
                 return
+            time.sleep(0.02)
         raise AssertionError(f"member {self.name} stopped updating its own objects")
 
 
@@ -158,4 +165,24 @@ def test_members_keep_serving_when_the_controller_dies(
     kill(procs[0])
     member.keeps_working()
     alive(procs, but=procs[0])
+    kill_all(procs)
+
+
+def test_an_operation_on_a_dead_nodes_keys_fails_within_its_bound(
+    procs: list[Proc], secret_file: Path
+) -> None:
+    """Creates of keys spread over the ring, after a node died: those whose key owner was
+    that node fail with PeerUnavailable within the member's request timeout (2 s here);
+    none hangs, and the others succeed."""
+    controller, _nodes = start_cluster(procs, secret_file, nodes=3)
+    member = Member(procs, controller, secret_file, "--request-timeout", "2")
+    member.keeps_working()
+    kill(procs[1])
+    outcome = member.ask("ops 16 16", timeout=120)
+    assert outcome.get("hang", 0) == 0, outcome
+    assert outcome.get("PeerUnavailable", 0) > 0, outcome
+    assert outcome.get("ok", 0) > 0, outcome
+    assert set(outcome) <= {"ok", "PeerUnavailable"}, outcome
+    member.keeps_working()
+    alive(procs, but=procs[1])
     kill_all(procs)
