@@ -19,12 +19,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from store.core.objects import MultiWriter, SingleWriter, stale, untethered
+from store.core.objects import (
+    InvalidKey,
+    MultiWriter,
+    SingleWriter,
+    UntetheredCallsFailed,
+    ValueNotEncodable,
+    stale,
+    untethered,
+)
 from store.wire.errors import (
+    MessageTooLarge,
     ObjectNotFound,
     ObjectRemoved,
     PeerUnavailable,
     RemoteCallError,
+    StateNotEncodable,
     StoreError,
     WrongKind,
 )
@@ -36,7 +46,9 @@ if TYPE_CHECKING:
     from store.space import open_space
 
 __all__ = [
+    "InvalidKey",
     "Map",
+    "MessageTooLarge",
     "MultiWriter",
     "ObjectNotFound",
     "ObjectRemoved",
@@ -47,7 +59,10 @@ __all__ = [
     "SingleWriter",
     "Space",
     "SpaceStatistics",
+    "StateNotEncodable",
     "StoreError",
+    "UntetheredCallsFailed",
+    "ValueNotEncodable",
     "WrongKind",
     "check_merge",
     "open_space",
