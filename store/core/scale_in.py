@@ -106,6 +106,9 @@ class ScaleIn:
         self.moved_to: dict[K, str] = {}  # objects this (leaving) node evacuated, and where
         self.moved_version: dict[K, int] = {}  # and the version they arrived there with
         self._unacked = 0  # evacuations of this event not yet acknowledged
+        #: A leaving node's keys still to hand over in this event, and those in use.
+        self._evac_todo: list[K] = []
+        self._evac_busy: list[K] = []
         self.objects_evacuated = 0
         #: Untethered calls relocated because their node had left, not yet answered, and
         #: this node's own barriers to such nodes, answered once none is left (see bounce).
@@ -260,6 +263,8 @@ class ScaleIn:
             departed -= view.ring.nodes | (view.next_ring.nodes if view.next_ring else set())
         if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
             self._unacked = 0
+        if view.stage is not self.view.stage:
+            self._evac_todo, self._evac_busy = [], []
         self.view = view
 
     @property
@@ -279,11 +284,23 @@ class ScaleIn:
         if view.stage is not Stage.SCALING or not self.leaving:
             return 0
         assert view.next_ring is not None
+        # The keys to hand over, listed once per event (a copy of every key on each step
+        # made a leave quadratic in the objects held); objects in use wait in `busy` for
+        # another round, and objects that arrived since are picked up when both are empty.
+        todo = self._evac_todo
+        if not todo:
+            todo = self._evac_todo = self._evac_busy or list(self.objects)
+            self._evac_busy = []
         sent = 0
-        for k, held in list(self.objects.items()):
-            if sent >= limit:
-                break
+        budget = 2 * max(limit, 1)
+        while todo and sent < limit and budget:
+            budget -= 1
+            k = todo.pop()
+            held = self.objects.get(k)
+            if held is None:
+                continue  # moved away or dropped meanwhile
             if held.refs or held.release is not None:
+                self._evac_busy.append(k)
                 continue
             dest = view.next_ring.owner(key_token(*k))
             self._fold_local_replica(k, held)
@@ -291,6 +308,7 @@ class ScaleIn:
                 state = dump_state(held.obj)
             except TypeError as exc:
                 self.out.error("state-not-encodable", f"cannot evacuate {k!r:.80}: {exc}")
+                self._evac_busy.append(k)
                 continue
             cls = held.info.cls
             version = held.version + 1
