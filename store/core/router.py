@@ -250,10 +250,10 @@ class Router:
                         raise
 
     def _drain(self, limit: int) -> None:
-        # A leaving node hands over objects at twice the records' pace: it is about to stop
-        # serving anyway, and its objects, unlike its records, cannot be pulled on demand.
-        evacuated = self.objects.evacuate(2 * limit)
-        moved = evacuated + self.keys.drain(max(0, limit - evacuated))
+        # Objects and records share one pace: the receiver pays for each one it takes, on
+        # the same core as its packets.
+        moved = self.objects.evacuate(limit)
+        moved += self.keys.drain(limit - moved)
         self._pump()
         done = self.keys.drained() and self.objects.evacuated()
         self.out.effects.append(DrainProgress(moved, self.keys.drain_scanning, done))
