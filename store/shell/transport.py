@@ -78,6 +78,7 @@ import cbor2
 import trio
 import trio_websocket
 
+from store.wire.control import format_address
 from store.wire.errors import (
     AuthenticationError,
     FrameTooLarge,
@@ -1245,6 +1246,10 @@ async def serve_peers(
             await _close_stream(stream)
 
     listeners = await trio.open_tcp_listeners(port, host=host)
+    if port == 0 and host is not None and len(listeners) == 1 and name == f"{host}:0":
+        # Named after the address asked for: tell peers the one bound (a node is known by
+        # its address, and "127.0.0.1:0" in a handshake or a log line names nobody).
+        name = format_address(host, listeners[0].socket.getsockname()[1])
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, on_stream, listeners)
         task_status.started(PeerServer(listeners, totals, door))

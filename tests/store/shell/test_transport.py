@@ -262,6 +262,14 @@ async def test_handshake_then_echo() -> None:
         assert srv.statistics().peers_connected == 1
 
 
+async def test_a_server_named_after_port_zero_introduces_itself_by_the_port_it_bound() -> None:
+    """A node listening on "127.0.0.1:0" is known to its peers by the address it bound,
+    not by "127.0.0.1:0" (which names nobody in a handshake or a log line)."""
+    with trio.fail_after(DEADLINE):
+        async with server(name="127.0.0.1:0") as srv, client(srv.port) as peer:
+            assert peer.name == f"127.0.0.1:{srv.port}"
+
+
 async def test_wrong_secret_is_refused_logged_once_and_server_keeps_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
