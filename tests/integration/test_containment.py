@@ -186,3 +186,58 @@ def test_an_operation_on_a_dead_nodes_keys_fails_within_its_bound(
     member.keeps_working()
     alive(procs, but=procs[1])
     kill_all(procs)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 1.0])
+def test_a_node_killed_during_a_scale_out_ends_no_other(
+    procs: list[Proc], secret_file: Path, delay: float
+) -> None:
+    """A node dies at some moment of a scale-out (a third node joining): the event may
+    stay unfinished (its repair is not built yet), but no other process exits, the member
+    keeps serving its own objects and the controller answers."""
+    controller, _nodes = start_cluster(procs, secret_file, nodes=2)
+    member = Member(procs, controller, secret_file, "--request-timeout", "2")
+    member.keeps_working()
+    joiner = Proc(
+        ["-m", "store.node", "--controller", controller, "--secret-file", str(secret_file)]
+    )
+    procs.append(joiner)
+    time.sleep(delay)  # the seeded moment of the fault, not a wait for an event
+    kill(procs[1])
+    member.keeps_working()
+    status(controller, secret_file)
+    alive(procs, but=procs[1])
+    kill_all(procs)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.5])
+def test_a_node_killed_during_a_scale_in_ends_no_other(
+    procs: list[Proc], secret_file: Path, delay: float
+) -> None:
+    """``ctl scale-in`` of one node, and another node dies meanwhile: the leaving node and
+    the ctl may end (that is their job), every other process goes on serving."""
+    controller, nodes = start_cluster(procs, secret_file, nodes=3)
+    member = Member(procs, controller, secret_file, "--request-timeout", "2")
+    member.keeps_working()
+    ctl = Proc(
+        [
+            "-m",
+            "store.ctl",
+            "--controller",
+            controller,
+            "--secret-file",
+            str(secret_file),
+            "--timeout",
+            "20",
+            "scale-in",
+            nodes[2],
+        ]
+    )
+    procs.append(ctl)
+    time.sleep(delay)  # the seeded moment of the fault, not a wait for an event
+    kill(procs[1])
+    member.keeps_working()
+    status(controller, secret_file)
+    for proc in (procs[0], procs[2], member.proc):
+        assert proc.popen.poll() is None, f"{proc.args} exited: {proc.stderr()}"
+    kill_all(procs)
