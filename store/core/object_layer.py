@@ -703,6 +703,14 @@ class ObjectLayer(ScaleIn):
             self.out.error("untethered-call-lost", f"from {sender}: {k!r:.80} (old version)")
             return
         minfo = held.info.methods.get(msg.method)
+        if getattr(held.info.cls, "__s6_opaque__", False):
+            # Held as its state only: this node cannot import the class (see scale_in).
+            text = f"{held.info.name} cannot be imported on {self.name}: no method runs here"
+            if msg.req_id:
+                self._reply(sender, msg.req_id, Status.ERROR, ["ClassNotImportable", text])
+            else:
+                self._call_failed(sender, msg, "evacuate-unknown-class", text, text)
+            return
         if minfo is None or (
             held.info.kind is ObjectKind.SINGLE and minfo.kind is not MethodKind.STALE
         ):

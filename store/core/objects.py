@@ -181,6 +181,28 @@ class MultiWriter(_Object):
     __s6_kind__ = ObjectKind.MULTI
 
 
+_OPAQUE: dict[tuple[str, ObjectKind], ClassInfo] = {}
+
+
+def opaque_info(path: str, kind: ObjectKind) -> ClassInfo:
+    """A stand-in for the object class ``"module:qualname"`` that this process cannot
+    import, so that a node can still hold such an object (handed to it by a leaving
+    member) as its plain state, and hand it on intact: it has no methods (a call on it
+    fails and says so), and it goes on under the original name, so that a member that has
+    the class loads it with its own.  Cached per name and kind."""
+    info = _OPAQUE.get((path, kind))
+    if info is None:
+        module, _, qualname = path.partition(":")
+        base: type = SingleWriter if kind is ObjectKind.SINGLE else MultiWriter
+        cls = type(
+            qualname.rpartition(".")[2] or "Opaque",
+            (base,),
+            {"__module__": module, "__qualname__": qualname, "__s6_opaque__": True},
+        )
+        info = _OPAQUE[(path, kind)] = info_of(cls)
+    return info
+
+
 def info_of(cls: type) -> ClassInfo:
     """The :class:`ClassInfo` of an object class, or a ``TypeError`` saying what is wrong."""
     info = getattr(cls, "__s6_info__", None)

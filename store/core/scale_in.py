@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ring.hashring import key_token
 from ring.ownership import NodeView, Stage
 from store.core.held import KIND_CODE, Deferred, Held, K, Pending
-from store.core.objects import ClassInfo, ObjectKind, dump_state, load_state
+from store.core.objects import ClassInfo, ObjectKind, dump_state, load_state, opaque_info
 from store.core.outbox import Outbox
 from store.wire.codes import Kind, MovedNote, Op, Status
 from store.wire.messages import (
@@ -321,8 +321,8 @@ class ScaleIn:
             if self.trace is not None and held.info.kind is ObjectKind.SINGLE:
                 self.trace.append(("release", k[0], k[1], held.version, self.name))
             path = f"{cls.__module__}:{cls.__qualname__}"
-            self.out.send(dest, Evacuate(k[0], k[1], path, version, state))
             kind = KIND_CODE[held.info.kind]
+            self.out.send(dest, Evacuate(k[0], k[1], path, version, state, kind))
             self._key_op(
                 Op.MOVED, k, kind, 0, owner=dest, version=version, note=MovedNote.EVACUATED
             )
@@ -332,15 +332,22 @@ class ScaleIn:
     def _on_evacuate(self, msg: Evacuate, sender: str) -> None:
         k = (msg.map, msg.key)
         info = self.maps.get(msg.map)
+        why = "no class resolver"
         if info is None and self.resolve_class is not None:
             try:
                 info = self.resolve_class(msg.cls)
             except Exception as exc:
-                self.out.error("evacuate-unknown-class", f"{msg.cls}: {exc!r:.200}")
-                info = None
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
         if info is None:
-            self.out.error("evacuate-unknown-class", msg.cls)
-            return  # not acknowledged: the leaving node keeps waiting (and says so)
+            # Held as its plain state, never refused: a leave must not wedge on a class
+            # this node lacks.  A call on it here fails and says why; a member that has
+            # the class gets it intact when it asks for it.
+            kind = ObjectKind.MULTI if msg.kind is Kind.MULTI else ObjectKind.SINGLE
+            self.out.error(
+                "evacuate-unknown-class",
+                f"{msg.cls} ({why}): {k!r:.80} held as its state; calls on it fail here",
+            )
+            info = opaque_info(msg.cls, kind)
         held = Held(info, load_state(info.cls, msg.state), msg.version)
         if info.kind is ObjectKind.MULTI and (self._dest.get(k) == sender or k in self._fencing):
             # Our own calls of it may still be on their way through the leaving node: the

@@ -1008,6 +1008,9 @@ class Evacuate:
     cls: str
     version: int
     state: bytes
+    #: The object's kind, so that a node that cannot import ``cls`` can still hold it (as
+    #: its plain state, see ``store.core.objects.opaque_info``) and hand it on intact.
+    kind: Kind = Kind.SINGLE
 
 
 @message(29)

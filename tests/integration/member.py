@@ -7,8 +7,9 @@ member created (held here: each update is local) every few milliseconds.  On ``s
 stdin it prints one JSON line with how many updates it made and the node's error counts;
 on ``ops N KEYS`` it runs N creates-and-updates over KEYS keys anywhere in the ring, each
 bounded by a deadline, and prints a JSON line counting the successes and the failures by
-exception type (a dead key owner must give failures, never a hang).  It never leaves on its
-own: the test kills it, or closes stdin to end it.
+exception type (a dead key owner must give failures, never a hang); on ``read PREFIX N`` it
+takes the keys ``PREFIX/0`` .. ``PREFIX/N-1`` (another member's) and prints their values.
+It never leaves on its own: the test kills it, or closes stdin to end it.
 """
 
 from __future__ import annotations
@@ -85,10 +86,28 @@ async def main() -> None:
                     elif words[:1] == ["ops"]:
                         outcome = await ops(cells, int(words[1]), int(words[2]))
                         print(json.dumps(outcome), flush=True)
+                    elif words[:1] == ["read"]:
+                        values = await read(cells, words[1], int(words[2]))
+                        print(json.dumps(values), flush=True)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(work)
             nursery.start_soon(commands)
+
+
+async def read(cells: Any, prefix: str, count: int) -> dict[str, Any]:
+    """The values of another member's keys ``PREFIX/0`` .. ``PREFIX/N-1`` (taking each
+    here), or the name of the exception a get raised."""
+    values: dict[str, Any] = {}
+    for i in range(count):
+        key = f"{prefix}/{i}"
+        try:
+            with trio.fail_after(10):
+                async with cells.get(key) as ref:
+                    values[key] = await ref.add(0)
+        except Exception as exc:
+            values[key] = type(exc).__name__
+    return values
 
 
 async def ops(cells: Any, count: int, keys: int) -> dict[str, Any]:

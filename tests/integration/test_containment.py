@@ -241,3 +241,25 @@ def test_a_node_killed_during_a_scale_in_ends_no_other(
     for proc in (procs[0], procs[2], member.proc):
         assert proc.popen.poll() is None, f"{proc.args} exited: {proc.stderr()}"
     kill_all(procs)
+
+
+def test_a_member_leaves_though_the_node_that_takes_its_objects_cannot_import_their_class(
+    procs: list[Proc], secret_file: Path
+) -> None:
+    """The members' object class lives in their own ``__main__``, which a ``store.node``
+    cannot import.  A member that leaves hands its objects over all the same: the node
+    holds them as their state, the leave completes (the process ends by itself, status 0),
+    and another member that has the class takes them back intact."""
+    controller, _nodes = start_cluster(procs, secret_file, nodes=1)
+    leaver, reader = (Member(procs, controller, secret_file) for _ in range(2))
+    leaver.keeps_working()
+    reader.keeps_working()
+    popen = leaver.proc.popen
+    assert popen.stdin is not None
+    popen.stdin.close()  # its end: a graceful scale-in
+    assert popen.wait(60) == 0, leaver.proc.stderr()
+    values = reader.ask(f"read {leaver.name} 20", timeout=120)
+    assert values, values
+    bad = {k: v for k, v in values.items() if not (isinstance(v, int) and v >= 1)}
+    assert not bad, bad
+    kill_all(procs)
