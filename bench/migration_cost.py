@@ -29,7 +29,14 @@ from typing import Any
 
 from bench._common import RESULTS_DIR, flow_keys, write_json
 from ring.hashring import HashRing, key_token
-from store.core.instructions import Acquire, Deliver, Fail, Flush, RegisterMap, Resolve, Send
+from store.core.instructions import (
+    Acquire,
+    Deliver,
+    Flush,
+    RegisterMap,
+    Send,
+    carry_out,
+)
 from store.core.objects import SingleWriter, info_of
 from store.core.router import Router
 from store.core.scheduler import Wait
@@ -57,13 +64,10 @@ class Driven:
         self.run(RegisterMap("flows", info_of(Flow)))
 
     def run(self, stimulus: Any) -> None:
-        for ins in self.core.handle(stimulus, 0.0):
-            if isinstance(ins, Send):
-                self.outbox.setdefault(ins.to, []).extend(ins.msgs)
-            elif isinstance(ins, Resolve):
-                ins.wait.resolve(ins.value)
-            elif isinstance(ins, Fail):
-                ins.wait.fail(ins.error)
+        carry_out(self.core.handle(stimulus, 0.0), self._keep)
+
+    def _keep(self, send: Send) -> None:
+        self.outbox.setdefault(send.to, []).extend(send.msgs)
 
     def acquire(self, key: Any, create: bool) -> Wait[Any]:
         wait: Wait[Any] = Wait(key)

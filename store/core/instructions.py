@@ -21,6 +21,7 @@ Nothing here does I/O; these are plain records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -55,6 +56,7 @@ __all__ = [
     "Send",
     "Stimulus",
     "Undeliverable",
+    "carry_out",
 ]
 
 #: ``(origin node, request id)``: the request some work is done for (``None``: none).
@@ -296,3 +298,23 @@ class FlushTargets:
 
 
 Instruction: TypeAlias = Send | Resolve | Fail | Log | DrainProgress | FlushTargets
+
+
+def carry_out(
+    instructions: list[Instruction],
+    send: Callable[[Send], None],
+    log: Callable[[Log], None] | None = None,
+) -> None:
+    """What every driver of a core does with its answer: settle the Waits it names (this
+    only moves waiting microthreads to ready, it runs none), and hand each :class:`Send`
+    and :class:`Log` to the driver's own ``send`` and ``log``.  The results
+    (:class:`DrainProgress`, :class:`FlushTargets`) are left to the caller."""
+    for ins in instructions:
+        if isinstance(ins, Send):
+            send(ins)
+        elif isinstance(ins, Resolve):
+            ins.wait.resolve(ins.value)
+        elif isinstance(ins, Fail):
+            ins.wait.fail(ins.error)
+        elif isinstance(ins, Log) and log is not None:
+            log(ins)

@@ -37,17 +37,16 @@ from store.core.instructions import (
     AskBarrier,
     Deliver,
     EnterStage,
-    Fail,
     Farewell,
     Flush,
     FlushCheck,
     FlushTargets,
     Instruction,
     Log,
-    Resolve,
     Send,
     Stimulus,
     Undeliverable,
+    carry_out,
 )
 from store.core.objects import ClassInfo, info_of
 from store.core.router import Router
@@ -109,6 +108,12 @@ def import_class(path: str) -> ClassInfo:
     for part in qualname.split("."):
         target = getattr(target, part)
     return info_of(target)
+
+
+def _log(line: Log) -> None:
+    error = line.error
+    exc_info = None if error is None else (type(error), error, error.__traceback__)
+    logger.log(logging.getLevelName(line.level), "%s", line.text, exc_info=exc_info)
 
 
 class Node:
@@ -177,23 +182,16 @@ class Node:
     def execute(self, instructions: list[Instruction]) -> None:
         """Do what the core asks: queue messages (waking the sender for urgent ones), settle
         Waits, write log lines.  Results (drain progress, flush targets) are the caller's."""
-        for ins in instructions:
-            if isinstance(ins, Send):
-                queued = self._queued.get(ins.to)
-                if queued is None:
-                    self._queued[ins.to] = ins.msgs
-                else:
-                    queued.extend(ins.msgs)
-                if ins.urgent:
-                    self._kick.set()
-            elif isinstance(ins, Resolve):
-                ins.wait.resolve(ins.value)
-            elif isinstance(ins, Fail):
-                ins.wait.fail(ins.error)
-            elif isinstance(ins, Log):
-                error = ins.error
-                exc_info = None if error is None else (type(error), error, error.__traceback__)
-                logger.log(logging.getLevelName(ins.level), "%s", ins.text, exc_info=exc_info)
+        carry_out(instructions, self._queue, _log)
+
+    def _queue(self, send: Send) -> None:
+        queued = self._queued.get(send.to)
+        if queued is None:
+            self._queued[send.to] = send.msgs
+        else:
+            queued.extend(send.msgs)
+        if send.urgent:
+            self._kick.set()
 
     def members(self) -> frozenset[str]:
         """The nodes of the current ring (and of the next one while scaling)."""
