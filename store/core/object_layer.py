@@ -419,7 +419,12 @@ class ObjectLayer(ScaleIn):
         limit = self.now - timeout
         if self._expired:  # forgotten after ten timeouts: no answer comes that late
             forget = self.now - 10 * timeout
-            for req_id in [i for i, p in self._expired.items() if p.born < forget]:
+            gone = []
+            for req_id, pending in self._expired.items():  # in the order they expired
+                if pending.born >= forget:
+                    break
+                gone.append(req_id)
+            for req_id in gone:
                 del self._expired[req_id]
         if not self._pending:
             return
@@ -703,7 +708,7 @@ class ObjectLayer(ScaleIn):
             self.out.error("untethered-call-lost", f"from {sender}: {k!r:.80} (old version)")
             return
         minfo = held.info.methods.get(msg.method)
-        if getattr(held.info.cls, "__s6_opaque__", False):
+        if minfo is None and getattr(held.info.cls, "__s6_opaque__", False):
             # Held as its state only: this node cannot import the class (see scale_in).
             text = f"{held.info.name} cannot be imported on {self.name}: no method runs here"
             if msg.req_id:
