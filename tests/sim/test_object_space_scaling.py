@@ -29,7 +29,6 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 
-from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -44,25 +43,16 @@ from ring.ownership import Stage
 from store.wire.errors import ObjectNotFound
 from tests.sim import objects_cluster
 from tests.sim.objects_cluster import MULTI_MAPS, ObjectCluster, Violation
+from tests.sim.settings import simulation_settings
 
 KEYS = 2
 MAX_NODES = 5
 MAX_PENDING = 8
 
-SETTINGS = settings(
-    max_examples=100,
-    stateful_step_count=80,
-    deadline=None,
-    # CI replays a fixed seed, so that a red run is reproducible; S6_RANDOM=1 explores fresh
-    # seeds (with S6_NO_SHRINK=1 a failure is reported in seconds, with S6_SIM_LOG=1 it ends
-    # with the messages handled before it).  Many such runs pass since the fixes of the
-    # scale-in boundary (fences, goodbyes, the hop count's ``since``).
-    derandomize=not os.environ.get("S6_RANDOM"),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    phases=[Phase.explicit, Phase.reuse, Phase.generate]
-    if os.environ.get("S6_NO_SHRINK")
-    else list(Phase),
-)
+# CI replays a fixed seed, so that a red run is reproducible; S6_RANDOM=1 explores fresh seeds
+# (with S6_NO_SHRINK=1 a failure is reported in seconds, with S6_SIM_LOG=1 it ends with the
+# messages handled before it): see tests.sim.settings.
+SETTINGS = simulation_settings(max_examples=100, stateful_step_count=80)
 
 keys = st.integers(0, KEYS - 1)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -40,15 +39,11 @@ from hypothesis.stateful import (
 from store.wire.errors import ObjectNotFound
 from tests.linearizability import NOT_FOUND
 from tests.sim.objects_cluster import MULTI_MAPS, ObjectCluster
+from tests.sim.settings import simulation_settings
 
 KEYS = 2
 
-SETTINGS = settings(
-    max_examples=150,
-    stateful_step_count=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+SETTINGS = simulation_settings(max_examples=150, stateful_step_count=50)
 
 keys = st.integers(0, KEYS - 1)
 

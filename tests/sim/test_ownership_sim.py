@@ -8,18 +8,13 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from tests.sim.cluster import Cluster, Op
 from tests.sim.machine import make_machine
+from tests.sim.settings import simulation_settings
 
-SETTINGS = settings(
-    max_examples=300,
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+SETTINGS = simulation_settings(max_examples=300, stateful_step_count=60)
 
 
 def test_rules_keep_every_invariant() -> None:

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -33,6 +33,7 @@ from store.core.barrier import (
     check_transitions,
 )
 from store.wire.control import Command, Order, StageCommand, command_named
+from tests.sim.settings import simulation_settings
 
 VNODES = 4  # small rings: the barrier does not care about balance, and tests stay fast
 
@@ -645,9 +646,8 @@ class BarrierMachine(RuleBasedStateMachine):
 
 
 TestBarrierMachine = BarrierMachine.TestCase
-TestBarrierMachine.settings = settings(
+TestBarrierMachine.settings = simulation_settings(
     max_examples=200,
     stateful_step_count=50,
-    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
