@@ -1,0 +1,111 @@
+"""The network-function interface every NF in ``nf/`` (and anyone else's) implements.
+
+An NF is a class with a ``name``.  One instance of it runs on each member of the object
+space; all of its state that must survive a flow moving to another member lives in the
+space's maps (``space.map(name, cls)``), never in module globals.  Per-instance attributes
+are for caches that can be rebuilt, counters of this instance, and timer lists of the flows
+this instance served.
+
+The packet path is ``await nf.process(packet)`` run as a microthread of the packet's flow
+(``space.submit(nf.flow_key(packet), nf.process, packet)``), so one flow's packets are
+handled in order.  It returns a :class:`Verdict`; a rewritten packet is ``FORWARD`` with
+``packet.frame`` changed in place.  ``process`` never raises on a malformed packet: it
+counts it by reason (``Packet.drop``) and passes or drops it as the NF declares
+(:attr:`NF.malformed_verdict`).
+
+The control plane asks ``await nf.query(name, **args)``: every NF answers "statistics" and
+its :attr:`NF.output_query`, whose result is a list of text lines (the asset log, the
+alerts, the NAT table) that the offline runner prints.  ``await nf.tick(now)`` runs the
+NF's timeouts; its clock is packet time (offline: capture time; live: arrival time), and
+each instance sweeps only its own timer lists (never ``Map.items()``, which copies the
+whole cluster's state).
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import enum
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nf.packet import Packet
+
+if TYPE_CHECKING:
+    from store import Space
+
+__all__ = ["NF", "ConfigError", "Verdict"]
+
+
+class Verdict(enum.IntEnum):
+    """What happens to a packet: forwarded (perhaps rewritten in place) or dropped."""
+
+    FORWARD = 0
+    DROP = 1
+
+
+class ConfigError(ValueError):
+    """A configuration the NF cannot run with (one line saying what and where)."""
+
+
+class NF(abc.ABC):
+    """The base of every network function.
+
+    Subclasses set ``name``, ``bidirectional`` and ``output_query``, declare their maps in
+    ``__init__`` and implement ``process`` and ``query``; ``tick``, ``add_arguments`` and
+    ``config_from`` have defaults that do nothing special."""
+
+    #: The name the NF is installed under (its ``s6.nf`` entry point).
+    name: ClassVar[str]
+    #: True: both directions of a connection are one flow (``packet.flow_key_both()``);
+    #: False: each direction is its own flow (``packet.flow``).
+    bidirectional: ClassVar[bool] = True
+    #: The query whose answer (a list of text lines) the offline runner prints.
+    output_query: ClassVar[str] = "statistics"
+    #: What ``process`` returns for a frame that did not parse (``packet.drop`` set).
+    malformed_verdict: ClassVar[Verdict] = Verdict.FORWARD
+    #: How often (seconds of the NF's clock) ``tick`` wants to run.
+    tick_interval: ClassVar[float] = 1.0
+
+    def __init__(self, space: Space, config: dict[str, Any]) -> None:
+        self.space = space
+        self.config = config
+        #: Counts of this instance by reason ("packets", each ``Packet.drop`` reason, and
+        #: whatever the NF counts); the runner adds them up over the instances.
+        self.counts: dict[str, int] = {}
+
+    def count(self, reason: str, n: int = 1) -> None:
+        """Add ``n`` to this instance's counter ``reason``."""
+        counts = self.counts
+        counts[reason] = counts.get(reason, 0) + n
+
+    def flow_key(self, packet: Packet) -> Hashable:
+        """The flow a packet belongs to: the unit of ordering and of spreading."""
+        return packet.flow_key_both() if self.bidirectional else packet.flow
+
+    @abc.abstractmethod
+    async def process(self, packet: Packet) -> Verdict:
+        """Handle one packet; never raises on a malformed one."""
+
+    @abc.abstractmethod
+    async def query(self, name: str, **args: Any) -> Any:
+        """Answer a control-plane question: at least "statistics" and ``output_query``.
+        An unknown name raises ``KeyError`` naming the known ones."""
+
+    async def tick(self, now: float) -> None:  # noqa: B027 (a hook: doing nothing is fine)
+        """Run timeouts due at ``now`` (the NF's clock) for this instance's own flows."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Called once at the end of a run, before the final output query."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this NF's command-line options (``python -m nf NAME --help``)."""
+        return None
+
+    @classmethod
+    def config_from(cls, args: argparse.Namespace, toml: dict[str, Any]) -> dict[str, Any]:
+        """The NF's configuration from its command-line options and the ``--config`` file
+        (already parsed; the NF's own table, or the whole file).  Options given on the
+        command line win.  Raises :class:`ConfigError` for a bad value."""
+        return dict(toml)

@@ -1,0 +1,377 @@
+"""Packets: Ethernet (with 802.1Q tags), IPv4, TCP, UDP and ICMP, parsed in place.
+
+``parse(frame, ts)`` reads the headers with ``struct`` straight from the frame's bytes and
+never raises: a frame it cannot read as IPv4 comes back with ``drop`` set to the reason
+(the NF counts it and decides whether to pass or drop it).  Offsets into the frame (``l3``,
+``l4``, ``pl``, ``pend``) let an NF look at bytes without copying them, and
+:meth:`Packet.rewrite_src` / :meth:`Packet.rewrite_dst` change addresses and ports in
+place, fixing the IP and TCP/UDP checksums incrementally (RFC 1624, eqn. 3).
+
+Reasons a frame is not parsed (``Packet.drop``): ``truncated-ethernet``, ``not-ip``,
+``ipv6``, ``bad-ip-header`` (version not 4, header length under 20 bytes, total length
+shorter than the header), ``truncated-ip`` (the frame ends before the header or before the
+total length), ``truncated-tcp``, ``truncated-udp``, ``truncated-icmp``, ``bad-tcp-header``
+(data offset under 20 bytes).  An IPv4 packet of another protocol, or a fragment other than
+the first, is fine: its ports are 0 and its whole L4 part is payload.
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = [
+    "ACK",
+    "CWR",
+    "DROP_REASONS",
+    "ECE",
+    "FIN",
+    "ICMP",
+    "PSH",
+    "RST",
+    "SYN",
+    "TCP",
+    "UDP",
+    "URG",
+    "Packet",
+    "checksum",
+    "ip_int",
+    "ip_str",
+    "parse",
+]
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+URG = 0x20
+ECE = 0x40
+CWR = 0x80
+
+ICMP = 1
+TCP = 6
+UDP = 17
+
+ETH_IP = 0x0800
+ETH_IPV6 = 0x86DD
+ETH_VLAN = (0x8100, 0x88A8, 0x9100)
+
+#: Every value ``Packet.drop`` can take besides None, in a stable order (for counters).
+DROP_REASONS = (
+    "truncated-ethernet",
+    "not-ip",
+    "ipv6",
+    "bad-ip-header",
+    "truncated-ip",
+    "truncated-tcp",
+    "truncated-udp",
+    "truncated-icmp",
+    "bad-tcp-header",
+)
+
+_u16 = struct.Struct("!H").unpack_from
+_ip = struct.Struct("!BBHHHBBHII").unpack_from
+_tcp = struct.Struct("!HHIIBBHHH").unpack_from
+_ports = struct.Struct("!HH").unpack_from
+_pack16 = struct.Struct("!H").pack_into
+
+
+def ip_str(addr: int) -> str:
+    """``0x0A000001`` -> ``"10.0.0.1"``."""
+    return f"{addr >> 24 & 255}.{addr >> 16 & 255}.{addr >> 8 & 255}.{addr & 255}"
+
+
+def ip_int(text: str) -> int:
+    """``"10.0.0.1"`` -> ``0x0A000001``; ``ValueError`` for anything else."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
+        raise ValueError(f"not an IPv4 address: {text!r}")
+    a, b, c, d = (int(p) for p in parts)
+    return a << 24 | b << 16 | c << 8 | d
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The Internet checksum (RFC 1071) of ``data``: the one's complement of the one's
+    complement sum of its 16-bit words (an odd last byte padded with zero)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _adjust(check: int, old: tuple[int, ...], new: tuple[int, ...]) -> int:
+    """RFC 1624 eqn. 3 over several 16-bit words: HC' = ~(~HC + sum(~m) + sum(m'))."""
+    total = ~check & 0xFFFF
+    for m in old:
+        total += ~m & 0xFFFF
+    for m in new:
+        total += m
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+class Packet:
+    """One frame and its parsed headers (see the module docstring for ``drop``).
+
+    Integer fields of headers a packet does not have are 0; ``tcp_options`` is empty then.
+    ``pl``..``pend`` is the L4 payload (``pend`` is the end of the IP datagram, so Ethernet
+    padding is not payload)."""
+
+    __slots__ = (
+        "ack",
+        "dport",
+        "drop",
+        "dst",
+        "frame",
+        "icmp_code",
+        "icmp_type",
+        "ihl",
+        "ip_id",
+        "ip_len",
+        "ip_off",
+        "l3",
+        "l4",
+        "pend",
+        "pl",
+        "proto",
+        "seq",
+        "sport",
+        "src",
+        "tcp_flags",
+        "tcp_hlen",
+        "tcp_options",
+        "tos",
+        "ts",
+        "ttl",
+        "urp",
+        "vlan",
+        "win",
+    )
+
+    frame: bytearray
+    ts: float
+    drop: str | None
+    vlan: int | None
+    l3: int
+    ihl: int
+    tos: int
+    ip_len: int
+    ip_id: int
+    ip_off: int
+    ttl: int
+    proto: int
+    src: int
+    dst: int
+    l4: int
+    sport: int
+    dport: int
+    tcp_flags: int
+    seq: int
+    ack: int
+    win: int
+    urp: int
+    tcp_hlen: int
+    tcp_options: bytes
+    icmp_type: int
+    icmp_code: int
+    pl: int
+    pend: int
+
+    def __repr__(self) -> str:
+        if self.drop is not None:
+            return f"<Packet {len(self.frame)} B dropped: {self.drop}>"
+        return (
+            f"<Packet {ip_str(self.src)}:{self.sport} -> {ip_str(self.dst)}:{self.dport}"
+            f" proto {self.proto} flags {self.tcp_flags:#04x} payload {self.pend - self.pl} B>"
+        )
+
+    @property
+    def payload(self) -> bytes:
+        """The L4 payload (a copy)."""
+        return bytes(self.frame[self.pl : self.pend])
+
+    @property
+    def flow(self) -> tuple[int, int, int, int, int]:
+        """The 5-tuple ``(src, dst, proto, sport, dport)``, one per direction."""
+        return (self.src, self.dst, self.proto, self.sport, self.dport)
+
+    def flow_key_both(self) -> tuple[int, int, int, int, int]:
+        """The 5-tuple with the smaller (address, port) end first: the same for both
+        directions of a connection."""
+        src, dst, sport, dport = self.src, self.dst, self.sport, self.dport
+        if (src, sport) <= (dst, dport):
+            return (src, dst, self.proto, sport, dport)
+        return (dst, src, self.proto, dport, sport)
+
+    def is_fragment_tail(self) -> bool:
+        """A fragment other than the first: no L4 header."""
+        return (self.ip_off & 0x1FFF) != 0
+
+    def _has_ports(self) -> bool:
+        return (
+            self.drop is None
+            and (self.proto == TCP or self.proto == UDP)
+            and not (self.ip_off & 0x1FFF)
+        )
+
+    def _rewrite(self, at: int, ip: int, port_at: int, port: int) -> None:
+        """Replace the address at ``l3 + at`` and, when the packet has ports, the port at
+        ``l4 + port_at``, fixing both checksums incrementally."""
+        if self.drop is not None:
+            raise ValueError(f"cannot rewrite a frame that did not parse ({self.drop})")
+        frame = self.frame
+        l3 = self.l3
+        a = l3 + at
+        old_ip = ((frame[a] << 8) | frame[a + 1], (frame[a + 2] << 8) | frame[a + 3])
+        new_ip = (ip >> 16 & 0xFFFF, ip & 0xFFFF)
+        struct.pack_into("!I", frame, a, ip)
+        _pack16(frame, l3 + 10, _adjust(_u16(frame, l3 + 10)[0], old_ip, new_ip))
+        if not self._has_ports():
+            return
+        l4 = self.l4
+        p = l4 + port_at
+        old_port = _u16(frame, p)[0]
+        _pack16(frame, p, port)
+        if self.proto == TCP:
+            c = l4 + 16
+            _pack16(frame, c, _adjust(_u16(frame, c)[0], (*old_ip, old_port), (*new_ip, port)))
+        else:
+            c = l4 + 6
+            old = _u16(frame, c)[0]
+            if old != 0:  # 0: the sender computed no checksum; it stays so
+                new = _adjust(old, (*old_ip, old_port), (*new_ip, port))
+                _pack16(frame, c, new or 0xFFFF)
+
+    def rewrite_src(self, ip: int, port: int) -> None:
+        """Set the source address (and port, for TCP/UDP with a header) in place."""
+        self._rewrite(12, ip, 0, port)
+        self.src = ip
+        if self._has_ports():
+            self.sport = port
+
+    def rewrite_dst(self, ip: int, port: int) -> None:
+        """Set the destination address (and port, for TCP/UDP with a header) in place."""
+        self._rewrite(16, ip, 2, port)
+        self.dst = ip
+        if self._has_ports():
+            self.dport = port
+
+
+_new = object.__new__
+
+
+def _empty(frame: bytearray, ts: float, drop: str | None) -> Packet:
+    p: Packet = _new(Packet)
+    p.frame = frame
+    p.ts = ts
+    p.drop = drop
+    p.vlan = None
+    p.l3 = p.ihl = p.tos = p.ip_len = p.ip_id = p.ip_off = p.ttl = p.proto = 0
+    p.src = p.dst = p.l4 = p.sport = p.dport = p.tcp_flags = 0
+    p.seq = p.ack = p.win = p.urp = p.tcp_hlen = p.icmp_type = p.icmp_code = 0
+    p.tcp_options = b""
+    p.pl = p.pend = 0
+    return p
+
+
+def parse(frame: bytes | bytearray, ts: float) -> Packet:
+    """Parse an Ethernet frame; never raises (a frame that is not usable IPv4 has
+    ``drop`` set).  A ``bytes`` frame is copied into a ``bytearray``."""
+    if type(frame) is not bytearray:
+        frame = bytearray(frame)
+    n = len(frame)
+    if n < 14:
+        return _empty(frame, ts, "truncated-ethernet")
+    etype = (frame[12] << 8) | frame[13]
+    l3 = 14
+    vlan = None
+    while etype in ETH_VLAN:
+        if n < l3 + 4:
+            return _empty(frame, ts, "truncated-ethernet")
+        if vlan is None:
+            vlan = ((frame[l3] << 8) | frame[l3 + 1]) & 0x0FFF
+        etype = (frame[l3 + 2] << 8) | frame[l3 + 3]
+        l3 += 4
+    if etype != ETH_IP:
+        p = _empty(frame, ts, "ipv6" if etype == ETH_IPV6 else "not-ip")
+        p.vlan = vlan
+        p.l3 = l3
+        return p
+    if n < l3 + 20:
+        p = _empty(frame, ts, "truncated-ip")
+        p.vlan = vlan
+        p.l3 = l3
+        return p
+    vihl, tos, ip_len, ip_id, ip_off, ttl, proto, _csum, src, dst = _ip(frame, l3)
+    ihl = (vihl & 15) * 4
+    p = _new(Packet)
+    p.frame = frame
+    p.ts = ts
+    p.vlan = vlan
+    p.l3 = l3
+    p.ihl = ihl
+    p.tos = tos
+    p.ip_len = ip_len
+    p.ip_id = ip_id
+    p.ip_off = ip_off
+    p.ttl = ttl
+    p.proto = proto
+    p.src = src
+    p.dst = dst
+    p.sport = p.dport = p.tcp_flags = p.seq = p.ack = p.win = p.urp = p.tcp_hlen = 0
+    p.icmp_type = p.icmp_code = 0
+    p.tcp_options = b""
+    l4 = l3 + ihl
+    pend = l3 + ip_len
+    p.l4 = l4
+    p.pl = l4
+    p.pend = pend
+    p.drop = None
+    if vihl >> 4 != 4 or ihl < 20 or ip_len < ihl:
+        p.drop = "bad-ip-header"
+        return p
+    if pend > n:
+        p.drop = "truncated-ip"
+        return p
+    if ip_off & 0x1FFF:  # a later fragment: no L4 header here
+        return p
+    if proto == TCP:
+        if pend < l4 + 20:
+            p.drop = "truncated-tcp"
+            return p
+        sport, dport, seq, ack, off, flags, win, _c, urp = _tcp(frame, l4)
+        thl = (off >> 4) * 4
+        p.sport = sport
+        p.dport = dport
+        p.seq = seq
+        p.ack = ack
+        p.tcp_flags = flags
+        p.win = win
+        p.urp = urp
+        p.tcp_hlen = thl
+        if thl < 20:
+            p.drop = "bad-tcp-header"
+            return p
+        if pend < l4 + thl:
+            p.drop = "truncated-tcp"
+            return p
+        if thl > 20:
+            p.tcp_options = bytes(frame[l4 + 20 : l4 + thl])
+        p.pl = l4 + thl
+    elif proto == UDP:
+        if pend < l4 + 8:
+            p.drop = "truncated-udp"
+            return p
+        p.sport, p.dport = _ports(frame, l4)
+        p.pl = l4 + 8
+    elif proto == ICMP:
+        if pend < l4 + 8:
+            p.drop = "truncated-icmp"
+            return p
+        p.icmp_type = frame[l4]
+        p.icmp_code = frame[l4 + 1]
+        p.pl = l4 + 8
+    return p
