@@ -57,6 +57,7 @@ class Pending:
         "creators",
         "info",
         "k",
+        "keyop",
         "kind",
         "method",
         "relocated",
@@ -79,6 +80,8 @@ class Pending:
         #: An untethered call that could not reach a node that left, sent again where its
         #: object is now (a flush's barrier to that node waits for it, see ScaleIn.bounce).
         self.relocated = False
+        #: The key request it sent (sent again when its key owner died: see repair).
+        self.keyop: Any = None
 
 
 #: What waits for a fence, as data: ("invoke", Invoke, now), ("untethered", k, method,

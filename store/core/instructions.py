@@ -52,6 +52,7 @@ __all__ = [
     "Log",
     "RegisterMap",
     "Remove",
+    "Repair",
     "Resolve",
     "Send",
     "Stimulus",
@@ -206,6 +207,17 @@ class EnterStage:
 
 
 @dataclass(slots=True)
+class Repair:
+    """A failure event: ``view`` is NORMAL on the repaired ring, which leaves ``dead`` out.
+    ``wait`` resolves once this node's share of the key records is rebuilt (every
+    survivor has reported what it holds)."""
+
+    view: NodeView
+    dead: frozenset[str]
+    wait: Wait[Any]
+
+
+@dataclass(slots=True)
 class DrainStep:
     """Hand on up to ``limit`` key records (and, when leaving, objects) during SCALING;
     answered with :class:`DrainProgress`."""
@@ -229,6 +241,7 @@ Stimulus: TypeAlias = (
     | Farewell
     | Undeliverable
     | EnterStage
+    | Repair
     | DrainStep
 )
 

@@ -57,8 +57,10 @@ from store.wire.messages import (
     HandOns,
     HandOnsAck,
     KeyOp,
+    Rebuilt,
     Release,
     Reply,
+    Report,
     Scan,
     Transfer,
     key_from_wire,
@@ -76,16 +78,22 @@ class KeyState(enum.IntEnum):
     LIVE = 1  # the object exists, held by ``owner``
     MOVING = 2  # a release to another node is in flight: requests queue until MOVED
     DROPPING = 3  # removed; the holder has not yet confirmed the drop: requests queue
-    # The faults issue adds: REBUILDING (the record is rebuilt after its node died) and
-    # LOST (the object died with its holder).
+    LOST = 4  # the object died with the node that held it: ObjectLost until made again
+
+
+# A key whose record died with its node is *rebuilding* at its new owner until every
+# survivor has reported what it holds (see :meth:`KeyLayer.repair`): that is not a state of
+# a record (there is none yet) but of the layer, and requests for such keys wait for it.
 
 
 #: The state changes allowed (a state may always stay as it is, e.g. a new owner).
 TRANSITIONS: Final[dict[KeyState, frozenset[KeyState]]] = {
     KeyState.ABSENT: frozenset({KeyState.LIVE}),
-    KeyState.LIVE: frozenset({KeyState.MOVING, KeyState.DROPPING}),
-    KeyState.MOVING: frozenset({KeyState.LIVE}),
+    KeyState.LIVE: frozenset({KeyState.MOVING, KeyState.DROPPING, KeyState.LOST}),
+    KeyState.MOVING: frozenset({KeyState.LIVE, KeyState.LOST}),
     KeyState.DROPPING: frozenset({KeyState.ABSENT}),
+    # made again by a create, found again in a survivor's report, or removed
+    KeyState.LOST: frozenset({KeyState.LIVE, KeyState.ABSENT}),
 }
 
 _EXISTS: Final = frozenset({KeyState.LIVE, KeyState.MOVING})
@@ -101,7 +109,7 @@ _RULE_ARRIVAL: Final = {
 class KeyRecord:
     """What the key's authority knows about one key (about 100 bytes)."""
 
-    __slots__ = ("kind", "owner", "queue", "releasing", "state", "version")
+    __slots__ = ("kind", "owner", "queue", "releasing", "remover", "state", "version")
 
     def __init__(self, kind: Kind, owner: str | None, version: int, state: KeyState) -> None:
         self.kind = kind
@@ -109,7 +117,10 @@ class KeyRecord:
         self.version = version  # bumped by every grant, move and remove
         self.state = state
         self.queue: deque[KeyOp] | None = None  # requests waiting while MOVING/DROPPING
-        self.releasing: tuple[str, int] | None = None  # MOVING: the (to, req_id) released to
+        #: MOVING: the (to, req_id) released to; DROPPING: (the holder told to drop, 0), so
+        #: that a holder's death ends the wait.
+        self.releasing: tuple[str, int] | None = None
+        self.remover: tuple[str, int] | None = None  # DROPPING: who asked, to answer
 
     @property
     def exists(self) -> bool:
@@ -149,6 +160,21 @@ class KeyLayer:
         self._drain_keys: list[K] | None = None
         self.forwarded = 0
         self.records_handed_on = 0
+        # -- failure events (see repair) --
+        #: Survivors whose reports of the current failure event have not all come yet.
+        self._rebuild_waiting: set[str] = set()
+        self._rebuild_epoch = 0
+        #: Requests for keys this node has no record for (or a lost one), waiting for the
+        #: rebuild to end: one of them may be an object a survivor is about to report.
+        self._rebuild_parked: deque[KeyOp] = deque()
+        #: Messages of an epoch this node does not know yet (a survivor that learnt of a
+        #: failure before us), handled once we know it.
+        self._future: list[tuple[Any, str]] = []
+        #: Per map: records rebuilt from reports, and objects found lost (their holder died).
+        self.rebuilt: dict[str, int] = {}
+        self.lost: dict[str, int] = {}
+        #: Nodes declared dead (until a new process of the same name joins the ring).
+        self.dead: set[str] = set()
 
     # -- records --
 
@@ -184,6 +210,8 @@ class KeyLayer:
         """The messages this layer takes, each with its handler ``(msg, sender)``."""
         return {
             KeyOp: self.route,
+            Report: self._on_report,
+            Rebuilt: self._on_rebuilt,
             HandOns: self._on_hand_ons,
             HandOnsAck: self._on_ack,
             HandOnAck: self._on_ack,
@@ -193,6 +221,9 @@ class KeyLayer:
     def route(self, msg: KeyOp, sender: str) -> None:
         """Serve, forward or pull ``msg`` as ``ring.ownership`` decides (the only place a
         key request's route is chosen)."""
+        if msg.epoch > self.view.epoch:  # a survivor repaired before us: wait until we have
+            self._future.append((msg, sender))
+            return
         k = (msg.map, msg.key)
         by_key = self.records.get(msg.map)
         if by_key is not None and msg.key in by_key:
@@ -272,6 +303,9 @@ class KeyLayer:
         by_key = self.records.get(msg.map)
         rec = None if by_key is None else by_key.get(msg.key)
         op = msg.op
+        if self._rebuild_waiting and (rec is None or rec.state is KeyState.LOST):
+            self._rebuild_parked.append(msg)  # a survivor may yet report its object
+            return
         if op is Op.MOVED:
             self._moved(k, rec, msg)
             return
@@ -281,6 +315,11 @@ class KeyLayer:
             rec.queue.append(msg)
             return
         if op is Op.REMOVE:
+            if rec is not None and rec.state is KeyState.LOST:
+                self._become(rec, KeyState.ABSENT)  # it existed; now it is gone for good
+                rec.version += 1
+                self._reply(msg.origin, msg.req_id, Status.OK, True)
+                return
             if rec is None or not rec.exists:
                 self._reply(msg.origin, msg.req_id, Status.OK, False)
                 return
@@ -293,12 +332,15 @@ class KeyLayer:
             assert holder is not None
             self._become(rec, KeyState.DROPPING)
             rec.owner = None
+            rec.releasing = (holder, 0)
+            rec.remover = (msg.origin, msg.req_id)
             rec.version += 1
             self.out.send(holder, Drop(msg.map, msg.key, rec.version, msg.origin, msg.req_id))
             return
         if rec is None or not rec.exists:
             if op is not Op.CREATE:
-                self._reply(msg.origin, msg.req_id, Status.NOT_FOUND)
+                lost = rec is not None and rec.state is KeyState.LOST
+                self._reply(msg.origin, msg.req_id, Status.LOST if lost else Status.NOT_FOUND)
                 return
             if rec is None:
                 rec = KeyRecord(msg.kind, msg.origin, 1, KeyState.LIVE)
@@ -346,17 +388,24 @@ class KeyLayer:
                 self.out.send(new_owner, Drop(msg.map, msg.key, msg.version))
                 return
             rec.owner = new_owner
+            if rec.state is KeyState.DROPPING:
+                rec.releasing = (new_owner, 0)
             if rec.state is KeyState.MOVING and rec.releasing is not None:
                 to, req_id = rec.releasing
                 self.out.send(new_owner, Release(msg.map, msg.key, to, req_id, msg.version))
             return
         rec.releasing = None
+        rec.remover = None
         rec.version = msg.version
         if msg.note is MovedNote.DROPPED:
             # The holder dropped a removed object: the remover (origin, req_id) may go on.
             if rec.state is KeyState.DROPPING:
                 self._become(rec, KeyState.ABSENT)
             self._reply(msg.origin, msg.req_id, Status.OK, True)
+        elif rec.exists and msg.owner in self.dead:  # handed to a node that died meanwhile
+            self._become(rec, KeyState.LOST)
+            rec.owner = None
+            self.lost[k[0]] = self.lost.get(k[0], 0) + 1
         elif rec.exists:
             self._become(rec, KeyState.LIVE)
             rec.owner = msg.owner
@@ -366,6 +415,11 @@ class KeyLayer:
             rec.owner = None
             if rec.state is KeyState.DROPPING:
                 self._become(rec, KeyState.ABSENT)
+        self._serve_queue(rec)
+
+    def _serve_queue(self, rec: KeyRecord) -> None:
+        """Serve the requests that waited while ``rec`` was busy, until one makes it busy
+        again."""
         queue = rec.queue
         rec.queue = None
         while queue:
@@ -378,6 +432,108 @@ class KeyLayer:
 
     def _reply(self, origin: str, req_id: int, status: Status, value: Any = None) -> None:
         self.out.send(origin, Reply(req_id, status, value))
+
+    # -- failure events: the records of a dead node are rebuilt from what survivors hold --
+
+    def repair(self, view: NodeView, dead: frozenset[str], survivors: frozenset[str]) -> None:
+        """A failure event: this node is NORMAL on ``view.ring``, which leaves ``dead`` out.
+
+        Key records are soft state.  Those that died with their node are rebuilt by the
+        keys' new owners from the survivors' :class:`Report` messages, and until every
+        survivor has sent its :class:`Rebuilt` marker, a request for a key this node has
+        no record for waits (an object for it may yet be reported).  Records this node
+        keeps whose object was held by a dead node become LOST; a remove waiting for a
+        dead holder's confirmation is answered.  Records this node holds but no longer
+        owns (an event interrupted by the failure) are dropped, their waiting requests
+        routed afresh: their objects' holders report them to the owner.  O(records)."""
+        self._rebuild_epoch = view.epoch
+        self._rebuild_waiting = set(survivors)
+        self.dead |= dead
+        self.enter_stage(view)
+        ring = view.ring
+        for k, rec in self.items():
+            if ring.owner(key_token(*k)) != self.name:
+                self._pop(k)
+                for msg in rec.queue or ():
+                    self.route(_relay(msg, view.epoch, 0, Arrival.PLAIN, None, None, None), "")
+                continue
+            busy_with = None if rec.releasing is None else rec.releasing[0]
+            if rec.exists and (rec.owner in dead or busy_with in dead):
+                if rec.state is KeyState.MOVING and busy_with not in dead:
+                    to, req_id = rec.releasing or ("", 0)
+                    self._reply(to, req_id, Status.LOST)  # the release never reaches it
+                self._become(rec, KeyState.LOST)
+                rec.owner = rec.releasing = None
+                rec.version += 1
+                self.lost[k[0]] = self.lost.get(k[0], 0) + 1
+                self._serve_queue(rec)
+            elif rec.state is KeyState.DROPPING and busy_with in dead:
+                self._become(rec, KeyState.ABSENT)
+                remover, rec.releasing, rec.remover = rec.remover, None, None
+                if remover is not None:
+                    self._reply(remover[0], remover[1], Status.OK, True)
+                self._serve_queue(rec)
+        self._replay_future()
+
+    @property
+    def rebuilding(self) -> bool:
+        """Whether reports of the current failure event are still awaited."""
+        return bool(self._rebuild_waiting)
+
+    def _replay_future(self) -> None:
+        future, self._future = self._future, []
+        for msg, sender in future:
+            self._takes_again(msg, sender)
+
+    def _takes_again(self, msg: Any, sender: str) -> None:
+        if type(msg) is KeyOp:
+            self.route(msg, sender)
+        elif type(msg) is Report:
+            self._on_report(msg, sender)
+        else:
+            self._on_rebuilt(msg, sender)
+
+    def _on_report(self, msg: Report, sender: str) -> None:
+        if msg.epoch > self.view.epoch:
+            self._future.append((msg, sender))
+            return
+        if msg.epoch != self._rebuild_epoch:
+            return  # an older event's: the newer one's reports say it all again
+        ring = self.view.ring
+        for entry in msg.entries:
+            map_name, key, kind_code, version = entry
+            if type(map_name) is not str or type(version) is not int:
+                raise StoreError("a report entry is [map, key, kind, version]")
+            k = (map_name, key_from_wire(key))
+            kind = Kind(kind_code)
+            if ring.owner(key_token(*k)) != self.name:
+                self.out.error("report-not-owner", f"from {sender}: {k!r:.80}")
+                continue
+            rec = self.record(k)
+            if rec is None:
+                self._put(k, KeyRecord(kind, sender, version, KeyState.LIVE))
+                self.rebuilt[map_name] = self.rebuilt.get(map_name, 0) + 1
+            elif rec.state is KeyState.LOST:
+                self._become(rec, KeyState.LIVE)
+                rec.kind, rec.owner, rec.version = kind, sender, max(version, rec.version)
+                self.lost[map_name] -= 1
+                self.rebuilt[map_name] = self.rebuilt.get(map_name, 0) + 1
+            elif rec.state is KeyState.ABSENT and rec.version:
+                # removed (its Drop went to a node that died meanwhile): drop this copy too
+                self.out.send(sender, Drop(map_name, k[1], max(version, rec.version)))
+
+    def _on_rebuilt(self, msg: Rebuilt, sender: str) -> None:
+        if msg.epoch > self.view.epoch:
+            self._future.append((msg, sender))
+            return
+        if msg.epoch != self._rebuild_epoch or not self._rebuild_waiting:
+            return
+        self._rebuild_waiting.discard(sender)
+        if self._rebuild_waiting:
+            return
+        parked, self._rebuild_parked = self._rebuild_parked, deque()
+        for msg_ in parked:
+            self._serve(msg_)
 
     def _on_scan(self, msg: Scan, sender: str) -> None:
         by_key = self.records.get(msg.map) or {}
@@ -402,6 +558,11 @@ class KeyLayer:
                         self._pop(k)
             self._bare.clear()
             self._drain_keys = None
+        if self.dead:
+            self.dead -= view.ring.nodes
+        if self._future and view.epoch > self.view.epoch:
+            self.view = view
+            self._replay_future()
         if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
             self._unacked = 0
             self._drain_keys = None
@@ -491,7 +652,8 @@ class KeyLayer:
         for k, rec in self.items():
             assert (rec.owner is not None) == rec.exists, (k, rec.state, rec.owner)
             assert rec.queue is None or rec.busy or not rec.queue, (k, rec.state)
-            assert rec.releasing is None or rec.state is KeyState.MOVING, (k, rec.state)
+            assert rec.releasing is None or rec.busy, (k, rec.state)
+            assert rec.remover is None or rec.state is KeyState.DROPPING, (k, rec.state)
             assert rec.state is not KeyState.ABSENT or rec.owner is None, k
 
 

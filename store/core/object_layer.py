@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ring.hashring import HashRing
+from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
 from store.core.held import KIND_CODE, MAX_RELOCATE, SLOW, Held, K, Pending
 from store.core.instructions import (
@@ -65,6 +65,7 @@ from store.core.scheduler import Wait
 from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
 from store.wire.errors import (
     MessageTooLarge,
+    ObjectLost,
     ObjectNotFound,
     ObjectRemoved,
     PeerUnavailable,
@@ -85,8 +86,10 @@ from store.wire.messages import (
     Gone,
     KeyOp,
     Message,
+    Rebuilt,
     Release,
     Reply,
+    Report,
     Scan,
     Snapshot,
     Transfer,
@@ -95,6 +98,10 @@ from store.wire.messages import (
 )
 
 __all__ = ["SLOW", "Held", "ObjectLayer"]
+
+#: Entries per failure report: a report of a large node goes out in many frames, each well
+#: under the frame limit even with keys near their size bound.
+REPORT_BATCH = 512
 
 
 class ObjectLayer(ScaleIn):
@@ -490,6 +497,74 @@ class ObjectLayer(ScaleIn):
         for msg in stim.msgs:
             self.bounce(stim.to, msg)
 
+    def repair(self, view: NodeView, dead: frozenset[str]) -> None:
+        """A failure event (see ``KeyLayer.repair``): ``dead`` are departed from now on
+        (what is sent to them is answered here, as for a node that left: fences and
+        barriers answered, calls relocated); every object held here is reported to its key
+        owner on the repaired ring, in bulk, then a :class:`Rebuilt` marker goes to every
+        survivor; key requests whose key owner died are sent again, and calls shipped to a
+        dead holder look for their object again (its key owner answers LOST).  O(objects).
+        """
+        old = self.view
+        self.out.departed |= dead
+        self.enter_stage(view)
+        self._early_release = {k: r for k, r in self._early_release.items() if r.to not in dead}
+        for held in self.objects.values():
+            if held.release is not None and held.release.to in dead:
+                held.release = None  # the asker died: the object stays here
+        ring, epoch = view.ring, view.epoch
+        batches: dict[str, list[list[Any]]] = {}
+        for held_k, held in self.objects.items():
+            if held.removed:
+                continue
+            owner = ring.owner(key_token(*held_k))
+            entry = [held_k[0], held_k[1], int(KIND_CODE[held.info.kind]), held.version]
+            batch = batches.get(owner)
+            if batch is None:
+                batch = batches[owner] = []
+            batch.append(entry)
+        for owner, entries in batches.items():
+            for at in range(0, len(entries), REPORT_BATCH):
+                self.out.send(owner, Report(epoch, entries[at : at + REPORT_BATCH]))
+        for node in sorted(ring.nodes):
+            self.out.send(node, Rebuilt(epoch))
+        for req_id, pending in list(self._pending.items()):
+            k = pending.k
+            if k is None:
+                continue
+            token = key_token(*k)
+            owners = {old.ring.owner(token)}
+            if old.next_ring is not None:
+                owners.add(old.next_ring.owner(token))
+            if pending.keyop is not None and owners & dead:
+                self._key_op_again(pending.keyop)
+            elif pending.kind == "call" and self.locations.get(k) in dead:
+                self.locations.pop(k, None)
+                self.out.send(self.name, Reply(req_id, Status.NOT_HERE, None))
+        for k, where in list(self.locations.items()):
+            if where in dead:
+                del self.locations[k]
+
+    def _key_op_again(self, msg: KeyOp) -> None:
+        """Send ``msg`` again, routed afresh by the current ring (its key owner died)."""
+        epoch = self.view.epoch
+        again = KeyOp(
+            msg.op,
+            msg.map,
+            msg.key,
+            msg.kind,
+            msg.origin,
+            msg.req_id,
+            epoch,
+            0,
+            Arrival.PLAIN,
+            epoch,
+            msg.owner,
+            msg.version,
+            msg.note,
+        )
+        self.out.send(self.name, again)
+
     # == messages ==========================================================================
 
     def handlers(self) -> dict[type, Callable[[Any, str], None]]:
@@ -536,6 +611,9 @@ class ObjectLayer(ScaleIn):
             version,
             note,
         )
+        pending = self._pending.get(req_id) if req_id else None
+        if pending is not None:
+            pending.keyop = msg
         self.out.send(self.name, msg)
 
     def _reply(self, origin: str, req_id: int, status: Status, value: Any = None) -> None:
@@ -1001,7 +1079,9 @@ class ObjectLayer(ScaleIn):
         k = pending.k
         assert k is not None
         if msg.status != Status.OK:
-            if not pending.waits:
+            if not pending.waits and msg.status == Status.LOST:  # its caller's flush raises
+                self.out.failed_update("untethered-call-lost", f"{k!r:.80}: object lost")
+            elif not pending.waits:
                 self.out.error("untethered-call-lost", f"{k!r:.80}: {msg.status.name}")
             self._relocated(pending)
             for wait in pending.waits:
@@ -1024,6 +1104,8 @@ class ObjectLayer(ScaleIn):
         what = f"{pending.k[0]}[{pending.k[1]!r}]" if pending.k else "request"
         if msg.status in (Status.NOT_FOUND, Status.NOT_HERE):
             return ObjectNotFound(f"{what}: no such object")
+        if msg.status == Status.LOST:
+            return ObjectLost(f"{what}: lost with the node that held it (create makes it anew)")
         if msg.status == Status.WRONG_KIND:
             kind = ObjectKind.MULTI if msg.value == Kind.MULTI else ObjectKind.SINGLE
             return WrongKind(f"{what} holds a {kind.value} object")

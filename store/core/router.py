@@ -41,6 +41,7 @@ from store.core.instructions import (
     Locate,
     RegisterMap,
     Remove,
+    Repair,
     Stimulus,
     Undeliverable,
 )
@@ -133,6 +134,8 @@ class Router:
         self.objects.trace = trace
         self.objects.request_timeout = request_timeout
         self.raise_bugs = raise_bugs
+        #: Resolved once the failure event being handled has rebuilt this node's records.
+        self._repair_wait: Any = None
         objects, keys = self.objects, self.keys
         self.fast = FastPaths(
             objects.take,
@@ -192,6 +195,10 @@ class Router:
         elif kind is EnterStage:
             self.keys.enter_stage(stimulus.view)  # type: ignore[union-attr]
             objects.enter_stage(stimulus.view)  # type: ignore[union-attr]
+        elif kind is Repair:
+            self.keys.repair(stimulus.view, stimulus.dead, stimulus.view.ring.nodes)  # type: ignore[union-attr]
+            objects.repair(stimulus.view, stimulus.dead)  # type: ignore[union-attr]
+            self._repair_wait = stimulus.wait  # type: ignore[union-attr]
         elif kind is DrainStep:
             self._drain(stimulus.limit)  # type: ignore[union-attr]
         elif kind is RegisterMap:
@@ -199,6 +206,9 @@ class Router:
         else:
             raise TypeError(f"not a stimulus: {stimulus!r:.80}")
         self._pump()
+        if self._repair_wait is not None and not self.keys.rebuilding:
+            out.resolve(self._repair_wait, None)
+            self._repair_wait = None
         return out.take(kind is Flush)
 
     def _deliver(self, msg: Message, sender: str) -> None:

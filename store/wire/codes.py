@@ -54,3 +54,4 @@ class Status(enum.IntEnum):
     NOT_HERE = 2  # this node does not hold the object (any more): locate it again
     ERROR = 3  # value: [error class name, text]
     WRONG_KIND = 4
+    LOST = 5  # the object died with the node that held it (its record survived)

@@ -41,6 +41,7 @@ __all__ = [
     "ControllerRefused",
     "DrainedReport",
     "Figures",
+    "Heartbeat",
     "MemberList",
     "NodeStatus",
     "Order",
@@ -65,6 +66,10 @@ class Order(enum.Enum):
 
     ABORT = "abort"  # the event was aborted: back to NORMAL on the previous ring
     LEAVE = "leave"  # a scale-in removed the node and everybody is past it: it may exit
+    # A member died: ``epoch``/``members`` is the repaired ring (without it).  The node
+    # fences the dead, reports what it holds to the new owners of their keys, and
+    # acknowledges once the key records that died are rebuilt (see ``store.core``).
+    REPAIR = "repair"
 
 
 #: What a :class:`StageCommand` tells a node (and its :class:`StageAck` confirms): enter a
@@ -338,3 +343,14 @@ class ScaleReply:
     code: str
     text: str
     summary: Figures
+
+
+@message(51)
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A member is alive: sent every ``interval`` seconds on its controller connection.
+    The controller declares a member dead that it has not heard from (anything counts)
+    for its failure timeout."""
+
+    name: str
+    interval: float

@@ -37,6 +37,7 @@ __all__ = [
     "MalformedMessage",
     "MessageTooLarge",
     "NotAStoreOperation",
+    "ObjectLost",
     "ObjectNotFound",
     "ObjectRemoved",
     "PeerUnavailable",
@@ -103,6 +104,12 @@ class ObjectRemoved(ObjectNotFound):
     """The caller's: a call through a reference whose object has since been removed."""
 
 
+class ObjectLost(ObjectNotFound):
+    """Nobody's in particular: the object died with the process that held it (its key
+    record survived, so the store knows it existed).  ``create`` makes it anew, with
+    ``ref.created`` true."""
+
+
 class WrongKind(StoreError, TypeError):
     """The caller's: the map's class is a SingleWriter but the key holds a MultiWriter
     object, or the other way round (two maps of one name with different classes)."""
@@ -135,6 +142,8 @@ _NAMES: Final[dict[str, Fault]] = {
     # that does not follow them sent it
     "rejected-request": "peer",
     "moved-without-record": "race",  # the record moved on or was removed meanwhile
+    "report-not-owner": "race",  # a failure report that met a newer ring than its own
+    "from-dead-node": "race",  # a message of a node declared dead, arriving late: fenced
     "transfer-without-request": "race",  # an object arriving after its request was dropped
     "reply-without-request": "race",  # an answer after its request was given up
     # a request of ours had no answer within request_timeout: a node on its way is down

@@ -92,7 +92,9 @@ __all__ = [
     "Key",
     "Message",
     "Proof",
+    "Rebuilt",
     "Refused",
+    "Report",
     "Tag",
     "Welcome",
     "array_header",
@@ -1072,6 +1074,27 @@ class HandOnsAck:
 
     epoch: int
     count: int
+
+
+@message(34)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Report:
+    """Failure event ``epoch``: objects the sender holds whose key records belong to the
+    receiver on the repaired ring, each ``[map, key, kind, version]``.  Key records are
+    soft state: the receiver rebuilds those that died with their node from these."""
+
+    epoch: int
+    entries: list[Any]
+
+
+@message(35)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """Failure event ``epoch``: the sender has sent every :class:`Report` it had for the
+    receiver (they come before this on the same link).  A new owner serves keys it has no
+    record for only once every survivor has said so."""
+
+    epoch: int
 
 
 @message(39)
