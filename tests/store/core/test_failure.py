@@ -156,7 +156,7 @@ def test_requests_for_unknown_keys_wait_until_every_survivor_reported() -> None:
     new_owner, other = "a", "b"
     # The new owner repairs first and gets a create for the key before the other
     # survivor (which may hold the object) has reported: the create must wait.
-    waits = {}
+    waits: dict[str, Wait[Any]] = {}
     for name in [new_owner, other]:
         waits[name] = Wait(name)
     net.nodes[new_owner].run(
@@ -171,7 +171,7 @@ def test_requests_for_unknown_keys_wait_until_every_survivor_reported() -> None:
         Repair(NodeView(other, Stage.NORMAL, ring), frozenset({"c"}), waits[other])
     )
     net.deliver_all()
-    held, made = maker.result()
+    _held, made = maker.result()
     assert not made, "a second copy was made of an object a survivor holds"
     rec = net.nodes[new_owner].router.keys.record(("sw", key))
     assert rec is not None and rec.state is KeyState.LIVE
