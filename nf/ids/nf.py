@@ -1,0 +1,284 @@
+"""The IDS network function: Snort 2.9 rules over each packet's payload, on the object space.
+
+Per packet: a frame that did not parse is counted by reason and forwarded; a packet from or
+to a trusted (whitelisted) host skips detection and counts on that host's record; any other
+packet updates its flow's context (which says where the handshake is, for ``flow``) and is
+matched against the rules.  Each alert is added, untethered, to the record of the server it
+was raised against.  The ``alerts`` query reads those records back (a control-plane task,
+as the paper's Figure 4 iterates its asset table) and answers fast-alert lines in capture
+order.  The IDS only watches: every packet is forwarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from nf.base import NF, ConfigError, Verdict
+from nf.ids.alert import fast_alert
+from nf.ids.engine import Detector, PacketView
+from nf.ids.rules import Classification, RuleSet, load_rules, parse_classifications
+from nf.ids.state import CLOSED, FlowContext, ServerAlerts, TrustedHost
+from nf.packet import Packet
+from store import ObjectNotFound
+
+__all__ = ["DEFAULT_CLASSIFICATION", "DEFAULT_RULES", "IDS", "load_config_rules"]
+
+_DATA = Path(__file__).parent / "data"
+#: Rules of our own, used when none are named (the demo's and the tests').
+DEFAULT_RULES = _DATA / "demo.rules"
+DEFAULT_CLASSIFICATION = _DATA / "classification.config"
+
+#: Seconds without a packet after which a flow's context is forgotten (a closed one sooner).
+FLOW_TIMEOUT = 300.0
+CLOSED_TIMEOUT = 10.0
+#: Alerts kept per server (the count goes on).
+ALERTS_PER_SERVER = 10_000
+
+
+def _read(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+
+
+def load_config_rules(config: dict[str, Any]) -> RuleSet:
+    """The rules the configuration names (``rules_text`` or the file ``rules``, else our
+    demo rules), with ``classification_text`` / ``classification`` (else the
+    ``classification.config`` beside the rules file, else ours) and ``vars``."""
+    rules_path = config.get("rules")
+    rules_text = config.get("rules_text")
+    if rules_text is None:
+        rules_path = rules_path or str(DEFAULT_RULES)
+        rules_text = _read(rules_path, "rules")
+    class_text = config.get("classification_text")
+    class_path = config.get("classification")
+    if class_text is None:
+        if class_path is None:
+            beside = Path(rules_path).parent / "classification.config" if rules_path else None
+            class_path = str(beside if beside and beside.exists() else DEFAULT_CLASSIFICATION)
+        class_text = _read(class_path, "classification")
+    classes: dict[str, Classification]
+    classes, class_errors = parse_classifications(class_text, class_path or "classification")
+    variables = config.get("vars") or {}
+    if not isinstance(variables, dict):
+        raise ConfigError("vars must be a table of NAME = VALUE")
+    ruleset = load_rules(
+        rules_text,
+        source=rules_path or "rules",
+        classifications=classes,
+        variables={str(k): str(v) for k, v in variables.items()},
+    )
+    ruleset.errors[:0] = class_errors
+    return ruleset
+
+
+def _networks(items: Any) -> list[tuple[int, int]]:
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list):
+        raise ConfigError("whitelist must be a list of addresses or networks")
+    nets = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                net = ipaddress.IPv4Network(part, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"whitelist: {part!r} is not an IPv4 address or network"
+                ) from None
+            nets.append((int(net.network_address), int(net.netmask)))
+    return nets
+
+
+class IDS(NF):
+    """Snort 2.9-rule intrusion detection: fast alerts for packets matching alert rules."""
+
+    name: ClassVar[str] = "ids"
+    bidirectional: ClassVar[bool] = True
+    output_query: ClassVar[str] = "alerts"
+    malformed_verdict: ClassVar[Verdict] = Verdict.FORWARD
+    tick_interval: ClassVar[float] = 1.0
+
+    def __init__(self, space: Any, config: dict[str, Any]) -> None:
+        super().__init__(space, config)
+        ruleset = config.get("ruleset")
+        if not isinstance(ruleset, RuleSet):
+            ruleset = load_config_rules(config)
+        self.ruleset = ruleset
+        self.detector = Detector(ruleset.rules, prefilter=bool(config.get("prefilter", True)))
+        self.trusted = _networks(config.get("whitelist", []))
+        self.flow_timeout = float(config.get("flow_timeout", FLOW_TIMEOUT))
+        self.alerts_per_server = int(config.get("alerts_per_server", ALERTS_PER_SERVER))
+        self.flows = space.map("ids.flows", FlowContext)
+        self.hosts = space.map("ids.trusted", TrustedHost)
+        self.servers = space.map("ids.servers", ServerAlerts)
+        #: This instance's timer list: flow key -> time of its last packet here.
+        self._timers: dict[Any, float] = {}
+
+    # --- the packet path ---------------------------------------------------------------
+
+    def _trusted_host(self, packet: Packet) -> int | None:
+        for ip in (packet.src, packet.dst):
+            for net, mask in self.trusted:
+                if ip & mask == net:
+                    return ip
+        return None
+
+    async def process(self, packet: Packet) -> Verdict:
+        self.count("packets")
+        if packet.drop is not None:
+            self.count(packet.drop)
+            return Verdict.FORWARD
+        if packet.ip_off & 0x1FFF:
+            self.count("fragment-not-inspected")
+            return Verdict.FORWARD
+        if self.trusted:
+            host = self._trusted_host(packet)
+            if host is not None:
+                async with self.hosts.create(host) as ref:
+                    await ref.skip()
+                self.count("whitelisted")
+                return Verdict.FORWARD
+        key = packet.flow_key_both()
+        proto = packet.proto
+        async with self.flows.create(key) as ctx:
+            to_server, established, number = await ctx.on_packet(
+                proto, packet.src, packet.sport, packet.tcp_flags, packet.ts
+            )
+        self._timers[key] = packet.ts
+        self.count("inspected")
+        view = PacketView(
+            proto,
+            packet.src,
+            packet.dst,
+            packet.sport,
+            packet.dport,
+            packet.tcp_flags,
+            packet.payload,
+            to_server,
+            established,
+        )
+        matched = self.detector.detect(view)
+        if not matched:
+            return Verdict.FORWARD
+        server = packet.dst if to_server else packet.src
+        async with self.servers.create(server) as record:
+            for rule in matched:
+                line = fast_alert(
+                    rule, packet.ts, proto, packet.src, packet.sport, packet.dst, packet.dport
+                )
+                entry = [packet.ts, *key, number, rule.index, line]
+                await record.add(entry, self.alerts_per_server)
+        self.count("alerts", len(matched))
+        return Verdict.FORWARD
+
+    # --- timeouts --------------------------------------------------------------------
+
+    async def tick(self, now: float) -> None:
+        """Forget the contexts of this instance's flows idle for ``flow_timeout`` (closed
+        ones after ``CLOSED_TIMEOUT``); a flow that moved on is checked where it is, by a
+        read that does not move it."""
+        timers = self._timers
+        closed_after = min(CLOSED_TIMEOUT, self.flow_timeout)
+        due = [k for k, last in timers.items() if now - last >= closed_after]
+        for key in due:
+            try:
+                async with self.flows.get(key, readonly=True) as ref:
+                    last, state = await ref.last_seen()
+            except ObjectNotFound:  # gone already (another instance removed it)
+                del timers[key]
+                continue
+            limit = closed_after if state == CLOSED else self.flow_timeout
+            if now - last >= limit:
+                del timers[key]
+                await self.flows.remove(key)
+                self.count("flows-expired")
+            elif last > timers[key]:
+                timers[key] = last
+
+    # --- the control plane -------------------------------------------------------------
+
+    async def query(self, name: str, **args: Any) -> Any:
+        if name == "alerts":
+            return await self._alerts()
+        if name == "servers":
+            return [f"{_ip(key)} {entry.total}" async for key, entry in self.servers.items()]
+        if name == "trusted":
+            return [f"{_ip(key)} {host.skipped}" async for key, host in self.hosts.items()]
+        if name == "statistics":
+            return {
+                **self.counts,
+                "rules": len(self.ruleset.rules),
+                "rule-errors": len(self.ruleset.errors),
+                "rules-skipped": len(self.ruleset.warnings),
+                "flows-tracked": len(self._timers),
+            }
+        raise KeyError(f"unknown query {name!r} (alerts, servers, trusted, statistics)")
+
+    async def _alerts(self) -> list[str]:
+        entries: list[list[Any]] = []
+        async for _key, record in self.servers.items():
+            entries.extend(sorted(record.entries)[: record.bound])
+        entries.sort()
+        return [str(entry[-1]) for entry in entries]
+
+    # --- configuration -----------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--rules", metavar="FILE", help="Snort rules file (default: our demo rules)"
+        )
+        parser.add_argument(
+            "--classification",
+            metavar="FILE",
+            help="classification.config (default: the one beside the rules file, else ours)",
+        )
+        parser.add_argument(
+            "--whitelist",
+            metavar="NETS",
+            action="append",
+            help="trusted addresses or networks, comma-separated (repeatable): "
+            "their packets skip detection",
+        )
+        parser.add_argument(
+            "--no-prefilter",
+            action="store_true",
+            help="evaluate every rule on every packet (the prefilter's reference)",
+        )
+
+    @classmethod
+    def config_from(cls, args: argparse.Namespace, toml: dict[str, Any]) -> dict[str, Any]:
+        config = dict(toml)
+        if getattr(args, "rules", None):
+            config["rules"] = args.rules
+        if getattr(args, "classification", None):
+            config["classification"] = args.classification
+        if getattr(args, "whitelist", None):
+            config["whitelist"] = list(args.whitelist)
+        if getattr(args, "no_prefilter", False):
+            config["prefilter"] = False
+        _networks(config.get("whitelist", []))
+        ruleset = load_config_rules(config)
+        for message in ruleset.notes:
+            print(f"ids: note: {message}", file=sys.stderr)
+        for message in ruleset.warnings:
+            print(f"ids: warning: {message}", file=sys.stderr)
+        for message in ruleset.errors:
+            print(f"ids: error: {message}", file=sys.stderr)
+        config["ruleset"] = ruleset
+        return config
+
+
+def _ip(key: Any) -> str:
+    return str(ipaddress.IPv4Address(int(key)))
