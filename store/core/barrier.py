@@ -82,10 +82,12 @@ from store.wire.messages import Message
 
 __all__ = [
     "DEFAULT_ADMISSION_WINDOW",
+    "DEFAULT_FAILURE_TIMEOUT",
     "DEFAULT_LEAVE_TIMEOUT",
     "DEFAULT_PRE_SCALING_TIMEOUT",
     "Barrier",
     "Callback",
+    "Disconnect",
     "Effect",
     "Log",
     "Member",
@@ -106,6 +108,9 @@ DEFAULT_PRE_SCALING_TIMEOUT: Final = 5.0
 DEFAULT_ADMISSION_WINDOW: Final = 0.1
 #: Seconds a removed node has to acknowledge ``leave`` before its request is answered anyway.
 DEFAULT_LEAVE_TIMEOUT: Final = 30.0
+#: Seconds of silence (no heartbeat, no message; or disconnected and not back) after which
+#: a member is declared dead and a failure event repairs the ring without it.
+DEFAULT_FAILURE_TIMEOUT: Final = 2.0
 
 
 # --- effects ------------------------------------------------------------------------------
@@ -118,6 +123,15 @@ class Send:
 
     to: str
     message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """End the session of member ``to``: it was declared dead.  If the process was only
+    stalled, it learns so by the end of its session and must come back as a new one."""
+
+    to: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +161,7 @@ class Log:
     level: str = "INFO"
 
 
-Effect = Send | Progress | Reply | Log
+Effect = Send | Progress | Reply | Log | Disconnect
 
 
 # --- state --------------------------------------------------------------------------------
@@ -176,6 +190,8 @@ class Member:
     epoch: int = 0
     held: bool = False  # its admission aborted: automatic admission skips it
     leave_deadline: float | None = None
+    heard_at: float = 0.0  # the last time anything came from it (heartbeats included)
+    lost_at: float | None = None  # when its connection ended, while it has not come back
 
 
 @dataclass
@@ -222,7 +238,12 @@ class ScaleEvent:
         return sorted(self.participants - set(done))
 
 
-_KIND_NAMES: Final = {"form": "initial admission", "out": "scale-out", "in": "scale-in"}
+_KIND_NAMES: Final = {
+    "form": "initial admission",
+    "out": "scale-out",
+    "in": "scale-in",
+    "repair": "failure repair",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +299,7 @@ class Barrier:
         pre_scaling_timeout: float = DEFAULT_PRE_SCALING_TIMEOUT,
         admission_window: float = DEFAULT_ADMISSION_WINDOW,
         leave_timeout: float = DEFAULT_LEAVE_TIMEOUT,
+        failure_timeout: float | None = None,
     ) -> None:
         if pre_scaling_timeout <= 0:
             raise ValueError(f"pre_scaling_timeout must be positive, not {pre_scaling_timeout}")
@@ -288,6 +310,14 @@ class Barrier:
         self.pre_scaling_timeout = pre_scaling_timeout
         self.admission_window = admission_window
         self.leave_timeout = leave_timeout
+        if failure_timeout is not None and failure_timeout <= 0:
+            raise ValueError(f"failure_timeout must be positive, not {failure_timeout}")
+        #: None: nobody is ever declared dead (the pure machine's default; the controller
+        #: process uses DEFAULT_FAILURE_TIMEOUT).
+        self.failure_timeout = failure_timeout
+        #: Nodes declared dead, in order (for ``ctl status``; a new process of the same
+        #: name may register again and is then a new member).
+        self.dead: list[str] = []
         self.ring = HashRing((), vnodes=vnodes, epoch=0)
         self.highest_epoch = 0
         self.burnt: set[int] = set()
@@ -342,6 +372,12 @@ class Barrier:
         due = self._admission_due()
         if due is not None:
             deadlines.append(due)
+        timeout = self.failure_timeout
+        if timeout is not None:
+            for m in self.members.values():
+                if m.role is not Role.WAITING:
+                    since = m.heard_at if m.lost_at is None else m.lost_at
+                    deadlines.append(since + timeout)
         return min(deadlines, default=None)
 
     def ring_state(self, accepted: bool, text: str) -> RingState:
@@ -421,11 +457,12 @@ class Barrier:
                     now,
                 ), effects
             existing.connected = True
+            existing.heard_at, existing.lost_at = now, None
             self._record(now, "rejoin", name)
             effects.append(Log(f"{name} rejoined as a {existing.role.value}"))
             effects.extend(self._resync(existing, now))
             return self.ring_state(True, f"rejoined as a {existing.role.value}"), effects
-        self.members[name] = Member(name, address, Role.WAITING, now)
+        self.members[name] = Member(name, address, Role.WAITING, now, heard_at=now)
         self._record(now, "register", name, text=address)
         effects.append(Log(f"{name} registered from {address}; waiting for admission"))
         how = "manual admission: waiting for scale-out" if self.manual_admission else "admitting"
@@ -447,6 +484,7 @@ class Barrier:
             effects.extend(self._left(name, now, "disconnected"))
         else:
             member.connected = False
+            member.lost_at = now
             event = self.event
             if event is not None and name in event.participants:
                 if event.phase is Stage.PRE_SCALING:
@@ -472,6 +510,129 @@ class Barrier:
                 )
         effects.extend(self._due(now))
         return effects
+
+    def heard(self, name: str, now: float) -> None:
+        """Something (a heartbeat, any message) came from ``name``: it is alive.  O(1) and
+        no effects, so that the shell can call it for every message."""
+        member = self.members.get(name)
+        if member is not None and member.connected:
+            member.heard_at = now
+
+    def _declare_dead(self, names: list[str], now: float) -> list[Effect]:
+        """``names`` stopped answering: a failure event repairs the ring without them.
+
+        Before anyone was told SCALING, the running event aborts as it would for a
+        disconnection, and the repair follows on the previous ring.  Later, the event
+        cannot be rolled back: it is replaced by the repair, whose ring keeps everyone
+        alive of both rings (the joiners join; the nodes being removed stay members and
+        may be removed again by a new scale-in).  A repair interrupted by another death is
+        replaced the same way.  The dead are forgotten; a process of the same name may
+        register again as a new member."""
+        effects: list[Effect] = []
+        dead = set(names)
+        for name in sorted(dead):
+            member = self.members[name]
+            why = "disconnected" if member.lost_at is not None else "silent"
+            effects.append(
+                Log(f"{name} declared dead: {why} for {self.failure_timeout} s", "WARNING")
+            )
+            self._record(now, "dead", name, text=why)
+            effects.append(Disconnect(name, f"declared dead ({why})"))
+            self.dead.append(name)
+        event = self.event
+        if event is not None and event.phase is Stage.PRE_SCALING and event.kind != "repair":
+            effects.extend(self._abort(f"{', '.join(sorted(dead))} died", now))
+            event = None
+        keep: set[str] = set(self.ring.nodes)
+        joiners: set[str] = set()
+        if event is not None:
+            keep |= event.next_ring.nodes
+            joiners = set(event.added)
+            text = (
+                f"{_KIND_NAMES[event.kind]} to epoch {event.epoch} interrupted: "
+                f"{', '.join(sorted(dead))} died; a failure repair takes over"
+            )
+            if event.request_id is not None:
+                effects.append(Reply(event.request_id, False, "aborted", text))
+            self.last_abort = text
+            self.event = None
+        for name in dead:
+            member = self.members.pop(name)
+            if member.role is Role.LEAVING:
+                effects.extend(self._left_pending(name, "died"))
+        for name in list(self.members):
+            member = self.members[name]
+            if member.role is Role.JOINING and name not in joiners:
+                member.role = Role.WAITING
+        keep &= self.members.keys()  # the dead of an earlier repair this one replaces too
+        joiners &= self.members.keys()
+        for name in joiners:
+            self.members[name].role = Role.JOINING
+        leavers = {n for n, m in self.members.items() if m.role is Role.LEAVING}
+        keep -= leavers
+        if not keep:
+            self.ring = HashRing((), vnodes=self.vnodes, epoch=self.ring.epoch)
+            effects.append(Log("every member of the ring is dead: the cluster is empty", "ERROR"))
+            return effects
+        effects.extend(self._start_repair(frozenset(keep), frozenset(joiners), dead, now))
+        return effects
+
+    def _left_pending(self, name: str, how: str) -> list[Effect]:
+        effects: list[Effect] = []
+        for pending in list(self._pending_replies):
+            if name in pending.waiting:
+                pending.waiting.discard(name)
+                if not pending.waiting:
+                    self._pending_replies.remove(pending)
+                    effects.append(
+                        Reply(pending.request_id, True, "done", pending.text, pending.summary)
+                    )
+        return effects
+
+    def _start_repair(
+        self, keep: frozenset[str], joiners: frozenset[str], dead: set[str], now: float
+    ) -> list[Effect]:
+        epoch = self.highest_epoch + 1
+        self.highest_epoch = epoch
+        next_ring = HashRing(keep, vnodes=self.vnodes, epoch=epoch)
+        event = ScaleEvent(
+            "repair",
+            epoch,
+            self.ring,
+            next_ring,
+            joiners,
+            frozenset(),
+            keep,
+            Stage.NORMAL,
+            now,
+            None,
+        )
+        self.event = event
+        self._record(now, "event", epoch=epoch, members=tuple(sorted(keep)), text="repair")
+        effects: list[Effect] = [
+            Log(
+                f"failure repair to epoch {epoch}: {', '.join(sorted(dead))} left out; "
+                f"{len(keep)} members rebuild the key records"
+            )
+        ]
+        command = self._repair_command()
+        for name in sorted(keep):
+            effects.append(Send(name, command))
+            self._record(now, "command", name, Order.REPAIR, epoch)
+        return effects
+
+    def _repair_command(self) -> StageCommand:
+        event = self.event
+        assert event is not None and event.kind == "repair"
+        ring = event.next_ring
+        return StageCommand(
+            Order.REPAIR.value,
+            ring.epoch,
+            _member_list(ring, self.addresses),
+            None,
+            None,
+            self.vnodes,
+        )
 
     # -- stimuli: requests -----------------------------------------------------------------
 
@@ -540,6 +701,16 @@ class Barrier:
             member.stage, member.epoch = Stage.NORMAL, self._abort_ring_epoch(member)
             return []
         event = self.event
+        if command is Order.REPAIR:
+            if event is None or event.kind != "repair" or epoch != event.epoch:
+                return [self._stale(name, command, epoch, now, "no such repair running")]
+            if name in event.participants and name not in event.normal_acked:
+                self._record(now, "ack", name, command, epoch)
+                event.normal_acked.add(name)
+                member.stage, member.epoch = Stage.NORMAL, epoch
+                if event.participants <= event.normal_acked:
+                    return self._finish(now)
+            return []
         if event is None or epoch != event.epoch or name not in event.participants:
             if command is Stage.NORMAL and event is None and epoch == self.ring.epoch:
                 # A rejoined member acknowledging the resync of a quiet cluster.
@@ -733,6 +904,9 @@ class Barrier:
                 self._record(now, "command", name, Stage.NORMAL, self.ring.epoch)
                 return [Send(name, self._command(name, Stage.NORMAL))]
             return []
+        if event.kind == "repair":
+            self._record(now, "command", name, Order.REPAIR, event.epoch)
+            return [Send(name, self._repair_command())]
         # The stage the others were told (NORMAL throughout the forming of the first ring).
         stage = event.phase
         self._record(now, "command", name, stage, event.epoch)
@@ -880,6 +1054,16 @@ class Barrier:
         for member in list(self.members.values()):
             if member.leave_deadline is not None and now >= member.leave_deadline:
                 effects.extend(self._left(member.name, now, "timed out"))
+        silent = []
+        timeout = self.failure_timeout
+        for member in self.members.values():
+            if timeout is None or member.role is Role.WAITING:
+                continue
+            since = member.heard_at if member.lost_at is None else member.lost_at
+            if now >= since + timeout:
+                silent.append(member.name)
+        if silent:
+            effects.extend(self._declare_dead(silent, now))
         due = self._admission_due()
         if due is not None and now >= due:
             names = frozenset(
@@ -943,8 +1127,11 @@ class Barrier:
         assert ring.epoch not in self.burnt
         assert all(e <= self.highest_epoch for e in self.burnt)
         members = {n for n, m in self.members.items() if m.role is Role.MEMBER}
-        assert members == set(ring.nodes), f"ring {sorted(ring.nodes)} != members {members}"
         event = self.event
+        if event is not None and event.kind == "repair":  # the dead are forgotten already
+            assert members <= set(ring.nodes), f"ring {sorted(ring.nodes)} < members {members}"
+        else:
+            assert members == set(ring.nodes), f"ring {sorted(ring.nodes)} != members {members}"
         joining = {n for n, m in self.members.items() if m.role is Role.JOINING}
         if event is None:
             assert not joining, f"joiners {joining} without an event"
@@ -955,6 +1142,10 @@ class Barrier:
             return
         assert event.epoch == self.highest_epoch and event.epoch > ring.epoch
         assert event.previous is ring
+        if event.kind == "repair":
+            assert event.participants == event.next_ring.nodes
+            assert joining == set(event.added) and event.phase is Stage.NORMAL
+            return
         assert joining == set(event.added)
         assert event.removed <= ring.nodes and not event.added & ring.nodes
         assert event.participants == ring.nodes | event.added
@@ -1004,7 +1195,9 @@ def check_transitions(log: Iterable[Transition]) -> list[str]:
         Stage.SCALING: 1,
         Stage.NORMAL: 2,
         Order.ABORT: 2,
+        Order.REPAIR: 2,
     }
+    died = False  # a member was declared dead since the last event began
     highest = 0
     ring_epoch = 0
     epoch: int | None = None
@@ -1018,9 +1211,14 @@ def check_transitions(log: Iterable[Transition]) -> list[str]:
     for i, t in enumerate(log):
         stage = t.stage
         where = f"entry {i} ({t.what} {t.member} {'' if stage is None else stage.value} {t.epoch})"
-        if t.what == "event":
-            if epoch is not None:
+        if t.what == "dead":
+            died = True
+        elif t.what == "event":
+            # A failure repair replaces a running event (which cannot be rolled back once
+            # SCALING): the one overlap allowed, and only after a death.
+            if epoch is not None and not (t.text == "repair" and died):
                 problems.append(f"{where}: event starts while epoch {epoch} is running")
+            died = False
             if t.epoch <= highest:
                 problems.append(f"{where}: epoch {t.epoch} is not above {highest}")
             highest = max(highest, t.epoch)
@@ -1057,7 +1255,7 @@ def check_transitions(log: Iterable[Transition]) -> list[str]:
         elif t.what == "ack" and epoch is not None and t.epoch == epoch:
             if stage is Stage.PRE_SCALING:
                 pre_acked.add(t.member)
-            elif stage is Stage.NORMAL:
+            elif stage in (Stage.NORMAL, Order.REPAIR):
                 normal_acked.add(t.member)
         elif t.what == "drained" and epoch is not None and t.epoch == epoch:
             drained.add(t.member)
