@@ -1,0 +1,545 @@
+"""The PRADS network function: passive OS and service detection into an asset table.
+
+Per packet (prads 0.3.3's pipeline, see docs/PRADS.md):
+
+1. count it; frames that are not IPv4 (or IPv4 in one 802.1Q tag) go no further;
+2. track its connection (a :class:`~nf.prads.state.Connection` per direction-free
+   5-tuple): the first packet has no role, later ones are CLIENT (from the end that spoke
+   first) or SERVER;
+3. packets from outside ``home_nets`` stop here; others touch their sender's
+   :class:`~nf.prads.state.Asset` (once per connection end);
+4. TCP: a SYN is fingerprinted (SYN); a SYN-ACK too (SYNACK), turning the connection
+   round if its sender was not the server; otherwise a CLIENT packet's payload is matched
+   against the client signatures and a SERVER packet's against the server signatures
+   (until a match, or one ``@port`` guess), then one of stray-ACK (off by default), FIN
+   or RST is fingerprinted; packets without a role are left alone.  UDP: port 53 decides
+   the role, the payload is matched against the UDP signatures, with the ``@port`` guess
+   as fallback.
+
+Every detection is an untethered update of the sender's asset; the asset log is printed
+by the ``log`` query from the asset table (:func:`~nf.prads.state.asset_lines`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nf.base import NF, ConfigError, Verdict
+from nf.packet import ACK, FIN, ICMP, RST, SYN, TCP, UDP, Packet, ip_str
+from nf.prads.fingerprint import describe, distance, match, observe
+from nf.prads.signatures import (
+    ServiceSignature,
+    SignatureError,
+    Signatures,
+    known_port,
+)
+from nf.prads.state import (
+    CHECK_CLIENT_DONE,
+    CHECK_CLIENT_UNKNOWN,
+    CHECK_SERVER_DONE,
+    CHECK_SERVER_UNKNOWN,
+    CLIENT,
+    SERVER,
+    Asset,
+    Connection,
+    Statistics,
+    asset_lines,
+    ended,
+)
+from store import ObjectNotFound
+
+if TYPE_CHECKING:
+    from store import Map, Space
+
+__all__ = ["HEADER", "PRADS"]
+
+#: The first line of prads's asset log.
+HEADER = "asset,vlan,port,proto,service,[service-info],distance,discovered"
+
+STATS_KEY = "all"
+#: prads sweeps its connections this often (seconds).
+SWEEP_EVERY = 60.0
+#: Payload checks look at most at this many bytes, and skip packets with fewer than
+#: PAYLOAD_MIN (TCP) or UDP_PAYLOAD_MIN (UDP).
+PAYLOAD_MAX = 600
+PAYLOAD_MIN = 10
+UDP_PAYLOAD_MIN = 5
+
+#: Detections and what turns them on: config key -> default (prads 0.3.3's defaults).
+SWITCHES = {
+    "syn": True,
+    "synack": True,
+    "fin": True,
+    "rst": True,
+    "ack": False,
+    "server": True,
+    "client": True,
+    "udp": True,
+}
+
+# Counter names per kind of frame (prads's statistics).
+_C_NOT_ETH = ("got_packets",)
+_C_OTHERL = ("got_packets", "eth_recv", "otherl_recv")
+_C_IP6 = ("got_packets", "eth_recv", "ip6_recv")
+_C_ARP = ("got_packets", "eth_recv", "arp_recv")
+
+
+def _kinds(vlan: bool, proto: int) -> tuple[str, ...]:
+    names = ["got_packets", "eth_recv", "ip4_recv"]
+    if vlan:
+        names.append("vlan_recv")
+    names.append({TCP: "tcp_recv", UDP: "udp_recv", ICMP: "icmp_recv"}.get(proto, "othert_recv"))
+    return tuple(names)
+
+
+_C_IP4 = {(v, p): _kinds(v, p) for v in (False, True) for p in (TCP, UDP, ICMP, 0)}
+
+
+class PRADS(NF):
+    """Passive Real-time Asset Detection System (prads 0.3.3's asset log)."""
+
+    name: ClassVar[str] = "prads"
+    bidirectional: ClassVar[bool] = True
+    output_query: ClassVar[str] = "log"
+    malformed_verdict: ClassVar[Verdict] = Verdict.FORWARD
+    tick_interval: ClassVar[float] = SWEEP_EVERY
+
+    def __init__(self, space: Space, config: dict[str, Any]) -> None:
+        super().__init__(space, config)
+        folder = config.get("signatures")
+        try:
+            self.signatures = Signatures.load(folder)
+        except SignatureError as exc:
+            raise ConfigError(f"prads signatures: {exc}") from None
+        self.switches = {k: bool(config.get(k, v)) for k, v in SWITCHES.items()}
+        nets = config.get("home_nets") or []
+        try:
+            self.home_nets = [ipaddress.IPv4Network(str(n), strict=False) for n in nets]
+        except ValueError as exc:
+            raise ConfigError(f"prads home_nets: {exc}") from None
+        self._home = [(int(n.network_address), int(n.netmask)) for n in self.home_nets] or None
+        self.os_tables = {
+            kind: (table if self.switches[kind.lower()] else None)
+            for kind, table in self.signatures.os.items()
+        }
+        self.conns: Map[Connection] = space.map("prads.connections", Connection)
+        self.assets: Map[Asset] = space.map("prads.assets", Asset)
+        self.stats: Map[Statistics] = space.map("prads.statistics", Statistics)
+        #: This instance's flows: key -> [proto, last, client flags, server flags].
+        self.timers: dict[Hashable, list[Any]] = {}
+        self._next_sweep: float | None = None
+        self._known: set[int] = set()  # assets this instance knows exist
+        self._stats_known = False
+
+    # ------------------------------------------------------------------ options
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--signatures",
+            metavar="DIR",
+            help="folder of prads signature files (tcp-syn.fp ... mtu.sig); "
+            "default: our own small set",
+        )
+        parser.add_argument(
+            "--home-nets",
+            metavar="NETS",
+            help="comma-separated networks whose hosts are reported (default: all)",
+        )
+
+    @classmethod
+    def config_from(cls, args: argparse.Namespace, toml: dict[str, Any]) -> dict[str, Any]:
+        table = toml.get("prads", toml)
+        config = dict(table) if isinstance(table, dict) else {}
+        sigs = getattr(args, "signatures", None)
+        if sigs:
+            config["signatures"] = sigs
+        nets = getattr(args, "home_nets", None)
+        if nets:
+            config["home_nets"] = [n.strip() for n in nets.split(",") if n.strip()]
+        for key, value in config.items():
+            if key in SWITCHES and not isinstance(value, bool):
+                raise ConfigError(f"prads: {key} must be true or false, not {value!r}")
+        unknown = set(config) - set(SWITCHES) - {"signatures", "home_nets"}
+        if unknown:
+            raise ConfigError(f"prads: unknown setting(s) {', '.join(sorted(unknown))}")
+        if "signatures" in config:
+            try:
+                Signatures.load(config["signatures"])
+            except SignatureError as exc:
+                raise ConfigError(f"prads signatures: {exc}") from None
+        return config
+
+    # ------------------------------------------------------------------ packets
+
+    async def process(self, packet: Packet) -> Verdict:
+        self.count("packets")
+        frame = packet.frame
+        n = len(frame)
+        if packet.drop is not None:
+            self.count(packet.drop)
+            if n < 14:
+                await self._add(_C_NOT_ETH)
+            elif packet.drop == "ipv6":
+                await self._add(_C_IP6)
+            elif packet.drop == "not-ip":
+                etype = (frame[12] << 8) | frame[13]
+                await self._add(_C_ARP if etype == 0x0806 else _C_OTHERL)
+            else:
+                await self._add(_C_OTHERL)
+            return Verdict.FORWARD
+        # prads reads IPv4 directly after Ethernet or after one 802.1Q tag only.
+        etype = (frame[12] << 8) | frame[13]
+        if etype == 0x8100:
+            if packet.l3 != 18:
+                self.count("stacked-vlan")
+                await self._add(_C_OTHERL)
+                return Verdict.FORWARD
+            vlan = (frame[14] << 8) | frame[15]  # the whole tag, as prads prints it
+        elif etype == 0x0800:
+            vlan = 0
+        else:
+            self.count("other-vlan")
+            await self._add(_C_OTHERL)
+            return Verdict.FORWARD
+        proto = packet.proto
+        await self._add(_C_IP4[(etype == 0x8100, proto if proto in (6, 17, 1) else 0)])
+        if packet.ip_off & 0x1FFF:
+            self.count("fragment")  # a later fragment: no ports to track
+            return Verdict.FORWARD
+        src = packet.src
+        ours = self._home is None or any((src & m) == a for a, m in self._home)
+        if proto == TCP:
+            await self._tcp(packet, vlan, ours)
+        elif proto == UDP:
+            await self._udp(packet, vlan, ours)
+        else:
+            await self._other(packet, ours)
+        return Verdict.FORWARD
+
+    async def _add(self, names: tuple[str, ...]) -> None:
+        if self._stats_known:
+            try:
+                async with self.stats.get(STATS_KEY) as ref:
+                    await ref.add(names)
+                return
+            except ObjectNotFound:
+                pass
+        async with self.stats.create(STATS_KEY) as ref:
+            await ref.add(names)
+        self._stats_known = True
+
+    async def _track(self, packet: Packet, flags: int) -> tuple[Hashable, int, int, int, bool]:
+        key = self.flow_key(packet)
+        nbytes = packet.ip_len - packet.ihl
+        async with self.conns.create(key) as ref:
+            role, check, n, first = await ref.track(
+                packet.src, packet.sport, packet.dst, packet.dport, flags, nbytes, packet.ts
+            )
+            if n == 0:
+                await ref.set_proto(packet.proto)
+        if n == 0:
+            await self._add(("sessions",))
+        timer = self.timers.get(key)
+        if timer is None:
+            self.timers[key] = [packet.proto, packet.ts]
+        else:
+            timer[1] = packet.ts
+        return key, role, check, n, first
+
+    async def _asset(self, ip: int, method: str, *args: Any) -> None:
+        """Call an untethered method of the asset of ``ip`` (made if new)."""
+        if ip in self._known:
+            try:
+                async with self.assets.get(ip) as ref:
+                    await getattr(ref, method)(*args)
+                return
+            except ObjectNotFound:
+                self._known.discard(ip)
+        async with self.assets.create(ip) as ref:
+            await getattr(ref, method)(*args)
+        self._known.add(ip)
+
+    @staticmethod
+    def _order(packet: Packet, key: Hashable, n: int) -> list[Any]:
+        return [packet.ts, *key, n]  # type: ignore[misc]
+
+    async def _fingerprint(
+        self, packet: Packet, kind: str, vlan: int, key: Hashable, n: int
+    ) -> None:
+        table = self.os_tables.get(kind)
+        fp = observe(packet, kind)
+        if fp is None:
+            return
+        sig = match(table, fp)
+        entry = [
+            self._order(packet, key, n),
+            vlan,
+            packet.sport,
+            describe(fp, sig),
+            distance(packet.ttl),
+        ]
+        self.count("os-" + kind)
+        await self._asset(packet.src, "observe_os", f"{kind}:{sig.line if sig else 0}", entry)
+
+    async def _service(
+        self,
+        packet: Packet,
+        vlan: int,
+        key: Hashable,
+        n: int,
+        role: int,
+        port: int,
+        service: str,
+        app: str,
+    ) -> None:
+        entry = [self._order(packet, key, n), vlan, role, service, app, distance(packet.ttl)]
+        self.count("client" if role != SERVER else "server")
+        await self._asset(packet.src, "observe_service", f"{port}/{packet.proto}", entry)
+
+    async def _tcp(self, packet: Packet, vlan: int, ours: bool) -> None:
+        flags = packet.tcp_flags
+        key, role, check, n, first = await self._track(packet, flags)
+        if not ours:
+            return
+        if first:
+            await self._asset(packet.src, "touch", packet.ts)
+        sw = self.switches
+        if flags & SYN:
+            if not flags & ACK:
+                if sw["syn"]:
+                    await self._fingerprint(packet, "SYN", vlan, key, n)
+                    return
+            elif sw["synack"]:
+                await self._fingerprint(packet, "SYNACK", vlan, key, n)
+                if role != SERVER:
+                    async with self.conns.create(key) as ref:
+                        await ref.reverse()
+                return
+        if role == CLIENT:
+            if sw["client"] and not check & CHECK_CLIENT_DONE:
+                await self._payload(packet, vlan, key, n, CLIENT, check)
+        elif role == SERVER:
+            if sw["server"] and not check & CHECK_SERVER_DONE:
+                await self._payload(packet, vlan, key, n, SERVER, check)
+        else:
+            return
+        if sw["ack"] and flags & ACK and not flags & (SYN | RST | FIN):
+            await self._fingerprint(packet, "ACK", vlan, key, n)
+        elif sw["fin"] and flags & FIN:
+            await self._fingerprint(packet, "FIN", vlan, key, n)
+        elif sw["rst"] and flags & RST:
+            await self._fingerprint(packet, "RST", vlan, key, n)
+
+    async def _payload(
+        self, packet: Packet, vlan: int, key: Hashable, n: int, role: int, check: int
+    ) -> None:
+        frame = packet.frame
+        # prads's payload runs to the end of the captured frame (padding included)
+        plen = len(frame) - packet.pl
+        if plen < PAYLOAD_MIN:
+            return
+        data = bytes(frame[packet.pl : packet.pl + min(plen, PAYLOAD_MAX)])
+        sigs = self.signatures.client if role == CLIENT else self.signatures.server
+        port = packet.dport if role == CLIENT else packet.sport
+        found = _first(sigs, data)
+        if found is not None:
+            service, app = found
+            await self._service(packet, vlan, key, n, role, port, service, app)
+            done = CHECK_CLIENT_DONE if role == CLIENT else CHECK_SERVER_DONE
+            async with self.conns.create(key) as ref:
+                await ref.set_check(done)
+            return
+        unknown = CHECK_CLIENT_UNKNOWN if role == CLIENT else CHECK_SERVER_UNKNOWN
+        if check & unknown:
+            return
+        guess = known_port(TCP, port)
+        if guess is not None:
+            await self._service(packet, vlan, key, n, role, port, "unknown", guess)
+            async with self.conns.create(key) as ref:
+                await ref.set_check(unknown)
+
+    async def _udp(self, packet: Packet, vlan: int, ours: bool) -> None:
+        key, role, check, n, first = await self._track(packet, 0)
+        if not ours:
+            return
+        if first:
+            await self._asset(packet.src, "touch", packet.ts)
+        if not self.switches["udp"]:
+            return
+        # prads's guess for DNS: to port 53 is a client, from it a server.
+        if packet.dport == 53:
+            role = CLIENT
+        elif packet.sport == 53:
+            role = SERVER
+        frame = packet.frame
+        plen = len(frame) - packet.pl
+        if plen < UDP_PAYLOAD_MIN:
+            return
+        data = bytes(frame[packet.pl :])
+        found = _first(self.signatures.udp, data)
+        if found is not None:
+            port = packet.dport if role == CLIENT else packet.sport
+            await self._service(packet, vlan, key, n, role, port, *found)
+            async with self.conns.create(key) as ref:
+                await ref.set_check(CHECK_SERVER_DONE)
+            return
+        sport, dport = packet.sport, packet.dport
+        if role == CLIENT and not check & CHECK_CLIENT_UNKNOWN:
+            guess = known_port(UDP, dport)
+            if guess is not None:
+                await self._service(packet, vlan, key, n, CLIENT, dport, "unknown", guess)
+            else:
+                guess = known_port(UDP, sport)
+                if guess is None:
+                    return
+                # the sender is the server after all: turn the connection round
+                async with self.conns.create(key) as ref:
+                    await ref.reverse()
+                await self._service(packet, vlan, key, n, SERVER, sport, "unknown", guess)
+            async with self.conns.create(key) as ref:
+                await ref.set_check(CHECK_CLIENT_UNKNOWN)
+        elif role == SERVER and not check & CHECK_SERVER_UNKNOWN:
+            guess = known_port(UDP, sport)
+            if guess is not None:
+                await self._service(packet, vlan, key, n, SERVER, sport, "unknown", guess)
+            else:
+                guess = known_port(UDP, dport)
+                if guess is None:
+                    return
+                async with self.conns.create(key) as ref:
+                    await ref.reverse()
+                await self._service(packet, vlan, key, n, CLIENT, dport, "unknown", guess)
+            async with self.conns.create(key) as ref:
+                await ref.set_check(CHECK_SERVER_UNKNOWN)
+
+    async def _other(self, packet: Packet, ours: bool) -> None:
+        first = (await self._track(packet, 0))[4]
+        if ours and first:
+            await self._asset(packet.src, "touch", packet.ts)
+
+    # ------------------------------------------------------------------ timeouts
+
+    async def tick(self, now: float) -> None:
+        """End this instance's connections as prads's 60-second sweep would, on packet
+        time: each candidate is confirmed with its Connection (which knows the flow's
+        last packet on any instance) before it is removed."""
+        if self._next_sweep is None:
+            self._next_sweep = now + SWEEP_EVERY
+            return
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_EVERY
+        for key, (proto, last) in list(self.timers.items()):
+            if not ended(proto, last, 0x05, 0x05, now):  # the loosest rule it could meet
+                continue
+            try:
+                async with self.conns.get(key) as ref:
+                    done, last = await ref.ended(now)
+            except ObjectNotFound:
+                self.timers.pop(key, None)
+                continue
+            if done:
+                await self.conns.remove(key)
+                self.timers.pop(key, None)
+                self.count("sessions-ended")
+            else:
+                self.timers[key] = [proto, last]
+
+    # ------------------------------------------------------------------ queries
+
+    async def query(self, name: str, **args: Any) -> Any:
+        if name == "log":
+            return await self._log()
+        if name == "assets":
+            return await self._assets()
+        if name == "statistics":
+            return await self._statistics()
+        if name == "signatures":
+            return {"folder": self.signatures.folder, **self.signatures.summary()}
+        raise KeyError(f"prads has no query {name!r} (log, assets, statistics, signatures)")
+
+    async def _table(self) -> list[tuple[int, Asset]]:
+        await self.space.flush()
+        out = [(ip, asset) async for ip, asset in self.assets.items()]
+        out.sort(key=lambda item: item[0])
+        return out
+
+    async def _log(self) -> list[str]:
+        """The asset log: prads's header, then every line, oldest first (Figure 4's
+        control-plane task)."""
+        lines: list[tuple[list[Any], str]] = []
+        for ip, asset in await self._table():
+            lines.extend(asset_lines(ip_str(ip), asset))
+        lines.sort(key=lambda item: (item[0], item[1]))
+        return [HEADER, *(text for _, text in lines)]
+
+    async def _assets(self) -> list[dict[str, Any]]:
+        out = []
+        for ip, asset in await self._table():
+            out.append(
+                {
+                    "ip": ip_str(ip),
+                    "first": asset.first,
+                    "last": asset.last,
+                    "os": sorted(text for _, text in asset_lines(ip_str(ip), _only_os(asset))),
+                    "services": sorted(
+                        text for _, text in asset_lines(ip_str(ip), _only_services(asset))
+                    ),
+                }
+            )
+        return out
+
+    async def _statistics(self) -> dict[str, int]:
+        await self.space.flush()
+        counts: dict[str, int] = {}
+        try:
+            async with self.stats.get(STATS_KEY) as ref:
+                counts = dict(await ref.snapshot())
+        except ObjectNotFound:
+            pass
+        assets = tcp_os = tcp_services = tcp_clients = udp_services = udp_clients = 0
+        async for _ip, asset in self.assets.items():
+            assets += 1
+            tcp_os += len(asset.os)
+            for key, (first, _real) in asset.services.items():
+                udp = key.endswith("/17")
+                server = first[2] == SERVER
+                if udp:
+                    udp_services += server
+                    udp_clients += not server
+                else:
+                    tcp_services += server
+                    tcp_clients += not server
+        counts.update(
+            assets=assets,
+            tcp_os_assets=tcp_os,
+            tcp_services=tcp_services,
+            tcp_clients=tcp_clients,
+            udp_services=udp_services,
+            udp_clients=udp_clients,
+        )
+        return counts
+
+
+def _first(sigs: list[ServiceSignature], data: bytes) -> tuple[str, str] | None:
+    for sig in sigs:
+        m = sig.regex.search(data)
+        if m is not None:
+            return sig.service, sig.name(m)
+    return None
+
+
+def _only_os(asset: Asset) -> Asset:
+    view = Asset()
+    view.os = asset.os
+    return view
+
+
+def _only_services(asset: Asset) -> Asset:
+    view = Asset()
+    view.services = asset.services
+    return view

@@ -1,0 +1,5 @@
+# S6 for Python: SYN+ACK signatures for our tests (wss:ttl:df:size:opts:quirks:genre:details).
+S4:64:1:60:M*,S,T,N,W7:AT:Linux:S6 test server A
+S20:64:1:60:M*,S,T,N,W6:AT:Linux:S6 test server B
+%1024:128:1:52:M*,N,W8,N,N,S:A:Windows:S6 test server D
+65535:64:1:44:M*:A:BSD:S6 test server F

@@ -1,0 +1,467 @@
+"""Regenerate the PRADS fixtures: small captures of our own and what the real prads wrote.
+
+    python -m tests.nf.prads.make_fixtures            # captures, and prads's logs if found
+
+For each scenario below it writes ``fixtures/NAME.pcap`` and, where a ``prads`` binary is
+installed (Debian's ``prads`` package, 0.3.3), runs ``prads -r NAME.pcap -l LOG`` twice:
+
+* with our signature files (``nf/prads/signatures``) in place of ``/etc/prads`` (a private
+  mount namespace, ``unshare -m``, binds our folder over ``/etc/prads`` for that process
+  only; prads reads its OS signature files from there, whatever its options say):
+  ``fixtures/NAME.ours.log``;
+* with Debian's own ``/etc/prads``, when it is there: ``fixtures/NAME.debian.log``.
+
+The tests compare our output with these logs and never need prads installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.nf.prads.frames import (
+    EOL,
+    NOP,
+    ether,
+    icmp,
+    ipv4,
+    opt_mss,
+    opt_sok,
+    opt_ts,
+    opt_ws,
+    tcp,
+    udp,
+    write_pcap,
+)
+
+HERE = Path(__file__).parent
+FIXTURES = HERE / "fixtures"
+OUR_SIGNATURES = HERE.parents[2] / "nf" / "prads" / "signatures"
+T0 = 1_500_000_000.0
+
+Frames = list[tuple[float, bytes]]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self, step: float = 1.0) -> float:
+        self.t += step
+        return self.t
+
+
+LINUX_SYN = opt_mss(1460) + opt_sok() + opt_ts(12345, 0) + NOP + opt_ws(7)
+
+
+def syn_variants() -> Frames:
+    """SYNs of many shapes: matched, de-duplicated, unknown, DF retried, quirks."""
+    t = _Clock()
+    dst = "10.0.9.9"
+    out: Frames = []
+
+    def syn(src: str, sport: int, **kw: object) -> None:
+        out.append((t(), tcp(src, sport, dst, 80, kw.pop("flags", "S"), **kw)))  # type: ignore[arg-type]
+
+    # Stack A, then the same signature again from the same host (no new line).
+    syn("10.0.1.1", 40000, win=5840, ttl=60, opts=LINUX_SYN)
+    syn(
+        "10.0.1.1",
+        40001,
+        win=5840,
+        ttl=60,
+        opts=opt_mss(1460) + opt_sok() + opt_ts(99999, 0) + NOP + opt_ws(7),
+    )
+    # Stack B from the same host: a new line.
+    syn(
+        "10.0.1.1",
+        40002,
+        win=14600,
+        ttl=64,
+        opts=opt_mss(1460) + opt_sok() + opt_ts(720000, 0) + NOP + opt_ws(6),
+    )
+    # A zero timestamp.
+    syn(
+        "10.0.1.2",
+        40003,
+        win=5840,
+        ttl=64,
+        opts=opt_mss(1460) + opt_sok() + opt_ts(0, 0) + NOP + opt_ws(7),
+    )
+    # Window a multiple of 1024.
+    syn(
+        "10.0.1.3",
+        40004,
+        win=8192,
+        ttl=128,
+        ip_id=0,
+        opts=opt_mss(1460) + NOP + opt_ws(8) + NOP + NOP + opt_sok(),
+    )
+    syn(
+        "10.0.1.3",
+        40005,
+        win=8192,
+        ttl=120,
+        opts=opt_mss(1460) + NOP + opt_ws(8) + NOP + NOP + opt_sok(),
+    )
+    # No DF, MSS modulo.
+    syn("10.0.1.4", 40006, win=16384, ttl=64, df=False, opts=opt_mss(1460))
+    # DF clear against a DF signature: retried as DF set, printed with DF 1.
+    syn("10.0.1.5", 40007, win=4500, ttl=64, df=False, opts=opt_mss(1460) + NOP + NOP + opt_sok())
+    # A big SYN (data in it) against a size wildcard that sits in another hash bucket.
+    big_opts = opt_mss(1460) + NOP + opt_ws(2) + NOP + NOP + opt_ts(5, 0) + opt_sok() + NOP + NOP
+    syn("10.0.1.6", 40008, win=32768, ttl=64, opts=big_opts, payload=b"x" * 60)
+    # A lone MSS: the generic signature.
+    syn("10.0.1.7", 40009, win=3000, ttl=64, opts=opt_mss(1380))
+    # IP options and an urgent pointer.
+    syn("10.0.1.8", 40010, win=8192, ttl=255, opts=opt_mss(1460), ipopts=NOP * 4, urp=7)
+    # No-detail signature with a low TTL, a small MSS.
+    syn("10.0.1.9", 40011, win=4096, ttl=30, opts=opt_mss(536))
+    # Unknown (TTL 100, DF clear: printed DF 1), then another unknown from it (no line).
+    syn("10.0.2.1", 40012, win=1234, ttl=100, df=False, opts=opt_mss(1400))
+    syn("10.0.2.1", 40013, win=4321, ttl=100, opts=opt_mss(1400) + NOP + opt_ws(3))
+    # ...then one that matches a signature (a new line).
+    syn("10.0.2.1", 40014, win=5840, ttl=60, opts=LINUX_SYN)
+    # An unknown option kind, padding after EOL.
+    syn("10.0.2.3", 40015, win=2048, ttl=64, opts=opt_mss(1460) + b"\x1e\x04\x00\x00")
+    syn("10.0.2.4", 40016, win=2048, ttl=64, opts=opt_mss(1460) + EOL + EOL + EOL + EOL)
+    # Broken options: an option length of 0.
+    syn("10.0.2.5", 40017, win=2048, ttl=64, opts=opt_mss(1460) + b"\x1e\x00\x00\x00")
+    # ECN flags and reserved bits.
+    syn("10.0.2.6", 40018, flags="SEC", win=2048, ttl=64, x2=1, opts=opt_mss(1460))
+    # Sequence 0 (and so sequence = acknowledgement).
+    syn("10.0.2.7", 40019, win=2048, ttl=64, seq=0, opts=opt_mss(1460))
+    # The window 12345, a window that is a multiple of MSS+40, a zero window.
+    syn("10.0.2.8", 40020, win=12345, ttl=64, opts=opt_mss(1460))
+    syn("10.0.2.9", 40021, win=4320, ttl=64, opts=opt_mss(1400) + NOP + NOP + opt_sok())
+    syn("10.0.2.10", 40022, win=0, ttl=64, opts=opt_mss(1460))
+    # TTL above the signature's: no match (unknown).
+    syn("10.0.2.11", 40023, win=5840, ttl=70, opts=LINUX_SYN)
+    # An MSS not in the link table, a timestamp worth hours of uptime.
+    syn("10.0.2.12", 40024, win=5000, ttl=64, opts=opt_mss(1000) + opt_ts(9_000_000, 0))
+    # No options at all.
+    syn("10.0.2.13", 40025, win=512, ttl=64)
+    # A SYN with a FIN (odd flags), a SYN with PSH and URG.
+    syn("10.0.2.14", 40026, flags="SF", win=1024, ttl=64, opts=opt_mss(1460))
+    syn("10.0.2.15", 40027, flags="SPU", win=1024, ttl=64, opts=opt_mss(1460), urp=1)
+    # IP options only, no TCP options.
+    syn("10.0.2.16", 40028, win=1024, ttl=64, ipopts=NOP * 8)
+    return out
+
+
+def _handshake(
+    t: _Clock,
+    cli: str,
+    cport: int,
+    srv: str,
+    sport: int,
+    *,
+    syn_opts: bytes = LINUX_SYN,
+    syn_win: int = 5840,
+    syn_ttl: int = 64,
+    sa_opts: bytes | None = None,
+    sa_win: int = 5840,
+    sa_ttl: int = 64,
+) -> Frames:
+    if sa_opts is None:
+        sa_opts = opt_mss(1460) + opt_sok() + opt_ts(999, 12345) + NOP + opt_ws(7)
+    return [
+        (t(), tcp(cli, cport, srv, sport, "S", seq=100, win=syn_win, ttl=syn_ttl, opts=syn_opts)),
+        (
+            t(),
+            tcp(
+                srv, sport, cli, cport, "SA", seq=500, ack=101, win=sa_win, ttl=sa_ttl, opts=sa_opts
+            ),
+        ),
+        (t(), tcp(cli, cport, srv, sport, "A", seq=101, ack=501, win=syn_win, ttl=syn_ttl)),
+    ]
+
+
+def _data(
+    t: _Clock,
+    a: str,
+    ap: int,
+    b: str,
+    bp: int,
+    payload: bytes,
+    ttl: int = 64,
+    seq: int = 101,
+    ack: int = 501,
+) -> tuple[float, bytes]:
+    return (t(), tcp(a, ap, b, bp, "PA", seq=seq, ack=ack, ttl=ttl, payload=payload))
+
+
+def sessions() -> Frames:
+    """TCP conversations: handshakes, banners, client applications, FIN and RST."""
+    t = _Clock()
+    out: Frames = []
+    # SSH: stack A client, server A; banners both ways; FIN both ways.
+    c, s = "10.0.0.1", "10.0.0.2"
+    out += _handshake(t, c, 40000, s, 22, syn_ttl=60)
+    out.append(
+        _data(t, s, 22, c, 40000, b"SSH-2.0-OpenSSH_5.3p1 Debian-3ubuntu7\r\n", seq=501, ack=101)
+    )
+    out.append(_data(t, c, 40000, s, 22, b"SSH-2.0-OpenSSH_5.1\r\n", ttl=60))
+    out.append(
+        _data(t, s, 22, c, 40000, b"SSH-2.0-OpenSSH_5.3p1 Debian-3ubuntu7\r\n", seq=541, ack=122)
+    )
+    fin_ts = NOP + NOP + opt_ts(2000, 1000)
+    out.append((t(), tcp(c, 40000, s, 22, "FA", seq=122, ack=581, win=5840, ttl=60, opts=fin_ts)))
+    out.append((t(), tcp(s, 22, c, 40000, "FA", seq=581, ack=123, win=1024, ttl=64)))
+    out.append((t(), tcp(c, 40000, s, 22, "A", seq=123, ack=582, win=5840, ttl=60)))
+    # HTTP: an unknown SYN stack, Windows-like SYN-ACK, User-Agent, Apache.
+    c2 = "10.0.0.3"
+    out += _handshake(
+        t,
+        c2,
+        40001,
+        s,
+        80,
+        syn_opts=opt_mss(1400),
+        syn_win=1234,
+        syn_ttl=100,
+        sa_opts=opt_mss(1460) + NOP + opt_ws(8) + NOP + NOP + opt_sok(),
+        sa_win=8192,
+        sa_ttl=128,
+    )
+    out.append(
+        _data(
+            t,
+            c2,
+            40001,
+            s,
+            80,
+            b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: Mozilla/5.0 (X11)\r\n\r\n",
+            ttl=100,
+        )
+    )
+    out.append(
+        _data(
+            t,
+            s,
+            80,
+            c2,
+            40001,
+            b"HTTP/1.1 200 OK\r\nServer: Apache/2.2.14 (Ubuntu)\r\n\r\n",
+            ttl=128,
+            seq=501,
+            ack=160,
+        )
+    )
+    # Port 22: a banner no signature knows (@ssh), then a real one (replaces it), then
+    # another real one (no line): three connections one after the other.
+    c3, s3 = "10.0.0.4", "10.0.0.5"
+    for i, banner in enumerate(
+        (b"hello world banner\r\n", b"SSH-2.0-OpenSSH_7.4\r\n", b"SSH-2.0-OpenSSH_8.0\r\n")
+    ):
+        out += _handshake(t, c3, 41000 + i, s3, 22)
+        out.append(_data(t, s3, 22, c3, 41000 + i, banner, seq=501, ack=101))
+    # A 9-byte server payload (skipped); a banner in the 16th server packet.
+    c4, s4 = "10.0.0.10", "10.0.0.11"
+    out += _handshake(t, c4, 42000, s4, 2222)
+    out.append(_data(t, s4, 2222, c4, 42000, b"123456789", seq=501, ack=101))
+    for i in range(15):
+        out.append(
+            _data(
+                t, s4, 2222, c4, 42000, b"line of nothing %02d\r\n" % i, seq=510 + 20 * i, ack=101
+            )
+        )
+    out.append(
+        _data(
+            t, s4, 2222, c4, 42000, b"HTTP/1.0 200 OK\r\nServer: nginx/1.18.0\r\n", seq=900, ack=101
+        )
+    )
+    # Mid-stream: the first packet seen is the server's; the next one in that direction
+    # counts as the client's.
+    out.append(_data(t, s, 8080, c, 40004, b"SSH-2.0-OpenSSH_6.4\r\n", seq=700, ack=900))
+    out.append(_data(t, s, 8080, c, 40004, b"SSH-2.0-OpenSSH_6.6\r\n", seq=721, ack=900))
+    # A refused connection: RST+ACK, sequence 0, IP id 0.
+    out.append((t(), tcp("10.0.0.6", 40005, "10.0.0.7", 23, "S", seq=100, opts=LINUX_SYN)))
+    out.append((t(), tcp("10.0.0.7", 23, "10.0.0.6", 40005, "RA", seq=0, ack=101, win=0, ip_id=0)))
+    # SMTP: banner, EHLO, then a RST without ACK from the client.
+    c5, s5 = "10.0.0.8", "10.0.0.9"
+    out += _handshake(t, c5, 40006, s5, 25)
+    out.append(
+        _data(t, s5, 25, c5, 40006, b"220 mail.example.org ESMTP Postfix\r\n", seq=501, ack=101)
+    )
+    out.append(_data(t, c5, 40006, s5, 25, b"EHLO client.example.org\r\n"))
+    out.append((t(), tcp(c5, 40006, s5, 25, "R", seq=126, ack=0, win=0)))
+    # An FTP client whose payload no signature knows: @ftp.
+    out += _handshake(t, c5, 40007, "10.0.0.12", 21)
+    out.append(_data(t, c5, 40007, "10.0.0.12", 21, b"USER anonymous\r\n"))
+    # A host that was an SSH client on port 22 becomes an SSH server on port 22: the same
+    # entry (port, protocol), a different application: no line.
+    out += _handshake(t, "10.0.0.13", 40008, c, 22)
+    out.append(_data(t, c, 22, "10.0.0.13", 40008, b"SSH-2.0-OpenSSH_9.9\r\n", seq=501, ack=101))
+    # A SYN-ACK seen first (the SYN missed): the connection turns round.
+    out.append(
+        (
+            t(),
+            tcp(
+                "10.0.0.14",
+                443,
+                "10.0.0.15",
+                40009,
+                "SA",
+                seq=1,
+                ack=2,
+                win=65535,
+                opts=opt_mss(1460),
+            ),
+        )
+    )
+    out.append(
+        _data(t, "10.0.0.15", 40009, "10.0.0.14", 443, b"User-Agent: curl/7.68.0\r\n", seq=2, ack=2)
+    )
+    out.append(
+        _data(t, "10.0.0.14", 443, "10.0.0.15", 40009, b"nothing to see here\r\n", seq=2, ack=27)
+    )
+    # A stray ACK with timestamps (prads leaves it alone by default).
+    out.append((t(), tcp(c, 40010, s, 8443, "A", seq=5, ack=6, opts=NOP + NOP + opt_ts(5, 6))))
+    # ICMP and another IP protocol: assets, no lines.
+    out.append((t(), icmp("10.0.0.16", "10.0.0.2")))
+    out.append((t(), ether(ipv4("10.0.0.17", "10.0.0.2", 47, b"\0" * 24))))
+    return out
+
+
+def _dns(ident: int, flags: int, an: int) -> bytes:
+    header = struct.pack("!HHHHHH", ident, flags, 1, an, 0, 0)
+    question = b"\x07example\x03org\x00\x00\x01\x00\x01"
+    answer = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x0e\x10\x00\x04\x5d\xb8\xd8\x22" * an
+    return header + question + answer
+
+
+def udp_services() -> Frames:
+    """UDP: DNS both ways, @port guesses (and the turn-round prads makes), syslog."""
+    t = _Clock()
+    out: Frames = []
+    out.append((t(), udp("10.0.3.1", 5353, "10.0.3.2", 53, _dns(0x1234, 0x0100, 0))))
+    out.append((t(), udp("10.0.3.2", 53, "10.0.3.1", 5353, _dns(0x1234, 0x8180, 1), ttl=63)))
+    # NTP: the first packet has no role; the reply is a server's (@ntp); the client's next
+    # packet is a client's (@ntp).
+    ntp = b"\x23" + b"\0" * 47
+    out.append((t(), udp("10.0.3.3", 40000, "10.0.3.4", 123, ntp)))
+    out.append((t(), udp("10.0.3.4", 123, "10.0.3.3", 40000, b"\x24" + b"\1" * 47)))
+    out.append((t(), udp("10.0.3.3", 40000, "10.0.3.4", 123, ntp)))
+    # A reply to a known port that is not the sender's: prads turns the connection round.
+    out.append((t(), udp("10.0.3.5", 40001, "10.0.3.6", 40002, b"first packet, no role")))
+    out.append((t(), udp("10.0.3.6", 40002, "10.0.3.5", 40001, b"second, a server's")))
+    out.append((t(), udp("10.0.3.7", 514, "10.0.3.8", 40003, b"no role yet ......")))
+    out.append((t(), udp("10.0.3.8", 40003, "10.0.3.7", 514, b"a reply to syslog")))
+    out.append((t(), udp("10.0.3.9", 40004, "10.0.3.10", 161, b"first ........")))
+    out.append((t(), udp("10.0.3.9", 40004, "10.0.3.10", 161, b"second .......")))
+    # Syslog messages: matched.
+    out.append((t(), udp("10.0.3.11", 514, "10.0.3.12", 514, b"<34>Oct 11 22:14:15 host su: bad")))
+    # Four bytes of payload: too short.
+    out.append((t(), udp("10.0.3.13", 53, "10.0.3.14", 5353, b"\x00\x01\x81\x80")))
+    return out
+
+
+def vlans() -> Frames:
+    """802.1Q tags (the whole tag printed, priority bits too) and a stacked tag (ignored)."""
+    t = _Clock()
+    out: Frames = []
+    out.append(
+        (t(), tcp("10.0.4.1", 40000, "10.0.4.2", 80, "S", win=5840, ttl=60, opts=LINUX_SYN, vlan=5))
+    )
+    out.append(
+        (
+            t(),
+            tcp(
+                "10.0.4.3",
+                40001,
+                "10.0.4.2",
+                80,
+                "S",
+                win=8192,
+                ttl=128,
+                opts=opt_mss(1460) + NOP + opt_ws(8) + NOP + NOP + opt_sok(),
+                vlan=0x6064,
+            ),
+        )
+    )
+    inner = tcp("10.0.4.4", 40002, "10.0.4.2", 80, "S", win=5840, ttl=60, opts=LINUX_SYN, vlan=7)
+    stacked = inner[:12] + struct.pack("!HH", 0x8100, 9) + inner[12:]
+    out.append((t(), stacked))
+    out.append(
+        (
+            t(),
+            tcp(
+                "10.0.4.2",
+                80,
+                "10.0.4.1",
+                40000,
+                "SA",
+                seq=9,
+                ack=1001,
+                win=5840,
+                opts=opt_mss(1460) + opt_sok() + opt_ts(1, 12345) + NOP + opt_ws(7),
+                vlan=5,
+            ),
+        )
+    )
+    return out
+
+
+SCENARIOS: dict[str, Callable[[], Frames]] = {
+    "syn": syn_variants,
+    "sessions": sessions,
+    "udp": udp_services,
+    "vlan": vlans,
+}
+
+
+def run_prads(pcap: Path, signatures: Path | None) -> list[str] | None:
+    """The asset log the real prads writes for ``pcap``, with ``signatures`` bound over
+    /etc/prads (None: the installed set), or None if prads is not installed."""
+    binary = shutil.which("prads")
+    if binary is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o777)  # prads drops its privileges before it writes the log
+        log = Path(tmp) / "assets.log"
+        cap = Path(tmp) / "in.pcap"
+        shutil.copy(pcap, cap)
+        os.chmod(cap, 0o644)
+        cmd = f"{binary} -r {cap} -l {log}"
+        if signatures is not None:
+            conf = Path(tmp) / "sigs"
+            shutil.copytree(signatures, conf)
+            cmd = f"mount --bind {conf} /etc/prads && {cmd}"
+            argv = ["unshare", "-m", "sh", "-c", cmd]
+        else:
+            argv = ["sh", "-c", cmd]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0 or not log.exists():
+            raise RuntimeError(f"prads failed on {pcap}: {done.stdout}\n{done.stderr}")
+        return log.read_text(encoding="latin-1").splitlines()
+
+
+def main() -> int:
+    FIXTURES.mkdir(exist_ok=True)
+    for name, make in SCENARIOS.items():
+        pcap = FIXTURES / f"{name}.pcap"
+        write_pcap(str(pcap), make())
+        ours = run_prads(pcap, OUR_SIGNATURES)
+        if ours is None:
+            print(f"{pcap}: written; prads is not installed, logs not regenerated")
+            continue
+        (FIXTURES / f"{name}.ours.log").write_text("\n".join(ours) + "\n", encoding="latin-1")
+        if Path("/etc/prads/tcp-syn.fp").exists():
+            debian = run_prads(pcap, None)
+            assert debian is not None
+            (FIXTURES / f"{name}.debian.log").write_text(
+                "\n".join(debian) + "\n", encoding="latin-1"
+            )
+        print(f"{pcap}: {len(ours) - 1} lines with our signatures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
