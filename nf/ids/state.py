@@ -70,11 +70,14 @@ class FlowContext(SingleWriter):
             self.replied = True
         if proto != TCP:
             return [forward, self.replied, self.packets]
+        # A TCP packet is "established" by the state its session was in when it arrived
+        # (as Suricata reads it): the handshake's last ACK is not, a RST or the last ACK
+        # of a close on an established session still is.
+        established = state == ESTABLISHED
+        syn_ack = flags & (_SYN | _ACK)
         if flags & _RST:
             self.state = CLOSED
-            return [forward, False, self.packets]
-        syn_ack = flags & (_SYN | _ACK)
-        if state == NEW:
+        elif state == NEW:
             if syn_ack == _SYN and forward:
                 self.state = SYN_SENT
         elif state == SYN_SENT:
@@ -88,8 +91,7 @@ class FlowContext(SingleWriter):
                 self.fins |= 1 if forward else 2
             elif self.fins == 3 and flags & _ACK:
                 self.state = CLOSED
-                return [forward, False, self.packets]
-        return [forward, self.state == ESTABLISHED, self.packets]
+        return [forward, established, self.packets]
 
     @stale(max_age=1.0)
     def last_seen(self) -> list[Any]:

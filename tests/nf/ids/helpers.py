@@ -1,0 +1,140 @@
+"""Crafting frames and captures for the IDS tests (dpkt), and running the IDS over them."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import dpkt
+
+MAC_A = b"\x02\x00\x00\x00\x00\x01"
+MAC_B = b"\x02\x00\x00\x00\x00\x02"
+
+FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+
+
+def _ip(src: str, dst: str, proto: int, data: Any) -> dpkt.ip.IP:
+    ip = dpkt.ip.IP(
+        src=socket.inet_aton(src), dst=socket.inet_aton(dst), p=proto, ttl=64, data=data
+    )
+    ip.len = 20 + len(bytes(data))
+    return ip
+
+
+def eth(ip: dpkt.ip.IP) -> bytes:
+    return bytes(dpkt.ethernet.Ethernet(src=MAC_A, dst=MAC_B, type=0x0800, data=ip))
+
+
+def tcp_frame(
+    src: str,
+    sport: int,
+    dst: str,
+    dport: int,
+    flags: int,
+    payload: bytes = b"",
+    seq: int = 1000,
+    ack: int = 0,
+) -> bytes:
+    tcp = dpkt.tcp.TCP(
+        sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, win=65535, data=payload
+    )
+    return eth(_ip(src, dst, dpkt.ip.IP_PROTO_TCP, tcp))
+
+
+def udp_frame(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
+    udp = dpkt.udp.UDP(sport=sport, dport=dport, data=payload)
+    udp.ulen = 8 + len(payload)
+    return eth(_ip(src, dst, dpkt.ip.IP_PROTO_UDP, udp))
+
+
+def icmp_frame(src: str, dst: str, payload: bytes, kind: int = 8, ident: int = 7) -> bytes:
+    echo = dpkt.icmp.ICMP.Echo(id=ident, seq=1, data=payload)
+    icmp = dpkt.icmp.ICMP(type=kind, code=0, data=echo)
+    return eth(_ip(src, dst, dpkt.ip.IP_PROTO_ICMP, icmp))
+
+
+class Capture:
+    """Frames with increasing timestamps (10 ms apart unless told)."""
+
+    def __init__(self, t0: float = 1_500_000_000.0) -> None:
+        self.t = t0
+        self.packets: list[tuple[float, bytes]] = []
+
+    def add(self, frame: bytes, gap: float = 0.01) -> None:
+        self.t = round(self.t + gap, 6)
+        self.packets.append((self.t, frame))
+
+    def udp(self, src: str, sport: int, dst: str, dport: int, payload: bytes) -> None:
+        self.add(udp_frame(src, sport, dst, dport, payload))
+
+    def icmp(self, src: str, dst: str, payload: bytes, kind: int = 8) -> None:
+        self.add(icmp_frame(src, dst, payload, kind))
+
+    def tcp(self, *args: Any, **kwargs: Any) -> None:
+        self.add(tcp_frame(*args, **kwargs))
+
+    def session(
+        self,
+        client: str,
+        cport: int,
+        server: str,
+        sport: int,
+        exchanges: Iterable[tuple[str, bytes]],
+        *,
+        handshake: bool = True,
+        close: str = "fin",
+    ) -> None:
+        """A TCP connection: the handshake, then each ``("c"|"s", data)`` as a PSH+ACK
+        segment acknowledged by the other side, then a FIN exchange (``close="fin"``), a
+        RST from the client (``"rst"``) or nothing."""
+        cseq, sseq = 1000, 5000
+        if handshake:
+            self.tcp(client, cport, server, sport, SYN, seq=cseq)
+            self.tcp(server, sport, client, cport, SYN | ACK, seq=sseq, ack=cseq + 1)
+            cseq, sseq = cseq + 1, sseq + 1
+            self.tcp(client, cport, server, sport, ACK, seq=cseq, ack=sseq)
+        for side, data in exchanges:
+            if side == "c":
+                self.tcp(client, cport, server, sport, PSH | ACK, data, seq=cseq, ack=sseq)
+                cseq += len(data)
+                self.tcp(server, sport, client, cport, ACK, seq=sseq, ack=cseq)
+            else:
+                self.tcp(server, sport, client, cport, PSH | ACK, data, seq=sseq, ack=cseq)
+                sseq += len(data)
+                self.tcp(client, cport, server, sport, ACK, seq=cseq, ack=sseq)
+        if close == "fin":
+            self.tcp(client, cport, server, sport, FIN | ACK, seq=cseq, ack=sseq)
+            self.tcp(server, sport, client, cport, FIN | ACK, seq=sseq, ack=cseq + 1)
+            self.tcp(client, cport, server, sport, ACK, seq=cseq + 1, ack=sseq + 1)
+        elif close == "rst":
+            self.tcp(client, cport, server, sport, RST | ACK, seq=cseq, ack=sseq)
+
+    def write(self, path: str) -> None:
+        with open(path, "wb") as f:
+            writer = dpkt.pcap.Writer(f, linktype=dpkt.pcap.DLT_EN10MB)
+            for ts, frame in self.packets:
+                writer.writepkt(frame, ts=ts)
+
+
+def alert_keys(lines: Iterable[str]) -> list[tuple[int, str, int | None, str, int | None]]:
+    """(sid, src, sport, dst, dport) of each fast-alert line, sorted: what is compared."""
+    from nf.ids.alert import parse_fast_alert
+
+    keys = []
+    for line in lines:
+        if not line.strip():
+            continue
+        _gid, sid, _rev, _proto, src, sport, dst, dport = parse_fast_alert(line)
+        keys.append((sid, src, sport, dst, dport))
+    return sorted(keys, key=lambda k: (k[0], k[1], k[2] or 0, k[3], k[4] or 0))
+
+
+async def run_ids(
+    packets: list[tuple[float, bytes]], config: dict[str, Any], instances: int = 1
+) -> Any:
+    """The runner's result of the IDS over ``packets``."""
+    from nf.ids import IDS
+    from nf.runner import run_capture
+
+    return await run_capture(IDS, config, packets, instances=instances)
