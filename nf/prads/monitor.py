@@ -54,7 +54,35 @@ from store import ObjectNotFound
 if TYPE_CHECKING:
     from store import Map, Space
 
-__all__ = ["HEADER", "PRADS"]
+__all__ = ["HEADER", "PRADS", "STATISTICS"]
+
+#: prads's statistics, in the order it prints them (the ``statistics`` query's keys).
+STATISTICS = (
+    "got_packets",
+    "eth_recv",
+    "vlan_recv",
+    "arp_recv",
+    "ip4_recv",
+    "ip6_recv",
+    "otherl_recv",
+    "ip4ip_recv",
+    "ip6ip_recv",
+    "gre_recv",
+    "tcp_recv",
+    "udp_recv",
+    "icmp_recv",
+    "othert_recv",
+    "sessions",
+    "assets",
+    "tcp_os_assets",
+    "udp_os_assets",
+    "icmp_os_assets",
+    "dhcp_os_assets",
+    "tcp_services",
+    "tcp_clients",
+    "udp_services",
+    "udp_clients",
+)
 
 #: The first line of prads's asset log.
 HEADER = "asset,vlan,port,proto,service,[service-info],distance,discovered"
@@ -80,22 +108,52 @@ SWITCHES = {
     "udp": True,
 }
 
-# Counter names per kind of frame (prads's statistics).
-_C_NOT_ETH = ("got_packets",)
-_C_OTHERL = ("got_packets", "eth_recv", "otherl_recv")
-_C_IP6 = ("got_packets", "eth_recv", "ip6_recv")
-_C_ARP = ("got_packets", "eth_recv", "arp_recv")
+
+def _link_counters(frame: bytearray) -> tuple[str, ...]:
+    """prads's counters for a frame we do not analyse (not IPv4, stacked tags, IPv4 that
+    did not parse)."""
+    n = len(frame)
+    if n < 14:
+        return ("got_packets",)
+    names = ["got_packets", "eth_recv"]
+    etype = (frame[12] << 8) | frame[13]
+    if etype == 0x8100 and n >= 18:
+        names.append("vlan_recv")
+        etype = (frame[16] << 8) | frame[17]
+        l3 = 18
+    else:
+        l3 = 14
+    if etype == 0x0800:
+        names.append("ip4_recv")
+        if n > l3 + 9:
+            names.append(_PROTO_COUNTER.get(frame[l3 + 9], "othert_recv"))
+    elif etype == 0x86DD:
+        names.append("ip6_recv")
+    elif etype == 0x0806:
+        names.append("arp_recv")
+    else:
+        names.append("otherl_recv")
+    return tuple(names)
 
 
 def _kinds(vlan: bool, proto: int) -> tuple[str, ...]:
     names = ["got_packets", "eth_recv", "ip4_recv"]
     if vlan:
         names.append("vlan_recv")
-    names.append({TCP: "tcp_recv", UDP: "udp_recv", ICMP: "icmp_recv"}.get(proto, "othert_recv"))
+    names.append(_PROTO_COUNTER.get(proto, "othert_recv"))
     return tuple(names)
 
 
-_C_IP4 = {(v, p): _kinds(v, p) for v in (False, True) for p in (TCP, UDP, ICMP, 0)}
+GRE = 47
+_PROTO_COUNTER = {
+    TCP: "tcp_recv",
+    UDP: "udp_recv",
+    ICMP: "icmp_recv",
+    GRE: "gre_recv",
+    4: "ip4ip_recv",  # IPv4 in IPv4
+    41: "ip4ip_recv",  # IPv6 in IPv4
+}
+_C_IP4 = {(v, p): _kinds(v, p) for v in (False, True) for p in (*_PROTO_COUNTER, 0)}
 
 
 class PRADS(NF):
@@ -178,35 +236,22 @@ class PRADS(NF):
     async def process(self, packet: Packet) -> Verdict:
         self.count("packets")
         frame = packet.frame
-        n = len(frame)
         if packet.drop is not None:
             self.count(packet.drop)
-            if n < 14:
-                await self._add(_C_NOT_ETH)
-            elif packet.drop == "ipv6":
-                await self._add(_C_IP6)
-            elif packet.drop == "not-ip":
-                etype = (frame[12] << 8) | frame[13]
-                await self._add(_C_ARP if etype == 0x0806 else _C_OTHERL)
-            else:
-                await self._add(_C_OTHERL)
+            await self._add(_link_counters(frame))
             return Verdict.FORWARD
         # prads reads IPv4 directly after Ethernet or after one 802.1Q tag only.
         etype = (frame[12] << 8) | frame[13]
-        if etype == 0x8100:
-            if packet.l3 != 18:
-                self.count("stacked-vlan")
-                await self._add(_C_OTHERL)
-                return Verdict.FORWARD
+        if etype == 0x8100 and packet.l3 == 18:
             vlan = (frame[14] << 8) | frame[15]  # the whole tag, as prads prints it
         elif etype == 0x0800:
             vlan = 0
         else:
-            self.count("other-vlan")
-            await self._add(_C_OTHERL)
+            self.count("stacked-vlan")
+            await self._add(_link_counters(frame))
             return Verdict.FORWARD
         proto = packet.proto
-        await self._add(_C_IP4[(etype == 0x8100, proto if proto in (6, 17, 1) else 0)])
+        await self._add(_C_IP4[(etype == 0x8100, proto if proto in _PROTO_COUNTER else 0)])
         if packet.ip_off & 0x1FFF:
             self.count("fragment")  # a later fragment: no ports to track
             return Verdict.FORWARD
@@ -216,6 +261,12 @@ class PRADS(NF):
             await self._tcp(packet, vlan, ours)
         elif proto == UDP:
             await self._udp(packet, vlan, ours)
+        elif proto == GRE:
+            # prads notes the sender of any GRE packet (ours or not) and tracks no
+            # connection; the tunnelled packet inside is not analysed here.
+            await self._asset(src, "touch", packet.ts)
+        elif proto in (4, 41):
+            self.count("tunnel")  # IP in IP: prads analyses the inner packet; we do not
         else:
             await self._other(packet, ours)
         return Verdict.FORWARD
@@ -514,6 +565,7 @@ class PRADS(NF):
                 else:
                     tcp_services += server
                     tcp_clients += not server
+        counts = {name: counts.get(name, 0) for name in STATISTICS} | counts
         counts.update(
             assets=assets,
             tcp_os_assets=tcp_os,

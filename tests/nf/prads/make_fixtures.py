@@ -409,17 +409,256 @@ def vlans() -> Frames:
     return out
 
 
+def stray_acks() -> Frames:
+    """Stray ACKs (fingerprinted only when that detection is on), FIN and RST too."""
+    t = _Clock()
+    out: Frames = []
+    c, s = "10.0.5.1", "10.0.5.2"
+    out.append((t(), tcp(c, 40000, s, 80, "A", seq=5, ack=6, opts=NOP + NOP + opt_ts(5, 6))))
+    out.append((t(), tcp(s, 80, c, 40000, "A", seq=6, ack=6, opts=NOP + NOP + opt_ts(7, 5))))
+    out.append((t(), tcp(c, 40000, s, 80, "PA", seq=6, ack=6, payload=b"hello there, friend")))
+    out.append((t(), tcp(s, 80, c, 40000, "FA", seq=6, ack=25, win=1024)))
+    out.append((t(), tcp(c, 40000, s, 80, "RA", seq=25, ack=7, win=0)))
+    return out
+
+
+# Pools the mixed capture draws from.
+_CLIENT_STACKS = [
+    (5840, LINUX_SYN),
+    (14600, opt_mss(1460) + opt_sok() + opt_ts(720000, 0) + NOP + opt_ws(6)),
+    (8192, opt_mss(1460) + NOP + opt_ws(8) + NOP + NOP + opt_sok()),
+    (65535, opt_mss(1460) + NOP + opt_ws(1) + NOP + NOP + opt_ts(1, 0) + NOP + NOP + opt_sok()),
+    (16384, opt_mss(1460)),
+    (4500, opt_mss(1460) + NOP + NOP + opt_sok()),
+    (5720, opt_mss(1430) + opt_sok() + opt_ts(3, 0) + NOP + opt_ws(2)),
+    (29200, opt_mss(1460) + opt_sok() + opt_ts(4, 0) + NOP + opt_ws(7)),
+]
+_SERVER_STACKS = [
+    (5840, opt_mss(1460) + opt_sok() + opt_ts(999, 12345) + NOP + opt_ws(7)),
+    (8192, opt_mss(1460) + NOP + opt_ws(8) + NOP + NOP + opt_sok()),
+    (65535, opt_mss(1460)),
+    (28960, opt_mss(1460) + opt_sok() + opt_ts(77, 4) + NOP + opt_ws(7)),
+    (5792, opt_mss(1448) + NOP + NOP + opt_sok()),
+]
+_BANNERS = [
+    (22, b"SSH-2.0-OpenSSH_7.4\r\n", b"SSH-2.0-OpenSSH_8.1\r\n"),
+    (22, b"SSH-2.0-dropbear_2019.78\r\n", b"SSH-2.0-PuTTY_Release_0.73\r\n"),
+    (
+        80,
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.14.2\r\n\r\n",
+        b"GET / HTTP/1.1\r\nUser-Agent: Wget/1.20\r\n\r\n",
+    ),
+    (
+        80,
+        b"HTTP/1.1 404 Not Found\r\nServer: Apache/2.4.41 (Debian)\r\n",
+        b"GET /x HTTP/1.0\r\nUser-Agent: curl/7.64\r\n\r\n",
+    ),
+    (25, b"220 mx.example.net ESMTP Postfix\r\n", b"EHLO relay.example.net\r\n"),
+    (21, b"220 (vsFTPd 3.0.3)\r\n", b"USER ftp\r\n"),
+    (
+        443,
+        b"\x16\x03\x03\x00\x31\x02\x00\x00\x2d\x03\x03 random stuff",
+        b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03 hello",
+    ),
+    (
+        8080,
+        b"HTTP/1.1 200 OK\r\nServer: Apache/2.2.3\r\n",
+        b"GET / HTTP/1.1\r\nUser-Agent: Mozilla/4.0 (compatible)\r\n\r\n",
+    ),
+    (3306, b"J\x00\x00\x00\n5.7.30\x00 some mysql greeting", b"short"),
+]
+
+
+def mixed(seed: int = 6, flows: int = 120) -> Frames:
+    """Many conversations drawn at random (fixed seed): stacks, TTLs, DF, IP ids, banners,
+    missing handshakes, endings, random option bytes, UDP."""
+    import random
+
+    rng = random.Random(seed)
+    t = _Clock()
+    out: Frames = []
+    hosts = [f"10.1.{i // 16}.{i % 16 + 1}" for i in range(40)]
+    for f in range(flows):
+        c, s = rng.sample(hosts, 2)
+        cport = 30000 + f
+        if rng.random() < 0.2:
+            sport = rng.choice((53, 123, 161, 514, 5000, 1194))
+            for i in range(rng.randint(1, 3)):
+                a, ap, b, bp = (c, cport, s, sport) if i % 2 == 0 else (s, sport, c, cport)
+                size = rng.choice((3, 8, 20, 40))
+                payload = bytes(rng.getrandbits(8) for _ in range(size))
+                if rng.random() < 0.3:
+                    payload = b"<%d>message" % rng.randint(0, 191)
+                out.append(
+                    (t(0.01), udp(a, ap, b, bp, payload, ttl=rng.choice((64, 63, 128, 255))))
+                )
+            continue
+        port, sbanner, cbanner = rng.choice(_BANNERS)
+        if rng.random() < 0.2:
+            port = rng.choice((22, 80, 21, 25, 443, 9999))
+        cwin, copts = rng.choice(_CLIENT_STACKS)
+        swin, sopts = rng.choice(_SERVER_STACKS)
+        if rng.random() < 0.1:
+            copts = bytes(rng.getrandbits(8) for _ in range(rng.choice((4, 8, 12, 20))))
+        cttl = rng.choice((64, 60, 57, 128, 119, 255, 250, 32, 30))
+        sttl = rng.choice((64, 62, 128, 126, 255))
+        cdf = rng.random() < 0.8
+        sdf = rng.random() < 0.8
+        cid = 0 if rng.random() < 0.2 else rng.randint(1, 65535)
+        sid = 0 if rng.random() < 0.2 else rng.randint(1, 65535)
+        if rng.random() < 0.85:
+            out.append(
+                (
+                    t(0.01),
+                    tcp(
+                        c,
+                        cport,
+                        s,
+                        port,
+                        rng.choice(("S", "S", "S", "SEC")),
+                        seq=100,
+                        win=cwin,
+                        ttl=cttl,
+                        df=cdf,
+                        ip_id=cid,
+                        opts=copts,
+                    ),
+                )
+            )
+        if rng.random() < 0.9:
+            out.append(
+                (
+                    t(0.01),
+                    tcp(
+                        s,
+                        port,
+                        c,
+                        cport,
+                        "SA",
+                        seq=500,
+                        ack=101,
+                        win=swin,
+                        ttl=sttl,
+                        df=sdf,
+                        ip_id=sid,
+                        opts=sopts,
+                    ),
+                )
+            )
+        out.append(
+            (t(0.01), tcp(c, cport, s, port, "A", seq=101, ack=501, win=cwin, ttl=cttl, df=cdf))
+        )
+        order = [("s", sbanner), ("c", cbanner)]
+        rng.shuffle(order)
+        for who, banner in order:
+            if rng.random() < 0.15:
+                continue
+            if who == "s":
+                out.append(
+                    (
+                        t(0.01),
+                        tcp(
+                            s,
+                            port,
+                            c,
+                            cport,
+                            "PA",
+                            seq=501,
+                            ack=101,
+                            ttl=sttl,
+                            df=sdf,
+                            payload=banner,
+                        ),
+                    )
+                )
+            else:
+                out.append(
+                    (
+                        t(0.01),
+                        tcp(
+                            c,
+                            cport,
+                            s,
+                            port,
+                            "PA",
+                            seq=101,
+                            ack=501,
+                            ttl=cttl,
+                            df=cdf,
+                            payload=banner,
+                        ),
+                    )
+                )
+        end = rng.random()
+        if end < 0.4:
+            out.append(
+                (
+                    t(0.01),
+                    tcp(
+                        c,
+                        cport,
+                        s,
+                        port,
+                        "FA",
+                        seq=200,
+                        ack=600,
+                        win=cwin,
+                        ttl=cttl,
+                        df=cdf,
+                        opts=rng.choice((b"", NOP + NOP + opt_ts(9, 8))),
+                    ),
+                )
+            )
+            out.append(
+                (
+                    t(0.01),
+                    tcp(s, port, c, cport, "FA", seq=600, ack=201, win=swin, ttl=sttl, df=sdf),
+                )
+            )
+        elif end < 0.6:
+            out.append(
+                (
+                    t(0.01),
+                    tcp(
+                        s,
+                        port,
+                        c,
+                        cport,
+                        rng.choice(("R", "RA")),
+                        seq=rng.choice((0, 600)),
+                        ack=rng.choice((0, 201)),
+                        win=0,
+                        ttl=sttl,
+                        df=sdf,
+                        ip_id=sid,
+                    ),
+                )
+            )
+    return out
+
+
 SCENARIOS: dict[str, Callable[[], Frames]] = {
     "syn": syn_variants,
     "sessions": sessions,
     "udp": udp_services,
     "vlan": vlans,
+    "ack": stray_acks,
+    "mixed": mixed,
+}
+
+#: Scenarios run with prads settings beyond its defaults: name -> (prads.conf lines, our
+#: configuration).
+SETTINGS: dict[str, tuple[str, dict[str, object]]] = {
+    "ack": ("os_ack_fingerprint=1\n", {"ack": True}),
 }
 
 
-def run_prads(pcap: Path, signatures: Path | None) -> list[str] | None:
-    """The asset log the real prads writes for ``pcap``, with ``signatures`` bound over
-    /etc/prads (None: the installed set), or None if prads is not installed."""
+def run_prads(
+    pcap: Path, signatures: Path | None, conf: str = ""
+) -> tuple[list[str], list[str]] | None:
+    """The asset log the real prads writes for ``pcap`` and the statistics it prints at
+    the end, with ``signatures`` bound over /etc/prads (None: the installed set), or None
+    if prads is not installed."""
     binary = shutil.which("prads")
     if binary is None:
         return None
@@ -430,17 +669,25 @@ def run_prads(pcap: Path, signatures: Path | None) -> list[str] | None:
         shutil.copy(pcap, cap)
         os.chmod(cap, 0o644)
         cmd = f"{binary} -r {cap} -l {log}"
+        if conf:
+            (Path(tmp) / "prads.conf").write_text(conf)
+            cmd += f" -c {Path(tmp) / 'prads.conf'}"
         if signatures is not None:
-            conf = Path(tmp) / "sigs"
-            shutil.copytree(signatures, conf)
-            cmd = f"mount --bind {conf} /etc/prads && {cmd}"
+            folder = Path(tmp) / "sigs"
+            shutil.copytree(signatures, folder)
+            cmd = f"mount --bind {folder} /etc/prads && {cmd}"
             argv = ["unshare", "-m", "sh", "-c", cmd]
         else:
             argv = ["sh", "-c", cmd]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         if done.returncode != 0 or not log.exists():
             raise RuntimeError(f"prads failed on {pcap}: {done.stdout}\n{done.stderr}")
-        return log.read_text(encoding="latin-1").splitlines()
+        stats = [line for line in done.stdout.splitlines() if line.startswith("-- Total")]
+        return log.read_text(encoding="latin-1").splitlines(), stats
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    path.write_text("\n".join(lines) + "\n", encoding="latin-1")
 
 
 def main() -> int:
@@ -448,18 +695,18 @@ def main() -> int:
     for name, make in SCENARIOS.items():
         pcap = FIXTURES / f"{name}.pcap"
         write_pcap(str(pcap), make())
-        ours = run_prads(pcap, OUR_SIGNATURES)
+        conf = SETTINGS.get(name, ("", {}))[0]
+        ours = run_prads(pcap, OUR_SIGNATURES, conf)
         if ours is None:
             print(f"{pcap}: written; prads is not installed, logs not regenerated")
             continue
-        (FIXTURES / f"{name}.ours.log").write_text("\n".join(ours) + "\n", encoding="latin-1")
+        _write(FIXTURES / f"{name}.ours.log", ours[0])
+        _write(FIXTURES / f"{name}.ours.stats", ours[1])
         if Path("/etc/prads/tcp-syn.fp").exists():
-            debian = run_prads(pcap, None)
+            debian = run_prads(pcap, None, conf)
             assert debian is not None
-            (FIXTURES / f"{name}.debian.log").write_text(
-                "\n".join(debian) + "\n", encoding="latin-1"
-            )
-        print(f"{pcap}: {len(ours) - 1} lines with our signatures")
+            _write(FIXTURES / f"{name}.debian.log", debian[0])
+        print(f"{pcap}: {len(ours[0]) - 1} lines with our signatures")
     return 0
 
 
