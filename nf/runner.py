@@ -34,8 +34,8 @@ import math
 import sys
 import time
 import tomllib
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from nf.base import NF, ConfigError, Verdict
 from nf.capture import CaptureError, read_capture, write_pcap
 from nf.packet import parse
 
-__all__ = ["RunResult", "load_config", "run", "run_capture"]
+__all__ = ["Cluster", "RunResult", "load_config", "open_cluster", "run", "run_capture"]
 
 #: Units in flight across all members before the runner waits for the oldest.
 DEFAULT_WINDOW = 1024
@@ -102,8 +102,11 @@ def load_config(path: str | None, nf_name: str) -> dict[str, Any]:
     return data
 
 
-class _Cluster:
-    """The members of the run's space, each with its own NF instance."""
+class Cluster:
+    """The members of a run's space in this process, each with its own NF instance
+    (``spaces[i]`` runs ``nfs[i]``).  Made by :func:`open_cluster`."""
+
+    secret = b"s6-nf-offline-runner"
 
     def __init__(self, nf_cls: type[NF], config: dict[str, Any]) -> None:
         self.nf_cls = nf_cls
@@ -112,7 +115,6 @@ class _Cluster:
         self.nfs: list[NF] = []
         self.controller: Any = None
         self.nursery: trio.Nursery | None = None
-        self.stop = trio.Event()
 
     def add(self, space: Any) -> None:
         self.spaces.append(space)
@@ -126,11 +128,13 @@ class _Cluster:
             controller=self.controller.address, secret=self.secret, listen="127.0.0.1:0"
         ) as space:
             started(space)
-            await self.stop.wait()
+            await trio.sleep_forever()
 
     async def join(self, count: int) -> None:
-        """Start ``count`` more members and admit them (one scaling event)."""
-        assert self.nursery is not None and self.controller is not None
+        """Start ``count`` more members and admit them (one scaling event); their NF
+        instances are added in the order of their names."""
+        if self.nursery is None or self.controller is None:
+            raise RuntimeError("an embedded single-node space cannot grow")
         joined: list[Any] = []
         all_in = trio.Event()
 
@@ -148,7 +152,40 @@ class _Cluster:
         for space in sorted(joined, key=lambda s: s.name):
             self.add(space)
 
-    secret = b"s6-nf-offline-runner"
+
+@asynccontextmanager
+async def open_cluster(
+    nf_cls: type[NF], config: dict[str, Any], instances: int = 1, *, growable: bool = False
+) -> AsyncIterator[Cluster]:
+    """``instances`` members running ``nf_cls``: an embedded single-node space (no socket)
+    when there is one and it need not grow, else an in-process controller on 127.0.0.1
+    and members joined through it.  Stopping the members is quiet (their goodbyes are
+    expected)."""
+    from store import open_space
+
+    cluster = Cluster(nf_cls, config)
+    quiet = logging.getLogger("store")
+    level = quiet.level
+    try:
+        async with AsyncExitStack() as stack:
+            if instances == 1 and not growable:
+                cluster.add(await stack.enter_async_context(open_space()))
+                yield cluster
+                return
+            from store.shell.controller import open_controller
+
+            cluster.controller = await stack.enter_async_context(
+                open_controller("127.0.0.1:0", secret=cluster.secret, manual_admission=True)
+            )
+            cluster.nursery = await stack.enter_async_context(trio.open_nursery())
+            await cluster.join(instances)
+            try:
+                yield cluster
+            finally:
+                quiet.setLevel(logging.ERROR)
+                cluster.nursery.cancel_scope.cancel()
+    finally:
+        quiet.setLevel(level)
 
 
 async def run_capture(
@@ -167,52 +204,13 @@ async def run_capture(
         raise ValueError(f"instances must be at least 1, not {instances}")
     if scale_at is not None and not 0.0 <= scale_at <= 1.0:
         raise ValueError(f"scale_at must be between 0 and 1, not {scale_at}")
-
-    cluster = _Cluster(nf_cls, config)
-    quiet = logging.getLogger("store")
-    level = quiet.level
-    try:
-        return await _run_on(cluster, packets, instances, scale_at, window, keep_frames, output)
-    finally:
-        quiet.setLevel(level)
-
-
-async def _run_on(
-    cluster: _Cluster,
-    packets: list[tuple[float, bytes]],
-    instances: int,
-    scale_at: float | None,
-    window: int,
-    keep_frames: bool,
-    output: bool,
-) -> RunResult:
-    from store import open_space
-
-    quiet = logging.getLogger("store")
-    async with AsyncExitStack() as stack:
-        if instances == 1 and scale_at is None:
-            cluster.add(await stack.enter_async_context(open_space()))
-        else:
-            from store.shell.controller import open_controller
-
-            cluster.controller = await stack.enter_async_context(
-                open_controller("127.0.0.1:0", secret=cluster.secret, manual_admission=True)
-            )
-            cluster.nursery = await stack.enter_async_context(trio.open_nursery())
-            await cluster.join(instances)
-        try:
-            return await _drive(cluster, packets, scale_at, window, keep_frames, output)
-        finally:
-            cluster.stop.set()
-            if cluster.nursery is not None:
-                # The members stop together: their links' goodbyes are not news.
-                quiet.setLevel(logging.ERROR)
-                cluster.nursery.cancel_scope.cancel()
+    async with open_cluster(nf_cls, config, instances, growable=scale_at is not None) as cluster:
+        return await _drive(cluster, packets, scale_at, window, keep_frames, output)
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the stack may swallow)
 
 
 async def _drive(
-    cluster: _Cluster,
+    cluster: Cluster,
     packets: list[tuple[float, bytes]],
     scale_at: float | None,
     window: int,
