@@ -16,7 +16,7 @@ import trio
 
 from ring.hashring import DEFAULT_VNODES
 from store.cli.common import OneLineParser
-from store.core.barrier import DEFAULT_PRE_SCALING_TIMEOUT
+from store.core.barrier import DEFAULT_FAILURE_TIMEOUT, DEFAULT_PRE_SCALING_TIMEOUT
 from store.shell.controller import open_controller, read_secret
 from store.wire.control import describe_failure, parse_address
 
@@ -61,6 +61,15 @@ def _parser() -> OneLineParser:
         f"(default {DEFAULT_PRE_SCALING_TIMEOUT:g})",
     )
     parser.add_argument(
+        "--failure-timeout",
+        type=_positive,
+        default=DEFAULT_FAILURE_TIMEOUT,
+        metavar="S",
+        help="seconds a member may stay silent (no heartbeat) or disconnected before it is "
+        "declared dead and the ring repaired without it "
+        f"(default {DEFAULT_FAILURE_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--vnodes", type=int, default=DEFAULT_VNODES, help=argparse.SUPPRESS
     )  # for experiments: every node must use the ring the controller sends
     return parser
@@ -72,6 +81,7 @@ async def _run(args: argparse.Namespace, secret: bytes) -> None:
         secret=secret,
         manual_admission=args.manual_admission,
         pre_scaling_timeout=args.pre_scaling_timeout,
+        failure_timeout=args.failure_timeout,
         vnodes=args.vnodes,
     ) as controller:
         print(f"listening on {controller.address}", flush=True)

@@ -1286,6 +1286,7 @@ class Callback(enum.Enum):
     NORMAL = "on_normal"
     ABORT = "on_abort"
     LEAVE = "on_leave"
+    REPAIR = "on_repair"
 
 
 class MemberSide:
@@ -1333,6 +1334,11 @@ class MemberSide:
                 return []
             self._normal(command.epoch)
             return [Callback.ABORT]
+        if kind is Order.REPAIR:
+            if self.stage is Stage.NORMAL and self.epoch == command.epoch:
+                return []
+            self._normal(command.epoch)
+            return [Callback.REPAIR]
         if self.left:
             return []
         self.left = True

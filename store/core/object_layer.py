@@ -495,7 +495,10 @@ class ObjectLayer(ScaleIn):
 
     def undeliverable(self, stim: Undeliverable) -> None:
         for msg in stim.msgs:
-            self.bounce(stim.to, msg)
+            if type(msg) is KeyOp:
+                self._key_op_again(msg)  # routed afresh, by a ring without that node
+            else:
+                self.bounce(stim.to, msg)
 
     def repair(self, view: NodeView, dead: frozenset[str]) -> None:
         """A failure event (see ``KeyLayer.repair``): ``dead`` are departed from now on

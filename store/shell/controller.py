@@ -46,9 +46,11 @@ import trio
 from ring.hashring import DEFAULT_VNODES
 from store.core.barrier import (
     DEFAULT_ADMISSION_WINDOW,
+    DEFAULT_FAILURE_TIMEOUT,
     DEFAULT_LEAVE_TIMEOUT,
     DEFAULT_PRE_SCALING_TIMEOUT,
     Barrier,
+    Disconnect,
     Effect,
     Log,
     Progress,
@@ -62,6 +64,7 @@ from store.wire.control import (
     ControllerRefused,
     DrainedReport,
     Figures,
+    Heartbeat,
     NodeStatus,
     Register,
     RingState,
@@ -174,6 +177,7 @@ class Controller:
         self.address = address
         self._server = server
         self._sessions: dict[str, Peer] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
         self._requests: dict[int, _Waiter | _Remote] = {}
         self._rounds: dict[int, _StatusRound] = {}
         self._ids = itertools.count(1)
@@ -288,6 +292,10 @@ class Controller:
                     )
             elif isinstance(effect, Log):
                 logger.log(logging.getLevelName(effect.level), "%s", effect.text)
+            elif isinstance(effect, Disconnect):
+                scope = self._scopes.pop(effect.to, None)
+                if scope is not None:
+                    scope.cancel()  # its session ends; it may come back as a new process
 
     @staticmethod
     def _send(peer: Peer | None, message: Message) -> None:
@@ -352,15 +360,22 @@ class Controller:
             logger.warning("refused registration of %s: %s", name, state.text)
             return
         self._sessions[name] = peer
+        scope = self._scopes[name] = trio.CancelScope()
         try:
-            self._stimulus(effects)
-            await self._session(peer, rest, partial(self._member_message, name))
+            with scope:
+                self._stimulus(effects)
+                await self._session(peer, rest, partial(self._member_message, name))
         except (PeerUnavailable, ProtocolError) as exc:
             logger.info("connection with %s ended: %s", name, exc)
         finally:
+            if self._scopes.get(name) is scope:
+                del self._scopes[name]
             if self._sessions.get(name) is peer:
                 del self._sessions[name]
                 self._stimulus(self.barrier.member_gone(name, trio.current_time()))
+        if scope.cancelled_caught:
+            with trio.move_on_after(1.0):
+                await peer.aclose()
 
     async def _operator_session(self, peer: Peer, first: list[Message]) -> None:
         try:
@@ -417,6 +432,9 @@ class Controller:
             )
             return
         now = trio.current_time()
+        self.barrier.heard(name, now)
+        if isinstance(msg, Heartbeat):
+            return
         if isinstance(msg, StageAck):
             self._stimulus(self.barrier.ack(name, msg.kind, msg.epoch, now))
         elif isinstance(msg, DrainedReport):
@@ -499,12 +517,15 @@ async def open_controller(
     admission_window: float = DEFAULT_ADMISSION_WINDOW,
     leave_timeout: float = DEFAULT_LEAVE_TIMEOUT,
     vnodes: int = DEFAULT_VNODES,
+    failure_timeout: float | None = DEFAULT_FAILURE_TIMEOUT,
 ) -> AsyncIterator[Controller]:
     """Run a controller listening on ``listen`` for the duration of the block.
 
     ``async with open_controller(secret=...) as ctl:`` then ``ctl.address`` is where nodes
     and ``ctl`` connect.  ``vnodes`` is the ring's virtual node count, sent to every member
-    so that all build identical rings.  Raises ``ValueError`` for a bad ``listen`` and
+    so that all build identical rings.  ``failure_timeout``: seconds of silence after which
+    a member is declared dead and the ring repaired without it (None: never).  Raises
+    ``ValueError`` for a bad ``listen`` and
     ``OSError`` when the address cannot be bound.
     """
     host, port = parse_address(listen)
@@ -514,6 +535,7 @@ async def open_controller(
         pre_scaling_timeout=pre_scaling_timeout,
         admission_window=admission_window,
         leave_timeout=leave_timeout,
+        failure_timeout=failure_timeout,
     )
     controller: Controller | None = None
 

@@ -76,6 +76,9 @@ class NodeMember:
     async def on_abort(self, membership: Membership) -> None:
         self.node.enter_stage(membership.view)
 
+    async def on_repair(self, membership: Membership) -> None:
+        await self.node.repair(membership.view, membership.dead)
+
     async def on_leave(self, membership: Membership) -> None:
         await self.node.space_flush()
 

@@ -44,6 +44,11 @@ at a time, in the order the controller sent the commands; while one runs, the ne
     NodeView(NORMAL, ring=the previous ring): the event was aborted before anyone scaled,
     so nothing moved; forget the next ring.  A joiner of an aborted event is not a member of
     that ring and stays waiting for the next event.
+``on_repair``
+    NodeView(NORMAL, ring=the repaired ring), and :attr:`Membership.dead` the nodes it
+    leaves out.  Fence the dead, report what this node holds to the keys' new owners, and
+    return once this node's share of the key records is rebuilt (``store.core``'s failure
+    event).
 ``on_leave``
     A scale-in removed this node and everybody is NORMAL on the ring without it; it holds
     nothing.  Finish parked work, flush, then return: the node may exit afterwards.
@@ -86,6 +91,7 @@ from store.wire.control import (
     ControllerRefused,
     DrainedReport,
     Figures,
+    Heartbeat,
     MemberList,
     NodeStatus,
     Register,
@@ -121,6 +127,9 @@ logger = logging.getLogger("store.shell.membership")
 
 #: Seconds to reach the controller and complete the handshake and registration.
 CONNECT_TIMEOUT: Final = 5.0
+#: Seconds between a member's heartbeats: well under the controller's failure timeout (2 s
+#: by default), so that a member is declared dead only after several are missing.
+HEARTBEAT_INTERVAL: Final = 0.25
 
 #: What a node tells ``ctl status`` about itself: names to scalars.
 StatusProvider = Callable[[], Mapping[str, object]]
@@ -138,6 +147,8 @@ class MembershipHandler(Protocol):
     async def on_abort(self, membership: Membership) -> None: ...
 
     async def on_leave(self, membership: Membership) -> None: ...
+
+    async def on_repair(self, membership: Membership) -> None: ...
 
 
 class Membership:
@@ -182,6 +193,10 @@ class Membership:
         self._drained: DrainedReport | None = None
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[trio.Event, list[ScaleReply]]] = {}
+        #: The nodes the last failure repair left out (see ``on_repair``).
+        self.dead: frozenset[str] = frozenset()
+        #: Seconds between heartbeats to the controller.
+        self.heartbeat_interval = HEARTBEAT_INTERVAL
         #: Error counters by name (``unexpected-*``, ``stale-scale-reply``, ``bug-*``;
         #: ``store.wire.errors.classify`` says whose fault each is).
         self.errors: dict[str, int] = {}
@@ -281,6 +296,9 @@ class Membership:
 
     def _enter(self, step: Callback, command: StageCommand) -> None:
         """Set the attributes the callback ``step`` will read."""
+        if step is Callback.REPAIR:
+            known = set(self.ring.nodes) | (self.next_ring.nodes if self.next_ring else set())
+            self.dead = frozenset(known - {name for name, _ in command.members})
         self.ring = self._ring(command.epoch, command.members)
         self.addresses = dict(command.members)
         if step in (Callback.PRE_SCALING, Callback.SCALING):
@@ -309,6 +327,12 @@ class Membership:
                     self._send_drained()
             if self.stage is Stage.NORMAL and self.name in self.ring:
                 self._admitted.set()
+
+    async def _heartbeat(self) -> None:
+        """Tell the controller this node is alive, so that a silence means it is not."""
+        while not self._disconnected.is_set():
+            self._send(Heartbeat(self.name, self.heartbeat_interval))
+            await trio.sleep(self.heartbeat_interval)
 
     async def _read(self) -> None:
         """Take the controller's messages; answer status requests right away, even while
@@ -463,6 +487,7 @@ async def _running(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(membership._read)
             nursery.start_soon(membership._work)
+            nursery.start_soon(membership._heartbeat)
             await _wait_admitted(membership, controller, admission_timeout)
             try:
                 yield

@@ -43,6 +43,7 @@ from store.core.instructions import (
     FlushTargets,
     Instruction,
     Log,
+    Repair,
     Send,
     Stimulus,
     Undeliverable,
@@ -74,9 +75,22 @@ DEFAULT_FLUSH_INTERVAL = 0.010
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_MERGE_INTERVAL = 0.050
 
-#: Seconds the sender waits to open a link before it drops that batch (and says so): one
+#: Seconds the sender waits to open a link before it gives up on that batch for now: one
 #: unreachable node must not stall every other destination.
 CONNECT_TIMEOUT = 5.0
+
+#: Seconds before messages for a node whose link could not be opened are tried again.
+#: They stay queued (in order) until the link comes back, or until the node is declared
+#: dead, when they go back to the core (answered there or routed afresh).
+RETRY_INTERVAL = 0.5
+
+#: Messages kept for one unreachable node at most; beyond, the oldest are dropped and
+#: counted (their callers have long had ``PeerUnavailable`` from the request timeout).
+MAX_RETAINED = 1_000_000
+
+#: Seconds a failure repair waits for every survivor's reports before it acknowledges
+#: anyway (a survivor that never reports is declared dead in turn).
+REPAIR_TIMEOUT = 30.0
 
 #: Seconds a flush waits for a node's barrier answer before asking again.
 BARRIER_RETRY = 2.0
@@ -162,6 +176,10 @@ class Node:
         self.counters = counters if counters is not None else WireCounters()
         self._kick = trio.Event()
         self._peers: dict[str, Peer] = {}
+        #: Nodes declared dead by a failure repair: nothing is sent to them or taken from
+        #: them any more (a new process of the same name that joins the ring is let in).
+        self.dead: set[str] = set()
+        self._retry_at: dict[str, float] = {}
         self._connecting: dict[str, trio.Event] = {}
         self._sending = False  # the sender holds messages taken from the core, not yet queued
         self._nursery: trio.Nursery | None = None
@@ -328,7 +346,10 @@ class Node:
             try:
                 queued, self._queued = self._queued, {}
                 for dest, msgs in queued.items():
-                    if dest not in members and dest not in self._peers:
+                    if self._retry_at and self._retry_at.get(dest, 0.0) > now:
+                        self._retain(dest, msgs)
+                        continue
+                    if dest in self.dead or (dest not in members and dest not in self._peers):
                         # A node that left the cluster, and we are not even connected: it
                         # could not answer, and dialing a process on its way out can hang (it
                         # accepts, never answers).  The core answers what it can itself
@@ -345,12 +366,54 @@ class Node:
                             peer.send_nowait(msg)
                     except (StoreError, trio.TooSlowError) as exc:
                         logger.warning(
-                            "%s: dropped %d messages to %s: %s", self.name, len(msgs), dest, exc
+                            "%s: cannot reach %s (%s); %d messages kept to send again",
+                            self.name,
+                            dest,
+                            exc,
+                            len(msgs),
                         )
                         self.errors["send-failed"] = self.errors.get("send-failed", 0) + 1
+                        self._retry_at[dest] = trio.current_time() + RETRY_INTERVAL
+                        self._retain(dest, msgs)
+                    else:
+                        self._retry_at.pop(dest, None)
             finally:
                 self._sending = False
             self.micro.run_ready()
+
+    def _retain(self, dest: str, msgs: list[Message]) -> None:
+        """Keep ``msgs`` for ``dest`` ahead of what was queued for it since."""
+        newer = self._queued.get(dest)
+        kept = msgs if newer is None else msgs + newer
+        if len(kept) > MAX_RETAINED:
+            dropped = len(kept) - MAX_RETAINED
+            self.errors["send-failed"] = self.errors.get("send-failed", 0) + dropped
+            logger.warning("%s: dropped the %d oldest messages for %s", self.name, dropped, dest)
+            kept = kept[dropped:]
+        self._queued[dest] = kept
+
+    async def repair(self, view: NodeView, dead: frozenset[str]) -> None:
+        """A failure event (see ``store.core``): fence ``dead``, hand what was queued for
+        them back to the core, report what this node holds, and return once this node's
+        share of the key records is rebuilt (at most ``REPAIR_TIMEOUT``)."""
+        self.dead |= dead
+        self.dead -= view.ring.nodes  # a new process of a dead one's name
+        self.view = view
+        wait: Wait[Any] = Wait(("repair", self.name))
+        self.handle(Repair(view, dead, wait))
+        for name in dead:
+            self._retry_at.pop(name, None)
+            msgs = self._queued.pop(name, None)
+            if msgs:
+                self.handle(Undeliverable(name, msgs))
+            peer = self._peers.pop(name, None)
+            if peer is not None and self._nursery is not None:
+                self._nursery.start_soon(peer.aclose)
+        self._kick.set()
+        with trio.move_on_after(REPAIR_TIMEOUT):
+            await wait
+            return
+        logger.warning("%s: the repair to epoch %d is not complete", self.name, view.epoch)
 
     async def _connect(self, dest: str) -> Peer:
         event = self._connecting.get(dest)
@@ -407,7 +470,11 @@ class Node:
     async def _on_peer(self, peer: Peer) -> None:
         core, micro, execute, clock = self.core, self.micro, self.execute, self.clock
         name = peer.name
+        dead = self.dead
         async for batch in peer:
+            if dead and name in dead:  # fenced: it was declared dead
+                self.errors["from-dead-node"] = self.errors.get("from-dead-node", 0) + 1
+                return
             execute(core.handle(Deliver(name, batch), clock()))
             micro.run_ready()
 

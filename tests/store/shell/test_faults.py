@@ -25,6 +25,7 @@ from store.shell.membership import Membership, join_cluster
 from store.shell.transport import DEFAULT_MAX_FRAME, Peer, connect_peer, serve_peers
 from store.wire.control import (
     ClusterStatus,
+    Heartbeat,
     NodeStatus,
     Register,
     RingState,
@@ -212,7 +213,11 @@ async def fake_controller(script: Any) -> AsyncIterator[str]:
         members = [(register.name, register.address)]
         peer.send_nowait(RingState(True, "admitted", 0, [], "normal", None, None, 4))
         peer.send_nowait(StageCommand(Stage.NORMAL.value, 1, members, None, None, 4))
-        [ack] = await peer.receive()
+        while True:  # (heartbeats come too)
+            acks = [m for m in await peer.receive() if not isinstance(m, Heartbeat)]
+            if acks:
+                break
+        [ack] = acks
         assert isinstance(ack, StageAck) and ack.kind is Stage.NORMAL
         await script(peer)
 
