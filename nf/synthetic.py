@@ -9,9 +9,9 @@ packets (0: never), chosen ``shared_pattern = "flow"`` (a fixed one per flow),
 ``"round-robin"`` (the next one each time: the worst case, every access on a different
 object) or ``"random"`` (a seeded draw), and accessed ``shared_access = "blocking"`` (a call
 that waits for its answer), ``"untethered"`` (an update that does not wait; the counters
-merge, so each member may keep a replica) or ``"stale"`` (a cached read at most
-1 s old, the bound of the paper's Figure 9b).  A flow's objects are removed on a RST, or on the first packet
-without FIN after FINs in both directions (the last ACK).
+merge, so each member may keep a replica) or ``"stale"`` (a cached read at most 1 s old,
+the bound of the paper's Figure 9b).  A flow's objects are removed on a RST, or on the
+first packet without FIN after FINs in both directions (the last ACK).
 
 Output (``summary``): one line per total (packets, flows seen, flows ended, shared updates
 applied), the same whatever the number of members.
