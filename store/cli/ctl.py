@@ -111,6 +111,10 @@ def render_status(status: ClusterStatus, out: Console) -> None:
             f"{e.get('records_moved')} records and {e.get('objects_moved')} objects moved",
             highlight=False,
         )
+        if e.get("dead"):
+            out.print(
+                f"declared dead: {e.get('dead')} (the ring was repaired without)", highlight=False
+            )
     if status.last_abort:
         out.print(f"last abort: {status.last_abort}", highlight=False)
     keys: list[str] = []

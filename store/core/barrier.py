@@ -214,6 +214,7 @@ class ScaleEvent:
     scaling_acked: set[str] = field(default_factory=set)
     drained: dict[str, tuple[int, int]] = field(default_factory=dict)
     normal_acked: set[str] = field(default_factory=set)
+    dead: frozenset[str] = frozenset()  # a repair: the members it leaves out
 
     def describe(self) -> str:
         """One line for refusals and status: what it does and what it waits for."""
@@ -606,6 +607,7 @@ class Barrier:
             Stage.NORMAL,
             now,
             None,
+            dead=frozenset(dead),
         )
         self.event = event
         self._record(now, "event", epoch=epoch, members=tuple(sorted(keep)), text="repair")
@@ -930,6 +932,8 @@ class Barrier:
             "records_moved": records,
             "objects_moved": objects,
         }
+        if event.kind == "repair":
+            summary["dead"] = ", ".join(sorted(event.dead))
         self.last_event = summary
         self._record(now, "finish", epoch=event.epoch, members=tuple(sorted(self.ring.nodes)))
         effects: list[Effect] = [

@@ -106,6 +106,10 @@ class NodeStatistics:
     records_handed_on: int
     objects_evacuated: int
     errors: dict[str, int] = field(default_factory=dict)
+    #: Per map: key records this node rebuilt from survivors' reports after a death, and
+    #: objects it knows were lost with the node that held them.
+    rebuilt: dict[str, int] = field(default_factory=dict)
+    lost: dict[str, int] = field(default_factory=dict)
 
 
 class Router:
@@ -294,6 +298,8 @@ class Router:
             records_handed_on=keys.records_handed_on,
             objects_evacuated=objects.objects_evacuated,
             errors=dict(out.errors),
+            rebuilt=dict(keys.rebuilt),
+            lost={m: n for m, n in keys.lost.items() if n},
         )
 
     def validate(self) -> None:

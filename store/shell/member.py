@@ -104,6 +104,12 @@ class NodeMember:
         )
         figures["auth_failures"] = wire.auth_failures
         figures["records_moved"] = self.records_moved
+        # Failure repairs: per map, key records rebuilt from survivors' reports, and
+        # objects known lost with the node that held them (ObjectLost until made anew).
+        for map_name, count in sorted(core.rebuilt.items()):
+            figures[f"rebuilt:{map_name}"] = count
+        for map_name, count in sorted(core.lost.items()):
+            figures[f"lost:{map_name}"] = count
         return figures
 
 
