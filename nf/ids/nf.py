@@ -12,6 +12,7 @@ order.  The IDS only watches: every packet is forwarded.
 from __future__ import annotations
 
 import argparse
+import heapq
 import ipaddress
 import sys
 from pathlib import Path
@@ -122,8 +123,11 @@ class IDS(NF):
         self.flows = space.map("ids.flows", FlowContext)
         self.hosts = space.map("ids.trusted", TrustedHost)
         self.servers = space.map("ids.servers", ServerAlerts)
-        #: This instance's timer list: flow key -> time of its last packet here.
-        self._timers: dict[Any, float] = {}
+        #: This instance's timer list: flow key -> [time of its last packet here, closed],
+        #: and the deadlines at which to look at each again (a heap).
+        self._timers: dict[Any, list[Any]] = {}
+        self._deadlines: list[tuple[float, Any]] = []
+        self._closed_after = min(CLOSED_TIMEOUT, self.flow_timeout)
 
     # --- the packet path ---------------------------------------------------------------
 
@@ -152,10 +156,16 @@ class IDS(NF):
         key = packet.flow_key_both()
         proto = packet.proto
         async with self.flows.create(key) as ctx:
-            to_server, established, number = await ctx.on_packet(
+            to_server, established, number, closed = await ctx.on_packet(
                 proto, packet.src, packet.sport, packet.tcp_flags, packet.ts
             )
-        self._timers[key] = packet.ts
+        timer = self._timers.get(key)
+        if timer is None:
+            self._timers[key] = [packet.ts, closed]
+            heapq.heappush(self._deadlines, (packet.ts + self._closed_after, key))
+        else:
+            timer[0] = packet.ts
+            timer[1] = closed
         self.count("inspected")
         view = PacketView(
             proto,
@@ -186,25 +196,34 @@ class IDS(NF):
 
     async def tick(self, now: float) -> None:
         """Forget the contexts of this instance's flows idle for ``flow_timeout`` (closed
-        ones after ``CLOSED_TIMEOUT``); a flow that moved on is checked where it is, by a
-        read that does not move it."""
-        timers = self._timers
-        closed_after = min(CLOSED_TIMEOUT, self.flow_timeout)
-        due = [k for k, last in timers.items() if now - last >= closed_after]
-        for key in due:
+        ones after ``CLOSED_TIMEOUT``).  Each flow is looked at when its own deadline
+        passes; one that went quiet here is checked where it is now, by a read that does
+        not move it (it may have moved to another instance and still be busy there)."""
+        timers, deadlines = self._timers, self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _due, key = heapq.heappop(deadlines)
+            timer = timers.get(key)
+            if timer is None:
+                continue
+            last, closed = timer
+            limit = self._closed_after if closed else self.flow_timeout
+            if last + limit > now:
+                heapq.heappush(deadlines, (last + limit, key))
+                continue
             try:
                 async with self.flows.get(key, readonly=True) as ref:
                     last, state = await ref.last_seen()
             except ObjectNotFound:  # gone already (another instance removed it)
                 del timers[key]
                 continue
-            limit = closed_after if state == CLOSED else self.flow_timeout
-            if now - last >= limit:
-                del timers[key]
-                await self.flows.remove(key)
-                self.count("flows-expired")
-            elif last > timers[key]:
-                timers[key] = last
+            limit = self._closed_after if state == CLOSED else self.flow_timeout
+            if last + limit > now:
+                timer[0], timer[1] = last, state == CLOSED
+                heapq.heappush(deadlines, (last + limit, key))
+                continue
+            del timers[key]
+            await self.flows.remove(key)
+            self.count("flows-expired")
 
     # --- the control plane -------------------------------------------------------------
 

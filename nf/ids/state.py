@@ -51,8 +51,8 @@ class FlowContext(SingleWriter):
         self.last = 0.0
 
     def on_packet(self, proto: int, src: int, sport: int, flags: int, ts: float) -> list[Any]:
-        """Account one packet; ``[to_server, established, number]`` for detection, where
-        ``number`` counts the flow's packets from 1."""
+        """Account one packet; ``[to_server, established, number, closed]`` for detection
+        and the idle sweep, where ``number`` counts the flow's packets from 1."""
         state = self.state
         if self.packets == 0 or (
             proto == TCP and state == CLOSED and flags & (_SYN | _ACK) == _SYN
@@ -69,7 +69,7 @@ class FlowContext(SingleWriter):
         if not forward:
             self.replied = True
         if proto != TCP:
-            return [forward, self.replied, self.packets]
+            return [forward, self.replied, self.packets, False]
         # A TCP packet is "established" by the state its session was in when it arrived
         # (as Suricata reads it): the handshake's last ACK is not, a RST or the last ACK
         # of a close on an established session still is.
@@ -91,7 +91,7 @@ class FlowContext(SingleWriter):
                 self.fins |= 1 if forward else 2
             elif self.fins == 3 and flags & _ACK:
                 self.state = CLOSED
-        return [forward, established, self.packets]
+        return [forward, established, self.packets, self.state == CLOSED]
 
     @stale(max_age=1.0)
     def last_seen(self) -> list[Any]:

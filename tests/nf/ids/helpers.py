@@ -138,3 +138,11 @@ async def run_ids(
     from nf.runner import run_capture
 
     return await run_capture(IDS, config, packets, instances=instances)
+
+
+def eth_raw(proto: int, src: int, dst: int, body: bytes, frag: int = 0) -> bytes:
+    """Ethernet + an IPv4 header (no options, checksum 0) around ``body`` as given."""
+    import struct
+
+    header = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(body), 1, frag, 64, proto, 0, src, dst)
+    return MAC_B + MAC_A + b"\x08\x00" + header + body
