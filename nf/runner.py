@@ -63,7 +63,8 @@ class RunResult:
     seconds: float
     members: int
     forwarded: list[tuple[float, bytearray]] = field(default_factory=list)
-    statistics: Any = None
+    #: ``space.statistics()`` of each member at the end.
+    statistics: list[Any] = field(default_factory=list)
 
     @property
     def packets_per_second(self) -> float:
@@ -293,6 +294,7 @@ async def _drive(
     lines: list[str] = []
     if output:
         lines = list(await nfs[0].query(nf_cls.output_query))
+    statistics = [space.statistics() for space in spaces]
     return RunResult(
         lines=lines,
         verdicts=verdicts,
@@ -301,6 +303,7 @@ async def _drive(
         seconds=seconds,
         members=len(spaces),
         forwarded=forwarded,
+        statistics=statistics,
     )
 
 
