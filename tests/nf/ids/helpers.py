@@ -146,3 +146,63 @@ def eth_raw(proto: int, src: int, dst: int, body: bytes, frag: int = 0) -> bytes
 
     header = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(body), 1, frag, 64, proto, 0, src, dst)
     return MAC_B + MAC_A + b"\x08\x00" + header + body
+
+
+def mixed_traffic(flows: int, seed: int) -> list[tuple[float, bytes]]:
+    """``flows`` interleaved connections (TCP sessions with requests and replies, some
+    closed by RST, UDP and ICMP exchanges) whose payloads sometimes hit the demo rules;
+    several flows per server, so alerts from many flows meet on one server's record."""
+    import random
+
+    rng = random.Random(seed)
+    requests = [
+        b"GET /index.html HTTP/1.1\r\n",
+        b"GET /admin/login HTTP/1.1\r\n",
+        b"GET /../../etc/passwd HTTP/1.0\r\n",
+        b"GET /run?cmd=id HTTP/1.1\r\n",
+        b"USER root\r\n",
+        b"USER alice\r\n",
+        b"\x90\x90\x90\x90\x90 /bin/sh",
+        b"hello",
+    ]
+    replies = [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 500 Internal\r\n", b"login: ", b"220 ok"]
+    servers = [f"10.0.1.{i}" for i in range(1, 6)]
+    streams: list[list[bytes]] = []
+    for i in range(flows):
+        client = f"192.168.{i % 7}.{1 + i % 200}"
+        server = rng.choice(servers)
+        cport = 20000 + i
+        kind = rng.random()
+        c = Capture()
+        if kind < 0.7:
+            sport = rng.choice([80, 8080, 21, 23, 8000])
+            exchanges = []
+            for _ in range(rng.randrange(1, 4)):
+                exchanges.append(("c", rng.choice(requests)))
+                if rng.random() < 0.6:
+                    exchanges.append(("s", rng.choice(replies)))
+            c.session(client, cport, server, sport, exchanges, close=rng.choice(["fin", "rst"]))
+            if rng.random() < 0.1:  # a SYN with FIN set, the demo's scan rule
+                c.tcp(client, cport + 50000 - 20000, server, 80, SYN | FIN)
+        elif kind < 0.9:
+            size = rng.choice([40, 600])
+            c.udp(client, cport, server, 53, b"q" * size)
+            c.udp(server, 53, client, cport, b"a" * 60)
+        else:
+            c.icmp(client, server, b"p" * rng.choice([56, 1000]))
+        streams.append([frame for _ts, frame in c.packets])
+    # interleave the flows, keeping each one's order
+    out: list[tuple[float, bytes]] = []
+    t = 1_600_000_000.0
+    live = [s for s in streams if s]
+    positions = [0] * len(live)
+    while live:
+        j = rng.randrange(min(len(live), 12))
+        stream = live[j]
+        out.append((t, stream[positions[j]]))
+        t = round(t + 0.002, 6)
+        positions[j] += 1
+        if positions[j] == len(stream):
+            live.pop(j)
+            positions.pop(j)
+    return out

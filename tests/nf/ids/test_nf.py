@@ -1,0 +1,175 @@
+"""The IDS as a network function: its state in the space, its queries, its options, and
+the same alerts whatever the number of instances."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+import store
+from nf.base import ConfigError
+from nf.ids import IDS
+from nf.ids.nf import DEFAULT_RULES, load_config_rules
+from nf.packet import parse
+from nf.runner import run
+from tests.nf.ids.helpers import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    Capture,
+    mixed_traffic,
+    run_ids,
+    tcp_frame,
+    udp_frame,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RULES = (
+    'alert tcp any any -> any 80 (msg:"hit"; flow:established,to_server; content:"bad"; sid:1;)\n'
+)
+
+
+def test_the_demo_rules_load_cleanly() -> None:
+    rs = load_config_rules({})
+    assert len(rs.rules) == 10 and not rs.errors and not rs.warnings
+    assert DEFAULT_RULES.exists()
+
+
+async def test_whitelisted_hosts_skip_detection_and_are_counted() -> None:
+    c = Capture()
+    for client in ("10.0.0.1", "10.7.0.1", "10.0.0.1"):
+        c.session(client, 40000 + len(c.packets), "10.0.0.2", 80, [("c", b"bad")])
+    c.session("10.0.0.3", 41000, "10.7.0.9", 80, [("c", b"bad")])  # trusted server
+    config = {"rules_text": RULES, "whitelist": ["10.7.0.0/16"]}
+    async with store.open_space() as space:
+        ids = IDS(space, config)
+        for ts, frame in c.packets:
+            await ids.process(parse(frame, ts))
+        await space.flush()
+        alerts = await ids.query("alerts")
+        trusted = sorted(await ids.query("trusted"))
+        stats = await ids.query("statistics")
+    assert len(alerts) == 2 and all("10.0.0.1:" in a for a in alerts)
+    assert trusted == ["10.7.0.1 8", "10.7.0.9 8"]  # 8 packets per session
+    assert stats["whitelisted"] == 16 and stats["packets"] == 32
+
+
+async def test_flow_contexts_time_out_and_closed_ones_sooner() -> None:
+    c = Capture()
+    c.session("10.0.0.1", 40000, "10.0.0.2", 80, [("c", b"x")])  # closed by FINs
+    c.tcp("10.0.0.1", 40001, "10.0.0.2", 80, SYN)  # left open
+    async with store.open_space() as space:
+        ids = IDS(space, {"rules_text": RULES, "flow_timeout": 60})
+        for ts, frame in c.packets:
+            await ids.process(parse(frame, ts))
+        t = c.t
+        await ids.tick(t + 5)
+        assert ids.counts.get("flows-expired", 0) == 0
+        await ids.tick(t + 11)  # the closed one: after 10 s
+        assert ids.counts["flows-expired"] == 1
+        await ids.tick(t + 59)
+        assert ids.counts["flows-expired"] == 1
+        await ids.tick(t + 61)
+        assert ids.counts["flows-expired"] == 2
+        assert (await ids.query("statistics"))["flows-tracked"] == 0
+
+
+async def test_a_new_connection_on_a_closed_five_tuple_starts_over() -> None:
+    a, b = "10.0.0.1", "10.0.0.2"
+    c = Capture()
+    c.session(a, 40000, b, 80, [("c", b"bad")], close="rst")
+    c.tcp(a, 40000, b, 80, PSH | ACK, b"bad", seq=2000, ack=1)  # after the RST: not established
+    c.session(a, 40000, b, 80, [("c", b"bad")])  # a new handshake: established again
+    result = await run_ids(c.packets, {"rules_text": RULES})
+    assert len(result.lines) == 2
+
+
+async def test_udp_is_established_once_both_ways_are_seen() -> None:
+    rules = 'alert udp any any <> any any (msg:"u"; flow:established; content:"x"; sid:1;)'
+    packets = [
+        (1.0, udp_frame("10.0.0.1", 1000, "10.0.0.2", 53, b"x1")),
+        (2.0, udp_frame("10.0.0.2", 53, "10.0.0.1", 1000, b"x2")),
+        (3.0, udp_frame("10.0.0.1", 1000, "10.0.0.2", 53, b"x3")),
+    ]
+    result = await run_ids(packets, {"rules_text": rules})
+    assert [line.split()[0][-9:] for line in result.lines] == ["02.000000", "03.000000"]
+
+
+async def test_alerts_per_server_are_bounded_and_counted() -> None:
+    rules = 'alert tcp any any -> any any (msg:"syn"; flags:S; sid:1;)'
+    packets = [
+        (float(i), tcp_frame("10.0.0.1", 1000 + i, "10.0.0.2", 80, SYN)) for i in range(1, 8)
+    ]
+    async with store.open_space() as space:
+        ids = IDS(space, {"rules_text": rules, "alerts_per_server": 3})
+        for ts, frame in packets:
+            await ids.process(parse(frame, ts))
+        await space.flush()
+        alerts = await ids.query("alerts")
+        servers = await ids.query("servers")
+    assert len(alerts) == 3 and alerts[0].startswith("01/01-00:00:01.000000")  # the earliest
+    assert servers == ["10.0.0.2 7"]
+
+
+async def test_queries() -> None:
+    async with store.open_space() as space:
+        ids = IDS(space, {})
+        stats = await ids.query("statistics")
+        assert stats["rules"] == 10
+        with pytest.raises(KeyError, match="alerts"):
+            await ids.query("nonsense")
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ConfigError, match="no such rules file"):
+        IDS.config_from(argparse.Namespace(rules="/nonexistent.rules"), {})
+    with pytest.raises(ConfigError, match="whitelist"):
+        IDS.config_from(argparse.Namespace(whitelist=["10.0.0.300"]), {})
+    with pytest.raises(ConfigError, match="vars"):
+        load_config_rules({"vars": ["x"]})
+
+
+def test_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules = tmp_path / "my.rules"
+    rules.write_text(
+        "var HOME_NET 10.0.0.0/8\n"
+        'alert udp any any -> $HOME_NET 9002 (msg:"T2"; content:"USER root"; nocase; sid:5;)\n'
+        'alert udp any any -> any any (msg:"broken"; content:"x"; depth:0; sid:6;)\n'
+        'alert udp any any -> any any (msg:"isdataat"; isdataat:1; sid:7;)\n'
+    )
+    status = run(IDS, ["--pcap", str(FIXTURES / "cases.pcap"), "--rules", str(rules)], "nf ids")
+    out, err = capsys.readouterr()
+    assert status == 0
+    assert out.splitlines() == [
+        "07/14-02:40:00.030000  [**] [1:5:0] T2 [**] [Priority: 0] {UDP} "
+        "10.0.0.1:40002 -> 10.0.0.2:9002"
+    ]
+    assert f"{rules}:3:" in err and "sid 7: option isdataat" in err
+    assert "162 packets" in err
+    status = run(IDS, ["--pcap", str(FIXTURES / "cases.pcap"), "--rules", "/nope"], "nf ids")
+    out, err = capsys.readouterr()
+    assert status == 2 and err.strip() == "ids: /nope: no such rules file" and not out
+
+
+async def test_the_same_alerts_on_one_instance_three_and_a_scale_out() -> None:
+    packets = mixed_traffic(250, seed=7)
+    one = await run_ids(packets, {})
+    assert len(one.lines) > 100
+    three = await run_ids(packets, {}, instances=3)
+    assert three.lines == one.lines
+    from nf.ids import IDS as cls
+    from nf.runner import run_capture
+
+    scaled = await run_capture(cls, {}, packets, instances=2, scale_at=0.5)
+    assert scaled.lines == one.lines
+    assert scaled.counts["alerts"] == one.counts["alerts"] == len(one.lines)
+
+
+# keep the flag names importable for readers of the tests above
+_ = (FIN, RST)
