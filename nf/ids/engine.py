@@ -100,7 +100,9 @@ class Detector:
         return chosen
 
     def detect(self, packet: PacketView) -> list[Rule]:
-        """The rules that match ``packet``, in file order."""
+        """The rules that match ``packet``, in file order.  A rule with content or pcre
+        never matches a packet without payload (as Suricata, even when they are all
+        negated)."""
         payload = packet.payload
         lower = payload.lower()
         ports = packet.proto in (TCP, UDP)
@@ -112,7 +114,7 @@ class Detector:
                 continue
             if not _checks(rule, packet):
                 continue
-            if rule.payload and not match_payload(rule.plan, payload, lower):
+            if rule.payload and (not payload or not match_payload(rule.plan, payload, lower)):
                 continue
             matched.append(rule)
         return matched

@@ -151,7 +151,7 @@ def test_command_line(
         "10.0.0.1:40002 -> 10.0.0.2:9002"
     ]
     assert f"{rules}:3:" in err and "sid 7: option isdataat" in err
-    assert "162 packets" in err
+    assert "170 packets" in err
     status = run(IDS, ["--pcap", str(FIXTURES / "cases.pcap"), "--rules", "/nope"], "nf ids")
     out, err = capsys.readouterr()
     assert status == 2 and err.strip() == "ids: /nope: no such rules file" and not out

@@ -35,6 +35,14 @@ ONLY_SURICATA = {
     # the one request matched once on its packet and again when the stream is inspected
     # at the close: the stream's second look at the same bytes.
     (1000045, A, 42003, B, 8080): "Suricata inspects the stream's bytes a second time",
+    # data on the handshake's last ACK: that packet is not yet "established" (both read
+    # it so); Suricata finds the bytes again on the stream once it is.
+    (1000074, A, 46004, B, 9044): "stream inspection after the handshake",
+    # a negated content whose window starts past the payload's end: Snort 2.9 fails the
+    # option even negated (an out-of-bounds search is an error, not "absent"); Suricata
+    # calls it absent.  We keep Snort's reading.
+    (1000070, A, 46000, B, 9040): "negated content past the end: Snort fails it",
+    (1000073, A, 46003, B, 9043): "negated content past the end: Snort fails it",
 }
 
 
@@ -61,7 +69,7 @@ async def test_every_rule_of_the_fixture_is_exercised() -> None:
     assert not rules.errors and not rules.warnings
     fired = {key[0] for key in alert_keys(await _ours())}
     # the rules meant never to fire on this capture
-    silent = {1000041, 1000062}
+    silent = {1000041, 1000062, 1000070, 1000071, 1000072, 1000073, 1000074}
     assert {r.sid for r in rules.rules} - fired == silent
 
 
