@@ -453,7 +453,10 @@ class NAT(NF):
         self.count("translations")
         return None
 
-    async def _inbound(self, packet: Packet, key: FlowKey) -> Verdict:
+    async def _inbound(self, packet: Packet, key: FlowKey, presented: bool = False) -> Verdict:
+        """A packet to a public address, through the reverse entry ``key``.  ``presented``:
+        a reply seen inside, whose frame still holds the address it must end up with: it
+        is rewritten only if the translation says otherwise (then counted)."""
         ts = packet.ts
         flags = packet.tcp_flags if packet.proto == TCP else 0
         try:
@@ -465,23 +468,31 @@ class NAT(NF):
             return self.unsolicited_verdict
         if key not in self.timed:
             self._arm(key, ts + (self.tcp_idle if packet.proto == TCP else self.udp_idle))
-        packet.rewrite_dst(ip, port)
+        if not presented:
+            packet.rewrite_dst(ip, port)
+        elif ip != packet.dst or port != packet.dport:  # pragma: no cover (a bug if so)
+            self.count("inside-reply-mismatch")
+            packet.rewrite_dst(ip, port)
         if ends is not None:
             await self._flags(packet, key, ends, flags)
         return Verdict.FORWARD
 
     async def _inside_reply(self, packet: Packet) -> Verdict:
-        """A reply seen inside: present it addressed to its translation, then translate."""
+        """A reply seen inside: as if it came addressed to its translation (the public
+        address and port of its connection), translated back.  The frame is left as it
+        is when the translation takes it back to what it holds (as it must): rewriting it
+        there and back would give the same bytes at twice the cost."""
         fwd = (packet.dst, packet.src, packet.proto, packet.dport, packet.sport)
-        try:
-            async with self.entries.get(fwd, readonly=True) as ref:
+        try:  # the same flow as the reply's, so held here: a writable get moves nothing
+            async with self.entries.get(fwd) as ref:
                 row = await ref.row()
         except ObjectNotFound:
             self.count("unsolicited-inbound")
             return self.unsolicited_verdict
         public, pport = row[3], row[4]
-        packet.rewrite_dst(public, pport)
-        return await self._inbound(packet, packet.flow)
+        return await self._inbound(
+            packet, (packet.src, public, packet.proto, packet.sport, pport), presented=True
+        )
 
     async def _flags(self, packet: Packet, key: FlowKey, ends: list[Any], flags: int) -> None:
         """After translating a FIN or RST through entry ``key`` (``ends``: its

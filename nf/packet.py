@@ -74,6 +74,7 @@ _ip = struct.Struct("!BBHHHBBHII").unpack_from
 _tcp = struct.Struct("!HHIIBBHHH").unpack_from
 _ports = struct.Struct("!HH").unpack_from
 _pack16 = struct.Struct("!H").pack_into
+_pack32 = struct.Struct("!I").pack_into
 
 
 def ip_str(addr: int) -> str:
@@ -96,18 +97,6 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
     if len(data) % 2:
         data = bytes(data) + b"\0"
     total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _adjust(check: int, old: tuple[int, ...], new: tuple[int, ...]) -> int:
-    """RFC 1624 eqn. 3 over several 16-bit words: HC' = ~(~HC + sum(~m) + sum(m'))."""
-    total = ~check & 0xFFFF
-    for m in old:
-        total += ~m & 0xFFFF
-    for m in new:
-        total += m
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -219,31 +208,44 @@ class Packet:
 
     def _rewrite(self, at: int, ip: int, port_at: int, port: int) -> None:
         """Replace the address at ``l3 + at`` and, when the packet has ports, the port at
-        ``l4 + port_at``, fixing both checksums incrementally."""
+        ``l4 + port_at``, fixing both checksums incrementally (RFC 1624 eqn. 3:
+        HC' = ~(~HC + ~m + m') summed over the changed 16-bit words)."""
         if self.drop is not None:
             raise ValueError(f"cannot rewrite a frame that did not parse ({self.drop})")
         frame = self.frame
         l3 = self.l3
         a = l3 + at
-        old_ip = ((frame[a] << 8) | frame[a + 1], (frame[a + 2] << 8) | frame[a + 3])
-        new_ip = (ip >> 16 & 0xFFFF, ip & 0xFFFF)
-        struct.pack_into("!I", frame, a, ip)
-        _pack16(frame, l3 + 10, _adjust(_u16(frame, l3 + 10)[0], old_ip, new_ip))
-        if not self._has_ports():
+        # ~m + m' over the address's two words, as one partial sum.
+        delta = (
+            (~((frame[a] << 8) | frame[a + 1]) & 0xFFFF)
+            + (~((frame[a + 2] << 8) | frame[a + 3]) & 0xFFFF)
+            + (ip >> 16)
+            + (ip & 0xFFFF)
+        )
+        _pack32(frame, a, ip)
+        c = l3 + 10
+        total = (~((frame[c] << 8) | frame[c + 1]) & 0xFFFF) + delta
+        total = (total & 0xFFFF) + (total >> 16)
+        total = (total & 0xFFFF) + (total >> 16)
+        _pack16(frame, c, ~total & 0xFFFF)
+        proto = self.proto
+        if (proto != TCP and proto != UDP) or self.ip_off & 0x1FFF:
             return
         l4 = self.l4
         p = l4 + port_at
-        old_port = _u16(frame, p)[0]
+        delta += (~((frame[p] << 8) | frame[p + 1]) & 0xFFFF) + port
         _pack16(frame, p, port)
-        if self.proto == TCP:
-            c = l4 + 16
-            _pack16(frame, c, _adjust(_u16(frame, c)[0], (*old_ip, old_port), (*new_ip, port)))
-        else:
-            c = l4 + 6
-            old = _u16(frame, c)[0]
-            if old != 0:  # 0: the sender computed no checksum; it stays so
-                new = _adjust(old, (*old_ip, old_port), (*new_ip, port))
-                _pack16(frame, c, new or 0xFFFF)
+        c = l4 + 16 if proto == TCP else l4 + 6
+        old = (frame[c] << 8) | frame[c + 1]
+        if proto == UDP and old == 0:
+            return  # 0: the sender computed no UDP checksum; it stays so
+        total = (~old & 0xFFFF) + delta
+        total = (total & 0xFFFF) + (total >> 16)
+        total = (total & 0xFFFF) + (total >> 16)
+        new = ~total & 0xFFFF
+        if proto == UDP and new == 0:
+            new = 0xFFFF  # a computed 0 is sent as all ones
+        _pack16(frame, c, new)
 
     def rewrite_src(self, ip: int, port: int) -> None:
         """Set the source address (and port, for TCP/UDP with a header) in place."""

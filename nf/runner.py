@@ -156,15 +156,28 @@ class Cluster:
 
 @asynccontextmanager
 async def open_cluster(
-    nf_cls: type[NF], config: dict[str, Any], instances: int = 1, *, growable: bool = False
+    nf_cls: type[NF],
+    config: dict[str, Any],
+    instances: int = 1,
+    *,
+    growable: bool = False,
+    dicts: bool = False,
 ) -> AsyncIterator[Cluster]:
     """``instances`` members running ``nf_cls``: an embedded single-node space (no socket)
     when there is one and it need not grow, else an in-process controller on 127.0.0.1
     and members joined through it.  Stopping the members is quiet (their goodbyes are
-    expected)."""
+    expected).  ``dicts``: one instance on plain dicts instead (:mod:`nf.dicts`)."""
     from store import open_space
 
     cluster = Cluster(nf_cls, config)
+    if dicts:
+        if instances != 1 or growable:
+            raise ValueError("plain dicts are one instance that cannot grow")
+        from nf.dicts import DictSpace
+
+        cluster.add(DictSpace())
+        yield cluster
+        return
     quiet = logging.getLogger("store")
     level = quiet.level
     try:
@@ -199,13 +212,16 @@ async def run_capture(
     window: int = DEFAULT_WINDOW,
     keep_frames: bool = False,
     output: bool = True,
+    dicts: bool = False,
 ) -> RunResult:
-    """Run ``nf_cls`` over ``packets`` (``(ts, frame)`` pairs); see the module docstring."""
+    """Run ``nf_cls`` over ``packets`` (``(ts, frame)`` pairs); see the module docstring.
+    ``dicts``: on plain dicts instead of the store (one instance; for comparison)."""
     if instances < 1:
         raise ValueError(f"instances must be at least 1, not {instances}")
     if scale_at is not None and not 0.0 <= scale_at <= 1.0:
         raise ValueError(f"scale_at must be between 0 and 1, not {scale_at}")
-    async with open_cluster(nf_cls, config, instances, growable=scale_at is not None) as cluster:
+    growable = scale_at is not None
+    async with open_cluster(nf_cls, config, instances, growable=growable, dicts=dicts) as cluster:
         return await _drive(cluster, packets, scale_at, window, keep_frames, output)
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the stack may swallow)
 
@@ -330,6 +346,11 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
         help="scale out by one member after this fraction of the packets",
     )
     group.add_argument(
+        "--dicts",
+        action="store_true",
+        help="run on plain dicts instead of the object space (one instance; to compare)",
+    )
+    group.add_argument(
         "--window",
         type=int,
         default=DEFAULT_WINDOW,
@@ -345,6 +366,8 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
         parser.error(f"--scale-at must be between 0 and 1, not {args.scale_at}")
     if args.window < 1:
         parser.error(f"--window must be at least 1, not {args.window}")
+    if args.dicts and (args.instances != 1 or args.scale_at is not None):
+        parser.error("--dicts runs one instance: no --instances or --scale-at with it")
     name = prog.split()[-1]
     try:
         config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
@@ -362,6 +385,7 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
                 scale_at=args.scale_at,
                 window=args.window,
                 keep_frames=args.out is not None,
+                dicts=args.dicts,
             )
         )
     except ConfigError as exc:  # raised by the NF's constructor

@@ -103,6 +103,7 @@ async def test_nat_and_synthetic_are_transparent_to_members_and_scaling() -> Non
     assert one.verdicts == three.verdicts == scaled.verdicts
     assert without_ports(one.lines) == without_ports(three.lines) == without_ports(scaled.lines)
     assert len(one.lines) > 50
+    assert "inside-reply-mismatch" not in one.counts | three.counts | scaled.counts
     for name in ("translations", "closed-rst", "unsolicited-inbound", "pool-exhausted"):
         assert one.counts.get(name) == three.counts.get(name) == scaled.counts.get(name), name
 

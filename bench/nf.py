@@ -1,0 +1,194 @@
+"""What the object space costs an NF: each NF over the same capture on one store instance
+and on plain dicts, in the same run.
+
+``python -m bench.nf [--quick] [--flows N] [--seed S] [--repeats R] [--nf NAME ...]``
+
+1. makes a capture with ``bench.traffic`` (``--flows`` flows, seeded) and holds it in memory;
+2. times parsing alone (``nf.packet.parse`` of every frame);
+3. for each installed NF, runs it over the capture with the offline runner
+   (``nf.runner.run_capture``, output query skipped) on an embedded single-node space and on
+   ``nf.dicts.DictSpace`` (the same NF code on plain dicts), alternating, ``--repeats``
+   times each, and keeps the best of each (the machine is shared: the best run is the one
+   least disturbed);
+4. prints a table (µs per packet on the store and on dicts, the difference, the ratio of
+   throughputs, packets per second) and writes ``results/nf.json`` and ``results/nf.png``.
+
+The NAT runs with ``inside = 10.0.0.0/16`` (the capture's clients), so its replies are
+translated too.  The store's figure includes everything the runner does per packet
+(parsing, the flow hash, the microthread, the verdict); so does the dicts' figure, so their
+difference is the store's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import sys
+import time
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench._common import RESULTS_DIR, write_json
+from bench.traffic import make
+from nf import registry
+from nf.packet import parse
+from nf.runner import run_capture
+
+__all__ = ["main"]
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "nat": {"inside": ["10.0.0.0/16"]},
+}
+
+
+def time_parse(packets: list[tuple[float, bytes]], repeats: int) -> float:
+    """Best seconds to parse every frame."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for ts, frame in packets:
+            parse(frame, ts)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def one_run(nf_cls: Any, config: dict[str, Any], packets: Any, dicts: bool) -> Any:
+    gc.collect()
+    return trio.run(lambda: run_capture(nf_cls, dict(config), packets, output=False, dicts=dicts))
+
+
+def measure(
+    name: str, packets: list[tuple[float, bytes]], repeats: int, advance: Any
+) -> dict[str, Any]:
+    nf_cls = registry.load(name)
+    config = CONFIGS.get(name, {})
+    best = {"store": float("inf"), "dicts": float("inf")}
+    counts: dict[str, int] = {}
+    for _ in range(repeats):
+        for kind in ("store", "dicts"):
+            result = one_run(nf_cls, config, packets, kind == "dicts")
+            best[kind] = min(best[kind], result.seconds)
+            if kind == "store":
+                counts = result.counts
+            advance()
+    n = len(packets)
+    store_us = best["store"] / n * 1e6
+    dicts_us = best["dicts"] / n * 1e6
+    return {
+        "nf": name,
+        "config": config,
+        "packets": n,
+        "store_us_per_packet": round(store_us, 2),
+        "dicts_us_per_packet": round(dicts_us, 2),
+        "store_added_us": round(store_us - dicts_us, 2),
+        "throughput_ratio": round(dicts_us / store_us, 3),
+        "store_packets_per_s": round(n / best["store"]),
+        "dicts_packets_per_s": round(n / best["dicts"]),
+        "counts": counts,
+    }
+
+
+def plot(rows: list[dict[str, Any]], parse_us: float, path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["nf"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["dicts_us_per_packet"] for r in rows], 0.4, label="dicts")
+    ax.bar([x + 0.2 for x in xs], [r["store_us_per_packet"] for r in rows], 0.4, label="store")
+    ax.axhline(parse_us, color="grey", linestyle=":", label=f"parsing alone ({parse_us:.1f} µs)")
+    for x, r in zip(xs, rows, strict=True):
+        ax.text(x + 0.2, r["store_us_per_packet"], f"{r['throughput_ratio']:.2f}x", ha="center")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("µs per packet (best run)")
+    ax.set_title("One instance: the object space against plain dicts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.nf", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small capture, one repeat")
+    parser.add_argument("--flows", type=int, help="flows in the capture (3000; --quick 400)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--repeats", type=int, help="runs of each kind (3; --quick 1)")
+    parser.add_argument("--nf", action="append", metavar="NAME", help="only these NFs")
+    args = parser.parse_args(argv)
+    flows = args.flows or (400 if args.quick else 3000)
+    repeats = args.repeats or (1 if args.quick else 3)
+    names = args.nf or registry.available()
+    console = Console(stderr=True)
+    unknown = [n for n in names if n not in registry.available()]
+    if unknown:
+        console.print(f"unknown NF(s): {', '.join(unknown)}; installed: {registry.available()}")
+        return 2
+    packets = make(flows, args.seed)
+    parse_s = time_parse(packets, repeats)
+    parse_us = parse_s / len(packets) * 1e6
+    rows: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("runs", total=len(names) * repeats * 2)
+        for name in names:
+            progress.update(task, description=f"{name}")
+            try:
+                rows.append(measure(name, packets, repeats, lambda: progress.advance(task)))
+            except Exception as exc:  # one NF that fails does not hide the others
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                progress.advance(task, repeats * 2)
+    table = Table(title=f"{len(packets):,} packets ({flows:,} flows, seed {args.seed})")
+    for column in ("NF", "store µs/pkt", "dicts µs/pkt", "store adds µs", "ratio", "store pps",
+                   "dicts pps"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            r["nf"],
+            f"{r['store_us_per_packet']:.2f}",
+            f"{r['dicts_us_per_packet']:.2f}",
+            f"{r['store_added_us']:+.2f}",
+            f"{r['throughput_ratio']:.2f}",
+            f"{r['store_packets_per_s']:,}",
+            f"{r['dicts_packets_per_s']:,}",
+        )
+    Console().print(table)
+    console.print(f"parsing alone: {parse_us:.2f} µs per packet")
+    for name, why in failures.items():
+        console.print(f"[red]{name} failed: {why}")
+    data = {
+        "benchmark": "nf",
+        "command": "python -m bench.nf " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "flows": flows,
+        "seed": args.seed,
+        "repeats": repeats,
+        "packets": len(packets),
+        "parse_us_per_packet": round(parse_us, 2),
+        "rows": rows,
+        "failures": failures,
+    }
+    write_json(RESULTS_DIR / "nf.json", data)
+    if rows:
+        plot(rows, parse_us, RESULTS_DIR / "nf.png")
+    console.print(f"wrote {RESULTS_DIR / 'nf.json'} and {RESULTS_DIR / 'nf.png'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
