@@ -22,6 +22,7 @@ difference is the store's.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import platform
 import sys
@@ -93,6 +94,53 @@ def measure(
     }
 
 
+def connections(count: int) -> list[tuple[float, bytes]]:
+    """``count`` short TCP connections, one after another, as a capture taken inside:
+    SYN, SYN-ACK, ACK, RST (each a new NAT translation, made and removed)."""
+    from bench.traffic import tcp_frame
+    from nf.packet import ACK, RST, SYN
+
+    server = 0xC6336401  # 198.51.100.1
+    out: list[tuple[float, bytes]] = []
+    ts = 1_700_000_000.0
+    for i in range(count):
+        client, port = 0x0A000001 + i % 1000, 20000 + i // 1000
+        for src, dst, sport, dport, flags in (
+            (client, server, port, 80, SYN),
+            (server, client, 80, port, SYN | ACK),
+            (client, server, port, 80, ACK),
+            (client, server, port, 80, RST),
+        ):
+            ts += 0.0001
+            out.append((ts, tcp_frame(src, dst, sport, dport, flags, outbound=src == client)))
+    return out
+
+
+def new_flows(count: int, repeats: int, advance: Any) -> dict[str, Any]:
+    """New NAT connections per second on 1 and 2 members of one process, and on dicts."""
+    nf_cls = registry.load("nat")
+    packets = connections(count)
+    config = {"inside": ["10.0.0.0/8"]}
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for label, instances, dicts in (("dicts", 1, True), ("1 member", 1, False),
+                                        ("2 members", 2, False)):  # fmt: skip
+            gc.collect()
+            run = functools.partial(
+                run_capture, nf_cls, dict(config), packets, instances=instances,
+                output=False, dicts=dicts,
+            )  # fmt: skip
+            result = trio.run(run)
+            best[label] = min(best.get(label, float("inf")), result.seconds)
+            advance()
+    return {
+        "connections": count,
+        "packets_per_connection": 4,
+        "connections_per_s": {k: round(count / v) for k, v in best.items()},
+        "us_per_connection": {k: round(v / count * 1e6, 1) for k, v in best.items()},
+    }
+
+
 def plot(rows: list[dict[str, Any]], parse_us: float, path: Any) -> None:
     import matplotlib
 
@@ -123,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--repeats", type=int, help="runs of each kind (3; --quick 1)")
     parser.add_argument("--nf", action="append", metavar="NAME", help="only these NFs")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        help="NAT connections opened and closed for the new-flows figure (5000; --quick 1000;"
+        " 0: skip)",
+    )
     args = parser.parse_args(argv)
     flows = args.flows or (400 if args.quick else 3000)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -144,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task("runs", total=len(names) * repeats * 2)
+        conns = args.connections if args.connections is not None else (1000 if args.quick else 5000)
+        total = len(names) * repeats * 2 + (3 * repeats if conns and "nat" in names else 0)
+        task = progress.add_task("runs", total=total)
         for name in names:
             progress.update(task, description=f"{name}")
             try:
@@ -152,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one NF that fails does not hide the others
                 failures[name] = f"{type(exc).__name__}: {exc}"
                 progress.advance(task, repeats * 2)
+        churn: dict[str, Any] | None = None
+        if conns and "nat" in names:
+            progress.update(task, description="nat: new connections")
+            churn = new_flows(conns, repeats, lambda: progress.advance(task))
     table = Table(title=f"{len(packets):,} packets ({flows:,} flows, seed {args.seed})")
     for column in ("NF", "store µs/pkt", "dicts µs/pkt", "store adds µs", "ratio", "store pps",
                    "dicts pps"):  # fmt: skip
@@ -168,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     Console().print(table)
     console.print(f"parsing alone: {parse_us:.2f} µs per packet")
+    if churn is not None:
+        rates = ", ".join(
+            f"{k} {v:,}/s ({churn['us_per_connection'][k]} µs)"
+            for k, v in churn["connections_per_s"].items()
+        )
+        console.print(f"NAT connections made and removed (SYN, SYN-ACK, ACK, RST): {rates}")
     for name, why in failures.items():
         console.print(f"[red]{name} failed: {why}")
     data = {
@@ -181,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "packets": len(packets),
         "parse_us_per_packet": round(parse_us, 2),
         "rows": rows,
+        "nat_connections": churn,
         "failures": failures,
     }
     write_json(RESULTS_DIR / "nf.json", data)
