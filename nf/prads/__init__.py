@@ -6,6 +6,6 @@
 docs/PRADS.md describes what it does and where it differs from prads 0.3.3.
 """
 
-from nf.prads.monitor import HEADER, PRADS
+from nf.prads.monitor import HEADER, PRADS, STATISTICS
 
-__all__ = ["HEADER", "PRADS"]
+__all__ = ["HEADER", "PRADS", "STATISTICS"]

@@ -143,12 +143,17 @@ def ended(proto: int, last: float, c_flags: int, s_flags: int, now: float) -> bo
     return idle > 300
 
 
+def _copy(entry: list[Any] | None) -> list[Any] | None:
+    """An entry that shares no list with ``entry`` (its order is the only list in it)."""
+    return None if entry is None else [list(entry[0]), *entry[1:]]
+
+
 def _earlier(a: list[Any] | None, b: list[Any] | None) -> list[Any] | None:
     if a is None:
         return b
     if b is None:
         return a
-    return a if a[0] <= b[0] else b
+    return a if a <= b else b
 
 
 class Asset(MultiWriter):
@@ -179,7 +184,7 @@ class Asset(MultiWriter):
         ts = entry[0][0]
         self.touch(ts)
         old = self.os.get(key)
-        if old is None or entry[0] < old[0]:
+        if old is None or entry < old:
             self.os[key] = entry
 
     @untethered
@@ -207,16 +212,19 @@ class Asset(MultiWriter):
             self.last = other.last
         for key, entry in other.os.items():
             old = self.os.get(key)
-            if old is None or entry[0] < old[0]:
-                self.os[key] = list(entry)
+            if old is None or entry < old:
+                self.os[key] = _copy(entry)  # type: ignore[assignment]
         for key, pair in other.services.items():
             old = self.services.get(key)
             if old is None:
-                self.services[key] = list(pair)
+                self.services[key] = [_copy(pair[0]), _copy(pair[1])]
             else:
                 first = _earlier(old[0], pair[0])
                 real = _earlier(old[1], pair[1])
-                self.services[key] = [first, real]
+                self.services[key] = [
+                    first if first is old[0] else _copy(first),
+                    real if real is old[1] else _copy(real),
+                ]
 
 
 def asset_lines(ip: str, asset: Asset) -> list[tuple[list[Any], str]]:

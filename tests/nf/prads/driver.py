@@ -49,17 +49,18 @@ async def run(
     *,
     instances: int = 1,
     salt: int = 0,
-    switch_at: int | None = None,
+    switch_every: int | None = None,
     query: str = "log",
 ) -> tuple[Any, list[PRADS]]:
-    """Run PRADS over ``frames`` on ``instances`` members (flows spread by a hash; from
-    frame ``switch_at`` on with another salt) and answer ``query`` on the first."""
+    """Run PRADS over ``frames`` on ``instances`` members (flows spread by a hash, whose
+    salt changes every ``switch_every`` frames: flows move) and answer ``query`` on the
+    first member."""
     async with spaces(instances) as members:
         nfs = [PRADS(space, dict(config or {})) for space in members]
         for i, (ts, frame) in enumerate(frames):
             packet = parse(frame, ts)
             key = nfs[0].flow_key(packet)
-            s = salt if switch_at is None or i < switch_at else salt + 1
+            s = salt if switch_every is None else salt + i // switch_every
             k = spread(key, instances, s)
             unit = await members[k].submit(key, nfs[k].process, packet)
             await unit

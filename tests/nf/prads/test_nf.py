@@ -1,0 +1,193 @@
+# ruff: noqa: E501  (observed log lines are long)
+"""PRADS as an NF: options, configuration, queries, home networks, and the cases of our
+notes observed with the real prads and Debian's signature files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+import store
+from nf.base import NF, ConfigError
+from nf.packet import parse
+from nf.prads import HEADER, PRADS, STATISTICS
+from tests.nf.prads.driver import run
+from tests.nf.prads.frames import NOP, opt_mss, opt_sok, opt_ts, opt_ws, tcp
+
+DEBIAN = Path("/etc/prads")
+T = 1_500_000_000.0
+LINUX_SYN = opt_mss(1460) + opt_sok() + opt_ts(12345, 0) + NOP + opt_ws(7)
+
+
+def test_it_is_an_nf_found_by_its_entry_point() -> None:
+    from nf.registry import load
+
+    assert load("prads") is PRADS
+    assert issubclass(PRADS, NF)
+    assert (PRADS.name, PRADS.bidirectional, PRADS.output_query) == ("prads", True, "log")
+
+
+def test_options_and_configuration(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    PRADS.add_arguments(parser)
+    args = parser.parse_args(
+        ["--signatures", str(tmp_path), "--home-nets", "10.0.0.0/8, 192.168.1.0/24"]
+    )
+    config = PRADS.config_from(args, {"prads": {"ack": True}})
+    assert config == {
+        "ack": True,
+        "signatures": str(tmp_path),
+        "home_nets": ["10.0.0.0/8", "192.168.1.0/24"],
+    }
+    none = parser.parse_args([])
+    assert PRADS.config_from(none, {}) == {}
+    with pytest.raises(ConfigError, match="must be true or false"):
+        PRADS.config_from(none, {"syn": "yes"})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        PRADS.config_from(none, {"sny": True})
+    with pytest.raises(ConfigError, match="not a folder"):
+        PRADS.config_from(parser.parse_args(["--signatures", str(tmp_path / "x")]), {})
+    (tmp_path / "tcp-syn.fp").write_text("garbage\n")
+    with pytest.raises(ConfigError, match=r"tcp-syn.fp:1: syntax error"):
+        PRADS.config_from(args, {})
+
+
+async def test_a_bad_folder_or_network_is_a_config_error(tmp_path: Path) -> None:
+    async with store.open_space() as space:
+        with pytest.raises(ConfigError, match="signatures"):
+            PRADS(space, {"signatures": str(tmp_path / "nowhere")})
+        with pytest.raises(ConfigError, match="home_nets"):
+            PRADS(space, {"home_nets": ["10.0.0.300/8"]})
+
+
+async def test_queries() -> None:
+    frames = [
+        (T + 1, tcp("10.0.0.1", 40000, "10.0.0.2", 22, "S", win=5840, ttl=60, opts=LINUX_SYN))
+    ]
+    log, nfs = await run(frames)
+    assert log[0] == HEADER and len(log) == 2
+    assert nfs[0].counts["packets"] == 1
+    # the NF is gone with its space; a fresh one answers the rest of the queries
+    async with store.open_space() as space:
+        nf = PRADS(space, {})
+        packet = parse(frames[0][1], frames[0][0])
+        await (await space.submit(nf.flow_key(packet), nf.process, packet))
+        stats = await nf.query("statistics")
+        assert list(stats)[: len(STATISTICS)] == list(STATISTICS)
+        assert stats["tcp_os_assets"] == 1 and stats["sessions"] == 1 and stats["assets"] == 1
+        (asset,) = await nf.query("assets")
+        assert asset["ip"] == "10.0.0.1" and asset["first"] == T + 1 and len(asset["os"]) == 1
+        assert asset["services"] == []
+        sigs = await nf.query("signatures")
+        assert sigs["tcp-syn.fp"] > 0
+        with pytest.raises(KeyError, match="log, assets"):
+            await nf.query("nope")
+
+
+async def test_only_home_networks_are_reported() -> None:
+    frames = [
+        (T + 1, tcp("10.0.0.1", 40000, "192.168.0.2", 22, "S", win=5840, ttl=60, opts=LINUX_SYN)),
+        (
+            T + 2,
+            tcp(
+                "192.168.0.2",
+                22,
+                "10.0.0.1",
+                40000,
+                "SA",
+                seq=5,
+                ack=1001,
+                win=5840,
+                opts=LINUX_SYN,
+            ),
+        ),
+    ]
+    log, _ = await run(frames, {"home_nets": ["192.168.0.0/16"]})
+    assert [line.split(",")[0] for line in log[1:]] == ["192.168.0.2"]
+    stats, _ = await run(frames, {"home_nets": ["192.168.0.0/16"]}, query="statistics")
+    assert stats["sessions"] == 1 and stats["assets"] == 1
+
+
+async def test_detections_can_be_turned_off() -> None:
+    frames = [
+        (T + 1, tcp("10.0.0.1", 40000, "10.0.0.2", 22, "S", win=5840, ttl=60, opts=LINUX_SYN))
+    ]
+    log, _ = await run(frames, {"syn": False})
+    assert log == [HEADER]
+
+
+# Cases our notes record as observed with prads 0.3.3 and Debian's signature files.
+needs_debian = pytest.mark.skipif(not (DEBIAN / "tcp-syn.fp").exists(), reason="no /etc/prads here")
+
+
+@needs_debian
+async def test_observed_cases_with_debians_signatures() -> None:
+    c, s = "10.0.0.1", "10.0.0.2"
+    frames = [
+        (T + 1, tcp(c, 40000, s, 22, "S", win=5840, ttl=60, opts=LINUX_SYN)),
+        (
+            T + 2,
+            tcp(
+                s,
+                22,
+                c,
+                40000,
+                "SA",
+                seq=500,
+                ack=1001,
+                win=5792,
+                opts=opt_mss(1460) + opt_sok() + opt_ts(999, 12345) + NOP + opt_ws(7),
+            ),
+        ),
+        (T + 3, tcp(c, 40000, s, 22, "A", seq=1001, ack=501, ttl=60)),
+        (
+            T + 4,
+            tcp(
+                s,
+                22,
+                c,
+                40000,
+                "PA",
+                seq=501,
+                ack=1001,
+                payload=b"SSH-2.0-OpenSSH_5.3p1 Debian-3ubuntu7\r\n",
+            ),
+        ),
+        (
+            T + 5,
+            tcp(
+                c, 40000, s, 22, "PA", seq=1001, ack=541, ttl=60, payload=b"SSH-2.0-OpenSSH_5.1\r\n"
+            ),
+        ),
+        (
+            T + 6,
+            tcp(
+                c,
+                40001,
+                "10.0.0.9",
+                80,
+                "S",
+                win=5840,
+                ttl=60,
+                opts=opt_mss(1460) + opt_sok() + opt_ts(777, 0) + NOP + opt_ws(7),
+            ),
+        ),
+        (
+            T + 7,
+            tcp("10.0.0.3", 40002, s, 80, "S", win=1234, ttl=100, df=False, opts=opt_mss(1400)),
+        ),
+        (T + 8, tcp("10.0.0.5", 40005, "10.0.0.6", 23, "S", opts=LINUX_SYN)),
+        (T + 9, tcp("10.0.0.6", 23, "10.0.0.5", 40005, "RA", seq=0, ack=1001, win=0, ip_id=0)),
+    ]
+    log, _ = await run(frames, {"signatures": str(DEBIAN)})
+    assert set(log[1:]) == {
+        "10.0.0.1,0,40000,6,SYN,[S4:60:1:60:M1460,S,T,N,W7:.:Linux:2.6 (newer, 7):link:ethernet/modem:uptime:0hrs],4,1500000001",
+        "10.0.0.2,0,22,6,SYNACK,[5792:64:1:60:M1460,S,T,N,W7:AT:unknown:unknown:link:ethernet/modem:uptime:0hrs],0,1500000002",
+        "10.0.0.2,0,22,6,SERVER,[ssh:OpenSSH 5.3p1 (Protocol 2.0)],0,1500000004",
+        "10.0.0.1,0,22,6,CLIENT,[ssh:OpenSSH 5.1 (Protocol 2.0)],4,1500000005",
+        "10.0.0.3,0,40002,6,SYN,[1234:100:1:44:M1400:.:unknown:unknown:link:sometimes DSL (2)],28,1500000007",
+        "10.0.0.5,0,40005,6,SYN,[S4:64:1:60:M1460,S,T,N,W7:.:Linux:2.6 (newer, 7):link:ethernet/modem:uptime:0hrs],0,1500000008",
+        "10.0.0.6,0,23,6,RST,[0:64:1:40:.:K0ZA:Linux:recent 2.4/2.6 (refused)],0,1500000009",
+    }
