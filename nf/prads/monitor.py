@@ -88,6 +88,10 @@ STATISTICS = (
 HEADER = "asset,vlan,port,proto,service,[service-info],distance,discovered"
 
 STATS_KEY = "all"
+#: Packets counted here before the counts go to the shared Statistics object.
+STATS_BATCH = 256
+#: Entries remembered per instance to skip updates that cannot change an asset.
+SENT_CACHE = 100_000
 #: prads sweeps its connections this often (seconds).
 SWEEP_EVERY = 60.0
 #: Payload checks look at most at this many bytes, and skip packets with fewer than
@@ -191,6 +195,10 @@ class PRADS(NF):
         self._next_sweep: float | None = None
         self._known: set[int] = set()  # assets this instance knows exist
         self._stats_known = False
+        self._pending: dict[str, int] = {}  # statistics not yet handed over
+        self._npending = 0
+        #: (ip, entry key) -> the earliest observation this instance sent (see _fresh).
+        self._sent: dict[tuple[int, str], list[Any]] = {}
 
     # ------------------------------------------------------------------ options
 
@@ -272,16 +280,58 @@ class PRADS(NF):
         return Verdict.FORWARD
 
     async def _add(self, names: tuple[str, ...]) -> None:
+        """Count a packet's kinds: gathered here and handed to the shared Statistics
+        object as one untethered update every STATS_BATCH packets (and at each tick, at
+        close and before a query)."""
+        pending = self._pending
+        for name in names:
+            pending[name] = pending.get(name, 0) + 1
+        self._npending += 1
+        if self._npending >= STATS_BATCH:
+            await self._flush_stats()
+
+    async def _flush_stats(self) -> None:
+        if not self._pending:
+            return
+        counts, self._pending, self._npending = self._pending, {}, 0
         if self._stats_known:
             try:
                 async with self.stats.get(STATS_KEY) as ref:
-                    await ref.add(names)
+                    await ref.add_counts(counts)
                 return
             except ObjectNotFound:
                 pass
         async with self.stats.create(STATS_KEY) as ref:
-            await ref.add(names)
+            await ref.add_counts(counts)
         self._stats_known = True
+
+    def _fresh(self, ip: int, key: str, order: list[Any], real: bool | None) -> bool:
+        """Whether an observation could change what the asset keeps: False when this
+        instance already sent one at least as early (the asset keeps the earliest), so
+        the update, and the printing of the fingerprint, can be skipped."""
+        sent = self._sent
+        k = (ip, key)
+        old = sent.get(k)
+        if real is None:  # an OS entry: [earliest]
+            if old is not None and old[0] <= order:
+                return False
+            if len(sent) >= SENT_CACHE:
+                sent.clear()
+            sent[k] = [order]
+            return True
+        if old is None:
+            if len(sent) >= SENT_CACHE:
+                sent.clear()
+            sent[k] = [order, order if real else None]
+            return True
+        fresh = False
+        if order < old[0]:
+            old[0] = order
+            fresh = True
+        if real and (old[1] is None or order < old[1]):
+            old[1] = order
+            fresh = True
+        return fresh
 
     async def _track(self, packet: Packet, flags: int) -> tuple[Hashable, int, int, int, bool]:
         key = self.flow_key(packet)
@@ -326,15 +376,13 @@ class PRADS(NF):
         if fp is None:
             return
         sig = match(table, fp)
-        entry = [
-            self._order(packet, key, n),
-            vlan,
-            packet.sport,
-            describe(fp, sig),
-            distance(packet.ttl),
-        ]
         self.count("os-" + kind)
-        await self._asset(packet.src, "observe_os", f"{kind}:{sig.line if sig else 0}", entry)
+        order = self._order(packet, key, n)
+        okey = f"{kind}:{sig.line if sig else 0}"
+        if not self._fresh(packet.src, okey, order, None):
+            return
+        entry = [order, vlan, packet.sport, describe(fp, sig), distance(packet.ttl)]
+        await self._asset(packet.src, "observe_os", okey, entry)
 
     async def _service(
         self,
@@ -347,9 +395,13 @@ class PRADS(NF):
         service: str,
         app: str,
     ) -> None:
-        entry = [self._order(packet, key, n), vlan, role, service, app, distance(packet.ttl)]
+        order = self._order(packet, key, n)
         self.count("client" if role != SERVER else "server")
-        await self._asset(packet.src, "observe_service", f"{port}/{packet.proto}", entry)
+        skey = f"{port}/{packet.proto}"
+        if not self._fresh(packet.src, skey, order, not app.startswith("@")):
+            return
+        entry = [order, vlan, role, service, app, distance(packet.ttl)]
+        await self._asset(packet.src, "observe_service", skey, entry)
 
     async def _tcp(self, packet: Packet, vlan: int, ours: bool) -> None:
         flags = packet.tcp_flags
@@ -478,6 +530,7 @@ class PRADS(NF):
         """End this instance's connections as prads's 60-second sweep would, on packet
         time: each candidate is confirmed with its Connection (which knows the flow's
         last packet on any instance) before it is removed."""
+        await self._flush_stats()
         if self._next_sweep is None:
             self._next_sweep = now + SWEEP_EVERY
             return
@@ -502,7 +555,11 @@ class PRADS(NF):
 
     # ------------------------------------------------------------------ queries
 
+    async def close(self) -> None:
+        await self._flush_stats()
+
     async def query(self, name: str, **args: Any) -> Any:
+        await self._flush_stats()
         if name == "log":
             return await self._log()
         if name == "assets":

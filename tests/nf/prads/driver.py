@@ -66,6 +66,8 @@ async def run(
             await unit
             for nf in nfs:
                 await nf.tick(ts)
+        for nf in nfs:
+            await nf.close()
         for space in members:
             await space.flush()
         answer = await nfs[0].query(query)
