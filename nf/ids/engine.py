@@ -1,11 +1,14 @@
 """Matching one packet against the loaded rules, with a fast-pattern prefilter.
 
-Rules are grouped by the transport protocol they can apply to (an ``ip`` rule joins every
-group).  Each rule with a positive content contributes one fast pattern: the content marked
-``fast_pattern``, else its longest positive content.  One Aho-Corasick automaton per group
-(pyahocorasick) finds, in one case-insensitive pass over the payload, which fast patterns
-occur anywhere in it; only those rules, and the rules without a positive content, are then
-evaluated in full.  A rule whose fast pattern occurs nowhere in the payload cannot match
+Rules are grouped as Snort groups them: by the transport protocol they can apply to (an
+``ip`` rule joins every group) and by the ports a packet carries, so that a packet meets
+only the rules whose port lists admit it.  Each rule with a positive content contributes
+one fast pattern: the content marked ``fast_pattern``, else its longest positive content.
+One Aho-Corasick automaton per group (pyahocorasick) finds, in one case-insensitive pass
+over the payload, which fast patterns occur anywhere in it; only those rules, and the rules
+without a positive content, are then evaluated in full.  A group of a few patterns (at most
+``SMALL_GROUP``) looks for each with ``bytes.find`` instead, which is faster there than an
+automaton's pass.  A rule whose fast pattern occurs nowhere in the payload cannot match
 (each positive content must lie inside the payload, exactly or ignoring case), so the
 alerts are those of evaluating every rule: ``Detector(prefilter=False)`` does that, and a
 property test compares the two.
@@ -45,59 +48,135 @@ class PacketView:
     established: bool = False
 
 
-class _Group:
-    __slots__ = ("always", "automaton", "rules")
+#: Groups with at most this many distinct fast patterns search each with ``bytes.find``.
+SMALL_GROUP = 8
 
-    def __init__(self, rules: list[Rule]) -> None:
+#: Port masks remembered per port before the caches start over.
+_PORT_CACHE = 65536
+
+
+class _Group:
+    """Rules that can apply to one kind of packet, with their prefilter."""
+
+    __slots__ = ("always", "automaton", "patterns", "rules")
+
+    def __init__(self, rules: list[Rule], small: int) -> None:
         self.rules = rules
         self.always: list[Rule] = []
-        patterns: dict[str, list[int]] = {}
+        by_pattern: dict[bytes, list[Rule]] = {}
         for rule in rules:
             fp = rule.fast_pattern
             if fp is None:
                 self.always.append(rule)
             else:
-                key = fp.pattern.lower().decode("latin-1")
-                patterns.setdefault(key, []).append(rule.index)
+                by_pattern.setdefault(fp.pattern.lower(), []).append(rule)
+        #: (lowered pattern, its rules) when the group is small, else None
+        self.patterns: list[tuple[bytes, list[Rule]]] | None = None
         self.automaton: ahocorasick.Automaton | None = None
-        if patterns:
+        if len(by_pattern) <= small:
+            self.patterns = list(by_pattern.items())
+        else:
             automaton = ahocorasick.Automaton()
-            for key, indices in patterns.items():
-                automaton.add_word(key, tuple(indices))
+            for key, members in by_pattern.items():
+                automaton.add_word(key.decode("latin-1"), members)
             automaton.make_automaton()
             self.automaton = automaton
 
+    def candidates(self, lower: bytes) -> list[Rule]:
+        """The rules worth evaluating in full on a payload (``lower``: lowered), in file
+        order."""
+        if not lower:
+            return self.always
+        chosen: list[Rule] = []
+        if self.patterns is not None:
+            for pattern, members in self.patterns:
+                if pattern in lower:
+                    chosen += members
+        else:
+            assert self.automaton is not None
+            seen: set[int] = set()
+            for _end, members in self.automaton.iter(lower.decode("latin-1")):
+                key = id(members)
+                if key not in seen:
+                    seen.add(key)
+                    chosen += members
+        if not chosen:
+            return self.always
+        chosen += self.always
+        chosen.sort(key=_index)
+        return chosen
+
 
 class Detector:
-    """The loaded rules, ready to check packets."""
+    """The loaded rules, ready to check packets.
 
-    def __init__(self, rules: list[Rule], *, prefilter: bool = True) -> None:
+    ``prefilter=False`` evaluates every rule of the packet's protocol in full (the
+    prefilter's reference); ``small`` is :data:`SMALL_GROUP` (0: always an automaton)."""
+
+    def __init__(
+        self, rules: list[Rule], *, prefilter: bool = True, small: int = SMALL_GROUP
+    ) -> None:
         self.rules = rules
         self.prefilter = prefilter
-        self._by_index = {rule.index: rule for rule in rules}
-        self._groups: dict[str, _Group] = {}
-        for name in ("tcp", "udp", "icmp", "ip"):
-            members = [r for r in rules if r.proto == name or r.proto == "ip"]
-            self._groups[name] = _Group(members)
+        self.small = small
+        self._protocols: dict[str, list[Rule]] = {
+            name: [r for r in rules if r.proto == name or r.proto == "ip"]
+            for name in ("tcp", "udp", "icmp", "ip")
+        }
+        # Port grouping: bit i of a mask stands for rule i of the protocol's list.
+        self._masks: dict[str, tuple[int, int, int, int]] = {}
+        for name, members in self._protocols.items():
+            every = (1 << len(members)) - 1
+            portless = bidir = 0
+            for i, rule in enumerate(members):
+                if name not in ("tcp", "udp") or rule.proto == "ip":
+                    portless |= 1 << i
+                if rule.bidirectional:
+                    bidir |= 1 << i
+            self._masks[name] = (every, portless, bidir, 0)
+        self._sport_cache: dict[tuple[str, int], int] = {}
+        self._dport_cache: dict[tuple[str, int], int] = {}
+        self._groups: dict[tuple[str, int], _Group] = {}
+
+    def _port_mask(self, name: str, port: int, source: bool) -> int:
+        cache = self._sport_cache if source else self._dport_cache
+        key = (name, port)
+        mask = cache.get(key)
+        if mask is None:
+            mask = self._masks[name][1]
+            for i, rule in enumerate(self._protocols[name]):
+                if port in (rule.sport if source else rule.dport):
+                    mask |= 1 << i
+            if len(cache) >= _PORT_CACHE:
+                cache.clear()
+            cache[key] = mask
+        return mask
+
+    def group(self, proto: int, sport: int, dport: int) -> _Group:
+        """The rules a packet of ``proto`` between these ports can meet, with their
+        prefilter."""
+        name = _GROUPS.get(proto, "ip")
+        if name in ("tcp", "udp"):
+            pm = self._port_mask
+            bidir = self._masks[name][2]
+            mask = pm(name, sport, True) & pm(name, dport, False)
+            if bidir:
+                mask |= bidir & pm(name, dport, True) & pm(name, sport, False)
+        else:
+            mask = self._masks[name][0]
+        key = (name, mask)
+        group = self._groups.get(key)
+        if group is None:
+            members = self._protocols[name]
+            chosen = [r for i, r in enumerate(members) if mask >> i & 1]
+            group = self._groups[key] = _Group(chosen, self.small)
+        return group
 
     def candidates(self, packet: PacketView, lower: bytes) -> list[Rule]:
         """The rules worth evaluating in full on ``packet``, in file order."""
-        group = self._groups[_GROUPS.get(packet.proto, "ip")]
         if not self.prefilter:
-            return group.rules
-        automaton = group.automaton
-        if automaton is None or not lower:
-            return group.always
-        hits: set[int] = set()
-        for _end, indices in automaton.iter(lower.decode("latin-1")):
-            hits.update(indices)
-        if not hits:
-            return group.always
-        by_index = self._by_index
-        chosen = [by_index[i] for i in hits]
-        chosen.extend(group.always)
-        chosen.sort(key=_index)
-        return chosen
+            return self._protocols[_GROUPS.get(packet.proto, "ip")]
+        return self.group(packet.proto, packet.sport, packet.dport).candidates(lower)
 
     def detect(self, packet: PacketView) -> list[Rule]:
         """The rules that match ``packet``, in file order.  A rule with content or pcre
