@@ -58,8 +58,22 @@ def rule_texts(draw: st.DrawFn) -> str:
     return " ".join(options)
 
 
-def ruleset(texts: list[str]) -> list[Rule]:
-    lines = [f"alert tcp any any -> any any ({t} sid:{i + 1};)" for i, t in enumerate(texts)]
+PORTS = ["any", "80", "!80", "[80,81]", "1:100", "5000:", "![1:90,5000]"]
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> str:
+    sport, dport = draw(st.sampled_from(PORTS)), draw(st.sampled_from(PORTS))
+    proto = draw(st.sampled_from(["tcp", "tcp", "udp", "ip"]))
+    arrow = draw(st.sampled_from(["->", "->", "<>"]))
+    return f"{proto} any {sport} {arrow} any {dport}"
+
+
+def ruleset(texts: list[str], heads: list[str] | None = None) -> list[Rule]:
+    heads = heads or ["tcp any any -> any any"] * len(texts)
+    lines = [
+        f"alert {h} ({t} sid:{i + 1};)" for i, (h, t) in enumerate(zip(heads, texts, strict=True))
+    ]
     return load_rules("\n".join(lines)).rules  # rules that do not load are just left out
 
 
@@ -110,15 +124,29 @@ def reference(options: tuple[Content | Pcre, ...], buf: bytes) -> bool:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(rule_texts(), min_size=1, max_size=6),
-    st.lists(st.text(ALPHABET, max_size=24), min_size=1, max_size=4),
+    st.lists(st.tuples(headers(), rule_texts()), min_size=1, max_size=12),
+    st.lists(
+        st.tuples(
+            st.sampled_from([6, 17]),
+            st.sampled_from([80, 81, 90, 5000]),
+            st.sampled_from([80, 81, 90, 5000]),
+            st.text(ALPHABET, max_size=24),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
 )
-def test_prefilter_changes_no_alert(texts: list[str], payloads: list[str]) -> None:
-    rules = ruleset(texts)
-    fast, full = Detector(rules), Detector(rules, prefilter=False)
-    for text in payloads:
-        view = PacketView(6, 1, 2, 3, 4, 0x18, text.encode())
-        assert [r.sid for r in fast.detect(view)] == [r.sid for r in full.detect(view)]
+def test_prefilter_changes_no_alert(
+    rules_drawn: list[tuple[str, str]], packets: list[tuple[int, int, int, str]]
+) -> None:
+    rules = ruleset([t for _h, t in rules_drawn], [h for h, _t in rules_drawn])
+    full = Detector(rules, prefilter=False)
+    finds, automaton = Detector(rules), Detector(rules, small=0)
+    for proto, sport, dport, text in packets:
+        view = PacketView(proto, 1, 2, sport, dport, 0x18, text.encode())
+        expected = [r.sid for r in full.detect(view)]
+        assert [r.sid for r in finds.detect(view)] == expected
+        assert [r.sid for r in automaton.detect(view)] == expected
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
