@@ -42,6 +42,9 @@ from nf.runner import run_capture
 
 __all__ = ["main"]
 
+#: The long-flows capture: flows, packets each.
+LONG = (200, 100)
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "nat": {"inside": ["10.0.0.0/16"]},
 }
@@ -63,8 +66,35 @@ def one_run(nf_cls: Any, config: dict[str, Any], packets: Any, dicts: bool) -> A
     return trio.run(lambda: run_capture(nf_cls, dict(config), packets, output=False, dicts=dicts))
 
 
+def long_flows(flows: int, per_flow: int) -> list[tuple[float, bytes]]:
+    """``flows`` established TCP connections taking turns, ``per_flow`` packets each (the
+    first a SYN): the cost of a packet of a flow whose state exists."""
+    from bench.traffic import tcp_frame
+    from nf.packet import ACK, PSH, SYN
+
+    server = 0xC6336401
+    out: list[tuple[float, bytes]] = []
+    ts = 1_700_000_000.0
+    for n in range(per_flow):
+        for f in range(flows):
+            ts += 0.0001
+            client, port = 0x0A000001 + f, 30000 + f
+            if n == 0:
+                out.append((ts, tcp_frame(client, server, port, 80, SYN)))
+            elif n % 2:
+                out.append((ts, tcp_frame(client, server, port, 80, PSH | ACK, b"x" * 200)))
+            else:
+                frame = tcp_frame(server, client, 80, port, ACK, b"y" * 1000, outbound=False)
+                out.append((ts, frame))
+    return out
+
+
 def measure(
-    name: str, packets: list[tuple[float, bytes]], repeats: int, advance: Any
+    name: str,
+    packets: list[tuple[float, bytes]],
+    repeats: int,
+    advance: Any,
+    traffic: str = "mixed",
 ) -> dict[str, Any]:
     nf_cls = registry.load(name)
     config = CONFIGS.get(name, {})
@@ -82,6 +112,7 @@ def measure(
     dicts_us = best["dicts"] / n * 1e6
     return {
         "nf": name,
+        "traffic": traffic,
         "config": config,
         "packets": n,
         "store_us_per_packet": round(store_us, 2),
@@ -147,6 +178,7 @@ def plot(rows: list[dict[str, Any]], parse_us: float, path: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["traffic"] == "mixed"]
     names = [r["nf"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(rows))
@@ -187,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"unknown NF(s): {', '.join(unknown)}; installed: {registry.available()}")
         return 2
     packets = make(flows, args.seed)
+    steady = long_flows(*LONG)
     parse_s = time_parse(packets, repeats)
     parse_us = parse_s / len(packets) * 1e6
     rows: list[dict[str, Any]] = []
@@ -199,26 +232,34 @@ def main(argv: list[str] | None = None) -> int:
         console=console,
     ) as progress:
         conns = args.connections if args.connections is not None else (1000 if args.quick else 5000)
-        total = len(names) * repeats * 2 + (3 * repeats if conns and "nat" in names else 0)
+        total = len(names) * repeats * 4 + (3 * repeats if conns and "nat" in names else 0)
         task = progress.add_task("runs", total=total)
         for name in names:
             progress.update(task, description=f"{name}")
             try:
                 rows.append(measure(name, packets, repeats, lambda: progress.advance(task)))
+                progress.update(task, description=f"{name}: long flows")
+                rows.append(
+                    measure(name, steady, repeats, lambda: progress.advance(task), "long")
+                )
             except Exception as exc:  # one NF that fails does not hide the others
                 failures[name] = f"{type(exc).__name__}: {exc}"
-                progress.advance(task, repeats * 2)
+                progress.advance(task, repeats * 4)
         churn: dict[str, Any] | None = None
         if conns and "nat" in names:
             progress.update(task, description="nat: new connections")
             churn = new_flows(conns, repeats, lambda: progress.advance(task))
-    table = Table(title=f"{len(packets):,} packets ({flows:,} flows, seed {args.seed})")
-    for column in ("NF", "store µs/pkt", "dicts µs/pkt", "store adds µs", "ratio", "store pps",
-                   "dicts pps"):  # fmt: skip
+    table = Table(
+        title=f"mixed: {len(packets):,} packets ({flows:,} flows, seed {args.seed}); "
+        f"long flows: {len(steady):,} packets ({LONG[0]} flows of {LONG[1]})"
+    )
+    columns = ["NF", "traffic", "store µs/pkt", "dicts µs/pkt", "store adds µs", "ratio"]
+    for column in [*columns, "store pps", "dicts pps"]:
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(
             r["nf"],
+            r["traffic"],
             f"{r['store_us_per_packet']:.2f}",
             f"{r['dicts_us_per_packet']:.2f}",
             f"{r['store_added_us']:+.2f}",
@@ -246,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "packets": len(packets),
         "parse_us_per_packet": round(parse_us, 2),
+        "long_flows": {"flows": LONG[0], "packets_each": LONG[1], "packets": len(steady)},
         "rows": rows,
         "nat_connections": churn,
         "failures": failures,

@@ -126,6 +126,9 @@ class _Done:
     def exception(self) -> BaseException | None:
         return self._exc
 
+    def failed(self) -> bool:
+        return self._exc is not None
+
     def result(self) -> Any:
         if self._exc is not None:
             raise self._exc

@@ -45,6 +45,7 @@ import trio
 from nf.base import NF, ConfigError, Verdict
 from nf.capture import CaptureError, read_capture, write_pcap
 from nf.packet import parse
+from store import SchedulerFull
 
 __all__ = ["Cluster", "RunResult", "load_config", "open_cluster", "run", "run_capture"]
 
@@ -196,7 +197,7 @@ async def open_cluster(
             try:
                 yield cluster
             finally:
-                quiet.setLevel(logging.ERROR)
+                quiet.setLevel(logging.CRITICAL)
                 cluster.nursery.cancel_scope.cancel()
     finally:
         quiet.setLevel(level)
@@ -239,7 +240,6 @@ async def _drive(
     forwarded: list[tuple[float, bytearray]] = []
     inflight: collections.deque[tuple[Any, Any, Any]] = collections.deque()
     interval = nf_cls.tick_interval
-    next_tick: float | None = None
     scale_index = None if scale_at is None else int(len(packets) * scale_at)
     failures: collections.Counter[str] = collections.Counter()
 
@@ -250,9 +250,9 @@ async def _drive(
             failures[f"nf-error-{type(exc).__name__}"] += 1
             verdict = Verdict.FORWARD
         else:
-            verdict = Verdict(unit.result())
+            verdict = unit.result()
         verdicts.append(verdict)
-        if keep_frames and verdict is Verdict.FORWARD:
+        if keep_frames and verdict == Verdict.FORWARD:
             forwarded.append((packet.ts, packet.frame))
 
     async def retire_one() -> None:
@@ -269,19 +269,30 @@ async def _drive(
             await retire_one()
 
     started = time.perf_counter()
-    spaces = cluster.spaces
-    nfs = cluster.nfs
-    n = len(spaces)
+    spaces: list[Any] = []
+    nfs: list[NF] = []
+    submits: list[Any] = []
+    processes: list[Any] = []
+    n = 0
+
+    def members() -> None:
+        nonlocal spaces, nfs, submits, processes, n
+        spaces, nfs = cluster.spaces, cluster.nfs
+        submits = [space.submit_nowait for space in spaces]
+        processes = [nf.process for nf in nfs]
+        n = len(spaces)
+
+    members()
     flow_key = nfs[0].flow_key
+    append = verdicts.append
+    next_tick = packets[0][0] + interval if packets else 0.0
+    forward = Verdict.FORWARD
     for index, (ts, frame) in enumerate(packets):
         if index == scale_index:
             await drain()
             await cluster.join(1)
-            spaces, nfs = cluster.spaces, cluster.nfs
-            n = len(spaces)
-        if next_tick is None:
-            next_tick = ts + interval
-        elif ts >= next_tick:
+            members()
+        if ts >= next_tick:
             await drain()
             for nf in nfs:
                 await nf.tick(ts)
@@ -289,12 +300,20 @@ async def _drive(
         packet = parse(frame, ts)
         key = flow_key(packet)
         i = hash(key) % n if n > 1 else 0
-        space = spaces[i]
-        unit = await space.submit(key, nfs[i].process, packet)
-        if unit.done() and not inflight:
-            settle(unit, packet)
+        try:
+            unit = submits[i](key, processes[i], packet)
+        except SchedulerFull:  # the member's bound on parked units: wait for room
+            unit = await spaces[i].submit(key, processes[i], packet)
+        if not inflight and unit.done():  # the common case: finished inline
+            if unit.failed():
+                settle(unit, packet)
+                continue
+            verdict = unit.result()
+            append(verdict)
+            if keep_frames and verdict == forward:
+                forwarded.append((ts, packet.frame))
             continue
-        inflight.append((unit, packet, space))
+        inflight.append((unit, packet, spaces[i]))
         while inflight and (inflight[0][0].done() or len(inflight) > window):
             await retire_one()
     await drain()
