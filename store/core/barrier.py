@@ -74,6 +74,7 @@ from store.wire.control import (
     Figures,
     MemberList,
     Order,
+    Resume,
     RingState,
     StageCommand,
     parse_address,
@@ -108,6 +109,9 @@ DEFAULT_PRE_SCALING_TIMEOUT: Final = 5.0
 DEFAULT_ADMISSION_WINDOW: Final = 0.1
 #: Seconds a removed node has to acknowledge ``leave`` before its request is answered anyway.
 DEFAULT_LEAVE_TIMEOUT: Final = 30.0
+#: Seconds a restarted controller collects the members' reports before it decides where the
+#: cluster stands (members reconnect every half second or so).
+DEFAULT_RESUME_WINDOW: Final = 1.0
 #: Seconds of silence (no heartbeat, no message; or disconnected and not back) after which
 #: a member is declared dead and a failure event repairs the ring without it.
 DEFAULT_FAILURE_TIMEOUT: Final = 2.0
@@ -319,6 +323,12 @@ class Barrier:
         #: Nodes declared dead, in order (for ``ctl status``; a new process of the same
         #: name may register again and is then a new member).
         self.dead: list[str] = []
+        self._dead_addresses: dict[str, str] = {}
+        #: A controller that restarted learns the ring back from the members that resume
+        #: (see :meth:`resume`): their reports, until ``_learning_until``.
+        self._learning: dict[str, Resume] = {}
+        self._learning_until: float | None = None
+        self.resume_window = DEFAULT_RESUME_WINDOW
         self.ring = HashRing((), vnodes=vnodes, epoch=0)
         self.highest_epoch = 0
         self.burnt: set[int] = set()
@@ -341,8 +351,9 @@ class Barrier:
 
     @property
     def addresses(self) -> dict[str, str]:
-        """Every registered node's address."""
-        return {name: m.address for name, m in self.members.items()}
+        """Every registered node's address (and the dead's, which a ring may still name
+        until their repair ends)."""
+        return {**self._dead_addresses, **{name: m.address for name, m in self.members.items()}}
 
     def role_of(self, name: str) -> Role | None:
         """``name``'s role, or ``None`` if it is not registered."""
@@ -373,6 +384,8 @@ class Barrier:
         due = self._admission_due()
         if due is not None:
             deadlines.append(due)
+        if self._learning_until is not None:
+            deadlines.append(self._learning_until)
         timeout = self.failure_timeout
         if timeout is not None:
             for m in self.members.values():
@@ -463,6 +476,8 @@ class Barrier:
             effects.append(Log(f"{name} rejoined as a {existing.role.value}"))
             effects.extend(self._resync(existing, now))
             return self.ring_state(True, f"rejoined as a {existing.role.value}"), effects
+        if name in self.dead:  # a new process of a dead one's name: a new member
+            self.dead.remove(name)
         self.members[name] = Member(name, address, Role.WAITING, now, heard_at=now)
         self._record(now, "register", name, text=address)
         effects.append(Log(f"{name} registered from {address}; waiting for admission"))
@@ -519,6 +534,136 @@ class Barrier:
         if member is not None and member.connected:
             member.heard_at = now
 
+    def resume(self, report: Resume, now: float) -> tuple[RingState, list[Effect]]:
+        """A member connects again after losing its controller connection, saying where it
+        stands.  A controller that knows it takes it as a rejoin (:meth:`register`).  A
+        controller that knows no ring yet (it restarted) learns the cluster back: it
+        collects the reports for :attr:`resume_window` seconds, then decides (see
+        :meth:`_learnt`).  A member declared dead is refused: it may come back only as a
+        new process."""
+        name = report.name
+        if name in self.dead:
+            text = f"{name} was declared dead; it may join again only as a new process"
+            return self._refuse_registration(name, text, now), []
+        if name in self.members or (self.ring.epoch and self._learning_until is None):
+            if name not in self.members:
+                text = f"{name} is not a member of epoch {self.ring.epoch}"
+                return self._refuse_registration(name, text, now), []
+            return self.register(name, report.address, now)
+        try:
+            parse_address(report.address)
+            Stage(report.stage)
+        except ValueError as exc:
+            return self._refuse_registration(name, str(exc), now), []
+        if report.epoch <= 0:
+            return self.register(name, report.address, now)
+        if self._learning_until is None:
+            self._learning_until = now + self.resume_window
+        self._learning[name] = report
+        self._record(now, "resume", name, text=f"{report.stage} {report.epoch}")
+        effects: list[Effect] = [
+            Log(f"{name} resumed ({report.stage} on epoch {report.epoch}): learning the ring")
+        ]
+        return self.ring_state(True, "resumed; the controller is learning the ring back"), effects
+
+    def _learnt(self, now: float) -> list[Effect]:
+        """The end of the resume window: where the cluster stands, from the reports.
+
+        The newest ring reported is the ring.  A member that is scaling says an event was
+        running: if some member is SCALING (or already NORMAL on the event's ring), every
+        participant had acknowledged pre-scaling, so the event goes on from SCALING (those
+        NORMAL on its ring count as drained); if all are only PRE_SCALING, it aborts and
+        its epoch is burnt.  Members of the ring that did not resume are lost, and are
+        declared dead after the failure timeout like any silent member; reporters that are
+        not in the ring are sent away."""
+        reports, self._learning, self._learning_until = self._learning, {}, None
+        effects: list[Effect] = []
+        if not reports:
+            return effects
+        scaling = [r for r in reports.values() if r.next_epoch is not None]
+        newest = max(reports.values(), key=lambda r: r.epoch)
+        event_report = max(scaling, key=lambda r: r.next_epoch or 0) if scaling else None
+        if event_report is not None and (event_report.next_epoch or 0) <= newest.epoch:
+            event_report = None  # an older event's: the ring moved on since
+        base = newest if event_report is None else event_report
+        addresses = dict(base.members)
+        if event_report is not None and event_report.next_members is not None:
+            addresses.update(event_report.next_members)
+        highest = max(
+            [r.epoch for r in reports.values()] + [r.next_epoch or 0 for r in reports.values()]
+        )
+        # (between events, one more: an aborted event's epoch we never saw is burnt too)
+        self.highest_epoch = max(self.highest_epoch, highest + (event_report is None))
+        self.ring = HashRing([n for n, _ in base.members], vnodes=self.vnodes, epoch=base.epoch)
+        for name, address in addresses.items():
+            report = reports.get(name)
+            member = Member(name, address, Role.MEMBER, now, heard_at=now)
+            if report is None:
+                member.connected, member.lost_at = False, now
+            self.members[name] = member
+        for name in reports:
+            if name not in addresses:
+                effects.append(Disconnect(name, f"not a member of epoch {self.ring.epoch}"))
+        self._record(now, "learnt", epoch=self.ring.epoch, members=tuple(sorted(self.ring.nodes)))
+        effects.append(
+            Log(f"learnt the ring back: epoch {self.ring.epoch}, {len(self.ring)} members")
+        )
+        if event_report is None:
+            return effects
+        assert event_report.next_epoch is not None and event_report.next_members is not None
+        next_ring = HashRing(
+            [n for n, _ in event_report.next_members],
+            vnodes=self.vnodes,
+            epoch=event_report.next_epoch,
+        )
+        added = frozenset(next_ring.nodes - self.ring.nodes)
+        removed = frozenset(self.ring.nodes - next_ring.nodes)
+        for name in added:
+            self.members[name].role = Role.JOINING
+        kind = "out" if added else "in"
+        on_next = {
+            n for n, r in reports.items() if r.next_epoch is None and r.epoch == next_ring.epoch
+        }
+        any_scaling = on_next or any(r.stage == Stage.SCALING.value for r in scaling)
+        participants = frozenset(self.ring.nodes | added)
+        event = ScaleEvent(
+            kind,
+            next_ring.epoch,
+            self.ring,
+            next_ring,
+            added,
+            removed,
+            participants,
+            Stage.SCALING if any_scaling else Stage.PRE_SCALING,
+            now,
+            None,
+        )
+        self.event = event
+        self._record(
+            now, "event", epoch=event.epoch, members=tuple(sorted(participants)), text=kind
+        )
+        if not any_scaling:
+            for name in reports:
+                self.members[name].stage, self.members[name].epoch = Stage.PRE_SCALING, event.epoch
+            event.pre_acked.update(reports.keys() & participants)
+            return effects + self._abort("the controller restarted during pre-scaling", now)
+        event.pre_acked.update(participants)
+        for name in sorted(participants):
+            member = self.members[name]
+            member.stage, member.epoch = Stage.SCALING, event.epoch
+            # (someone is scaling, so everyone had acknowledged pre-scaling)
+            self._record(now, "ack", name, Stage.PRE_SCALING, event.epoch, text="inferred")
+        for name in sorted(on_next & participants):
+            event.drained[name] = (0, 0)
+            self._record(now, "drained", name, Stage.SCALING, event.epoch, text="inferred")
+        effects.extend(self._progress(f"resuming {event.describe()}"))
+        for name in sorted(reports.keys() & participants - on_next):
+            effects.append(Send(name, self._command(name, Stage.SCALING)))
+            self._record(now, "command", name, Stage.SCALING, event.epoch)
+        if participants <= event.drained.keys():
+            effects.extend(self._enter_normal(now))
+        return effects
+
     def _declare_dead(self, names: list[str], now: float) -> list[Effect]:
         """``names`` stopped answering: a failure event repairs the ring without them.
 
@@ -559,6 +704,7 @@ class Barrier:
             self.event = None
         for name in dead:
             member = self.members.pop(name)
+            self._dead_addresses[name] = member.address
             if member.role is Role.LEAVING:
                 effects.extend(self._left_pending(name, "died"))
         for name in list(self.members):
@@ -791,6 +937,8 @@ class Barrier:
 
     def _busy(self) -> str | None:
         """Why no event can start now, or ``None``."""
+        if self._learning_until is not None:
+            return "the controller restarted and is learning the ring back from the members"
         if self.event is not None:
             return f"a scaling event is already running: {self.event.describe()}"
         lost = self.lost()
@@ -1030,7 +1178,7 @@ class Barrier:
     # -- time ------------------------------------------------------------------------------
 
     def _admission_due(self) -> float | None:
-        if self.manual_admission or self.event is not None or self.lost():
+        if self.manual_admission or self.event is not None or self.lost() or self._learning:
             return None
         times = [
             m.registered_at
@@ -1042,6 +1190,10 @@ class Barrier:
     def _due(self, now: float) -> list[Effect]:
         """Everything whose time has come: run after every stimulus."""
         effects: list[Effect] = []
+        if self._learning_until is not None:
+            if now < self._learning_until:
+                return effects
+            effects.extend(self._learnt(now))
         event = self.event
         if (
             event is not None

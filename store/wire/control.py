@@ -46,6 +46,7 @@ __all__ = [
     "NodeStatus",
     "Order",
     "Register",
+    "Resume",
     "RingState",
     "ScaleProgress",
     "ScaleReply",
@@ -354,3 +355,22 @@ class Heartbeat:
 
     name: str
     interval: float
+
+
+@message(52)
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """A member whose controller connection ended connects again: its name and address,
+    and where it stands, as a :class:`StageCommand` would say it (``stage`` a
+    :class:`~ring.ownership.Stage` value; ``epoch``/``members`` the ring it is NORMAL on,
+    or the previous ring while scaling; ``next_*`` the event's ring).  A controller that
+    restarted learns the ring, the epoch and the stage back from these; one that knows the
+    member takes it as a rejoin."""
+
+    name: str
+    address: str
+    stage: str
+    epoch: int
+    members: MemberList
+    next_epoch: int | None
+    next_members: MemberList | None
