@@ -175,13 +175,13 @@ class PRADS(NF):
         try:
             self.signatures = Signatures.load(folder)
         except SignatureError as exc:
-            raise ConfigError(f"prads signatures: {exc}") from None
+            raise ConfigError(f"signatures: {exc}") from None
         self.switches = {k: bool(config.get(k, v)) for k, v in SWITCHES.items()}
         nets = config.get("home_nets") or []
         try:
             self.home_nets = [ipaddress.IPv4Network(str(n), strict=False) for n in nets]
         except ValueError as exc:
-            raise ConfigError(f"prads home_nets: {exc}") from None
+            raise ConfigError(f"home_nets: {exc}") from None
         self._home = [(int(n.network_address), int(n.netmask)) for n in self.home_nets] or None
         self.os_tables = {
             kind: (table if self.switches[kind.lower()] else None)
@@ -228,15 +228,15 @@ class PRADS(NF):
             config["home_nets"] = [n.strip() for n in nets.split(",") if n.strip()]
         for key, value in config.items():
             if key in SWITCHES and not isinstance(value, bool):
-                raise ConfigError(f"prads: {key} must be true or false, not {value!r}")
+                raise ConfigError(f"{key} must be true or false, not {value!r}")
         unknown = set(config) - set(SWITCHES) - {"signatures", "home_nets"}
         if unknown:
-            raise ConfigError(f"prads: unknown setting(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}")
         if "signatures" in config:
             try:
                 Signatures.load(config["signatures"])
             except SignatureError as exc:
-                raise ConfigError(f"prads signatures: {exc}") from None
+                raise ConfigError(f"signatures: {exc}") from None
         return config
 
     # ------------------------------------------------------------------ packets

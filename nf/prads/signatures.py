@@ -224,7 +224,7 @@ class SignatureError(ValueError):
     """A signature file prads would not load: one line naming the file and the line."""
 
     def __init__(self, path: str | Path, line: int, why: str) -> None:
-        super().__init__(f"{path}:{line}: {why}")
+        super().__init__(f"{path}:{line}: {why}" if line else f"{path}: {why}")
         self.path = str(path)
         self.line = line
         self.why = why
