@@ -92,8 +92,10 @@ async def test_nat_and_synthetic_are_transparent_to_members_and_scaling() -> Non
     async def both(name: str, nf_cls: Any, config: dict[str, Any]) -> None:
         runs[name] = await three_ways(nf_cls, config)
 
+    short = {"inside": ["10.0.0.0/16"], "tcp_idle": 2.0, "udp_idle": 0.5, "fin_grace": 0.3}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(both, "nat", NAT, {"inside": ["10.0.0.0/16"]})
+        nursery.start_soon(both, "nat-short", NAT, short)
         nursery.start_soon(both, "synthetic", Synthetic, synthetic_config)
 
     one, three, scaled = runs["nat"]
@@ -106,6 +108,16 @@ async def test_nat_and_synthetic_are_transparent_to_members_and_scaling() -> Non
     assert "inside-reply-mismatch" not in one.counts | three.counts | scaled.counts
     for name in ("translations", "closed-rst", "unsolicited-inbound", "pool-exhausted"):
         assert one.counts.get(name) == three.counts.get(name) == scaled.counts.get(name), name
+
+    # Short timeouts: entries expire and close on every member's own timers, before and
+    # after the scale-out, at the same points of the capture.
+    one, three, scaled = runs["nat-short"]
+    for result in (one, three, scaled):
+        check_nat_invariants(result)
+    assert one.counts.get("closed-fin", 0) > 10 and one.counts.get("expired", 0) > 10
+    for name in ("translations", "closed-rst", "closed-fin", "expired"):
+        assert one.counts.get(name) == three.counts.get(name) == scaled.counts.get(name), name
+    assert without_ports(one.lines) == without_ports(three.lines) == without_ports(scaled.lines)
 
     one, three, scaled = runs["synthetic"]
     assert moved(scaled) > 0
