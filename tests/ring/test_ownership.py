@@ -16,6 +16,7 @@ from ring.ownership import (
     Request,
     Serve,
     Stage,
+    counted_since,
     decide,
     drain_destination,
 )
@@ -105,3 +106,24 @@ def test_view_rejects_inconsistent_stages() -> None:
         NodeView("a", Stage.SCALING, OLD, None)
     with pytest.raises(ValueError):
         NodeView("a", Stage.SCALING, NEW, OLD)
+
+
+def test_counted_since_is_the_newest_epoch_any_counting_node_knew() -> None:
+    """``since`` never goes back (a request counted by a node of a newer event keeps that
+    epoch) and moves up to the forwarding node's newest epoch: with ``since`` alone a
+    request would keep restarting its count at every node of the next event, and its hops
+    would never be bounded there."""
+    scaling = view("a", Stage.SCALING)  # knows epoch 4 (NEW)
+    normal_old = view("b", Stage.NORMAL)  # knows epoch 3 (OLD) only
+    # Counted under epoch 3, forwarded by a node that knows 4: the count is now of epoch 4.
+    assert counted_since(scaling, Request(T, 3, 2, since=3)) == 4
+    assert counted_since(scaling, Request(T, 3, 2)) == 4  # no since: the routing stamp
+    # Counted by a node that knew epoch 5 already: a node that knows less does not lower it.
+    assert counted_since(normal_old, Request(T, 3, 1, since=5)) == 5
+    assert counted_since(normal_old, Request(T, 3, 1, since=3)) == 3
+    # What it is for: the next node of epoch 4 keeps counting (hops 2 -> 3) instead of
+    # restarting at 1, since the request was already counted by a node that knew epoch 4.
+    since = counted_since(scaling, Request(T, 3, 2, since=3))
+    assert decide(view("c", Stage.SCALING), Holding.NONE, Request(T, 3, 2, since=since)) == Pull(
+        "a", 3, 3
+    )
