@@ -156,10 +156,10 @@ def parse_content_text(text: str) -> bytes:
             raise RuleSyntaxError('unescaped " inside content')
         else:
             code = ord(ch)
-            if code > 255:
-                out += ch.encode("utf-8")
-            else:
+            if code < 128:
                 out.append(code)
+            else:  # the file's own bytes (read as UTF-8, undecodable bytes escaped)
+                out += ch.encode("utf-8", "surrogateescape")
             i += 1
     if not out:
         raise RuleSyntaxError("empty content")
@@ -289,7 +289,7 @@ def parse_pcre(value: str) -> Pcre:
             raise UnsupportedOption("pcre", f"flag {f!r}")
     pattern = _translate_pcre(body, dollar_end and not flags & re.MULTILINE, ungreedy)
     try:
-        regex = re.compile(pattern.encode("latin-1", "backslashreplace"), flags)
+        regex = re.compile(pattern.encode("utf-8", "surrogateescape"), flags)
     except re.error as exc:
         raise UnsupportedOption("pcre", f"not compilable here: {exc}") from None
     return Pcre(

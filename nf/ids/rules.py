@@ -342,7 +342,9 @@ def _apply(draft: _Draft, name: str, value: str, seen: set[str]) -> None:
             raise RuleSyntaxError(f"{name} given twice")
         seen.add(name)
     if name == "msg":
-        draft.msg = _quoted(name, value)
+        # printable whatever the file's bytes (undecodable ones become U+FFFD)
+        msg = _quoted(name, value).encode("utf-8", "surrogateescape")
+        draft.msg = msg.decode("utf-8", "replace")
     elif name == "sid":
         draft.sid = _integer(name, value, 1)
     elif name == "rev":

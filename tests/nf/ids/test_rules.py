@@ -166,3 +166,12 @@ def test_classification_file() -> None:
     )
     assert list(classes) == ["a"] and classes["a"].description == "Thing A"
     assert [e.split(":")[1] for e in errors] == ["3", "4"]
+
+
+def test_bytes_of_the_file_are_kept() -> None:
+    raw = (
+        b'alert tcp any any -> any any (msg:"caf\xc3\xa9 \xff"; content:"caf\xc3\xa9\xff"; sid:1;)'
+    )
+    rule = one(raw.decode("utf-8", "surrogateescape"))
+    assert rule.msg == "café \ufffd"
+    assert rule.payload[0].pattern == b"caf\xc3\xa9\xff"
