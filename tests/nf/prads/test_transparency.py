@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +42,24 @@ async def test_statistics_add_up_over_instances() -> None:
     one, _ = await run(frames, query="statistics")
     two, _ = await run(frames, instances=2, query="statistics")
     assert two == one
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        # flows spread over 2 members, then a scale-out to 3 in the middle of the capture
+        # (the runner's multi-member teardown takes about 5 s: one such run only)
+        {"instances": 2, "scale_at": 0.5},
+        {"dicts": True},  # the same NF code on plain dicts
+    ],
+    ids=["scale-out", "dicts"],
+)
+async def test_the_runner_gives_the_real_prads_log_however_it_runs(how: dict[str, Any]) -> None:
+    from nf.prads import PRADS
+    from nf.runner import run_capture
+
+    frames = load(FIXTURES / "mixed.pcap")
+    want = (FIXTURES / "mixed.ours.log").read_text(encoding="latin-1").splitlines()
+    result = await run_capture(PRADS, {}, frames, **how)
+    assert Counter(result.lines) == Counter(want)
+    assert result.packets == len(frames)
