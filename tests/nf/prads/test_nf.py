@@ -191,3 +191,34 @@ async def test_observed_cases_with_debians_signatures() -> None:
         "10.0.0.5,0,40005,6,SYN,[S4:64:1:60:M1460,S,T,N,W7:.:Linux:2.6 (newer, 7):link:ethernet/modem:uptime:0hrs],0,1500000008",
         "10.0.0.6,0,23,6,RST,[0:64:1:40:.:K0ZA:Linux:recent 2.4/2.6 (refused)],0,1500000009",
     }
+
+
+def _conversation(t: float, i: int) -> list[tuple[float, bytes]]:
+    c, s = f"10.7.0.{i % 50 + 1}", "10.7.1.1"
+    port = 41000 + i
+    return [
+        (t, tcp(c, port, s, 22, "S", seq=100, opts=LINUX_SYN)),
+        (t + 1, tcp(s, 22, c, port, "SA", seq=500, ack=101, opts=LINUX_SYN)),
+        (t + 2, tcp(s, 22, c, port, "PA", seq=501, ack=101, payload=b"SSH-2.0-OpenSSH_7.4\r\n")),
+        (t + 3, tcp(c, port, s, 22, "FA", seq=101, ack=522)),
+        (t + 4, tcp(s, 22, c, port, "FA", seq=522, ack=102)),
+    ]
+
+
+async def test_connections_end_on_packet_time_on_the_instance_that_served_them() -> None:
+    # 40 conversations 20 s apart (800 s of packet time, so 13 sweeps), then the first
+    # 5-tuple again: a new connection, whose first packet has no role.
+    frames = [f for i in range(40) for f in _conversation(T + 20 * i, i)]
+    again = _conversation(T + 900, 0)
+    frames += [again[2]]  # server data on the old 5-tuple: no role, no line
+    one, nfs = await run(frames, query="statistics")
+    ended = sum(nf.counts.get("sessions-ended", 0) for nf in nfs)
+    assert ended == 40  # all ended (FIN both ways, idle past 5 s) by the sweep at T+900
+    assert one["sessions"] == 41
+    spread, nfs = await run(frames, instances=2, switch_every=3, query="statistics")
+    assert sum(nf.counts.get("sessions-ended", 0) for nf in nfs) == 40
+    assert spread == one
+    log1, _ = await run(frames)
+    log2, _ = await run(frames, instances=2, switch_every=3)
+    assert sorted(log1) == sorted(log2)
+    assert sum(",SERVER," in line for line in log1) == 1
