@@ -491,6 +491,8 @@ def load_rules(
     ids: dict[tuple[int, int], int] = {}
     for line, logical in _logical_lines(text):
         words = logical.split(None, 1)
+        if not words:
+            continue
         keyword = words[0]
         rest = words[1] if len(words) > 1 else ""
         where = f"{source}:{line}"
@@ -508,6 +510,9 @@ def load_rules(
             except RuleSyntaxError as exc:
                 result.errors.append(f"{where}: {keyword} {name}: {exc}")
                 continue
+            except RecursionError:
+                result.errors.append(f"{where}: {keyword} {name}: nested too deep")
+                continue
             result.variables[name] = value
             continue
         if keyword in IGNORED_DIRECTIVES:
@@ -523,6 +528,9 @@ def load_rules(
             draft, rule = _parse_rule(line, rest, result.variables, classes)
         except RuleSyntaxError as exc:
             result.errors.append(f"{where}: {exc}")
+            continue
+        except RecursionError:
+            result.errors.append(f"{where}: lists or variables nested too deep")
             continue
         if rule is None:
             result.warnings.append(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nf.ids.addresses import RuleSyntaxError, parse_addresses, parse_ports
 from nf.ids.options import Content, Pcre, parse_content_text
@@ -175,3 +177,65 @@ def test_bytes_of_the_file_are_kept() -> None:
     rule = one(raw.decode("utf-8", "surrogateescape"))
     assert rule.msg == "café \ufffd"
     assert rule.payload[0].pattern == b"caf\xc3\xa9\xff"
+
+
+FRAGMENTS = [
+    "alert",
+    "tcp",
+    "udp",
+    "any",
+    "!",
+    "[",
+    "]",
+    ",",
+    "$X",
+    "10.0.0.0/8",
+    "80",
+    ":",
+    "->",
+    "<>",
+    "(",
+    ")",
+    ";",
+    '"',
+    "\\",
+    "|",
+    "content:",
+    "pcre:",
+    "/a(/",
+    "depth:",
+    "-1",
+    "sid:",
+    "1",
+    "flow:",
+    "flags:",
+    "dsize:",
+    "<>",
+    "nocase",
+    "within:",
+    "msg:",
+    "var X",
+    " ",
+    "\n",
+    "classtype:",
+    "byte_test:",
+    "offset:",
+    "99999999999999999999",
+    "/x/R",
+    "|zz|",
+    "A+",
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=40), st.text(max_size=30))
+def test_no_input_makes_the_loader_raise(parts: list[str], noise: str) -> None:
+    text = "".join(parts) + noise
+    rs = load_rules(text + "\n" + text.replace("\n", " "))
+    for rule in rs.rules:
+        assert rule.sid > 0
+
+
+def test_deeply_nested_lists_are_an_error_not_a_crash() -> None:
+    rs = load_rules("alert tcp " + "[" * 5000 + "1.2.3.4" + "]" * 5000 + " any -> any any (sid:1;)")
+    assert len(rs.errors) == 1 and not rs.rules
