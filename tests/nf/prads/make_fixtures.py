@@ -644,12 +644,17 @@ SCENARIOS: dict[str, Callable[[], Frames]] = {
     "vlan": vlans,
     "ack": stray_acks,
     "mixed": mixed,
+    "home": sessions,
 }
 
 #: Scenarios run with prads settings beyond its defaults: name -> (prads.conf lines, our
 #: configuration).
 SETTINGS: dict[str, tuple[str, dict[str, object]]] = {
     "ack": ("os_ack_fingerprint=1\n", {"ack": True}),
+    "home": (
+        "home_nets=10.0.0.0/30,10.0.0.8/29\n",
+        {"home_nets": ["10.0.0.0/30", "10.0.0.8/29"]},
+    ),
 }
 
 
