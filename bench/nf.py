@@ -178,19 +178,24 @@ def plot(rows: list[dict[str, Any]], parse_us: float, path: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["traffic"] == "mixed"]
-    names = [r["nf"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["dicts_us_per_packet"] for r in rows], 0.4, label="dicts")
-    ax.bar([x + 0.2 for x in xs], [r["store_us_per_packet"] for r in rows], 0.4, label="store")
-    ax.axhline(parse_us, color="grey", linestyle=":", label=f"parsing alone ({parse_us:.1f} µs)")
-    for x, r in zip(xs, rows, strict=True):
-        ax.text(x + 0.2, r["store_us_per_packet"], f"{r['throughput_ratio']:.2f}x", ha="center")
-    ax.set_xticks(list(xs), names)
-    ax.set_ylabel("µs per packet (best run)")
-    ax.set_title("One instance: the object space against plain dicts")
-    ax.legend()
+    kinds = [k for k in ("mixed", "long") if any(r["traffic"] == k for r in rows)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        mine = [r for r in rows if r["traffic"] == kind]
+        xs = range(len(mine))
+        ax.bar([x - 0.2 for x in xs], [r["dicts_us_per_packet"] for r in mine], 0.4, label="dicts")
+        ax.bar([x + 0.2 for x in xs], [r["store_us_per_packet"] for r in mine], 0.4, label="store")
+        ax.axhline(parse_us, color="grey", linestyle=":", label=f"parsing ({parse_us:.1f} µs)")
+        for x, r in zip(xs, mine, strict=True):
+            ax.text(
+                x + 0.2, r["store_us_per_packet"], f"{r['throughput_ratio']:.2f}", ha="center",
+                va="bottom", fontsize=8,
+            )  # fmt: skip
+        ax.set_xticks(list(xs), [r["nf"] for r in mine])
+        ax.set_ylabel("µs per packet (best run)")
+        ax.set_title(f"{kind} traffic (label: store/dicts throughput)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle("One instance: the object space against the same NF on plain dicts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -239,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows.append(measure(name, packets, repeats, lambda: progress.advance(task)))
                 progress.update(task, description=f"{name}: long flows")
-                rows.append(
-                    measure(name, steady, repeats, lambda: progress.advance(task), "long")
-                )
+                rows.append(measure(name, steady, repeats, lambda: progress.advance(task), "long"))
             except Exception as exc:  # one NF that fails does not hide the others
                 failures[name] = f"{type(exc).__name__}: {exc}"
                 progress.advance(task, repeats * 4)
