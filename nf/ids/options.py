@@ -360,6 +360,7 @@ def match_payload(plan: Plan, buf: bytes, lower: bytes | None = None) -> bool:
     size = len(buf)
     count = len(options)
     memo: dict[tuple[int, int], bool] = {}
+    later: dict[tuple[int, int, int], bool] = {}
 
     def step(i: int, cursor: int) -> bool:
         if i == count:
@@ -387,11 +388,25 @@ def match_payload(plan: Plan, buf: bytes, lower: bytes | None = None) -> bool:
                 return at < 0 and step(i + 1, cursor)
             if not plan.retry[i]:
                 return at >= 0 and step(i + 1, at + len(needle))
+            # Every occurrence from ``at`` on, each at most once per (option, window end):
+            # a chain of occurrences leads to the same answer from any of its links.
+            n = len(needle)
+            chain: list[tuple[int, int, int]] = []
+            found = False
             while at >= 0:
-                if step(i + 1, at + len(needle)):
-                    return True
+                link = (i, at, end)
+                known = later.get(link)
+                if known is not None:
+                    found = known
+                    break
+                chain.append(link)
+                if step(i + 1, at + n):
+                    found = True
+                    break
                 at = hay.find(needle, at + 1, end)
-            return False
+            for link in chain:
+                later[link] = found
+            return found
         assert type(opt) is Pcre
         base = cursor if opt.relative else 0
         subject = memoryview(buf)[base:] if base else buf
@@ -401,13 +416,25 @@ def match_payload(plan: Plan, buf: bytes, lower: bytes | None = None) -> bool:
             return m is None and step(i + 1, cursor)
         if not plan.retry[i] or opt.anchored:
             return m is not None and step(i + 1, base + m.end())
+        chain = []
+        found = False
+        pos = 0
         while m is not None:
+            link = (i, base, pos)  # the search from ``pos`` of the subject at ``base``
+            known = later.get(link)
+            if known is not None:
+                found = known
+                break
+            chain.append(link)
             if step(i + 1, base + m.end()):
-                return True
+                found = True
+                break
             pos = m.end() if m.end() > m.start() else m.end() + 1
             if pos > len(subject):
                 break
             m = regex.search(subject, pos)
-        return False
+        for link in chain:
+            later[link] = found
+        return found
 
     return step(0, 0)
