@@ -705,7 +705,10 @@ class ObjectCluster:
 
     def _check_single_writer(self, k: K) -> None:
         holders = [(n, s.objects[k]) for n, s in self.nodes.items() if k in s.objects]
-        writers = [n for n, held in holders if held.refs > 0]
+        # Writers: nodes whose object counts a reference, and the nodes of the references
+        # the harness holds open (an object handed over under an open reference is no
+        # longer held there, but its reference can still write to it).
+        writers = sorted({n for n, held in holders if held.refs > 0} | self._open_writers(k))
         if len(writers) > 1:
             raise Violation(f"{k}: writable references on {writers} at once")
         for n, held in holders:
@@ -731,6 +734,23 @@ class ObjectCluster:
         expected = 1 if self.record_exists(k) else 0
         if len(live) != expected:
             raise Violation(f"{k}: live copies {live} (held or in flight), expected {expected}")
+
+    def _open_writers(self, k: K) -> set[str]:
+        """The nodes where the harness holds a writable reference to ``k`` open.  Such a
+        reference must be on the object its node holds (or on a removed one, which the
+        API refuses to write: ObjectRemoved); anything else is a second writer."""
+        nodes = set()
+        for ref in self.sw_refs:
+            if ("sw", ref.key) != k or ref.held.removed:
+                continue
+            if self.nodes[ref.node].objects.get(k) is not ref.held:
+                where = [n for n, s in self.nodes.items() if k in s.objects]
+                raise Violation(
+                    f"{k}: a reference is open at {ref.node} on v{ref.held.version}, which "
+                    f"{ref.node} no longer holds (held by {where}): two writers"
+                )
+            nodes.add(ref.node)
+        return nodes
 
     def _check_multi_writer(self, k: K) -> None:
         holders = [(n, s.objects[k]) for n, s in self.nodes.items() if k in s.objects]

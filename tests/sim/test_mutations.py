@@ -8,6 +8,7 @@ change made an invariant check vacuous, its mutation test would start failing.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -24,6 +25,8 @@ from ring.ownership import (
     Stage,
     decide,
 )
+from store.core.object_layer import ObjectLayer
+from store.wire.messages import Release
 from tests.sim.cluster import (
     DecideFn,
     DoubleOwnership,
@@ -33,6 +36,8 @@ from tests.sim.cluster import (
     Violation,
 )
 from tests.sim.machine import make_machine
+from tests.sim.objects_cluster import Violation as ObjectViolation
+from tests.sim.test_object_space_sim import ObjectSpaceMachine
 
 SEARCH = settings(
     max_examples=1000,
@@ -44,6 +49,9 @@ SEARCH = settings(
     phases=[Phase.generate],  # finding one counterexample is the point; shrinking is not
     suppress_health_check=list(HealthCheck),
 )
+
+#: The object-space simulation, searching for one counterexample as SEARCH does.
+SEARCH_OBJECTS = settings(SEARCH, max_examples=300, stateful_step_count=50)
 
 
 def drop_r1(view: NodeView, holding: Holding, request: Request) -> Decision:
@@ -97,3 +105,34 @@ def test_broken_rule_is_caught(
     machine = make_machine(broken, checks=frozenset({invariant}))
     with pytest.raises(violation):
         run_state_machine_as_test(machine, settings=SEARCH)
+
+
+# -- the object space: broken cores are caught by the simulations' checks -------------------
+
+
+def hand_over_under_an_open_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder asked for its single-writer object hands it over at once, though a local
+    reference to it is still open (it should wait for the last one to close)."""
+    original = ObjectLayer._on_release
+
+    def broken(self: ObjectLayer, msg: Release, sender: str) -> None:
+        original(self, msg, sender)
+        k = (msg.map, msg.key)
+        held = self.objects.get(k)
+        if held is not None and held.release is msg and held.refs > 0:
+            self._hand_over(k, held)
+
+    monkeypatch.setattr(ObjectLayer, "_on_release", broken)
+
+
+@pytest.mark.parametrize(
+    ("breaks", "message"),
+    [(hand_over_under_an_open_reference, "two writers")],
+    ids=["hand-over-under-an-open-reference"],
+)
+def test_a_broken_object_space_is_caught(
+    monkeypatch: pytest.MonkeyPatch, breaks: Callable[[pytest.MonkeyPatch], None], message: str
+) -> None:
+    breaks(monkeypatch)
+    with pytest.raises(ObjectViolation, match=message):
+        run_state_machine_as_test(ObjectSpaceMachine, settings=SEARCH_OBJECTS)
