@@ -243,10 +243,12 @@ async def test_inside_capture_replies_are_presented_addressed_to_the_translation
         assert verdict is Verdict.DROP and nat.counts["unsolicited-inbound"] == 1
 
 
-async def test_three_members_allocating_at_once_never_share_a_port() -> None:
+async def test_three_members_allocating_at_once_never_share_a_port_and_clean_up() -> None:
     """Three NAT instances, each with its own flows, open and close connections at
     once from a pool too small for one shard each: no port is ever held by two live
-    connections, and the pool's count matches the live connections at the end."""
+    connections, and the pool's count matches the live connections at the end.  Then a
+    connection served by two members (replies on another one) closes by FINs from both at
+    once, and every member's timers clear what is left."""
     config = nat_config(ports="1024-1323", shard_size=40)  # 300 ports, 8 shards
     with trio.fail_after(60):
         async with open_cluster(NAT, config, 3) as cluster:
@@ -292,3 +294,37 @@ async def test_three_members_allocating_at_once_never_share_a_port() -> None:
             assert forward_ports == sorted(live)
             claimed = sum(nat.counts.get("shards-claimed", 0) for nat in cluster.nfs)
             assert claimed == 8  # every shard was made once, by one member
+
+            # A connection whose replies are served by another member (its reverse entry
+            # moves there), closed by FINs sent by both members at once.
+            async def on(i: int, frame: bytes, ts: float) -> Any:
+                packet = parse(frame, ts)
+                nat = cluster.nfs[i]
+                unit = await cluster.spaces[i].submit(nat.flow_key(packet), nat.process, packet)
+                return packet, unit
+
+            client = ip_int("10.9.0.1")
+            syn, unit = await on(0, tcp_frame(client, SERVER, 50000, 80, SYN), 200.0)
+            await cluster.spaces[0].node.micro.wait_result(unit)
+            port = syn.sport
+            reply, unit = await on(1, tcp_frame(SERVER, P, 80, port, SYN | ACK), 200.1)
+            await cluster.spaces[1].node.micro.wait_result(unit)
+            assert (reply.dst, reply.dport) == (client, 50000)
+            assert cluster.spaces[1].statistics().migrations_in >= 1  # the entry moved
+            fin_out, u0 = await on(0, tcp_frame(client, SERVER, 50000, 80, FIN | ACK), 201.0)
+            fin_in, u1 = await on(1, tcp_frame(SERVER, P, 80, port, FIN | ACK), 201.0)
+            await cluster.spaces[0].node.micro.wait_result(u0)
+            await cluster.spaces[1].node.micro.wait_result(u1)
+            assert fin_out.src == P and fin_in.dst == client
+            for nat in cluster.nfs:
+                await nat.tick(201.0 + 240.0 + 1)  # after the grace
+            rows = await translations(cluster.nfs[2])
+            assert not [r for r in rows if port in (r[0][4], r[3]) and r[0][0] in (client, SERVER)]
+            assert sum(nat.counts.get("closed-fin", 0) for nat in cluster.nfs) == 1
+            # Every member sweeps its own entries: after the idle timeout nothing is left.
+            for nat in cluster.nfs:
+                await nat.tick(1e6)
+            for space in cluster.spaces:
+                await space.flush()
+            assert await translations(cluster.nfs[0]) == []
+            assert await pool_in_use(cluster.nfs[1]) == 0
