@@ -265,10 +265,14 @@ class PRADS(NF):
             return Verdict.FORWARD
         src = packet.src
         ours = self._home is None or any((src & m) == a for a, m in self._home)
-        if proto == TCP:
-            await self._tcp(packet, vlan, ours)
-        elif proto == UDP:
-            await self._udp(packet, vlan, ours)
+        if proto == TCP or proto == UDP:
+            key = self.flow_key(packet)
+            # one access to the flow's Connection for the whole packet
+            async with self.conns.create(key) as conn:
+                if proto == TCP:
+                    await self._tcp(conn, key, packet, vlan, ours)
+                else:
+                    await self._udp(conn, key, packet, vlan, ours)
         elif proto == GRE:
             # prads notes the sender of any GRE packet (ours or not) and tracks no
             # connection; the tunnelled packet inside is not analysed here.
@@ -333,15 +337,20 @@ class PRADS(NF):
             fresh = True
         return fresh
 
-    async def _track(self, packet: Packet, flags: int) -> tuple[Hashable, int, int, int, bool]:
-        key = self.flow_key(packet)
+    async def _track(
+        self, conn: Any, key: Hashable, packet: Packet, flags: int
+    ) -> tuple[int, int, int, bool]:
         nbytes = packet.ip_len - packet.ihl
-        async with self.conns.create(key) as ref:
-            role, check, n, first = await ref.track(
-                packet.src, packet.sport, packet.dst, packet.dport, flags, nbytes, packet.ts
-            )
-            if n == 0:
-                await ref.set_proto(packet.proto)
+        role, check, n, first = await conn.track(
+            packet.src,
+            packet.sport,
+            packet.dst,
+            packet.dport,
+            packet.proto,
+            flags,
+            nbytes,
+            packet.ts,
+        )
         if n == 0:
             await self._add(("sessions",))
         timer = self.timers.get(key)
@@ -349,7 +358,7 @@ class PRADS(NF):
             self.timers[key] = [packet.proto, packet.ts]
         else:
             timer[1] = packet.ts
-        return key, role, check, n, first
+        return role, check, n, first
 
     async def _asset(self, ip: int, method: str, *args: Any) -> None:
         """Call an untethered method of the asset of ``ip`` (made if new)."""
@@ -403,9 +412,9 @@ class PRADS(NF):
         entry = [order, vlan, role, service, app, distance(packet.ttl)]
         await self._asset(packet.src, "observe_service", skey, entry)
 
-    async def _tcp(self, packet: Packet, vlan: int, ours: bool) -> None:
+    async def _tcp(self, conn: Any, key: Hashable, packet: Packet, vlan: int, ours: bool) -> None:
         flags = packet.tcp_flags
-        key, role, check, n, first = await self._track(packet, flags)
+        role, check, n, first = await self._track(conn, key, packet, flags)
         if not ours:
             return
         if first:
@@ -419,15 +428,14 @@ class PRADS(NF):
             elif sw["synack"]:
                 await self._fingerprint(packet, "SYNACK", vlan, key, n)
                 if role != SERVER:
-                    async with self.conns.create(key) as ref:
-                        await ref.reverse()
+                    await conn.reverse()
                 return
         if role == CLIENT:
             if sw["client"] and not check & CHECK_CLIENT_DONE:
-                await self._payload(packet, vlan, key, n, CLIENT, check)
+                await self._payload(conn, packet, vlan, key, n, CLIENT, check)
         elif role == SERVER:
             if sw["server"] and not check & CHECK_SERVER_DONE:
-                await self._payload(packet, vlan, key, n, SERVER, check)
+                await self._payload(conn, packet, vlan, key, n, SERVER, check)
         else:
             return
         if sw["ack"] and flags & ACK and not flags & (SYN | RST | FIN):
@@ -438,7 +446,7 @@ class PRADS(NF):
             await self._fingerprint(packet, "RST", vlan, key, n)
 
     async def _payload(
-        self, packet: Packet, vlan: int, key: Hashable, n: int, role: int, check: int
+        self, conn: Any, packet: Packet, vlan: int, key: Hashable, n: int, role: int, check: int
     ) -> None:
         frame = packet.frame
         # prads's payload runs to the end of the captured frame (padding included)
@@ -452,9 +460,7 @@ class PRADS(NF):
         if found is not None:
             service, app = found
             await self._service(packet, vlan, key, n, role, port, service, app)
-            done = CHECK_CLIENT_DONE if role == CLIENT else CHECK_SERVER_DONE
-            async with self.conns.create(key) as ref:
-                await ref.set_check(done)
+            await conn.set_check(CHECK_CLIENT_DONE if role == CLIENT else CHECK_SERVER_DONE)
             return
         unknown = CHECK_CLIENT_UNKNOWN if role == CLIENT else CHECK_SERVER_UNKNOWN
         if check & unknown:
@@ -462,11 +468,10 @@ class PRADS(NF):
         guess = known_port(TCP, port)
         if guess is not None:
             await self._service(packet, vlan, key, n, role, port, "unknown", guess)
-            async with self.conns.create(key) as ref:
-                await ref.set_check(unknown)
+            await conn.set_check(unknown)
 
-    async def _udp(self, packet: Packet, vlan: int, ours: bool) -> None:
-        key, role, check, n, first = await self._track(packet, 0)
+    async def _udp(self, conn: Any, key: Hashable, packet: Packet, vlan: int, ours: bool) -> None:
+        role, check, n, first = await self._track(conn, key, packet, 0)
         if not ours:
             return
         if first:
@@ -487,8 +492,7 @@ class PRADS(NF):
         if found is not None:
             port = packet.dport if role == CLIENT else packet.sport
             await self._service(packet, vlan, key, n, role, port, *found)
-            async with self.conns.create(key) as ref:
-                await ref.set_check(CHECK_SERVER_DONE)
+            await conn.set_check(CHECK_SERVER_DONE)
             return
         sport, dport = packet.sport, packet.dport
         if role == CLIENT and not check & CHECK_CLIENT_UNKNOWN:
@@ -500,11 +504,9 @@ class PRADS(NF):
                 if guess is None:
                     return
                 # the sender is the server after all: turn the connection round
-                async with self.conns.create(key) as ref:
-                    await ref.reverse()
+                await conn.reverse()
                 await self._service(packet, vlan, key, n, SERVER, sport, "unknown", guess)
-            async with self.conns.create(key) as ref:
-                await ref.set_check(CHECK_CLIENT_UNKNOWN)
+            await conn.set_check(CHECK_CLIENT_UNKNOWN)
         elif role == SERVER and not check & CHECK_SERVER_UNKNOWN:
             guess = known_port(UDP, sport)
             if guess is not None:
@@ -513,14 +515,14 @@ class PRADS(NF):
                 guess = known_port(UDP, dport)
                 if guess is None:
                     return
-                async with self.conns.create(key) as ref:
-                    await ref.reverse()
+                await conn.reverse()
                 await self._service(packet, vlan, key, n, CLIENT, dport, "unknown", guess)
-            async with self.conns.create(key) as ref:
-                await ref.set_check(CHECK_SERVER_UNKNOWN)
+            await conn.set_check(CHECK_SERVER_UNKNOWN)
 
     async def _other(self, packet: Packet, ours: bool) -> None:
-        first = (await self._track(packet, 0))[4]
+        key = self.flow_key(packet)
+        async with self.conns.create(key) as conn:
+            first = (await self._track(conn, key, packet, 0))[3]
         if ours and first:
             await self._asset(packet.src, "touch", packet.ts)
 

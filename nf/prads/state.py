@@ -74,7 +74,15 @@ class Connection(SingleWriter):
         self.touched = 0  # 1: the client's asset was touched, 2: the server's
 
     def track(
-        self, src: int, sport: int, dst: int, dport: int, flags: int, nbytes: int, ts: float
+        self,
+        src: int,
+        sport: int,
+        dst: int,
+        dport: int,
+        proto: int,
+        flags: int,
+        nbytes: int,
+        ts: float,
     ) -> tuple[int, int, int, bool]:
         """Account one packet: (role, check bits, packet number, first touch of this
         end's asset)."""
@@ -82,6 +90,7 @@ class Connection(SingleWriter):
         self.n = n + 1
         self.last = ts
         if n == 0:
+            self.proto = proto
             self.c_ip = src
             self.c_port = sport
             self.s_ip = dst
@@ -102,9 +111,6 @@ class Connection(SingleWriter):
         first = not self.touched & bit
         self.touched |= bit
         return role, self.check, n, first
-
-    def set_proto(self, proto: int) -> None:
-        self.proto = proto
 
     def set_check(self, bits: int) -> int:
         """Mark payload checks done; the bits now set."""

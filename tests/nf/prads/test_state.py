@@ -89,14 +89,14 @@ def test_a_port_guess_then_a_real_name_is_two_lines() -> None:
 
 def test_connection_roles_and_reverse() -> None:
     c = Connection()
-    assert c.track(1, 100, 2, 22, 0x02, 0, 1.0) == (NOROLE, 0, 0, True)
-    assert c.track(2, 22, 1, 100, 0x12, 0, 2.0) == (SERVER, 0, 1, True)
-    assert c.track(1, 100, 2, 22, 0x10, 0, 3.0) == (CLIENT, 0, 2, False)
+    assert c.track(1, 100, 2, 22, 6, 0x02, 0, 1.0) == (NOROLE, 0, 0, True)
+    assert c.track(2, 22, 1, 100, 6, 0x12, 0, 2.0) == (SERVER, 0, 1, True)
+    assert c.track(1, 100, 2, 22, 6, 0x10, 0, 3.0) == (CLIENT, 0, 2, False)
     c.set_check(CHECK_CLIENT_DONE)
     c.reverse()
     assert c.check == 0
-    assert c.track(1, 100, 2, 22, 0x10, 0, 4.0)[0] == SERVER
-    assert c.track(2, 22, 1, 100, 0x11, 0, 5.0)[0] == CLIENT
+    assert c.track(1, 100, 2, 22, 6, 0x10, 0, 4.0)[0] == SERVER
+    assert c.track(2, 22, 1, 100, 6, 0x11, 0, 5.0)[0] == CLIENT
 
 
 def test_when_connections_end() -> None:
