@@ -195,7 +195,8 @@ class PRADS(NF):
         self._next_sweep: float | None = None
         self._known: set[int] = set()  # assets this instance knows exist
         self._stats_known = False
-        self._pending: dict[str, int] = {}  # statistics not yet handed over
+        #: statistics not yet handed over: kinds of packet (counter names) -> packets
+        self._pending: dict[tuple[str, ...], int] = {}
         self._npending = 0
         #: (ip, entry key) -> the earliest observation this instance sent (see _fresh).
         self._sent: dict[tuple[int, str], list[Any]] = {}
@@ -288,8 +289,7 @@ class PRADS(NF):
         object as one untethered update every STATS_BATCH packets (and at each tick, at
         close and before a query)."""
         pending = self._pending
-        for name in names:
-            pending[name] = pending.get(name, 0) + 1
+        pending[names] = pending.get(names, 0) + 1
         self._npending += 1
         if self._npending >= STATS_BATCH:
             await self._flush_stats()
@@ -297,7 +297,11 @@ class PRADS(NF):
     async def _flush_stats(self) -> None:
         if not self._pending:
             return
-        counts, self._pending, self._npending = self._pending, {}, 0
+        kinds, self._pending, self._npending = self._pending, {}, 0
+        counts: dict[str, int] = {}
+        for names, n in kinds.items():
+            for name in names:
+                counts[name] = counts.get(name, 0) + n
         if self._stats_known:
             try:
                 async with self.stats.get(STATS_KEY) as ref:
