@@ -5,7 +5,7 @@ too, less the year)::
     Information Leak] [Priority: 2] {TCP} 10.0.0.1:40000 -> 10.0.0.2:80
 
 (one line).  Time in UTC; the classification block only when the rule has a classtype;
-ports only for TCP and UDP.
+ports only for TCP and UDP, and not for a fragment.
 """
 
 from __future__ import annotations
@@ -31,15 +31,23 @@ def _timestamp(ts: float) -> str:
 
 
 def fast_alert(
-    rule: Rule, ts: float, proto: int, src: int, sport: int, dst: int, dport: int
+    rule: Rule,
+    ts: float,
+    proto: int,
+    src: int,
+    sport: int,
+    dst: int,
+    dport: int,
+    fragment: bool = False,
 ) -> str:
-    """The fast-alert line of ``rule`` firing on a packet."""
+    """The fast-alert line of ``rule`` firing on a packet (a ``fragment``'s line has no
+    ports, as Snort writes it)."""
     parts = [f"{_timestamp(ts)}  [**] [{rule.gid}:{rule.sid}:{rule.rev}] {rule.msg} [**]"]
     if rule.classification is not None:
         parts.append(f"[Classification: {rule.classification.description}]")
     parts.append(f"[Priority: {rule.priority}]")
     name = PROTO_NAMES.get(proto)
-    if name in ("TCP", "UDP"):
+    if name in ("TCP", "UDP") and not fragment:
         parts.append(f"{{{name}}} {ip_str(src)}:{sport} -> {ip_str(dst)}:{dport}")
     else:
         parts.append(f"{{{name or 'IP'}}} {ip_str(src)} -> {ip_str(dst)}")

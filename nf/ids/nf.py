@@ -182,10 +182,18 @@ class IDS(NF):
         if not matched:
             return Verdict.FORWARD
         server = packet.dst if to_server else packet.src
+        fragment = bool(packet.ip_off & 0x2000)  # the first of several fragments
         async with self.servers.create(server) as record:
             for rule in matched:
                 line = fast_alert(
-                    rule, packet.ts, proto, packet.src, packet.sport, packet.dst, packet.dport
+                    rule,
+                    packet.ts,
+                    proto,
+                    packet.src,
+                    packet.sport,
+                    packet.dst,
+                    packet.dport,
+                    fragment,
                 )
                 entry = [packet.ts, *key, number, rule.index, line]
                 await record.add(entry, self.alerts_per_server)
@@ -245,6 +253,7 @@ class IDS(NF):
         raise KeyError(f"unknown query {name!r} (alerts, servers, trusted, statistics)")
 
     async def _alerts(self) -> list[str]:
+        await self.space.flush()  # this member's untethered alerts, applied
         entries: list[list[Any]] = []
         async for _key, record in self.servers.items():
             entries.extend(sorted(record.entries)[: record.bound])

@@ -173,3 +173,17 @@ async def test_the_same_alerts_on_one_instance_three_and_a_scale_out() -> None:
 
 # keep the flag names importable for readers of the tests above
 _ = (FIN, RST)
+
+
+async def test_fragments() -> None:
+    """The first fragment is inspected and its alert has no ports (as Snort writes it);
+    later fragments are not inspected."""
+    from tests.nf.ids.helpers import eth_raw
+
+    rules = 'alert udp any any -> any any (msg:"f"; content:"frag"; sid:1;)'
+    body = bytes.fromhex("1f90 0050 0020 0000") + b"frag data"
+    first = eth_raw(17, 0x0A000001, 0x0A000002, body, 0x2000)
+    later = eth_raw(17, 0x0A000001, 0x0A000002, b"frag frag", 0x0003)
+    result = await run_ids([(1.0, first), (2.0, later)], {"rules_text": rules})
+    assert [x.split("{UDP} ")[1] for x in result.lines] == ["10.0.0.1 -> 10.0.0.2"]
+    assert result.counts["fragment-not-inspected"] == 1
