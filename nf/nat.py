@@ -27,7 +27,8 @@ SingleWriter pool, as in the paper, would move to every instance that opens a fl
 **Allocation** draws ``tries`` random offsets in a shard (the RNG is injectable:
 ``config["rng"]``) and takes the first free one, as S6 does; if all draws hit used ports it
 scans the shard from a cursor (a deviation from S6, which gives up after 10 draws and sends
-the packet untranslated).  A full pool is counted (``pool-exhausted``) and the packet
+the packet untranslated).  The RNG is seeded from ``seed`` and the instance's name, so a run
+gives the same ports each time.  A full pool is counted (``pool-exhausted``) and the packet
 forwarded untranslated with no entries written, or dropped (``exhausted = "drop"``).
 
 **Removal** (S6 never removes entries): both entries are removed and the port returned on a
@@ -57,6 +58,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import random
+import zlib
 from typing import Any, ClassVar
 
 from nf.base import NF, ConfigError, Verdict
@@ -79,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "exhausted": "forward",
     "unsolicited": "drop",
     "other": "forward",
-    "seed": None,
+    "seed": 0,
 }
 
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
@@ -299,7 +301,11 @@ class NAT(NF):
         self.other_verdict = Verdict.DROP if cfg["other"] == "drop" else Verdict.FORWARD
         self.inside = _networks(cfg["inside"])
         rng = cfg.get("rng")
-        self.rng: random.Random = rng if rng is not None else random.Random(cfg["seed"])
+        # Seeded with the instance's name too, so that instances draw differently; the same
+        # run gives the same ports every time (set another ``seed`` to change them).
+        self.rng: random.Random = (
+            rng if rng is not None else random.Random(f"{cfg['seed']}/{space.name}")
+        )
         self.entries = space.map("nat.entries", NatEntry)
         self.pool = space.map("nat.pool", PortShard)
         self.me = space.name
@@ -310,7 +316,8 @@ class NAT(NF):
         #: Shards a microthread of this instance is making right now (how many are).
         self._claiming: dict[tuple[int, int], int] = {}
         #: Where this instance starts looking for a shard to claim (spreads instances).
-        self._claim_start = hash(self.me) % (len(self.publics) * self.shards_per_ip)
+        total = len(self.publics) * self.shards_per_ip
+        self._claim_start = zlib.crc32(self.me.encode()) % total
         #: Timer heap of the entries this instance wrote: (due, key).
         self.timers: list[tuple[float, FlowKey]] = []
         self.timed: set[FlowKey] = set()
