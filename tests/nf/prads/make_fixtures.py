@@ -637,6 +637,35 @@ def mixed(seed: int = 6, flows: int = 120) -> Frames:
     return out
 
 
+def bench_traffic() -> Frames:
+    """``bench.traffic``'s generator (40 flows, seed 11): realistic conversations with
+    banners and clients.  Its output may change with that module; the committed capture
+    is what the tests use."""
+    import subprocess as sp
+
+    from tests.nf.prads.frames import read_pcap
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "t.pcap"
+        sp.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.traffic",
+                "make",
+                "--flows",
+                "40",
+                "--seed",
+                "11",
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return read_pcap(str(out))
+
+
 SCENARIOS: dict[str, Callable[[], Frames]] = {
     "syn": syn_variants,
     "sessions": sessions,
@@ -645,7 +674,11 @@ SCENARIOS: dict[str, Callable[[], Frames]] = {
     "ack": stray_acks,
     "mixed": mixed,
     "home": sessions,
+    "traffic": bench_traffic,
 }
+
+#: Scenarios whose capture comes from another module and may change with it.
+FOREIGN = {"traffic"}
 
 #: Scenarios run with prads settings beyond its defaults: name -> (prads.conf lines, our
 #: configuration).
