@@ -190,7 +190,7 @@ class PRADS(NF):
         self.conns: Map[Connection] = space.map("prads.connections", Connection)
         self.assets: Map[Asset] = space.map("prads.assets", Asset)
         self.stats: Map[Statistics] = space.map("prads.statistics", Statistics)
-        #: This instance's flows: key -> [proto, last, client flags, server flags].
+        #: This instance's timer list: the flows it served, key -> [proto, last packet].
         self.timers: dict[Hashable, list[Any]] = {}
         self._next_sweep: float | None = None
         self._known: set[int] = set()  # assets this instance knows exist
@@ -220,7 +220,10 @@ class PRADS(NF):
     @classmethod
     def config_from(cls, args: argparse.Namespace, toml: dict[str, Any]) -> dict[str, Any]:
         table = toml.get("prads", toml)
-        config = dict(table) if isinstance(table, dict) else {}
+        if not isinstance(table, dict):
+            raise ConfigError(f"[prads] must be a table, not {table!r}")
+        # (other tables of a shared file are other NFs' settings)
+        config = {k: v for k, v in table.items() if not isinstance(v, dict)}
         sigs = getattr(args, "signatures", None)
         if sigs:
             config["signatures"] = sigs
