@@ -637,6 +637,66 @@ def mixed(seed: int = 6, flows: int = 120) -> Frames:
     return out
 
 
+def oddities(seed: int = 12, count: int = 600) -> Frames:
+    """Single packets with random header values among few hosts and ports: flags, sequence
+    and acknowledgement numbers, windows, options (some random bytes), IP options, TTLs,
+    DF, IP ids, reserved bits, urgent pointers, payloads; some UDP."""
+    import random
+
+    rng = random.Random(seed)
+    hosts = [f"10.2.0.{i}" for i in range(1, 60)]
+    ports = [22, 80, 25, 21, 443, 53, 123, 40000, 40001, 40002]
+    flag_sets = ["S", "S", "SA", "SA", "A", "PA", "FA", "F", "R", "RA", "SF", "SR", "SEC"]
+    flag_sets += ["SAE", "FPU", "", "SU"]
+    stacks = [o for _, o in _CLIENT_STACKS + _SERVER_STACKS] + [b""]
+    out: Frames = []
+    t = _Clock()
+    for _ in range(count):
+        a, b = rng.sample(hosts, 2)
+        ap, bp = rng.choice(ports), rng.choice(ports)
+        if rng.random() < 0.15:
+            pl = rng.choice(
+                [b"", b"abc", bytes(rng.getrandbits(8) for _ in range(30)), b"<13>hi there"]
+            )
+            frame = udp(a, ap, b, bp, pl, ttl=rng.randint(1, 255), df=rng.random() < 0.5)
+            out.append((t(0.01), frame))
+            continue
+        if rng.random() < 0.5:
+            opts = rng.choice(stacks)
+        else:
+            k = rng.choice(range(0, 44, 4))
+            kinds = [0, 1, 2, 3, 4, 8, 30]
+            opts = bytes(
+                rng.choice(kinds) if rng.random() < 0.6 else rng.getrandbits(8) for _ in range(k)
+            )
+        pl = b""
+        r = rng.random()
+        if r < 0.3:
+            pl = rng.choice(_BANNERS)[rng.choice([1, 2])]
+        elif r < 0.4:
+            pl = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 40)))
+        frame = tcp(
+            a,
+            ap,
+            b,
+            bp,
+            rng.choice(flag_sets),
+            seq=rng.choice([0, 1, 12345, 2**32 - 1]),
+            ack=rng.choice([0, 1, 12345]),
+            win=rng.choice([0, 512, 1460, 2920, 5840, 8192, 12345, 16384, 65535]),
+            opts=opts,
+            payload=pl,
+            urp=rng.choice([0, 0, 0, 1]),
+            x2=rng.choice([0, 0, 0, 1, 8]),
+            ttl=rng.randint(1, 255),
+            df=rng.random() < 0.7,
+            ip_id=rng.choice([0, 1, 4242]),
+            ipopts=rng.choice([b"", b"", b"", NOP * 4, NOP * 8]),
+        )
+        out.append((t(0.01), frame))
+    return out
+
+
 def bench_traffic() -> Frames:
     """``bench.traffic``'s generator (40 flows, seed 11): realistic conversations with
     banners and clients.  Its output may change with that module; the committed capture
@@ -674,6 +734,7 @@ SCENARIOS: dict[str, Callable[[], Frames]] = {
     "ack": stray_acks,
     "mixed": mixed,
     "home": sessions,
+    "odd": oddities,
     "traffic": bench_traffic,
 }
 
