@@ -394,6 +394,10 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
     except (ConfigError, CaptureError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file an NF option names, not turned into a ConfigError
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{name}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     try:
         result = trio.run(
             lambda: run_capture(
