@@ -137,6 +137,9 @@ class Detector:
         self._sport_cache: dict[tuple[str, int], int] = {}
         self._dport_cache: dict[tuple[str, int], int] = {}
         self._groups: dict[tuple[str, int], _Group] = {}
+        #: (proto, sport, dport) packed in an int -> its group: the packets of one flow
+        #: find theirs in one lookup.
+        self._recent: dict[int, _Group] = {}
 
     def _port_mask(self, name: str, port: int, source: bool) -> int:
         cache = self._sport_cache if source else self._dport_cache
@@ -153,8 +156,18 @@ class Detector:
         return mask
 
     def group(self, proto: int, sport: int, dport: int) -> _Group:
-        """The rules a packet of ``proto`` between these ports can meet, with their
-        prefilter."""
+        """The rules a packet of ``proto`` between these ports can meet (their port lists
+        admit it one way or, for ``<>``, the other), with their prefilter."""
+        packed = proto << 32 | sport << 16 | dport
+        group = self._recent.get(packed)
+        if group is None:
+            group = self._group(proto, sport, dport)
+            if len(self._recent) >= _PORT_CACHE:
+                self._recent.clear()
+            self._recent[packed] = group
+        return group
+
+    def _group(self, proto: int, sport: int, dport: int) -> _Group:
         name = _GROUPS.get(proto, "ip")
         if name in ("tcp", "udp"):
             pm = self._port_mask
@@ -185,9 +198,12 @@ class Detector:
         payload = packet.payload
         lower = payload.lower()
         ports = packet.proto in (TCP, UDP)
+        # the port groups admit only rules whose ports fit: then a rule for any address
+        # needs no header check
+        grouped = self.prefilter
         matched: list[Rule] = []
         for rule in self.candidates(packet, lower):
-            if not rule.header_matches(
+            if not (grouped and rule.any_address) and not rule.header_matches(
                 packet.src, packet.sport, packet.dst, packet.dport, ports and rule.proto != "ip"
             ):
                 continue

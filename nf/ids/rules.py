@@ -108,6 +108,11 @@ class Rule:
     plan: Plan = field(default_factory=lambda: make_plan([]))
     fast_pattern: Content | None = None
     text: str = ""
+    #: both address lists admit every address
+    any_address: bool = False
+
+    def __post_init__(self) -> None:
+        self.any_address = self.src.everything and self.dst.everything
 
     def header_matches(self, src: int, sport: int, dst: int, dport: int, ports: bool) -> bool:
         """Whether the header admits a packet ``src:sport -> dst:dport`` (ports only when
