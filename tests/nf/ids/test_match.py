@@ -1,5 +1,5 @@
-"""Option semantics on single packets (NF-notes-style cases: Snort 2.9's reading, checked
-against Suricata where the two agree)."""
+"""Option semantics on single packets: Snort 2.9's reading of each option (the cases on
+UDP are also in the Suricata fixture, where the two agree)."""
 
 from __future__ import annotations
 
