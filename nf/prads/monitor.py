@@ -537,8 +537,9 @@ class PRADS(NF):
 
     async def tick(self, now: float) -> None:
         """End this instance's connections as prads's 60-second sweep would, on packet
-        time: each candidate is confirmed with its Connection (which knows the flow's
-        last packet on any instance) before it is removed."""
+        time: each candidate of this instance's timer list is confirmed with its
+        Connection (which knows the flow's last packet on any instance) through a
+        read-only reference, which moves nothing, before it is removed."""
         await self._flush_stats()
         if self._next_sweep is None:
             self._next_sweep = now + SWEEP_EVERY
@@ -550,12 +551,12 @@ class PRADS(NF):
             if not ended(proto, last, 0x05, 0x05, now):  # the loosest rule it could meet
                 continue
             try:
-                async with self.conns.get(key) as ref:
-                    done, last = await ref.ended(now)
+                async with self.conns.get(key, readonly=True) as ref:
+                    proto, last, c_flags, s_flags = await ref.idle()
             except ObjectNotFound:
                 self.timers.pop(key, None)
                 continue
-            if done:
+            if ended(proto, last, c_flags, s_flags, now):
                 await self.conns.remove(key)
                 self.timers.pop(key, None)
                 self.count("sessions-ended")

@@ -128,15 +128,18 @@ class Connection(SingleWriter):
         self.touched = ((self.touched & 1) << 1) | ((self.touched >> 1) & 1)
         self.check = 0
 
-    def ended(self, now: float) -> tuple[bool, float]:
-        """Whether prads's session sweep would end this connection at ``now`` (TCP after
-        FIN both ways or a RST and 5 s idle, or 300 s idle; UDP and ICMP after 60 s idle;
-        anything else after 300 s), and the time of its last packet."""
-        return ended(self.proto, self.last, self.flags[0], self.flags[1], now), self.last
+    @stale(max_age=0.0)
+    def idle(self) -> tuple[int, float, int, int]:
+        """(protocol, last packet time, client flags, server flags): what :func:`ended`
+        needs.  A stale read (never older than the call, max_age 0) so that a sweep can
+        ask it through a read-only reference, which never moves the object."""
+        return self.proto, self.last, self.flags[0], self.flags[1]
 
 
 def ended(proto: int, last: float, c_flags: int, s_flags: int, now: float) -> bool:
-    """prads's rule for ending a connection (see :meth:`Connection.ended`)."""
+    """Whether prads's session sweep would end a connection at ``now``: TCP after FIN
+    both ways or a RST and 5 s idle, or 300 s idle; UDP and ICMP after 60 s idle;
+    anything else after 300 s."""
     idle = now - last
     if proto == 6:
         if c_flags & 0x01 and s_flags & 0x01 and idle > 5:

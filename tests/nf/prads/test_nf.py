@@ -222,3 +222,24 @@ async def test_connections_end_on_packet_time_on_the_instance_that_served_them()
     log2, _ = await run(frames, instances=2, switch_every=3)
     assert sorted(log1) == sorted(log2)
     assert sum(",SERVER," in line for line in log1) == 1
+
+
+async def test_the_sweep_moves_no_object() -> None:
+    from tests.nf.prads.driver import spaces
+
+    frames = _conversation(T, 1)
+    async with spaces(2) as (a, b):
+        nfa, nfb = PRADS(a, {}), PRADS(b, {})
+        for i, (ts, frame) in enumerate(frames):
+            space, nf = (a, nfa) if i == 0 else (b, nfb)  # the flow moves from a to b
+            packet = parse(frame, ts)
+            await (await space.submit(nf.flow_key(packet), nf.process, packet))
+        for nf in (nfa, nfb):
+            await nf.tick(T)  # the first tick sets the sweep's clock
+        moved = [s.statistics().migrations_in for s in (a, b)]
+        assert moved == [0, 1]
+        for nf in (nfa, nfb):
+            await nf.tick(T + 100)
+        assert [s.statistics().migrations_in for s in (a, b)] == moved
+        assert nfa.counts.get("sessions-ended", 0) + nfb.counts.get("sessions-ended", 0) == 1
+        assert nfa.timers == {} and nfb.timers == {}
