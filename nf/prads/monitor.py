@@ -578,7 +578,23 @@ class PRADS(NF):
             return await self._statistics()
         if name == "signatures":
             return {"folder": self.signatures.folder, **self.signatures.summary()}
-        raise KeyError(f"prads has no query {name!r} (log, assets, statistics, signatures)")
+        if name == "seen":
+            return await self._seen(str(args.get("ip", "")))
+        raise KeyError(f"prads has no query {name!r} (log, assets, statistics, signatures, seen)")
+
+    async def _seen(self, ip: str) -> tuple[float, float] | None:
+        """When host ``ip`` was first and last seen, by a stale read of its asset (the
+        paper's Figure 3: served from this member's cache when fresh enough), or None."""
+        try:
+            key = int(ipaddress.IPv4Address(ip))
+        except ValueError:
+            raise ValueError(f"seen: not an IPv4 address: {ip!r}") from None
+        try:
+            async with self.assets.get(key, readonly=True) as ref:
+                first, last = await ref.seen()
+        except ObjectNotFound:
+            return None
+        return first, last
 
     async def _table(self) -> list[tuple[int, Asset]]:
         await self.space.flush()

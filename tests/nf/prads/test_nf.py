@@ -82,6 +82,10 @@ async def test_queries() -> None:
         assert asset["services"] == []
         sigs = await nf.query("signatures")
         assert sigs["tcp-syn.fp"] > 0
+        assert await nf.query("seen", ip="10.0.0.1") == (T + 1, T + 1)
+        assert await nf.query("seen", ip="10.9.9.9") is None
+        with pytest.raises(ValueError, match="not an IPv4 address"):
+            await nf.query("seen", ip="nope")
         with pytest.raises(KeyError, match="log, assets"):
             await nf.query("nope")
 
