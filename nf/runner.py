@@ -193,8 +193,8 @@ async def open_cluster(
                 open_controller("127.0.0.1:0", secret=cluster.secret, manual_admission=True)
             )
             cluster.nursery = await stack.enter_async_context(trio.open_nursery())
-            await cluster.join(instances)
             try:
+                await cluster.join(instances)
                 yield cluster
             finally:
                 quiet.setLevel(logging.CRITICAL)
@@ -390,6 +390,10 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
     name = prog.split()[-1]
     try:
         config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
+        # The NF's own checks of its configuration, on plain dicts, before a space starts.
+        from nf.dicts import DictSpace
+
+        nf_cls(DictSpace(), config)  # type: ignore[arg-type]
         packets = read_capture(args.pcap)
     except (ConfigError, CaptureError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
