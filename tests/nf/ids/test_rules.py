@@ -12,7 +12,7 @@ from nf.ids.rules import Rule, load_rules, parse_classifications
 from nf.packet import ip_int
 
 CLASSES, _ = parse_classifications(
-    "config classification: attempted-recon,Attempted Information Leak,2\n"
+    "config classification: attempted-recon,Probe for information,2\n"
     "config classification: low,Something Minor,3\n"
 )
 

@@ -102,8 +102,8 @@ async def test_per_packet_alerts_have_the_same_timestamps() -> None:
 async def test_line_format() -> None:
     lines = await _ours()
     assert lines[0] == (
-        "07/14-02:40:00.010000  [**] [1:1000001:1] T1 phf [**] [Classification: Attempted "
-        "Information Leak] [Priority: 2] {UDP} 10.0.0.1:40000 -> 10.0.0.2:9001"
+        "07/14-02:40:00.010000  [**] [1:1000001:1] T1 phf [**] [Classification: Probe for "
+        "information] [Priority: 2] {UDP} 10.0.0.1:40000 -> 10.0.0.2:9001"
     )
     # without a classtype: no classification block, priority 0 (Snort; Suricata prints
     # "(null)" and 3)
