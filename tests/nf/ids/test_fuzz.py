@@ -1,6 +1,6 @@
 """Random and mutated frames through the IDS: no exception, every frame counted.
 
-50,000 frames by default; ``S6_FUZZ_FRAMES=1000000`` for a million (``S6_RANDOM=1`` for a
+50,000 frames by default; ``S6_NF_FUZZ=1000000`` (as the other NFs' fuzz tests) for a million (``S6_RANDOM=1`` for a
 fresh seed, printed on failure)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from nf.packet import DROP_REASONS
 from tests.nf.ids.helpers import eth_raw, run_ids
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FRAMES = int(os.environ.get("S6_FUZZ_FRAMES", "50000"))
+FRAMES = int(os.environ.get("S6_NF_FUZZ", os.environ.get("S6_FUZZ_FRAMES", "50000")))
 SEED = random.randrange(1 << 30) if os.environ.get("S6_RANDOM") else 20261204
 
 #: Payload pieces the rules look for, so that mutated frames reach deep into matching.
