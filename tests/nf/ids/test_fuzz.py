@@ -1,7 +1,7 @@
 """Random and mutated frames through the IDS: no exception, every frame counted.
 
-50,000 frames by default; ``S6_NF_FUZZ=1000000`` (as the other NFs' fuzz tests) for a million (``S6_RANDOM=1`` for a
-fresh seed, printed on failure)."""
+50,000 frames by default; ``S6_NF_FUZZ=1000000`` (as for the other NFs' fuzz tests) for a
+million; ``S6_RANDOM=1`` for a fresh seed (printed on failure)."""
 
 from __future__ import annotations
 
