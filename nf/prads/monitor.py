@@ -157,7 +157,8 @@ _PROTO_COUNTER = {
     4: "ip4ip_recv",  # IPv4 in IPv4
     41: "ip4ip_recv",  # IPv6 in IPv4
 }
-_C_IP4 = {(v, p): _kinds(v, p) for v in (False, True) for p in (*_PROTO_COUNTER, 0)}
+_C_IP4_PLAIN = {p: _kinds(False, p) for p in (*_PROTO_COUNTER, 0)}
+_C_IP4_VLAN = {p: _kinds(True, p) for p in (*_PROTO_COUNTER, 0)}
 
 
 class PRADS(NF):
@@ -246,7 +247,8 @@ class PRADS(NF):
     # ------------------------------------------------------------------ packets
 
     async def process(self, packet: Packet) -> Verdict:
-        self.count("packets")
+        counts = self.counts
+        counts["packets"] = counts.get("packets", 0) + 1
         frame = packet.frame
         if packet.drop is not None:
             self.count(packet.drop)
@@ -263,14 +265,21 @@ class PRADS(NF):
             await self._add(_link_counters(frame))
             return Verdict.FORWARD
         proto = packet.proto
-        await self._add(_C_IP4[(etype == 0x8100, proto if proto in _PROTO_COUNTER else 0)])
+        # the packet's statistics (inline: this is the per-packet path)
+        table = _C_IP4_VLAN if etype == 0x8100 else _C_IP4_PLAIN
+        kinds = table.get(proto) or table[0]
+        pending = self._pending
+        pending[kinds] = pending.get(kinds, 0) + 1
+        self._npending += 1
+        if self._npending >= STATS_BATCH:
+            await self._flush_stats()
         if packet.ip_off & 0x1FFF:
             self.count("fragment")  # a later fragment: no ports to track
             return Verdict.FORWARD
         src = packet.src
         ours = self._home is None or any((src & m) == a for a, m in self._home)
         if proto == TCP or proto == UDP:
-            key = self.flow_key(packet)
+            key = packet.flow_key_both()  # self.flow_key: PRADS is bidirectional
             # one access to the flow's Connection for the whole packet
             async with self.conns.create(key) as conn:
                 if proto == TCP:
