@@ -159,16 +159,20 @@ def test_command_line(
 
 async def test_the_same_alerts_on_one_instance_three_and_a_scale_out() -> None:
     packets = mixed_traffic(250, seed=7)
-    one = await run_ids(packets, {})
-    assert len(one.lines) > 100
-    three = await run_ids(packets, {}, instances=3)
+    config = {"whitelist": ["10.0.1.5"]}  # one of the five servers is trusted
+    one = await run_ids(packets, config)
+    assert len(one.lines) > 100 and one.counts["whitelisted"] > 100
+    three = await run_ids(packets, config, instances=3)
     assert three.lines == one.lines
     from nf.ids import IDS as cls
     from nf.runner import run_capture
 
-    scaled = await run_capture(cls, {}, packets, instances=2, scale_at=0.5)
+    scaled = await run_capture(cls, config, packets, instances=2, scale_at=0.5)
     assert scaled.lines == one.lines
-    assert scaled.counts["alerts"] == one.counts["alerts"] == len(one.lines)
+    for result in (three, scaled):
+        for count in ("alerts", "whitelisted", "inspected", "packets"):
+            assert result.counts[count] == one.counts[count], count
+    assert one.counts["alerts"] == len(one.lines)
 
 
 # keep the flag names importable for readers of the tests above
