@@ -191,3 +191,19 @@ async def test_fragments() -> None:
     result = await run_ids([(1.0, first), (2.0, later)], {"rules_text": rules})
     assert [x.split("{UDP} ")[1] for x in result.lines] == ["10.0.0.1 -> 10.0.0.2"]
     assert result.counts["fragment-not-inspected"] == 1
+
+
+def test_classification_files(tmp_path: Path) -> None:
+    rules = tmp_path / "site.rules"
+    rules.write_text('alert udp any any -> any any (msg:"m"; classtype:odd; sid:1;)\n')
+    # no classification.config anywhere that knows "odd": the rule is an error
+    assert load_config_rules({"rules": str(rules)}).errors
+    (tmp_path / "classification.config").write_text("config classification: odd,Beside,4\n")
+    (beside,) = load_config_rules({"rules": str(rules)}).rules
+    assert beside.classification is not None and beside.classification.description == "Beside"
+    assert beside.priority == 4
+    named = tmp_path / "other.config"
+    named.write_text("config classification: odd,Named,1\n")
+    args = argparse.Namespace(rules=str(rules), classification=str(named))
+    (chosen,) = IDS.config_from(args, {})["ruleset"].rules
+    assert chosen.classification is not None and chosen.classification.description == "Named"
