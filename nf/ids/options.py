@@ -285,6 +285,8 @@ def parse_pcre(value: str) -> Pcre:
             dollar_end = True
         elif f == "G":
             ungreedy = True
+        elif f == "O":
+            pass  # lifts Snort's own match limits; Python's re has none
         else:
             raise UnsupportedOption("pcre", f"flag {f!r}")
     pattern = _translate_pcre(body, dollar_end and not flags & re.MULTILINE, ungreedy)
