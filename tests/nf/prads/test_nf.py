@@ -247,3 +247,19 @@ async def test_the_sweep_moves_no_object() -> None:
         assert [s.statistics().migrations_in for s in (a, b)] == moved
         assert nfa.counts.get("sessions-ended", 0) + nfb.counts.get("sessions-ended", 0) == 1
         assert nfa.timers == {} and nfb.timers == {}
+
+
+def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nf.__main__ import main
+
+    pcap = str(Path(__file__).parent / "fixtures" / "udp.pcap")
+    assert main(["prads", "--pcap", pcap]) == 0
+    out, err = capsys.readouterr()
+    want = (Path(__file__).parent / "fixtures" / "udp.ours.log").read_text().splitlines()
+    assert sorted(out.splitlines()) == sorted(want)
+    assert "prads: 13 packets" in err
+    (tmp_path / "tcp-service.sig").write_text("ok,v/a//,x\nbroken line\n")
+    assert main(["prads", "--pcap", pcap, "--signatures", str(tmp_path)]) != 0
+    _, err = capsys.readouterr()
+    assert f"{tmp_path / 'tcp-service.sig'}:2: want service" in err
+    assert len(err.strip().splitlines()) == 1
