@@ -3,3 +3,5 @@
 S4:64:1:52:N,N,T:AFTN:Linux:S6 test FIN A
 # Without timestamps.
 %512:64:1:40:.:AFN:Linux:S6 test FIN plain
+# Any window, no options: the catch-all FIN with ACK.
+*:64:1:40:.:AFN:Linux:S6 demo FIN

@@ -22,3 +22,5 @@ T3:64:1:48:M*,N,N,S:.:BSD:S6 test stack F
 8192:255:1:48:M1460:IU:Router:S6 test stack H (quirky)
 # No-detail prefix: the TTL bound is not checked.
 4096:32:1:44:M536:.:*Tiny:S6 test stack I
+# A large window (44 segments), as bench.traffic's clients send.
+S44:64:1:60:M*,S,T,N,W7:.:Linux:S6 demo client (large window)
