@@ -387,6 +387,8 @@ class PRADS(NF):
                 self._known.discard(ip)
         async with self.assets.create(ip) as ref:
             await getattr(ref, method)(*args)
+        if len(self._known) >= SENT_CACHE:
+            self._known.clear()  # a cache: forgetting costs a create (which finds it)
         self._known.add(ip)
 
     @staticmethod
