@@ -466,9 +466,10 @@ _POSIX_CLASSES = {
 
 def pcre_to_python(pattern: str) -> str:
     """Rewrite a PCRE pattern for Python's ``re`` where they read the same text
-    differently: POSIX classes (``[[:alpha:]]``), PCRE's ``\\Z`` and ``\\z``, and
-    escaped letters PCRE takes literally (``\\y`` is ``y``).  ``\\s`` keeps Python's
-    meaning (it also takes a vertical tab, which old PCRE's ``\\s`` did not)."""
+    differently: POSIX classes (``[[:alpha:]]``), ``\\Q...\\E``, PCRE's ``\\Z`` and
+    ``\\z``, ``\\e`` and ``\\x{hh}``, and escaped letters PCRE takes literally (``\\y``
+    is ``y``).  ``\\s`` keeps Python's meaning (it also takes a vertical tab, which old
+    PCRE's ``\\s`` did not)."""
     out: list[str] = []
     i = 0
     n = len(pattern)
@@ -478,7 +479,15 @@ def pcre_to_python(pattern: str) -> str:
         c = pattern[i]
         if c == "\\" and i + 1 < n:
             e = pattern[i + 1]
-            if e == "z":
+            if e == "e":
+                out.append(r"\x1b")
+            elif e == "x" and pattern.startswith("{", i + 2) and "}" in pattern[i + 3 :]:
+                end = pattern.index("}", i + 3)
+                code = int(pattern[i + 3 : end] or "0", 16)
+                out.append(f"\\x{code:02x}" if code < 256 else re.escape(chr(code)))
+                i = end + 1
+                continue
+            elif e == "z":
                 out.append(r"\Z")
             elif e == "Z":
                 out.append(r"(?=\n?\Z)")
@@ -612,7 +621,7 @@ def parse_service_line(text: str, line: int) -> ServiceSignature | None:
     source = ",".join(parts[2:])
     try:
         regex = re.compile(pcre_to_python(source).encode("latin-1"))
-    except (re.error, UnicodeEncodeError, OverflowError) as exc:
+    except (re.error, UnicodeEncodeError, OverflowError, ValueError) as exc:
         raise _LineError(f"the regex does not compile: {exc}") from None
     return ServiceSignature(
         line=line,

@@ -154,6 +154,7 @@ def test_pcre_spellings_python_reads_differently() -> None:
     assert re.fullmatch(pcre_to_python(r"[]a]+"), "]a]")
     assert re.search(pcre_to_python(r"end\Z"), "end\n")
     assert not re.search(pcre_to_python(r"end\z"), "end\n")
+    assert re.fullmatch(pcre_to_python(r"\e\x{41}\x{7e}"), "\x1bA~")
 
 
 def test_links_and_known_ports() -> None:
