@@ -468,8 +468,8 @@ def pcre_to_python(pattern: str) -> str:
     """Rewrite a PCRE pattern for Python's ``re`` where they read the same text
     differently: POSIX classes (``[[:alpha:]]``), ``\\Q...\\E``, PCRE's ``\\Z`` and
     ``\\z``, ``\\e`` and ``\\x{hh}``, and escaped letters PCRE takes literally (``\\y``
-    is ``y``).  ``\\s`` keeps Python's meaning (it also takes a vertical tab, which old
-    PCRE's ``\\s`` did not)."""
+    is ``y``).  ``\\s`` means the same in both (PCRE takes the vertical tab too since
+    8.34; Debian's prads 0.3.3 runs on 8.39)."""
     out: list[str] = []
     i = 0
     n = len(pattern)
