@@ -164,8 +164,15 @@ def mixed_traffic(flows: int, seed: int) -> list[tuple[float, bytes]]:
         b"USER alice\r\n",
         b"\x90\x90\x90\x90\x90 /bin/sh",
         b"hello",
+        b"GET / HTTP/1.1\r\nUser-Agent: curl/8.1.2\r\n\r\n",
     ]
-    replies = [b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 500 Internal\r\n", b"login: ", b"220 ok"]
+    replies = [
+        b"HTTP/1.1 200 OK\r\n",
+        b"HTTP/1.1 500 Internal\r\n",
+        b"login: ",
+        b"220 ok",
+        b"HTTP/1.1 200 OK\r\nServer: Apache/2.2.22\r\n\r\n",
+    ]
     servers = [f"10.0.1.{i}" for i in range(1, 6)]
     streams: list[list[bytes]] = []
     for i in range(flows):
@@ -175,8 +182,11 @@ def mixed_traffic(flows: int, seed: int) -> list[tuple[float, bytes]]:
         kind = rng.random()
         c = Capture()
         if kind < 0.7:
-            sport = rng.choice([80, 8080, 21, 23, 8000])
+            sport = rng.choice([80, 8080, 21, 23, 8000, 22])
             exchanges = []
+            if sport == 22:
+                banner = rng.choice([b"SSH-2.0-OpenSSH_5.9\r\n", b"SSH-2.0-OpenSSH_9.6\r\n"])
+                exchanges.append(("s", banner))
             for _ in range(rng.randrange(1, 4)):
                 exchanges.append(("c", rng.choice(requests)))
                 if rng.random() < 0.6:
