@@ -1,6 +1,6 @@
 # ruff: noqa: E501  (observed log lines are long)
-"""PRADS as an NF: options, configuration, queries, home networks, and the cases of our
-notes observed with the real prads and Debian's signature files."""
+"""PRADS as an NF: options, configuration, queries, home networks, and cases observed
+with the real prads and Debian's signature files."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ async def test_detections_can_be_turned_off() -> None:
     assert log == [HEADER]
 
 
-# Cases our notes record as observed with prads 0.3.3 and Debian's signature files.
+# Cases observed with prads 0.3.3 and Debian's signature files.
 needs_debian = pytest.mark.skipif(not (DEBIAN / "tcp-syn.fp").exists(), reason="no /etc/prads here")
 
 
