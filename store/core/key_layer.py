@@ -303,6 +303,11 @@ class KeyLayer:
         by_key = self.records.get(msg.map)
         rec = None if by_key is None else by_key.get(msg.key)
         op = msg.op
+        if self.dead and op is not Op.MOVED and msg.origin in self.dead:
+            # Asked by a node declared dead (it waited in a queue here, or was relayed):
+            # nobody would take the answer, and serving it would name a dead holder.
+            self.out.error("from-dead-node", f"{op.name} of {msg.origin}")
+            return
         if self._rebuild_waiting and (rec is None or rec.state is KeyState.LOST):
             self._rebuild_parked.append(msg)  # a survivor may yet report its object
             return
@@ -497,8 +502,8 @@ class KeyLayer:
         if msg.epoch > self.view.epoch:
             self._future.append((msg, sender))
             return
-        if msg.epoch != self._rebuild_epoch:
-            return  # an older event's: the newer one's reports say it all again
+        if msg.epoch != self._rebuild_epoch or sender in self.dead:
+            return  # an older event's (the newer one's reports say it all again), or fenced
         ring = self.view.ring
         for entry in msg.entries:
             map_name, key, kind_code, version = entry

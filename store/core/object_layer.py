@@ -135,6 +135,7 @@ class ObjectLayer(ScaleIn):
         self.request_timeout: float | None = None
         #: Requests that expired, until a late answer comes (see expire()).
         self._expired: dict[int, Pending] = {}
+        self._resent: set[int] = set()
         self.untethered_since_flush: set[str] = set()
         #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
         #: a leaving one; the shell installs an importing resolver (no import in the core).
@@ -496,6 +497,8 @@ class ObjectLayer(ScaleIn):
     def undeliverable(self, stim: Undeliverable) -> None:
         for msg in stim.msgs:
             if type(msg) is KeyOp:
+                if msg.origin == self.name and msg.req_id in self._resent:
+                    continue  # the repair sent it again already
                 self._key_op_again(msg)  # routed afresh, by a ring without that node
             else:
                 self.bounce(stim.to, msg)
@@ -509,6 +512,7 @@ class ObjectLayer(ScaleIn):
         dead holder look for their object again (its key owner answers LOST).  O(objects).
         """
         old = self.view
+        self._resent = set()  # key requests sent again (not to be sent twice)
         self.out.departed |= dead
         self.enter_stage(view)
         self._early_release = {k: r for k, r in self._early_release.items() if r.to not in dead}
@@ -541,6 +545,7 @@ class ObjectLayer(ScaleIn):
                 owners.add(old.next_ring.owner(token))
             if pending.keyop is not None and owners & dead:
                 self._key_op_again(pending.keyop)
+                self._resent.add(req_id)
             elif pending.kind == "call" and self.locations.get(k) in dead:
                 self.locations.pop(k, None)
                 self.out.send(self.name, Reply(req_id, Status.NOT_HERE, None))
@@ -614,7 +619,8 @@ class ObjectLayer(ScaleIn):
             version,
             note,
         )
-        pending = self._pending.get(req_id) if req_id else None
+        # (a request of ours: with another ``origin``, ``req_id`` is that node's)
+        pending = self._pending.get(req_id) if req_id and origin is None else None
         if pending is not None:
             pending.keyop = msg
         self.out.send(self.name, msg)

@@ -67,6 +67,7 @@ from store.wire.control import (
     Heartbeat,
     NodeStatus,
     Register,
+    Resume,
     RingState,
     ScaleProgress,
     ScaleReply,
@@ -329,7 +330,7 @@ class Controller:
         except PeerUnavailable:
             return
         try:
-            if isinstance(first[0], Register):
+            if isinstance(first[0], Register | Resume):
                 await self._member_session(peer, first[0], first[1:])
             else:
                 await self._operator_session(peer, first)
@@ -338,7 +339,9 @@ class Controller:
                 if isinstance(target, _Remote) and target.peer is peer:
                     del self._requests[request_id]  # the event goes on; nobody listens
 
-    async def _member_session(self, peer: Peer, register: Register, rest: list[Message]) -> None:
+    async def _member_session(
+        self, peer: Peer, register: Register | Resume, rest: list[Message]
+    ) -> None:
         name = register.name
         if name != peer.name:
             peer.send_nowait(
@@ -354,7 +357,11 @@ class Controller:
                 )
             )
             return
-        state, effects = self.barrier.register(name, register.address, trio.current_time())
+        now = trio.current_time()
+        if isinstance(register, Resume):
+            state, effects = self.barrier.resume(register, now)
+        else:
+            state, effects = self.barrier.register(name, register.address, now)
         peer.send_nowait(state)  # before any stage command the effects may hold
         if not state.accepted:
             logger.warning("refused registration of %s: %s", name, state.text)

@@ -95,6 +95,7 @@ from store.wire.control import (
     MemberList,
     NodeStatus,
     Register,
+    Resume,
     RingState,
     ScaleProgress,
     ScaleReply,
@@ -130,6 +131,8 @@ CONNECT_TIMEOUT: Final = 5.0
 #: Seconds between a member's heartbeats: well under the controller's failure timeout (2 s
 #: by default), so that a member is declared dead only after several are missing.
 HEARTBEAT_INTERVAL: Final = 0.25
+#: Seconds between attempts to reach the controller again after its connection ended.
+RECONNECT_INTERVAL: Final = 0.5
 
 #: What a node tells ``ctl status`` about itself: names to scalars.
 StatusProvider = Callable[[], Mapping[str, object]]
@@ -167,11 +170,16 @@ class Membership:
         handler: MembershipHandler,
         status_provider: StatusProvider | None,
         state: RingState,
+        controller: str | None = None,
+        secret: bytes = b"",
     ) -> None:
         #: This node's name and the address its peers reach it at.
         self.name = name
         self.address = address
         self._peer = peer
+        #: Where to connect again when the controller connection ends (None: never).
+        self._controller = controller
+        self._secret = secret
         self._handler = handler
         self._status_provider = status_provider
         self._vnodes = state.vnodes
@@ -330,22 +338,73 @@ class Membership:
 
     async def _heartbeat(self) -> None:
         """Tell the controller this node is alive, so that a silence means it is not."""
-        while not self._disconnected.is_set():
-            self._send(Heartbeat(self.name, self.heartbeat_interval))
+        while True:
+            if not self._disconnected.is_set():
+                self._send(Heartbeat(self.name, self.heartbeat_interval))
             await trio.sleep(self.heartbeat_interval)
 
     async def _read(self) -> None:
         """Take the controller's messages; answer status requests right away, even while
-        a callback is running."""
+        a callback is running.  When the connection ends after admission, connect again
+        (every ``RECONNECT_INTERVAL``) and :class:`Resume`: the node keeps serving
+        meanwhile, and a controller that restarted learns the ring back from the members.
+        A controller that refuses the resume (this node was declared dead) ends the
+        membership with :class:`ControllerRefused`: the process may come back only as a
+        new one."""
         try:
-            async for batch in self._peer:
-                for msg in batch:
-                    self._take(msg)
-        except (PeerUnavailable, ProtocolError) as exc:
-            logger.warning("lost the controller: %s", exc)
+            await self._read_from(self._peer)
+            while self._controller is not None and self.admitted and not self.left:
+                await trio.sleep(RECONNECT_INTERVAL)
+                host, port = parse_address(self._controller)
+                try:
+                    async with connect_peer(
+                        host, port, secret=self._secret, name=self.name, timeout=CONNECT_TIMEOUT
+                    ) as peer:
+                        with trio.fail_after(CONNECT_TIMEOUT):
+                            peer.send_nowait(self._resume_report())
+                            batch = await peer.receive()
+                        state = batch[0]
+                        if not isinstance(state, RingState):
+                            raise ProtocolError(f"answered {type(state).__name__}, not RingState")
+                        if not state.accepted:
+                            raise ControllerRefused(
+                                f"the controller refused {self.name}: {state.text}"
+                            )
+                        logger.info(
+                            "%s: connected to the controller again: %s", self.name, state.text
+                        )
+                        self._peer = peer
+                        self._disconnected = trio.Event()
+                        for msg in batch[1:]:
+                            self._take(msg)
+                        await self._read_from(peer)
+                except (PeerUnavailable, ProtocolError, trio.TooSlowError) as exc:
+                    logger.debug("%s: the controller is still away: %s", self.name, exc)
         finally:
             self._disconnected.set()
             self._commands_in.close()
+
+    async def _read_from(self, peer: Peer) -> None:
+        try:
+            async for batch in peer:
+                for msg in batch:
+                    self._take(msg)
+        except (PeerUnavailable, ProtocolError) as exc:
+            logger.warning("%s: lost the controller: %s", self.name, exc)
+        self._disconnected.set()
+
+    def _resume_report(self) -> Resume:
+        addresses = self.addresses
+        next_ring = self.next_ring
+        return Resume(
+            self.name,
+            self.address,
+            self.stage.value,
+            self.ring.epoch,
+            [(n, addresses[n]) for n in sorted(self.ring.nodes)],
+            None if next_ring is None else next_ring.epoch,
+            None if next_ring is None else [(n, addresses[n]) for n in sorted(next_ring.nodes)],
+        )
 
     def _take(self, msg: Message) -> None:
         """Handle one message from the controller; a failure is a bug of ours (the
@@ -464,6 +523,8 @@ async def join_cluster(
                     handler=handler,
                     status_provider=status_provider,
                     state=state,
+                    controller=controller,
+                    secret=secret,
                 )
                 for msg in rest:
                     membership._take(msg)

@@ -71,3 +71,31 @@ def test_a_killed_members_objects_are_lost_and_can_be_made_again(
     other.keeps_working()
     alive(procs, but=doomed.proc)
     kill_all(procs)
+
+
+def test_a_restarted_controller_learns_the_ring_back(procs: list[Proc], secret_file: Path) -> None:
+    controller, nodes = start_cluster(procs, secret_file, nodes=2)
+    member = Member(procs, controller, secret_file, "--request-timeout", "5")
+    member.keeps_working()
+    before = wait_for_status(controller, secret_file, r"epoch (\d+)")
+    epoch = int(re.search(r"epoch (\d+)", before).group(1))  # type: ignore[union-attr]
+    kill(procs[0])
+    member.keeps_working()  # the members serve while the controller is away
+    again = Proc(
+        ["-m", "store.controller", "--listen", controller, "--secret-file", str(secret_file)]
+    )
+    procs.append(again)
+    assert again.first_line().split()[-1] == controller
+    text = wait_for_status(controller, secret_file, rf"epoch {epoch} .*3 members")
+    for name in [*nodes, member.name]:
+        assert name in text, text
+    # The cluster goes on as before: a new node joins by a scale-out.
+    joiner = Proc(
+        ["-m", "store.node", "--controller", controller, "--secret-file", str(secret_file)]
+    )
+    procs.append(joiner)
+    line = joiner.first_line(60)
+    assert re.match(r"node \S+ admitted epoch \d+", line), line
+    member.keeps_working()
+    alive(procs, but=procs[0])
+    kill_all(procs)

@@ -1,0 +1,227 @@
+"""Simulation: nodes crash at any step, and failure repairs keep the object space sound.
+
+Hypothesis drives three or four cores (``store.core.router.Router``, through the tests'
+``CoreNode``) with single-writer creates, gets, updates and removes from any node, delivers
+their messages one at a time on FIFO links in any order, crashes any node at any step (its
+messages are never delivered again, whatever it held is gone), and has the survivors learn
+each failure repair one at a time, as the controller's commands would reach them.  What
+was queued for a dead node goes back to its sender's core at the repair (the shell's
+queue); what the dead node sent is lost.
+
+Invariants, after every step: no object is held by two live nodes.  Once every repair is
+learnt and every message delivered: every operation of a live node has finished
+(resolved or failed: none hangs); the key record at each key's owner names exactly the live
+node holding the object, or says it is absent or lost where no live node holds it; every
+object's value equals the updates acknowledged on it (an object moves with its state: no
+update lost, none applied twice); and every core's own invariants hold.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from ring.hashring import HashRing, key_token
+from ring.ownership import NodeView, Stage
+from store.core.instructions import Repair, Undeliverable
+from store.core.key_layer import KeyState
+from store.core.scheduler import Wait
+from store.wire.messages import Message
+from tests.fixtures.core import CoreNode
+from tests.fixtures.objects import MAPS
+from tests.sim.settings import simulation_settings
+
+KEYS = 3
+VNODES = 8
+
+
+class CrashMachine(RuleBasedStateMachine):
+    @initialize(count=st.sampled_from([3, 4]))
+    def start(self, count: int) -> None:
+        self.names = [f"n{i}" for i in range(count)]
+        self.ring = HashRing(self.names, vnodes=VNODES, epoch=1)
+        self.nodes = {n: CoreNode(n, self.ring, MAPS) for n in self.names}
+        self.dead: set[str] = set()
+        self.queues: dict[tuple[str, str], deque[Message]] = {}
+        self.to_learn: dict[str, int] = {}  # survivor -> the repair epoch it has yet to learn
+        self.epoch = 1
+        self.ops: list[tuple[str, str, Wait[Any], Any]] = []  # (node, kind, wait, k)
+        self.refs: list[tuple[str, Any, Any]] = []  # open references: (node, (map, key), held)
+        self.adds: dict[int, int] = {}  # object uid -> updates acknowledged on it
+
+    # -- plumbing --
+
+    def alive(self) -> list[str]:
+        return [n for n in self.names if n not in self.dead]
+
+    def collect(self) -> None:
+        for name in self.alive():
+            for dest, msgs in self.nodes[name].take_outbox().items():
+                self.queues.setdefault((name, dest), deque()).extend(msgs)
+        self.settle_ops()
+
+    def settle_ops(self) -> None:
+        """Opened references are used at once (one update) and kept open for a while."""
+        for op in list(self.ops):
+            name, kind, wait, k = op
+            if name in self.dead:
+                self.ops.remove(op)
+                continue
+            if not wait.done():
+                continue
+            self.ops.remove(op)
+            if kind != "open":
+                continue
+            try:
+                held, _ = wait.result()
+            except Exception:
+                continue
+            held.obj.add(1)
+            self.adds[held.obj.uid] = self.adds.get(held.obj.uid, 0) + 1
+            self.refs.append((name, k, held))
+
+    def busy(self) -> list[tuple[str, str]]:
+        return sorted(
+            p
+            for p, q in self.queues.items()
+            if q and p[0] not in self.dead and p[1] not in self.dead
+        )
+
+    # -- rules --
+
+    @rule(data=st.data(), key=st.integers(0, KEYS - 1), create=st.booleans())
+    def open(self, data: st.DataObject, key: int, create: bool) -> None:
+        name = data.draw(st.sampled_from(self.alive()))
+        node = self.nodes[name]
+        held = node.take("sw", key)
+        if held is not None:  # the fast path: held here, no reference open
+            held.obj.add(1)
+            self.adds[held.obj.uid] = self.adds.get(held.obj.uid, 0) + 1
+            node.release_ref(("sw", key), held)
+            return
+        self.ops.append((name, "open", node.acquire("sw", key, create), ("sw", key)))
+        self.collect()
+
+    @rule(data=st.data(), key=st.integers(0, KEYS - 1))
+    def remove(self, data: st.DataObject, key: int) -> None:
+        name = data.draw(st.sampled_from(self.alive()))
+        self.ops.append((name, "remove", self.nodes[name].remove("sw", key), ("sw", key)))
+        self.collect()
+
+    @precondition(lambda self: bool(self.refs))
+    @rule(data=st.data())
+    def close(self, data: st.DataObject) -> None:
+        i = data.draw(st.integers(0, len(self.refs) - 1))
+        name, k, held = self.refs.pop(i)
+        if name not in self.dead:
+            self.nodes[name].release_ref(k, held)
+            self.collect()
+
+    @precondition(lambda self: bool(self.busy()))
+    @rule(data=st.data())
+    def deliver(self, data: st.DataObject) -> None:
+        src, dst = data.draw(st.sampled_from(self.busy()))
+        self.nodes[dst].handle(self.queues[(src, dst)].popleft(), src)
+        self.collect()
+
+    @precondition(lambda self: len(self.names) - len(self.dead) > 1)
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self.alive()))
+        self.dead.add(name)
+        self.refs = [r for r in self.refs if r[0] != name]
+        for pair in [p for p in self.queues if p[0] == name]:
+            del self.queues[pair]  # what it sent is lost with it
+        self.epoch += 1
+        self.to_learn = {n: self.epoch for n in self.alive()}
+
+    @precondition(lambda self: bool(self.to_learn))
+    @rule(data=st.data())
+    def learn_repair(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.to_learn)))
+        self.learn(name)
+
+    def learn(self, name: str) -> None:
+        epoch = self.to_learn.pop(name)
+        ring = HashRing(self.alive(), vnodes=VNODES, epoch=epoch)
+        node = self.nodes[name]
+        node.run(Repair(NodeView(name, Stage.NORMAL, ring), frozenset(self.dead), Wait(name)))
+        for dead in sorted(self.dead):  # what was still queued for the dead comes back
+            queue = self.queues.pop((name, dead), None)
+            if queue:
+                node.run(Undeliverable(dead, list(queue)))
+        self.ring = ring
+        self.collect()
+
+    # -- invariants --
+
+    @invariant()
+    def no_object_held_twice(self) -> None:
+        if not hasattr(self, "nodes"):
+            return
+        for key in range(KEYS):
+            holders = [
+                n
+                for n in self.alive()
+                if ("sw", key) in self.nodes[n].router.objects.objects
+                and not self.nodes[n].router.objects.objects[("sw", key)].removed
+            ]
+            assert len(holders) <= 1, f"key {key} held by {holders}"
+
+    def teardown(self) -> None:
+        if not hasattr(self, "nodes"):
+            return
+        for name in sorted(self.to_learn):
+            self.learn(name)
+        for _ in range(1000):  # every reference is let go in the end, as new ones open
+            for name, k, held in self.refs:
+                if name not in self.dead:
+                    self.nodes[name].release_ref(k, held)
+            self.refs = []
+            self.collect()
+            busy = self.busy()
+            if not busy and not self.refs:
+                break
+            if busy:
+                src, dst = busy[0]
+                self.nodes[dst].handle(self.queues[(src, dst)].popleft(), src)
+                self.collect()
+        unfinished = [(n, kind, k) for n, kind, w, k in self.ops if not w.done()]
+        assert not unfinished, f"never finished: {unfinished}\n{self.describe()}"
+        owner_ring = HashRing(self.alive(), vnodes=VNODES, epoch=self.epoch)
+        for key in range(KEYS):
+            k = ("sw", key)
+            holders = [
+                n
+                for n in self.alive()
+                if k in self.nodes[n].router.objects.objects
+                and not self.nodes[n].router.objects.objects[k].removed
+            ]
+            owner = owner_ring.owner(key_token(*k))
+            rec = self.nodes[owner].router.keys.record(k)
+            if holders:
+                held = self.nodes[holders[0]].router.objects.objects[k]
+                assert rec is not None and rec.state is KeyState.LIVE, (key, holders, rec)
+                assert rec.owner == holders[0], (key, rec.owner, holders)
+                assert held.obj.value == self.adds.get(held.obj.uid, 0), (
+                    f"key {key}: value {held.obj.value}, acknowledged "
+                    f"{self.adds.get(held.obj.uid, 0)}"
+                )
+            else:
+                assert rec is None or not rec.exists or rec.owner in self.dead, (key, rec.state)
+                assert rec is None or rec.state is not KeyState.LIVE, (key, rec.owner)
+        for name in self.alive():
+            self.nodes[name].router.validate()
+
+
+TestCrashes = CrashMachine.TestCase
+TestCrashes.settings = simulation_settings(max_examples=150, stateful_step_count=50)
