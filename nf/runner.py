@@ -51,6 +51,8 @@ __all__ = ["Cluster", "RunResult", "load_config", "open_cluster", "run", "run_ca
 
 #: Units in flight across all members before the runner waits for the oldest.
 DEFAULT_WINDOW = 1024
+#: While units are parked, the runner lets other tasks run every this many packets.
+CHECKPOINT_EVERY = 16
 
 
 @dataclass
@@ -66,6 +68,9 @@ class RunResult:
     forwarded: list[tuple[float, bytearray]] = field(default_factory=list)
     #: ``space.statistics()`` of each member at the end.
     statistics: list[Any] = field(default_factory=list)
+    #: Packet indexes in the order their units finished.  Flows keep their order; across
+    #: flows a parked unit finishes after later packets of other flows, as it would live.
+    order: list[int] = field(default_factory=list)
 
     @property
     def packets_per_second(self) -> float:
@@ -243,6 +248,9 @@ async def _drive(
     scale_index = None if scale_at is None else int(len(packets) * scale_at)
     failures: collections.Counter[str] = collections.Counter()
 
+    order: list[int] = []
+    finished = order.append
+
     def settle(unit: Any, packet: Any) -> None:
         exc = unit.exception()
         if exc is not None:
@@ -304,18 +312,26 @@ async def _drive(
             unit = submits[i](key, processes[i], packet)
         except SchedulerFull:  # the member's bound on parked units: wait for room
             unit = await spaces[i].submit(key, processes[i], packet)
-        if not inflight and unit.done():  # the common case: finished inline
-            if unit.failed():
-                settle(unit, packet)
+        if unit.done():
+            finished(index)
+            if not inflight:  # the common case: finished inline, nothing waiting before it
+                if unit.failed():
+                    settle(unit, packet)
+                    continue
+                verdict = unit.result()
+                append(verdict)
+                if keep_frames and verdict == forward:
+                    forwarded.append((ts, packet.frame))
                 continue
-            verdict = unit.result()
-            append(verdict)
-            if keep_frames and verdict == forward:
-                forwarded.append((ts, packet.frame))
-            continue
+        else:
+            unit.add_done_callback(lambda _unit, index=index: finished(index))
         inflight.append((unit, packet, spaces[i]))
         while inflight and (inflight[0][0].done() or len(inflight) > window):
             await retire_one()
+        if inflight and index % CHECKPOINT_EVERY == 0:
+            # Units are parked: let the members' messages in, so they finish soon rather
+            # than when the window is full (which reorders flows more than a network would).
+            await trio.lowlevel.checkpoint()
     await drain()
     for nf in nfs:
         await nf.close()
@@ -339,6 +355,7 @@ async def _drive(
         members=len(spaces),
         forwarded=forwarded,
         statistics=statistics,
+        order=order,
     )
 
 
