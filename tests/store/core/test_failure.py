@@ -16,7 +16,7 @@ import pytest
 
 from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
-from store.core.instructions import Repair
+from store.core.instructions import Repair, Undeliverable
 from store.core.key_layer import KeyState
 from store.core.scheduler import Wait
 from store.wire.errors import ObjectLost, ObjectNotFound
@@ -191,3 +191,48 @@ def test_a_remove_waiting_for_a_dead_holder_is_answered() -> None:
     net.deliver_all()
     with pytest.raises(ObjectNotFound):
         again.result()
+
+
+def test_a_request_of_a_node_that_died_while_it_waited_is_not_served() -> None:
+    """d's request waits in the key owner's queue behind c's; d dies.  Serving it later
+    would hand the object to a dead node (lost); it is dropped instead."""
+    net = Net(["a", "b", "c", "d"])
+    key = next(k for k in range(1000) if net.ring.owner(key_token("sw", k)) == "a")
+    wait = net.nodes["b"].acquire("sw", key, True)
+    net.deliver_all()
+    held, _ = wait.result()  # b holds it, its reference still open
+    for_c = net.nodes["c"].acquire("sw", key, False)
+    net.deliver_all()
+    net.nodes["d"].acquire("sw", key, False)
+    net.deliver_all()  # d's request queues at a behind c's
+    net.kill("d")
+    net.repair(epoch=2)
+    net.deliver_all()
+    net.nodes["b"].release_ref(("sw", key), held)  # now b hands it over, to c
+    net.deliver_all()
+    held_c, _ = for_c.result()
+    net.nodes["c"].release_ref(("sw", key), held_c)
+    net.deliver_all()
+    assert holder_of(net, key) == "c", "the object went to a dead node"
+    rec = net.nodes["a"].router.keys.record(("sw", key))
+    assert rec is not None and rec.state is KeyState.LIVE and rec.owner == "c"
+
+
+def test_a_request_queued_for_the_dead_owner_and_sent_again_is_served_once() -> None:
+    """What was queued for the dead node comes back to its sender at the repair (the
+    shell's queue); a key request among it that the repair already sent again is not sent
+    a second time."""
+    net = Net(["a", "b", "c"])
+    key = next(k for k in range(1000) if net.ring.owner(key_token("sw", k)) == "c")
+    wait = net.nodes["a"].acquire("sw", key, True)
+    queued = list(net.nodes["a"].take_outbox().get("c", []))
+    assert queued, "the create should be on its way to c"
+    net.kill("c")
+    net.repair(epoch=2)
+    net.nodes["a"].run(Undeliverable("c", queued))
+    net.deliver_all()
+    held, made = wait.result()
+    assert made
+    for name in ("a", "b"):
+        errors = net.nodes[name].router.statistics().errors
+        assert not {"transfer-without-request", "reply-without-request"} & errors.keys(), errors
