@@ -231,7 +231,7 @@ def test_a_request_queued_for_the_dead_owner_and_sent_again_is_served_once() -> 
     net.repair(epoch=2)
     net.nodes["a"].run(Undeliverable("c", queued))
     net.deliver_all()
-    held, made = wait.result()
+    _held, made = wait.result()
     assert made
     for name in ("a", "b"):
         errors = net.nodes[name].router.statistics().errors
