@@ -126,15 +126,20 @@ class NatEntry(SingleWriter):
         self.last = ts
         self.where = where
 
-    def hit(self, ts: float, where: str, syn: bool) -> tuple[int, int]:
-        """A packet of this direction: where to rewrite it to."""
+    def hit(self, ts: float, where: str, syn: bool) -> tuple[int, int, bool]:
+        """A packet of this direction: where to rewrite it to, and whether a SYN opened
+        a closing connection again (the other entry must hear of it)."""
         if ts > self.last:
             self.last = ts
         self.where = where
-        if syn and self.closing:  # the connection opens again
-            self.fin = self.peer_fin = False
-            self.closing = 0.0
-        return self.ip, self.port
+        if syn and (self.closing or self.fin or self.peer_fin):
+            self.reopen()
+            return self.ip, self.port, True
+        return self.ip, self.port, False
+
+    def reopen(self) -> None:
+        self.fin = self.peer_fin = False
+        self.closing = 0.0
 
     def saw_fin(self, ts: float, grace: float) -> bool:
         """A FIN in this direction; whether the other direction had sent one."""
@@ -425,14 +430,26 @@ class NAT(NF):
                 verdict = await self._new_flow(packet, key, ref, flags)
                 if verdict is not None:
                     return verdict
-            ip, port = await ref.hit(ts, self.me, flags & (SYN | ACK) == SYN)
-            ends = await ref.ends() if flags & (FIN | RST) else None
+            ip, port, reopened = await ref.hit(ts, self.me, flags & (SYN | ACK) == SYN)
+            ends = await ref.ends() if flags & (FIN | RST) or reopened else None
         if key not in self.timed:
             self._arm(key, ts + (self.tcp_idle if packet.proto == TCP else self.udp_idle))
         packet.rewrite_src(ip, port)
         if ends is not None:
-            await self._flags(packet, key, ends, flags)
+            if reopened:
+                await self._reopen(ends)
+            if flags & (FIN | RST):
+                await self._flags(packet, key, ends, flags)
         return Verdict.FORWARD
+
+    async def _reopen(self, ends: list[Any]) -> None:
+        """A SYN opened a closing connection again: its other entry stops closing too."""
+        try:
+            async with self.entries.get(tuple(ends[0])) as other:
+                await other.reopen()
+        except ObjectNotFound:
+            pass
+        self.count("reopened")
 
     async def _new_flow(self, packet: Packet, key: FlowKey, ref: Any, flags: int) -> Verdict | None:
         """Set up a new connection (``ref`` is its new forward entry); a verdict if the
@@ -468,7 +485,7 @@ class NAT(NF):
         flags = packet.tcp_flags if packet.proto == TCP else 0
         try:
             async with self.entries.get(key) as ref:
-                ip, port = await ref.hit(ts, self.me, False)
+                ip, port, _ = await ref.hit(ts, self.me, False)
                 ends = await ref.ends() if flags & (FIN | RST) else None
         except ObjectNotFound:
             self.count("unsolicited-inbound")

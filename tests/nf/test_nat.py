@@ -208,6 +208,23 @@ async def test_fins_both_ways_then_grace_then_gone() -> None:
         assert nat.counts["closed-fin"] == 1
 
 
+async def test_a_syn_reopens_a_closing_connection_in_both_entries() -> None:
+    async with store.open_space() as space:
+        nat = NAT(space, nat_config(fin_grace=2.0))
+        run = Run(nat)
+        _, out = await run.send(tcp_frame(CLIENT, SERVER, 40000, 80, SYN), 10.0)
+        port = out.sport
+        await run.send(tcp_frame(SERVER, P, 80, port, SYN | ACK), 10.1)
+        await run.send(tcp_frame(CLIENT, SERVER, 40000, 80, FIN | ACK), 11.0)
+        await run.send(tcp_frame(SERVER, P, 80, port, FIN | ACK), 11.1)
+        _, again = await run.send(tcp_frame(CLIENT, SERVER, 40000, 80, SYN), 12.0)
+        assert again.sport == port and nat.counts["reopened"] == 1
+        await nat.tick(20.0)  # past the grace: nothing closes, the connection lives on
+        assert len(await translations(nat)) == 2
+        _, back = await run.send(tcp_frame(SERVER, P, 80, port, SYN | ACK), 20.1)
+        assert back.dst == CLIENT
+
+
 async def test_idle_timeout_needs_both_directions_idle() -> None:
     async with store.open_space() as space:
         nat = NAT(space, nat_config(tcp_idle=10.0, udp_idle=5.0))
