@@ -361,9 +361,12 @@ async def _drive(
 
 def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
     """``python -m nf NAME ...``: parse the options, run, print; the exit status."""
+    module = sys.modules.get(nf_cls.__module__)
+    details = (module.__doc__ or "") if module is not None else ""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(nf_cls.__doc__ or "").strip().split("\n\n")[0],
+        epilog=details.replace("``", "").strip() or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("running over a capture")

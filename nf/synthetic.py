@@ -13,8 +13,9 @@ merge, so each member may keep a replica) or ``"stale"`` (a cached read at most 
 the bound of the paper's Figure 9b).  A flow's objects are removed on a RST, or on the
 first packet without FIN after FINs in both directions (the last ACK).
 
-Output (``summary``): one line per total (packets, flows seen, flows ended, shared updates
-applied), the same whatever the number of members.
+Output (``summary``): three totals, the same whatever the number of members: the flows
+still live at the end, their packets, and the shared updates applied (blocking and
+untethered; stale reads change nothing).
 """
 
 from __future__ import annotations
@@ -136,13 +137,14 @@ class Synthetic(NF):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--flow-objects", type=int, help="SingleWriter objects per flow (1)")
-        parser.add_argument("--object-size", type=int, help="bytes per flow object (64)")
-        parser.add_argument("--per", choices=CHOICES["per"], help="flow objects written per")
-        parser.add_argument("--shared-objects", type=int, help="MultiWriter counters (16)")
-        parser.add_argument("--shared-every", type=int, help="touch one every N packets (1)")
-        parser.add_argument("--shared-pattern", choices=CHOICES["shared_pattern"])
-        parser.add_argument("--shared-access", choices=CHOICES["shared_access"])
+        add = parser.add_argument
+        add("--flow-objects", type=int, metavar="N", help="SingleWriter objects per flow (1)")
+        add("--object-size", type=int, metavar="BYTES", help="bytes per flow object (64)")
+        add("--per", choices=CHOICES["per"], help="flow objects written per packet or per flow")
+        add("--shared-objects", type=int, metavar="N", help="MultiWriter counters (16)")
+        add("--shared-every", type=int, metavar="N", help="touch one every N packets (1)")
+        add("--shared-pattern", choices=CHOICES["shared_pattern"], help="which one (flow)")
+        add("--shared-access", choices=CHOICES["shared_access"], help="how (untethered)")
 
     @classmethod
     def config_from(cls, args: argparse.Namespace, toml: dict[str, Any]) -> dict[str, Any]:
