@@ -675,6 +675,8 @@ class NAT(NF):
                             proto,
                             src,
                             sport,
+                            dst,
+                            dport,
                             f"{_PROTO_NAME.get(proto, str(proto))} {ip_str(src)}:{sport}"
                             f" -> {ip_str(entry.public)}:{entry.pport}"
                             f" remote {ip_str(dst)}:{dport}",

@@ -152,3 +152,21 @@ def test_bad_numbers_on_the_command_line(capture: Path) -> None:
         with pytest.raises(SystemExit) as exit_:
             main(["nat", "--pcap", str(capture), *argv])
         assert exit_.value.code == 2
+
+
+async def test_plain_dicts_give_the_same_output_as_the_store() -> None:
+    """bench.nf compares the same NF on dicts and on the store: it must do the same work."""
+    import re
+
+    from nf.runner import run_capture
+    from nf.synthetic import Synthetic
+
+    packets = make(60, seed=9)
+    for nf_cls, config in ((NAT, {"inside": ["10.0.0.0/16"]}), (Synthetic, {})):
+        store_run = await run_capture(nf_cls, dict(config), packets)
+        dict_run = await run_capture(nf_cls, dict(config), packets, dicts=True)
+        assert store_run.verdicts == dict_run.verdicts
+        assert store_run.counts == dict_run.counts
+        unported = [re.sub(r":\d+ remote", ": remote", line) for line in store_run.lines]
+        assert unported == [re.sub(r":\d+ remote", ": remote", line) for line in dict_run.lines]
+        assert store_run.lines
