@@ -170,3 +170,30 @@ async def test_plain_dicts_give_the_same_output_as_the_store() -> None:
         unported = [re.sub(r":\d+ remote", ": remote", line) for line in store_run.lines]
         assert unported == [re.sub(r":\d+ remote", ": remote", line) for line in dict_run.lines]
         assert store_run.lines
+
+
+async def test_an_nf_that_raises_is_counted_and_its_packet_forwarded() -> None:
+    from typing import Any, ClassVar
+
+    from nf.base import NF, Verdict
+    from nf.packet import Packet
+    from nf.runner import run_capture
+
+    class Faulty(NF):
+        name: ClassVar[str] = "faulty"
+        output_query: ClassVar[str] = "lines"
+
+        async def process(self, packet: Packet) -> Verdict:
+            if packet.sport % 2:
+                raise ValueError("odd port")
+            return Verdict.DROP
+
+        async def query(self, name: str, **args: Any) -> Any:
+            return ["ok"]
+
+    packets = [(float(i), tcp_frame(1, 2, 1000 + i, 80, SYN)) for i in range(10)]
+    result = await run_capture(Faulty, {}, packets, keep_frames=True)
+    assert result.counts == {"nf-error-ValueError": 5}
+    assert result.verdicts == [Verdict.DROP, Verdict.FORWARD] * 5
+    assert [ts for ts, _ in result.forwarded] == [1.0, 3.0, 5.0, 7.0, 9.0]
+    assert result.lines == ["ok"] and result.order == list(range(10))
