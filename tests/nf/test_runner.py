@@ -197,3 +197,20 @@ async def test_an_nf_that_raises_is_counted_and_its_packet_forwarded() -> None:
     assert result.verdicts == [Verdict.DROP, Verdict.FORWARD] * 5
     assert [ts for ts, _ in result.forwarded] == [1.0, 3.0, 5.0, 7.0, 9.0]
     assert result.lines == ["ok"] and result.order == list(range(10))
+
+
+def test_pcap_in_either_byte_order_and_in_nanoseconds(tmp_path: Path) -> None:
+    import struct
+
+    frame = tcp_frame(1, 2, 3, 4, SYN)
+    for order, magic, frac, expected in (
+        (">", 0xA1B2C3D4, 250_000, 7.25),
+        ("<", 0xA1B23C4D, 500_000_000, 7.5),
+        (">", 0xA1B23C4D, 1, 7.000000001),
+    ):
+        path = tmp_path / f"{order}{magic:x}.pcap"
+        header = struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, 65535, 1)
+        record = struct.pack(order + "IIII", 7, frac, len(frame), len(frame))
+        path.write_bytes(header + record + frame)
+        [(ts, got)] = read_capture(path)
+        assert got == frame and ts == pytest.approx(expected, abs=1e-9)
