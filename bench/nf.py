@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import os
 import platform
 import sys
 import time
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         console.print(f"unknown NF(s): {', '.join(unknown)}; installed: {registry.available()}")
         return 2
+    load_before = [round(x, 2) for x in os.getloadavg()]
     packets = make(flows, args.seed)
     steady = long_flows(*LONG)
     parse_s = time_parse(packets, repeats)
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     Console().print(table)
     console.print(f"parsing alone: {parse_us:.2f} µs per packet")
+    console.print(f"load average before and after: {load_before[0]} / {os.getloadavg()[0]:.2f}")
     if churn is not None:
         rates = ", ".join(
             f"{k} {v:,}/s ({churn['us_per_connection'][k]} µs)"
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "nf",
         "command": "python -m bench.nf " + " ".join(argv if argv is not None else sys.argv[1:]),
         "python": platform.python_version(),
+        "load_average_before": load_before,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "machine": platform.machine(),
         "flows": flows,
         "seed": args.seed,
