@@ -664,7 +664,12 @@ class NAT(NF):
 
     async def query(self, name: str, **args: Any) -> Any:
         if name == "statistics":
-            return dict(self.counts)
+            # This instance's counters, and the pool as a whole (read without moving it).
+            in_use = shards = 0
+            async for _key, shard in self.pool.items():
+                shards += 1
+                in_use += shard.count
+            return {**self.counts, "ports-in-use": in_use, "pool-shards": shards}
         if name == "table":
             rows = []
             async for key, entry in self.entries.items():

@@ -73,6 +73,9 @@ async def test_a_new_flow_gets_two_entries_and_one_port_and_replies_map_back() -
             ]
         )
         assert await pool_in_use(nat) == 1
+        stats = await nat.query("statistics")
+        assert stats["ports-in-use"] == 1 and stats["pool-shards"] == 1
+        assert stats["translations"] == 1
         # A second packet of the flow: same port, no pool access.
         made = nat.counts["translations"]
         _, out2 = await run.send(tcp_frame(CLIENT, SERVER, 40000, 80, ACK, b"GET /"))
