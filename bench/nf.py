@@ -149,14 +149,21 @@ def connections(count: int) -> list[tuple[float, bytes]]:
 
 
 def new_flows(count: int, repeats: int, advance: Any) -> dict[str, Any]:
-    """New NAT connections per second on 1 and 2 members of one process, and on dicts."""
+    """New NAT connections per second on dicts, and on 1 and 2 members of one process with
+    the sharded pool (ours) and with one SingleWriter pool (the paper's)."""
     nf_cls = registry.load("nat")
     packets = connections(count)
-    config = {"inside": ["10.0.0.0/8"]}
+    base = {"inside": ["10.0.0.0/8"]}
+    single = {**base, "pool": "single"}
     best: dict[str, float] = {}
     for _ in range(repeats):
-        for label, instances, dicts in (("dicts", 1, True), ("1 member", 1, False),
-                                        ("2 members", 2, False)):  # fmt: skip
+        for label, instances, dicts, config in (
+            ("dicts", 1, True, base),
+            ("1 member", 1, False, base),
+            ("2 members", 2, False, base),
+            ("1 member, single pool", 1, False, single),
+            ("2 members, single pool", 2, False, single),
+        ):
             gc.collect()
             run = functools.partial(
                 run_capture, nf_cls, dict(config), packets, instances=instances,
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         console=console,
     ) as progress:
         conns = args.connections if args.connections is not None else (1000 if args.quick else 5000)
-        total = len(names) * repeats * 4 + (3 * repeats if conns and "nat" in names else 0)
+        total = len(names) * repeats * 4 + (5 * repeats if conns and "nat" in names else 0)
         task = progress.add_task("runs", total=total)
         for name in names:
             progress.update(task, description=f"{name}")

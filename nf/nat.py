@@ -65,7 +65,7 @@ from nf.base import NF, ConfigError, Verdict
 from nf.packet import ACK, FIN, RST, SYN, TCP, UDP, Packet, ip_int, ip_str
 from store import MultiWriter, ObjectNotFound, SingleWriter, stale, untethered
 
-__all__ = ["NAT", "NatEntry", "PortShard"]
+__all__ = ["NAT", "NatEntry", "PortPool", "PortShard"]
 
 FlowKey = tuple[int, int, int, int, int]
 
@@ -82,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "unsolicited": "drop",
     "other": "forward",
     "seed": 0,
+    "pool": "sharded",
 }
 
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
@@ -174,8 +175,9 @@ class NatEntry(SingleWriter):
         return [self.forward, self.ip, self.port, self.public, self.pport, self.last]
 
 
-class PortShard(MultiWriter):
-    """A run of ports of one public address: a bitmap, ``count`` used, a scan cursor."""
+class _PortBitmap:
+    """Ports ``lo..lo+size-1`` of one public address: a bitmap, ``count`` used, a scan
+    cursor.  The pool objects below are this in the store's two kinds."""
 
     def __init__(self) -> None:
         self.lo = 0
@@ -185,7 +187,7 @@ class PortShard(MultiWriter):
         self.cursor = 0
 
     def allocate(self, lo: int, hi: int, draws: list[int]) -> int:
-        """A free port of ``lo..hi`` (the shard's range, fixed by its key): the first free
+        """A free port of ``lo..hi`` (the range, fixed by the object's key): the first free
         of the drawn offsets, else the next free one from the cursor; 0 when full."""
         if not self.size:
             self.lo = lo
@@ -213,8 +215,7 @@ class PortShard(MultiWriter):
         self.count += 1
         return self.lo + off
 
-    @untethered
-    def free(self, port: int) -> None:
+    def _release(self, port: int) -> None:
         off = port - self.lo
         if not 0 <= off < self.size:
             return
@@ -231,6 +232,24 @@ class PortShard(MultiWriter):
     def is_used(self, port: int) -> bool:
         off = port - self.lo
         return 0 <= off < self.size and bool(self.used[off >> 3] & (1 << (off & 7)))
+
+
+class PortShard(_PortBitmap, MultiWriter):
+    """A shard of a public address's ports (the default pool): it stays where it was made;
+    ``allocate`` is a blocking call, ``free`` an untethered one."""
+
+    @untethered
+    def free(self, port: int) -> None:
+        self._release(port)
+
+
+class PortPool(_PortBitmap, SingleWriter):
+    """All the ports of one public address as one SingleWriter object (``pool = "single"``,
+    the paper's design, kept to measure against): it moves to whichever instance allocates
+    or frees."""
+
+    def free(self, port: int) -> None:
+        self._release(port)
 
 
 def _networks(values: Any) -> list[tuple[int, int]]:
@@ -298,6 +317,7 @@ class NAT(NF):
             ("exhausted", ("forward", "drop")),
             ("unsolicited", ("forward", "drop")),
             ("other", ("forward", "drop")),
+            ("pool", ("sharded", "single")),
         ):
             if cfg[option] not in allowed:
                 raise ConfigError(f"{option}: {cfg[option]!r} is not one of {allowed}")
@@ -313,6 +333,8 @@ class NAT(NF):
         )
         self.entries = space.map("nat.entries", NatEntry)
         self.pool = space.map("nat.pool", PortShard)
+        self.single_pool = cfg["pool"] == "single"
+        self.whole_pools = space.map("nat.pool-single", PortPool)
         self.me = space.name
         span = self.port_hi - self.port_lo + 1
         self.shards_per_ip = (span + self.shard_size - 1) // self.shard_size
@@ -364,6 +386,12 @@ class NAT(NF):
             help="a packet to a public address with no translation (drop)",
         )
         parser.add_argument("--seed", type=int, help="seed of the port chooser")
+        parser.add_argument(
+            "--pool",
+            choices=("sharded", "single"),
+            help="the port pool: shards each instance claims (sharded), or one SingleWriter "
+            "object per public address that moves to every allocating instance (single)",
+        )
 
     @classmethod
     def config_from(cls, args: argparse.Namespace, toml: dict[str, Any]) -> dict[str, Any]:
@@ -382,6 +410,7 @@ class NAT(NF):
             "exhausted",
             "unsolicited",
             "seed",
+            "pool",
         ):
             value = getattr(args, name, None)
             if value is not None:
@@ -586,6 +615,8 @@ class NAT(NF):
         return port
 
     async def _allocate(self) -> tuple[int, int] | None:
+        if self.single_pool:
+            return await self._allocate_whole()
         claimed = self.claimed
         for i in range(len(claimed) - 1, -1, -1):  # newest first: the others were full
             port = await self._try(claimed[i], False)
@@ -621,8 +652,23 @@ class NAT(NF):
         return None
 
     async def _free(self, public: int, port: int) -> None:
+        if self.single_pool:
+            async with self.whole_pools.get(public) as whole:
+                await whole.free(port)
+            return
         async with self.pool.get(self._shard_of(public, port)) as ref:
             await ref.free(port)
+
+    async def _allocate_whole(self) -> tuple[int, int] | None:
+        """``pool = "single"``: one SingleWriter pool per public address, as in the paper."""
+        lo, hi = self.port_lo, self.port_hi
+        for public in self.publics:
+            draws = [self.rng.randrange(hi - lo + 1) for _ in range(self.tries)]
+            async with self.whole_pools.create(public) as ref:
+                port: int = await ref.allocate(lo, hi, draws)
+            if port:
+                return public, port
+        return None
 
     # -- timeouts ----------------------------------------------------------------------
 
@@ -669,6 +715,9 @@ class NAT(NF):
             async for _key, shard in self.pool.items():
                 shards += 1
                 in_use += shard.count
+            async for _key, whole in self.whole_pools.items():
+                shards += 1
+                in_use += whole.count
             return {**self.counts, "ports-in-use": in_use, "pool-shards": shards}
         if name == "table":
             rows = []

@@ -28,9 +28,14 @@ def word(frame: bytes | bytearray, at: int) -> int:
 
 
 async def pool_in_use(nat: NAT) -> int:
+    """Ports in use in the pool of the NAT's kind."""
     total = 0
-    async for _key, shard in nat.pool.items():
-        total += shard.count
+    if nat.single_pool:
+        async for _key, whole in nat.whole_pools.items():
+            total += whole.count
+    else:
+        async for _key, shard in nat.pool.items():
+            total += shard.count
     return total
 
 
@@ -270,50 +275,63 @@ async def test_three_members_allocating_at_once_never_share_a_port_and_clean_up(
     connection served by two members (replies on another one) closes by FINs from both at
     once, and every member's timers clear what is left."""
     config = nat_config(ports="1024-1323", shard_size=40)  # 300 ports, 8 shards
-    with trio.fail_after(60):
+    with trio.fail_after(90):
         async with open_cluster(NAT, config, 3) as cluster:
-            live: dict[int, tuple[int, int]] = {}  # port -> (member, flow)
-            errors: list[str] = []
 
-            async def member(i: int) -> None:
-                space, nat = cluster.spaces[i], cluster.nfs[i]
-                rng = random.Random(i)
-                mine: list[tuple[int, int]] = []
-                for n in range(160):
-                    host = ip_int(f"10.{i}.0.1") + n % 5
-                    frame = tcp_frame(host, SERVER, 20000 + n, 80, SYN)
-                    packet = parse(frame, float(n))
-                    unit = await space.submit(nat.flow_key(packet), nat.process, packet)
-                    await space.node.micro.wait_result(unit)
-                    port = packet.sport
-                    if packet.src != P:
-                        errors.append(f"member {i} flow {n} untranslated")
-                        continue
-                    if port in live:
-                        errors.append(f"port {port} given to {live[port]} and {(i, n)}")
-                    live[port] = (i, n)
-                    mine.append((port, n))
-                    if rng.random() < 0.4:  # close one of this member's connections
-                        port, m = mine.pop(rng.randrange(len(mine)))
-                        del live[port]
-                        host = ip_int(f"10.{i}.0.1") + m % 5
-                        rst = parse(tcp_frame(host, SERVER, 20000 + m, 80, RST), float(n))
-                        unit = await space.submit(nat.flow_key(rst), nat.process, rst)
+            async def churn(nats: list[NAT], net: int, public: int) -> None:
+                live: dict[int, tuple[int, int]] = {}  # port -> (member, flow)
+                errors: list[str] = []
+
+                async def member(i: int) -> None:
+                    space, nat = cluster.spaces[i], nats[i]
+                    rng = random.Random(i)
+                    mine: list[tuple[int, int]] = []
+                    for n in range(160):
+                        host = ip_int(f"10.{net + i}.0.1") + n % 5
+                        packet = parse(tcp_frame(host, SERVER, 20000 + n, 80, SYN), float(n))
+                        unit = await space.submit(nat.flow_key(packet), nat.process, packet)
                         await space.node.micro.wait_result(unit)
-                    await trio.sleep(0)
+                        port = packet.sport
+                        if packet.src != public:
+                            errors.append(f"member {i} flow {n} untranslated")
+                            continue
+                        if port in live:
+                            errors.append(f"port {port} given to {live[port]} and {(i, n)}")
+                        live[port] = (i, n)
+                        mine.append((port, n))
+                        if rng.random() < 0.4:  # close one of this member's connections
+                            port, m = mine.pop(rng.randrange(len(mine)))
+                            del live[port]
+                            host = ip_int(f"10.{net + i}.0.1") + m % 5
+                            frame = tcp_frame(host, SERVER, 20000 + m, 80, RST)
+                            rst = parse(frame, float(n))
+                            unit = await space.submit(nat.flow_key(rst), nat.process, rst)
+                            await space.node.micro.wait_result(unit)
+                        await trio.sleep(0)
 
-            async with trio.open_nursery() as nursery:
-                for i in range(3):
-                    nursery.start_soon(member, i)
-            assert errors == []
-            for space in cluster.spaces:
-                await space.flush()
-            assert await pool_in_use(cluster.nfs[0]) == len(live)
-            rows = await translations(cluster.nfs[1])
-            forward_ports = sorted(r[3] for r in rows if r[1])
-            assert forward_ports == sorted(live)
-            claimed = sum(nat.counts.get("shards-claimed", 0) for nat in cluster.nfs)
-            assert claimed == 8  # every shard was made once, by one member
+                async with trio.open_nursery() as nursery:
+                    for i in range(3):
+                        nursery.start_soon(member, i)
+                assert errors == []
+                for space in cluster.spaces:
+                    await space.flush()
+                assert await pool_in_use(nats[0]) == len(live)
+                rows = await translations(nats[1])
+                lo, hi = ip_int(f"10.{net}.0.0"), ip_int(f"10.{net + 3}.0.0")
+                forward_ports = sorted(r[3] for r in rows if r[1] and lo <= r[0][0] < hi)
+                assert forward_ports == sorted(live)
+                if nats is cluster.nfs:
+                    claimed = sum(nat.counts.get("shards-claimed", 0) for nat in nats)
+                    assert claimed == 8  # every shard was made once, by one member
+
+            await churn(cluster.nfs, 0, P)
+            # The same with the paper's pool: one SingleWriter object that moves to every
+            # member that allocates or frees (another public address, other clients, the
+            # same spaces and entry map).
+            other = ip_int("203.0.113.2")
+            single_config = {**config, "pool": "single", "public": ["203.0.113.2"]}
+            single = [NAT(space, single_config) for space in cluster.spaces]
+            await churn(single, 20, other)
 
             # A connection whose replies are served by another member (its reverse entry
             # moves there), closed by FINs sent by both members at once.
@@ -339,12 +357,14 @@ async def test_three_members_allocating_at_once_never_share_a_port_and_clean_up(
             for nat in cluster.nfs:
                 await nat.tick(201.0 + 240.0 + 1)  # after the grace
             rows = await translations(cluster.nfs[2])
-            assert not [r for r in rows if port in (r[0][4], r[3]) and r[0][0] in (client, SERVER)]
+            keys = {(client, SERVER, 6, 50000, 80), (SERVER, P, 6, 80, port)}
+            assert not [r for r in rows if r[0] in keys]
             assert sum(nat.counts.get("closed-fin", 0) for nat in cluster.nfs) == 1
             # Every member sweeps its own entries: after the idle timeout nothing is left.
-            for nat in cluster.nfs:
+            for nat in [*cluster.nfs, *single]:
                 await nat.tick(1e6)
             for space in cluster.spaces:
                 await space.flush()
             assert await translations(cluster.nfs[0]) == []
             assert await pool_in_use(cluster.nfs[1]) == 0
+            assert await pool_in_use(single[2]) == 0
