@@ -44,6 +44,9 @@ entry is not given a mapping (dropped, counted ``rst-no-mapping``).  Protocols o
 TCP and UDP, and fragments after the first, are not translated: forwarded as they are and
 counted (``other = "drop"`` drops them).  Malformed frames are dropped and counted by reason.
 
+**Direction.**  A packet to a public address is inbound.  Without ``inside`` networks every
+other packet is outbound, as in S6 (which has no inside/outside test).
+
 **Captures taken inside** never address the public side.  With ``inside`` networks set,
 a packet from an inside address is outbound; a packet *to* an inside address from outside
 is a reply as the capture saw it after translation: the NAT first presents it as it
