@@ -22,7 +22,10 @@
   forwarded frames (as rewritten) in input order.
 
 The units in flight are bounded by a window (``--window``): the runner waits for the
-oldest before giving out more, which keeps memory bounded and ``--out`` in order.
+oldest before giving out more, which keeps memory bounded and ``--out`` in order; while
+units are parked it lets the members' messages in every few packets.  A flow's packets
+keep their order; across flows a parked unit finishes later (``RunResult.order``).
+``--dicts`` runs the NF on plain dicts instead (:mod:`nf.dicts`), for comparison.
 """
 
 from __future__ import annotations
