@@ -212,7 +212,7 @@ class _Access:
     local case of ``__aenter__`` and ``__aexit__`` never suspends (two coroutines are the
     cheapest awaitables there are: see :func:`_ready`)."""
 
-    __slots__ = ("_create", "_key", "_map", "_readonly", "_ref")
+    __slots__ = ("_args", "_create", "_key", "_map", "_readonly", "_ref")
 
     def __init__(self, map_: Map[Any], key: Any, create: bool, readonly: bool) -> None:
         self._map = map_
@@ -220,6 +220,7 @@ class _Access:
         self._create = create
         self._readonly = readonly
         self._ref: Ref | None = None
+        self._args: tuple[Any, ...] = ()
 
     async def __aenter__(self) -> Any:
         map_ = self._map
@@ -257,17 +258,29 @@ class _Access:
                 owner = map_._me
             ref: Ref = map_._readonly_ref(map_, k, None, owner)
         elif map_._single:
+            made = node.fast.create_here(k, map_.info, self._args) if self._create else None
+            if made is not None:  # this node owns the key: made here, no message
+                ref = map_._local(map_, k, made, map_._me)
+                ref.created = True
+                self._ref = ref
+                return ref
             wait = Wait(k)
-            node.handle(Acquire(k, self._create, wait))
+            node.handle(Acquire(k, self._create, wait, self._args))
             held, created = await wait
             ref = map_._local(map_, k, held, map_._me)
             ref.created = created
         else:
-            owner = node.fast.located(k) if not self._create else None
+            # An existing object is found through the location cache, for a create as for
+            # a get (a create asks the key owner only when the cache does not know it).
+            owner = node.fast.located(k)
             created = False
+            if owner is None and self._create:
+                made = node.fast.create_here(k, map_.info, self._args)
+                if made is not None:
+                    owner, created = map_._me, True
             if owner is None:
                 wait = Wait(k)
-                node.handle(Locate(k, self._create, wait))
+                node.handle(Locate(k, self._create, wait, self._args))
                 owner, created = await wait
             held = map_._held(k)
             if held is not None:
@@ -319,15 +332,18 @@ class Map(Generic[T]):
     def __repr__(self) -> str:
         return f"<Map {self.name!r} of {self.info.name}>"
 
-    def create(self, key: Any) -> _Access:
-        """``async with m.create(key) as ref``: the object under ``key``, created (as
-        ``cls()``) if absent; ``ref.created`` tells which."""
+    def create(self, key: Any, *args: Any) -> _Access:
+        """``async with m.create(key, *args) as ref``: the object under ``key``, created
+        (as ``cls(*args)``, on the node that asked) if absent; ``ref.created`` tells which.
+        Where this node is the key's owner and nothing of it exists, the object and its
+        record are made at once, without a message or a wait."""
         access = _new(_Access)  # _Access.__init__, inline: this is the per-packet path
         access._map = self
         access._key = key
         access._create = True
         access._readonly = False
         access._ref = None
+        access._args = args
         return access
 
     def get(self, key: Any, *, readonly: bool = False) -> _Access:
@@ -341,14 +357,19 @@ class Map(Generic[T]):
         access._create = False
         access._readonly = readonly
         access._ref = None
+        access._args = ()
         return access
 
     async def remove(self, key: Any) -> bool:
         """Remove the object under ``key``; whether one existed.  Later accesses fail with
         ``ObjectNotFound`` until a create; references still held raise ``ObjectRemoved``."""
         check_key(key)
-        wait: Wait[bool] = Wait((self.name, key))
-        self._node.handle(Remove((self.name, key), wait))
+        k = (self.name, key)
+        done = self._node.fast.remove_here(k)
+        if done is not None:  # this node owns the key (and holds the object, if any)
+            return done
+        wait: Wait[bool] = Wait(k)
+        self._node.handle(Remove(k, wait))
         return await wait
 
     async def items(self) -> AsyncIterator[tuple[Any, T]]:

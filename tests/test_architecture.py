@@ -90,6 +90,8 @@ FAST_PATHS = {
     "read_stale",
     "update_replica",
     "ship_untethered",
+    "create_here",
+    "remove_here",
 }
 #: The names outside code may import from the core's layer modules: types and the marker
 #: the fast paths answer with, no function or state.

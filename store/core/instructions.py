@@ -89,21 +89,25 @@ class RegisterMap:
 @dataclass(slots=True)
 class Acquire:
     """A writable single-writer reference (the fast path found none).  ``wait`` resolves
-    to ``(held, created)`` with ``held.refs`` already counting the caller."""
+    to ``(held, created)`` with ``held.refs`` already counting the caller.  ``args``: the
+    constructor's arguments, if it creates."""
 
     k: K
     create: bool
     wait: Wait[Any]
+    args: tuple[Any, ...] = ()
 
 
 @dataclass(slots=True)
 class Locate:
     """Where the object lives (created here if ``create`` and it is a missing multi-writer
-    object).  ``wait`` resolves to ``(owner, created)``."""
+    object).  ``wait`` resolves to ``(owner, created)``.  ``args``: the constructor's
+    arguments, if it creates."""
 
     k: K
     create: bool
     wait: Wait[Any]
+    args: tuple[Any, ...] = ()
 
 
 @dataclass(slots=True)

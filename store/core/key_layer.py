@@ -438,6 +438,57 @@ class KeyLayer:
     def _reply(self, origin: str, req_id: int, status: Status, value: Any = None) -> None:
         self.out.send(origin, Reply(req_id, status, value))
 
+    # -- the fast paths of a key this node owns (see Router.create_here / remove_here) --
+
+    def claimable(self, k: K) -> bool:
+        """Whether a create of ``k`` may be served here at once, without a message: this
+        node is the key's owner in a quiet NORMAL stage and no object exists for it.  The
+        caller (the router) checks its object layer too, then calls :meth:`claim`."""
+        view = self.view
+        if view.stage is not Stage.NORMAL or self._rebuild_waiting:
+            return False
+        by_key = self.records.get(k[0])
+        rec = None if by_key is None else by_key.get(k[1])
+        if rec is not None and (rec.state is not KeyState.ABSENT or rec.queue):
+            return False
+        return view.ring.owner(key_token(*k)) == self.name
+
+    def claim(self, k: K, kind: Kind) -> int:
+        """Serve a create of ``k`` by this node for itself (:meth:`claimable` said so): the
+        record names it as the holder; returns the new object's version."""
+        rec = self.record(k)
+        if rec is None:
+            self._put(k, KeyRecord(kind, self.name, 1, KeyState.LIVE))
+            return 1
+        self._become(rec, KeyState.LIVE)
+        rec.kind, rec.owner, rec.version = kind, self.name, rec.version + 1
+        return rec.version
+
+    def drop_here(self, k: K, held_here: bool) -> bool | None:
+        """Serve a remove of ``k`` by this node at once if it is the key's owner in a quiet
+        NORMAL stage and either no object exists (False) or this node holds it and may drop
+        it now (``held_here``; True: the record is now absent, and the caller drops the
+        object).  None: the slow path must do it."""
+        view = self.view
+        if view.stage is not Stage.NORMAL or self._rebuild_waiting:
+            return None
+        by_key = self.records.get(k[0])
+        rec = None if by_key is None else by_key.get(k[1])
+        if rec is not None and (rec.busy or rec.queue):
+            return None
+        if view.ring.owner(key_token(*k)) != self.name:
+            return None
+        if rec is None or rec.state is KeyState.ABSENT:
+            return False
+        if rec.state is KeyState.LIVE and (rec.owner != self.name or not held_here):
+            return None
+        if rec.state is KeyState.LIVE:  # (no Drop to wait for: the holder is this node)
+            self._become(rec, KeyState.DROPPING)
+        self._become(rec, KeyState.ABSENT)
+        rec.owner = None
+        rec.version += 1
+        return True
+
     # -- failure events: the records of a dead node are rebuilt from what survivors hold --
 
     def repair(self, view: NodeView, dead: frozenset[str], survivors: frozenset[str]) -> None:

@@ -304,12 +304,14 @@ class ObjectLayer(ScaleIn):
             if stim.create:
                 if pending.creators is None:
                     pending.creators = []
+                    pending.args = list(stim.args)  # the first creator's make it
                 pending.creators.append(wait)
             return
         req_id, pending = self._new_pending("acquire", k, info)
         pending.waits.append(wait)
         if stim.create:
             pending.creators = [wait]
+            pending.args = list(stim.args)
         self._ask(pending, req_id)
 
     def locate(self, stim: Locate) -> None:
@@ -317,6 +319,7 @@ class ObjectLayer(ScaleIn):
         info = self.maps[k[0]]
         req_id, pending = self._new_pending("locate", k, info)
         pending.waits.append(stim.wait)
+        pending.args = list(stim.args)
         self._key_op(Op.CREATE if stim.create else Op.LOCATE, k, KIND_CODE[info.kind], req_id)
 
     def remove(self, stim: Remove) -> None:
@@ -553,6 +556,45 @@ class ObjectLayer(ScaleIn):
             if where in dead:
                 del self.locations[k]
 
+    # -- fast create and remove, for keys this node owns (see Router) --
+
+    def makeable(self, k: K) -> bool:
+        """Nothing of ``k`` is here or on its way: no object, no request, nothing parked."""
+        return not (
+            k in self.objects
+            or k in self._acquiring
+            or k in self._parked
+            or k in self._early_drop
+            or k in self._unbuilt
+            or k in self._arriving
+        )
+
+    def install_new(self, k: K, info: ClassInfo, obj: Any, version: int) -> Held:
+        """A new object made here for a key this node owns (a single-writer one with the
+        caller's reference counted)."""
+        held = Held(info, obj, version)
+        self.objects[k] = held
+        if info.kind is ObjectKind.SINGLE:
+            held.refs = 1
+            if self.trace is not None:
+                self.trace.append(("grant", k[0], k[1], version, self.name))
+        return held
+
+    def droppable(self, k: K) -> bool | None:
+        """Whether the object of ``k`` held here may be dropped now (nobody here uses or
+        wants it); None when none is held here and nothing of it is on its way."""
+        held = self.objects.get(k)
+        if held is None:
+            return None if self.makeable(k) else False
+        return held.refs == 0 and held.release is None and k not in self._parked
+
+    def drop_now(self, k: K) -> None:
+        held = self.objects.pop(k, None)
+        if held is not None:
+            held.removed = True
+        self.locations.pop(k, None)
+        self.replicas.pop(k, None)
+
     def _key_op_again(self, msg: KeyOp) -> None:
         """Send ``msg`` again, routed afresh by the current ring (its key owner died)."""
         epoch = self.view.epoch
@@ -654,7 +696,7 @@ class ObjectLayer(ScaleIn):
             info = pending.info
             if msg.created:
                 try:
-                    obj = info.cls()
+                    obj = info.cls(*pending.args)
                 except Exception as exc:  # the NF's constructor: the create hears it
                     self._unbuilt_single(k, pending, msg.version, dropped, exc)
                     return
@@ -1023,6 +1065,7 @@ class ObjectLayer(ScaleIn):
         again.waits = list(waits)
         makers = [w for w in waits if w in (pending.creators or ())]
         again.creators = makers or None
+        again.args = pending.args if makers else []
         self._ask(again, req_id)
 
     def _reply_locate(self, pending: Pending, msg: Reply) -> None:
@@ -1036,7 +1079,7 @@ class ObjectLayer(ScaleIn):
         owner, version, created = msg.value
         if created and owner == self.name:
             try:
-                obj = pending.info.cls()
+                obj = pending.info.cls(*pending.args)
             except Exception as exc:  # the NF's constructor: the create hears it
                 self._constructor_failed(k, pending, exc)
                 self._unpark(k)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ring.hashring import HashRing
+from store.core.held import KIND_CODE, Held, K
 from store.core.instructions import (
     Acquire,
     AskBarrier,
@@ -81,6 +82,8 @@ class FastPaths(NamedTuple):
     read_stale: Callable[..., Any]
     update_replica: Callable[..., Any]
     ship_untethered: Callable[..., Any]
+    create_here: Callable[..., Any]
+    remove_here: Callable[..., bool | None]
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class Router:
             objects.read_stale,
             objects.update_replica,
             objects.ship_untethered,
+            self.create_here,
+            self.remove_here,
         )
         #: Which layer's handler takes each message type (the layers say which they take).
         self._takes: dict[type, Callable[[Any, str], None]] = {
@@ -271,6 +276,40 @@ class Router:
         self._pump()
         done = self.keys.drained() and self.objects.evacuated()
         self.out.effects.append(DrainProgress(moved, self.keys.drain_scanning, done))
+
+    # -- fast create and remove (keys this node owns) --
+
+    def create_here(self, k: K, info: ClassInfo, args: tuple[Any, ...]) -> Held | None:
+        """Create ``k``'s object at once if this node is the key's owner and nothing of it
+        exists or is on its way: the record and the object are made here, no message, no
+        wait (per-flow state of the flows a node's own keys hash to is made this way).
+        None: the slow path must do it.  The constructor's exception reaches the caller,
+        and nothing is recorded then.  A single-writer object comes with the caller's
+        reference counted."""
+        if not self.keys.claimable(k) or not self.objects.makeable(k):
+            return None
+        try:
+            obj = info.cls(*args)
+        except Exception as exc:  # the NF's constructor: counted and logged, as ever
+            self.out.error(
+                f"call-{type(exc).__name__}",
+                f"{info.name}() raised {type(exc).__name__}: {str(exc)[:200]} "
+                f"(creating {k[0]}[{k[1]!r:.60}])",
+            )
+            raise
+        version = self.keys.claim(k, KIND_CODE[info.kind])
+        return self.objects.install_new(k, info, obj, version)
+
+    def remove_here(self, k: K) -> bool | None:
+        """Remove ``k``'s object at once if this node is the key's owner and holds it (True)
+        or no object exists (False); None: the slow path must do it."""
+        droppable = self.objects.droppable(k)
+        if droppable is False:
+            return None
+        removed = self.keys.drop_here(k, bool(droppable))
+        if removed:
+            self.objects.drop_now(k)
+        return removed
 
     # -- observability --
 
