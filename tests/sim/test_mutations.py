@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from ring.ownership import (
+    Arrival,
     Decision,
     Forward,
     Holding,
@@ -49,6 +50,12 @@ SEARCH = settings(
     phases=[Phase.generate],  # finding one counterexample is the point; shrinking is not
     suppress_health_check=list(HealthCheck),
 )
+
+#: Late messages across whole events take a run of several steps to set up (a pull held,
+#: its answer held, a later event): the search goes on longer, from a fresh seed each time
+#: (about one example in 200 finds each of them, so 5,000 miss with odds of e^-25; a fixed
+#: seed would make the test pass or fail by the luck of one sequence).
+SEARCH_LATE = settings(SEARCH, max_examples=5000, derandomize=False)
 
 #: The object-space simulation, searching for one counterexample as SEARCH does.
 SEARCH_OBJECTS = settings(SEARCH, max_examples=300, stateful_step_count=50)
@@ -89,6 +96,24 @@ def relay_through_directory(view: NodeView, holding: Holding, request: Request) 
     return d
 
 
+def adopt_a_stale_hand_on(view: NodeView, holding: Holding, request: Request) -> Decision:
+    """Rule H without its epoch check: a hand-on stamped by an older ring (a late pull's
+    answer that arrives after a later event began) is adopted and served where it lands."""
+    if request.arrival is Arrival.HANDOFF:
+        return Serve(adopt=True)
+    return decide(view, holding, request)
+
+
+def late_pull_forgets_its_hand_on(view: NodeView, holding: Holding, request: Request) -> Decision:
+    """Rule N2 without the hand-on: a pull that reaches a node already NORMAL on the new ring
+    is forwarded to the owner as a plain request, so the next owner, still SCALING and
+    holding nothing, pulls again."""
+    d = decide(view, holding, request)
+    if view.stage is Stage.NORMAL and request.arrival is Arrival.PULL and isinstance(d, Forward):
+        return dataclasses.replace(d, handoff=False)
+    return d
+
+
 @pytest.mark.parametrize(
     ("broken", "invariant", "violation"),
     [
@@ -96,15 +121,25 @@ def relay_through_directory(view: NodeView, holding: Holding, request: Request) 
         (forward_without_version, 2, HopBoundExceeded),
         (serve_without_pulling, 3, RecordLostOrDuplicated),
         (relay_through_directory, 4, NotOneHop),
+        (adopt_a_stale_hand_on, 3, RecordLostOrDuplicated),
+        (late_pull_forgets_its_hand_on, 2, HopBoundExceeded),
     ],
-    ids=["inv1-drop-R1", "inv2-forward-without-version", "inv3-serve-without-pull", "inv4-relay"],
+    ids=[
+        "inv1-drop-R1",
+        "inv2-forward-without-version",
+        "inv3-serve-without-pull",
+        "inv4-relay",
+        "inv3-stale-hand-on-adopted",
+        "inv2-late-pull-forgets-its-hand-on",
+    ],
 )
 def test_broken_rule_is_caught(
     broken: DecideFn, invariant: int, violation: type[Violation]
 ) -> None:
     machine = make_machine(broken, checks=frozenset({invariant}))
+    late = broken in (adopt_a_stale_hand_on, late_pull_forgets_its_hand_on)
     with pytest.raises(violation):
-        run_state_machine_as_test(machine, settings=SEARCH)
+        run_state_machine_as_test(machine, settings=SEARCH_LATE if late else SEARCH)
 
 
 # -- the object space: broken cores are caught by the simulations' checks -------------------
