@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
 
 from store.core.instructions import (
     Acquire,
@@ -37,7 +37,7 @@ from store.core.object_layer import SLOW, Held
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, check_key, info_of, load_state
 from store.core.router import NodeStatistics
 from store.core.scheduler import Wait
-from store.wire.errors import ObjectNotFound, ObjectRemoved
+from store.wire.errors import ObjectNotFound, ObjectRemoved, ReferenceClosed
 from store.wire.messages import key_from_wire
 
 if TYPE_CHECKING:
@@ -92,11 +92,27 @@ class Ref:
         return f"<{type(self).__name__} {self._k[0]}[{self._k[1]!r}] at {self._owner}>"
 
 
+#: What a reference holds once its ``async with`` block has ended: using it then is
+#: refused (the object may have moved on; a write would be lost or, worse, applied to a
+#: copy).  It looks removed, so the local methods' one check covers it.
+_CLOSED: Final = Held.__new__(Held)
+_CLOSED.removed = True
+
+
+def _closed(ref: Ref) -> NoReturn:
+    raise ReferenceClosed(
+        f"{ref._k[0]}[{ref._k[1]!r:.60}]: a reference is used only inside its 'async with' "
+        "block; take a new one"
+    )
+
+
 def _local_method(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def method(self: Ref, *args: Any) -> Any:
         held = self._held
         assert held is not None
         if held.removed:
+            if held is _CLOSED:
+                _closed(self)
             raise ObjectRemoved(f"{self._k[0]}[{self._k[1]!r}] was removed")
         return _ready(fn(held.obj, *args))
 
@@ -123,12 +139,16 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
         return _ready(result)
 
     def method(self: Ref, *args: Any) -> Any:
+        if self._held is _CLOSED:
+            _closed(self)
         return slow(self, args)
 
     if minfo.kind is MethodKind.STALE:
         max_age = minfo.max_age
 
         def stale_method(self: Ref, *args: Any) -> Any:
+            if self._held is _CLOSED:
+                _closed(self)
             map_ = self._map
             value = map_._read_stale(self._k, name, args, max_age, map_._clock())
             return slow(self, args) if value is SLOW else _ready(value)
@@ -141,6 +161,8 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
             fn = getattr(info.cls, name)
 
             def replica_method(self: Ref, *args: Any) -> Any:
+                if self._held is _CLOSED:
+                    _closed(self)
                 map_ = self._map
                 done = map_._update_replica(self._k, map_.info, fn, args, self._owner)
                 return slow(self, args) if done is SLOW else _ready(None)
@@ -149,6 +171,8 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
             return replica_method
 
         def shipped_method(self: Ref, *args: Any) -> Any:
+            if self._held is _CLOSED:
+                _closed(self)
             done = self._map._ship_untethered(self._k, name, args, self._owner)
             return slow(self, args) if done is SLOW else _ready(None)
 
@@ -164,6 +188,8 @@ def _readonly_method(name: str, fn: Callable[..., Any], remote: Callable[..., An
     else through the stale cache."""
 
     def method(self: Ref, *args: Any) -> Any:
+        if self._held is _CLOSED:
+            _closed(self)
         held = self._map._held(self._k)
         if held is not None:
             return _ready(fn(held.obj, *args))
@@ -298,10 +324,14 @@ class _Access:
         tb: TracebackType | None,
     ) -> None:
         ref = self._ref
-        if ref is not None and ref._held is not None and self._map._single:
+        if ref is None:
+            return
+        held = ref._held
+        ref._held = _CLOSED
+        if held is not None and self._map._single:
             map_ = self._map
-            if not map_._let_go(ref._held):
-                map_._node.handle(LetGo(ref._k, ref._held))
+            if not map_._let_go(held):
+                map_._node.handle(LetGo(ref._k, held))
 
 
 class Map(Generic[T]):
@@ -362,7 +392,10 @@ class Map(Generic[T]):
 
     async def remove(self, key: Any) -> bool:
         """Remove the object under ``key``; whether one existed.  Later accesses fail with
-        ``ObjectNotFound`` until a create; references still held raise ``ObjectRemoved``."""
+        ``ObjectNotFound`` until a create; references still held raise ``ObjectRemoved``.
+        A ``@stale`` read on another member may still answer from its cache for at most
+        that method's ``max_age`` after the remove returned (the cache is not told: that
+        would cost a message to every member per remove), never longer."""
         check_key(key)
         k = (self.name, key)
         done = self._node.fast.remove_here(k)

@@ -168,7 +168,7 @@ class Node:
         self._queued: dict[str, list[Message]] = {}
         #: Errors of the shell itself (a link that could not be opened...), by kind.
         self.errors: dict[str, int] = {}
-        self.micro = Microthreads(limit)
+        self.micro = Microthreads(limit, on_failure=self._unit_failed)
         self.secret = secret
         self.flush_interval = flush_interval
         self.merge_interval = merge_interval
@@ -188,6 +188,25 @@ class Node:
         self.clock = trio.lowlevel.current_clock().current_time
         #: The node's standing with the controller, when it joined through one.
         self.membership: Any = None
+
+    def _unit_failed(self, unit: Any) -> None:
+        """A microthread's NF code raised: counted (``unit-<Exception>``) and logged here,
+        where it ran, whether or not anybody awaits the unit (the first ten of each kind
+        with their traceback, then every thousandth, so a failing NF cannot flood the log).
+        """
+        exc = unit.exception()
+        counter = f"unit-{type(exc).__name__}"
+        count = self.errors[counter] = self.errors.get(counter, 0) + 1
+        if count <= 10 or count % 1000 == 0:
+            logger.warning(
+                "%s: a microthread of flow %.80r raised %s: %.200s (%d so far)",
+                self.name,
+                unit.flow,
+                type(exc).__name__,
+                exc,
+                count,
+                exc_info=(type(exc), exc, exc.__traceback__) if count <= 10 else None,
+            )
 
     def handle(self, stimulus: Stimulus) -> list[Instruction]:
         """Hand ``stimulus`` to the core and carry out what it answers; returns the

@@ -42,6 +42,7 @@ __all__ = [
     "ObjectRemoved",
     "PeerUnavailable",
     "ProtocolError",
+    "ReferenceClosed",
     "RemoteCallError",
     "StateNotEncodable",
     "StoreError",
@@ -110,6 +111,10 @@ class ObjectLost(ObjectNotFound):
     ``ref.created`` true."""
 
 
+class ReferenceClosed(StoreError, RuntimeError):
+    """The caller's: a reference was used after its ``async with`` block ended."""
+
+
 class WrongKind(StoreError, TypeError):
     """The caller's: the map's class is a SingleWriter but the key holds a MultiWriter
     object, or the other way round (two maps of one name with different classes)."""
@@ -173,6 +178,7 @@ _FAMILIES: Final[tuple[tuple[str, Fault], ...]] = (
     ("stale-", "race"),  # an answer or report for an event or request that is over
     ("sent-to-departed-node-", "race"),
     ("call-", "app"),  # a shipped method raised: call-<ExceptionType>
+    ("unit-", "app"),  # a microthread's NF code raised: unit-<ExceptionType>
     ("evacuate-unknown-class-", "app"),
 )
 # Counters named ``<detail>-lost``: an update that had nowhere to go (its object was removed

@@ -6,10 +6,11 @@ constructor arguments; a multi-writer create of an existing object uses the loca
 from __future__ import annotations
 
 import pytest
+import trio
 
 import store
 from ring.hashring import key_token
-from store import MultiWriter, SingleWriter
+from store import MultiWriter, SingleWriter, stale
 from tests.store.test_api import cluster, sent
 
 
@@ -116,3 +117,69 @@ async def test_a_multi_writer_create_of_a_known_object_asks_nobody() -> None:
             async with pools_a.create(key) as ref:
                 assert not ref.created
         assert sent(a) == before, "a create of a known object asked the key owner"
+
+
+class Counter(MultiWriter):
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self) -> int:
+        self.n += 1
+        return self.n
+
+    @stale(max_age=0.3)
+    def read(self) -> int:
+        return self.n
+
+
+async def test_a_reference_used_after_its_block_is_refused() -> None:
+    async with cluster(2) as (a, b):
+        entries = a.map("nat", Entry)
+        b.map("nat", Entry)
+        counters = a.map("counters", Counter)
+        b.map("counters", Counter)
+        for key in (owned_by(a, "nat", 1)[0], owned_by(b, "nat", 1)[0]):
+            async with entries.create(key) as ref:
+                await ref.hit()
+            with pytest.raises(store.ReferenceClosed):
+                await ref.hit()
+        for key in (owned_by(a, "counters", 1)[0], owned_by(b, "counters", 1)[0]):
+            async with counters.create(key) as cref:
+                await cref.add()
+            with pytest.raises(store.ReferenceClosed):
+                await cref.add()
+            with pytest.raises(store.ReferenceClosed):
+                await cref.read()
+
+
+async def test_a_stale_read_outlives_a_remove_by_at_most_max_age() -> None:
+    """What ``Map.remove`` promises of ``@stale`` reads on other members: a cached value may
+    still be answered for at most ``max_age`` after the remove, never later."""
+    async with cluster(2) as (a, b):
+        key = owned_by(b, "counters", 1)[0]
+        on_b = b.map("counters", Counter)
+        on_a = a.map("counters", Counter)
+        async with on_b.create(key) as ref:
+            await ref.add()
+        async with on_a.get(key, readonly=True) as ref:
+            assert await ref.read() == 1  # cached at a now
+        assert await on_b.remove(key) is True
+        async with on_a.get(key, readonly=True) as ref:
+            assert await ref.read() == 1  # within max_age: the cached answer
+        await trio.sleep(0.35)
+        with pytest.raises(store.ObjectNotFound):
+            async with on_a.get(key, readonly=True) as ref:
+                await ref.read()
+
+
+async def test_a_microthread_that_raises_is_counted_and_logged_where_it_ran(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def bad(n: int) -> None:
+        raise KeyError(f"flow {n} broke")
+
+    async with store.open_space() as space:
+        for n in range(3):
+            space.submit_nowait(("flow", n), bad, n)  # nobody awaits these units
+        assert space.statistics().errors == {"unit-KeyError": 3}
+    assert sum("flow 1 broke" in r.getMessage() for r in caplog.records) == 1
