@@ -270,9 +270,10 @@ class Router:
 
     def _drain(self, limit: int) -> None:
         # Objects and records share one pace: the receiver pays for each one it takes, on
-        # the same core as its packets.
-        moved = self.objects.evacuate(limit)
-        moved += self.keys.drain(limit - moved)
+        # the same core as its packets.  Records go first: the receiver of an evacuated
+        # object then holds its record already and applies the EVACUATED notice itself.
+        moved = self.keys.drain(limit)
+        moved += self.objects.evacuate(limit - moved)
         self._pump()
         done = self.keys.drained() and self.objects.evacuated()
         self.out.effects.append(DrainProgress(moved, self.keys.drain_scanning, done))

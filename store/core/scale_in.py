@@ -22,23 +22,27 @@ that each module stays small enough to read alone); it owns the state listed in 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ring.hashring import key_token
 from ring.ownership import NodeView, Stage
 from store.core.held import KIND_CODE, Deferred, Held, K, Pending
 from store.core.objects import ClassInfo, ObjectKind, dump_state, load_state, opaque_info
 from store.core.outbox import Outbox
-from store.wire.codes import Kind, MovedNote, Op, Status
+from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
+from store.wire.errors import MalformedMessage
 from store.wire.messages import (
     Barrier,
     Call,
     Drop,
     Evacuate,
     EvacuateAck,
+    Evacuates,
+    EvacuatesAck,
     Fence,
     Fold,
     Gone,
+    KeyOp,
     Message,
     Reply,
     Untethered,
@@ -47,7 +51,46 @@ from store.wire.messages import (
 if TYPE_CHECKING:
     from store.core.instructions import Invoke
 
-__all__ = ["ScaleIn"]
+__all__ = ["EVACUATE_BYTES", "ScaleIn"]
+
+#: Largest :class:`Evacuates` batch, in bytes of states and keys: a drain step's objects
+#: for one receiver go as several batches past it (or past the frame limit, if smaller),
+#: so that frames stay moderate (the transport packs up to 256 KiB in one) and no receiver
+#: spends long on one message.  An object larger than that alone goes in a batch of its own.
+EVACUATE_BYTES: Final = 256 * 1024
+
+#: Bytes an entry (or a class) of a batch may take beyond its state, key and names: the
+#: array and string headers, the class index and the version.
+_ENTRY_ROOM: Final = 32
+
+
+def _key_bound(key: Any) -> int:
+    """An upper bound of a key's encoded size (keys were checked where they were made:
+    ``store.core.objects.check_key``); O(1) for flat keys."""
+    kind = type(key)
+    if kind is str:
+        return 9 + 4 * len(key)
+    if kind is bytes:
+        return 9 + len(key)
+    if kind is tuple:
+        return 9 + sum(_key_bound(part) for part in key)
+    return 9 + 129  # an int of up to 1024 bits, a float, a bool or None
+
+
+class _Batch:
+    """The objects of one drain step for one receiver, being put together (the columns
+    of an :class:`Evacuates`)."""
+
+    __slots__ = ("classes", "index", "keys", "of", "states", "used", "versions")
+
+    def __init__(self) -> None:
+        self.classes: list[tuple[str, str, Kind]] = []
+        self.index: dict[tuple[str, type], int] = {}  # (map, class) -> index in classes
+        self.of: list[int] = []
+        self.keys: list[Any] = []
+        self.versions: list[int] = []
+        self.states: list[bytes] = []
+        self.used = 0  # bytes, an upper bound of the encoded batch
 
 
 class ScaleIn:
@@ -105,10 +148,14 @@ class ScaleIn:
         self._after_gone: dict[str, list[tuple[Fence, str]]] = {}
         self.moved_to: dict[K, str] = {}  # objects this (leaving) node evacuated, and where
         self.moved_version: dict[K, int] = {}  # and the version they arrived there with
-        self._unacked = 0  # evacuations of this event not yet acknowledged
+        #: Evacuation batches of this event not yet acknowledged: number -> objects in it.
+        self._batches: dict[int, int] = {}
+        self._next_batch = 0
         #: A leaving node's keys still to hand over in this event, and those in use.
         self._evac_todo: list[K] = []
         self._evac_busy: list[K] = []
+        #: Objects of this event whose state cannot travel (counted once, tried each round).
+        self._evac_refused: set[K] = set()
         self.objects_evacuated = 0
         #: Untethered calls relocated because their node had left, not yet answered, and
         #: this node's own barriers to such nodes, answered once none is left (see bounce).
@@ -215,7 +262,7 @@ class ScaleIn:
                 self._relocate_untethered((map_name, key), method, list(args))
         elif isinstance(msg, Drop) and msg.origin is not None:
             self._confirm_drop(msg)  # nothing left there to drop: the remover may go on
-        elif type(msg).__name__ in ("HandOnAck", "HandOnsAck", "EvacuateAck"):
+        elif type(msg).__name__ in ("HandOnAck", "HandOnsAck", "EvacuateAck", "EvacuatesAck"):
             pass  # for a hand-on that a late request made the leaver forward: it counts nothing
         else:
             self.out.error(f"sent-to-departed-node-{type(msg).__name__}", to)
@@ -262,9 +309,10 @@ class ScaleIn:
         if departed:  # a name that joins again is a new process: talk to it
             departed -= view.ring.nodes | (view.next_ring.nodes if view.next_ring else set())
         if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
-            self._unacked = 0
+            self._batches.clear()
         if view.stage is not self.view.stage:
             self._evac_todo, self._evac_busy = [], []
+            self._evac_refused = set()
         self.view = view
 
     @property
@@ -274,16 +322,22 @@ class ScaleIn:
 
     def evacuated(self) -> bool:
         """A leaving node has handed every object over, and each was acknowledged."""
-        return not self.leaving or (not self.objects and self._unacked == 0)
+        return not self.leaving or (not self.objects and not self._batches)
 
     def evacuate(self, limit: int) -> int:
         """Scale-in: send up to ``limit`` held objects, single- and multi-writer alike, to
-        their next key owner (the original S6 lost multi-writer state here).  Objects still
-        in use by a local reference wait for the next call."""
+        their next key owner (the original S6 lost multi-writer state here), in one
+        :class:`Evacuates` batch per receiver (several if one would pass
+        :data:`EVACUATE_BYTES` or the frame limit).  Objects still in use by a local
+        reference wait for the next call; an object whose state cannot travel (not cbor,
+        or over the frame limit alone) stays here, counted.  The receiver tells the key
+        owner where each object went (the router hands key records on before objects, so
+        that it usually holds them by then)."""
         view = self.view
         if view.stage is not Stage.SCALING or not self.leaving:
             return 0
         assert view.next_ring is not None
+        next_ring = view.next_ring
         # The keys to hand over, listed once per event (a copy of every key on each step
         # made a leave quadratic in the objects held); objects in use wait in `busy` for
         # another round, and objects that arrived since are picked up when both are empty.
@@ -291,65 +345,166 @@ class ScaleIn:
         if not todo:
             todo = self._evac_todo = self._evac_busy or list(self.objects)
             self._evac_busy = []
+        objects, busy, replicas = self.objects, self._evac_busy, self.replicas
+        moved_to, moved_version = self.moved_to, self.moved_version
+        max_payload = self.out.max_payload
+        budget_bytes = min(EVACUATE_BYTES, max_payload)
+        trace = self.trace
+        batches: dict[str, _Batch] = {}
         sent = 0
         budget = 2 * max(limit, 1)
         while todo and sent < limit and budget:
             budget -= 1
             k = todo.pop()
-            held = self.objects.get(k)
+            held = objects.get(k)
             if held is None:
                 continue  # moved away or dropped meanwhile
             if held.refs or held.release is not None:
-                self._evac_busy.append(k)
+                busy.append(k)
                 continue
-            dest = view.next_ring.owner(key_token(*k))
-            self._fold_local_replica(k, held)
+            if k in replicas:
+                self._fold_local_replica(k, held)
             try:
                 state = dump_state(held.obj)
+                if len(state) > max_payload:
+                    raise TypeError(
+                        f"{held.info.cls.__qualname__} state is {len(state)} bytes, over the "
+                        f"{max_payload} a frame holds"
+                    )
             except TypeError as exc:
-                self.out.error("state-not-encodable", f"cannot evacuate {k!r:.80}: {exc}")
-                self._evac_busy.append(k)
+                if k not in self._evac_refused:
+                    self._evac_refused.add(k)
+                    self.out.error("state-not-encodable", f"cannot evacuate {k!r:.80}: {exc}")
+                busy.append(k)
                 continue
-            cls = held.info.cls
+            map_name, key = k
+            dest = next_ring.owner(key_token(map_name, key))
             version = held.version + 1
-            del self.objects[k]
-            self.moved_to[k] = dest
-            self.moved_version[k] = version
-            self._unacked += 1
-            self.objects_evacuated += 1
-            self.migrations_out += 1
-            if self.trace is not None and held.info.kind is ObjectKind.SINGLE:
-                self.trace.append(("release", k[0], k[1], held.version, self.name))
-            path = f"{cls.__module__}:{cls.__qualname__}"
-            kind = KIND_CODE[held.info.kind]
-            self.out.send(dest, Evacuate(k[0], k[1], path, version, state, kind))
-            self._key_op(
-                Op.MOVED, k, kind, 0, owner=dest, version=version, note=MovedNote.EVACUATED
-            )
+            del objects[k]
+            moved_to[k] = dest
+            moved_version[k] = version
+            info = held.info
+            if trace is not None and info.kind is ObjectKind.SINGLE:
+                trace.append(("release", map_name, key, held.version, self.name))
+            size = len(state) + _key_bound(key) + _ENTRY_ROOM
+            batch = batches.get(dest)
+            if batch is None:
+                batch = batches[dest] = _Batch()
+            elif batch.used + size > budget_bytes:
+                self._send_batch(dest, batch)  # full: this object starts the next one
+                batch = batches[dest] = _Batch()
+            index = batch.index.get((map_name, info.cls))
+            if index is None:
+                index = batch.index[(map_name, info.cls)] = len(batch.classes)
+                path = f"{info.cls.__module__}:{info.cls.__qualname__}"
+                batch.classes.append((map_name, path, KIND_CODE[info.kind]))
+                batch.used += len(path) + 4 * len(map_name) + _ENTRY_ROOM
+            batch.of.append(index)
+            batch.keys.append(key)
+            batch.versions.append(version)
+            batch.states.append(state)
+            batch.used += size
             sent += 1
+        for dest, batch in batches.items():
+            self._send_batch(dest, batch)
+        self.objects_evacuated += sent
+        self.migrations_out += sent
         return sent
 
-    def _on_evacuate(self, msg: Evacuate, sender: str) -> None:
-        k = (msg.map, msg.key)
-        info = self.maps.get(msg.map)
+    def _send_batch(self, dest: str, batch: _Batch) -> None:
+        self._next_batch += 1
+        self._batches[self._next_batch] = len(batch.keys)
+        msg = Evacuates(
+            self.view.epoch,
+            self._next_batch,
+            batch.classes,
+            batch.of,
+            batch.keys,
+            batch.versions,
+            batch.states,
+        )
+        self.out.send(dest, msg)
+
+    def _class_for(self, map_name: str, path: str, kind: Kind, count: int) -> ClassInfo:
+        """The class of ``count`` objects of ``map_name`` evacuated to this node: the map's
+        own, the one the shell imports, or else an opaque stand-in (logged once)."""
+        info = self.maps.get(map_name)
         why = "no class resolver"
         if info is None and self.resolve_class is not None:
             try:
-                info = self.resolve_class(msg.cls)
+                info = self.resolve_class(path)
             except Exception as exc:
                 why = f"{type(exc).__name__}: {str(exc)[:200]}"
         if info is None:
             # Held as its plain state, never refused: a leave must not wedge on a class
             # this node lacks.  A call on it here fails and says why; a member that has
             # the class gets it intact when it asks for it.
-            kind = ObjectKind.MULTI if msg.kind is Kind.MULTI else ObjectKind.SINGLE
+            what = "1 object" if count == 1 else f"{count} objects"
             self.out.error(
                 "evacuate-unknown-class",
-                f"{msg.cls} ({why}): {k!r:.80} held as its state; calls on it fail here",
+                f"{path} ({why}): {what} of map {map_name!r:.80} held as their state; "
+                "calls on them fail here",
             )
-            info = opaque_info(msg.cls, kind)
-        held = Held(info, load_state(info.cls, msg.state), msg.version)
-        if info.kind is ObjectKind.MULTI and (self._dest.get(k) == sender or k in self._fencing):
+            info = opaque_info(path, ObjectKind.MULTI if kind is Kind.MULTI else ObjectKind.SINGLE)
+        return info
+
+    def _on_evacuate(self, msg: Evacuate, sender: str) -> None:
+        """One object evacuated alone, its key owner told by the sender (a leaver sent
+        these before batches; :meth:`evacuate` no longer does)."""
+        info = self._class_for(msg.map, msg.cls, msg.kind, 1)
+        k = (msg.map, msg.key)
+        self._arrived(k, Held(info, load_state(info.cls, msg.state), msg.version), sender)
+        self.out.send(sender, EvacuateAck(msg.map, msg.key, self.view.epoch))
+
+    def _on_evacuates(self, msg: Evacuates, sender: str) -> None:
+        """Install a batch of evacuated objects in one go: the columns are checked and
+        every state loaded first, so that a malformed batch is refused whole (counted by
+        the router; no acknowledgement) and never half installed.  Each object's key owner
+        is told where it is now (see below)."""
+        classes, of, keys = msg.classes, msg.of, msg.keys
+        count = len(keys)
+        if not len(of) == len(msg.versions) == len(msg.states) == count:
+            raise MalformedMessage("columns of different lengths")
+        counts = [0] * len(classes)
+        try:
+            for index in of:
+                if index < 0:
+                    raise IndexError
+                counts[index] += 1
+        except IndexError:
+            raise MalformedMessage(f"a class index out of the {len(classes)} listed") from None
+        infos = [
+            self._class_for(map_name, path, kind, n) if n else None
+            for (map_name, path, kind), n in zip(classes, counts, strict=True)
+        ]
+        cls_of: list[Any] = [None if info is None else info.cls for info in infos]
+        objs = [
+            load_state(cls_of[index], state) for index, state in zip(of, msg.states, strict=True)
+        ]
+        # Installed, and each key owner told: a message to our own key layer, which
+        # usually holds the record by now (the leaver hands its records on before its
+        # objects), so no notice crosses the wire.
+        me, epoch = self.name, self.view.epoch
+        send = self.out.send
+        for index, key, version, obj in zip(of, keys, msg.versions, objs, strict=True):
+            info = infos[index]
+            assert info is not None
+            map_name = classes[index][0]
+            k = (map_name, key)
+            held = Held(info, obj, version)
+            self._arrived(k, held, sender)
+            kind = KIND_CODE[info.kind]
+            notice = KeyOp(
+                Op.MOVED, map_name, key, kind, me, 0, epoch, 0, Arrival.PLAIN, epoch, me, version,
+                MovedNote.EVACUATED,
+            )  # fmt: skip
+            send(me, notice)
+        self.out.send(sender, EvacuatesAck(msg.epoch, msg.batch, count))
+
+    def _arrived(self, k: K, held: Held, sender: str) -> None:
+        """An evacuated object reached this node, its next key owner: hold it."""
+        kind = held.info.kind
+        if kind is ObjectKind.MULTI and (self._dest.get(k) == sender or k in self._fencing):
             # Our own calls of it may still be on their way through the leaving node: the
             # object is used here only once they have arrived (the fence comes back).
             self._arriving[k] = held
@@ -357,13 +512,15 @@ class ScaleIn:
         else:
             self._install(k, held)
         self.migrations_in += 1
-        if self.trace is not None and info.kind is ObjectKind.SINGLE:
-            self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
-        self.out.send(sender, EvacuateAck(msg.map, msg.key, self.view.epoch))
+        if self.trace is not None and kind is ObjectKind.SINGLE:
+            self.trace.append(("grant", k[0], k[1], held.version, self.name))
 
     def _on_evacuate_ack(self, msg: EvacuateAck, sender: str) -> None:
-        if self._unacked > 0 and msg.epoch == self.view.epoch:
-            self._unacked -= 1
+        pass  # a single evacuation's (this node sends batches only): nothing to count
+
+    def _on_evacuates_ack(self, msg: EvacuatesAck, sender: str) -> None:
+        if msg.epoch == self.view.epoch:
+            self._batches.pop(msg.batch, None)
 
     def _install(self, k: K, held: Held) -> None:
         """Hold an object evacuated to this node.  Updates this node made into a replica

@@ -1110,3 +1110,37 @@ class CallFailed:
     method: str
     seq: int
     error: str
+
+
+@message(36)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Evacuates:
+    """A leaving node hands objects it holds to their next key owner, in bulk: the objects
+    of one drain step for one receiver (scale-in; :class:`Evacuate` is one object).
+
+    ``classes`` lists each ``[map, "module:qualname", kind]`` once (the class is resolved,
+    or found missing, once per batch, not per object).  The objects go in columns (one
+    entry per object in each, no array per object to build or decode): ``of`` its index in
+    ``classes``, then its ``keys``, ``versions`` and ``states``, as :class:`Evacuate`
+    carries them.  The receiver installs the whole batch or, if any of it is malformed,
+    none, and answers with one :class:`EvacuatesAck` naming ``batch`` (the sender's number
+    for it).  The sender keeps each batch under its frame limit (``Outbox.max_payload``)."""
+
+    epoch: int
+    batch: int
+    classes: list[tuple[str, str, Kind]]
+    of: list[int]
+    keys: list[Key]
+    versions: list[int]
+    states: list[bytes]
+
+
+@message(37)
+@dataclasses.dataclass(frozen=True, slots=True)
+class EvacuatesAck:
+    """The receiver of :class:`Evacuates` ``batch`` (of event ``epoch``) holds its
+    ``count`` objects now: the leaving node counts its evacuation one batch nearer done."""
+
+    epoch: int
+    batch: int
+    count: int
