@@ -12,8 +12,8 @@ stdin it leaves: it ends its ``open_space`` block, which is a graceful scale-in 
 controller's event hands its key records and its objects over to the other members), and
 prints one JSON line with ``leave_s``, the seconds from the start of the leave to the end
 of the block, and ``leave_cpu_s``, the CPU seconds this process used meanwhile, then exits.
-``--drain-rate`` is ``open_space``'s ``drain_rate`` (key records handed on per second; the
-store's default when not given).  If stdin closes instead, it leaves all the same.
+``--drain-rate`` is ``open_space``'s ``drain_rate`` (key records and objects handed on per
+second; the store's default when not given).  If stdin closes instead, it leaves all the same.
 """
 
 from __future__ import annotations

@@ -22,9 +22,11 @@ here, 200,000 objects in under 10 s.  For each size ``N``, from scratch:
 
 Reported per size: leave seconds, objects per second, the leaving member's CPU seconds
 during its leave (beside the leave seconds, it tells a hand-over bound by the member's core
-from one paced by its ``drain_rate``, which ``--drain-rate`` sets), the controller's own
-duration of the scale-in event, and the time the creates took; in full mode, whether
-200,000 objects left in under 10 s.  Every process started is killed on exit, also on error.
+from one paced by its ``drain_rate``, which ``--drain-rate`` sets), the receiving node's
+CPU seconds meanwhile (what the hand-over costs the node whose packets it competes with;
+read from ``/proc``, so Linux only), the controller's own duration of the scale-in event,
+and the time the creates took; in full mode, whether 200,000 objects left in under 10 s.
+Every process started is killed on exit, also on error.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ GOAL_OBJECTS = 200_000
 GOAL_SECONDS = 10.0
 #: Objects the reader member reads back per size.
 SAMPLE = 200
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """The CPU seconds (user and system) process ``pid`` has used, or None where ``/proc``
+    cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class BenchError(Exception):
@@ -166,10 +178,17 @@ async def one_size(
             row["create_s"] = round(ready["create_s"], 3)
 
             phase(f"the member leaves with {count:,} objects")
+            node_cpu = cpu_seconds(node.process.pid)
             started = time.perf_counter()
             await member.say("leave")
             left = json.loads(await member.line(120 + count / 1000))
             row["wall_s"] = round(time.perf_counter() - started, 3)
+            node_cpu_after = cpu_seconds(node.process.pid)
+            row["node_cpu_s"] = (
+                None
+                if node_cpu is None or node_cpu_after is None
+                else round(node_cpu_after - node_cpu, 3)
+            )
             row["leave_s"] = round(left["leave_s"], 3)
             row["objects_per_s"] = round(count / left["leave_s"])
             row["leave_cpu_s"] = round(left["leave_cpu_s"], 3)
@@ -290,6 +309,7 @@ def print_table(console: Any, rows: list[dict[str, Any]], goal: dict[str, Any]) 
         "objects/s",
         "vs linear",
         "cpu s",
+        "node cpu s",
         "event s",
         "create s",
         "check",
@@ -308,6 +328,7 @@ def print_table(console: Any, rows: list[dict[str, Any]], goal: dict[str, Any]) 
             f"{r['objects_per_s']:,}",
             f"{goal['ratio_to_linear'][str(r['objects'])]:.2f}x",
             f"{r['leave_cpu_s']:.2f}",
+            "-" if r.get("node_cpu_s") is None else f"{r['node_cpu_s']:.2f}",
             f"{r['event'].get('duration_s') or 0:.2f}",
             f"{r['create_s']:.2f}",
             check,
@@ -316,7 +337,8 @@ def print_table(console: Any, rows: list[dict[str, Any]], goal: dict[str, Any]) 
     console.print(
         "leave s: the member's leave, from the start of the leave to the end of its "
         "open_space block; vs linear: against the smallest size scaled up; cpu s: the "
-        "leaving member's CPU seconds during its leave; event s: the controller's duration "
+        "leaving member's CPU seconds during its leave; node cpu s: the receiving node's "
+        "meanwhile; event s: the controller's duration "
         "of the scale-in event; check: the node holds every object "
         f"and a reader reads back {SAMPLE} of them",
         highlight=False,
@@ -373,8 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="R",
-        help="the leaving member's drain_rate, key records handed on per second (objects go "
-        "at twice that pace; default: the store's, store.shell.member.DEFAULT_DRAIN_RATE)",
+        help="the leaving member's drain_rate, key records and objects handed on per second "
+        "(records first; default: the store's, store.shell.member.DEFAULT_DRAIN_RATE)",
     )
     args = parser.parse_args(argv)
     sizes = args.sizes or list(QUICK_SIZES if args.quick else FULL_SIZES)
