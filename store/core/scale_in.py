@@ -1,8 +1,10 @@
 """The object layer's part in a scale-in (paper §4.4): per-caller order, goodbyes, evacuation.
 
 A node leaving the ring hands every object it holds to the object's next key owner
-(:meth:`ScaleIn.evacuate`), then keeps forwarding what still reaches it for them.  Three
-rules keep that boundary exact:
+(:meth:`ScaleIn.evacuate`), in bulk: one :class:`Evacuates` batch per receiver and drain
+step, installed whole by the receiver, which tells the key owner and answers once per batch
+(:meth:`ScaleIn._on_evacuates`); then the leaver keeps forwarding what still reaches it for
+them.  Three rules keep that boundary exact:
 
 * **Fences keep a caller's calls in order.**  A node remembers where it last sent numbered
   messages (calls, untethered calls, folds) of a multi-writer object.  When its next one

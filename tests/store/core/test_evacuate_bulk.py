@@ -347,6 +347,27 @@ def test_an_object_in_a_batch_in_flight_follows_its_requests() -> None:
     net.validate()
 
 
+def test_an_object_that_arrives_before_its_record_pulls_the_record() -> None:
+    """The router hands records on before objects; should an object arrive first anyway
+    (its record still at the leaver), the receiver's notice pulls the record from the
+    leaver, as any request of a next owner that holds nothing does (rule S4)."""
+    net = Net(["a", "b"])
+    keys = [k for k in range(100) if net.ring.owner(key_token("sw", k)) == "a"][:5]
+    for key in keys:
+        net.create("a", "sw", key)
+    net.scale_in("a")
+    assert all(("sw", key) in net["a"].records for key in keys)
+    net["a"].router.objects.evacuate(100)  # the objects alone, records not handed on yet
+    net.deliver_all()
+    for key in keys:
+        k = ("sw", key)
+        assert net.holder(k) == ["b"] and k not in net["a"].records
+        rec = net["b"].router.keys.record(k)
+        assert rec is not None and rec.owner == "b" and rec.version == 2
+    drain_until_done(net, "a", 100)
+    net.validate()
+
+
 # -- a malformed batch is refused whole ------------------------------------------------------
 
 
