@@ -45,7 +45,7 @@ from store.core.objects import info_of
 from store.core.scheduler import Wait
 from store.wire.codes import Arrival
 from store.wire.errors import ObjectNotFound, ObjectRemoved, StoreError
-from store.wire.messages import Drop, Evacuate, HandOns, KeyOp, Message, Transfer
+from store.wire.messages import Drop, Evacuate, Evacuates, HandOns, KeyOp, Message, Transfer
 from tests.fixtures.core import CoreNode
 from tests.fixtures.objects import MAPS, MULTI_MAPS, Counter, Merged, Shared
 from tests.linearizability import NOT_FOUND, Op, assert_linearizable, singlewriter_step
@@ -398,7 +398,14 @@ class ObjectCluster:
         """(destination, message) for every message not delivered yet."""
         for (_, dst), queue in self.queues.items():
             for msg in queue:
-                yield dst, msg
+                if type(msg) is Evacuates:  # a batch: each object as its own Evacuate
+                    for i, key, version, state in zip(
+                        msg.of, msg.keys, msg.versions, msg.states, strict=True
+                    ):
+                        map_name, path, kind = msg.classes[i]
+                        yield dst, Evacuate(map_name, key, path, version, state, kind)
+                else:
+                    yield dst, msg
 
     def deliver(self, pair: tuple[str, str]) -> None:
         src, dst = pair
