@@ -519,6 +519,10 @@ class ObjectLayer(ScaleIn):
         old = self.view
         self._resent = set()  # key requests sent again (not to be sent twice)
         self.out.departed |= dead
+        for k, (_, holder) in list(self.replicas.items()):
+            if holder in dead:  # what was merged into it died with the object
+                del self.replicas[k]
+                self.out.failed_update("fold-lost", f"{k!r:.80}: its holder {holder} died")
         self.enter_stage(view)
         self._early_release = {k: r for k, r in self._early_release.items() if r.to not in dead}
         for held in self.objects.values():
@@ -1146,6 +1150,17 @@ class ObjectLayer(ScaleIn):
         pending.kind = "call"
         self._reship(pending, owner)
 
+    def _reply_refold(self, pending: Pending, msg: Reply) -> None:
+        """Where the object of a fold that met a departed node is now (see
+        ``ScaleIn._relocate_fold``): fold the replica there."""
+        k = pending.k
+        assert k is not None
+        self._relocated(pending)
+        if msg.status != Status.OK:
+            self.out.failed_update("fold-lost", f"{k!r:.80}: {msg.status.name}")
+            return
+        self._fold_out(k, pending.args[0], msg.value[0])
+
     def _reply_plain(self, pending: Pending, msg: Reply) -> None:
         if msg.status != Status.OK:
             for wait in pending.waits:
@@ -1358,4 +1373,5 @@ _REPLY_HANDLERS: dict[str, Any] = {
     "relocate": ObjectLayer._reply_relocate,
     "plain": ObjectLayer._reply_plain,
     "fence": ObjectLayer._reply_fence,
+    "refold": ObjectLayer._reply_refold,
 }

@@ -262,12 +262,35 @@ class ScaleIn:
         elif isinstance(msg, Untethered):
             for map_name, key, method, args, _ in msg.calls:
                 self._relocate_untethered((map_name, key), method, list(args))
+        elif isinstance(msg, Fold):
+            self._relocate_fold(to, msg)
         elif isinstance(msg, Drop) and msg.origin is not None:
             self._confirm_drop(msg)  # nothing left there to drop: the remover may go on
         elif type(msg).__name__ in ("HandOnAck", "HandOnsAck", "EvacuateAck", "EvacuatesAck"):
             pass  # for a hand-on that a late request made the leaver forward: it counts nothing
         else:
             self.out.error(f"sent-to-departed-node-{type(msg).__name__}", to)
+
+    def _relocate_fold(self, to: str, msg: Fold) -> None:
+        """A replica's fold that could not reach a departed node (the object's holder
+        left, or died): ask the key owner where the object is now and fold it there (the
+        merged updates are not lost; if the object died with its holder, this node's next
+        flush says so).  A flush's barrier waits for it, as for a relocated call."""
+        k = (msg.map, msg.key)
+        info = self.maps.get(k[0])
+        if info is None:
+            self.out.error("sent-to-departed-node-Fold", f"{to}: {k!r:.80}: unknown map")
+            return
+        try:
+            replica = load_state(info.cls, msg.state)
+        except MalformedMessage as exc:  # (our own encoding: a bug if it fails)
+            self.out.error("fold-lost", f"{k!r:.80}: {exc}")
+            return
+        req_id, pending = self._new_pending("refold", k, info)
+        pending.args = [replica]
+        pending.relocated = True
+        self._relocating += 1
+        self._key_op(Op.LOCATE, k, KIND_CODE[info.kind], req_id)
 
     def _relocate_untethered(self, k: K, method: str, args: list[Any]) -> None:
         """An untethered call that could not reach a departed node: ask the key owner where

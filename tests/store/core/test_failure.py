@@ -18,6 +18,7 @@ from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
 from store.core.instructions import Repair, Undeliverable
 from store.core.key_layer import KeyState
+from store.core.objects import UntetheredCallsFailed
 from store.core.scheduler import Wait
 from store.wire.errors import ObjectLost, ObjectNotFound
 from store.wire.messages import Message
@@ -236,3 +237,27 @@ def test_a_request_queued_for_the_dead_owner_and_sent_again_is_served_once() -> 
     for name in ("a", "b"):
         errors = net.nodes[name].router.statistics().errors
         assert not {"transfer-without-request", "reply-without-request"} & errors.keys(), errors
+
+
+def test_a_replicas_updates_for_a_dead_holder_make_the_flush_raise() -> None:
+    """Updates merged into a replica of an object whose holder died are lost with it: the
+    fold that meets the dead node is relocated, finds the object lost, and the updater's
+    next flush says so (before, the fold was only counted where it bounced)."""
+    net = Net(["a", "b", "c"])
+    key = next(k for k in range(1000) if net.ring.owner(key_token("mm", k)) != "c")
+    made = net.nodes["c"].locate("mm", key, True)
+    net.deliver_all()
+    owner, _ = made.result()
+    assert owner == "c"
+    a = net.nodes["a"]
+    info = a.router.objects.maps["mm"]
+    a.call(("mm", key), info, "bump", ("a", 1, 5), "c", 0.0)  # into a's replica
+    assert ("mm", key) in a.replicas
+    net.kill("c")
+    net.repair(epoch=2)
+    net.deliver_all()
+    a.fold_replicas()  # the fold goes to c, which is departed: relocated
+    net.deliver_all()
+    check = a.flush_check()
+    with pytest.raises(UntetheredCallsFailed):
+        check.result()
