@@ -377,6 +377,15 @@ class KeyLayer:
 
     def _moved(self, k: K, rec: KeyRecord | None, msg: KeyOp) -> None:
         if rec is None:
+            if self.dead and msg.note is not MovedNote.DROPPED and msg.owner is not None:
+                # After a failure repair, a hand-over that was in flight when the key's old
+                # owner died: its holder reported nothing (it held nothing then), and the
+                # giver's notice, routed afresh, is what says where the object is now.
+                if msg.owner in self.dead:
+                    return  # handed to a node that died: lost, as if never made
+                self._put(k, KeyRecord(msg.kind, msg.owner, msg.version, KeyState.LIVE))
+                self.rebuilt[k[0]] = self.rebuilt.get(k[0], 0) + 1
+                return
             self.out.error("moved-without-record", f"{k!r:.80}")
             return
         if msg.owner is None and msg.note is not MovedNote.DROPPED:

@@ -261,3 +261,35 @@ def test_a_replicas_updates_for_a_dead_holder_make_the_flush_raise() -> None:
     check = a.flush_check()
     with pytest.raises(UntetheredCallsFailed):
         check.result()
+
+
+def test_a_hand_over_in_flight_when_the_key_owner_dies_is_found_again() -> None:
+    """b hands the object to c (the Transfer travels) as the key owner d dies: c reported
+    nothing (it held nothing yet), but b's notice, routed afresh to the new owner, rebuilds
+    the record, and the object is found where it is (not made a second time)."""
+    net = Net(["a", "b", "c", "d"])
+    ring = HashRing(["a", "b", "c"], vnodes=16, epoch=2)
+    key = next(
+        k
+        for k in range(1000)
+        if net.ring.owner(key_token("sw", k)) == "d" and ring.owner(key_token("sw", k)) == "a"
+    )
+    created(net, "b", key)
+    wait = net.nodes["c"].acquire("sw", key, False)
+    # c's request reaches d, d's release reaches b, b hands over: its Transfer to c and
+    # its notice to d are queued, not delivered.
+    net.deliver_all(skip={("b", "c"), ("b", "d")})
+    assert net.nodes["b"].router.objects.objects.get(("sw", key)) is None
+    held_back = list(net.queues.get(("b", "d"), []))
+    net.kill("d")
+    net.repair(epoch=2)
+    net.nodes["b"].run(Undeliverable("d", held_back))  # the shell hands them back
+    net.deliver_all()
+    held, made = wait.result()
+    assert not made
+    net.nodes["c"].release_ref(("sw", key), held)
+    assert holder_of(net, key) == "c"
+    again = net.nodes["a"].acquire("sw", key, True)  # the record knows it: no second copy
+    net.deliver_all()
+    _held, made = again.result()
+    assert not made and holder_of(net, key) == "a"
