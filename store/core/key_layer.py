@@ -281,6 +281,12 @@ class KeyLayer:
         forwards to this node again, until the request is rejected after MAX_HOPS."""
         if self.record(k) is not None:
             return
+        bare = record is None or not KeyRecord.from_wire(record).version
+        if bare and self.view.stage is Stage.NORMAL:
+            # Adopted after this node entered NORMAL (a late pull's answer): the ring alone
+            # says it is the authority now, and nothing would forget a bare record kept
+            # here until the end of the next event.
+            return
         if record is None:
             self._put(k, KeyRecord(kind, None, 0, KeyState.ABSENT))
             self._bare.add(k)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import pytest
-
 from ring.hashring import key_token
-from tests.sim.objects_cluster import ObjectCluster, Violation
+from tests.sim.objects_cluster import ObjectCluster
 
 
 def leaving(names: Iterable[str], leaver: str, map_name: str, to: str) -> tuple[ObjectCluster, int]:
@@ -154,17 +152,19 @@ def test_a_bare_record_handed_on_as_it_was_is_forgotten_at_the_end_of_the_event(
     ``self._bare.add(k)`` of that branch this test fails)."""
     c, key = joining(["a", "b", "c"], "d")
     late_pull_answered(c, key, normal_first=["a", "b", "c", "d"])
-    assert ("sw", key) in c.nodes["d"].records  # adopted after d's event had ended
+    # Adopted after d's event had ended: since the fix of the test below, nothing is kept
+    # (before it, d kept a bare record, and this test's fix was what forgot it later).
+    assert ("sw", key) not in c.nodes["d"].records
     c.start_event(removed=["d"])
     c.complete_event()  # raises if a node keeps a bare record after it
     c.finish()
     c.check_gone()
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason="issue 12: not fixed yet")
 def test_a_bare_authority_adopted_after_normal_is_not_kept_after_the_event() -> None:
-    """Still failing on HEAD (the scaling simulation's "keeps bare records ... after the
-    event", e.g. ``--hypothesis-seed=3``).  d, SCALING, pulls a key it will own; the pull
+    """Fixed in ``KeyLayer._adopt``: a bare authority adopted in NORMAL is not kept (the
+    scaling simulation's "keeps bare records ... after the event", e.g.
+    ``--hypothesis-seed=3``).  d, SCALING, pulls a key it will own; the pull
     reaches the previous owner once that node is NORMAL, and its answer, the bare authority
     (rule N2), reaches d once d is NORMAL too, stamped with d's own epoch, so d adopts it
     (rule H) after entering NORMAL, which is when an event's bare records are forgotten: d
