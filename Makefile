@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest clean bench-ring
+.PHONY: demo test lint typecheck pytest explore clean bench-ring
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,26 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest
 
-test: lint typecheck pytest
+# The simulations once more, exploring: a fresh seed, printed first so that a red run can be
+# replayed (S6_RANDOM=1 S6_NO_SHRINK=1 .venv/bin/python -m pytest TEST --hypothesis-seed=SEED),
+# Hypothesis's ci profile overridden (tests/sim/settings.py), no shrinking; the fixed-seed
+# replays ran with pytest above.  EXPLORE_EXAMPLES scales their max_examples.
+# Left out until fixed: the object space across scaling events
+# (tests/sim/test_object_space_scaling.py) fails on fresh seeds (issue 12: a caller's calls
+# out of order, bare records, a holder of v1 after its Drop, a copy or a MultiWriter object
+# held twice after scale-ins); add it to EXPLORE once it passes them.
+EXPLORE := tests/sim/test_object_space_sim.py::test_object_space_keeps_its_invariants \
+	tests/sim/test_ownership_sim.py::test_rules_keep_every_invariant \
+	tests/store/core/test_barrier.py::TestBarrierMachine
+EXPLORE_EXAMPLES ?= 1
+
+explore: $(STAMP)
+	@SEED=$$($(PY) -c 'import random; print(random.randrange(2**32))'); \
+	echo "simulations explore seed $$SEED"; \
+	S6_RANDOM=1 S6_NO_SHRINK=1 S6_SIM_EXAMPLES=$(EXPLORE_EXAMPLES) \
+		$(PY) -m pytest $(EXPLORE) --hypothesis-seed=$$SEED
+
+test: lint typecheck pytest explore
 
 bench-ring: $(STAMP)
 	$(PY) -m bench.ring_balance
