@@ -115,6 +115,35 @@ def test_an_object_dropped_while_it_waits_for_a_fence_is_not_installed() -> None
     assert not any(k in s.objects for s in c.nodes.values())
 
 
+def test_calls_waiting_for_a_fence_at_the_new_holder_apply_in_their_order() -> None:
+    """Per-caller order at the new holder itself.  The object is evacuated to c while c's
+    fence to the leaver is out; c finds it (at c) and makes an untethered call, then a
+    blocking one: both wait for the fence.  When it comes back the untethered call was sent
+    to c itself, a message handled after the blocking call, which applied at once ("c's
+    call #4 applied after #5").  Fixed in ``ObjectLayer._untethered_now``: a call that
+    waited and finds the object held here is applied at once, as a local call is (with
+    ``held = None`` there, this test fails)."""
+    c, key = leaving(["a", "b", "c"], "a", "mw", to="c")
+    k = ("mw", key)
+    c.mw_open("a", "mw", key, True)
+    c.deliver_all()
+    c.mw_open("c", "mw", key, False, then_call=("bump", 1))  # c's call goes to a
+    c.deliver_all()
+    scale_in(c, "a")
+    c.drain("a", 10)
+    c.deliver(("a", "c"))  # the object waits at c for c's fence, sent to a
+    deliver_all_but(c, ("a", "c"))
+    c.mw_open("c", "mw", key, True)  # c finds it at c
+    deliver_all_but(c, ("a", "c"))
+    ref = len(c.mw_refs) - 1
+    assert c.mw_refs[ref].owner == "c" and k not in c.nodes["c"].objects
+    c.mw_call(ref, "bump", 2)  # both wait for the fence
+    c.mw_call(ref, "add", 3)
+    end(c)
+    calls = [op.id for op in c.ops if op.name in ("bump", "add")]
+    assert [op_id for _, op_id in c.nodes["c"].objects[k].obj.log] == calls
+
+
 def late_pull_answered(c: ObjectCluster, key: int, *, normal_first: list[str]) -> str:
     """A scale-out to ``d``, the next owner of ``sw[key]``: d, SCALING, looks the key up and
     pulls it from its previous owner; that pull waits while the event drains and the nodes
@@ -145,11 +174,12 @@ def late_pull_answered(c: ObjectCluster, key: int, *, normal_first: list[str]) -
 
 def test_a_bare_record_handed_on_as_it_was_is_forgotten_at_the_end_of_the_event() -> None:
     """Bare records left after an event.  d gets a key's bare authority by a late pull
-    after the event ended (so d keeps a bare record); d leaves in the next event and hands
-    that record on as it is, version 0, to the key's next owner, which kept it after that
-    event ("a keeps bare records [('sw', 0)] after the event").  Fixed in ``KeyLayer._adopt``:
-    a record adopted with version 0 is noted as bare, forgotten at NORMAL (without the
-    ``self._bare.add(k)`` of that branch this test fails)."""
+    after the event ended; d leaves in the next event.  Before 143c31a d kept a bare record
+    there and handed it on as it was, version 0, to the key's next owner, which kept it
+    after that event ("a keeps bare records [('sw', 0)] after the event") unless
+    ``KeyLayer._adopt`` noted a version-0 record as bare (this test failed without the
+    ``self._bare.add(k)`` of that branch).  Since 143c31a nothing is kept at d, so this
+    schedule no longer reaches that branch: it checks the end state only."""
     c, key = joining(["a", "b", "c"], "d")
     late_pull_answered(c, key, normal_first=["a", "b", "c", "d"])
     # Adopted after d's event had ended: since the fix of the test below, nothing is kept
