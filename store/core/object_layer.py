@@ -457,6 +457,9 @@ class ObjectLayer(ScaleIn):
             if k is not None and self._acquiring.get(k) is pending:
                 del self._acquiring[k]
                 self._early_drop.pop(k, None)
+            elif k is not None and pending.kind == "locate" and k in self._early_drop:
+                if not self._expects(k):
+                    del self._early_drop[k]
             error = PeerUnavailable(
                 f"{what}: no answer within {timeout:g} s (a node on its way is down or stalls)"
             )
@@ -519,10 +522,10 @@ class ObjectLayer(ScaleIn):
         old = self.view
         self._resent = set()  # key requests sent again (not to be sent twice)
         self.out.departed |= dead
-        for k, (_, holder) in list(self.replicas.items()):
+        for lost_k, (_, holder) in list(self.replicas.items()):
             if holder in dead:  # what was merged into it died with the object
-                del self.replicas[k]
-                self.out.failed_update("fold-lost", f"{k!r:.80}: its holder {holder} died")
+                del self.replicas[lost_k]
+                self.out.failed_update("fold-lost", f"{lost_k!r:.80}: its holder {holder} died")
         self.enter_stage(view)
         self._early_release = {k: r for k, r in self._early_release.items() if r.to not in dead}
         for held in self.objects.values():
@@ -985,9 +988,12 @@ class ObjectLayer(ScaleIn):
         elif held is not None and held.version <= msg.version:
             del self.objects[k]
             held.removed = True
-        elif held is None and k in self._acquiring:
-            # The object is on its way here from its previous holder, and this Drop from
-            # the key owner overtook it: it is dropped when it lands (see _on_transfer).
+        elif held is None and (k in self._acquiring or self._expects(k)):
+            # The object is on its way here from its previous holder (or, multi-writer, the
+            # answer that makes it here is), and this Drop from the key owner overtook it
+            # (during an event, the Drop may come from the next owner and the answer from
+            # the previous one): it is dropped when it lands (see _on_transfer and
+            # _reply_locate).
             self._early_drop[k] = max(self._early_drop.get(k, 0), msg.version)
         elif held is None and k in self.moved_to:
             # We evacuated it: the drop follows it (the remover is answered from here).
@@ -1083,6 +1089,14 @@ class ObjectLayer(ScaleIn):
             self._unpark(k)
             return
         owner, version, created = msg.value
+        dropped = self._early_drop.pop(k, 0)
+        if created and owner == self.name and version <= dropped:
+            # Made here and removed before the answer came: the create happened (its
+            # callers hear so), and the object is already gone.
+            for wait in pending.waits:
+                self.out.resolve(wait, (owner, created))
+            self._unpark(k)
+            return
         if created and owner == self.name:
             try:
                 obj = pending.info.cls(*pending.args)
@@ -1339,7 +1353,7 @@ class ObjectLayer(ScaleIn):
         for k in self._parked:
             assert self._expects(k), k  # calls wait only for an object that may come
         for k in self._early_drop:
-            assert k in self._acquiring, k
+            assert k in self._acquiring or self._expects(k), k
         for k in self._arriving:
             assert k in self._fencing, k  # an arriving object waits for its fence
         for k in self._unbuilt:

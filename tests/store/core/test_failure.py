@@ -20,8 +20,9 @@ from store.core.instructions import Repair, Undeliverable
 from store.core.key_layer import KeyState
 from store.core.objects import UntetheredCallsFailed
 from store.core.scheduler import Wait
+from store.wire.codes import Status
 from store.wire.errors import ObjectLost, ObjectNotFound
-from store.wire.messages import Message
+from store.wire.messages import Drop, Message, Reply
 from tests.fixtures.core import CoreNode
 from tests.fixtures.objects import MAPS
 
@@ -293,3 +294,21 @@ def test_a_hand_over_in_flight_when_the_key_owner_dies_is_found_again() -> None:
     net.deliver_all()
     _held, made = again.result()
     assert not made and holder_of(net, key) == "a"
+
+
+def test_a_drop_that_overtakes_a_multi_writer_create_answer_wins() -> None:
+    """During an event a create may be answered by a key's previous owner and a later
+    remove by its next owner: the Drop can reach the creator before the answer that makes
+    the object there.  The object must not be made then (the scaling simulation's "holds v1
+    after its Drop was delivered", seed 11)."""
+    ring = HashRing(["a", "b"], vnodes=16)
+    a = CoreNode("a", ring, MAPS)
+    key = next(k for k in range(1000) if ring.owner(key_token("mw", k)) == "b")
+    made = a.locate("mw", key, True)
+    [req_id] = [i for i, p in a.router.objects._pending.items() if p.kind == "locate"]
+    a.take_outbox()  # the create went to b
+    a.handle(Drop("mw", key, 2), "b")  # the remove's Drop comes first
+    a.handle(Reply(req_id, Status.OK, ["a", 1, True]), "b")  # then: made at a, version 1
+    assert made.result() == ("a", True)  # the create happened ...
+    assert ("mw", key) not in a.router.objects.objects  # ... and the object is gone
+    a.router.validate()
