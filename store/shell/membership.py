@@ -367,6 +367,11 @@ class Membership:
                         if not isinstance(state, RingState):
                             raise ProtocolError(f"answered {type(state).__name__}, not RingState")
                         if not state.accepted:
+                            if self._side.left:
+                                # Told to leave before the controller went away: the ring
+                                # it resumes no longer has this node; the leave goes on.
+                                logger.info("%s: leaving, not resumed: %s", self.name, state.text)
+                                return
                             raise ControllerRefused(
                                 f"the controller refused {self.name}: {state.text}"
                             )
