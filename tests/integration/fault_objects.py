@@ -1,0 +1,60 @@
+"""Object classes of the fault-injection suite (``test_fault_injection.py``).
+
+They live in a module of their own, not in the member's ``__main__``, so that a
+``store.node`` handed one of them (a leaving member's objects are evacuated to the keys'
+next owners) can import the class and serve calls on it.  Every update adds to one
+counter, so an object's state is a number the test's model predicts.
+"""
+
+from __future__ import annotations
+
+from store import MultiWriter, SingleWriter, untethered
+
+
+class Cell(SingleWriter):
+    """A single-writer counter: ``apply`` returns the new value, so the values one object
+    returned to all its writers, in every process, are 1, 2, 3... exactly once each."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def apply(self, delta: int) -> int:
+        self.value += delta
+        return self.value
+
+
+class Tally(MultiWriter):
+    """A multi-writer counter: ``add`` is a blocking call (it returns the new total), and
+    ``push`` an untethered one, shipped to the holder."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, n: int) -> int:
+        self.total += n
+        return self.total
+
+    @untethered
+    def push(self, n: int) -> None:
+        self.total += n
+
+    def read(self) -> int:
+        return self.total
+
+
+class Hits(MultiWriter):
+    """A mergeable multi-writer counter: ``hit`` goes into the caller's local replica,
+    folded into the object by ``merge`` (paper §4.2)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    @untethered
+    def hit(self, k: int) -> None:
+        self.n += k
+
+    def value(self) -> int:
+        return self.n
+
+    def merge(self, other: Hits) -> None:
+        self.n += other.n
