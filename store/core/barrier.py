@@ -547,6 +547,8 @@ class Barrier:
             return self._refuse_registration(name, text, now), []
         if name in self.members or (self.ring.epoch and self._learning_until is None):
             if name not in self.members:
+                if self._scaled_in(report):
+                    return self._tell_to_leave(name, report.address, now)
                 text = f"{name} is not a member of epoch {self.ring.epoch}"
                 return self._refuse_registration(name, text, now), []
             return self.register(name, report.address, now)
@@ -601,8 +603,12 @@ class Barrier:
             if report is None:
                 member.connected, member.lost_at = False, now
             self.members[name] = member
-        for name in reports:
-            if name not in addresses:
+        for name, report in reports.items():
+            if name in addresses:
+                continue
+            if self._scaled_in(report):
+                effects.extend(self._tell_to_leave(name, report.address, now)[1])
+            else:
                 effects.append(Disconnect(name, f"not a member of epoch {self.ring.epoch}"))
         self._record(now, "learnt", epoch=self.ring.epoch, members=tuple(sorted(self.ring.nodes)))
         effects.append(
@@ -663,6 +669,28 @@ class Barrier:
         if participants <= event.drained.keys():
             effects.extend(self._enter_normal(now))
         return effects
+
+    def _scaled_in(self, report: Resume) -> bool:
+        """Whether ``report`` is from a node a finished scale-in removed, whose LEAVE was lost
+        with the controller: NORMAL on a ring without itself, no newer than ours."""
+        return (
+            report.stage == Stage.NORMAL.value
+            and report.next_epoch is None
+            and report.name not in {n for n, _ in report.members}
+            and 0 < report.epoch <= self.ring.epoch
+        )
+
+    def _tell_to_leave(self, name: str, address: str, now: float) -> tuple[RingState, list[Effect]]:
+        member = Member(name, address, Role.LEAVING, now, heard_at=now)
+        member.leave_deadline = now + self.leave_timeout
+        self.members[name] = member
+        self._record(now, "resume", name, text="scaled in: told to leave")
+        self._record(now, "command", name, Order.LEAVE, self.ring.epoch)
+        effects: list[Effect] = [
+            Log(f"{name} resumed after its scale-in: told to leave"),
+            Send(name, self._leave_command()),
+        ]
+        return self.ring_state(True, "resumed; scaled in: leave"), effects
 
     def _declare_dead(self, names: list[str], now: float) -> list[Effect]:
         """``names`` stopped answering: a failure event repairs the ring without them.

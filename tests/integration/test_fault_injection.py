@@ -1425,7 +1425,6 @@ def test_an_object_on_its_way_when_its_key_owner_died_is_installed_not_discarded
     assert ("sw", key) in c.objects, f"the object was discarded: {c.statistics().errors}"
 
 
-@pytest.mark.xfail(reason=LEAVER_REFUSED, strict=True)
 @pytest.mark.parametrize("after_the_window", [False, True])
 def test_a_leaver_whose_leave_died_with_the_controller_is_told_to_leave(
     after_the_window: bool,
