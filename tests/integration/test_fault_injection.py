@@ -401,21 +401,28 @@ class ControllerLog:
 # -- the cluster -------------------------------------------------------------------------
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now, below the ephemeral range (so that no
-    outgoing connection takes it before the process that is given it binds it)."""
+    outgoing connection takes it before the process that is given it binds it), and never
+    given twice by this process (two processes started together would bind the same)."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
     while True:
         port = random.randrange(max(1024, low - 12000), low)
+        if port in _given:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _given.add(port)
+        return port
 
 
 _sessions = itertools.count(1)
