@@ -181,15 +181,6 @@ IN_FLIGHT_DISCARDED = (
     "death may be lost', but here the object reaches its holder and the key stays wedged"
 )
 
-#: A node scaled in exits with an error when the controller restarts before it has left.
-LEAVER_REFUSED = (
-    "a node being scaled in, told to leave (the event reached NORMAL) when the controller "
-    "dies before its 'left', connects to the restarted controller with Resume, is refused "
-    "('... is not a member of epoch N') and exits with status 1 instead of ending its leave "
-    "(store/shell/membership.py, Membership._read: a refused Resume ends the membership "
-    "with ControllerRefused even for a node whose leave was under way)"
-)
-
 #: Schedules that fail every time today, each with its diagnosis: expected to fail,
 #: strictly (a fix makes them pass, and then the entry must go).
 KNOWN: dict[str, str] = {
@@ -226,12 +217,6 @@ KNOWN_RACES: dict[str, tuple[str, Signature]] = {
     "handed-over-by-the-dead": (
         HANDED_OVER_BY_THE_DEAD,
         lambda p, ps, counters: not counters["transfer-without-request"] and _wedge(p, ps),
-    ),
-    "leaver-refused": (
-        LEAVER_REFUSED,
-        lambda p, ps, counters: (
-            p.startswith("the leaver exited with 1") and "is not a member of epoch" in p
-        ),
     ),
 }
 
@@ -1439,9 +1424,9 @@ def test_a_leaver_whose_leave_died_with_the_controller_is_told_to_leave(
     """A scale-in of ``c`` reached NORMAL on the ring ``a b``; the controller died before
     its LEAVE reached ``c``.  Every member resumes with the restarted controller, ``c``
     too (NORMAL on a ring without itself), within the learning window or after it: the
-    controller must tell ``c`` to leave (today it refuses ``c`` after the window, which
-    then exits with status 1 without its goodbye, and forgets it silently within it).
-    (Found by the schedule ``in-normal-controller``.)"""
+    controller must tell ``c`` to leave.  (Found by the schedule ``in-normal-controller``:
+    the controller refused ``c`` after the window, and ``c`` exited with status 1 without
+    its goodbye; within the window it forgot ``c`` silently.  Fixed since.)"""
     b = Barrier(vnodes=BARRIER_VNODES, failure_timeout=2.0)
     ring = [(n, f"{n}:1") for n in "ab"]
     effects = []
