@@ -120,6 +120,40 @@ def _local_method(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
+def _call_slow(ref: Ref, name: str, args: tuple[Any, ...], untethered: bool) -> Any:
+    """A call the core does at once when it can (``call_now``), else an ``Invoke``."""
+    map_ = ref._map
+    node = map_._node
+    result = map_._call_now(ref._k, map_.info, name, args, ref._owner, node.clock())
+    if result is SLOW:
+        wait: Wait[Any] | None = None if untethered else Wait(ref._k)
+        node.handle(Invoke(ref._k, map_.info, name, args, ref._owner, wait))
+        return _ready(None) if wait is None else wait
+    return _ready(result)
+
+
+def _local_multi_method(name: str, fn: Callable[..., Any], info: ClassInfo) -> Callable[..., Any]:
+    """A method of a multi-writer object held here: called directly, unless this node's
+    earlier updates of it have not reached it yet (a replica to fold, a fence owed after
+    it moved here), when the core orders it behind them."""
+    untethered = info.methods[name].kind is MethodKind.UNTETHERED
+
+    def method(self: Ref, *args: Any) -> Any:
+        held = self._held
+        assert held is not None
+        if held.removed:
+            if held is _CLOSED:
+                _closed(self)
+            raise ObjectRemoved(f"{self._k[0]}[{self._k[1]!r}] was removed")
+        map_ = self._map
+        if map_._in_order(self._k):
+            return _ready(fn(held.obj, *args))
+        return _call_slow(self, name, args, untethered)
+
+    method.__name__ = name
+    return method
+
+
 def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
     """A method of an object held elsewhere (or of a multi-writer one held here): the
     core's fast paths do it at once when they can (a local object or replica, a fresh
@@ -129,14 +163,7 @@ def _remote_method(name: str, info: ClassInfo) -> Callable[..., Any]:
     untethered = minfo.kind is MethodKind.UNTETHERED
 
     def slow(self: Ref, args: tuple[Any, ...]) -> Any:
-        map_ = self._map
-        node = map_._node
-        result = map_._call_now(self._k, map_.info, name, args, self._owner, node.clock())
-        if result is SLOW:
-            wait: Wait[Any] | None = None if untethered else Wait(self._k)
-            node.handle(Invoke(self._k, map_.info, name, args, self._owner, wait))
-            return _ready(None) if wait is None else wait
-        return _ready(result)
+        return _call_slow(self, name, args, untethered)
 
     def method(self: Ref, *args: Any) -> Any:
         if self._held is _CLOSED:
@@ -216,7 +243,9 @@ def _ref_class(info: ClassInfo, mode: str) -> type[Ref]:
     namespace: dict[str, Any] = {"__slots__": ()}
     for name, minfo in info.methods.items():
         fn = getattr(info.cls, name)
-        if mode == "local":
+        if mode == "local" and info.kind is ObjectKind.MULTI:
+            namespace[name] = _local_multi_method(name, fn, info)
+        elif mode == "local":
             namespace[name] = _local_method(name, fn)
         elif mode == "remote":
             namespace[name] = _remote_method(name, info)
@@ -348,6 +377,7 @@ class Map(Generic[T]):
         self._take = node.fast.take
         self._let_go = node.fast.let_go
         self._held = node.fast.held
+        self._in_order = node.fast.in_order
         self._call_now = node.fast.call_now
         self._read_stale = node.fast.read_stale
         self._update_replica = node.fast.update_replica

@@ -85,6 +85,7 @@ FAST_PATHS = {
     "take",
     "let_go",
     "held",
+    "in_order",
     "located",
     "call_now",
     "read_stale",

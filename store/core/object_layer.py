@@ -179,6 +179,15 @@ class ObjectLayer(ScaleIn):
         """The object if this node holds it (a read-only reference reads it in place)."""
         return self.objects.get(k)
 
+    def in_order(self, k: K) -> bool:
+        """Whether a call through a local reference to multi-writer ``k`` (held here) may
+        run at once: no replica of this node's updates waits to be folded into it, and no
+        fence is owed for numbered messages sent before it came here.  Otherwise such a
+        call would overtake this node's earlier calls (``call_now`` orders it)."""
+        if self.replicas and k in self.replicas:
+            return False
+        return not ((self._dest or self._fencing) and self._needs_fence(k, self.name))
+
     def located(self, k: K) -> str | None:
         """The cached location of ``k``, if any (counted as a hit)."""
         where = self.locations.get(k)
@@ -365,6 +374,8 @@ class ObjectLayer(ScaleIn):
         minfo = info.methods[method]
         held = self.objects.get(k)
         if held is not None and info.kind is ObjectKind.MULTI:  # held here, behind a fence
+            if self.replicas and k in self.replicas:
+                self._fold_local_replica(k, held)  # (queued ahead of it: made before it)
             self._fence(k, self.name, ("invoke", stim, now))
             return
         if minfo.kind is MethodKind.UNTETHERED:
@@ -380,6 +391,7 @@ class ObjectLayer(ScaleIn):
         replica = self.replicas.get(k)
         fold_to = owner if replica is None else replica[1]
         if self._needs_fence(k, owner) or self._needs_fence(k, fold_to):
+            self._send_fold(k)  # (queued ahead of the call, or sent, when it must wait)
             self._fence(k, owner, ("invoke", stim, now))
             return
         self._send_fold(k)
@@ -1283,9 +1295,7 @@ class ObjectLayer(ScaleIn):
             return
         owner = replica[1]
         view = self.view
-        leaving = owner not in view.ring or (
-            view.next_ring is not None and owner not in view.next_ring
-        )
+        leaving = owner not in (view.ring if view.next_ring is None else view.next_ring)
         if owner != self.name and not leaving:
             # Made for an object held elsewhere, since removed there and made again here:
             # its updates go to the old place, not into this (newer) object after calls

@@ -77,6 +77,7 @@ class FastPaths(NamedTuple):
     take: Callable[..., Any]
     let_go: Callable[..., bool]
     held: Callable[..., Any]
+    in_order: Callable[..., bool]
     located: Callable[..., str | None]
     call_now: Callable[..., Any]
     read_stale: Callable[..., Any]
@@ -148,6 +149,7 @@ class Router:
             objects.take,
             objects.let_go,
             objects.held,
+            objects.in_order,
             objects.located,
             objects.call_now,
             objects.read_stale,

@@ -632,12 +632,15 @@ class ObjectCluster:
 
         def body(op: Operation) -> Gen:
             held = ref.held
-            if held is not None:  # a local reference: the API calls the method directly
-                if held.removed:
+            owner = ref.owner
+            if held is not None:  # a local reference: the API calls the method directly,
+                if held.removed:  # unless this node's earlier updates must go first
                     raise ObjectRemoved(f"{k} was removed")
-                op.result = getattr(held.obj, method)(*args)
-                return
-            value = state.call(k, state.maps[ref.map], method, args, ref.owner, self.now)
+                if state.router.fast.in_order(k):
+                    op.result = getattr(held.obj, method)(*args)
+                    return
+                owner = ref.node
+            value = state.call(k, state.maps[ref.map], method, args, owner, self.now)
             if isinstance(value, Wait):
                 value = yield value
             op.result = value
@@ -732,6 +735,11 @@ class ObjectCluster:
                 copies.append((dst, msg.version))
             elif isinstance(msg, Drop):
                 drops.append((dst, msg.version))
+                # A node that evacuated the object forwards the Drop after it (moved_to),
+                # so it lands after the copy and drops it (held.version <= drop.version).
+                chased = self.nodes[dst].router.objects.moved_to.get(k)
+                if chased is not None and k not in self.nodes[dst].objects:
+                    drops.append((chased, msg.version + 1))
         live = [
             (n, v)
             for n, v in copies

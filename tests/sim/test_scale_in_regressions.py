@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ring.hashring import key_token
+from store.wire.messages import Evacuate, Evacuates
 from tests.sim.objects_cluster import ObjectCluster
 
 
@@ -207,3 +208,112 @@ def test_a_bare_authority_adopted_after_normal_is_not_kept_after_the_event() -> 
     others = [n for n in ("a", "b", "c", "d") if n != last]
     late_pull_answered(c, key, normal_first=others)
     c.enter_normal(last)
+
+
+def test_a_local_call_waits_behind_this_nodes_fence() -> None:
+    """Per-caller order between calls waiting for a fence and a call through a local
+    reference (the scaling simulation's "applied after" on seeds 15 and 38).  The object
+    is evacuated to c while c's fence to the leaver is out, so it waits aside; c finds it
+    at c and makes an untethered call, which waits for the fence; the object is removed
+    and c makes it anew, held at c at once; c's call through a reference to the new one
+    was applied directly, before the call waiting for the fence ("c's call #2 applied
+    after #3").  Fixed by ``ObjectLayer.in_order``: the API calls a local multi-writer
+    object directly only when no fence or replica of this node's is owed for it, else
+    through ``call_now``, which queues the call behind the fence (with ``in_order`` always
+    True this test fails)."""
+    c, key = leaving(["a", "b", "c"], "a", "mw", to="c")
+    k = ("mw", key)
+    c.mw_open("a", "mw", key, True)
+    c.deliver_all()
+    c.mw_open("c", "mw", key, False)
+    c.deliver_all()
+    ref = len(c.mw_refs) - 1
+    c.mw_call(ref, "bump", 1)  # to a
+    c.deliver_all()
+    scale_in(c, "a")
+    c.drain("a", 10)
+    while any(isinstance(msg, (Evacuate, Evacuates)) for msg in c.queues[("a", "c")]):
+        c.deliver(("a", "c"))  # the object waits at c for c's fence, sent to a
+    assert k in c.nodes["c"].router.objects._fencing
+    c.mw_open("c", "mw", key, True)  # c finds it at c, where it is not installed yet
+    deliver_all_but(c, ("a", "c"))
+    ref = len(c.mw_refs) - 1
+    assert c.mw_refs[ref].owner == "c" and k not in c.nodes["c"].objects
+    c.mw_call(ref, "bump", 2)  # waits for the fence too
+    c.remove("b", "mw", key)
+    deliver_all_but(c, ("a", "c"))
+    c.mw_open("c", "mw", key, True)  # made anew, at c
+    deliver_all_but(c, ("a", "c"))
+    assert k in c.nodes["c"].objects
+    c.mw_open("c", "mw", key, False, then_call=("bump", 3))  # a local reference
+    end(c)
+    log = [op_id for _, op_id in c.nodes["c"].objects[k].obj.log]
+    second, third = (op.id for op in c.ops if op.name == "bump" and op.arg in (2, 3))
+    assert log == [second, third]
+
+
+def test_a_replica_for_a_joiner_is_not_folded_into_a_newer_object_here() -> None:
+    """A replica made for the object at a joiner is not the leaver's evacuation: when the
+    object is removed there and made again here, the replica's updates go to the old place
+    (where they are lost with the removed object), not into the new object after calls
+    already applied to it.  ``ObjectLayer._fold_local_replica`` took a joiner, which is not
+    yet in the current ring during SCALING, for a leaver (found with
+    ``--hypothesis-seed=2916895236``)."""
+    c, key = joining(["a", "b", "c"], "d")
+    k = ("mm", key)
+    c.start_event(added=["d"])
+    assert c.event is not None
+    for name in c.event.participants:
+        if name != "d":
+            c.enter_pre(name)
+    for name in c.event.participants:
+        c.enter_scaling(name)
+    c.mw_open("d", "mm", key, True)  # made, so held, at the joiner
+    c.deliver_all()
+    assert k in c.nodes["d"].objects
+    c.mw_open("b", "mm", key, False, then_call=("bump", 1))  # into b's replica, for d
+    c.deliver_all()
+    assert c.nodes["b"].replicas[k][1] == "d"
+    c.remove("b", "mm", key)
+    c.deliver_all()
+    c.mw_open("b", "mm", key, True, then_call=("bump", 2))  # made again, at b
+    c.deliver_all()
+    c.check()
+    assert k in c.nodes["b"].objects
+    end(c)
+    second = next(op.id for op in c.ops if op.name == "bump" and op.arg == 2)
+    assert [op_id for _, op_id in c.nodes["b"].objects[k].obj.log] == [second]
+
+
+def test_a_call_waiting_for_a_fence_comes_after_this_nodes_replica() -> None:
+    """Per-caller order between a node's replica and its blocking call that waits for a
+    fence (``--hypothesis-seed=125``).  The object is evacuated to c while c's fence to the
+    leaver is out, so it waits aside; c finds it at c, makes an untethered update (into
+    c's replica, made for c) and then a blocking call, which waits for the fence.  The
+    replica was folded only when the object was installed, queued behind the blocking
+    call ("c's call #2 applied after #3").  Fixed in ``ObjectLayer.invoke``: a call that
+    waits for a fence takes this node's replica out first, queued ahead of it (without
+    the ``_send_fold`` before that ``_fence`` this test fails)."""
+    c, key = leaving(["a", "b", "c"], "a", "mm", to="c")
+    k = ("mm", key)
+    c.mw_open("a", "mm", key, True)
+    c.deliver_all()
+    c.mw_open("c", "mm", key, False)
+    c.deliver_all()
+    c.mw_call(len(c.mw_refs) - 1, "bump", 1)  # into c's replica, for a...
+    c.flush("c")  # ...folded to a: c's numbered messages went there
+    c.deliver_all()
+    scale_in(c, "a")
+    c.drain("a", 10)
+    while any(isinstance(msg, (Evacuate, Evacuates)) for msg in c.queues[("a", "c")]):
+        c.deliver(("a", "c"))  # the object waits at c for c's fence, sent to a
+    assert k in c.nodes["c"].router.objects._fencing
+    c.mw_open("c", "mm", key, True)  # c finds it at c, where it is not installed yet
+    deliver_all_but(c, ("a", "c"))
+    ref = len(c.mw_refs) - 1
+    assert c.mw_refs[ref].owner == "c" and k not in c.nodes["c"].objects
+    c.mw_call(ref, "bump", 2)  # into c's replica, for c
+    c.mw_call(ref, "add", 3)  # waits for the fence
+    end(c)
+    calls = [op.id for op in c.ops if op.name in ("add", "bump")]
+    assert [op_id for _, op_id in c.nodes["c"].objects[k].obj.log] == calls
