@@ -145,8 +145,7 @@ def _local_multi_method(name: str, fn: Callable[..., Any], info: ClassInfo) -> C
             if held is _CLOSED:
                 _closed(self)
             raise ObjectRemoved(f"{self._k[0]}[{self._k[1]!r}] was removed")
-        map_ = self._map
-        if map_._in_order(self._k):
+        if not held.owed or self._map._in_order(self._k):
             return _ready(fn(held.obj, *args))
         return _call_slow(self, name, args, untethered)
 

@@ -34,7 +34,7 @@ SLOW: Final = _Slow()
 class Held:
     """An object this node holds, with what its local references need (about 90 bytes)."""
 
-    __slots__ = ("info", "obj", "refs", "release", "removed", "seen", "version")
+    __slots__ = ("info", "obj", "owed", "refs", "release", "removed", "seen", "version")
 
     def __init__(self, info: ClassInfo, obj: Any, version: int) -> None:
         self.info = info
@@ -44,6 +44,10 @@ class Held:
         self.release: Release | None = None  # someone else wants it: hand over at refs == 0
         self.removed = False
         self.seen: dict[str, int] | None = None  # multi-writer: last seq applied per sender
+        #: Multi-writer: this node may owe the object earlier updates of its own (a replica
+        #: to fold, a fence out, calls sent to where it was), so a call through a local
+        #: reference asks ``ObjectLayer.in_order`` first; False is the common case.
+        self.owed = False
 
 
 class Pending:

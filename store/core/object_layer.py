@@ -180,13 +180,29 @@ class ObjectLayer(ScaleIn):
         return self.objects.get(k)
 
     def in_order(self, k: K) -> bool:
-        """Whether a call through a local reference to multi-writer ``k`` (held here) may
-        run at once: no replica of this node's updates waits to be folded into it, and no
-        fence is owed for numbered messages sent before it came here.  Otherwise such a
-        call would overtake this node's earlier calls (``call_now`` orders it)."""
+        """Whether a call through a local reference to multi-writer ``k`` (held here, with
+        ``Held.owed`` set) may run at once: no replica of this node's updates waits to be
+        folded into it, and no fence is owed for numbered messages sent before it came
+        here.  Otherwise such a call would overtake this node's earlier calls
+        (``call_now`` orders it).  Clears ``owed`` once nothing of ``k`` is left."""
         if self.replicas and k in self.replicas:
             return False
-        return not ((self._dest or self._fencing) and self._needs_fence(k, self.name))
+        if (self._dest or self._fencing) and self._needs_fence(k, self.name):
+            return False
+        if k not in self._dest:
+            held = self.objects.get(k)
+            if held is not None:
+                held.owed = False
+        return True
+
+    def _owes(self, k: K) -> bool:
+        """Whether this node may owe ``k`` earlier updates (see ``Held.owed``)."""
+        return k in self.replicas or k in self._fencing or k in self._dest
+
+    def _mark_owed(self, k: K) -> None:
+        held = self.objects.get(k)
+        if held is not None:
+            held.owed = True
 
     def located(self, k: K) -> str | None:
         """The cached location of ``k``, if any (counted as a hit)."""
@@ -237,6 +253,7 @@ class ObjectLayer(ScaleIn):
             seq = self._seq[k] = self._seq.get(k, 0) + 1
             self.untethered_since_flush.add(owner)
             self._dest[k] = owner
+            self._mark_owed(k)
             calls = self.out.untethered.get(owner)
             if calls is None:
                 calls = self.out.untethered[owner] = []
@@ -289,6 +306,7 @@ class ObjectLayer(ScaleIn):
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         self.untethered_since_flush.add(owner)
         self._dest[k] = owner
+        self._mark_owed(k)
         calls = out.untethered.get(owner)
         if calls is None:
             calls = out.untethered[owner] = []
@@ -599,6 +617,8 @@ class ObjectLayer(ScaleIn):
             held.refs = 1
             if self.trace is not None:
                 self.trace.append(("grant", k[0], k[1], version, self.name))
+        else:
+            held.owed = self._owes(k)
         return held
 
     def droppable(self, k: K) -> bool | None:
@@ -1116,7 +1136,8 @@ class ObjectLayer(ScaleIn):
                 self._constructor_failed(k, pending, exc)
                 self._unpark(k)
                 return
-            self.objects[k] = Held(pending.info, obj, version)
+            held = self.objects[k] = Held(pending.info, obj, version)
+            held.owed = self._owes(k)
         self.locations[k] = owner
         for wait in pending.waits:
             self.out.resolve(wait, (owner, created))
@@ -1222,6 +1243,7 @@ class ObjectLayer(ScaleIn):
             replica = None
         if replica is None:
             replica = self.replicas[k] = (info.cls(), owner)
+            self._mark_owed(k)
         return replica
 
     def _untethered_now(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None:
@@ -1250,6 +1272,7 @@ class ObjectLayer(ScaleIn):
             self.out.send(owner, Call(k[0], k[1], method, list(args), 0, seq), urgent=False)
             return
         self._dest[k] = owner
+        self._mark_owed(k)
         calls = self.out.untethered.get(owner)
         if calls is None:
             calls = self.out.untethered[owner] = []
@@ -1278,6 +1301,7 @@ class ObjectLayer(ScaleIn):
         info = pending.info
         if owner != self.name and info is not None and info.kind is ObjectKind.MULTI:
             self._dest[k] = owner
+            self._mark_owed(k)
         self.out.send(owner, Call(k[0], k[1], pending.method, pending.args, req_id, seq))
 
     def _reship(self, pending: Pending, owner: str) -> None:
@@ -1349,6 +1373,7 @@ class ObjectLayer(ScaleIn):
         if to != self.name:
             self.out.untethered_dests.add(to)
             self._dest[k] = to
+            self._mark_owed(k)
         self.out.send(to, Fold(k[0], k[1], seq, state), urgent=False)
 
     # -- observability --

@@ -636,7 +636,7 @@ class ObjectCluster:
             if held is not None:  # a local reference: the API calls the method directly,
                 if held.removed:  # unless this node's earlier updates must go first
                     raise ObjectRemoved(f"{k} was removed")
-                if state.router.fast.in_order(k):
+                if not held.owed or state.router.fast.in_order(k):
                     op.result = getattr(held.obj, method)(*args)
                     return
                 owner = ref.node
