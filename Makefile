@@ -32,11 +32,8 @@ pytest: $(STAMP)
 # replayed (S6_RANDOM=1 S6_NO_SHRINK=1 .venv/bin/python -m pytest TEST --hypothesis-seed=SEED),
 # Hypothesis's ci profile overridden (tests/sim/settings.py), no shrinking; the fixed-seed
 # replays ran with pytest above.  EXPLORE_EXAMPLES scales their max_examples.
-# Left out until fixed: the object space across scaling events
-# (tests/sim/test_object_space_scaling.py) fails on some fresh seeds (issue 12: a caller's
-# multi-writer calls out of order across a scale-in, e.g. seeds 15 and 38); add it to
-# EXPLORE once it passes them.
 EXPLORE := tests/sim/test_object_space_sim.py::test_object_space_keeps_its_invariants \
+	tests/sim/test_object_space_scaling.py::test_object_space_keeps_its_invariants_across_scaling \
 	tests/sim/test_ownership_sim.py::test_rules_keep_every_invariant \
 	tests/store/core/test_barrier.py::TestBarrierMachine \
 	tests/store/core/test_crash_sim.py

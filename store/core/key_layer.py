@@ -382,6 +382,16 @@ class KeyLayer:
         self.out.send(rec.owner, Release(msg.map, msg.key, msg.origin, msg.req_id, rec.version))
 
     def _moved(self, k: K, rec: KeyRecord | None, msg: KeyOp) -> None:
+        if msg.note is MovedNote.LOST:
+            # The holder this record names never got the object (its hand-over died with
+            # the giver): it is lost, as if its holder had died.  A stale notice (the record
+            # moved on since) changes nothing.
+            if rec is not None and rec.state is KeyState.LIVE and rec.owner == msg.owner:
+                if rec.version == msg.version:
+                    self._become(rec, KeyState.LOST)
+                    rec.owner = None
+                    self.lost[k[0]] = self.lost.get(k[0], 0) + 1
+            return
         if rec is None:
             if self.dead and msg.note is not MovedNote.DROPPED and msg.owner is not None:
                 # After a failure repair, a hand-over that was in flight when the key's old

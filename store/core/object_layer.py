@@ -124,6 +124,9 @@ class ObjectLayer(ScaleIn):
         self._acquiring: dict[K, Pending] = {}
         self._early_release: dict[K, Release] = {}
         self._early_drop: dict[K, int] = {}  # a Drop that overtook the object's Transfer
+        #: Single-writer keys the key owner says we hold but we do not, each with its
+        #: request, the version granted and the barriers still out (see _await_unheld).
+        self._unheld: dict[K, list[Any]] = {}
         #: Single-writer objects granted here as new whose constructor raised, by the
         #: version granted: their removal is on its way to the key owner (see _unbuilt).
         self._unbuilt: dict[K, int] = {}
@@ -483,6 +486,9 @@ class ObjectLayer(ScaleIn):
             if pending.kind == "fence":
                 self._reply_fence(pending, Reply(req_id, Status.OK, None))
                 continue
+            if pending.kind == "unheld":  # (taken as answered: the sweep ends in bounds)
+                self._reply_unheld(pending, Reply(req_id, Status.OK, None))
+                continue
             k = pending.k
             if k is not None and self._acquiring.get(k) is pending:
                 del self._acquiring[k]
@@ -716,6 +722,10 @@ class ObjectLayer(ScaleIn):
         pending = self._pending.pop(msg.req_id, None)
         if pending is None and self._expired:
             pending = self._expired.pop(msg.req_id, None)  # late: install, settle nothing
+        if pending is None and self._unheld and (msg.state is not None or msg.created):
+            unheld = self._unheld.pop(k, None)
+            if unheld is not None:  # the object we were told we hold, come at last
+                pending = unheld[0]
         if pending is not None:
             self.out.cause = (self.name, msg.req_id)  # (not the cause of an earlier message)
             if pending.k == k:
@@ -728,10 +738,7 @@ class ObjectLayer(ScaleIn):
         if msg.state is None and not msg.created:
             held = self.objects.get(k)
             if held is None:
-                for wait in pending.waits:
-                    error = StoreError(f"{k!r}: key owner says we hold it, but we do not")
-                    self.out.fail(wait, error)
-                self._unpark(k)
+                self._await_unheld(k, pending, msg.version)
                 return
         else:
             info = pending.info
@@ -764,6 +771,57 @@ class ObjectLayer(ScaleIn):
         maker = pending.creators[0] if msg.created and pending.creators else None
         for wait in pending.waits:  # only the first create made the object
             self.out.resolve(wait, (held, wait is maker))
+        self._unpark(k)
+
+    def _await_unheld(self, k: K, pending: Pending, version: int) -> None:
+        """The key owner says this node holds ``k`` (``version``), and it does not: the
+        object is on its way here (a hand-over whose notice reached the key owner first,
+        seen after a repair sent our request again), or it died with the node handing it
+        over.  Links are FIFO, so a barrier to every other node answers only after what
+        each sent us before it: once all are answered the object is here, or it is lost
+        (the waits raise ObjectLost and the key owner marks the record LOST, so that a
+        create makes it anew).  A Transfer that comes meanwhile answers the waits."""
+        unheld = self._unheld.get(k)
+        if unheld is not None:  # a sweep is out already: wait with it
+            unheld[0].waits.extend(pending.waits)
+            return
+        view = self.view
+        others = set(view.ring.nodes) | (set(view.next_ring.nodes) if view.next_ring else set())
+        others.discard(self.name)
+        unheld = self._unheld[k] = [pending, version, len(others)]
+        for node in sorted(others):
+            req_id, _ = self._new_pending("unheld", k, None)
+            self.out.send(node, Barrier(req_id))
+        if not others:
+            self._settle_unheld(k)
+
+    def _reply_unheld(self, pending: Pending, msg: Reply) -> None:
+        k = pending.k
+        unheld = self._unheld.get(k) if k is not None else None
+        if unheld is None:  # the object came meanwhile
+            return
+        unheld[2] -= 1
+        if unheld[2] <= 0:
+            assert k is not None
+            self._settle_unheld(k)
+
+    def _settle_unheld(self, k: K) -> None:
+        pending, version, _ = self._unheld.pop(k)
+        held = self.objects.get(k)
+        if held is not None:  # (installed by a late answer to an older request)
+            held.refs += len(pending.waits)
+            for wait in pending.waits:
+                self.out.resolve(wait, (held, False))
+        else:
+            error = ObjectLost(
+                f"{k[0]}[{k[1]!r:.60}] was lost: it was being handed to this node by a "
+                "node that died"
+            )
+            for wait in pending.waits:
+                self.out.fail(wait, error)
+            self._key_op(
+                Op.MOVED, k, Kind.SINGLE, 0, owner=self.name, version=version, note=MovedNote.LOST
+            )
         self._unpark(k)
 
     def _constructor_failed(self, k: K, pending: Pending, exc: Exception) -> None:
@@ -1017,6 +1075,8 @@ class ObjectLayer(ScaleIn):
         if held is None and arriving is not None and arriving.version <= msg.version:
             del self._arriving[k]
             arriving.removed = True
+            if k in self._parked and not self._expects(k):
+                self._unpark(k)  # what waited for it meets a removed object
         elif held is not None and held.version <= msg.version:
             del self.objects[k]
             held.removed = True
@@ -1423,4 +1483,5 @@ _REPLY_HANDLERS: dict[str, Any] = {
     "plain": ObjectLayer._reply_plain,
     "fence": ObjectLayer._reply_fence,
     "refold": ObjectLayer._reply_refold,
+    "unheld": ObjectLayer._reply_unheld,
 }

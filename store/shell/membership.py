@@ -197,6 +197,8 @@ class Membership:
         self._admitted = trio.Event()
         self._left = trio.Event()
         self._disconnected = trio.Event()
+        #: Set when the reader ends for good (left, refused, or no controller to go back to).
+        self._ended = trio.Event()
         self._scaling_acked: int | None = None
         self._drained: DrainedReport | None = None
         self._ids = itertools.count(1)
@@ -345,23 +347,26 @@ class Membership:
 
     async def _read(self) -> None:
         """Take the controller's messages; answer status requests right away, even while
-        a callback is running.  When the connection ends after admission, connect again
-        (every ``RECONNECT_INTERVAL``) and :class:`Resume`: the node keeps serving
-        meanwhile, and a controller that restarted learns the ring back from the members.
-        A controller that refuses the resume (this node was declared dead) ends the
+        a callback is running.  When the connection ends, connect again (every
+        ``RECONNECT_INTERVAL``): a member, or a joiner in its own event, sends
+        :class:`Resume` (the node keeps serving meanwhile, and a controller that restarted
+        learns the ring back from the members); a node still waiting for admission
+        registers again.  A controller that refuses (this node was declared dead) ends the
         membership with :class:`ControllerRefused`: the process may come back only as a
         new one."""
         try:
             await self._read_from(self._peer)
-            while self._controller is not None and self.admitted and not self.left:
+            while self._controller is not None and not self.left:
                 await trio.sleep(RECONNECT_INTERVAL)
                 host, port = parse_address(self._controller)
+                waiting = not self.admitted and self.next_ring is None
+                hello = Register(self.name, self.address) if waiting else self._resume_report()
                 try:
                     async with connect_peer(
                         host, port, secret=self._secret, name=self.name, timeout=CONNECT_TIMEOUT
                     ) as peer:
                         with trio.fail_after(CONNECT_TIMEOUT):
-                            peer.send_nowait(self._resume_report())
+                            peer.send_nowait(hello)
                             batch = await peer.receive()
                         state = batch[0]
                         if not isinstance(state, RingState):
@@ -387,6 +392,7 @@ class Membership:
                     logger.debug("%s: the controller is still away: %s", self.name, exc)
         finally:
             self._disconnected.set()
+            self._ended.set()
             self._commands_in.close()
 
     async def _read_from(self, peer: Peer) -> None:
@@ -500,7 +506,8 @@ async def join_cluster(
     one.  ``status_provider`` (optional) returns the figures ``ctl status`` shows.
 
     Raises :class:`PeerUnavailable` if the controller cannot be reached within
-    ``connect_timeout`` seconds or goes away before admitting us, :class:`ControllerRefused`
+    ``connect_timeout`` seconds (once registered, a node whose controller goes away before
+    admitting it registers again with it when it is back), :class:`ControllerRefused`
     if it refuses the registration (name in use, bad address), ``TimeoutError`` if
     ``admission_timeout`` is given and passes first, and ``ValueError`` for a malformed
     ``controller`` address.
@@ -578,13 +585,15 @@ async def _first_of(*events: trio.Event) -> None:
 
 
 async def _wait_admitted(membership: Membership, controller: str, timeout: float | None) -> None:
-    """Until the node is a member, the connection drops, or ``timeout`` passes."""
+    """Until the node is a member, the membership ends, or ``timeout`` passes.  A dropped
+    controller connection is not an end: the node registers again, with the controller
+    restarted on its address."""
     with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-        await _first_of(membership._admitted, membership._disconnected)
+        await _first_of(membership._admitted, membership._ended)
     if membership.admitted:
         return
     if scope.cancelled_caught:
         raise TimeoutError(f"{membership.name} was not admitted within {timeout:g} s")
     raise PeerUnavailable(
-        f"the controller at {controller} closed the connection before admitting {membership.name}"
+        f"{membership.name} stopped following the controller at {controller} before it was admitted"
     )

@@ -44,6 +44,7 @@ class MovedNote(enum.IntEnum):
     HANDED_OVER = 0  # the holder released the object to ``owner`` on the authority's request
     EVACUATED = 1  # a leaving holder sent it to ``owner`` on its own initiative
     DROPPED = 2  # the holder dropped a removed object; ``origin``/``req_id`` is the remover
+    LOST = 3  # ``owner``, named the holder, found the object never came: its giver died
 
 
 class Status(enum.IntEnum):

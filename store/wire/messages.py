@@ -111,7 +111,7 @@ __all__ = [
 
 #: The version of the handshake and framing rules; peers with different versions refuse
 #: each other instead of misreading each other's frames.
-WIRE_VERSION: Final = 3
+WIRE_VERSION: Final = 4
 
 #: Longest string tag: tags are sent in every message, so they must stay short.
 MAX_TAG_LENGTH: Final = 16

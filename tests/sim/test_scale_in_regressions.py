@@ -317,3 +317,38 @@ def test_a_call_waiting_for_a_fence_comes_after_this_nodes_replica() -> None:
     end(c)
     calls = [op.id for op in c.ops if op.name in ("add", "bump")]
     assert [op_id for _, op_id in c.nodes["c"].objects[k].obj.log] == calls
+
+
+def test_calls_parked_for_an_object_removed_on_its_way_are_answered() -> None:
+    """Calls parked for an object that is removed before it is installed (the scaling
+    simulation's ``--hypothesis-seed=190``: "calls wait only for an object that may
+    come").  The object is evacuated to c while c's fence to the leaver is out, so it
+    waits aside; b finds it at c and calls it there: the call is parked until the object
+    is installed; then a remove drops the waiting object, and the parked call waited for
+    the fence to come back to be refused.  Fixed in ``ObjectLayer._on_drop``: dropping an
+    object still arriving hands what was parked for it on (the call meets a removed
+    object; without that ``_unpark`` this test fails)."""
+    c, key = leaving(["a", "b", "c"], "a", "mw", to="c")
+    k = ("mw", key)
+    c.mw_open("a", "mw", key, True)
+    c.deliver_all()
+    c.mw_open("c", "mw", key, False, then_call=("bump", 1))  # c's call goes to a
+    c.deliver_all()
+    scale_in(c, "a")
+    c.drain("a", 10)
+    while any(isinstance(msg, (Evacuate, Evacuates)) for msg in c.queues[("a", "c")]):
+        c.deliver(("a", "c"))  # the object waits at c for c's fence, sent to a
+    assert k in c.nodes["c"].router.objects._arriving
+    c.mw_open("b", "mw", key, True)  # b finds it at c
+    deliver_all_but(c, ("a", "c"))
+    ref = len(c.mw_refs) - 1
+    assert c.mw_refs[ref].owner == "c"
+    calling = c.mw_call(ref, "add", 2)
+    deliver_all_but(c, ("a", "c"))
+    assert k in c.nodes["c"].router.objects._parked  # the call waits for the object
+    removing = c.remove("c", "mw", key)  # (c owns the key: the Drop is handled at once)
+    c.check()  # the invariant: calls wait only for an object that may come
+    deliver_all_but(c, ("a", "c"))
+    assert calling.response is not None  # answered before the fence is back
+    end(c)
+    assert removing.result is True
