@@ -513,6 +513,25 @@ class Space:
         self._maps[name] = made
         return made
 
+    def members(self) -> list[str]:
+        """The members of the ring this member is NORMAL on (the previous ring during a
+        scaling event, whose ring is :meth:`next_members`), sorted."""
+        return sorted(self._node.view.ring.nodes)
+
+    def next_members(self) -> list[str] | None:
+        """The running scaling event's ring, sorted; None between events."""
+        ring = self._node.view.next_ring
+        return None if ring is None else sorted(ring.nodes)
+
+    def owner_of(self, map_name: str, key: Any) -> str:
+        """The member that owns the key record of ``map_name[key]`` (on the event's ring
+        during a scaling event): where a load balancer that wants a flow's objects created
+        next to their records sends the flow.  Hashes the key as the store does."""
+        check_key(key)
+        view = self._node.view
+        ring = view.ring if view.next_ring is None else view.next_ring
+        return ring.owner_of(map_name, key)
+
     def submit_nowait(self, flow: Any, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` (an ``async def``) as a microthread of flow ``flow``, now:
         inline to completion when its state is local; parked otherwise.  Raises

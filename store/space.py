@@ -38,7 +38,10 @@ async def open_space(
     (``flush_interval``, ``merge_interval``, ``limit``, ``max_frame``, ``request_timeout``:
     seconds an operation waits for a remote answer before ``PeerUnavailable`` (30 by
     default), ``freeze_gc``: freeze the garbage collector's generations after each scaling
-    event, see ``Node.enter_stage``).
+    event, see ``Node.enter_stage``).  With a ``controller``, also ``labels`` (a dict of
+    strings this member reports in ``ctl status``, e.g. what it runs and where its data
+    channel listens) and ``query`` (``async def query(name, args)``: answers the
+    control-plane queries the controller relays, ``python -m nf query``).
     """
     if controller is not None:
         async with join_space(controller, listen or "127.0.0.1:0", secret, options) as space:
@@ -56,6 +59,8 @@ async def join_space(
 ) -> AsyncIterator[Space]:
     """An embedded member: a listening node admitted through ``controller``."""
     drain_rate = options.pop("drain_rate", DEFAULT_DRAIN_RATE)
+    labels = options.pop("labels", None)
+    query = options.pop("query", None)
     async with open_node(listen=listen, secret=secret, **options) as node:
         member = NodeMember(node, drain_rate)
         async with join_cluster(
@@ -65,6 +70,8 @@ async def join_space(
             secret=secret,
             handler=member,
             status_provider=member.figures,
+            labels=labels,
+            query_handler=query,
         ) as membership:
             node.enter_stage(membership.view)
             node.membership = membership

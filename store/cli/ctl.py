@@ -36,6 +36,8 @@ from store.shell.controller import read_secret
 from store.shell.transport import Peer, connect_peer
 from store.wire.control import (
     ClusterStatus,
+    Query,
+    QueryAnswer,
     ScaleProgress,
     ScaleReply,
     ScaleRequest,
@@ -46,7 +48,14 @@ from store.wire.control import (
 from store.wire.errors import AuthenticationError, PeerUnavailable, ProtocolError
 from store.wire.messages import Message
 
-__all__ = ["CtlError", "main", "render_status", "request_scale", "request_status"]
+__all__ = [
+    "CtlError",
+    "main",
+    "render_status",
+    "request_query",
+    "request_scale",
+    "request_status",
+]
 
 #: Seconds to reach the controller.
 CONNECT_TIMEOUT: Final = 5.0
@@ -73,6 +82,16 @@ async def request_status(peer: Peer) -> ClusterStatus:
     while True:
         for msg in await _next_messages(peer):
             if isinstance(msg, ClusterStatus) and msg.request_id == 1:
+                return msg
+
+
+async def request_query(peer: Peer, target: str, name: str, args: dict[str, Any]) -> QueryAnswer:
+    """Ask the controller connected as ``peer`` to relay a control-plane query to a member
+    running ``target`` (the NF's name; "" for any), and return the member's answer."""
+    peer.send_nowait(Query(1, target, name, args))
+    while True:
+        for msg in await _next_messages(peer):
+            if isinstance(msg, QueryAnswer) and msg.request_id == 1:
                 return msg
 
 

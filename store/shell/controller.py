@@ -39,11 +39,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import trio
 
 from ring.hashring import DEFAULT_VNODES
+from ring.ownership import Stage
 from store.core.barrier import (
     DEFAULT_ADMISSION_WINDOW,
     DEFAULT_FAILURE_TIMEOUT,
@@ -66,6 +67,8 @@ from store.wire.control import (
     Figures,
     Heartbeat,
     NodeStatus,
+    Query,
+    QueryAnswer,
     Register,
     Resume,
     RingState,
@@ -108,6 +111,9 @@ DEV_SECRET: Final = b"s6 development secret: not for production"
 
 #: How long :meth:`Controller.collect_status` waits for the members' figures.
 STATUS_TIMEOUT: Final = 1.0
+#: How long a relayed query waits for a scaling event to end, and for each member's answer.
+QUERY_WAIT: Final = 30.0
+QUERY_TIMEOUT: Final = 10.0
 
 
 def read_secret(path: str | None) -> tuple[bytes, bool]:
@@ -181,6 +187,7 @@ class Controller:
         self._scopes: dict[str, trio.CancelScope] = {}
         self._requests: dict[int, _Waiter | _Remote] = {}
         self._rounds: dict[int, _StatusRound] = {}
+        self._queries: dict[int, tuple[trio.Event, list[QueryAnswer]]] = {}
         self._ids = itertools.count(1)
         self._wake = trio.Event()
         self._changed = trio.Event()
@@ -460,12 +467,21 @@ class Controller:
             status_round.expected.discard(name)
             if not status_round.expected:
                 status_round.done.set()
+        elif isinstance(msg, QueryAnswer):
+            waiting = self._queries.get(msg.request_id)
+            if waiting is None or msg.member != name:
+                self._count("stale-query-answer")
+                return
+            waiting[1].append(msg)
+            waiting[0].set()
         else:
             self._operator_message(nursery, peer, msg)
 
     def _operator_message(self, nursery: trio.Nursery, peer: Peer, msg: Message) -> None:
         if isinstance(msg, StatusRequest):
             nursery.start_soon(self._answer_status, peer, msg.request_id)
+        elif isinstance(msg, Query):
+            nursery.start_soon(self._relay_query, peer, msg)
         elif isinstance(msg, ScaleRequest):
             request_id = next(self._ids)
             self._requests[request_id] = _Remote(peer, msg.request_id)
@@ -496,6 +512,49 @@ class Controller:
     async def _answer_status(self, peer: Peer, request_id: int) -> None:
         figures = await self._gather_figures(STATUS_TIMEOUT)
         self._send(peer, self.barrier.cluster_status(request_id, trio.current_time(), figures))
+
+    async def _relay_query(self, peer: Peer, query: Query) -> None:
+        """Relay an operator's query to one member, as the paper's controller relays
+        control-plane queries: once the cluster is NORMAL (waiting at most ``QUERY_WAIT``
+        seconds for a running event to end), to each connected member of the ring in turn
+        until one that runs ``query.target`` answers; the answer goes back as it came."""
+        barrier = self.barrier
+
+        def answer(ok: bool, value: Any, text: str, member: str = "", epoch: int = 0) -> None:
+            epoch = epoch or barrier.ring.epoch
+            self._send(peer, QueryAnswer(query.request_id, member, epoch, ok, False, value, text))
+
+        with trio.move_on_after(QUERY_WAIT):
+            await self.wait_until(lambda b: b.cluster_stage() is Stage.NORMAL)
+        if barrier.cluster_stage() is not Stage.NORMAL:
+            answer(False, None, f"the cluster stayed in a scaling event for {QUERY_WAIT:g} s")
+            return
+        asked = 0
+        for name in sorted(barrier.ring.nodes):
+            session = self._sessions.get(name)
+            if session is None:
+                continue
+            request_id = next(self._ids)
+            arrived = trio.Event()
+            slot: list[QueryAnswer] = []
+            self._queries[request_id] = (arrived, slot)
+            try:
+                self._send(session, Query(request_id, query.target, query.name, query.args))
+                with trio.move_on_after(QUERY_TIMEOUT):
+                    await arrived.wait()
+            finally:
+                del self._queries[request_id]
+            asked += 1
+            if not slot:
+                logger.warning("%s did not answer a query within %g s", name, QUERY_TIMEOUT)
+                continue
+            got = slot[0]
+            if got.declined:
+                continue
+            answer(got.ok, got.value, got.text, got.member, got.epoch)
+            return
+        what = query.target or "queries"
+        answer(False, None, f"no member answers {what} (asked {asked} of {len(barrier.ring)})")
 
     async def _gather_figures(self, timeout: float) -> dict[str, Figures]:
         round_id = next(self._ids)

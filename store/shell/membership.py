@@ -77,15 +77,16 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
 from ring.hashring import HashRing
 from ring.ownership import NodeView, Stage
 from store.core.barrier import Callback, MemberSide
+from store.core.objects import encode_value
 from store.shell.transport import Peer, connect_peer
 from store.wire.control import (
     ControllerRefused,
@@ -94,6 +95,8 @@ from store.wire.control import (
     Heartbeat,
     MemberList,
     NodeStatus,
+    Query,
+    QueryAnswer,
     Register,
     Resume,
     RingState,
@@ -110,6 +113,7 @@ from store.wire.control import (
 from store.wire.errors import (
     PeerUnavailable,
     ProtocolError,
+    StoreError,
     bug_counter,
     raise_bugs,
     reraise_single,
@@ -120,6 +124,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "Membership",
     "MembershipHandler",
+    "QueryHandler",
     "StatusProvider",
     "join_cluster",
 ]
@@ -136,6 +141,8 @@ RECONNECT_INTERVAL: Final = 0.5
 
 #: What a node tells ``ctl status`` about itself: names to scalars.
 StatusProvider = Callable[[], Mapping[str, object]]
+#: ``await handler(name, args)``: the value of a relayed control-plane query.
+QueryHandler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
 class MembershipHandler(Protocol):
@@ -207,6 +214,12 @@ class Membership:
         self.dead: frozenset[str] = frozenset()
         #: Seconds between heartbeats to the controller.
         self.heartbeat_interval = HEARTBEAT_INTERVAL
+        #: Answers relayed control-plane queries (``Query``): ``await handler(name, args)``
+        #: gives the value; None: this member declines every query.  Labels it reports in
+        #: its figures, e.g. ``{"nf": "prads"}``: a query for another target is declined.
+        self.query_handler: QueryHandler | None = None
+        self.labels: dict[str, str] = {}
+        self._nursery: trio.Nursery | None = None
         #: Error counters by name (``unexpected-*``, ``stale-scale-reply``, ``bug-*``;
         #: ``store.wire.errors.classify`` says whose fault each is).
         self.errors: dict[str, int] = {}
@@ -447,6 +460,11 @@ class Membership:
             waiting[0].set()
         elif isinstance(msg, ScaleProgress):
             logger.info("%s", msg.text)
+        elif isinstance(msg, Query):
+            if self._nursery is None:  # (not running yet: nothing can answer)
+                self._answer(msg, False, True, None, "not running")
+            else:
+                self._nursery.start_soon(self._answer_query, msg)
         else:
             kind = type(msg).__name__
             self._count(f"unexpected-{kind}")
@@ -455,6 +473,30 @@ class Membership:
 
     def _count(self, counter: str) -> None:
         self.errors[counter] = self.errors.get(counter, 0) + 1
+
+    def _answer(self, msg: Query, ok: bool, declined: bool, value: Any, text: str) -> None:
+        self._send(QueryAnswer(msg.request_id, self.name, self.epoch, ok, declined, value, text))
+
+    async def _answer_query(self, msg: Query) -> None:
+        """Answer a relayed query with the handler's value, or say why not: declined when
+        this member serves no such target, an error line when the handler raised (its
+        fault is the application's: the member keeps serving) or its value cannot travel."""
+        handler = self.query_handler
+        target = self.labels.get("nf", "")
+        if handler is None or (msg.target and msg.target != target):
+            self._answer(msg, False, True, None, f"{self.name} runs {target or 'no application'}")
+            return
+        try:
+            value = await handler(msg.name, dict(msg.args))
+        except Exception as exc:
+            self._answer(msg, False, False, None, f"{type(exc).__name__}: {exc}"[:500])
+            return
+        try:
+            encode_value(value, f"the answer to {msg.name!r}")
+        except StoreError as exc:
+            self._answer(msg, False, False, None, str(exc)[:500])
+            return
+        self._answer(msg, True, False, value, "")
 
     def _figures(self) -> tuple[Figures, Exception | None]:
         """This node's figures for ``ctl status``, and the status provider's exception if
@@ -470,6 +512,7 @@ class Membership:
                 # Only exact int/float/str travel (a bool is not an int on the wire).
                 ok = type(value) in (int, float, str)
                 figures[str(key)] = value if ok else str(value)  # type: ignore[assignment]
+        figures.update(self.labels)
         return figures, None
 
 
@@ -497,13 +540,18 @@ async def join_cluster(
     status_provider: StatusProvider | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
     admission_timeout: float | None = None,
+    labels: Mapping[str, str] | None = None,
+    query_handler: QueryHandler | None = None,
 ) -> AsyncIterator[Membership]:
     """Join the cluster whose controller listens at ``controller`` (``HOST:PORT``).
 
     Returns once this node is a member of a ring (``on_normal`` has run), yielding its
     :class:`Membership`; the callbacks of ``handler`` may run before that (a joiner takes
     part in its own admission event).  ``address`` is where the other nodes reach this
-    one.  ``status_provider`` (optional) returns the figures ``ctl status`` shows.
+    one.  ``status_provider`` (optional) returns the figures ``ctl status`` shows;
+    ``labels`` are added to them (what the member runs, e.g. ``{"nf": "prads", "data":
+    "127.0.0.1:9001"}``: a traffic sender finds the NF instances by them);
+    ``query_handler`` answers the control-plane queries the controller relays.
 
     Raises :class:`PeerUnavailable` if the controller cannot be reached within
     ``connect_timeout`` seconds (once registered, a node whose controller goes away before
@@ -538,6 +586,8 @@ async def join_cluster(
                     controller=controller,
                     secret=secret,
                 )
+                membership.labels = dict(labels or {})
+                membership.query_handler = query_handler
                 for msg in rest:
                     membership._take(msg)
                 async with _running(membership, controller, admission_timeout):
@@ -558,6 +608,7 @@ async def _running(
     once the node is admitted."""
     try:
         async with trio.open_nursery() as nursery:
+            membership._nursery = nursery
             nursery.start_soon(membership._read)
             nursery.start_soon(membership._work)
             nursery.start_soon(membership._heartbeat)

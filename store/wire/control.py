@@ -12,6 +12,9 @@ Three kinds of sessions reach the controller, all as authenticated peers of
   :class:`ScaleRequest`; it gets :class:`ClusterStatus`, or :class:`ScaleProgress` lines
   and a final :class:`ScaleReply`.
 * a member may also send a :class:`ScaleRequest` for itself (a graceful leave).
+* an operator (``python -m nf query``) may send a :class:`Query` for the application the
+  members run; the controller relays it to one member and relays its
+  :class:`QueryAnswer` back (the paper's controller relaying control-plane queries).
 
 Rings travel as member lists of ``(name, address)`` pairs plus an epoch and the vnode count,
 never as token arrays: every process builds the identical :class:`~ring.hashring.HashRing`
@@ -45,6 +48,8 @@ __all__ = [
     "MemberList",
     "NodeStatus",
     "Order",
+    "Query",
+    "QueryAnswer",
     "Register",
     "Resume",
     "RingState",
@@ -374,3 +379,37 @@ class Resume:
     members: MemberList
     next_epoch: int | None
     next_members: MemberList | None
+
+
+# --- control-plane queries relayed to a member ----------------------------------------------
+
+
+@message(53)
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A control-plane question for the application the members run (an NF's ``assets``,
+    ``alerts``, ``table``, ``statistics``).  From an operator to the controller, which sends
+    it on to one member (with its own ``request_id``).  ``target`` names the application
+    (a member whose labels carry another ``nf`` declines); ``args`` are its arguments."""
+
+    request_id: int
+    target: str
+    name: str
+    args: dict[str, Any]
+
+
+@message(54)
+@dataclass(frozen=True, slots=True)
+class QueryAnswer:
+    """A member's answer to a :class:`Query` (relayed by the controller to the operator):
+    ``ok`` with ``value``, or not with ``text`` saying why; ``declined`` when the member
+    runs no such application (the controller then asks another).  ``member`` is who
+    answered, ``epoch`` the ring it answered on."""
+
+    request_id: int
+    member: str
+    epoch: int
+    ok: bool
+    declined: bool
+    value: Any
+    text: str

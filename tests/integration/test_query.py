@@ -1,0 +1,105 @@
+"""Control-plane queries relayed by the controller (``python -m nf query``): they reach a
+member running the named NF, answer from its state, start no scaling event, and a failing
+query is one error line while every process keeps serving."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import store
+from store.shell.controller import open_controller
+
+
+class Tally(store.MultiWriter):
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    cmd = [sys.executable, "-m", "nf.query", *args]
+    return await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+
+
+async def test_a_query_reaches_the_instance_running_its_nf_without_an_event(
+    tmp_path: Path,
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(os.urandom(16).hex().encode())
+    secret = secret_file.read_bytes()
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    def handler_for(label: str, space: list[store.Space]) -> Any:
+        async def query(name: str, args: dict[str, Any]) -> Any:
+            asked.append((label, args))
+            if name == "boom":
+                raise KeyError("no query 'boom' (known: lines, tally)")
+            if name == "lines":
+                return [f"{label} line {i}" for i in range(int(args.get("n", 2)))]
+            async with space[0].map("tallies", Tally).get("t") as ref:
+                return {"nf": label, "tally": await ref.add(0)}
+
+        return query
+
+    with trio.fail_after(60):
+        async with open_controller(secret=secret) as ctl:
+            spaces: dict[str, list[store.Space]] = {"prads": [], "ids": []}
+            async with (
+                store.open_space(
+                    ctl.address,
+                    secret=secret,
+                    labels={"nf": "prads", "data": "127.0.0.1:1"},
+                    query=handler_for("prads", spaces["prads"]),
+                ) as a,
+                store.open_space(
+                    ctl.address,
+                    secret=secret,
+                    labels={"nf": "ids"},
+                    query=handler_for("ids", spaces["ids"]),
+                ) as b,
+            ):
+                spaces["prads"].append(a)
+                spaces["ids"].append(b)
+                async with a.map("tallies", Tally).create("t") as ref:
+                    await ref.add(5)
+                await ctl.wait_until(lambda bar: len(bar.ring) == 2)
+                epoch = ctl.status().epoch
+                common = ["--controller", ctl.address, "--secret-file", str(secret_file)]
+
+                done = await run_cli(*common, "prads", "tally")
+                assert done.returncode == 0, done.stderr
+                assert b'"tally": 5' in done.stdout and b'"nf": "prads"' in done.stdout
+                assert b"answered by" in done.stderr
+
+                done = await run_cli(*common, "ids", "lines", "n=3")
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.decode().splitlines() == [f"ids line {i}" for i in range(3)]
+                assert ("ids", {"n": 3}) in asked
+
+                done = await run_cli(*common, "prads", "boom")
+                assert done.returncode == 1
+                err = done.stderr.decode().strip().splitlines()
+                assert len(err) == 1 and "KeyError" in err[0] and "boom" in err[0], err
+
+                done = await run_cli(*common, "nat", "table")
+                assert done.returncode == 1 and b"no member answers nat" in done.stderr
+
+                done = await run_cli(*common, "prads", "lines", "novalue")
+                assert done.returncode == 2 and b"KEY=VALUE" in done.stderr
+
+                # Everyone kept serving, and no query started a scaling event.
+                status = await ctl.collect_status()
+                assert status.epoch == epoch and status.stage == "normal"
+                assert status.figures[a.name]["nf"] == "prads"
+                assert status.figures[b.name]["nf"] == "ids"
+                assert a.owner_of("tallies", "t") in (a.name, b.name)
+                assert a.members() == sorted([a.name, b.name]) == b.members()
