@@ -1,0 +1,168 @@
+"""The live data channel's format: round trips, packing limits and malformed input."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nf.datachannel import (
+    HEADER,
+    MAGIC,
+    RECEIPT_SIZE,
+    VERSION,
+    Kind,
+    MalformedDatagram,
+    Packer,
+    ReceiptPacker,
+    decode,
+    encode_end,
+    encode_leaving,
+)
+
+REASONS = {
+    "short-header",
+    "bad-magic",
+    "bad-version",
+    "unknown-kind",
+    "truncated-frame",
+    "bad-end",
+    "trailing-bytes",
+}
+
+
+def test_data_round_trip_keeps_every_field_and_order() -> None:
+    packer = Packer(sender=7)
+    frames = [(i % 3, i, 1_000 + i, bytes([i]) * (i + 1)) for i in range(20)]
+    for f in frames:
+        assert packer.add(*f) is None
+    assert len(packer) == 20
+    data = packer.take()
+    assert data is not None and packer.take() is None
+    d = decode(data)
+    assert (d.kind, d.sender, d.seq) == (Kind.DATA, 7, 0)
+    assert [tuple(f) for f in d.frames] == frames
+    assert (packer.datagrams, packer.frames) == (1, 20)
+    # The next datagram is numbered after it.
+    packer.add(1, 1, 1, b"x")
+    assert decode(packer.take() or b"").seq == 1
+
+
+def test_packer_starts_a_new_datagram_when_a_frame_does_not_fit() -> None:
+    packer = Packer(sender=1, max_size=200)
+    out = [d for d in (packer.add(0, i, 0, b"y" * 60) for i in range(10)) if d is not None]
+    last = packer.take()
+    assert last is not None
+    out.append(last)
+    assert all(len(d) <= 200 for d in out)
+    seqs = [f.seq for d in out for f in decode(d).frames]
+    assert seqs == list(range(10))
+    assert [decode(d).seq for d in out] == list(range(len(out)))
+    with pytest.raises(ValueError, match="does not fit"):
+        packer.add(0, 0, 0, b"z" * 200)
+
+
+def test_receipts_round_trip_and_fill_to_the_limit() -> None:
+    packer = ReceiptPacker(sender=3, max_size=HEADER.size + 4 * RECEIPT_SIZE)
+    outs = [packer.add(9, i, 10 * i, 60 + i, i % 2) for i in range(9)]
+    full = [o for o in outs if o is not None]
+    assert len(full) == 2 and len(packer) == 1
+    tail = packer.take()
+    assert tail is not None
+    receipts = [r for d in [*full, tail] for r in decode(d).receipts]
+    assert [(r.flow, r.seq, r.sent_ns, r.length, r.verdict) for r in receipts] == [
+        (9, i, 10 * i, 60 + i, i % 2) for i in range(9)
+    ]
+    assert decode(tail).kind is Kind.RECEIPT
+
+
+def test_end_and_leaving() -> None:
+    end = decode(encode_end(5, 42, frames_sent=1000, datagrams_sent=41))
+    assert (end.kind, end.sender, end.seq, end.frames_sent, end.datagrams_sent) == (
+        Kind.END,
+        5,
+        42,
+        1000,
+        41,
+    )
+    leaving = decode(encode_leaving(6, 0))
+    assert (leaving.kind, leaving.sender) == (Kind.LEAVING, 6)
+
+
+def _reason(data: bytes) -> str:
+    with pytest.raises(MalformedDatagram) as info:
+        decode(data)
+    return info.value.reason
+
+
+def test_each_malformed_shape_has_its_reason() -> None:
+    packer = Packer(sender=1)
+    packer.add(1, 2, 3, b"abcdef")
+    good = packer.take()
+    assert good is not None
+    assert _reason(b"") == "short-header"
+    assert _reason(good[:10]) == "short-header"
+    assert _reason(b"XX" + good[2:]) == "bad-magic"
+    assert _reason(good[:2] + bytes([VERSION + 1]) + good[3:]) == "bad-version"
+    assert _reason(good[:3] + bytes([99]) + good[4:]) == "unknown-kind"
+    assert _reason(good[:-1]) == "truncated-frame"  # the frame's bytes are cut
+    assert _reason(good[: HEADER.size + 5]) == "truncated-frame"  # its header is cut
+    assert _reason(good + b"\0") == "trailing-bytes"
+    end = encode_end(1, 1, 2, 3)
+    assert _reason(end[:-1]) == "bad-end"
+    assert _reason(end + b"\0") == "bad-end"
+    assert _reason(encode_leaving(1, 1) + b"!") == "trailing-bytes"
+    receipts = ReceiptPacker(sender=1)
+    receipts.add(1, 1, 1, 1, 0)
+    r = receipts.take()
+    assert r is not None
+    assert _reason(r[:-1]) == "truncated-frame"
+    assert _reason(r + b"\0") == "trailing-bytes"
+    # A count that claims more frames than the datagram holds.
+    header = HEADER.pack(MAGIC, VERSION, Kind.DATA, 1, 0, 0, 3)
+    assert _reason(header + struct.pack("!HIIQ", 1, 0, 0, 0) + b"a") == "truncated-frame"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_decode_or_raise_malformed_only(data: bytes) -> None:
+    try:
+        decode(data)
+    except MalformedDatagram as exc:
+        assert exc.reason in REASONS
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 2**64 - 1),
+            st.binary(max_size=100),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    cut=st.integers(0, 3000),
+    flip=st.tuples(st.integers(0, 3000), st.integers(0, 255)),
+)
+def test_damaged_datagrams_never_raise_anything_else(
+    frames: list[tuple[int, int, int, bytes]], cut: int, flip: tuple[int, int]
+) -> None:
+    packer = Packer(sender=2)
+    for f in frames:
+        assert packer.add(*f) is None
+    data = packer.take()
+    assert data is not None
+    assert [tuple(f) for f in decode(data).frames] == frames
+    damaged = bytearray(data[: cut % (len(data) + 1)])
+    if damaged:
+        at, value = flip
+        damaged[at % len(damaged)] = value
+    try:
+        decode(bytes(damaged))
+    except MalformedDatagram as exc:
+        assert exc.reason in REASONS
