@@ -1,4 +1,4 @@
-"""``python -m nf list`` | ``python -m nf NAME --help`` | ``python -m nf NAME --pcap FILE ...``"""
+"""``python -m nf list`` | ``NAME --pcap FILE ...`` | ``serve NAME ...`` | ``query ...``"""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ USAGE = """usage: python -m nf list
        python -m nf NAME --help
        python -m nf NAME --pcap FILE [--instances N] [--config FILE.toml] [--out FILE.pcap]
                          [--scale-at FRACTION] [NF options]
+       python -m nf serve NAME --controller HOST:PORT --data HOST:PORT --sink HOST:PORT
+                         [--backend s6|local-only|remote-only|redis] [NF options]
+       python -m nf query --controller HOST:PORT NAME QUERY [KEY=VALUE ...]
 
-Runs a network function over a capture file on an embedded object space (see docs/NF.md)."""
+Runs a network function over a capture file on an embedded object space (see docs/NF.md),
+as a live instance on the UDP data channel (serve, see nf/serve.py), or asks a running
+cluster a control-plane question (query)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +33,18 @@ def main(argv: list[str] | None = None) -> int:
                 first = f"(does not load: {exc})"
             print(f"{name:<12} {first}")
         return 0
+    if args[0] == "serve":
+        from nf.serve import main as serve
+
+        return serve(args[1:])
+    if args[0] == "query":
+        # nf.query is another module's (it may be absent from an older tree).
+        try:
+            from nf.query import main as query
+        except ImportError:
+            print("nf: query is not available in this installation", file=sys.stderr)
+            return 2
+        return query(args[1:])
     try:
         nf_cls = registry.load(args[0])
     except registry.UnknownNF as exc:

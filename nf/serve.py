@@ -1,0 +1,481 @@
+"""``python -m nf serve NAME``: one NF instance process on the live data channel.
+
+::
+
+    python -m nf serve NAME --controller HOST:PORT --data HOST:PORT --sink HOST:PORT
+        [--backend s6|local-only|remote-only|redis] [--store HOST:PORT] [--secret-file F]
+        [--listen HOST:PORT] [--config FILE.toml] [--forward receipts|frames] [NF options]
+
+The process joins the object space through the controller as an embedded member whose
+figures carry the labels ``nf`` (NAME), ``data`` (the bound data address) and ``backend``,
+which is how the traffic sender finds the instances and where to send them packets.  It
+makes the NF on the backend's space (``s6``: the space itself; the others through
+``baselines.open_backend``), then:
+
+* receives DATA datagrams (:mod:`nf.datachannel`) on ``--data`` and runs each frame as a
+  microthread of its flow, ``space.submit(nf.flow_key(packet), nf.process, packet)``, so a
+  flow's packets are handled in order wherever its state is; the NF's clock is the arrival
+  time (``time.time()``);
+* sends the sink a receipt of each frame (flow, sequence number, send time, forwarded
+  length, verdict), batched into RECEIPT datagrams, or with ``--forward frames`` the
+  forwarded frames themselves as DATA (drops still as receipts), so the sink can tell an
+  NF's drop from a loss;
+* runs ``nf.tick(now)`` every ``tick_interval`` seconds of the arrival clock;
+* answers the control-plane queries the controller relays (``python -m nf query``): the
+  NF's own, plus ``serve`` (this process's counters);
+* counts a datagram it cannot decode by reason and goes on.
+
+Leaving.  SIGTERM (or SIGINT), or a ``ctl scale-in`` of this member (seen as soon as the
+event's ring leaves it out), starts a graceful leave: the instance tells every sender it has
+heard from (a LEAVING datagram, repeated until answered), each sender steers this
+instance's flows elsewhere and then sends it an END marker; once every sender's END is in
+(or ``--leave-timeout`` passed), the instance finishes the units in flight, flushes its
+receipts, and leaves the space, handing its objects on.
+
+stdout is one JSON object per line: ``ready`` (name, data address, pid) first, then
+``leaving``, ``end`` (per sender: frames it sent here, frames received from it),
+``bad-datagram`` (the first of each reason, then at powers of two) and ``exit`` (the
+counters) last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import trio
+
+from nf import registry
+from nf.base import NF, ConfigError, Verdict
+from nf.datachannel import (
+    DEFAULT_MAX_DATAGRAM,
+    Datagram,
+    Frame,
+    Kind,
+    MalformedDatagram,
+    Packer,
+    ReceiptPacker,
+    decode,
+    encode_leaving,
+)
+from nf.packet import Packet, parse
+from store import SchedulerFull
+
+__all__ = ["BACKENDS", "Instance", "main"]
+
+BACKENDS: Final = ("s6", "local-only", "remote-only", "redis")
+#: Seconds between sends of what is batched for the sink, when the receive loop is idle
+#: (it sends after each datagram otherwise): the most a receipt of a parked unit waits.
+FLUSH_EVERY: Final = 0.002
+#: Seconds between looks at the membership for a scale-in that leaves this member out.
+WATCH_EVERY: Final = 0.005
+#: Seconds between LEAVING datagrams while a sender has not answered with END.
+LEAVING_EVERY: Final = 0.05
+#: Receive buffer asked of the kernel (it caps it at twice ``net.core.rmem_max``).
+RCVBUF: Final = 8 << 20
+
+logger = logging.getLogger("nf.serve")
+
+
+def _emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
+
+
+class Instance:
+    """The data path of one instance: datagrams in, microthreads, receipts out."""
+
+    def __init__(
+        self,
+        nf: NF,
+        space: Any,
+        data: trio.socket.SocketType,
+        sink: tuple[str, int],
+        *,
+        forward_frames: bool = False,
+        max_datagram: int = DEFAULT_MAX_DATAGRAM,
+    ) -> None:
+        self.nf = nf
+        self.space = space
+        self.data = data
+        self.sink = sink
+        self.forward_frames = forward_frames
+        self.ident = os.getpid() & 0xFFFFFFFF
+        # Receipts and forwarded frames go out on a plain non-blocking socket: a send from
+        # a unit's done-callback (a parked packet finishing) cannot await.
+        self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.out.setblocking(False)
+        self.receipts = ReceiptPacker(self.ident, max_datagram)
+        self.frames_out = Packer(self.ident, max_datagram)
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.bad: collections.Counter[str] = collections.Counter()
+        #: Frames received per sender address, and the END each sender sent.
+        self.received: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.ends: dict[tuple[str, int], Datagram] = {}
+        self.parked = 0
+        self.idle = trio.Event()
+        self.idle.set()
+        self.leaving: str | None = None
+        self.all_ended = trio.Event()
+        self._leaving_seq = 0
+
+    # -- the packet path -------------------------------------------------------------------
+
+    async def on_data(self, dgram: Datagram, addr: tuple[str, int]) -> None:
+        nf = self.nf
+        process = nf.process
+        flow_key = nf.flow_key
+        submit = self.space.submit_nowait
+        settle = self._settle
+        now = time.time()
+        self.received[addr] += len(dgram.frames)
+        for frame in dgram.frames:
+            packet = parse(frame.data, now)
+            key = flow_key(packet)
+            try:
+                unit = submit(key, process, packet)
+            except SchedulerFull:  # the bound on parked units: wait for room (backpressure)
+                unit = await self.space.submit(key, process, packet)
+            if unit.done():
+                settle(unit, frame, packet)
+            else:
+                self.parked += 1
+                self.idle = trio.Event()
+                unit.add_done_callback(
+                    lambda u, frame=frame, packet=packet: self._settle_parked(u, frame, packet)
+                )
+        self.counts["frames"] += len(dgram.frames)
+
+    def _settle_parked(self, unit: Any, frame: Frame, packet: Packet) -> None:
+        self._settle(unit, frame, packet)
+        self.parked -= 1
+        if not self.parked:
+            self.idle.set()
+
+    def _settle(self, unit: Any, frame: Frame, packet: Packet) -> None:
+        if unit.failed():
+            # A bug of the NF (process must not raise): counted, the frame forwarded as is.
+            self.counts[f"nf-error-{type(unit.exception()).__name__}"] += 1
+            verdict = Verdict.FORWARD
+        else:
+            verdict = unit.result()
+        if self.forward_frames and verdict == Verdict.FORWARD:
+            out = self.frames_out.add(frame.flow, frame.seq, frame.sent_ns, packet.frame)
+        else:
+            out = self.receipts.add(
+                frame.flow, frame.seq, frame.sent_ns, len(packet.frame), int(verdict)
+            )
+        if out is not None:
+            self._send(out)
+
+    def _send(self, data: bytes) -> None:
+        if self.backlog:
+            self.backlog.append(data)
+            return
+        try:
+            self.out.sendto(data, self.sink)
+        except BlockingIOError:  # the socket's buffer is full: keep order, retry soon
+            self.backlog.append(data)
+        except OSError as exc:  # nobody listens at the sink (yet): counted, not fatal
+            self.counts[f"sink-{type(exc).__name__}"] += 1
+
+    def flush(self) -> None:
+        """Send what is batched for the sink, and retry what the socket refused before."""
+        while self.backlog:
+            try:
+                self.out.sendto(self.backlog[0], self.sink)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.counts[f"sink-{type(exc).__name__}"] += 1
+            self.backlog.popleft()
+        for packer in (self.receipts, self.frames_out):
+            out = packer.take()
+            if out is not None:
+                self._send(out)
+
+    # -- the loops -------------------------------------------------------------------------
+
+    async def receive(self) -> None:
+        """Datagrams in, until cancelled."""
+        data = self.data
+        while True:
+            raw, addr = await data.recvfrom(65536)
+            try:
+                dgram = decode(raw)
+            except MalformedDatagram as exc:
+                self._bad(exc.reason, addr)
+                continue
+            if dgram.kind == Kind.DATA:
+                await self.on_data(dgram, addr)
+                self.flush()
+            elif dgram.kind == Kind.END:
+                self._end(dgram, addr)
+            else:  # RECEIPT and LEAVING are not for an instance
+                self._bad(f"unexpected-{dgram.kind.name.lower()}", addr)
+
+    def _bad(self, reason: str, addr: tuple[str, int]) -> None:
+        self.bad[reason] += 1
+        n = self.bad[reason]
+        if n & (n - 1) == 0:  # the first, then at powers of two: seen, never a flood
+            _emit("bad-datagram", reason=reason, count=n, source=f"{addr[0]}:{addr[1]}")
+
+    def _end(self, dgram: Datagram, addr: tuple[str, int]) -> None:
+        if addr in self.ends:
+            return  # a repeated END (the sender repeats it in case one is lost)
+        self.ends[addr] = dgram
+        _emit(
+            "end",
+            source=f"{addr[0]}:{addr[1]}",
+            frames_sent=dgram.frames_sent,
+            frames_received=self.received[addr],
+        )
+        if self.leaving is not None and all(a in self.ends for a in self.received):
+            self.all_ended.set()
+
+    async def flusher(self) -> None:
+        while True:
+            await trio.sleep(FLUSH_EVERY)
+            self.flush()
+
+    async def ticker(self) -> None:
+        """``nf.tick`` on the arrival clock."""
+        interval = self.nf.tick_interval
+        while True:
+            await trio.sleep(interval)
+            await self.nf.tick(time.time())
+
+    async def leave(self, why: str, timeout: float) -> None:
+        """Tell the senders, wait for their END markers (bounded), finish the work."""
+        if self.leaving is not None:
+            return
+        self.leaving = why
+        _emit("leaving", why=why, senders=len(self.received))
+        with trio.move_on_after(timeout) as waiting:
+            while self.received and not all(a in self.ends for a in self.received):
+                self._leaving_seq += 1
+                msg = encode_leaving(self.ident, self._leaving_seq)
+                for addr in list(self.received):
+                    if addr not in self.ends:
+                        await self.data.sendto(msg, addr)
+                with trio.move_on_after(LEAVING_EVERY):
+                    await self.all_ended.wait()
+        if waiting.cancelled_caught:
+            missing = [f"{a[0]}:{a[1]}" for a in self.received if a not in self.ends]
+            _emit("leave-timeout", waiting_for=missing)
+
+    async def finish(self) -> None:
+        """Let the parked units finish and send everything batched."""
+        await self.idle.wait()
+        self.flush()
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "frames": self.counts["frames"],
+            "counts": dict(self.counts),
+            "bad_datagrams": dict(self.bad),
+            "parked": self.parked,
+            "receipts_sent": self.receipts.receipts,
+            "frames_forwarded": self.frames_out.frames,
+            "datagrams_to_sink": self.receipts.datagrams + self.frames_out.datagrams,
+            "nf": dict(self.nf.counts),
+            "leaving": self.leaving,
+            "cpu_s": round(time.process_time(), 3),
+        }
+
+
+@asynccontextmanager
+async def open_nf_space(backend: str, space: Any, store: str | None) -> AsyncIterator[Any]:
+    """The space the NF's state lives in: the member's own for ``s6``, else the baseline's."""
+    if backend == "s6":
+        yield space
+        return
+    try:
+        from baselines import open_backend  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        raise ConfigError(f"backend {backend!r} needs baselines.open_backend, not there") from None
+    async with open_backend(backend, space, store_address=store) as state_space:
+        yield state_space
+
+
+async def _watch_scale_in(space: Any, start_leave: trio.Event, why: list[str]) -> None:
+    """Set ``start_leave`` once a scaling event's ring leaves this member out (``ctl
+    scale-in`` of it): the sooner the senders are told, the fewer packets reach a member
+    that is handing its state on."""
+    name = space.name
+    while True:
+        nxt = space.next_members()
+        if nxt is not None and name not in nxt and name in space.members():
+            why.append("scale-in")
+            start_leave.set()
+            return
+        await trio.sleep(WATCH_EVERY)
+
+
+async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, Any]) -> int:
+    from store import open_space
+    from store.cli.common import read_secret
+    from store.wire.control import parse_address
+
+    secret = read_secret(args.secret_file, "python -m nf serve")
+    data = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    try:
+        data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    except OSError:
+        pass
+    host, port = parse_address(args.data)
+    await data.bind((host, port))
+    bound = data.getsockname()
+    data_address = f"{bound[0]}:{bound[1]}"
+    sink = parse_address(args.sink)
+    holder: list[Instance] = []
+
+    async def query(name: str, qargs: dict[str, Any]) -> Any:
+        if not holder:
+            raise RuntimeError("the instance is not running yet")
+        if name == "serve":
+            return holder[0].report()
+        return await holder[0].nf.query(name, **qargs)
+
+    labels = {"nf": nf_cls.name, "data": data_address, "backend": args.backend}
+    start_leave = trio.Event()
+    why: list[str] = []
+    async with trio.open_nursery() as outer:
+
+        async def signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for signum in received:
+                    why.append(signal.Signals(signum).name)
+                    start_leave.set()
+
+        outer.start_soon(signals)
+        async with open_space(
+            controller=args.controller,
+            listen=args.listen,
+            secret=secret,
+            labels=labels,
+            query=query,
+        ) as space:
+            async with open_nf_space(args.backend, space, args.store) as state_space:
+                nf = nf_cls(state_space, config)
+                inst = Instance(
+                    nf,
+                    state_space,
+                    data,
+                    sink,
+                    forward_frames=args.forward == "frames",
+                    max_datagram=args.max_datagram,
+                )
+                holder.append(inst)
+                _emit("ready", name=space.name, data=data_address, pid=os.getpid())
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(inst.receive)
+                    inner.start_soon(inst.flusher)
+                    inner.start_soon(inst.ticker)
+                    inner.start_soon(_watch_scale_in, space, start_leave, why)
+                    await start_leave.wait()
+                    # Packets keep coming in (and are processed) until every sender's END.
+                    await inst.leave(why[0] if why else "asked", args.leave_timeout)
+                    inner.cancel_scope.cancel()
+                await inst.finish()
+                await nf.close()
+                await inst.finish()
+            # Leaving the block is the graceful scale-in (store.space.join_space): parked
+            # work done, untethered updates flushed, objects handed on.
+        _emit("exit", **inst.report())
+        outer.cancel_scope.cancel()
+    return 0
+
+
+def _parser(nf_cls: type[NF]) -> argparse.ArgumentParser:
+    from store.cli.common import OneLineParser, address
+
+    parser = OneLineParser(
+        prog=f"python -m nf serve {nf_cls.name}",
+        description=f"Run one {nf_cls.name} instance on the live data channel (see nf/serve.py).",
+    )
+    group = parser.add_argument_group("serving")
+    group.add_argument("--controller", required=True, type=address, metavar="HOST:PORT")
+    group.add_argument(
+        "--data", required=True, type=address, metavar="HOST:PORT", help="UDP: packets in"
+    )
+    group.add_argument(
+        "--sink", required=True, type=address, metavar="HOST:PORT", help="UDP: receipts out"
+    )
+    group.add_argument("--backend", choices=BACKENDS, default="s6", help="where state lives")
+    group.add_argument(
+        "--store", type=address, metavar="HOST:PORT", help="the backend's store (redis...)"
+    )
+    group.add_argument("--secret-file", metavar="F", help="file holding the cluster secret")
+    group.add_argument(
+        "--listen",
+        type=address,
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where this member accepts the others (127.0.0.1:0)",
+    )
+    group.add_argument("--config", metavar="FILE.toml", help=f"the [{nf_cls.name}] table")
+    group.add_argument(
+        "--forward",
+        choices=("receipts", "frames"),
+        default="receipts",
+        help="send the sink receipts (default) or the forwarded frames themselves",
+    )
+    group.add_argument(
+        "--max-datagram",
+        type=int,
+        default=DEFAULT_MAX_DATAGRAM,
+        metavar="BYTES",
+        help=f"largest datagram to the sink ({DEFAULT_MAX_DATAGRAM})",
+    )
+    group.add_argument(
+        "--leave-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the senders' END markers when leaving (10)",
+    )
+    group.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING"])
+    nf_cls.add_arguments(parser.add_argument_group(f"{nf_cls.name} options"))  # type: ignore[arg-type]
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``python -m nf serve NAME ...``; returns the exit status."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m nf serve NAME --controller HOST:PORT --data HOST:PORT ")
+        print("                              --sink HOST:PORT [options]  (NAME --help: all)")
+        return 0 if argv else 2
+    try:
+        nf_cls = registry.load(argv[0])
+    except registry.UnknownNF as exc:
+        print(f"nf serve: {exc}", file=sys.stderr)
+        return 2
+    parser = _parser(nf_cls)
+    args = parser.parse_args(argv[1:])
+    if args.max_datagram < 64 or args.max_datagram > 65507:
+        parser.error("--max-datagram must be between 64 and 65507")
+    if not 0 < args.leave_timeout < math.inf:
+        parser.error("--leave-timeout must be a positive number of seconds")
+    logging.basicConfig(level=args.log_level, stream=sys.stderr)
+    from nf.runner import load_config
+
+    try:
+        config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
+        return trio.run(_serve, args, nf_cls, config)
+    except ConfigError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
