@@ -413,6 +413,7 @@ class KeyLayer:
             # MOVING until that hand-over's own MOVED.
             new_owner = msg.owner
             assert new_owner is not None
+            released_at = rec.version
             rec.version = msg.version
             if not rec.exists:
                 self.out.send(new_owner, Drop(msg.map, msg.key, msg.version))
@@ -421,9 +422,19 @@ class KeyLayer:
             if rec.state is KeyState.DROPPING:
                 rec.releasing = (new_owner, 0)
             if rec.state is KeyState.MOVING and rec.releasing is not None:
+                if msg.version > released_at + 1:
+                    # Evacuated by the release's own target, which had the object already
+                    # (a leaver adds one to the version it held, a hand-over one more): the
+                    # hand-over happened, its notice is still on its way (and stale now).
+                    rec.releasing = None
+                    self._become(rec, KeyState.LIVE)
+                    self._serve_queue(rec)
+                    return
                 to, req_id = rec.releasing
                 self.out.send(new_owner, Release(msg.map, msg.key, to, req_id, msg.version))
             return
+        if msg.note is MovedNote.HANDED_OVER and msg.version < rec.version:
+            return  # a hand-over's notice overtaken by a later move of the same object
         rec.releasing = None
         rec.remover = None
         rec.version = msg.version

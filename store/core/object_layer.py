@@ -1178,6 +1178,8 @@ class ObjectLayer(ScaleIn):
         if msg.status != Status.OK:
             for wait in pending.waits:
                 self.out.fail(wait, self._error_of(pending, msg))
+            if k in self._early_drop and not self._expects(k):
+                del self._early_drop[k]  # nothing comes that it could drop
             self._unpark(k)
             return
         owner, version, created = msg.value

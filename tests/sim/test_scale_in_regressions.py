@@ -352,3 +352,38 @@ def test_calls_parked_for_an_object_removed_on_its_way_are_answered() -> None:
     assert calling.response is not None  # answered before the fence is back
     end(c)
     assert removing.result is True
+
+
+def test_an_evacuation_by_a_release_target_ends_the_release() -> None:
+    """A leaver evacuates an object it was handed by a release whose notice has not reached
+    the key owner yet (``--hypothesis-seed=234``).  The key owner a asked c to hand the
+    object to b; c did (b holds it) but c's MOVED notice is slow; b leaves and evacuates
+    the object to a.  The key owner took the evacuation for one by the old holder and sent
+    the release again, to the object's new place: a handed it to b a second time, which
+    did not expect it, and the object, the only copy, was dropped ("counted errors
+    ['transfer-without-request']").  Fixed in ``KeyLayer._moved``: an evacuation whose
+    version says the hand-over happened ends the release; the late notice is stale
+    (without the ``msg.version > released_at + 1`` branch, or without the stale-notice
+    check after it, this test fails)."""
+    c = ObjectCluster(["a", "b", "c"], keys=16)
+    after = c.ring.with_nodes((), ["b"])
+    key = next(
+        k
+        for k in c.keys
+        if c.ring.owner(key_token("sw", k)) == "a" and after.owner(key_token("sw", k)) == "a"
+    )
+    k = ("sw", key)
+    c.sw_open("c", key, True)  # made at c
+    c.deliver_all()
+    c.sw_close(len(c.sw_refs) - 1)
+    c.sw_open("b", key, False)  # a asks c to hand it to b
+    deliver_all_but(c, ("c", "a"))  # c's MOVED notice waits
+    assert k in c.nodes["b"].objects
+    c.sw_close(len(c.sw_refs) - 1)
+    scale_in(c, "b")
+    c.drain("b", 10)  # b evacuates it to a
+    deliver_all_but(c, ("c", "a"))
+    end(c)
+    holders = [n for n, s in c.nodes.items() if k in s.objects]
+    assert holders == ["a"]
+    assert c.nodes["a"].records[k].owner == "a"  # (the late notice named b: stale)
