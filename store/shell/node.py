@@ -88,9 +88,10 @@ RETRY_INTERVAL = 0.5
 #: counted (their callers have long had ``PeerUnavailable`` from the request timeout).
 MAX_RETAINED = 1_000_000
 
-#: Seconds a failure repair waits for every survivor's reports before it acknowledges
-#: anyway (a survivor that never reports is declared dead in turn).
-REPAIR_TIMEOUT = 30.0
+#: Seconds a failure repair waits without progress (no message received from any peer)
+#: for every survivor's reports before it acknowledges anyway (a survivor that never
+#: reports is declared dead in turn).  A rebuild that keeps receiving reports goes on.
+REPAIR_STALL = 10.0
 
 #: Seconds a flush waits for a node's barrier answer before asking again.
 BARRIER_RETRY = 2.0
@@ -414,7 +415,8 @@ class Node:
     async def repair(self, view: NodeView, dead: frozenset[str]) -> None:
         """A failure event (see ``store.core``): fence ``dead``, hand what was queued for
         them back to the core, report what this node holds, and return once this node's
-        share of the key records is rebuilt (at most ``REPAIR_TIMEOUT``)."""
+        share of the key records is rebuilt, or nothing has come from any peer for
+        ``REPAIR_STALL`` seconds (a stall, not a fixed bound: a large rebuild goes on)."""
         self.dead |= dead
         self.dead -= view.ring.nodes  # a new process of a dead one's name
         self.view = view
@@ -429,10 +431,21 @@ class Node:
             if peer is not None and self._nursery is not None:
                 self._nursery.start_soon(peer.aclose)
         self._kick.set()
-        with trio.move_on_after(REPAIR_TIMEOUT):
-            await wait
-            return
-        logger.warning("%s: the repair to epoch %d is not complete", self.name, view.epoch)
+        heard = self.counters.statistics().messages_received
+        while True:
+            with trio.move_on_after(REPAIR_STALL):
+                await wait
+                return
+            now_heard = self.counters.statistics().messages_received
+            if now_heard == heard:
+                break
+            heard = now_heard
+        logger.warning(
+            "%s: the repair to epoch %d is not complete: nothing came for %g s",
+            self.name,
+            view.epoch,
+            REPAIR_STALL,
+        )
 
     async def _connect(self, dest: str) -> Peer:
         event = self._connecting.get(dest)
