@@ -25,7 +25,9 @@ The units in flight are bounded by a window (``--window``): the runner waits for
 oldest before giving out more, which keeps memory bounded and ``--out`` in order; while
 units are parked it lets the members' messages in every few packets.  A flow's packets
 keep their order; across flows a parked unit finishes later (``RunResult.order``).
-``--dicts`` runs the NF on plain dicts instead (:mod:`nf.dicts`), for comparison.
+``--dicts`` runs the NF on plain dicts instead (:mod:`nf.dicts`), for comparison;
+``--backend local-only|remote-only|redis [--store HOST:PORT]`` on a baseline of
+:mod:`baselines` (fixed instances; without ``--store`` the store is started here).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import tomllib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -171,14 +174,24 @@ async def open_cluster(
     *,
     growable: bool = False,
     dicts: bool = False,
+    backend: str = "s6",
+    store_address: str | None = None,
 ) -> AsyncIterator[Cluster]:
     """``instances`` members running ``nf_cls``: an embedded single-node space (no socket)
     when there is one and it need not grow, else an in-process controller on 127.0.0.1
     and members joined through it.  Stopping the members is quiet (their goodbyes are
-    expected).  ``dicts``: one instance on plain dicts instead (:mod:`nf.dicts`)."""
+    expected).  ``dicts``: one instance on plain dicts instead (:mod:`nf.dicts`).
+    ``backend``: a baseline of :mod:`baselines` instead of the store (see
+    :func:`_open_baseline`)."""
     from store import open_space
 
     cluster = Cluster(nf_cls, config)
+    if backend != "s6":
+        if growable:
+            raise ValueError(f"the {backend} baseline runs a fixed set of instances")
+        async with _open_baseline(cluster, instances, backend, store_address):
+            yield cluster
+        return
     if dicts:
         if instances != 1 or growable:
             raise ValueError("plain dicts are one instance that cannot grow")
@@ -211,6 +224,45 @@ async def open_cluster(
         quiet.setLevel(level)
 
 
+@asynccontextmanager
+async def _open_baseline(
+    cluster: Cluster, instances: int, backend: str, store_address: str | None
+) -> AsyncIterator[None]:
+    """``instances`` NF instances on the baseline ``backend``, named ``i0``, ``i1``...,
+    each on its own embedded S6 space.  Without ``store_address`` the store is started
+    here: an in-process kv server (``remote-only``) or a ``redis-server`` (``redis``)."""
+    from baselines import BACKENDS, open_backend
+    from store import open_space
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    async with AsyncExitStack() as stack:
+        if store_address is None and backend == "remote-only":
+            from baselines.kv import serve_kv
+
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(nursery.cancel_scope.cancel)
+            server = await nursery.start(partial(serve_kv, "127.0.0.1", 0, secret=cluster.secret))
+            store_address = f"127.0.0.1:{server.port}"
+        elif store_address is None and backend == "redis":
+            from baselines.redis_client import run_redis_server
+
+            store_address = await stack.enter_async_context(run_redis_server())
+        for i in range(instances):
+            s6 = await stack.enter_async_context(open_space())
+            nf_space = await stack.enter_async_context(
+                open_backend(
+                    backend,
+                    s6,
+                    store_address=store_address,
+                    secret=cluster.secret,
+                    instance_name=f"i{i}",
+                )
+            )
+            cluster.add(nf_space)
+        yield
+
+
 async def run_capture(
     nf_cls: type[NF],
     config: dict[str, Any],
@@ -222,15 +274,26 @@ async def run_capture(
     keep_frames: bool = False,
     output: bool = True,
     dicts: bool = False,
+    backend: str = "s6",
+    store_address: str | None = None,
 ) -> RunResult:
     """Run ``nf_cls`` over ``packets`` (``(ts, frame)`` pairs); see the module docstring.
-    ``dicts``: on plain dicts instead of the store (one instance; for comparison)."""
+    ``dicts``: on plain dicts instead of the store (one instance; for comparison).
+    ``backend``, ``store_address``: on a baseline instead (:func:`open_cluster`)."""
     if instances < 1:
         raise ValueError(f"instances must be at least 1, not {instances}")
     if scale_at is not None and not 0.0 <= scale_at <= 1.0:
         raise ValueError(f"scale_at must be between 0 and 1, not {scale_at}")
     growable = scale_at is not None
-    async with open_cluster(nf_cls, config, instances, growable=growable, dicts=dicts) as cluster:
+    async with open_cluster(
+        nf_cls,
+        config,
+        instances,
+        growable=growable,
+        dicts=dicts,
+        backend=backend,
+        store_address=store_address,
+    ) as cluster:
         return await _drive(cluster, packets, scale_at, window, keep_frames, output)
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the stack may swallow)
 
@@ -393,6 +456,17 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
         help="run on plain dicts instead of the object space (one instance; to compare)",
     )
     group.add_argument(
+        "--backend",
+        default="s6",
+        choices=("s6", "local-only", "remote-only", "redis"),
+        help="where the NF's state lives: the store (s6, the default) or a baseline",
+    )
+    group.add_argument(
+        "--store",
+        metavar="HOST:PORT",
+        help="remote-only: the kv server; redis: the Redis server (default: start one here)",
+    )
+    group.add_argument(
         "--window",
         type=int,
         default=DEFAULT_WINDOW,
@@ -410,6 +484,10 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
         parser.error(f"--window must be at least 1, not {args.window}")
     if args.dicts and (args.instances != 1 or args.scale_at is not None):
         parser.error("--dicts runs one instance: no --instances or --scale-at with it")
+    if args.backend != "s6" and (args.dicts or args.scale_at is not None):
+        parser.error(f"--backend {args.backend} runs fixed instances: no --dicts or --scale-at")
+    if args.store is not None and args.backend not in ("remote-only", "redis"):
+        parser.error("--store is for --backend remote-only or redis")
     name = prog.split()[-1]
     try:
         config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
@@ -436,6 +514,8 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
                 window=args.window,
                 keep_frames=args.out is not None,
                 dicts=args.dicts,
+                backend=args.backend,
+                store_address=args.store,
             )
         )
     except ConfigError as exc:  # raised by the NF's constructor
