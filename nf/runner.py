@@ -176,16 +176,19 @@ async def open_cluster(
     dicts: bool = False,
     backend: str = "s6",
     store_address: str | None = None,
+    secret: bytes | None = None,
 ) -> AsyncIterator[Cluster]:
     """``instances`` members running ``nf_cls``: an embedded single-node space (no socket)
     when there is one and it need not grow, else an in-process controller on 127.0.0.1
     and members joined through it.  Stopping the members is quiet (their goodbyes are
     expected).  ``dicts``: one instance on plain dicts instead (:mod:`nf.dicts`).
     ``backend``: a baseline of :mod:`baselines` instead of the store (see
-    :func:`_open_baseline`)."""
+    :func:`_open_baseline`); ``secret``: the one the members and the store share."""
     from store import open_space
 
     cluster = Cluster(nf_cls, config)
+    if secret is not None:
+        cluster.secret = secret
     if backend != "s6":
         if growable:
             raise ValueError(f"the {backend} baseline runs a fixed set of instances")
@@ -276,10 +279,11 @@ async def run_capture(
     dicts: bool = False,
     backend: str = "s6",
     store_address: str | None = None,
+    secret: bytes | None = None,
 ) -> RunResult:
     """Run ``nf_cls`` over ``packets`` (``(ts, frame)`` pairs); see the module docstring.
     ``dicts``: on plain dicts instead of the store (one instance; for comparison).
-    ``backend``, ``store_address``: on a baseline instead (:func:`open_cluster`)."""
+    ``backend``, ``store_address``, ``secret``: on a baseline instead (:func:`open_cluster`)."""
     if instances < 1:
         raise ValueError(f"instances must be at least 1, not {instances}")
     if scale_at is not None and not 0.0 <= scale_at <= 1.0:
@@ -293,6 +297,7 @@ async def run_capture(
         dicts=dicts,
         backend=backend,
         store_address=store_address,
+        secret=secret,
     ) as cluster:
         return await _drive(cluster, packets, scale_at, window, keep_frames, output)
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the stack may swallow)
@@ -466,6 +471,7 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
         metavar="HOST:PORT",
         help="remote-only: the kv server; redis: the Redis server (default: start one here)",
     )
+    group.add_argument("--secret-file", metavar="F", help="the kv server's secret (with --store)")
     group.add_argument(
         "--window",
         type=int,
@@ -489,6 +495,11 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
     if args.store is not None and args.backend not in ("remote-only", "redis"):
         parser.error("--store is for --backend remote-only or redis")
     name = prog.split()[-1]
+    secret = None
+    if args.secret_file is not None:
+        from store.cli.common import read_secret
+
+        secret = read_secret(args.secret_file, name)
     try:
         config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
         # The NF's own checks of its configuration, on plain dicts, before a space starts.
@@ -516,6 +527,7 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
                 dicts=args.dicts,
                 backend=args.backend,
                 store_address=args.store,
+                secret=secret,
             )
         )
     except ConfigError as exc:  # raised by the NF's constructor
