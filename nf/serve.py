@@ -68,6 +68,7 @@ from nf.datachannel import (
     ReceiptPacker,
     decode,
     encode_leaving,
+    now_ns,
 )
 from nf.packet import Packet, parse
 from store import SchedulerFull
@@ -84,6 +85,8 @@ WATCH_EVERY: Final = 0.005
 LEAVING_EVERY: Final = 0.05
 #: Receive buffer asked of the kernel (it caps it at twice ``net.core.rmem_max``).
 RCVBUF: Final = 8 << 20
+#: Parked units whose wait is kept for the ``serve`` query's percentiles.
+WAITED_KEPT: Final = 100_000
 
 logger = logging.getLogger("nf.serve")
 
@@ -124,6 +127,8 @@ class Instance:
         self.received: collections.Counter[tuple[str, int]] = collections.Counter()
         self.ends: dict[tuple[str, int], Datagram] = {}
         self.parked = 0
+        #: How long parked units waited (ns), the first WAITED_KEPT of them.
+        self.waited: list[int] = []
         self.idle = trio.Event()
         self.idle.set()
         self.leaving: str | None = None
@@ -152,12 +157,18 @@ class Instance:
             else:
                 self.parked += 1
                 self.idle = trio.Event()
+                since = now_ns()
                 unit.add_done_callback(
-                    lambda u, frame=frame, packet=packet: self._settle_parked(u, frame, packet)
+                    lambda u, frame=frame, packet=packet, t=since: self._settle_parked(
+                        u, frame, packet, t
+                    )
                 )
         self.counts["frames"] += len(dgram.frames)
 
-    def _settle_parked(self, unit: Any, frame: Frame, packet: Packet) -> None:
+    def _settle_parked(self, unit: Any, frame: Frame, packet: Packet, since: int) -> None:
+        waited = self.waited
+        if len(waited) < WAITED_KEPT:
+            waited.append(now_ns() - since)
         self._settle(unit, frame, packet)
         self.parked -= 1
         if not self.parked:
@@ -286,6 +297,8 @@ class Instance:
             "counts": dict(self.counts),
             "bad_datagrams": dict(self.bad),
             "parked": self.parked,
+            "parked_units": len(self.waited),
+            "parked_ms": _percentiles(self.waited),
             "receipts_sent": self.receipts.receipts,
             "frames_forwarded": self.frames_out.frames,
             "datagrams_to_sink": self.receipts.datagrams + self.frames_out.datagrams,
@@ -293,6 +306,17 @@ class Instance:
             "leaving": self.leaving,
             "cpu_s": round(time.process_time(), 3),
         }
+
+
+def _percentiles(values_ns: list[int]) -> dict[str, float]:
+    if not values_ns:
+        return {}
+    ordered = sorted(values_ns)
+    last = len(ordered) - 1
+    return {
+        name: round(ordered[min(int(q * len(ordered)), last)] / 1e6, 3)
+        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
+    }
 
 
 @asynccontextmanager

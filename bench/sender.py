@@ -1,0 +1,488 @@
+"""The live traffic sender: a capture replayed at a rate, steered over the NF instances.
+
+::
+
+    python -m bench.sender --controller HOST:PORT --sink HOST:PORT --pcap FILE
+        [--rate PPS] [--flows N] [--duration S] [--steer hash|owner] [--steer-over S]
+        [--owner-map MAP] [--min-instances N] [--nf NAME] [--poll S] [--secret-file F]
+
+* **Traffic.** The capture's frames in file order, paced to ``--rate`` frames per second
+  (in small bursts, one datagram per instance per burst, a few hundred bursts a second).
+  ``--flows N`` larger than the capture's flow count replays it again with fresh
+  addresses (pass k XORs k into the second octet of every address, checksums fixed), until
+  N flows have been started; ``--duration`` loops the same way until the time is up.  Each
+  frame carries its flow's number, its sequence number in the flow and its send time
+  (:mod:`nf.datachannel`).
+* **Instances** are the members whose ``ctl status`` figures carry the labels ``nf`` and
+  ``data`` (``nf.serve``), followed by polling the controller's status every ``--poll``
+  seconds; an instance is steered to once its role is ``member``.
+* **Steering.** ``hash`` (the paper's set-up): a consistent-hash ring
+  (``ring.hashring.HashRing``, the store's own) over the instances' names and the flow's
+  direction-free 5-tuple, so a join moves about 1/(N+1) of the flows, all to the new
+  instance, never the ``mod N`` reshuffle.  ``owner``: the store's owner of the flow's key
+  in ``--owner-map`` (PRADS's connections by default), computed from the members the
+  controller reports with the ring the store builds (same names, same vnodes, the key hashed
+  by ``key_token``), so a flow's objects are created where their key records live; a flow
+  whose owner runs no NF is steered by hash.
+* **Scaling.** At a scale-out the flows the new ring gives the new instance move to it at
+  once, or with ``--steer-over S`` each at its own moment spread over S seconds.  At a
+  scale-in (the instance's role becomes ``leaving``, it disappears, or it sent a LEAVING
+  datagram, which ``nf.serve`` does on SIGTERM) its flows are steered to the others at once,
+  and then it gets an END marker: everything before it was sent.  At the end every instance
+  and the sink get an END with the number of frames sent to them.
+
+stdout is one JSON object per line: ``ready``, ``started``, one per steering change
+(``scale-out``/``scale-in``: the instance, the wall-clock time, the flows moved), and
+``done`` (frames sent, rate achieved, per instance, CPU): a sender that fell behind its
+rate or used most of a core says the run is not valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from nf.capture import read_capture
+from nf.datachannel import (
+    DEFAULT_MAX_DATAGRAM,
+    Kind,
+    MalformedDatagram,
+    Packer,
+    decode,
+    encode_end,
+)
+from nf.packet import parse
+from ring.hashring import DEFAULT_VNODES, HashRing, key_token
+
+__all__ = ["Steering", "main", "parse_status"]
+
+#: Share of one core above which the sender may be the bottleneck (see bench.sink).
+CPU_LIMIT: Final = 0.85
+#: The sender counts itself behind when this many seconds' worth of frames are due at once.
+BEHIND_S: Final = 0.05
+#: END markers are sent this many times (UDP), a few ms apart; receivers ignore repeats.
+END_REPEATS: Final = 3
+
+
+def _emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, "t": round(time.time(), 4), **fields}), flush=True)
+
+
+def _spread(flow: int) -> float:
+    """A flow's place in [0, 1) for gradual steering: a multiplicative hash of its number."""
+    return ((flow * 0x9E3779B1) & 0xFFFFFFFF) / 4294967296.0
+
+
+@dataclass
+class Instance:
+    name: str
+    data: tuple[str, int]
+    packer: Packer
+    ended: bool = False
+
+
+@dataclass
+class Steering:
+    """Which instance each flow goes to.  ``hash``: a ring over the instances' names;
+    ``owner``: the store's ring over its members, the flow's key's owner when that member
+    runs an instance, else the hash choice."""
+
+    mode: str = "hash"
+    vnodes: int = DEFAULT_VNODES
+    owner_map: str = "prads.connections"
+    over: float = 0.0
+    names: frozenset[str] = frozenset()
+    ring: HashRing = field(default_factory=lambda: HashRing())
+    store_ring: HashRing = field(default_factory=lambda: HashRing())
+    #: A gradual move: the ring before, when it began.  Flows switch at their own moment.
+    old_ring: HashRing | None = None
+    old_store_ring: HashRing | None = None
+    since: float = 0.0
+    cache: dict[int, str] = field(default_factory=dict)
+    tokens: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def token(self, flow: int, key: Hashable) -> tuple[int, int]:
+        tok = self.tokens.get(flow)
+        if tok is None:
+            owner = key_token(self.owner_map, key) if self.mode == "owner" else 0
+            tok = self.tokens[flow] = (key_token("steer", key), owner)
+        return tok
+
+    def _choose(self, ring: HashRing, store_ring: HashRing, tok: tuple[int, int]) -> str:
+        if self.mode == "owner" and len(store_ring):
+            owner = store_ring.owner(tok[1])
+            if owner in self.names:
+                return owner
+        return ring.owner(tok[0])
+
+    def target(self, flow: int, key: Hashable, now: float) -> str:
+        name = self.cache.get(flow)
+        if name is not None:
+            return name
+        tok = self.token(flow, key)
+        name = self._choose(self.ring, self.store_ring, tok)
+        old = self.old_ring
+        if old is not None:
+            if now >= self.since + self.over:
+                self.old_ring = self.old_store_ring = None
+            elif now < self.since + self.over * _spread(flow):
+                before = self._choose(old, self.old_store_ring or self.store_ring, tok)
+                if before in self.names:
+                    return before  # not its moment yet: not cached
+        self.cache[flow] = name
+        return name
+
+    def change(self, names: frozenset[str], store_members: frozenset[str], now: float) -> int:
+        """Steer over ``names`` from now on; returns the known flows that change instance
+        (moving at once, or gradually when ``over`` and instances were added)."""
+        ring = HashRing(names, vnodes=self.vnodes) if names else HashRing()
+        store_ring = (
+            HashRing(store_members, vnodes=self.vnodes)
+            if self.mode == "owner" and store_members
+            else self.store_ring
+        )
+        old_names = self.names
+        moved = 0
+        if names:
+            saved = (self.names, self.ring, self.store_ring)
+            self.names, self.ring, self.store_ring = names, ring, store_ring
+            for flow, before in self.cache.items():
+                if (
+                    before not in names
+                    or self._choose(ring, store_ring, self.tokens[flow]) != before
+                ):
+                    moved += 1
+            self.names, self.ring, self.store_ring = saved
+        gradual = self.over > 0 and bool(names - old_names) and bool(old_names)
+        if gradual:
+            self.old_ring = self.ring  # flows not yet at their moment: as before
+            self.old_store_ring = self.store_ring
+            self.since = now
+        else:
+            self.old_ring = self.old_store_ring = None
+        self.names, self.ring, self.store_ring = names, ring, store_ring
+        self.cache.clear()
+        return moved
+
+
+def parse_status(status: Any, nf_name: str | None) -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """From a ``ClusterStatus``: ``{name: (role, data address)}`` of the NF instances (the
+    members labelled ``nf`` and ``data``, of ``nf_name`` if given), and the names of the
+    ring's members (role member or leaving: the store's ring until the event ends)."""
+    instances: dict[str, tuple[str, str]] = {}
+    ring: set[str] = set()
+    for name, _address, role, _stage, _epoch, connected in status.members:
+        if role in ("member", "leaving"):
+            ring.add(name)
+        figures = status.figures.get(name, {})
+        nf, data = figures.get("nf"), figures.get("data")
+        if not nf or not data or (nf_name and nf != nf_name):
+            continue
+        instances[name] = (role if connected else "lost", str(data))
+    return instances, ring
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+class Sender:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.bind(("127.0.0.1", 0))
+        self.ident = os.getpid() & 0xFFFFFFFF
+        self.sink = _address(args.sink)
+        self.steering = Steering(
+            mode=args.steer, vnodes=args.vnodes, owner_map=args.owner_map, over=args.steer_over
+        )
+        self.instances: dict[str, Instance] = {}
+        self.active: set[str] = set()
+        self.gone: set[str] = set()  # instances steered away from for good
+        self.store_members: frozenset[str] = frozenset()
+        self.ready = trio.Event()
+        self.sent = 0
+        self.end_seq = 0
+        self.behind = 0
+        self.done = False
+        self.events: list[dict[str, Any]] = []
+
+    # -- membership ------------------------------------------------------------------------
+
+    def apply(self, found: dict[str, tuple[str, str]], ring: set[str]) -> None:
+        self.store_members = frozenset(ring)
+        for name, (_role, data) in found.items():
+            if name not in self.instances:
+                self.instances[name] = Instance(
+                    name, _address(data), Packer(self.ident, self.args.max_datagram)
+                )
+        added = {
+            n for n, (role, _) in found.items() if role == "member" and n not in self.active
+        } - self.gone
+        removed = {n for n in self.active if n not in found or found[n][0] != "member"}
+        if added or removed:
+            self._steer(self.active - removed | added, added, removed, "membership")
+
+    def leaving(self, addr: tuple[str, int]) -> None:
+        for inst in self.instances.values():
+            if inst.data == addr:
+                if inst.name in self.active:
+                    self._steer(self.active - {inst.name}, set(), {inst.name}, "leaving")
+                elif inst.name in self.gone:
+                    self._end(inst)  # it asks again: the END may have been lost
+                return
+
+    def _steer(self, names: set[str], added: set[str], removed: set[str], why: str) -> None:
+        now = time.monotonic()
+        moved = self.steering.change(frozenset(names), self.store_members, now)
+        self.active = set(names)
+        self.gone |= removed
+        for name in sorted(added):
+            event = {"kind": "scale-out", "instance": name, "flows_moved": moved, "why": why}
+            self.events.append({**event, "t": time.time()})
+            _emit("scale-out", **{k: v for k, v in event.items() if k != "kind"})
+        for name in sorted(removed):
+            inst = self.instances[name]
+            self._flush(inst)
+            event = {"kind": "scale-in", "instance": name, "flows_moved": moved, "why": why}
+            self.events.append({**event, "t": time.time()})
+            _emit("scale-in", **{k: v for k, v in event.items() if k != "kind"})
+            self._end(inst)
+        if len(self.active) >= self.args.min_instances:
+            self.ready.set()
+
+    def _end(self, inst: Instance) -> None:
+        inst.ended = True
+        self.end_seq += 1
+        msg = encode_end(self.ident, self.end_seq, inst.packer.frames, inst.packer.datagrams)
+        for _ in range(END_REPEATS):
+            self._send(msg, inst.data)
+
+    async def follow(self) -> None:
+        """Poll the controller's status and follow the instances."""
+        from store.cli.ctl import request_status
+        from store.shell.transport import connect_peer
+
+        host, port = _address(self.args.controller)
+        async with connect_peer(
+            host, port, secret=self.args.secret, name=f"sender-{os.getpid()}", timeout=5.0
+        ) as peer:
+            while not self.done:
+                status = await request_status(peer)
+                self.apply(*parse_status(status, self.args.nf))
+                await trio.sleep(self.args.poll)
+
+    async def listen(self) -> None:
+        """LEAVING datagrams from instances."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            while True:
+                try:
+                    raw, addr = self.sock.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                try:
+                    d = decode(raw)
+                except MalformedDatagram:
+                    continue
+                if d.kind == Kind.LEAVING:
+                    self.leaving(addr)
+
+    # -- the data path ---------------------------------------------------------------------
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        while True:
+            try:
+                self.sock.sendto(data, addr)
+                return
+            except BlockingIOError:
+                time.sleep(0.0002)  # loopback: the buffer empties within microseconds
+            except ConnectionRefusedError:
+                return  # an ICMP error of an earlier datagram to a gone port: not this one
+
+    def _flush(self, inst: Instance) -> None:
+        out = inst.packer.take()
+        if out is not None:
+            self._send(out, inst.data)
+
+    def frames(self) -> Any:
+        """(flow number, direction-free key, frame) in sending order, pass after pass."""
+        packets = read_capture(self.args.pcap)
+        base: dict[Hashable, int] = {}
+        first: list[tuple[int, Hashable, bytes]] = []
+        for ts, frame in packets:
+            p = parse(frame, ts)
+            key = p.flow_key_both()
+            flow = base.setdefault(key, len(base))
+            first.append((flow, key, frame))
+        n_flows = len(base)
+        want = self.args.flows or n_flows
+        timed = self.args.duration is not None
+        passes = math.ceil(want / n_flows) if not timed else 256
+        self.capture_flows = n_flows
+        for k in range(passes):
+            limit = n_flows if timed or k < passes - 1 else want - k * n_flows
+            if k == 0:
+                for flow, key, frame in first:
+                    if flow < limit:
+                        yield flow, key, frame
+                continue
+            if k > 255:
+                return
+            mask = k << 16
+            for flow, _key, frame in first:
+                if flow >= limit:
+                    continue
+                p = parse(frame, 0.0)
+                if p.drop is None:
+                    p.rewrite_src(p.src ^ mask, p.sport)
+                    p.rewrite_dst(p.dst ^ mask, p.dport)
+                yield k * n_flows + flow, p.flow_key_both(), bytes(p.frame)
+
+    async def send(self) -> dict[str, Any]:
+        args = self.args
+        rate = args.rate
+        source = self.frames()
+        seqs: dict[int, int] = {}
+        steering = self.steering
+        instances = self.instances
+        now_ns = time.monotonic_ns
+        with trio.fail_after(args.wait):
+            await self.ready.wait()
+        _emit("started", instances=sorted(self.active))
+        cpu0 = time.process_time()
+        start = time.monotonic()
+        end = start + args.duration if args.duration is not None else math.inf
+        burst_cap = max(1, int(rate * BEHIND_S))
+        exhausted = False
+        while not exhausted:
+            now = time.monotonic()
+            if now >= end:
+                break
+            due = int((now - start) * rate) - self.sent
+            if due <= 0:
+                await trio.sleep(max((self.sent + 1) / rate - (now - start), 0.0005))
+                continue
+            if due > burst_cap:
+                # Fallen behind: the frames due are sent as fast as possible, but the pace
+                # is not made up later in a burst (which would measure the burst).
+                self.behind += 1
+                start += (due - burst_cap) / rate
+                due = burst_cap
+            touched: set[str] = set()
+            for _ in range(due):
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                flow, key, frame = item
+                seq = seqs.get(flow, 0)
+                seqs[flow] = seq + 1
+                name = steering.target(flow, key, now)
+                inst = instances[name]
+                out = inst.packer.add(flow, seq, now_ns(), frame)
+                if out is not None:
+                    self._send(out, inst.data)
+                touched.add(name)
+                self.sent += 1
+            for name in touched:
+                self._flush(instances[name])
+            await trio.lowlevel.checkpoint()
+        seconds = time.monotonic() - start
+        cpu = time.process_time() - cpu0
+        self.done = True
+        for inst in instances.values():
+            self._flush(inst)
+            if not inst.ended and inst.packer.frames:
+                self._end(inst)
+        self.end_seq += 1
+        end_msg = encode_end(self.ident, self.end_seq, self.sent, 0)
+        for _ in range(END_REPEATS):
+            self._send(end_msg, self.sink)
+        share = cpu / seconds if seconds > 0 else 0.0
+        achieved = self.sent / seconds if seconds > 0 else 0.0
+        keeps_up = achieved >= 0.95 * rate or self.sent == 0
+        return {
+            "sent": self.sent,
+            "flows": len(seqs),
+            "capture_flows": self.capture_flows,
+            "seconds": round(seconds, 3),
+            "rate": rate,
+            "rate_achieved": round(achieved, 1),
+            "behind": self.behind,
+            "per_instance": {n: i.packer.frames for n, i in sorted(instances.items())},
+            "cpu": {"seconds": round(cpu, 3), "share_of_core": round(share, 3)},
+            "steer": args.steer,
+            "steer_over_s": args.steer_over,
+            "events": self.events,
+            "valid": share < CPU_LIMIT and keeps_up,
+        }
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    sender = Sender(args)
+    host, port = sender.sock.getsockname()
+    _emit("ready", address=f"{host}:{port}")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.follow)
+        nursery.start_soon(sender.listen)
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_on_signal)
+        result = await sender.send()
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from store.cli.common import read_secret
+
+    parser = argparse.ArgumentParser(prog="python -m bench.sender", description=__doc__)
+    parser.add_argument("--controller", required=True, metavar="HOST:PORT")
+    parser.add_argument("--sink", required=True, metavar="HOST:PORT")
+    parser.add_argument("--pcap", required=True, metavar="FILE")
+    parser.add_argument("--rate", type=float, default=5000.0, help="frames per second")
+    parser.add_argument("--flows", type=int, help="flows to start (more: loops, fresh addresses)")
+    parser.add_argument("--duration", type=float, help="seconds to send (loops the capture)")
+    parser.add_argument("--steer", choices=("hash", "owner"), default="hash")
+    parser.add_argument("--steer-over", type=float, default=0.0, metavar="S")
+    parser.add_argument("--owner-map", default="prads.connections", metavar="MAP")
+    parser.add_argument("--vnodes", type=int, default=DEFAULT_VNODES, help=argparse.SUPPRESS)
+    parser.add_argument("--nf", help="only instances running this NF")
+    parser.add_argument("--min-instances", type=int, default=1, metavar="N")
+    parser.add_argument("--poll", type=float, default=0.2, metavar="S", help="status poll (0.2)")
+    parser.add_argument("--wait", type=float, default=30.0, metavar="S", help="for instances")
+    parser.add_argument("--max-datagram", type=int, default=DEFAULT_MAX_DATAGRAM)
+    parser.add_argument("--secret-file", metavar="F")
+    args = parser.parse_args(argv)
+    if args.rate <= 0:
+        parser.error("--rate must be positive")
+    args.secret = read_secret(args.secret_file, parser.prog)
+    try:
+        result = trio.run(_main, args)
+    except trio.TooSlowError:
+        print(f"{parser.prog}: no instances within {args.wait:g} s", file=sys.stderr)
+        return 1
+    _emit("done", **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
