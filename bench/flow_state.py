@@ -50,7 +50,9 @@ async def timed(ops: int, body: Callable[[int], Awaitable[Any]]) -> float:
     return (time.perf_counter() - start) / ops * 1e6
 
 
-async def measure_space(space: Space, keys: list[Any]) -> dict[str, float]:
+async def measure_space(space: Space, keys: list[Any], absent: list[Any]) -> dict[str, float]:
+    """``keys`` are made, found and removed; ``absent`` (owned where ``keys`` are) never
+    exist: the get misses."""
     flows = space.map("flows", Entry)
     n = len(keys)
 
@@ -64,7 +66,7 @@ async def measure_space(space: Space, keys: list[Any]) -> dict[str, float]:
 
     async def miss(i: int) -> None:
         try:
-            async with flows.get(("absent", keys[i])):
+            async with flows.get(absent[i]):
                 pass
         except store.ObjectNotFound:
             pass
@@ -104,12 +106,14 @@ async def measure_dict(ops: int) -> dict[str, float]:
     }
 
 
-def split_keys(ring: HashRing, me: str, ops: int, rep: int) -> tuple[list[Any], list[Any]]:
+def split_keys(
+    ring: HashRing, me: str, ops: int, rep: int, tag: str = "key"
+) -> tuple[list[Any], list[Any]]:
     mine: list[Any] = []
     theirs: list[Any] = []
     i = 0
     while len(mine) < ops or len(theirs) < ops:
-        key = (rep, i)
+        key = (tag, rep, i)
         (mine if ring.owner(key_token("flows", key)) == me else theirs).append(key)
         i += 1
     return mine[:ops], theirs[:ops]
@@ -128,7 +132,9 @@ async def run(ops: int, repeats: int) -> dict[str, dict[str, float]]:
         for rep in range(repeats):
             keep("plain dict", await measure_dict(ops))
             async with store.open_space() as space:
-                keep("embedded space", await measure_space(space, [(rep, i) for i in range(ops)]))
+                made = [("key", rep, i) for i in range(ops)]
+                never = [("absent", rep, i) for i in range(ops)]
+                keep("embedded space", await measure_space(space, made, never))
             async with AsyncExitStack() as stack:
                 nodes = [
                     await stack.enter_async_context(
@@ -143,8 +149,12 @@ async def run(ops: int, repeats: int) -> dict[str, dict[str, float]]:
                 for space in spaces:
                     space.map("flows", Entry)
                 mine, theirs = split_keys(ring, spaces[0].name, ops, rep)
-                keep("two nodes, keys owned here", await measure_space(spaces[0], mine))
-                keep("two nodes, keys owned there", await measure_space(spaces[0], theirs))
+                gone_here, gone_there = split_keys(ring, spaces[0].name, ops, rep, "absent")
+                keep("two nodes, keys owned here", await measure_space(spaces[0], mine, gone_here))
+                keep(
+                    "two nodes, keys owned there",
+                    await measure_space(spaces[0], theirs, gone_there),
+                )
             progress.advance(task)
     return best
 

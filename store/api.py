@@ -301,6 +301,8 @@ class _Access:
         check_key(k[1])
         map_ = self._map
         node = map_._node
+        if not self._create and node.fast.absent_here(k):  # (this node owns the key)
+            raise ObjectNotFound(f"{k[0]}[{k[1]!r}]: no such object")
         if self._readonly and map_._single:
             if map_._held(k) is None:
                 owner = node.fast.located(k)

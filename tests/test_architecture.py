@@ -93,6 +93,7 @@ FAST_PATHS = {
     "ship_untethered",
     "create_here",
     "remove_here",
+    "absent_here",
 }
 #: The names outside code may import from the core's layer modules: types and the marker
 #: the fast paths answer with, no function or state.

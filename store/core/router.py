@@ -85,6 +85,7 @@ class FastPaths(NamedTuple):
     ship_untethered: Callable[..., Any]
     create_here: Callable[..., Any]
     remove_here: Callable[..., bool | None]
+    absent_here: Callable[..., bool]
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class Router:
             objects.ship_untethered,
             self.create_here,
             self.remove_here,
+            self.absent_here,
         )
         #: Which layer's handler takes each message type (the layers say which they take).
         self._takes: dict[type, Callable[[Any, str], None]] = {
@@ -302,6 +304,13 @@ class Router:
             raise
         version = self.keys.claim(k, KIND_CODE[info.kind])
         return self.objects.install_new(k, info, obj, version)
+
+    def absent_here(self, k: K) -> bool:
+        """Whether ``k`` certainly has no object, known here without a message: this node
+        is the key's owner in a quiet NORMAL stage, its record (if any) says absent, and
+        nothing of ``k`` is here or on its way.  A get then raises ``ObjectNotFound`` at
+        once; False: ask the slow path (it may still find nothing)."""
+        return self.keys.claimable(k) and self.objects.makeable(k)
 
     def remove_here(self, k: K) -> bool | None:
         """Remove ``k``'s object at once if this node is the key's owner and holds it (True)

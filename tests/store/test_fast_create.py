@@ -183,3 +183,41 @@ async def test_a_microthread_that_raises_is_counted_and_logged_where_it_ran(
             space.submit_nowait(("flow", n), bad, n)  # nobody awaits these units
         assert space.statistics().errors == {"unit-KeyError": 3}
     assert sum("flow 1 broke" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_get_of_an_absent_owned_key_raises_at_once_and_sends_nothing() -> None:
+    async with cluster(2) as (a, b):
+        entries, pools = a.map("nat", Entry), a.map("pools", Pool)
+        b.map("nat", Entry)
+        b.map("pools", Pool)
+        keys = owned_by(a, "nat", 10)
+        pool_keys = owned_by(a, "pools", 5)
+        before = sent(a), sent(b)
+        for key in keys:
+            with pytest.raises(store.ObjectNotFound):
+                async with entries.get(key):
+                    pass
+            with pytest.raises(store.ObjectNotFound):
+                async with entries.get(key, readonly=True):
+                    pass
+        for key in pool_keys:
+            with pytest.raises(store.ObjectNotFound):
+                async with pools.get(key):
+                    pass
+        # Made and removed: absent again, and still known here.
+        async with entries.create(keys[0]):
+            pass
+        assert await entries.remove(keys[0]) is True
+        with pytest.raises(store.ObjectNotFound):
+            async with entries.get(keys[0]):
+                pass
+        assert (sent(a), sent(b)) == before, "a message for a key this node owns"
+        # A key owned by b: b says so (the slow path), and an object made there is found.
+        theirs = owned_by(b, "nat", 1)[0]
+        with pytest.raises(store.ObjectNotFound):
+            async with entries.get(theirs):
+                pass
+        async with b.map("nat", Entry).create(theirs, 7):
+            pass
+        async with entries.get(theirs) as ref:
+            assert await ref.hit() == 1
