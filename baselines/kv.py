@@ -499,10 +499,8 @@ class KvStore:
                 for reply in batch:
                     self._answer(reply)
             self._break(PeerUnavailable("the kv server closed the connection"))
-        except StoreError as exc:
-            self._break(
-                exc if isinstance(exc, PeerUnavailable) else PeerUnavailable(f"kv server: {exc}")
-            )
+        except StoreError as exc:  # (FrameTooLarge, a broken connection...)
+            self._break(PeerUnavailable(f"kv server: {exc}"))
 
     async def _watch(self) -> None:
         """Malformed frames and overdue answers: fail the waiting requests, never hang."""

@@ -54,3 +54,21 @@ async def redis_server() -> AsyncIterator[str]:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
     async with run_redis_server() as address:
         yield address
+
+
+@pytest.fixture(params=["remote-only", "redis"])
+async def remote(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """``(backend, address)``: a kv server process, then a redis-server."""
+    if request.param == "remote-only":
+        process, address = await start_kv_server(tmp_path)
+        try:
+            yield "remote-only", address
+        finally:
+            process.terminate()
+            with trio.CancelScope(shield=True), trio.fail_after(10):
+                await process.wait()
+        return
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    async with run_redis_server() as address:
+        yield "redis", address
