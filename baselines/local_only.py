@@ -172,7 +172,11 @@ class _Done:
         return self._value
 
     def __await__(self) -> Any:
-        return _ready(self).__await__()
+        # ``await unit`` gives the result (or raises), as the store's units do.
+        return self._awaited().__await__()
+
+    async def _awaited(self) -> Any:
+        return self.result()
 
 
 @dataclass

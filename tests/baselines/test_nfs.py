@@ -142,3 +142,25 @@ async def test_remote_only_on_redis_gives_the_same_outputs_as_s6_on_three_instan
     redis_server: str, s6_three: dict[str, RunResult]
 ) -> None:
     await check_remote_only("redis", redis_server, s6_three)
+
+
+def test_the_runner_command_line_runs_the_baselines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``python -m nf prads --pcap F --backend B``: the store started by the runner when
+    no ``--store`` is given (an in-process kv server, a redis-server)."""
+    from baselines.redis_client import redis_server_path
+    from nf.runner import run
+
+    pcap = str(PRADS_FIXTURES / "mixed.pcap")
+    backends = ["local-only", "remote-only"] + (["redis"] if redis_server_path() else [])
+    for backend in backends:
+        extra = ["--instances", "2"] if backend != "local-only" else []
+        assert run(PRADS, ["--pcap", pcap, "--backend", backend, *extra], "nf prads") == 0
+        out, err = capsys.readouterr()
+        assert collections.Counter(out.splitlines()) == collections.Counter(PRADS_LOG), backend
+        assert f"{len(PRADS_PACKETS)} packets" in err
+    with pytest.raises(SystemExit) as refused:
+        run(PRADS, ["--pcap", pcap, "--backend", "local-only", "--scale-at", "0.5"], "nf")
+    assert refused.value.code == 2
+    assert "nf: error: --backend local-only runs fixed instances" in capsys.readouterr().err
