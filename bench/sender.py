@@ -278,7 +278,12 @@ class Sender:
 
         host, port = _address(self.args.controller)
         async with connect_peer(
-            host, port, secret=self.args.secret, name=f"sender-{os.getpid()}", timeout=5.0
+            host,
+            port,
+            secret=self.args.secret,
+            name=f"sender-{os.getpid()}",
+            timeout=5.0,
+            close_timeout=0.2,
         ) as peer:
             while not self.done:
                 status = await request_status(peer)
@@ -402,6 +407,7 @@ class Sender:
                 self._flush(instances[name])
             await trio.lowlevel.checkpoint()
         seconds = time.monotonic() - start
+        ended = time.time()
         cpu = time.process_time() - cpu0
         self.done = True
         for inst in instances.values():
@@ -417,6 +423,7 @@ class Sender:
         keeps_up = achieved >= 0.95 * rate or self.sent == 0
         return {
             "sent": self.sent,
+            "ended_t": round(ended, 4),
             "flows": len(seqs),
             "capture_flows": self.capture_flows,
             "seconds": round(seconds, 3),

@@ -14,13 +14,13 @@ makes the NF on the backend's space (``s6``: the space itself; the others throug
 
 * receives DATA datagrams (:mod:`nf.datachannel`) on ``--data`` and runs each frame as a
   microthread of its flow, ``space.submit(nf.flow_key(packet), nf.process, packet)``, so a
-  flow's packets are handled in order wherever its state is; the NF's clock is the arrival
-  time (``time.time()``);
+  flow's packets are handled in order wherever its state is; the NF's clock is the frame's
+  send time (``CLOCK_OFFSET``: the arrival time less the trip, in the sender's order);
 * sends the sink a receipt of each frame (flow, sequence number, send time, forwarded
   length, verdict), batched into RECEIPT datagrams, or with ``--forward frames`` the
   forwarded frames themselves as DATA (drops still as receipts), so the sink can tell an
   NF's drop from a loss;
-* runs ``nf.tick(now)`` every ``tick_interval`` seconds of the arrival clock;
+* runs ``nf.tick(now)`` every ``tick_interval`` seconds of that clock;
 * answers the control-plane queries the controller relays (``python -m nf query``): the
   NF's own, plus ``serve`` (this process's counters);
 * counts a datagram it cannot decode by reason and goes on.
@@ -90,6 +90,21 @@ WAITED_KEPT: Final = 100_000
 
 logger = logging.getLogger("nf.serve")
 
+#: The NF's clock is the host's monotonic clock (the one the data channel's send times
+#: use) shifted to Unix time by a whole number of seconds, the same in every process of the
+#: host: a packet's time is the moment the sender sent it.  Arrival time would do as the
+#: clock too, but a burst's frames reach two instances in two datagrams, so arrival times
+#: would order frames of different instances otherwise than the sender sent them, and an
+#: NF that keeps the first of several observations (PRADS's assets) would keep another one
+#: than the offline run on the same traffic.
+CLOCK_OFFSET: Final = float(round(time.time() - time.monotonic()))
+
+
+def nf_clock() -> float:
+    """Now on the NF's clock."""
+    return time.monotonic() + CLOCK_OFFSET
+
+
 
 def _emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
@@ -143,10 +158,10 @@ class Instance:
         flow_key = nf.flow_key
         submit = self.space.submit_nowait
         settle = self._settle
-        now = time.time()
+        offset = CLOCK_OFFSET
         self.received[addr] += len(dgram.frames)
         for frame in dgram.frames:
-            packet = parse(frame.data, now)
+            packet = parse(frame.data, frame.sent_ns / 1e9 + offset)
             key = flow_key(packet)
             try:
                 unit = submit(key, process, packet)
@@ -265,7 +280,7 @@ class Instance:
         interval = self.nf.tick_interval
         while True:
             await trio.sleep(interval)
-            await self.nf.tick(time.time())
+            await self.nf.tick(nf_clock())
 
     async def leave(self, why: str, timeout: float) -> None:
         """Tell the senders, wait for their END markers (bounded), finish the work."""

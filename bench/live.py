@@ -1,0 +1,579 @@
+"""Live traffic through an NF cluster of real processes, with a scale-out and a scale-in.
+
+::
+
+    python -m bench.live [--quick] [--nf prads] [--instances N] [--rate PPS] [--duration S]
+        [--flows N] [--pcap FILE] [--backend s6] [--steer hash|owner] [--steer-over S]
+        [--scale-in-by sigterm|ctl] [--no-scaling] [--out results/live.json]
+        [--png results/live.png]
+
+On loopback it starts a controller (``python -m store.controller``), a sink
+(``bench.sink``), N instances (``python -m nf serve NAME``) and the sender
+(``bench.sender``), each its own process.  Traffic is ``bench.traffic make`` (or
+``--pcap``).  Once the sender has started, it starts one more instance (a scale-out: the
+controller admits it, the sender steers its share of flows to it once it is a member);
+once the sender steers to it, it scales one of the first instances in (SIGTERM: the
+instance tells the sender, which steers its flows away and sends it END, and the instance
+then leaves, handing its state on; or ``ctl scale-in`` of it).  At the end it asks the
+cluster the NF's output query through the controller's relay (``python -m nf query``) and,
+when the traffic was one pass of the capture (no looping), compares it with
+``python -m nf NAME --pcap`` on the same capture, timestamps aside (live, the NF's clock is
+the moment the sender sent the frame, not the capture's time).
+
+It writes the sink's intervals, the events, each process's figures and CPU use, and a
+verdict as JSON (``--out``) and a PNG timeline of throughput and latency with the events
+marked (``--png``), and prints a table.  The run is invalid when the sender or the sink
+had no CPU headroom (over 85% of a core) or the sender fell behind its rate; it exits
+non-zero when a frame was lost or the output differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LiveConfig", "main", "run_live"]
+
+ROOT = Path(__file__).resolve().parents[1]
+CORES = os.cpu_count() or 1
+
+
+@dataclass
+class LiveConfig:
+    nf: str = "prads"
+    instances: int = 2
+    rate: float = 2000.0
+    duration: float | None = None
+    flows: int = 400
+    pcap: str | None = None
+    backend: str = "s6"
+    steer: str = "hash"
+    steer_over: float = 0.0
+    scaling: bool = True
+    scale_in_by: str = "sigterm"
+    #: Seconds after the sender starts before the scale-out instance is started, and
+    #: after the sender steers to it before the scale-in.
+    out_after: float = 1.0
+    in_after: float = 1.0
+    garbage: bool = False
+    check: bool = True
+    progress: bool = False
+    workdir: str | None = None
+    nf_options: list[str] = field(default_factory=list)
+
+
+class Proc:
+    """A child process whose stdout lines are read by a thread into a queue."""
+
+    def __init__(self, name: str, args: list[str], *, stderr_to: Path | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        err = open(stderr_to, "w") if stderr_to else subprocess.DEVNULL
+        self.popen = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self.stderr_path = stderr_to
+        self.stdout_path = stderr_to.with_suffix(".out") if stderr_to else None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        copy = open(self.stdout_path, "w") if self.stdout_path else None
+        for line in self.popen.stdout:
+            if copy is not None:
+                copy.write(line)
+                copy.flush()
+            self.lines.put(line.rstrip("\n"))
+        if copy is not None:
+            copy.close()
+        self.lines.put(None)
+
+    def wait_line(self, predicate: Any, timeout: float) -> str:
+        """The next stdout line (JSON or not) that ``predicate`` accepts, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no expected line in {timeout:g} s: {self.tail()}")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"{self.name} exited ({self.popen.wait()}): {self.tail()}")
+            self.seen.append(line)
+            if predicate(line):
+                return line
+
+    def event(self, kind: str, timeout: float, **match: Any) -> dict[str, Any]:
+        def ok(line: str) -> bool:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                return False
+            return (
+                isinstance(obj, dict)
+                and obj.get("event") == kind
+                and all(obj.get(k) == v for k, v in match.items())
+            )
+
+        return dict(json.loads(self.wait_line(ok, timeout)))
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        """Lines of ``kind`` seen so far, plus any still queued (after the process ended)."""
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.seen.append(line)
+        out = []
+        for line in self.seen:
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict) and obj.get("event") == kind:
+                    out.append(obj)
+        return out
+
+    def tail(self) -> str:
+        if self.stderr_path and self.stderr_path.exists():
+            return self.stderr_path.read_text()[-2000:]
+        return ""
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU seconds so far (Linux /proc), None once it has exited."""
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait()
+
+
+def _strip_time(line: str) -> str:
+    """An asset-log line without its last field (the time it was discovered)."""
+    head, sep, _ = line.rpartition(",")
+    return head if sep else line
+
+
+def _offline(cfg: LiveConfig, pcap: Path) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "nf", cfg.nf, "--pcap", str(pcap), *cfg.nf_options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+        check=True,
+    )
+    return out.stdout.splitlines()
+
+
+def _query(controller: str, nf: str, name: str) -> Any:
+    out = subprocess.run(
+        [sys.executable, "-m", "nf", "query", "--controller", controller, "--json", nf, name],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"nf query {name}: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def _phases(
+    intervals: list[dict[str, Any]], marks: list[tuple[str, float]]
+) -> list[dict[str, Any]]:
+    """Throughput and latency between consecutive marks (wall-clock times)."""
+    out = []
+    for (label, start), (_, end) in itertools.pairwise(marks):
+        rows = [i for i in intervals if start <= i["t"] < end and i["received"]]
+        if not rows:
+            continue
+        p50 = sorted(i["latency_us"].get("p50", 0) for i in rows)
+        out.append(
+            {
+                "phase": label,
+                "seconds": round(end - start, 2),
+                "pps": round(sum(i["received"] for i in rows) / (len(rows) * 0.1), 1),
+                "latency_p50_us": p50[len(p50) // 2],
+                "latency_p99_us": max(i["latency_us"].get("p99", 0) for i in rows),
+                "latency_max_us": max(i["latency_us"].get("max", 0) for i in rows),
+                "reordered": sum(i["reordered"] for i in rows),
+            }
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _workdir(cfg: LiveConfig) -> Iterator[Path]:
+    if cfg.workdir:
+        path = Path(cfg.workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="s6-live-") as tmp:
+            yield Path(tmp)
+
+
+def run_live(cfg: LiveConfig) -> dict[str, Any]:
+    """Run the whole experiment; the result as ``--out`` writes it."""
+    with _workdir(cfg) as work:
+        return _run(cfg, work)
+
+
+def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
+    pcap = Path(cfg.pcap) if cfg.pcap else work / "traffic.pcap"
+    if not cfg.pcap:
+        from bench.traffic import main as traffic
+
+        with contextlib.redirect_stdout(sys.stderr):
+            traffic(["make", "--flows", str(cfg.flows), "--seed", "1", "--out", str(pcap)])
+    procs: list[Proc] = []
+    result: dict[str, Any] = {"config": {**cfg.__dict__, "pcap": str(pcap)}, "cores": CORES}
+    try:
+        controller = Proc(
+            "controller",
+            ["-m", "store.controller", "--listen", "127.0.0.1:0"],
+            stderr_to=work / "controller.err",
+        )
+        procs.append(controller)
+        address = controller.wait_line(lambda s: s.startswith("listening on"), 20).split()[-1]
+        sink_args = ["-m", "bench.sink", "--out", str(work / "sink.json"), "--drain-timeout", "5"]
+        if cfg.progress:
+            sink_args.append("--progress")
+        sink = Proc("sink", sink_args, stderr_to=None if cfg.progress else work / "sink.err")
+        procs.append(sink)
+        sink_address = sink.event("ready", 20)["address"]
+
+        def instance(i: int) -> Proc:
+            proc = Proc(
+                f"instance-{i}",
+                [
+                    "-m",
+                    "nf",
+                    "serve",
+                    cfg.nf,
+                    "--controller",
+                    address,
+                    "--data",
+                    "127.0.0.1:0",
+                    "--sink",
+                    sink_address,
+                    "--backend",
+                    cfg.backend,
+                    *cfg.nf_options,
+                ],
+                stderr_to=work / f"instance-{i}.err",
+            )
+            procs.append(proc)
+            return proc
+
+        first = [instance(i) for i in range(cfg.instances)]
+        ready = [p.event("ready", 30) for p in first]
+        if cfg.garbage:
+            import socket
+
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for r in ready:
+                    host, _, port = r["data"].rpartition(":")
+                    s.sendto(b"not a datagram of ours", (host, int(port)))
+            for p in first:
+                p.event("bad-datagram", 10)
+        sender_args = [
+            "-m",
+            "bench.sender",
+            "--controller",
+            address,
+            "--sink",
+            sink_address,
+            "--pcap",
+            str(pcap),
+            "--rate",
+            str(cfg.rate),
+            "--steer",
+            cfg.steer,
+            "--steer-over",
+            str(cfg.steer_over),
+            "--min-instances",
+            str(cfg.instances),
+            "--nf",
+            cfg.nf,
+        ]
+        if cfg.duration is not None:
+            sender_args += ["--duration", str(cfg.duration)]
+        sender = Proc("sender", sender_args, stderr_to=work / "sender.err")
+        procs.append(sender)
+        started = sender.event("started", 60)
+        cpu0 = {p.name: p.cpu_seconds() for p in procs}
+        wall0 = time.time()
+        marks: list[tuple[str, float]] = [("before", started["t"])]
+        events: list[dict[str, Any]] = []
+        leaver: Proc | None = None
+        if cfg.scaling:
+            time.sleep(cfg.out_after)  # the schedule of the experiment, not a wait for luck
+            t = time.time()
+            joiner = instance(cfg.instances)
+            name = joiner.event("ready", 30)["name"]
+            events.append({"kind": "scale-out started", "t": t, "instance": name})
+            steered = sender.event("scale-out", 60, instance=name)
+            events.append({"kind": "scale-out steered", "t": steered["t"], "instance": name})
+            marks.append(("after scale-out", steered["t"]))
+            time.sleep(cfg.in_after)
+            leaver = first[0]
+            gone = ready[0]["name"]
+            t = time.time()
+            events.append({"kind": "scale-in started", "t": t, "instance": gone})
+            if cfg.scale_in_by == "ctl":
+                subprocess.Popen(
+                    [sys.executable, "-m", "store.ctl", "--controller", address, "scale-in", gone],
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                )
+            else:
+                leaver.popen.send_signal(signal.SIGTERM)
+            steered = sender.event("scale-in", 60, instance=gone)
+            events.append({"kind": "scale-in steered", "t": steered["t"], "instance": gone})
+            marks.append(("after scale-in", steered["t"]))
+        done = sender.event("done", 600)
+        marks.append(("end", done["ended_t"]))
+        cpu1 = {p.name: p.cpu_seconds() for p in procs}
+        wall = time.time() - wall0
+        sink_done = sink.event("done", 120)
+        if leaver is not None:
+            result["leaver"] = leaver.event("exit", 60)
+            leaver.popen.wait(30)
+        report = json.loads((work / "sink.json").read_text())
+        answer: Any = None
+        lines_match: bool | None = None
+        output_query = _output_query(cfg.nf)
+        try:
+            answer = _query(address, cfg.nf, output_query)
+        except RuntimeError as exc:
+            result["query_error"] = str(exc)
+        serving = {}
+        for p in procs:
+            if p.name.startswith("instance") and p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in procs:
+            if p.name.startswith("instance"):
+                exits = p.events("exit") or [p.event("exit", 60)]
+                serving[p.name] = exits[-1]
+        one_pass = cfg.duration is None and (cfg.pcap is None or not cfg.flows)
+        if cfg.check and one_pass and isinstance(answer, list):
+            offline = _offline(cfg, pcap)
+            live_set = sorted(_strip_time(x) for x in answer)
+            offline_set = sorted(_strip_time(x) for x in offline)
+            lines_match = live_set == offline_set
+            result["output"] = {
+                "query": output_query,
+                "live_lines": len(answer),
+                "offline_lines": len(offline),
+                "only_live": sorted(set(live_set) - set(offline_set))[:20],
+                "only_offline": sorted(set(offline_set) - set(live_set))[:20],
+            }
+        cpu = {}
+        for name, before in cpu0.items():
+            after = cpu1.get(name)
+            if before is not None and after is not None:
+                cpu[name] = round((after - before) / wall, 3)
+        total = report["total"]
+        valid = bool(done["valid"] and report["valid"])
+        result.update(
+            {
+                "controller": address,
+                "sender": done,
+                "sink": {k: v for k, v in report.items() if k != "intervals"},
+                "intervals": report["intervals"],
+                "events": events,
+                "phases": _phases(report["intervals"], marks),
+                "instances": serving,
+                "cpu_share_of_core": cpu,
+                "cores_used": round(sum(cpu.values()), 3),
+                "output_matches_offline": lines_match,
+                "lost": total["lost"],
+                "reordered": total["reordered"],
+                "valid": valid,
+                "invalid_because": [
+                    why
+                    for why, bad in (
+                        ("the sender had no CPU headroom", done["cpu"]["share_of_core"] >= 0.85),
+                        (
+                            "the sender fell behind its rate",
+                            done["rate_achieved"] < 0.95 * cfg.rate,
+                        ),
+                        ("the sink had no CPU headroom", not report["cpu"]["headroom"]),
+                    )
+                    if bad
+                ],
+                "sink_done": sink_done,
+            }
+        )
+        return result
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def _output_query(nf: str) -> str:
+    from nf import registry
+
+    return registry.load(nf).output_query
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["intervals"]
+    if not rows:
+        return
+    t0 = result["sender"]["ended_t"] - result["sender"]["seconds"]
+    t = [r["t"] - t0 for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
+    ax1.plot(t, [r["pps"] for r in rows], lw=1)
+    ax1.set_ylabel("frames/s delivered")
+    ax2.plot(t, [r["latency_us"].get("p50", float("nan")) / 1e3 for r in rows], lw=1, label="p50")
+    ax2.plot(t, [r["latency_us"].get("p99", float("nan")) / 1e3 for r in rows], lw=1, label="p99")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("latency (ms)")
+    ax2.set_xlabel("seconds since the sender started")
+    colors = {"scale-out": "tab:green", "scale-in": "tab:red"}
+    for e in result["events"]:
+        color = colors["scale-out" if e["kind"].startswith("scale-out") else "scale-in"]
+        style = "--" if e["kind"].endswith("started") else "-"
+        for ax in (ax1, ax2):
+            ax.axvline(e["t"] - t0, color=color, ls=style, lw=0.8)
+        ax1.text(e["t"] - t0, ax1.get_ylim()[1], e["kind"], rotation=90, va="top", fontsize=7)
+    ax2.legend(loc="upper right")
+    cfg = result["config"]
+    fig.suptitle(
+        f"{cfg['nf']} on {cfg['backend']}, {cfg['instances']} instances, "
+        f"{cfg['rate']:g} frames/s, steer {cfg['steer']}"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    s, k = result["sender"], result["sink"]["total"]
+    out.print(
+        f"sent {s['sent']:,} frames of {s['flows']:,} flows in {s['seconds']} s "
+        f"({s['rate_achieved']:,.0f}/s of {s['rate']:,.0f}); delivered {k['received']:,}, "
+        f"lost {k['lost']}, reordered {k['reordered']}, dropped by the NF {k['dropped_by_nf']}"
+    )
+    table = Table("phase", "seconds", "frames/s", "p50 µs", "p99 µs", "max µs", "reordered")
+    for p in result["phases"]:
+        table.add_row(
+            p["phase"],
+            f"{p['seconds']}",
+            f"{p['pps']:,.0f}",
+            f"{p['latency_p50_us']:,.0f}",
+            f"{p['latency_p99_us']:,.0f}",
+            f"{p['latency_max_us']:,.0f}",
+            f"{p['reordered']}",
+        )
+    out.print(table)
+    out.print(
+        f"CPU (share of one core): {result['cpu_share_of_core']}; {result['cores_used']} of "
+        f"{result['cores']} cores"
+    )
+    if result.get("output_matches_offline") is not None:
+        out.print(f"output equals the offline run's: {result['output_matches_offline']}")
+    if not result["valid"]:
+        out.print(f"[bold red]INVALID RUN[/]: {', '.join(result['invalid_because'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a short run (about 25 s)")
+    parser.add_argument("--nf", default="prads")
+    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--rate", type=float)
+    parser.add_argument("--duration", type=float, help="seconds (loops the capture)")
+    parser.add_argument("--flows", type=int, help="flows of the generated capture")
+    parser.add_argument("--pcap")
+    parser.add_argument("--backend", default="s6")
+    parser.add_argument("--steer", choices=("hash", "owner"), default="hash")
+    parser.add_argument("--steer-over", type=float, default=0.0)
+    parser.add_argument("--scale-in-by", choices=("sigterm", "ctl"), default="sigterm")
+    parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--out", default="results/live.json")
+    parser.add_argument("--png", default="results/live.png")
+    parser.add_argument("--workdir", help="keep the processes' logs here")
+    args, nf_options = parser.parse_known_args(argv)
+    quick = args.quick
+    cfg = LiveConfig(
+        nf=args.nf,
+        instances=args.instances,
+        rate=args.rate or (2000.0 if quick else 5000.0),
+        duration=args.duration,
+        flows=args.flows or (1000 if quick else 4000),
+        pcap=args.pcap,
+        backend=args.backend,
+        steer=args.steer,
+        steer_over=args.steer_over,
+        scaling=not args.no_scaling,
+        scale_in_by=args.scale_in_by,
+        out_after=1.0 if quick else 5.0,
+        in_after=1.5 if quick else 5.0,
+        progress=sys.stderr.isatty(),
+        workdir=args.workdir,
+        nf_options=nf_options,
+    )
+    result = run_live(cfg)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, Path(args.png))
+    _table(result)
+    print(f"wrote {args.out} and {args.png}")
+    if result["lost"] or result.get("output_matches_offline") is False:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
