@@ -1,0 +1,92 @@
+"""Live traffic through real processes on loopback: a controller, two PRADS instances on the
+S6 backend, the sender and the sink (``bench.live``), with a scale-out to three instances
+and a scale-in back to two while traffic flows.
+
+Every wait is on a process's output line under a deadline (``bench.live.Proc``); the
+scaling schedule's pauses only place the events inside the traffic, and the test checks
+that they did land inside it rather than trusting them to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.live import LiveConfig, run_live
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    work: Path = tmp_path_factory.mktemp("live")
+    return run_live(
+        LiveConfig(
+            nf="prads",
+            instances=2,
+            rate=1500.0,
+            flows=700,
+            out_after=0.5,
+            in_after=1.0,
+            garbage=True,
+            workdir=str(work),
+        )
+    )
+
+
+def test_every_frame_arrives_once_in_flow_order(live: dict[str, Any]) -> None:
+    sender, total = live["sender"], live["sink"]["total"]
+    assert sender["sent"] > 5000
+    assert total["sent"] == sender["sent"]
+    assert total["received"] == sender["sent"]
+    assert total["lost"] == 0
+    assert total["duplicates"] == 0
+    assert total["reordered"] == 0
+    assert total["holes"] == 0
+
+
+def test_scaling_happened_during_traffic_and_moved_flows(live: dict[str, Any]) -> None:
+    kinds = [e["kind"] for e in live["events"]]
+    assert kinds == [
+        "scale-out started",
+        "scale-out steered",
+        "scale-in started",
+        "scale-in steered",
+    ]
+    start = live["sender"]["ended_t"] - live["sender"]["seconds"]
+    for e in live["events"]:
+        assert start < e["t"] < live["sender"]["ended_t"], e
+    out = [e for e in live["sender"]["events"] if e["kind"] == "scale-out"]
+    into = [e for e in live["sender"]["events"] if e["kind"] == "scale-in"]
+    assert out[-1]["flows_moved"] > 0 and into[-1]["flows_moved"] > 0
+    # Three instances got traffic; the leaver saw the sender's END for what it was sent
+    # (every frame sent to it arrived before it left) and left by its SIGTERM.
+    per_instance = live["sender"]["per_instance"]
+    assert len(per_instance) == 3 and all(n > 0 for n in per_instance.values())
+    leaver = live["leaver"]
+    assert leaver["leaving"] == "SIGTERM"
+    assert leaver["frames"] == per_instance[live["events"][2]["instance"]]
+    assert leaver["parked"] == 0
+
+
+def test_prads_assets_equal_the_offline_run(live: dict[str, Any]) -> None:
+    assert "query_error" not in live
+    assert live["output_matches_offline"] is True, live["output"]
+    assert live["output"]["live_lines"] > 100
+
+
+def test_a_garbage_datagram_is_counted_and_the_instance_serves_on(live: dict[str, Any]) -> None:
+    first_two = [live["instances"][f"instance-{i}"] for i in range(2)]
+    for report in first_two:
+        assert report["bad_datagrams"] == {"short-header": 1}
+        assert report["frames"] > 0
+    assert live["instances"]["instance-2"]["bad_datagrams"] == {}
+
+
+def test_the_run_reports_cpu_and_validity(live: dict[str, Any]) -> None:
+    cpu = live["cpu_share_of_core"]
+    assert {"sender", "sink", "instance-0", "instance-1"} <= set(cpu)
+    assert isinstance(live["valid"], bool)
+    if not live["valid"]:
+        assert live["invalid_because"]
+    assert live["phases"] and all(p["pps"] > 0 for p in live["phases"])
