@@ -20,8 +20,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from store.space import DEV_SECRET
-
 if TYPE_CHECKING:
     import store
 
@@ -54,7 +52,7 @@ async def open_backend(
     space: store.Space,
     *,
     store_address: str | None = None,
-    secret: bytes = DEV_SECRET,
+    secret: bytes | None = None,
     timeout: float | None = None,
     instance_name: str | None = None,
 ) -> AsyncIterator[SpaceLike]:
@@ -62,7 +60,8 @@ async def open_backend(
 
     ``space`` is the instance's joined S6 space: ``s6`` yields it; the others name their
     space after it.  ``store_address`` (``HOST:PORT``) is the kv server (``remote-only``,
-    authenticated with ``secret``) or the Redis server (``redis``).  ``timeout``: seconds
+    authenticated with ``secret``, the development secret by default) or the Redis
+    server (``redis``).  ``timeout``: seconds
     a remote request may wait for its answer before it fails.  ``instance_name`` names
     the backend's space instead of ``space.name`` (several instances sharing one
     embedded S6 space in a test or the offline runner).  A remote-only space
@@ -85,10 +84,14 @@ async def open_backend(
     wait = 30.0 if timeout is None else timeout
     if name == "remote-only":
         from baselines.kv import open_kv_store
+        from store.space import DEV_SECRET
 
         async with (
             open_kv_store(
-                store_address, secret=secret, name=f"remote-only {me}", timeout=wait
+                store_address,
+                secret=DEV_SECRET if secret is None else secret,
+                name=f"remote-only {me}",
+                timeout=wait,
             ) as kv,
             open_remote_space(me, kv) as remote,
         ):
