@@ -417,6 +417,7 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
         result.update(
             {
                 "controller": address,
+                "started_t": started["t"],
                 "sender": done,
                 "sink": {k: v for k, v in report.items() if k != "intervals"},
                 "intervals": report["intervals"],
@@ -465,7 +466,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["intervals"]
     if not rows:
         return
-    t0 = result["sender"]["ended_t"] - result["sender"]["seconds"]
+    t0 = result["started_t"]
     t = [r["t"] - t0 for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
     ax1.plot(t, [r["pps"] for r in rows], lw=1)

@@ -105,7 +105,6 @@ def nf_clock() -> float:
     return time.monotonic() + CLOCK_OFFSET
 
 
-
 def _emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}, sort_keys=True), flush=True)
 
