@@ -334,17 +334,28 @@ def _percentiles(values_ns: list[int]) -> dict[str, float]:
 
 
 @asynccontextmanager
-async def open_nf_space(backend: str, space: Any, store: str | None) -> AsyncIterator[Any]:
-    """The space the NF's state lives in: the member's own for ``s6``, else the baseline's."""
+async def open_nf_space(
+    backend: str, space: Any, store: str | None, secret: bytes
+) -> AsyncIterator[Any]:
+    """The space the NF's state lives in: the member's own for ``s6``, else the baseline's
+    (``baselines.open_backend``; remote-only and redis need ``--store``)."""
     if backend == "s6":
         yield space
         return
+    from baselines import open_backend
+
     try:
-        from baselines import open_backend  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raise ConfigError(f"backend {backend!r} needs baselines.open_backend, not there") from None
-    async with open_backend(backend, space, store_address=store) as state_space:
+        opened = open_backend(backend, space, store_address=store, secret=secret)
+        state_space = await opened.__aenter__()
+    except ValueError as exc:  # an unknown backend, or no --store for a remote one
+        raise ConfigError(str(exc)) from None
+    try:
         yield state_space
+    except BaseException as exc:
+        if not await opened.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await opened.__aexit__(None, None, None)
 
 
 async def _watch_scale_in(space: Any, start_leave: trio.Event, why: list[str]) -> None:
@@ -405,7 +416,7 @@ async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, A
             labels=labels,
             query=query,
         ) as space:
-            async with open_nf_space(args.backend, space, args.store) as state_space:
+            async with open_nf_space(args.backend, space, args.store, secret) as state_space:
                 nf = nf_cls(state_space, config)
                 inst = Instance(
                     nf,
