@@ -177,6 +177,9 @@ class Node:
         self.counters = counters if counters is not None else WireCounters()
         self._kick = trio.Event()
         self._peers: dict[str, Peer] = {}
+        #: Links other nodes opened to this one, by their name: the way back to a node
+        #: that left the ring (its goodbye's answer), which this node does not dial.
+        self._inbound: dict[str, Peer] = {}
         #: Nodes declared dead by a failure repair: nothing is sent to them or taken from
         #: them any more (a new process of the same name that joins the ring is let in).
         self.dead: set[str] = set()
@@ -370,6 +373,16 @@ class Node:
                         self._retain(dest, msgs)
                         continue
                     if dest in self.dead or (dest not in members and dest not in self._peers):
+                        back = None if dest in self.dead else self._inbound.get(dest)
+                        if back is not None:
+                            # A node that left and is still linked to us (it waits for the
+                            # answer to its goodbye): answer on its own link.
+                            try:
+                                for msg in msgs:
+                                    back.send_nowait(msg)
+                                continue
+                            except StoreError:
+                                pass
                         # A node that left the cluster, and we are not even connected: it
                         # could not answer, and dialing a process on its way out can hang (it
                         # accepts, never answers).  The core answers what it can itself
@@ -483,8 +496,14 @@ class Node:
                 task_status.started(peer)
                 started = True
                 try:
-                    async for _batch in peer:  # nothing is sent back on our outgoing link
-                        pass
+                    # Nothing comes back on our own link, except from a member to which
+                    # this node has said goodbye (see _sender): handled as any message.
+                    core, micro, execute, clock = self.core, self.micro, self.execute, self.clock
+                    async for batch in peer:
+                        if dest in self.dead:
+                            continue
+                        execute(core.handle(Deliver(dest, batch), clock()))
+                        micro.run_ready()
                 finally:
                     self._peers.pop(dest, None)
         except (StoreError, OSError, trio.BrokenResourceError, BaseExceptionGroup) as exc:
@@ -503,12 +522,17 @@ class Node:
         core, micro, execute, clock = self.core, self.micro, self.execute, self.clock
         name = peer.name
         dead = self.dead
-        async for batch in peer:
-            if dead and name in dead:  # fenced: it was declared dead
-                self.errors["from-dead-node"] = self.errors.get("from-dead-node", 0) + 1
-                return
-            execute(core.handle(Deliver(name, batch), clock()))
-            micro.run_ready()
+        self._inbound[name] = peer
+        try:
+            async for batch in peer:
+                if dead and name in dead:  # fenced: it was declared dead
+                    self.errors["from-dead-node"] = self.errors.get("from-dead-node", 0) + 1
+                    return
+                execute(core.handle(Deliver(name, batch), clock()))
+                micro.run_ready()
+        finally:
+            if self._inbound.get(name) is peer:
+                del self._inbound[name]
 
     # -- observability ---------------------------------------------------------------------------
 
