@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 import store
@@ -103,3 +104,23 @@ async def test_a_query_reaches_the_instance_running_its_nf_without_an_event(
                 assert status.figures[b.name]["nf"] == "ids"
                 assert a.owner_of("tallies", "t") in (a.name, b.name)
                 assert a.members() == sorted([a.name, b.name]) == b.members()
+
+
+async def test_a_leaving_member_hears_every_goodbye_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A member that left says goodbye to the others and waits for each answer before it
+    stops (what it forwarded must have arrived).  The others no longer dial a node outside
+    the ring, so they answer on its own link; before, the answer was dropped and every
+    leave waited out the farewell timeout with a warning."""
+    secret = os.urandom(16).hex().encode()
+    with trio.fail_after(60):
+        async with open_controller(secret=secret) as ctl:
+            async with store.open_space(ctl.address, secret=secret) as a:
+                async with store.open_space(ctl.address, secret=secret):
+                    # (nothing sent from a to b: a has no link of its own to b)
+                    await ctl.wait_until(lambda bar: len(bar.ring) == 2)
+                assert len(ctl.barrier.ring) == 1
+                errors = a.statistics().errors
+                assert not any(name.startswith("sent-to-departed") for name in errors), errors
+                assert "no goodbye answer" not in caplog.text
