@@ -102,15 +102,18 @@ Routing never depends on whether the request creates a key or accesses one: the 
 decides that when it serves (a create makes the record, an access of a missing key fails
 with not-found), which is why the paper's new/existing split of R2 is not needed here.
 
-Hop bound: a request is served after at most :data:`MAX_HOPS` = 4 transfers since its count
+Hop bound: a request is served after at most :data:`MAX_HOPS` = 5 transfers since its count
 last restarted.  A request carries ``since``, the newest epoch known to the nodes that counted
 it; a node that knows a newer epoch routes it afresh and restarts the count
 (:func:`counted_since`): otherwise a request that stays in flight across several events could
 collect hops in each (a request stamped by one event's next ring can arrive during the
-following event, whose previous ring is that same ring).  The longest path is
-a request routed by a PRE_SCALING node, arriving late at ``A`` after ``A`` entered NORMAL(n):
-A →(N3) B →(S4 pull) A →(N2 hand-on) B, serve.  Once every node is NORMAL on
-one ring, a request is served where it arrives or after one forward (N1/N3).
+following event, whose previous ring is that same ring).  The longest path starts at a
+SCALING node that sends the request to ``B`` while ``B`` is still PRE_SCALING (S5), which
+sends it on to ``A`` (P3); it reaches ``A`` late, after ``A`` entered NORMAL(n), and goes:
+A →(N3) B, now SCALING →(S4 pull) A →(N2 hand-on) B, serve: five transfers (the object
+space's scaling simulation found it; a request first routed by a PRE_SCALING node takes one
+fewer).  Once every node is NORMAL on one ring, a request is served where it arrives or
+after one forward (N1/N3).
 
 Background drain: while SCALING, a node hands on every record it holds whose next owner is
 another node (:func:`drain_destination`), at a pace the shell chooses; it reports its old
@@ -142,7 +145,7 @@ __all__ = [
 ]
 
 #: A request is served after at most this many transfers between nodes (see module doc).
-MAX_HOPS = 4
+MAX_HOPS = 5
 
 
 class Stage(enum.Enum):

@@ -127,3 +127,29 @@ def test_counted_since_is_the_newest_epoch_any_counting_node_knew() -> None:
     assert decide(view("c", Stage.SCALING), Holding.NONE, Request(T, 3, 2, since=since)) == Pull(
         "a", 3, 3
     )
+
+
+def test_the_longest_path_is_served_within_the_hop_bound() -> None:
+    """A SCALING node sends a request to ``c`` (the key's next owner) while ``c`` is still
+    PRE_SCALING, which sends it on to ``a`` (P3); it reaches ``a`` after ``a`` entered
+    NORMAL on the new ring (N3), goes back to ``c``, now SCALING, which pulls (S4), and
+    ``a`` hands the bare authority on (N2): five transfers, served (the object space's
+    scaling simulation found it with ``--hypothesis-seed=353`` when the bound was 4)."""
+
+    def step(view_: NodeView, request: Request) -> Request:
+        decision = decide(view_, Holding.NONE, request)
+        assert isinstance(decision, Forward | Pull), decision
+        to_epoch, hops = decision.epoch, decision.hops
+        arrival = Arrival.PULL if isinstance(decision, Pull) else Arrival.PLAIN
+        if isinstance(decision, Forward) and decision.handoff:
+            arrival = Arrival.HANDOFF
+        return Request(T, to_epoch, hops, arrival, counted_since(view_, request))
+
+    normal_new = NodeView("a", Stage.NORMAL, NEW)
+    r = step(view("b", Stage.SCALING), req(epoch=3))  # S5: b -> c
+    r = step(view("c", Stage.PRE_SCALING), r)  # P3: c -> a
+    r = step(normal_new, r)  # N3: a -> c
+    r = step(view("c", Stage.SCALING), r)  # S4: c pulls from a
+    r = step(normal_new, r)  # N2: a hands the bare authority on to c
+    assert r.arrival is Arrival.HANDOFF and r.hops == MAX_HOPS == 5
+    assert decide(view("c", Stage.SCALING), Holding.NONE, r) == Serve(adopt=True)
