@@ -3,13 +3,16 @@
 ::
 
     python -m bench.live [--quick] [--nf prads] [--instances N] [--rate PPS] [--duration S]
-        [--flows N] [--pcap FILE] [--backend s6] [--steer hash|owner] [--steer-over S]
+        [--flows N] [--pcap FILE] [--backend s6|local-only|remote-only|redis]
+        [--store HOST:PORT] [--steer hash|owner] [--steer-over S]
         [--scale-in-by sigterm|ctl] [--no-scaling] [--out results/live.json]
         [--png results/live.png]
 
 On loopback it starts a controller (``python -m store.controller``), a sink
 (``bench.sink``), N instances (``python -m nf serve NAME``) and the sender
-(``bench.sender``), each its own process.  Traffic is ``bench.traffic make`` (or
+(``bench.sender``), each its own process; on the remote-only backends also their store
+(``python -m baselines.kv_server`` for ``remote-only``, a throw-away ``redis-server`` for
+``redis``) unless ``--store`` names a running one.  Traffic is ``bench.traffic make`` (or
 ``--pcap``).  Once the sender has started, it starts one more instance (a scale-out: the
 controller admits it, the sender steers its share of flows to it once it is a member);
 once the sender steers to it, it scales one of the first instances in (SIGTERM: the
@@ -25,6 +28,10 @@ verdict as JSON (``--out``) and a PNG timeline of throughput and latency with th
 marked (``--png``), and prints a table.  The run is invalid when the sender or the sink
 had no CPU headroom (over 85% of a core) or the sender fell behind its rate; it exits
 non-zero when a frame was lost or the output differs.
+
+:class:`LiveCluster` keeps a controller, the store and the instances up across several
+short runs of a sender and a sink at different rates (``bench.backends`` searches each
+backend's highest rate that loses nothing with it).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LiveConfig", "main", "run_live"]
+__all__ = ["LiveCluster", "LiveConfig", "main", "run_live", "start_store"]
 
 ROOT = Path(__file__).resolve().parents[1]
 CORES = os.cpu_count() or 1
@@ -61,6 +68,8 @@ class LiveConfig:
     flows: int = 400
     pcap: str | None = None
     backend: str = "s6"
+    #: The backend's store (``HOST:PORT``); None: started here for remote-only and redis.
+    store: str | None = None
     steer: str = "hash"
     steer_over: float = 0.0
     scaling: bool = True
@@ -79,14 +88,21 @@ class LiveConfig:
 class Proc:
     """A child process whose stdout lines are read by a thread into a queue."""
 
-    def __init__(self, name: str, args: list[str], *, stderr_to: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        stderr_to: Path | None = None,
+        program: str | None = None,
+    ) -> None:
         self.name = name
         self.args = args
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         err = open(stderr_to, "w") if stderr_to else subprocess.DEVNULL
         self.popen = subprocess.Popen(
-            [sys.executable, *args],
+            [program or sys.executable, *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -181,6 +197,64 @@ class Proc:
         return self.popen.wait()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _redis_pings(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_store(backend: str, work: Path, procs: list[Proc]) -> str | None:
+    """Start the store a remote-only backend keeps its state in, as a process appended to
+    ``procs`` (named ``store``, so its CPU is counted with the others); its ``HOST:PORT``,
+    or None for the backends that have none (s6, local-only).
+
+    ``remote-only``: ``python -m baselines.kv_server`` on a free port (it prints the port
+    it bound).  ``redis``: Debian's ``redis-server`` without persistence on a free port
+    (probed, then retried on another if it exits: another process may take the port in
+    between), ready once it answers PING; :class:`FileNotFoundError` when it is not
+    installed."""
+    if backend == "remote-only":
+        kv = Proc(
+            "store",
+            ["-m", "baselines.kv_server", "--listen", "127.0.0.1:0"],
+            stderr_to=work / "store.err",
+        )
+        procs.append(kv)
+        return kv.wait_line(lambda s: s.startswith("kv server listening on"), 30).split()[-1]
+    if backend != "redis":
+        return None
+    from baselines.redis_client import redis_server_path
+
+    path = redis_server_path()
+    if path is None:
+        raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+    for _attempt in range(5):
+        port = _free_port()
+        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        server = Proc("store", args, stderr_to=work / "store.err", program=path)
+        deadline = time.monotonic() + 10
+        while server.popen.poll() is None and time.monotonic() < deadline:
+            if _redis_pings(port):
+                procs.append(server)
+                return f"127.0.0.1:{port}"
+            time.sleep(0.02)  # not listening yet: poll until the deadline
+        server.stop()
+    raise RuntimeError("redis-server did not start on any of 5 free ports")
+
+
 def _strip_time(line: str) -> str:
     """An asset-log line without its last field (the time it was discovered)."""
     head, sep, _ = line.rpartition(",")
@@ -272,6 +346,8 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
         )
         procs.append(controller)
         address = controller.wait_line(lambda s: s.startswith("listening on"), 20).split()[-1]
+        store = cfg.store or start_store(cfg.backend, work, procs)
+        result["store"] = store
         sink_args = ["-m", "bench.sink", "--out", str(work / "sink.json"), "--drain-timeout", "5"]
         if cfg.progress:
             sink_args.append("--progress")
@@ -295,6 +371,7 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
                     sink_address,
                     "--backend",
                     cfg.backend,
+                    *(["--store", store] if store else []),
                     *cfg.nf_options,
                 ],
                 stderr_to=work / f"instance-{i}.err",
@@ -453,6 +530,222 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
             p.stop()
 
 
+def _machine_busy() -> float:
+    """CPU seconds all processes of the machine have used (Linux /proc/stat): with our own
+    processes' seconds it tells how much other work shared the cores."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def process_kind(name: str) -> str:
+    """``instance-3`` -> ``instances``: the kinds CPU use is reported by."""
+    return "instances" if name.startswith("instance") else name
+
+
+class LiveCluster:
+    """A controller, the backend's store and N NF instances kept up across trials, each a
+    fresh sink and sender at one rate for a while, without scaling (``bench.backends``).
+
+    The instances are started once with a sink address on a port chosen here, and every
+    trial's sink listens there.  Each trial's sender starts at the capture pass after the
+    last one the previous trial used, so its flows are new to the NF (the NF's work per
+    packet stays that of a steady mix of new and ongoing flows, and a rate is not
+    flattered by state an earlier trial made; the sender has 255 fresh passes, then
+    starts over).  A trial ends when its sink does: every frame in, or ``drain`` seconds
+    without an arrival, by which time the instances have nothing left to do, so the next
+    trial starts on idle instances."""
+
+    def __init__(
+        self,
+        nf: str,
+        backend: str,
+        pcap: Path,
+        work: Path,
+        *,
+        instances: int = 2,
+        store: str | None = None,
+        nf_options: list[str] | None = None,
+        drain: float = 1.5,
+    ) -> None:
+        self.nf = nf
+        self.backend = backend
+        self.pcap = pcap
+        self.work = work
+        self.instances = instances
+        self.store = store
+        self.nf_options = nf_options or []
+        self.drain = drain
+        self.procs: list[Proc] = []
+        self.controller = ""
+        self.sink_address = ""
+        self.next_pass = 1
+        self.trials = 0
+
+    def __enter__(self) -> LiveCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    def _start(self) -> None:
+        work = self.work
+        controller = Proc(
+            "controller",
+            ["-m", "store.controller", "--listen", "127.0.0.1:0"],
+            stderr_to=work / "controller.err",
+        )
+        self.procs.append(controller)
+        self.controller = controller.wait_line(lambda s: s.startswith("listening on"), 30).split()[
+            -1
+        ]
+        self.store = self.store or start_store(self.backend, work, self.procs)
+        self.sink_address = f"127.0.0.1:{_free_port()}"
+        started = []
+        for i in range(self.instances):
+            proc = Proc(
+                f"instance-{i}",
+                [
+                    "-m",
+                    "nf",
+                    "serve",
+                    self.nf,
+                    "--controller",
+                    self.controller,
+                    "--data",
+                    "127.0.0.1:0",
+                    "--sink",
+                    self.sink_address,
+                    "--backend",
+                    self.backend,
+                    *(["--store", self.store] if self.store else []),
+                    *self.nf_options,
+                ],
+                stderr_to=work / f"instance-{i}.err",
+            )
+            self.procs.append(proc)
+            started.append(proc)
+        for proc in started:
+            proc.event("ready", 60)
+
+    def _cpu(self, procs: list[Proc]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for p in procs:
+            seconds = p.cpu_seconds()
+            if seconds is not None:
+                out[p.name] = seconds
+        return out
+
+    def trial(self, rate: float, duration: float) -> dict[str, Any]:
+        """Send at ``rate`` frames/s for ``duration`` s; what the sender, the sink and the
+        processes' CPU use say (see the keys)."""
+        self.trials += 1
+        n = self.trials
+        work = self.work
+        sink = Proc(
+            "sink",
+            [
+                "-m",
+                "bench.sink",
+                "--listen",
+                self.sink_address,
+                "--out",
+                str(work / f"sink-{n}.json"),
+                "--drain-timeout",
+                str(self.drain),
+            ],
+            stderr_to=work / f"sink-{n}.err",
+        )
+        trial_procs = [sink]
+        try:
+            sink.event("ready", 30)
+            sender = Proc(
+                "sender",
+                [
+                    "-m",
+                    "bench.sender",
+                    "--controller",
+                    self.controller,
+                    "--sink",
+                    self.sink_address,
+                    "--pcap",
+                    str(self.pcap),
+                    "--rate",
+                    str(rate),
+                    "--duration",
+                    str(duration),
+                    "--min-instances",
+                    str(self.instances),
+                    "--nf",
+                    self.nf,
+                    "--first-pass",
+                    str(self.next_pass),
+                ],
+                stderr_to=work / f"sender-{n}.err",
+            )
+            trial_procs.append(sender)
+            procs = self.procs + trial_procs
+            started = sender.event("started", 60)
+            cpu0, busy0, wall0 = self._cpu(procs), _machine_busy(), time.monotonic()
+            done = sender.event("done", duration + 60)
+            cpu1, busy1, wall = self._cpu(procs), _machine_busy(), time.monotonic() - wall0
+            sink.event("done", 60 + self.drain)
+            report = json.loads((work / f"sink-{n}.json").read_text())
+        finally:
+            for p in trial_procs:
+                p.stop()
+        passes = -(-int(done["flows"]) // max(int(done["capture_flows"]), 1))
+        self.next_pass += passes
+        if self.next_pass > 255:
+            self.next_pass = 1
+        cpu: dict[str, float] = {}
+        for name, before in cpu0.items():
+            after = cpu1.get(name)
+            if after is not None:
+                kind = process_kind(name)
+                cpu[kind] = round(cpu.get(kind, 0.0) + after - before, 3)
+        total = report["total"]
+        ours = sum(cpu.values())
+        return {
+            "rate": rate,
+            "duration": duration,
+            "started_t": started["t"],
+            "sent": done["sent"],
+            "rate_achieved": done["rate_achieved"],
+            "received": total["received"],
+            "lost": total["lost"],
+            "reordered": total["reordered"],
+            "duplicates": total["duplicates"],
+            "sender_seconds": done["seconds"],
+            # first to last arrival at the sink: longer than the sending by the backlog
+            # the instances still had when the sender stopped
+            "sink_seconds": total["seconds"],
+            "delivered_pps": total["pps"],
+            "latency_us": total["latency_us"],
+            "sender_cpu_share": done["cpu"]["share_of_core"],
+            "sink_cpu_share": report["cpu"]["share_of_core"],
+            "sender_valid": bool(done["valid"]),
+            "sink_valid": bool(report["valid"]),
+            "wall_s": round(wall, 3),
+            "cpu_s": cpu,
+            "cpu_s_others": round(max(busy1 - busy0 - ours, 0.0), 3),
+            "cores_busy": round((busy1 - busy0) / wall, 3) if wall > 0 else 0.0,
+        }
+
+
 def _output_query(nf: str) -> str:
     from nf import registry
 
@@ -539,7 +832,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds (loops the capture)")
     parser.add_argument("--flows", type=int, help="flows of the generated capture")
     parser.add_argument("--pcap")
-    parser.add_argument("--backend", default="s6")
+    parser.add_argument("--backend", default="s6", help="s6|local-only|remote-only|redis")
+    parser.add_argument(
+        "--store", metavar="HOST:PORT", help="the backend's store (default: started here)"
+    )
     parser.add_argument("--steer", choices=("hash", "owner"), default="hash")
     parser.add_argument("--steer-over", type=float, default=0.0)
     parser.add_argument("--scale-in-by", choices=("sigterm", "ctl"), default="sigterm")
@@ -557,6 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         flows=args.flows or (1000 if quick else 4000),
         pcap=args.pcap,
         backend=args.backend,
+        store=args.store,
         steer=args.steer,
         steer_over=args.steer_over,
         scaling=not args.no_scaling,

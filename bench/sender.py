@@ -40,6 +40,7 @@ rate or used most of a core says the run is not valid.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -338,8 +339,12 @@ class Sender:
         timed = self.args.duration is not None
         passes = math.ceil(want / n_flows) if not timed else 256
         self.capture_flows = n_flows
-        for k in range(passes):
-            limit = n_flows if timed or k < passes - 1 else want - k * n_flows
+        # --first-pass: a sender run after another one on the same instances starts on
+        # addresses the earlier one did not use, so its flows are new to the NF.
+        first_pass = self.args.first_pass
+        for k in range(first_pass, first_pass + passes):
+            last = first_pass + passes - 1
+            limit = n_flows if timed or k < last else want - (k - first_pass) * n_flows
             if k == 0:
                 for flow, key, frame in first:
                     if flow < limit:
@@ -360,7 +365,12 @@ class Sender:
     async def send(self) -> dict[str, Any]:
         args = self.args
         rate = args.rate
-        source = self.frames()
+        # The generator reads and parses the whole capture before its first frame: done
+        # here, before the clock starts, or the first burst is late and the sender counts
+        # itself behind its rate.
+        frames = self.frames()
+        head = next(frames, None)
+        source = itertools.chain([] if head is None else [head], frames)
         seqs: dict[int, int] = {}
         steering = self.steering
         instances = self.instances
@@ -480,7 +490,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=30.0, metavar="S", help="for instances")
     parser.add_argument("--max-datagram", type=int, default=DEFAULT_MAX_DATAGRAM)
     parser.add_argument("--secret-file", metavar="F")
+    parser.add_argument(
+        "--first-pass",
+        type=int,
+        default=0,
+        metavar="K",
+        help="start at pass K of the capture (fresh addresses: 1..255)",
+    )
     args = parser.parse_args(argv)
+    if not 0 <= args.first_pass <= 255:
+        parser.error("--first-pass must be between 0 and 255")
     if args.rate <= 0:
         parser.error("--rate must be positive")
     args.secret = read_secret(args.secret_file, parser.prog)
