@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m bench.demo
+	$(PY) -m bench.nf_demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
