@@ -4,7 +4,8 @@
 
     python -m bench.backends [--quick] [--nf prads,nat,ids] [--instances 2]
         [--backends s6,local-only,remote-only,redis] [--out results/backends.json]
-        [--png results/backends.png] [--workdir DIR]
+        [--png results/backends.png] [--workdir DIR] [--steer hash|owner]
+    python -m bench.backends --replot results/backends.json   # the PNG again
 
 For each NF and each backend (``s6``; ``local-only``; ``remote-only`` on our kv server;
 ``redis``, remote-only on a real ``redis-server``, left out in one line when it is not
@@ -92,6 +93,8 @@ class Plan:
     nfs: tuple[str, ...] = NFS
     backends: tuple[str, ...] = BACKENDS
     instances: int = 2
+    #: The sender's steering: ``hash`` (the paper's) or ``owner`` (the key's owner).
+    steer: str = "hash"
     flows: int = 3000
     trial_s: float = 3.0
     start_rate: float = 1000.0
@@ -412,6 +415,7 @@ def run(plan: Plan, work: Path, log: Log, step: Callable[[str], None]) -> dict[s
                 sub,
                 instances=plan.instances,
                 nf_options=NF_OPTIONS.get(nf, []),
+                steer=plan.steer,
             ) as cluster:
                 found = search(cluster, plan, log)
             rows[backend] = {"search": found, "cpu_at_max": _cpu_row(found["at_max"])}
@@ -431,6 +435,7 @@ def run(plan: Plan, work: Path, log: Log, step: Callable[[str], None]) -> dict[s
                 sub,
                 instances=plan.instances,
                 nf_options=NF_OPTIONS.get(nf, []),
+                steer=plan.steer,
             ) as cluster:
                 lat = latency(cluster, common, plan, log)
             rows[backend]["latency"] = lat
@@ -551,12 +556,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for ax in (ax1, ax2):
         ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(nfs))], nfs)
     ax1.set_ylabel("highest rate without loss (frames/s)")
-    ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     ax2.set_ylabel("latency at a rate all sustain (µs)")
     ax2.set_yscale("log")
     ax2.legend(fontsize=8)
-    title = f"{result['plan']['instances']} instances, {result['cores']} cores shared by all"
+    title = (
+        f"{result['plan']['instances']} instances, steer {result['plan'].get('steer', 'hash')}, "
+        f"{result['cores']} cores shared by all"
+    )
     if not result["valid"]:
         title += " (INVALID: sender or sink without CPU headroom)"
     fig.suptitle(title)
@@ -572,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nf", help=f"comma-separated ({','.join(NFS)})")
     parser.add_argument("--backends", help=f"comma-separated ({','.join(BACKENDS)})")
     parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--steer", choices=("hash", "owner"), default="hash")
     parser.add_argument("--trial-s", type=float, help="seconds per search trial")
     parser.add_argument("--start-rate", type=float)
     parser.add_argument("--precision", type=float, help="of the search (0.07; quick 0.15)")
@@ -580,7 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/backends.json")
     parser.add_argument("--png", default="results/backends.png")
     parser.add_argument("--workdir", help="keep the processes' logs here")
+    parser.add_argument("--replot", metavar="JSON", help="only draw --png from this result")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.png))
+        print(f"wrote {args.png}")
+        return 0
     plan = Plan.quick() if args.quick else Plan()
     if args.nf:
         plan.nfs = tuple(x for x in args.nf.split(",") if x)
@@ -595,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.instances < 1:
         parser.error("--instances must be at least 1")
     plan.instances = args.instances
+    plan.steer = args.steer
     for name in ("trial_s", "start_rate", "precision", "latency_share", "latency_repeats"):
         value = getattr(args, name)
         if value is not None:

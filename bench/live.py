@@ -570,6 +570,7 @@ class LiveCluster:
         store: str | None = None,
         nf_options: list[str] | None = None,
         drain: float = 1.5,
+        steer: str = "hash",
     ) -> None:
         self.nf = nf
         self.backend = backend
@@ -579,6 +580,7 @@ class LiveCluster:
         self.store = store
         self.nf_options = nf_options or []
         self.drain = drain
+        self.steer = steer
         self.procs: list[Proc] = []
         self.controller = ""
         self.sink_address = ""
@@ -693,6 +695,8 @@ class LiveCluster:
                     self.nf,
                     "--first-pass",
                     str(self.next_pass),
+                    "--steer",
+                    self.steer,
                 ],
                 stderr_to=work / f"sender-{n}.err",
             )
