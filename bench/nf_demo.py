@@ -85,8 +85,9 @@ SETTLE: Final = 1.0
 POLL: Final = 0.25
 #: Seconds the sink waits for missing frames once the sender's END is in (then: lost).
 DRAIN_TIMEOUT: Final = 5.0
-#: Seconds a child has to stop on SIGTERM when the demo is cut short, before SIGKILL.
-KILL_GRACE: Final = 5.0
+#: Seconds a child has to stop on SIGTERM when the demo is cut short, before SIGKILL (an
+#: instance would otherwise wait up to its 10 s leave timeout for a sender already gone).
+KILL_GRACE: Final = 2.0
 #: Hosts of the ``assets`` answer printed (the whole answer goes to a file).
 SHOWN_HOSTS: Final = 8
 _HIGHEST_US: Final = 60_000_000
@@ -127,6 +128,8 @@ class Child:
         self.lines: list[str] = []
         self.events: list[dict[str, Any]] = []
         self.eof = False
+        #: Set before the demo stops it, or lets it end: any other exit ends the demo.
+        self.expected = False
         self._changed = trio.Event()
 
     async def pump(self) -> None:
@@ -145,6 +148,9 @@ class Child:
                 self._add(pending.decode(errors="replace"))
         self.eof = True
         self._wake()
+        status = await self.proc.wait()
+        if not self.expected:
+            raise DemoError(f"{self.name} exited (status {status}) unexpectedly: {self.tail()}")
 
     def _add(self, line: str) -> None:
         self.lines.append(line)
@@ -154,6 +160,8 @@ class Child:
             obj = None
         if isinstance(obj, dict):
             self.events.append(obj)
+            if obj.get("event") == "done" and self.name == "sender":
+                self.expected = True  # the sender ends by itself once it has sent all
         self._wake()
 
     def _wake(self) -> None:
@@ -317,6 +325,11 @@ class Watcher:
         self.timeline: list[dict[str, Any]] = []
         self.phase = "starting"
         self._changed = trio.Event()
+        self._scope = trio.CancelScope()
+
+    def stop(self) -> None:
+        """No more polls (before the controller is stopped on purpose)."""
+        self._scope.cancel()
 
     def roles(self) -> dict[str, str]:
         if self.status is None:
@@ -324,19 +337,29 @@ class Watcher:
         return {row[0]: row[2] for row in self.status.members}
 
     async def run(self) -> None:
-        from store.cli.ctl import request_status
-        from store.shell.transport import connect_peer
         from store.wire.control import parse_address
 
         host, port = parse_address(self.address)
-        async with connect_peer(
-            host, port, secret=self.secret, name=f"nf-demo-{os.getpid()}", close_timeout=0.2
-        ) as peer:
-            while True:
-                with trio.fail_after(10):
-                    status = await request_status(peer)
-                self._take(status)
-                await trio.sleep(POLL)
+        with self._scope:
+            await self._poll(host, port)
+
+    async def _poll(self, host: str, port: int) -> None:
+        from store.cli.ctl import request_status
+        from store.shell.transport import connect_peer
+
+        try:
+            async with connect_peer(
+                host, port, secret=self.secret, name=f"nf-demo-{os.getpid()}", close_timeout=0.2
+            ) as peer:
+                while True:
+                    with trio.fail_after(10):
+                        status = await request_status(peer)
+                    self._take(status)
+                    await trio.sleep(POLL)
+        except Exception as exc:  # the controller went away or stopped answering
+            raise DemoError(
+                f"asking the controller at {self.address} for its status: {exc}"
+            ) from None
 
     def _take(self, status: Any) -> None:
         self.status = status
@@ -383,17 +406,24 @@ class Watcher:
         host, port = parse_address(self.address)
         progress = StringIO()
         requested = time.time()
-        async with connect_peer(
-            host, port, secret=self.secret, name=f"nf-demo-ctl-{os.getpid()}", close_timeout=0.2
-        ) as peer:
-            with trio.fail_after(60):
-                reply = await request_scale(
-                    peer,
-                    kind,
-                    names,
-                    Console(file=progress, width=200, color_system=None),
-                    trio.current_time(),
-                )
+        try:
+            async with connect_peer(
+                host,
+                port,
+                secret=self.secret,
+                name=f"nf-demo-ctl-{os.getpid()}",
+                close_timeout=0.2,
+            ) as peer:
+                with trio.fail_after(60):
+                    reply = await request_scale(
+                        peer,
+                        kind,
+                        names,
+                        Console(file=progress, width=200, color_system=None),
+                        trio.current_time(),
+                    )
+        except Exception as exc:
+            raise DemoError(f"ctl scale-{kind} {', '.join(names)}: {exc}") from None
         if not reply.ok:
             raise DemoError(f"scale-{kind} of {', '.join(names)} {reply.code}: {reply.text}")
         return {
@@ -534,8 +564,11 @@ async def run_demo(cfg: DemoConfig, console: Console) -> dict[str, Any]:
     """Run the whole demo; the result as ``nf_demo.json`` holds it."""
     work = cfg.out_dir / "nf_demo_work"
     work.mkdir(parents=True, exist_ok=True)
-    for old in work.glob("*.out"):
+    # A failed run must not leave an earlier run's results looking like its own.
+    for old in [*work.glob("*.out"), *work.glob("*.err")]:
         old.unlink()
+    for name in ("nf_demo.json", "nf_demo.png", "nf_demo_assets.json"):
+        (cfg.out_dir / name).unlink(missing_ok=True)
     run = Run(cfg, console, work)
     # Transient: the line is replaced by the tables at the end.
     live = Live(get_renderable=run.progress, console=console, refresh_per_second=4, transient=True)
@@ -716,6 +749,7 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
 
     # The scale-in: the operator removes one of the first two instances.
     gone, leaver = ready["instance-0"]["name"], first[0]
+    leaver.expected = True
     at = max(t0 + cfg.in_at * seconds, time.time() + 0.5)
     await trio.sleep_until(trio.current_time() + max(at - time.time(), 0))
     run.enter("during scale-in")
@@ -792,6 +826,8 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     # The remaining instances leave (SIGTERM), then the controller stops.  What moves
     # from here on is the cluster shutting down, not the demo's scaling.
     run.enter("shutdown")
+    for c in run.children:
+        c.expected = True
     instances: dict[str, Any] = {leaver.name: left}
     for c in run.children:
         if c.name.startswith("instance") and c.proc.poll() is None:
@@ -802,6 +838,7 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
                 instances[c.name] = await c.event_or_exit("exit", 30)
             except DemoError as exc:  # the results stand; it is killed on the way out
                 instances[c.name] = {"error": str(exc)}
+    watcher.stop()
     controller.proc.terminate()
     with trio.move_on_after(10):
         await controller.proc.wait()
@@ -1081,6 +1118,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.nf_demo",
@@ -1094,8 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = DemoConfig(
         quick=args.quick,
-        rate=args.rate or (2000.0 if args.quick else 3000.0),
-        flows=args.flows or (1000 if args.quick else 7000),
+        rate=args.rate if args.rate is not None else (2000.0 if args.quick else 3000.0),
+        flows=args.flows if args.flows is not None else (1000 if args.quick else 7000),
         seed=args.seed,
         out_dir=Path(args.out_dir),
     )
@@ -1105,13 +1148,23 @@ def main(argv: list[str] | None = None) -> int:
     prog = parser.prog
     try:
         result = trio.run(run_demo, cfg, console)
-    except KeyboardInterrupt as exc:
-        why = str(exc) or "Ctrl-C"
-        print(f"{prog}: interrupted ({why}); every process it started is stopped", file=sys.stderr)
-        return 130
-    except DemoError as exc:
-        print(f"{prog}: error: {exc} (logs in {cfg.out_dir / 'nf_demo_work'})", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        # Trio's nurseries wrap what their tasks raise in exception groups: the cause is a
+        # leaf of the group.
+        leaves = _leaves(exc)
+        interrupt = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None)
+        if interrupt is not None:
+            why = str(interrupt) or "Ctrl-C"
+            print(
+                f"{prog}: interrupted ({why}); every process it started is stopped", file=sys.stderr
+            )
+            return 130
+        failure = next((e for e in leaves if isinstance(e, DemoError)), None)
+        if failure is not None:
+            logs = cfg.out_dir / "nf_demo_work"
+            print(f"{prog}: error: {failure} (the processes' logs: {logs})", file=sys.stderr)
+            return 2
+        raise
     out = cfg.out_dir
     (out / "nf_demo_assets.json").write_text(json.dumps(result["assets_answer"], indent=1) + "\n")
     (out / "nf_demo.json").write_text(json.dumps(result, indent=1) + "\n")
