@@ -63,7 +63,7 @@ from typing import Any, Final
 
 import trio
 from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
-from rich.console import Console, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -502,26 +502,34 @@ class Run:
             self.watcher.phase = phase
 
     def progress(self) -> RenderableType:
+        """Two short lines (they fit 100 columns): where the run is, and how it goes in
+        the last 100 ms interval."""
         elapsed = time.monotonic() - self.started
         sink, watcher = self.sink, self.watcher
         members = 0
         if watcher is not None:
             members = sum(1 for r in watcher.roles().values() if r == "member")
-        text = Text(f"{elapsed:6.1f} s  ")
-        text.append(f"{self.phase:<22}", style="bold cyan")
-        text.append(f" instances {members}")
-        if sink is not None and sink.intervals:
+        head = Text(f"{elapsed:6.1f} s  ")
+        head.append(self.phase, style="bold cyan")
+        head.append(f"  ·  {members} instances")
+        rows: list[RenderableType] = [head]
+        if sink is not None and sink.intervals and self.frames:
             last = sink.intervals[-1]
             lat = last["latency_us"]
-            done = sink.unique / self.frames if self.frames else 0.0
-            text.append(
-                f"  delivered {sink.unique:,}/{self.frames:,} ({done:4.0%})"
-                f"  {last['pps']:>6,.0f}/s  p50 {lat.get('p50', 0) / 1e3:6.1f} ms"
-                f"  p99 {lat.get('p99', 0) / 1e3:6.1f} ms  reordered {sink.reordered}"
+            head.append(
+                f"  ·  {sink.unique:,} of {self.frames:,} frames delivered "
+                f"({sink.unique / self.frames:.0%})"
             )
-        if watcher is not None:
-            text.append(f"  objects migrated {watcher.migrated:,}")
-        return text
+            migrated = watcher.migrated if watcher is not None else 0
+            rows.append(
+                Text(
+                    f"  {last['pps']:,.0f} frames/s · p50 "
+                    f"{lat.get('p50', 0) / 1e3:.1f} ms · p99 {lat.get('p99', 0) / 1e3:.1f} ms"
+                    f" · missing {sink.holes} · reordered {sink.reordered}"
+                    f" · objects migrated {migrated:,}"
+                )
+            )
+        return Group(*rows)
 
 
 async def _spawn(run: Run, nursery: trio.Nursery, name: str, args: list[str]) -> Child:
