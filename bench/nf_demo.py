@@ -465,12 +465,16 @@ def compare_assets(answer: list[dict[str, Any]], offline: list[str]) -> dict[str
 
     live = sorted(_strip_time(x) for a in answer for x in (*a["os"], *a["services"]))
     off = sorted(_strip_time(x) for x in offline if x != HEADER)
+    only_live = collections.Counter(live) - collections.Counter(off)
+    only_offline = collections.Counter(off) - collections.Counter(live)
     return {
         "equal": live == off,
         "live_lines": len(live),
         "offline_lines": len(off),
-        "only_live": sorted(set(live) - set(off))[:20],
-        "only_offline": sorted(set(off) - set(live))[:20],
+        "only_live_count": only_live.total(),
+        "only_offline_count": only_offline.total(),
+        "only_live": sorted(only_live.elements())[:20],
+        "only_offline": sorted(only_offline.elements())[:20],
     }
 
 
@@ -492,10 +496,11 @@ class Run:
     def say(self, text: str) -> None:
         self.console.print(f"[dim]{time.monotonic() - self.started:6.1f} s[/]  {text}")
 
-    def enter(self, phase: str) -> None:
-        """From now on, what arrives and what migrates counts for ``phase``."""
+    def enter(self, phase: str, at: float | None = None) -> None:
+        """From now on, what arrives and what migrates counts for ``phase``, which began
+        at wall-clock time ``at`` (now if None)."""
         self.phase = phase
-        self.phase_marks.append((phase, time.time()))
+        self.phase_marks.append((phase, time.time() if at is None else at))
         if self.sink is not None:
             self.sink.phase = phase
         if self.watcher is not None:
@@ -570,7 +575,8 @@ async def _signals() -> None:
 
 async def run_demo(cfg: DemoConfig, console: Console) -> dict[str, Any]:
     """Run the whole demo; the result as ``nf_demo.json`` holds it."""
-    work = cfg.out_dir / "nf_demo_work"
+    # Absolute: the children run in the project's folder, wherever this was started.
+    work = (cfg.out_dir / "nf_demo_work").resolve()
     work.mkdir(parents=True, exist_ok=True)
     # A failed run must not leave an earlier run's results looking like its own.
     for old in [*work.glob("*.out"), *work.glob("*.err")]:
@@ -600,16 +606,15 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     secret = secret_file.read_bytes().rstrip(b"\r\n")
     pcap = work / "traffic.pcap"
 
-    async def make_capture() -> None:
-        run.frames = await trio.to_thread.run_sync(_write_capture, pcap, cfg.flows, cfg.seed)
-
     capture_made = trio.Event()
 
-    async def capture_task() -> None:
-        await make_capture()
+    async def make_capture() -> None:
+        run.frames = await trio.to_thread.run_sync(
+            _write_capture, pcap, cfg.flows, cfg.seed, abandon_on_cancel=True
+        )
         capture_made.set()
 
-    nursery.start_soon(capture_task)
+    nursery.start_soon(make_capture)
     run.say(f"making the traffic: {cfg.flows:,} flows (bench.traffic make, seed {cfg.seed})")
 
     # The controller admits nobody by itself: every membership change is an operator's
@@ -690,21 +695,21 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     stop_sink = threading.Event()
     sink_result: dict[str, float] = {}
 
+    sink_done = trio.Event()
+
     async def sink_task() -> None:
         try:
             sink_result["cpu_s"] = await trio.to_thread.run_sync(
                 sink_loop, sink, sock, stop_sink, abandon_on_cancel=True
             )
         finally:
-            stop_sink.set()
-
-    sink_done = trio.Event()
-
-    async def sink_runner() -> None:
-        await sink_task()
+            stop_sink.set()  # an abandoned thread sees it within an interval, and ends
         sink_done.set()
 
-    nursery.start_soon(sink_runner)
+    nursery.start_soon(sink_task)
+    # The first frames count for the first phase even if they arrive before the sender's
+    # "started" line does here (the phase's own time starts with the sender's).
+    sink.phase = "before: 2 instances"
     sender = await _spawn(
         run,
         nursery,
@@ -732,7 +737,7 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     )
     started = await sender.event("started", 60)
     t0 = started["t"]
-    run.enter("before: 2 instances")
+    run.enter("before: 2 instances", at=t0)
     run.say(f"the sender started: {seconds:.1f} s of traffic planned")
     events: list[dict[str, Any]] = []
 
@@ -858,9 +863,9 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
         problems.append(f"{lost:,} of {done['sent']:,} frames were lost")
     if not comparison["equal"]:
         problems.append(
-            "the asset table differs from python -m nf prads --pcap on the same traffic "
-            f"({len(comparison['only_live'])} lines only live, "
-            f"{len(comparison['only_offline'])} only offline, of the first 20 each)"
+            "the asset table differs from python -m nf prads --pcap on the same traffic: "
+            f"{comparison['only_live_count']:,} lines only in the cluster's answer, "
+            f"{comparison['only_offline_count']:,} only offline"
         )
     return {
         "config": {**asdict(cfg), "out_dir": str(cfg.out_dir), "nf": NF, "backend": "s6"},
@@ -923,7 +928,9 @@ def _phases(sink: PhasedSink, watcher: Watcher, marks: list[tuple[str, float]]) 
     for (label, start), (_, end) in itertools.pairwise(marks):
         if label in ("draining", "shutdown"):
             continue  # after the traffic
-        rows = [i for i in sink.intervals if i.get("phase") == label]
+        # Its intervals, but not those that ended before it began (the sink's idle ones
+        # before the traffic).
+        rows = [i for i in sink.intervals if i.get("phase") == label and i["t"] + INTERVAL > start]
         received = sum(i["received"] for i in rows)
         out.append(
             {
@@ -993,7 +1000,13 @@ def render(result: dict[str, Any], console: Console) -> None:
     )
     console.print(phases)
 
-    events = Table(title="scaling events (the controller's summaries)", title_justify="left")
+    events = Table(
+        title="scaling events (the controller's summaries)",
+        title_justify="left",
+        caption="moved by the event itself: key records, and a leaver's objects; the flows' "
+        "objects follow them lazily (objects migrated, above)",
+        caption_justify="left",
+    )
     events.add_column("event")
     for column in ("epoch", "members", "took s", "key records moved", "objects moved"):
         events.add_column(column, justify="right")
@@ -1012,6 +1025,11 @@ def render(result: dict[str, Any], console: Console) -> None:
     console.print(events)
     if not result["events_inside_traffic"]:
         console.print("[yellow]note: an event ended after the traffic did[/]")
+    if not result["sender"]["valid"]:
+        console.print(
+            f"[yellow]note: the sender fell behind its rate or used most of a core "
+            f"({result['sender']['rate_achieved']:,.0f}/s of {result['sender']['rate']:,.0f})[/]"
+        )
 
     a = result["assets"]
     console.print(

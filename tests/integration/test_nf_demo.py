@@ -195,3 +195,29 @@ def test_a_child_that_dies_ends_the_demo_with_one_line(tmp_path: Path) -> None:
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("python -m bench.nf_demo: error: sender exited (status -9)"), stderr
     assert not [pid for pid in children if _ours(pid)]
+
+
+def test_the_comparison_sets_times_aside_and_nothing_else() -> None:
+    from bench.nf_demo import compare_assets
+
+    header = "asset,vlan,port,proto,service,[service-info],distance,discovered"
+    answer = [
+        {
+            "ip": "10.0.0.1",
+            "os": ["10.0.0.1,0,5000,6,SYN,[S4:64:1:60:M*:.:Linux:2.6],0,1796417075"],
+            "services": ["10.0.0.1,0,80,6,CLIENT,[http:curl/8.0],0,1796417076"],
+        }
+    ]
+    offline = [
+        header,
+        "10.0.0.1,0,80,6,CLIENT,[http:curl/8.0],0,1700000001",
+        "10.0.0.1,0,5000,6,SYN,[S4:64:1:60:M*:.:Linux:2.6],0,1700000000",
+    ]
+    assert compare_assets(answer, offline)["equal"] is True
+    other = [*offline[:1], "10.0.0.1,0,80,6,CLIENT,[http:curl/8.1],0,1700000001", offline[2]]
+    differs = compare_assets(answer, other)
+    assert differs["equal"] is False
+    assert (differs["only_live_count"], differs["only_offline_count"]) == (1, 1)
+    # A line the cluster reports twice is a difference too (multisets, not sets).
+    twice = [{**answer[0], "services": answer[0]["services"] * 2}]
+    assert compare_assets(twice, offline)["only_live_count"] == 1
