@@ -14,10 +14,12 @@ Traffic is ``bench.traffic make`` (reproducible: ``--seed``), sent once at ``--r
 While it flows, the operator's requests go to the controller as ``python -m store.ctl``
 sends them: a scale-out that admits a third instance (started beforehand and waiting, so
 the event is the store's and not Python's start-up), and later a scale-in of one of the
-first two (it tells the sender, which steers its flows away and sends it END; it leaves
-once it has processed everything before the END, handing its objects on).  Flows that the
-sender moves find their objects gone from the new instance's space and pull them over on
-their next packet: the objects migrated, read from the members' figures.
+first two (the instance sees the event's ring leave it out and tells the sender, which
+steers its flows away and sends it END; it leaves once it has processed everything before
+the END).  A flow the sender moves finds its objects on another member and pulls them over
+on its next packet (a per-flow object moves to its writer), and the leaver's objects are
+handed on in the event: both count as objects migrated, read from the members' figures.
+Each event is "during" from the request until ``SETTLE`` seconds after its last step.
 
 At the end it asks the cluster PRADS's ``assets`` query through the controller's relay
 (``python -m nf query``), runs ``python -m nf prads --pcap`` on the same capture, and
@@ -269,6 +271,8 @@ class PhasedSink(Sink):
         self.by_phase: dict[str, HdrHistogram] = {}
 
     def close_interval(self) -> None:
+        # ``current`` is the sink's histogram of the interval being closed (the base class
+        # adds it to the total and starts a new one).
         label = self.phase
         histogram = self.by_phase.get(label)
         if histogram is None:
