@@ -92,6 +92,14 @@ DRAIN_TIMEOUT: Final = 5.0
 KILL_GRACE: Final = 2.0
 #: Hosts of the ``assets`` answer printed (the whole answer goes to a file).
 SHOWN_HOSTS: Final = 8
+#: The phases of the traffic, with the instances serving it in each.
+INSTANCES: Final = {
+    "before": "2",
+    "during scale-out": "2→3",
+    "between": "3",
+    "during scale-in": "3→2",
+    "after": "2",
+}
 _HIGHEST_US: Final = 60_000_000
 
 
@@ -713,7 +721,7 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     nursery.start_soon(sink_task)
     # The first frames count for the first phase even if they arrive before the sender's
     # "started" line does here (the phase's own time starts with the sender's).
-    sink.phase = "before: 2 instances"
+    sink.phase = "before"
     sender = await _spawn(
         run,
         nursery,
@@ -741,7 +749,7 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     )
     started = await sender.event("started", 60)
     t0 = started["t"]
-    run.enter("before: 2 instances", at=t0)
+    run.enter("before", at=t0)
     run.say(f"the sender started: {seconds:.1f} s of traffic planned")
     events: list[dict[str, Any]] = []
 
@@ -762,7 +770,7 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     await _settle(max(out["done_t"], out.get("steered_t", 0.0)))
     out["phase"] = [run.phase_marks[-1][1], time.time()]
     events.append(out)
-    run.enter("after scale-out: 3")
+    run.enter("between")
 
     # The scale-in: the operator removes one of the first two instances.
     gone, leaver = ready["instance-0"]["name"], first[0]
@@ -784,7 +792,7 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     await _settle(max(into["done_t"], into.get("steered_t", 0.0), into["leaver_exit_t"]))
     into["phase"] = [run.phase_marks[-1][1], time.time()]
     events.append(into)
-    run.enter("after scale-in: 2")
+    run.enter("after")
 
     done = await sender.event("done", 3 * seconds + 60)
     run.enter("draining")
@@ -974,14 +982,16 @@ def render(result: dict[str, Any], console: Console) -> None:
     console.print(totals)
 
     phases = Table(title="before, during and after each event", title_justify="left")
-    phases.add_column("phase")
-    for column in ("seconds", "frames/s", "p50 ms", "p99 ms", "max ms", "reordered"):
+    phases.add_column("phase", no_wrap=True)
+    phases.add_column("NFs", justify="right")
+    for column in ("s", "frames/s", "p50 ms", "p99 ms", "max ms", "reordered"):
         phases.add_column(column, justify="right")
     phases.add_column("objects migrated", justify="right")
     for p in result["phases"]:
         lat = p["latency_us"]
         phases.add_row(
             p["phase"],
+            INSTANCES.get(p["phase"], ""),
             f"{p['seconds']:.1f}",
             f"{p['pps']:,.0f}",
             _ms(lat.get("p50")),
@@ -993,6 +1003,7 @@ def render(result: dict[str, Any], console: Console) -> None:
     lat = result["latency_us"]
     phases.add_row(
         "whole run",
+        "",
         f"{result['seconds']['traffic']:.1f}",
         f"{result['sent'] / max(result['seconds']['traffic'], 1e-9):,.0f}",
         _ms(lat.get("p50")),
@@ -1011,10 +1022,10 @@ def render(result: dict[str, Any], console: Console) -> None:
         "objects follow them lazily (objects migrated, above)",
         caption_justify="left",
     )
-    events.add_column("event")
+    events.add_column("event", no_wrap=True)
     for column in ("epoch", "members", "took s", "key records moved", "objects moved"):
         events.add_column(column, justify="right")
-    events.add_column("flows re-steered", justify="right")
+    events.add_column("flows moved", justify="right")
     for e in result["events"]:
         s = e["summary"]
         events.add_row(
