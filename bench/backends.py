@@ -147,13 +147,22 @@ def _headroom_problems(trial: dict[str, Any], what: str) -> list[str]:
 Log = Callable[[str], None]
 
 
-def search(cluster: LiveCluster, plan: Plan, log: Log) -> dict[str, Any]:
-    """The highest rate ``cluster`` sustains (see the module docstring)."""
+def search(open_cluster: Callable[[], LiveCluster], plan: Plan, log: Log) -> dict[str, Any]:
+    """The highest rate the backend sustains (see the module docstring).
+
+    A failed trial leaves the instances' state as overload left it (flows whose last
+    packets were lost never end: a NAT's entries and ports stay taken, parked work may
+    still be waiting), and that slowed every later trial on the same cluster by an order
+    of magnitude in a first run: so the trial after a failure runs on a fresh cluster."""
     trials: list[dict[str, Any]] = []
+    clusters = [open_cluster().__enter__()]
 
     def attempt(rate: float) -> bool:
-        trial = cluster.trial(round(rate), plan.trial_s)
+        trial = clusters[-1].trial(round(rate), plan.trial_s)
         ok, why = sustained(trial)
+        if not ok:
+            clusters[-1].close()
+            clusters.append(open_cluster().__enter__())
         trial["passed"], trial["why"] = ok, why
         trials.append(trial)
         log(
@@ -164,6 +173,15 @@ def search(cluster: LiveCluster, plan: Plan, log: Log) -> dict[str, Any]:
         )
         return ok
 
+    try:
+        return _search(attempt, trials, plan)
+    finally:
+        clusters[-1].close()
+
+
+def _search(
+    attempt: Callable[[float], bool], trials: list[dict[str, Any]], plan: Plan
+) -> dict[str, Any]:
     best: float | None = None
     fail: float | None = None
     rate = plan.start_rate
@@ -408,16 +426,21 @@ def run(plan: Plan, work: Path, log: Log, step: Callable[[str], None]) -> dict[s
             log(f"{nf} on {backend}: highest rate that loses nothing")
             sub = work / f"{nf}-{backend}-search"
             sub.mkdir(exist_ok=True)
-            with LiveCluster(
-                nf,
-                backend,
-                pcap,
-                sub,
-                instances=plan.instances,
-                nf_options=NF_OPTIONS.get(nf, []),
-                steer=plan.steer,
-            ) as cluster:
-                found = search(cluster, plan, log)
+
+            def make_cluster(nf: str = nf, backend: str = backend, sub: Path = sub) -> LiveCluster:
+                where = sub / f"cluster-{len(list(sub.glob('cluster-*'))) + 1}"
+                where.mkdir()
+                return LiveCluster(
+                    nf,
+                    backend,
+                    pcap,
+                    where,
+                    instances=plan.instances,
+                    nf_options=NF_OPTIONS.get(nf, []),
+                    steer=plan.steer,
+                )
+
+            found = search(make_cluster, plan, log)
             rows[backend] = {"search": found, "cpu_at_max": _cpu_row(found["at_max"])}
         rates = [r["search"]["max_rate"] for r in rows.values() if r["search"]["max_rate"]]
         common = plan.latency_share * min(rates) if rates else None
