@@ -354,7 +354,7 @@ class KeyLayer:
                 self._reply(msg.origin, msg.req_id, Status.LOST if lost else Status.NOT_FOUND)
                 return
             if rec is None:
-                rec = KeyRecord(msg.kind, msg.origin, 1, KeyState.LIVE)
+                rec = KeyRecord(msg.kind, msg.origin, self._first_version(), KeyState.LIVE)
                 self._put(k, rec)
             else:
                 self._become(rec, KeyState.LIVE)
@@ -476,6 +476,16 @@ class KeyLayer:
 
     # -- the fast paths of a key this node owns (see Router.create_here / remove_here) --
 
+    def _first_version(self) -> int:
+        """The version of a record made from nothing.  1, until this node has repaired a
+        failure: a record that died with its key owner may be made again here, and the
+        messages of the dead epoch about the old object (a hand-over's notice, a drop)
+        must read as older than anything of the new one, so from then on a new record
+        starts above every version the epochs before could have reached."""
+        if not self.dead:
+            return 1
+        return (self.view.epoch << 32) + 1
+
     def claimable(self, k: K) -> bool:
         """Whether a create of ``k`` may be served here at once, without a message: this
         node is the key's owner in a quiet NORMAL stage and no object exists for it.  The
@@ -497,8 +507,9 @@ class KeyLayer:
         record names it as the holder; returns the new object's version."""
         rec = self.record(k)
         if rec is None:
-            self._put(k, KeyRecord(kind, self.name, 1, KeyState.LIVE))
-            return 1
+            version = self._first_version()
+            self._put(k, KeyRecord(kind, self.name, version, KeyState.LIVE))
+            return version
         self._become(rec, KeyState.LIVE)
         rec.kind, rec.owner, rec.version = kind, self.name, rec.version + 1
         return rec.version

@@ -22,7 +22,7 @@ from store.core.objects import UntetheredCallsFailed
 from store.core.scheduler import Wait
 from store.wire.codes import Status
 from store.wire.errors import ObjectLost, ObjectNotFound
-from store.wire.messages import Drop, Message, Reply
+from store.wire.messages import Drop, Message, Reply, Transfer
 from tests.fixtures.core import CoreNode
 from tests.fixtures.objects import MAPS
 
@@ -333,3 +333,41 @@ def test_an_early_drop_is_forgotten_when_the_locate_it_waited_for_finds_nothing(
         locating.result()
     a.validate()
     assert not a.router.objects._early_drop
+
+
+def test_a_stale_notice_of_the_dead_epoch_does_not_lose_the_object_made_again() -> None:
+    """``a`` hands an object to the key owner ``k`` (its Transfer and MOVED notice wait on
+    the link) and asks for it again with a create, which waits behind them; ``k`` dies.
+    The repair sends the create again, to the new key owner ``a``, which makes the object
+    anew; then the queued notice comes back undeliverable and is routed afresh to ``a`` as
+    well.  It names the dead ``k`` and a version of the dead epoch: it must read as stale,
+    not turn the new object's record LOST (the crash simulation's ``--hypothesis-seed=34``:
+    a held object whose record said absent).  Fixed by ``KeyLayer._first_version``: after
+    a repair a record made from nothing starts above every version the dead epoch could
+    reach, and a hand-over notice older than the record is ignored."""
+    net = Net(["a", "b", "k"])
+    after = HashRing(["a", "b"], vnodes=16, epoch=2)
+    key = next(
+        x
+        for x in range(KEYS)
+        if net.ring.owner(key_token("sw", x)) == "k" and after.owner(key_token("sw", x)) == "a"
+    )
+    a, k = net.nodes["a"], net.nodes["k"]
+    created(net, "a", key)
+    k.acquire("sw", key, False)  # k wants it: a hands it over...
+    net.deliver_all(skip={("a", "k")})  # ...and its Transfer and notice wait on the link
+    again = a.acquire("sw", key, True)
+    net.collect()
+    queued = list(net.queues.pop(("a", "k")))
+    assert any(isinstance(m, Transfer) for m in queued)
+    net.kill("k")
+    net.repair(2)  # a's create is sent again, to a itself: made anew
+    net.deliver_all()
+    held, made = again.result()
+    assert made and ("sw", key) in a.router.objects.objects
+    a.run(Undeliverable("k", queued))  # the notice of the dead epoch, routed afresh
+    net.deliver_all()
+    rec = a.router.keys.record(("sw", key))
+    assert rec is not None and rec.state is KeyState.LIVE and rec.owner == "a", rec
+    a.release_ref(("sw", key), held)
+    a.validate()
