@@ -8,7 +8,10 @@ the backend decides where the NF's state lives.  The NF code is the same on all 
   never reconciled: the speed ceiling, not a correct NF across instances;
 * ``remote-only`` (:mod:`baselines.remote`, :mod:`baselines.kv`): StatelessNF, every
   access at a central store, our kv server (``python -m baselines.kv_server``);
-* ``redis`` (:mod:`baselines.redis_client`): the same on a real Redis server.
+* ``redis`` (:mod:`baselines.redis_client`): the same on a real Redis server;
+* ``stop-the-world`` (:mod:`baselines.stop_the_world`): OpenNF-style, S6's space with each
+  flow's objects recorded, moved in bulk at a scale event while the sender holds all
+  traffic back.
 
 ``async with open_backend(name, space, store_address=...) as nf_space:`` gives what the
 NF is built on.
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["BACKENDS", "SpaceLike", "open_backend"]
 
 #: The backends ``open_backend`` knows, in the order figures list them.
-BACKENDS = ("s6", "local-only", "remote-only", "redis")
+BACKENDS = ("s6", "local-only", "remote-only", "redis", "stop-the-world")
 
 
 class SpaceLike(Protocol):
@@ -76,6 +79,13 @@ async def open_backend(
         from baselines.local_only import LocalOnlySpace
 
         yield LocalOnlySpace(me)
+        return
+    if name == "stop-the-world":
+        from baselines.stop_the_world import StopTheWorldSpace
+
+        # State stays in the instance's own S6 space (``instance_name`` does not apply:
+        # the records are this process's, whatever the space is called).
+        yield StopTheWorldSpace(space)
         return
     if store_address is None:
         raise ValueError(f"backend {name} needs the store's address (HOST:PORT)")

@@ -16,6 +16,10 @@ A datagram is a header, then its body, all integers big-endian::
                                   | length (2) | verdict (1) ]
     END body            frames sent to this receiver (8) | datagrams sent to it (8); count 0
     LEAVING body        empty; count 0
+    MOVE body           move id (4) | destination IPv4 address (4) | destination port (2)
+                        | count x flow (4)
+    HANDOFF body        hand-off id (4) | part (2) | parts (2) | payload (the rest); count 0
+    MOVED body          id (4) | part (2); count 0
 
 ``DATA`` goes from the sender to an instance (and from an instance to the sink when it
 forwards whole frames); ``RECEIPT`` says what an instance did with frames (the verdict and
@@ -23,6 +27,18 @@ the forwarded length) instead of carrying them; ``END`` tells the receiver that 
 before it was sent (with how much, so that it can tell what was lost); ``LEAVING`` is an
 instance telling the sender it is about to leave, so that the sender steers its flows
 elsewhere and then sends it an ``END``.
+
+The last three serve the stop-the-world baseline (``baselines.stop_the_world``), whose
+sender pauses all traffic while the moved flows' state moves in bulk.  ``MOVE`` goes from
+the sender to an instance that loses flows, after the last frame it sent it under the old
+steering (the marker): once everything before it is processed, hand the state of these
+flows (the sender's flow numbers) to the instance whose data channel is at the
+destination.  ``HANDOFF`` carries that state's description from the old instance to the new
+one, in ``parts`` datagrams numbered from 0 (the payload belongs to the backend: which
+objects of which flows, for the new instance to acquire at once).  ``MOVED`` acknowledges
+either: the new instance's for one part of a hand-off once it holds those objects, the old
+instance's (part 0) for a whole MOVE once every part is acknowledged.  Each is repeated
+until acknowledged (UDP), and receivers ignore the repeats of what they are doing.
 
 Times are ``time.monotonic_ns()``: one clock for every process on the machine (Linux's
 CLOCK_MONOTONIC), which is all a loopback channel needs.
@@ -34,6 +50,7 @@ short stable name to count by: a receiver counts bad datagrams and goes on.
 from __future__ import annotations
 
 import enum
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -55,7 +72,12 @@ __all__ = [
     "ReceiptPacker",
     "decode",
     "encode_end",
+    "encode_handoff",
     "encode_leaving",
+    "encode_move",
+    "encode_moved",
+    "handoff_room",
+    "move_room",
     "now_ns",
 ]
 
@@ -70,6 +92,13 @@ _FRAME: Final = struct.Struct("!HIIQ")
 _RECEIPT: Final = struct.Struct("!IIQHB")
 #: frames sent, datagrams sent.
 _END: Final = struct.Struct("!QQ")
+#: move id, destination IPv4 address, destination port; then count x flow.
+_MOVE: Final = struct.Struct("!I4sH")
+_FLOW: Final = struct.Struct("!I")
+#: hand-off id, part, parts; then the payload.
+_HANDOFF: Final = struct.Struct("!IHH")
+#: id, part.
+_MOVED: Final = struct.Struct("!IH")
 
 FRAME_OVERHEAD: Final = _FRAME.size
 RECEIPT_SIZE: Final = _RECEIPT.size
@@ -89,6 +118,9 @@ class Kind(enum.IntEnum):
     RECEIPT = 2
     END = 3
     LEAVING = 4
+    MOVE = 5
+    HANDOFF = 6
+    MOVED = 7
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
@@ -97,7 +129,7 @@ _KINDS: Final = frozenset(int(k) for k in Kind)
 class MalformedDatagram(ValueError):
     """A datagram that is not ours or is cut or padded; ``reason`` names what is wrong:
     ``short-header``, ``bad-magic``, ``bad-version``, ``unknown-kind``, ``truncated-frame``,
-    ``bad-end``, ``trailing-bytes``."""
+    ``bad-end``, ``trailing-bytes``, ``bad-move``, ``bad-handoff``, ``bad-moved``."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -127,7 +159,9 @@ class Receipt(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class Datagram:
     """A decoded datagram.  ``frames`` for DATA, ``receipts`` for RECEIPT; ``frames_sent``
-    and ``datagrams_sent`` for END."""
+    and ``datagrams_sent`` for END; ``move_id``, ``destination`` and ``flows`` for MOVE;
+    ``move_id``, ``part``, ``parts`` and ``payload`` for HANDOFF; ``move_id`` and ``part``
+    for MOVED."""
 
     kind: Kind
     sender: int
@@ -137,6 +171,12 @@ class Datagram:
     receipts: list[Receipt] = field(default_factory=list)
     frames_sent: int = 0
     datagrams_sent: int = 0
+    move_id: int = 0
+    destination: tuple[str, int] = ("", 0)
+    flows: list[int] = field(default_factory=list)
+    part: int = 0
+    parts: int = 0
+    payload: bytes = b""
 
 
 def decode(data: bytes | bytearray | memoryview) -> Datagram:
@@ -187,9 +227,46 @@ def decode(data: bytes | bytearray | memoryview) -> Datagram:
         return Datagram(
             Kind.END, sender, seq, sent, frames_sent=frames_sent, datagrams_sent=datagrams_sent
         )
-    if count != 0 or n != at:
-        raise MalformedDatagram("trailing-bytes", f"a LEAVING has no body: {n - at} bytes")
-    return Datagram(Kind.LEAVING, sender, seq, sent)
+    if kind == Kind.LEAVING:
+        if count != 0 or n != at:
+            raise MalformedDatagram("trailing-bytes", f"a LEAVING has no body: {n - at} bytes")
+        return Datagram(Kind.LEAVING, sender, seq, sent)
+    return _decode_move(Kind(kind), sender, seq, sent, count, data, at)
+
+
+def _decode_move(
+    kind: Kind,
+    sender: int,
+    seq: int,
+    sent: int,
+    count: int,
+    data: bytes | bytearray | memoryview,
+    at: int,
+) -> Datagram:
+    """The stop-the-world kinds: MOVE, HANDOFF, MOVED."""
+    n = len(data)
+    if kind == Kind.MOVE:
+        if n != at + _MOVE.size + count * _FLOW.size:
+            raise MalformedDatagram("bad-move", f"count {count}, {n - at} body bytes")
+        move_id, host, port = _MOVE.unpack_from(data, at)
+        at += _MOVE.size
+        flows = [f for (f,) in _FLOW.iter_unpack(memoryview(data)[at:n])]
+        dest = (".".join(str(b) for b in host), port)
+        return Datagram(kind, sender, seq, sent, move_id=move_id, destination=dest, flows=flows)
+    if kind == Kind.HANDOFF:
+        if count != 0 or n < at + _HANDOFF.size:
+            raise MalformedDatagram("bad-handoff", f"count {count}, {n - at} body bytes")
+        move_id, part, parts = _HANDOFF.unpack_from(data, at)
+        if part >= parts:
+            raise MalformedDatagram("bad-handoff", f"part {part} of {parts}")
+        payload = bytes(data[at + _HANDOFF.size : n])
+        return Datagram(
+            kind, sender, seq, sent, move_id=move_id, part=part, parts=parts, payload=payload
+        )
+    if count != 0 or n != at + _MOVED.size:
+        raise MalformedDatagram("bad-moved", f"count {count}, {n - at} body bytes")
+    move_id, part = _MOVED.unpack_from(data, at)
+    return Datagram(kind, sender, seq, sent, move_id=move_id, part=part)
 
 
 def _header(kind: Kind, sender: int, seq: int, count: int, sent: int | None = None) -> bytes:
@@ -205,6 +282,47 @@ def encode_end(sender: int, seq: int, frames_sent: int, datagrams_sent: int) -> 
 def encode_leaving(sender: int, seq: int) -> bytes:
     """A LEAVING datagram: an instance asks the sender to steer its flows elsewhere."""
     return _header(Kind.LEAVING, sender, seq, 0)
+
+
+def move_room(max_size: int = DEFAULT_MAX_DATAGRAM) -> int:
+    """How many flows one MOVE datagram of at most ``max_size`` bytes names."""
+    return min((max_size - HEADER.size - _MOVE.size) // _FLOW.size, 0xFFFF)
+
+
+def encode_move(
+    sender: int, seq: int, move_id: int, destination: tuple[str, int], flows: list[int]
+) -> bytes:
+    """A MOVE datagram: hand the state of ``flows`` to the instance whose data channel is at
+    ``destination`` (an IPv4 address and port) once everything before this is processed.
+    ``ValueError`` for more flows than a datagram may name (:func:`move_room` per 16 KiB)."""
+    if len(flows) > 0xFFFF or HEADER.size + _MOVE.size + 4 * len(flows) > _UDP_MAX:
+        raise ValueError(f"{len(flows)} flows do not fit in one MOVE")
+    host, port = destination
+    body = _MOVE.pack(move_id, socket.inet_aton(host), port)
+    return (
+        _header(Kind.MOVE, sender, seq, len(flows)) + body + struct.pack(f"!{len(flows)}I", *flows)
+    )
+
+
+def handoff_room(max_size: int = DEFAULT_MAX_DATAGRAM) -> int:
+    """The largest HANDOFF payload in a datagram of at most ``max_size`` bytes."""
+    return max_size - HEADER.size - _HANDOFF.size
+
+
+def encode_handoff(
+    sender: int, seq: int, move_id: int, part: int, parts: int, payload: bytes
+) -> bytes:
+    """A HANDOFF datagram: part ``part`` (from 0) of ``parts`` of hand-off ``move_id``."""
+    if not 0 <= part < parts <= 0xFFFF:
+        raise ValueError(f"part {part} of {parts}")
+    if HEADER.size + _HANDOFF.size + len(payload) > _UDP_MAX:
+        raise ValueError(f"a {len(payload)}-byte payload does not fit in a datagram")
+    return _header(Kind.HANDOFF, sender, seq, 0) + _HANDOFF.pack(move_id, part, parts) + payload
+
+
+def encode_moved(sender: int, seq: int, move_id: int, part: int = 0) -> bytes:
+    """A MOVED datagram: ``move_id`` (part ``part``) is done."""
+    return _header(Kind.MOVED, sender, seq, 0) + _MOVED.pack(move_id, part)
 
 
 class Packer:

@@ -3,7 +3,8 @@
 ::
 
     python -m nf serve NAME --controller HOST:PORT --data HOST:PORT --sink HOST:PORT
-        [--backend s6|local-only|remote-only|redis] [--store HOST:PORT] [--secret-file F]
+        [--backend s6|local-only|remote-only|redis|stop-the-world] [--store HOST:PORT]
+        [--secret-file F]
         [--listen HOST:PORT] [--config FILE.toml] [--forward receipts|frames] [NF options]
 
 The process joins the object space through the controller as an embedded member whose
@@ -23,7 +24,12 @@ makes the NF on the backend's space (``s6``: the space itself; the others throug
 * runs ``nf.tick(now)`` every ``tick_interval`` seconds of that clock;
 * answers the control-plane queries the controller relays (``python -m nf query``): the
   NF's own, plus ``serve`` (this process's counters);
-* counts a datagram it cannot decode by reason and goes on.
+* counts a datagram it cannot decode by reason and goes on;
+* on the ``stop-the-world`` backend (``baselines.stop_the_world``), moves flows' state in
+  bulk when the sender asks: a MOVE marker (the flows, their new instance) is answered once
+  everything before it is processed, by handing the flows' recorded objects to the new
+  instance (HANDOFF), which acquires them all at once and acknowledges (MOVED); then this
+  instance acknowledges the MOVE, and the sender releases the traffic it held.
 
 Leaving.  SIGTERM (or SIGINT), or a ``ctl scale-in`` of this member (seen as soon as the
 event's ring leaves it out), starts a graceful leave: the instance tells every sender it has
@@ -50,7 +56,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -67,7 +73,10 @@ from nf.datachannel import (
     Packer,
     ReceiptPacker,
     decode,
+    encode_handoff,
     encode_leaving,
+    encode_moved,
+    handoff_room,
     now_ns,
 )
 from nf.packet import Packet, parse
@@ -75,7 +84,7 @@ from store import SchedulerFull
 
 __all__ = ["BACKENDS", "Instance", "main"]
 
-BACKENDS: Final = ("s6", "local-only", "remote-only", "redis")
+BACKENDS: Final = ("s6", "local-only", "remote-only", "redis", "stop-the-world")
 #: Seconds between sends of what is batched for the sink, when the receive loop is idle
 #: (it sends after each datagram otherwise): the most a receipt of a parked unit waits.
 FLUSH_EVERY: Final = 0.002
@@ -87,6 +96,11 @@ LEAVING_EVERY: Final = 0.05
 RCVBUF: Final = 8 << 20
 #: Parked units whose wait is kept for the ``serve`` query's percentiles.
 WAITED_KEPT: Final = 100_000
+#: Seconds between repeats of an unacknowledged HANDOFF part (UDP), and how long a move
+#: waits for the new instance before it gives up (the flows' objects then move on their
+#: next packet, as on S6).
+HANDOFF_EVERY: Final = 0.05
+HANDOFF_TIMEOUT: Final = 10.0
 
 logger = logging.getLogger("nf.serve")
 
@@ -148,6 +162,18 @@ class Instance:
         self.leaving: str | None = None
         self.all_ended = trio.Event()
         self._leaving_seq = 0
+        # Stop-the-world: the space that knows each flow's objects, the flow key of each of
+        # the sender's flow numbers seen here (a MOVE names flows by number), the moves
+        # (by sender and id) and hand-offs (by old instance, id and part) being done or
+        # done, the acknowledgements awaited for this instance's own hand-offs.
+        self.stw = space if hasattr(space, "take_records") else None
+        self.flow_keys: dict[int, Hashable] | None = {} if self.stw is not None else None
+        self.moves: dict[tuple[tuple[str, int], int], bool] = {}
+        self.handoffs: dict[tuple[tuple[str, int], int, int], bool] = {}
+        self.awaiting: dict[tuple[int, int], trio.Event] = {}
+        self._handoff_id = 0
+        self._seq = 0
+        self.tasks: trio.Nursery | None = None
 
     # -- the packet path -------------------------------------------------------------------
 
@@ -158,10 +184,13 @@ class Instance:
         submit = self.space.submit_nowait
         settle = self._settle
         offset = CLOCK_OFFSET
+        keys = self.flow_keys
         self.received[addr] += len(dgram.frames)
         for frame in dgram.frames:
             packet = parse(frame.data, frame.sent_ns / 1e9 + offset)
             key = flow_key(packet)
+            if keys is not None:
+                keys[frame.flow] = key
             try:
                 unit = submit(key, process, packet)
             except SchedulerFull:  # the bound on parked units: wait for room (backpressure)
@@ -235,20 +264,130 @@ class Instance:
     async def receive(self) -> None:
         """Datagrams in, until cancelled."""
         data = self.data
-        while True:
-            raw, addr = await data.recvfrom(65536)
-            try:
-                dgram = decode(raw)
-            except MalformedDatagram as exc:
-                self._bad(exc.reason, addr)
-                continue
-            if dgram.kind == Kind.DATA:
-                await self.on_data(dgram, addr)
-                self.flush()
-            elif dgram.kind == Kind.END:
-                self._end(dgram, addr)
-            else:  # RECEIPT and LEAVING are not for an instance
-                self._bad(f"unexpected-{dgram.kind.name.lower()}", addr)
+        async with trio.open_nursery() as tasks:
+            self.tasks = tasks
+            while True:
+                raw, addr = await data.recvfrom(65536)
+                try:
+                    dgram = decode(raw)
+                except MalformedDatagram as exc:
+                    self._bad(exc.reason, addr)
+                    continue
+                kind = dgram.kind
+                if kind == Kind.DATA:
+                    await self.on_data(dgram, addr)
+                    self.flush()
+                elif kind == Kind.END:
+                    self._end(dgram, addr)
+                elif self.stw is not None and kind in (Kind.MOVE, Kind.HANDOFF, Kind.MOVED):
+                    self._stop_the_world(dgram, addr)
+                else:  # RECEIPT and LEAVING are not for an instance, nor moves on others
+                    self._bad(f"unexpected-{kind.name.lower()}", addr)
+
+    # -- stop-the-world moves ------------------------------------------------------------
+
+    def _stop_the_world(self, dgram: Datagram, addr: tuple[str, int]) -> None:
+        assert self.tasks is not None
+        if dgram.kind == Kind.MOVED:
+            done = self.awaiting.get((dgram.move_id, dgram.part))
+            if done is not None:
+                done.set()
+            return
+        if dgram.kind == Kind.MOVE:
+            move = (addr, dgram.move_id)
+            state = self.moves.get(move)
+            if state is None:
+                self.moves[move] = False
+                self.tasks.start_soon(self._move, dgram, addr)
+            elif state:  # done, but our acknowledgement was lost: say it again
+                self._send_to(encode_moved(self.ident, self._next_seq(), dgram.move_id), addr)
+            return  # (a repeat of a move under way: it is acknowledged when done)
+        part = (addr, dgram.move_id, dgram.part)
+        state = self.handoffs.get(part)
+        if state is None:
+            self.handoffs[part] = False
+            self.tasks.start_soon(self._adopt, dgram, addr)
+        elif state:
+            msg = encode_moved(self.ident, self._next_seq(), dgram.move_id, dgram.part)
+            self._send_to(msg, addr)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send_to(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.out.sendto(data, addr)
+        except OSError as exc:  # a full buffer or a gone peer: the peer repeats, we answer
+            self.counts[f"move-{type(exc).__name__}"] += 1
+
+    async def _move(self, dgram: Datagram, sender: tuple[str, int]) -> None:
+        """A MOVE marker: once everything received before it is processed, hand the
+        flows' objects to their new instance, then acknowledge."""
+        stw = self.stw
+        keys = self.flow_keys
+        assert stw is not None and keys is not None
+        # The datagrams before the marker were all submitted before it was read (one
+        # receive loop, in order), and the sender holds everything after it back: once no
+        # unit is parked, every frame before the marker is processed.
+        while self.parked:
+            await self.idle.wait()
+        flows = [(n, keys.pop(n)) for n in dgram.flows if n in keys]
+        entries = stw.take_records(flows)
+        self.counts["flows-moved-out"] += len(entries)
+        if entries:
+            await self._hand_off(entries, dgram.destination)
+        self.moves[(sender, dgram.move_id)] = True
+        self._send_to(encode_moved(self.ident, self._next_seq(), dgram.move_id), sender)
+
+    async def _hand_off(self, entries: list[Any], dest: tuple[str, int]) -> None:
+        from baselines.stop_the_world import encode_records
+
+        payloads = encode_records(entries, handoff_room(DEFAULT_MAX_DATAGRAM))
+        self._handoff_id += 1
+        hid = self._handoff_id
+        parts = len(payloads)
+        waits = {p: trio.Event() for p in range(parts)}
+        for p, event in waits.items():
+            self.awaiting[(hid, p)] = event
+        with trio.move_on_after(HANDOFF_TIMEOUT) as waiting:
+            while not all(e.is_set() for e in waits.values()):
+                for p, payload in enumerate(payloads):
+                    if not waits[p].is_set():
+                        msg = encode_handoff(self.ident, self._next_seq(), hid, p, parts, payload)
+                        # From the data socket: the new instance answers where it came from.
+                        try:
+                            await self.data.sendto(msg, dest)
+                        except OSError as exc:
+                            self.counts[f"move-{type(exc).__name__}"] += 1
+                with trio.move_on_after(HANDOFF_EVERY):
+                    for event in waits.values():
+                        await event.wait()
+        for p in waits:
+            del self.awaiting[(hid, p)]
+        if waiting.cancelled_caught:
+            self.counts["handoff-timeout"] += 1
+            _emit("handoff-timeout", destination=f"{dest[0]}:{dest[1]}", parts=parts)
+
+    async def _adopt(self, dgram: Datagram, old: tuple[str, int]) -> None:
+        """A HANDOFF part: record its flows as ours, acquire their objects, acknowledge."""
+        from baselines.stop_the_world import decode_records
+
+        stw = self.stw
+        keys = self.flow_keys
+        assert stw is not None and keys is not None
+        try:
+            entries = decode_records(dgram.payload)
+        except ValueError:
+            self._bad("bad-handoff-payload", old)
+            del self.handoffs[(old, dgram.move_id, dgram.part)]
+            return
+        for number, key, _objects in entries:
+            keys[number] = key
+        await stw.acquire(stw.adopt(entries))
+        self.counts["flows-moved-in"] += len(entries)
+        self.handoffs[(old, dgram.move_id, dgram.part)] = True
+        self._send_to(encode_moved(self.ident, self._next_seq(), dgram.move_id, dgram.part), old)
 
     def _bad(self, reason: str, addr: tuple[str, int]) -> None:
         self.bad[reason] += 1
@@ -317,6 +456,11 @@ class Instance:
             "frames_forwarded": self.frames_out.frames,
             "datagrams_to_sink": self.receipts.datagrams + self.frames_out.datagrams,
             "nf": dict(self.nf.counts),
+            **(
+                {"objects_acquired": self.stw.acquired, "acquire_failed": self.stw.acquire_failed}
+                if self.stw is not None
+                else {}
+            ),
             "leaving": self.leaving,
             "cpu_s": round(time.process_time(), 3),
         }
