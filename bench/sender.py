@@ -5,6 +5,7 @@
     python -m bench.sender --controller HOST:PORT --sink HOST:PORT --pcap FILE
         [--rate PPS] [--flows N] [--duration S] [--steer hash|owner] [--steer-over S]
         [--owner-map MAP] [--min-instances N] [--nf NAME] [--poll S] [--secret-file F]
+        [--stop-the-world auto|on|off] [--move-timeout S]
 
 * **Traffic.** The capture's frames in file order, paced to ``--rate`` frames per second
   (in small bursts, one datagram per instance per burst, a few hundred bursts a second).
@@ -30,11 +31,24 @@
   datagram, which ``nf.serve`` does on SIGTERM) its flows are steered to the others at once,
   and then it gets an END marker: everything before it was sent.  At the end every instance
   and the sink get an END with the number of frames sent to them.
+* **Stop-the-world** (``--stop-the-world``; ``auto``, the default, turns it on once an
+  instance reports the label ``backend=stop-the-world``, ``on``/``off`` force it): the
+  OpenNF-style baseline (``baselines.stop_the_world``).  At a steering change that moves
+  flows which were sent already, the sender sends what it packed, changes the steering, and
+  from then on holds back every datagram for every instance; it sends each instance that
+  loses flows a MOVE marker naming them and their new instance (repeated until
+  acknowledged), which that instance acknowledges once it has processed everything before
+  the marker and the new instance holds the flows' objects; then a leaver gets its END,
+  and the held datagrams go out, in order.  Nothing is lost or reordered; every frame sent
+  meanwhile waits out the pause (a ``paused`` line says how long; ``--move-timeout``
+  bounds it).  ``--steer-over`` does not apply, and a steering change that comes during a
+  pause waits for its end.
 
 stdout is one JSON object per line: ``ready``, ``started``, one per steering change
 (``scale-out``/``scale-in``: the instance, the wall-clock time, the flows moved), and
-``done`` (frames sent, rate achieved, per instance, CPU): a sender that fell behind its
-rate or used most of a core says the run is not valid.
+``paused`` (stop-the-world: the pause, the flows and moves), ``done`` (frames sent, rate
+achieved, per instance, CPU): a sender that fell behind its rate or used most of a core
+says the run is not valid.
 """
 
 from __future__ import annotations
@@ -62,6 +76,8 @@ from nf.datachannel import (
     Packer,
     decode,
     encode_end,
+    encode_move,
+    move_room,
 )
 from nf.packet import parse
 from ring.hashring import DEFAULT_VNODES, HashRing, key_token
@@ -74,6 +90,10 @@ CPU_LIMIT: Final = 0.85
 BEHIND_S: Final = 0.05
 #: END markers are sent this many times (UDP), a few ms apart; receivers ignore repeats.
 END_REPEATS: Final = 3
+#: Seconds between repeats of an unacknowledged MOVE marker (stop-the-world).
+MOVE_EVERY: Final = 0.05
+#: The backend label that turns stop-the-world mode on (``--stop-the-world auto``).
+STOP_THE_WORLD: Final = "stop-the-world"
 
 
 def _emit(event: str, **fields: Any) -> None:
@@ -143,6 +163,13 @@ class Steering:
                     return before  # not its moment yet: not cached
         self.cache[flow] = name
         return name
+
+    def choices(self) -> dict[int, str]:
+        """Where each flow seen so far goes under the current steering (no gradual move)."""
+        if not self.names:
+            return {}
+        ring, store_ring = self.ring, self.store_ring
+        return {flow: self._choose(ring, store_ring, tok) for flow, tok in self.tokens.items()}
 
     def change(self, names: frozenset[str], store_members: frozenset[str], now: float) -> int:
         """Steer over ``names`` from now on; returns the known flows that change instance
@@ -220,6 +247,18 @@ class Sender:
         self.behind = 0
         self.done = False
         self.events: list[dict[str, Any]] = []
+        # Stop-the-world: on or not (``auto`` decides from the instances' labels), the
+        # datagrams held back during a pause (None: not paused), the MOVE markers not yet
+        # acknowledged, and the nursery the pauses run in.
+        self.stw = args.stop_the_world == "on"
+        self.held: list[tuple[bytes, tuple[str, int]]] | None = None
+        self.released = trio.Event()
+        self.unacked: dict[int, tuple[bytes, tuple[str, int]]] = {}
+        self.acked = trio.Event()
+        self.move_seq = 0
+        self.nursery: trio.Nursery | None = None
+        if self.stw:
+            self.steering.over = 0.0
 
     # -- membership ------------------------------------------------------------------------
 
@@ -242,15 +281,37 @@ class Sender:
             if inst.data == addr:
                 if inst.name in self.active:
                     self._steer(self.active - {inst.name}, set(), {inst.name}, "leaving")
-                elif inst.name in self.gone:
+                elif inst.name in self.gone and inst.ended:
                     self._end(inst)  # it asks again: the END may have been lost
                 return
 
     def _steer(self, names: set[str], added: set[str], removed: set[str], why: str) -> None:
+        if self.held is not None:
+            # Stop-the-world: a pause's moves are under way, and the datagrams it holds were
+            # steered by the change before this one.  This change waits for the release
+            # (the next poll sees it again; a leaver repeats its LEAVING).
+            return
         now = time.monotonic()
+        before = self.steering.choices() if self.stw else {}
+        if before:
+            # The last frames under the old steering go out before any MOVE marker.
+            for inst in self.instances.values():
+                self._flush(inst)
         moved = self.steering.change(frozenset(names), self.store_members, now)
         self.active = set(names)
         self.gone |= removed
+        moves: dict[tuple[str, str], list[int]] = {}
+        if before:
+            after = self.steering.choices()
+            for flow, old in before.items():
+                new = after[flow]
+                if new != old:
+                    moves.setdefault((old, new), []).append(flow)
+        if moves:
+            self.held = []
+            self.released = trio.Event()
+            assert self.nursery is not None
+            self.nursery.start_soon(self._stop_the_world, moves, sorted(removed), why)
         for name in sorted(added):
             event = {"kind": "scale-out", "instance": name, "flows_moved": moved, "why": why}
             self.events.append({**event, "t": time.time()})
@@ -261,7 +322,8 @@ class Sender:
             event = {"kind": "scale-in", "instance": name, "flows_moved": moved, "why": why}
             self.events.append({**event, "t": time.time()})
             _emit("scale-in", **{k: v for k, v in event.items() if k != "kind"})
-            self._end(inst)
+            if self.held is None:
+                self._end(inst)  # (stop-the-world: once its flows' state has moved)
         if len(self.active) >= self.args.min_instances:
             self.ready.set()
 
@@ -271,6 +333,55 @@ class Sender:
         msg = encode_end(self.ident, self.end_seq, inst.packer.frames, inst.packer.datagrams)
         for _ in range(END_REPEATS):
             self._send(msg, inst.data)
+
+    async def _stop_the_world(
+        self, moves: dict[tuple[str, str], list[int]], removed: list[str], why: str
+    ) -> None:
+        """One pause: MOVE markers out (repeated until acknowledged, at most
+        ``--move-timeout`` seconds), ENDs to the leavers, then the held datagrams."""
+        t0, wall0 = time.monotonic(), time.time()
+        room = move_room(self.args.max_datagram)
+        for (old, new), flows in sorted(moves.items()):
+            dest = self.instances[new].data
+            for i in range(0, len(flows), room):
+                self.move_seq += 1
+                msg = encode_move(
+                    self.ident, self.move_seq, self.move_seq, dest, flows[i : i + room]
+                )
+                self.unacked[self.move_seq] = (msg, self.instances[old].data)
+        sent = len(self.unacked)
+        with trio.move_on_after(self.args.move_timeout) as waiting:
+            while self.unacked:
+                self.acked = trio.Event()
+                for msg, addr in list(self.unacked.values()):
+                    self._send(msg, addr)
+                with trio.move_on_after(MOVE_EVERY):
+                    await self.acked.wait()
+        timed_out = len(self.unacked) if waiting.cancelled_caught else 0
+        self.unacked.clear()
+        for name in removed:
+            self._end(self.instances[name])
+        held, self.held = self.held or [], None
+        for data, addr in held:
+            self._send(data, addr)
+        self.released.set()
+        event = {
+            "kind": "paused",
+            "why": why,
+            "flows_moved": sum(len(f) for f in moves.values()),
+            "moves": sent,
+            "timed_out": timed_out,
+            "held_datagrams": len(held),
+            "pause_ms": round((time.monotonic() - t0) * 1000, 3),
+            "t_start": round(wall0, 4),
+        }
+        self.events.append({**event, "t": time.time()})
+        _emit("paused", **{k: v for k, v in event.items() if k != "kind"})
+
+    def moved(self, move_id: int) -> None:
+        """A MOVED from an instance: that MOVE is done."""
+        if self.unacked.pop(move_id, None) is not None:
+            self.acked.set()
 
     async def follow(self) -> None:
         """Poll the controller's status and follow the instances."""
@@ -288,6 +399,11 @@ class Sender:
         ) as peer:
             while not self.done:
                 status = await request_status(peer)
+                if not self.stw and self.args.stop_the_world == "auto":
+                    labels = status.figures.values()
+                    if any(f.get("backend") == STOP_THE_WORLD for f in labels):
+                        self.stw = True
+                        self.steering.over = 0.0  # flows move at once, in the pause
                 self.apply(*parse_status(status, self.args.nf))
                 await trio.sleep(self.args.poll)
 
@@ -306,6 +422,8 @@ class Sender:
                     continue
                 if d.kind == Kind.LEAVING:
                     self.leaving(addr)
+                elif d.kind == Kind.MOVED:
+                    self.moved(d.move_id)
 
     # -- the data path ---------------------------------------------------------------------
 
@@ -319,10 +437,18 @@ class Sender:
             except ConnectionRefusedError:
                 return  # an ICMP error of an earlier datagram to a gone port: not this one
 
+    def _send_data(self, data: bytes, addr: tuple[str, int]) -> None:
+        """A DATA datagram to an instance: sent, or held back during a pause."""
+        held = self.held
+        if held is None:
+            self._send(data, addr)
+        else:
+            held.append((data, addr))
+
     def _flush(self, inst: Instance) -> None:
         out = inst.packer.take()
         if out is not None:
-            self._send(out, inst.data)
+            self._send_data(out, inst.data)
 
     def frames(self) -> Any:
         """(flow number, direction-free key, frame) in sending order, pass after pass."""
@@ -410,7 +536,7 @@ class Sender:
                 inst = instances[name]
                 out = inst.packer.add(flow, seq, now_ns(), frame)
                 if out is not None:
-                    self._send(out, inst.data)
+                    self._send_data(out, inst.data)
                 touched.add(name)
                 self.sent += 1
             for name in touched:
@@ -422,6 +548,8 @@ class Sender:
         ended = time.time()
         cpu = time.process_time() - cpu0
         self.done = True
+        while self.held is not None:  # a pause under way: its traffic goes out first
+            await self.released.wait()
         for inst in instances.values():
             self._flush(inst)
             if not inst.ended and inst.packer.frames:
@@ -456,6 +584,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     host, port = sender.sock.getsockname()
     _emit("ready", address=f"{host}:{port}")
     async with trio.open_nursery() as nursery:
+        sender.nursery = nursery
         nursery.start_soon(sender.follow)
         nursery.start_soon(sender.listen)
 
@@ -490,6 +619,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=30.0, metavar="S", help="for instances")
     parser.add_argument("--max-datagram", type=int, default=DEFAULT_MAX_DATAGRAM)
     parser.add_argument("--secret-file", metavar="F")
+    parser.add_argument(
+        "--stop-the-world",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="hold all traffic while moved flows' state moves (auto: when the instances "
+        "run the stop-the-world backend)",
+    )
+    parser.add_argument(
+        "--move-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="longest stop-the-world pause (10)",
+    )
     parser.add_argument(
         "--first-pass",
         type=int,

@@ -19,7 +19,12 @@ from nf.datachannel import (
     ReceiptPacker,
     decode,
     encode_end,
+    encode_handoff,
     encode_leaving,
+    encode_move,
+    encode_moved,
+    handoff_room,
+    move_room,
 )
 
 REASONS = {
@@ -30,6 +35,9 @@ REASONS = {
     "truncated-frame",
     "bad-end",
     "trailing-bytes",
+    "bad-move",
+    "bad-handoff",
+    "bad-moved",
 }
 
 
@@ -89,6 +97,51 @@ def test_end_and_leaving() -> None:
     )
     leaving = decode(encode_leaving(6, 0))
     assert (leaving.kind, leaving.sender) == (Kind.LEAVING, 6)
+
+
+def test_move_handoff_and_moved_round_trip() -> None:
+    flows = [0, 7, 2**32 - 1, 42]
+    move = decode(encode_move(3, 9, 1234, ("127.0.0.1", 40001), flows))
+    assert (move.kind, move.sender, move.seq, move.move_id) == (Kind.MOVE, 3, 9, 1234)
+    assert move.destination == ("127.0.0.1", 40001)
+    assert move.flows == flows
+    empty = decode(encode_move(3, 10, 1, ("10.1.2.3", 1), []))
+    assert (empty.flows, empty.destination) == ([], ("10.1.2.3", 1))
+    # A full MOVE fits the default datagram, one flow more does not fit that size.
+    room = move_room()
+    full = encode_move(1, 1, 1, ("127.0.0.1", 1), list(range(room)))
+    assert len(full) <= 16_384 < len(full) + 4
+    payload = bytes(range(256)) * 3
+    handoff = decode(encode_handoff(4, 11, 77, 2, 5, payload))
+    assert (handoff.kind, handoff.move_id, handoff.part, handoff.parts) == (Kind.HANDOFF, 77, 2, 5)
+    assert handoff.payload == payload
+    assert len(encode_handoff(4, 1, 1, 0, 1, b"x" * handoff_room())) == 16_384
+    assert decode(encode_handoff(4, 1, 1, 0, 1, b"")).payload == b""
+    moved = decode(encode_moved(5, 12, 77, 2))
+    assert (moved.kind, moved.sender, moved.move_id, moved.part) == (Kind.MOVED, 5, 77, 2)
+    assert decode(encode_moved(5, 13, 8)).part == 0
+    with pytest.raises(ValueError):
+        encode_handoff(1, 1, 1, 3, 3, b"")  # part numbers run from 0 to parts - 1
+    with pytest.raises(ValueError):
+        encode_move(1, 1, 1, ("127.0.0.1", 1), list(range(70_000)))
+
+
+def test_malformed_moves_have_their_reasons() -> None:
+    move = encode_move(1, 1, 5, ("127.0.0.1", 9), [1, 2, 3])
+    assert _reason(move[:-1]) == "bad-move"  # a flow cut short
+    assert _reason(move + b"\0\0\0\0") == "bad-move"  # more flows than the count says
+    assert _reason(move[: HEADER.size + 3]) == "bad-move"  # the fixed part cut
+    handoff = encode_handoff(1, 1, 5, 0, 2, b"abc")
+    assert _reason(handoff[: HEADER.size + 7]) == "bad-handoff"
+    bad_part = bytearray(handoff)
+    struct.pack_into("!HH", bad_part, HEADER.size + 4, 2, 2)  # part 2 of 2
+    assert _reason(bytes(bad_part)) == "bad-handoff"
+    counted = bytearray(handoff)
+    struct.pack_into("!H", counted, HEADER.size - 2, 1)  # a HANDOFF counts nothing
+    assert _reason(bytes(counted)) == "bad-handoff"
+    moved = encode_moved(1, 1, 5, 1)
+    assert _reason(moved[:-1]) == "bad-moved"
+    assert _reason(moved + b"\0") == "bad-moved"
 
 
 def _reason(data: bytes) -> str:
