@@ -37,7 +37,7 @@ async def instances(backend: str, address: str, n: int) -> AsyncIterator[list[Sp
 
 
 async def test_open_backend_names_its_backends() -> None:
-    assert BACKENDS == ("s6", "local-only", "remote-only", "redis")
+    assert BACKENDS == ("s6", "local-only", "remote-only", "redis", "stop-the-world")
     async with store.open_space() as s6:
         async with open_backend("s6", s6) as same:
             assert same is s6
