@@ -90,6 +90,9 @@ DEFAULTS: dict[str, Any] = {
 
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 
+#: Seconds (the NF's clock) a full pool's other shards are not asked again (see _allocate).
+OTHERS_FULL_BACKOFF = 1.0
+
 
 class NatEntry(SingleWriter):
     """One direction of a translated connection (see the module docstring)."""
@@ -343,6 +346,8 @@ class NAT(NF):
         self.shards_per_ip = (span + self.shard_size - 1) // self.shard_size
         #: Shards this instance made (allocates from them locally), newest last.
         self.claimed: list[tuple[int, int]] = []
+        #: Until when (the NF's clock) the other instances' shards are taken as full.
+        self._others_full_until = float("-inf")
         #: Shards a microthread of this instance is making right now (how many are).
         self._claiming: dict[tuple[int, int], int] = {}
         #: Where this instance starts looking for a shard to claim (spreads instances).
@@ -490,7 +495,7 @@ class NAT(NF):
             await self.entries.remove(key)
             self.count("rst-no-mapping")
             return Verdict.DROP
-        got = await self._allocate()
+        got = await self._allocate(packet.ts)
         if got is None:
             await self.entries.remove(key)
             self.count("pool-exhausted")
@@ -617,7 +622,7 @@ class NAT(NF):
                 del claiming[shard]
         return port
 
-    async def _allocate(self) -> tuple[int, int] | None:
+    async def _allocate(self, now: float) -> tuple[int, int] | None:
         if self.single_pool:
             return await self._allocate_whole()
         claimed = self.claimed
@@ -641,6 +646,8 @@ class NAT(NF):
             mine.add(shard)
             if port:
                 return shard[0], port
+        if now < self._others_full_until:
+            return None  # (see below)
         for n in order:  # every shard is made: borrow a port where there is one
             shard = (self.publics[n // self.shards_per_ip], n % self.shards_per_ip)
             if shard in mine:
@@ -652,6 +659,11 @@ class NAT(NF):
             if port:
                 self.count("ports-borrowed")
                 return shard[0], port
+        # The other instances' shards are full too: for a second of the NF's clock, a new
+        # flow tries only this instance's own shards (where its freed ports come back)
+        # instead of asking every other shard again, a round trip each, which made a full
+        # NAT on several instances many times slower with every new flow.
+        self._others_full_until = now + OTHERS_FULL_BACKOFF
         return None
 
     async def _free(self, public: int, port: int) -> None:

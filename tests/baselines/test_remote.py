@@ -45,7 +45,10 @@ async def test_open_backend_names_its_backends() -> None:
             assert local.name == s6.name and local.statistics().backend == "local-only"
         with pytest.raises(
             ValueError,
-            match=r"^unknown backend 'nope': choose one of s6, local-only, remote-only, redis$",
+            match=(
+                r"^unknown backend .nope.: choose one of "
+                r"s6, local-only, remote-only, redis, stop-the-world$"
+            ),
         ):
             async with open_backend("nope", s6):
                 pass

@@ -368,3 +368,31 @@ async def test_three_members_allocating_at_once_never_share_a_port_and_clean_up(
             assert await translations(cluster.nfs[0]) == []
             assert await pool_in_use(cluster.nfs[1]) == 0
             assert await pool_in_use(single[2]) == 0
+
+
+async def test_a_full_pool_is_not_asked_shard_by_shard_for_every_new_flow() -> None:
+    """Two instances, a pool of four shards all claimed and filled by the first: a burst of
+    new flows at the second asks the others' shards for a free port once, then, for a
+    second of the NF's clock, only its own (each ask of a shard elsewhere is a round trip;
+    asking every shard for every new flow made a full NAT many times slower)."""
+    config = nat_config(ports="5000-5007", shard_size=2)  # 8 ports, 4 shards
+    with trio.fail_after(60):
+        async with open_cluster(NAT, config, 2) as cluster:
+            (space_a, space_b), (nat_a, nat_b) = cluster.spaces, cluster.nfs
+
+            async def flow(space: Any, nat: NAT, host: int, sport: int, ts: float) -> Any:
+                packet = parse(tcp_frame(host, SERVER, sport, 80, SYN), ts)
+                unit = await space.submit(nat.flow_key(packet), nat.process, packet)
+                await space.node.micro.wait_result(unit)
+                return packet
+
+            for n in range(8):  # a takes every port, claiming every shard
+                got = await flow(space_a, nat_a, CLIENT, 30000 + n, float(n))
+                assert got.src == P
+            before = space_b.statistics().remote_calls
+            for n in range(20):  # b's new flows, within a second
+                got = await flow(space_b, nat_b, CLIENT + 1, 40000 + n, 10.0 + n / 100)
+                assert got.src == CLIENT + 1  # untranslated: the pool is full
+            asked = space_b.statistics().remote_calls - before
+            assert nat_b.counts["pool-exhausted"] == 20
+            assert asked <= 8, f"{asked} calls to other shards for 20 new flows"
