@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -24,10 +23,8 @@ from typing import Any
 import trio
 
 from store.cli.common import OneLineParser, read_secret
-from store.cli.ctl import CONNECT_TIMEOUT, CtlError, request_query
-from store.shell.transport import connect_peer
-from store.wire.control import QueryAnswer, describe_failure, parse_address
-from store.wire.errors import AuthenticationError, PeerUnavailable, ProtocolError
+from store.cli.ctl import CONNECT_TIMEOUT, CtlError, controller_link, request_query
+from store.wire.control import QueryAnswer, parse_address
 
 __all__ = ["main", "parse_args_list"]
 
@@ -55,29 +52,14 @@ def parse_args_list(items: Sequence[str]) -> dict[str, Any]:
 
 
 async def _ask(args: argparse.Namespace, secret: bytes, query_args: dict[str, Any]) -> QueryAnswer:
-    host, port = parse_address(args.controller)
-    try:
-        with trio.move_on_after(args.timeout) as connecting:
-            async with connect_peer(
-                host, port, secret=secret, name=f"nf-query-{os.getpid()}", timeout=args.timeout
-            ) as peer:
-                connecting.deadline = math.inf
-                with trio.fail_after(QUERY_TIMEOUT):
-                    return await request_query(peer, args.nf, args.query, query_args)
-        raise CtlError(f"cannot reach the controller at {args.controller}: no answer in time")
-    except AuthenticationError:
-        raise CtlError(
-            f"the controller at {args.controller} does not share our cluster secret "
-            "(check --secret-file)"
-        ) from None
-    except PeerUnavailable as exc:
-        raise CtlError(
-            f"cannot reach the controller at {args.controller}: {describe_failure(exc)}"
-        ) from None
-    except ProtocolError as exc:
-        raise CtlError(f"the controller at {args.controller} misbehaved: {exc}") from None
-    except trio.TooSlowError:
-        raise CtlError(f"no answer within {QUERY_TIMEOUT:g} s") from None
+    name = f"nf-query-{os.getpid()}"
+    async with controller_link(args.controller, secret, args.timeout, name) as peer:
+        try:
+            with trio.fail_after(QUERY_TIMEOUT):
+                return await request_query(peer, args.nf, args.query, query_args)
+        except trio.TooSlowError:
+            raise CtlError(f"no answer within {QUERY_TIMEOUT:g} s") from None
+    raise AssertionError("unreachable")  # (the block returns or raises)
 
 
 def _parser() -> OneLineParser:

@@ -24,7 +24,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import trio
@@ -50,6 +51,7 @@ from store.wire.messages import Message
 
 __all__ = [
     "CtlError",
+    "controller_link",
     "main",
     "render_status",
     "request_query",
@@ -164,59 +166,59 @@ def render_status(status: ClusterStatus, out: Console) -> None:
     out.print(table)
 
 
-async def _run(args: argparse.Namespace, secret: bytes, out: Console) -> int:
-    host, port = parse_address(args.controller)
-    # The deadline covers a controller that accepts the connection and never answers (the
-    # transport's own timeout does not); it is lifted once connected, since an event may
-    # take as long as its nodes need to drain.
-    with trio.move_on_after(args.timeout) as connecting:
-        return await _session(args, secret, out, host, port, connecting)
-    raise CtlError(f"cannot reach the controller at {args.controller}: no answer in time")
-
-
-async def _session(
-    args: argparse.Namespace,
-    secret: bytes,
-    out: Console,
-    host: str,
-    port: int,
-    connecting: trio.CancelScope,
-) -> int:
+@asynccontextmanager
+async def controller_link(
+    controller: str, secret: bytes, timeout: float, name: str
+) -> AsyncIterator[Peer]:
+    """An operator's link to the controller at ``controller`` (``HOST:PORT``), for the
+    duration of the block; every way it can fail becomes a :class:`CtlError` saying so in
+    one line (a wrong secret, nobody there, a controller that misbehaves or does not answer
+    in time, also inside the block).  ``timeout`` bounds the connection: a controller that
+    accepts and never answers (the transport's own timeout does not cover it); it is lifted
+    once connected, since an event may take as long as its nodes need to drain."""
+    host, port = parse_address(controller)
     try:
-        async with connect_peer(
-            host, port, secret=secret, name=f"ctl-{os.getpid()}", timeout=args.timeout
-        ) as peer:
-            connecting.deadline = math.inf
-            started = trio.current_time()
-            if args.command == "status":
-                with trio.fail_after(args.timeout + 2.0):
-                    render_status(await request_status(peer), out)
-                return 0
-            kind = "out" if args.command == "scale-out" else "in"
-            reply = await request_scale(peer, kind, args.nodes, out, started)
-            if not reply.ok:
-                raise CtlError(f"scale-{kind} {reply.code}: {reply.text}")
-            s = reply.summary
-            out.print(
-                f"done: epoch {s.get('epoch')}, {s.get('members')} members, "
-                f"{s.get('records_moved')} records and {s.get('objects_moved')} objects moved "
-                f"in {s.get('duration_s')} s",
-                highlight=False,
-            )
-            return 0
+        with trio.move_on_after(timeout) as connecting:
+            async with connect_peer(host, port, secret=secret, name=name, timeout=timeout) as peer:
+                connecting.deadline = math.inf
+                yield peer
+                return
+        raise CtlError(f"cannot reach the controller at {controller}: no answer in time")
     except AuthenticationError:
         raise CtlError(
-            f"the controller at {args.controller} does not share our cluster secret "
+            f"the controller at {controller} does not share our cluster secret "
             "(check --secret-file)"
         ) from None
     except PeerUnavailable as exc:
         raise CtlError(
-            f"cannot reach the controller at {args.controller}: {describe_failure(exc)}"
+            f"cannot reach the controller at {controller}: {describe_failure(exc)}"
         ) from None
     except ProtocolError as exc:
-        raise CtlError(f"the controller at {args.controller} misbehaved: {exc}") from None
+        raise CtlError(f"the controller at {controller} misbehaved: {exc}") from None
     except trio.TooSlowError:
-        raise CtlError(f"the controller at {args.controller} did not answer in time") from None
+        raise CtlError(f"the controller at {controller} did not answer in time") from None
+
+
+async def _run(args: argparse.Namespace, secret: bytes, out: Console) -> int:
+    async with controller_link(args.controller, secret, args.timeout, f"ctl-{os.getpid()}") as peer:
+        started = trio.current_time()
+        if args.command == "status":
+            with trio.fail_after(args.timeout + 2.0):
+                render_status(await request_status(peer), out)
+            return 0
+        kind = "out" if args.command == "scale-out" else "in"
+        reply = await request_scale(peer, kind, args.nodes, out, started)
+        if not reply.ok:
+            raise CtlError(f"scale-{kind} {reply.code}: {reply.text}")
+        s = reply.summary
+        out.print(
+            f"done: epoch {s.get('epoch')}, {s.get('members')} members, "
+            f"{s.get('records_moved')} records and {s.get('objects_moved')} objects moved "
+            f"in {s.get('duration_s')} s",
+            highlight=False,
+        )
+        return 0
+    raise AssertionError("unreachable")  # (the block returns or raises)
 
 
 def _timeout(text: str) -> float:
