@@ -56,6 +56,24 @@ def deliver_all_but(c: ObjectCluster, held: tuple[str, str]) -> None:
     raise AssertionError("the cluster never went quiet")
 
 
+def found_at_c_while_fencing(c: ObjectCluster, map_name: str, key: int) -> int:
+    """``a`` (holding ``map_name[key]``) leaves and evacuates the object to ``c`` while
+    ``c``'s fence to ``a`` is out (``c``'s last numbered message of it went to ``a``): the
+    object waits aside at ``c``; then ``c`` finds it at ``c``, where it is not installed
+    yet.  Returns the index of that reference of ``c``'s."""
+    k = (map_name, key)
+    scale_in(c, "a")
+    c.drain("a", 10)
+    while any(isinstance(msg, (Evacuate, Evacuates)) for msg in c.queues[("a", "c")]):
+        c.deliver(("a", "c"))  # the object waits at c for c's fence, sent to a
+    assert k in c.nodes["c"].router.objects._fencing
+    c.mw_open("c", map_name, key, True)
+    deliver_all_but(c, ("a", "c"))
+    ref = len(c.mw_refs) - 1
+    assert c.mw_refs[ref].owner == "c" and k not in c.nodes["c"].objects
+    return ref
+
+
 def end(c: ObjectCluster) -> None:
     c.deliver_all()
     c.check()
@@ -230,15 +248,7 @@ def test_a_local_call_waits_behind_this_nodes_fence() -> None:
     ref = len(c.mw_refs) - 1
     c.mw_call(ref, "bump", 1)  # to a
     c.deliver_all()
-    scale_in(c, "a")
-    c.drain("a", 10)
-    while any(isinstance(msg, (Evacuate, Evacuates)) for msg in c.queues[("a", "c")]):
-        c.deliver(("a", "c"))  # the object waits at c for c's fence, sent to a
-    assert k in c.nodes["c"].router.objects._fencing
-    c.mw_open("c", "mw", key, True)  # c finds it at c, where it is not installed yet
-    deliver_all_but(c, ("a", "c"))
-    ref = len(c.mw_refs) - 1
-    assert c.mw_refs[ref].owner == "c" and k not in c.nodes["c"].objects
+    ref = found_at_c_while_fencing(c, "mw", key)
     c.mw_call(ref, "bump", 2)  # waits for the fence too
     c.remove("b", "mw", key)
     deliver_all_but(c, ("a", "c"))
@@ -303,15 +313,7 @@ def test_a_call_waiting_for_a_fence_comes_after_this_nodes_replica() -> None:
     c.mw_call(len(c.mw_refs) - 1, "bump", 1)  # into c's replica, for a...
     c.flush("c")  # ...folded to a: c's numbered messages went there
     c.deliver_all()
-    scale_in(c, "a")
-    c.drain("a", 10)
-    while any(isinstance(msg, (Evacuate, Evacuates)) for msg in c.queues[("a", "c")]):
-        c.deliver(("a", "c"))  # the object waits at c for c's fence, sent to a
-    assert k in c.nodes["c"].router.objects._fencing
-    c.mw_open("c", "mm", key, True)  # c finds it at c, where it is not installed yet
-    deliver_all_but(c, ("a", "c"))
-    ref = len(c.mw_refs) - 1
-    assert c.mw_refs[ref].owner == "c" and k not in c.nodes["c"].objects
+    ref = found_at_c_while_fencing(c, "mm", key)
     c.mw_call(ref, "bump", 2)  # into c's replica, for c
     c.mw_call(ref, "add", 3)  # waits for the fence
     end(c)
