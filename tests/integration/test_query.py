@@ -124,3 +124,83 @@ async def test_a_leaving_member_hears_every_goodbye_answer(
                 errors = a.statistics().errors
                 assert not any(name.startswith("sent-to-departed") for name in errors), errors
                 assert "no goodbye answer" not in caplog.text
+
+
+class _HeldInScaling:
+    """A member whose drain waits for ``release``: its scale-out stays in SCALING."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.scaling = trio.Event()
+
+    async def on_pre_scaling(self, membership: Any) -> None:
+        pass
+
+    async def on_scaling(self, membership: Any) -> None:
+        self.scaling.set()
+        await self.release.wait()
+        await membership.report_drained()
+
+    async def on_normal(self, membership: Any) -> None:
+        pass
+
+    async def on_abort(self, membership: Any) -> None:
+        pass
+
+    async def on_leave(self, membership: Any) -> None:
+        pass
+
+    async def on_repair(self, membership: Any) -> None:
+        pass
+
+
+async def test_a_query_during_a_scaling_event_waits_for_normal() -> None:
+    """The controller relays a query once the cluster is NORMAL: asked while a scale-out is
+    in SCALING, it is answered when the event ends, on the event's new epoch."""
+    from store.cli.ctl import controller_link, request_query
+    from store.shell.membership import join_cluster
+
+    secret = os.urandom(16).hex().encode()
+
+    async def query(name: str, args: dict[str, Any]) -> Any:
+        return ["an answer"]
+
+    with trio.fail_after(60):
+        async with open_controller(secret=secret) as ctl:
+            async with store.open_space(
+                ctl.address, secret=secret, labels={"nf": "prads"}, query=query
+            ):
+                held = _HeldInScaling()
+                async with trio.open_nursery() as nursery:
+
+                    async def joiner() -> None:
+                        async with join_cluster(
+                            ctl.address,
+                            name="127.0.0.1:9",
+                            address="127.0.0.1:9",
+                            secret=secret,
+                            handler=held,
+                        ):
+                            pass
+
+                    nursery.start_soon(joiner)
+                    await held.scaling.wait()  # the scale-out is in SCALING now
+                    answers: list[Any] = []
+
+                    async def ask() -> None:
+                        async with controller_link(ctl.address, secret, 5.0, "test") as peer:
+                            answers.append(await request_query(peer, "prads", "x", {}))
+
+                    nursery.start_soon(ask)
+                    with trio.move_on_after(1.0):
+                        while not answers:
+                            await trio.sleep(0.05)
+                    assert not answers, "answered while the event was still running"
+                    held.release.set()
+                    while not answers:
+                        await trio.sleep(0.05)
+                    (answer,) = answers
+                    assert answer.ok and answer.value == ["an answer"]
+                    # answered on the scale-out's epoch, the joiner in the ring: after NORMAL
+                    assert answer.epoch == ctl.barrier.ring.epoch and len(ctl.barrier.ring) == 2
+                    nursery.cancel_scope.cancel()
