@@ -138,6 +138,7 @@ def _local_multi_method(name: str, fn: Callable[..., Any], info: ClassInfo) -> C
     it moved here), when the core orders it behind them."""
     untethered = info.methods[name].kind is MethodKind.UNTETHERED
 
+    # (the checks of _local_method, inline, not shared through a helper: a call each)
     def method(self: Ref, *args: Any) -> Any:
         held = self._held
         assert held is not None

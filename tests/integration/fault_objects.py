@@ -9,6 +9,9 @@ counter, so an object's state is a number the test's model predicts.
 from __future__ import annotations
 
 from store import MultiWriter, SingleWriter, untethered
+from tests.integration.objects import Hits  # the mergeable counter, shared with the others
+
+__all__ = ["Cell", "Hits", "Tally"]
 
 
 class Cell(SingleWriter):
@@ -40,21 +43,3 @@ class Tally(MultiWriter):
 
     def read(self) -> int:
         return self.total
-
-
-class Hits(MultiWriter):
-    """A mergeable multi-writer counter: ``hit`` goes into the caller's local replica,
-    folded into the object by ``merge`` (paper §4.2)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    @untethered
-    def hit(self, k: int) -> None:
-        self.n += k
-
-    def value(self) -> int:
-        return self.n
-
-    def merge(self, other: Hits) -> None:
-        self.n += other.n

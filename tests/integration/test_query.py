@@ -186,19 +186,19 @@ async def test_a_query_during_a_scaling_event_waits_for_normal() -> None:
                     nursery.start_soon(joiner)
                     await held.scaling.wait()  # the scale-out is in SCALING now
                     answers: list[Any] = []
+                    answered = trio.Event()
 
                     async def ask() -> None:
                         async with controller_link(ctl.address, secret, 5.0, "test") as peer:
                             answers.append(await request_query(peer, "prads", "x", {}))
+                        answered.set()
 
                     nursery.start_soon(ask)
                     with trio.move_on_after(1.0):
-                        while not answers:
-                            await trio.sleep(0.05)
+                        await answered.wait()
                     assert not answers, "answered while the event was still running"
                     held.release.set()
-                    while not answers:
-                        await trio.sleep(0.05)
+                    await answered.wait()
                     (answer,) = answers
                     assert answer.ok and answer.value == ["an answer"]
                     # answered on the scale-out's epoch, the joiner in the ring: after NORMAL
