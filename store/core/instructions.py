@@ -214,11 +214,14 @@ class EnterStage:
 class Repair:
     """A failure event: ``view`` is NORMAL on the repaired ring, which leaves ``dead`` out.
     ``wait`` resolves once this node's share of the key records is rebuilt (every
-    survivor has reported what it holds)."""
+    survivor has reported what it holds).  ``paced``: the objects held here are reported
+    a few at a time, by :class:`DrainStep` (as the drain of a scaling event is), instead of
+    all at once."""
 
     view: NodeView
     dead: frozenset[str]
     wait: Wait[Any]
+    paced: bool = False
 
 
 @dataclass(slots=True)

@@ -547,7 +547,7 @@ class ObjectLayer(ScaleIn):
             else:
                 self.bounce(stim.to, msg)
 
-    def repair(self, view: NodeView, dead: frozenset[str]) -> None:
+    def repair(self, view: NodeView, dead: frozenset[str], paced: bool = False) -> None:
         """A failure event (see ``KeyLayer.repair``): ``dead`` are departed from now on
         (what is sent to them is answered here, as for a node that left: fences and
         barriers answered, calls relocated); every object held here is reported to its key

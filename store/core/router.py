@@ -210,7 +210,7 @@ class Router:
             objects.enter_stage(stimulus.view)  # type: ignore[union-attr]
         elif kind is Repair:
             self.keys.repair(stimulus.view, stimulus.dead, stimulus.view.ring.nodes)  # type: ignore[union-attr]
-            objects.repair(stimulus.view, stimulus.dead)  # type: ignore[union-attr]
+            objects.repair(stimulus.view, stimulus.dead, stimulus.paced)  # type: ignore[union-attr]
             self._repair_wait = stimulus.wait  # type: ignore[union-attr]
         elif kind is DrainStep:
             self._drain(stimulus.limit)  # type: ignore[union-attr]
