@@ -39,7 +39,7 @@ import math
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,7 +50,7 @@ import trio
 
 from nf.base import NF, ConfigError, Verdict
 from nf.capture import CaptureError, read_capture, write_pcap
-from nf.packet import parse
+from nf.packet import Packet, parse
 from store import SchedulerFull
 
 __all__ = ["Cluster", "RunResult", "load_config", "open_cluster", "run", "run_capture"]
@@ -303,6 +303,25 @@ async def run_capture(
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the stack may swallow)
 
 
+def _submit_nowait(space: Any) -> Callable[..., Any]:
+    """The member's ``submit_nowait``: its scheduler's own when it has one (the store's
+    ``Space.submit_nowait`` only passes the call on, a frame per packet), else the
+    space's (plain dicts, the baselines)."""
+    micro = getattr(getattr(space, "node", None), "micro", None)
+    submit: Callable[..., Any] | None = getattr(micro, "submit_nowait", None)
+    if submit is None:
+        submit = space.submit_nowait
+    return submit
+
+
+def _flow_key(nf: NF) -> Callable[[Packet], Hashable]:
+    """``nf.flow_key``, or the packet's own key function when the NF keeps the default
+    (the same key, one call instead of two per packet)."""
+    if type(nf).flow_key is NF.flow_key:
+        return Packet.flow_key_both if nf.bidirectional else Packet.flow_key_directed
+    return nf.flow_key
+
+
 async def _drive(
     cluster: Cluster,
     packets: list[tuple[float, bytes]],
@@ -357,25 +376,26 @@ async def _drive(
     def members() -> None:
         nonlocal spaces, nfs, submits, processes, n
         spaces, nfs = cluster.spaces, cluster.nfs
-        submits = [space.submit_nowait for space in spaces]
+        submits = [_submit_nowait(space) for space in spaces]
         processes = [nf.process for nf in nfs]
         n = len(spaces)
 
     members()
-    flow_key = nfs[0].flow_key
+    flow_key = _flow_key(nfs[0])
     append = verdicts.append
     next_tick = packets[0][0] + interval if packets else 0.0
     forward = Verdict.FORWARD
     for index, (ts, frame) in enumerate(packets):
-        if index == scale_index:
-            await drain()
-            await cluster.join(1)
-            members()
-        if ts >= next_tick:
-            await drain()
-            for nf in nfs:
-                await nf.tick(ts)
-            next_tick = ts + interval
+        if ts >= next_tick or index == scale_index:
+            if index == scale_index:
+                await drain()
+                await cluster.join(1)
+                members()
+            if ts >= next_tick:
+                await drain()
+                for nf in nfs:
+                    await nf.tick(ts)
+                next_tick = ts + interval
         packet = parse(frame, ts)
         key = flow_key(packet)
         i = hash(key) % n if n > 1 else 0
@@ -386,10 +406,11 @@ async def _drive(
         if unit.done():
             finished(index)
             if not inflight:  # the common case: finished inline, nothing waiting before it
-                if unit.failed():
+                try:
+                    verdict = unit.result()
+                except Exception:  # the NF raised: settle counts it
                     settle(unit, packet)
                     continue
-                verdict = unit.result()
                 append(verdict)
                 if keep_frames and verdict == forward:
                     forwarded.append((ts, packet.frame))
