@@ -16,10 +16,12 @@ property test compares the two.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import ahocorasick
 
+from nf.ids.addresses import PortSet
 from nf.ids.options import match_payload
 from nf.ids.rules import Rule
 
@@ -51,14 +53,14 @@ class PacketView:
 #: Groups with at most this many distinct fast patterns search each with ``bytes.find``.
 SMALL_GROUP = 8
 
-#: Port masks remembered per port before the caches start over.
+#: Port pairs whose group is remembered before the cache starts over.
 _PORT_CACHE = 65536
 
 
 class _Group:
     """Rules that can apply to one kind of packet, with their prefilter."""
 
-    __slots__ = ("always", "automaton", "patterns", "rules")
+    __slots__ = ("always", "automaton", "bare", "patterns", "rules")
 
     def __init__(self, rules: list[Rule], small: int) -> None:
         self.rules = rules
@@ -70,6 +72,9 @@ class _Group:
                 self.always.append(rule)
             else:
                 by_pattern.setdefault(fp.pattern.lower(), []).append(rule)
+        #: The rules that can match a packet without payload: those without content or
+        #: pcre (any other never matches an empty payload).
+        self.bare = [rule for rule in self.always if not rule.payload]
         #: (lowered pattern, its rules) when the group is small, else None
         self.patterns: list[tuple[bytes, list[Rule]]] | None = None
         self.automaton: ahocorasick.Automaton | None = None
@@ -86,7 +91,7 @@ class _Group:
         """The rules worth evaluating in full on a payload (``lower``: lowered), in file
         order."""
         if not lower:
-            return self.always
+            return self.bare
         chosen: list[Rule] = []
         if self.patterns is not None:
             for pattern, members in self.patterns:
@@ -134,26 +139,36 @@ class Detector:
                 if rule.bidirectional:
                     bidir |= 1 << i
             self._masks[name] = (every, portless, bidir, 0)
-        self._sport_cache: dict[tuple[str, int], int] = {}
-        self._dport_cache: dict[tuple[str, int], int] = {}
+        # Port masks by interval: every port list is made of ranges, so between two
+        # consecutive range ends every list admits all ports or none; the masks of each
+        # stretch of ports are worked out once.  (name, source?) -> (starts, masks).
+        self._port_masks: dict[tuple[str, bool], tuple[list[int], list[int]]] = {}
+        for name in ("tcp", "udp"):
+            members = self._protocols[name]
+            for source in (True, False):
+                ends: set[int] = set()
+                for rule in members:
+                    _range_ends(rule.sport if source else rule.dport, ends)
+                starts = sorted(ends)
+                masks = []
+                for i in range(len(starts) + 1):
+                    port = starts[i - 1] if i else (starts[0] - 1 if starts else 0)
+                    mask = self._masks[name][1]
+                    for j, rule in enumerate(members):
+                        if port in (rule.sport if source else rule.dport):
+                            mask |= 1 << j
+                    masks.append(mask)
+                self._port_masks[name, source] = (starts, masks)
         self._groups: dict[tuple[str, int], _Group] = {}
         #: (proto, sport, dport) packed in an int -> its group: the packets of one flow
         #: find theirs in one lookup.
         self._recent: dict[int, _Group] = {}
 
     def _port_mask(self, name: str, port: int, source: bool) -> int:
-        cache = self._sport_cache if source else self._dport_cache
-        key = (name, port)
-        mask = cache.get(key)
-        if mask is None:
-            mask = self._masks[name][1]
-            for i, rule in enumerate(self._protocols[name]):
-                if port in (rule.sport if source else rule.dport):
-                    mask |= 1 << i
-            if len(cache) >= _PORT_CACHE:
-                cache.clear()
-            cache[key] = mask
-        return mask
+        """Bit i set: rule i of ``name`` admits ``port`` as its source (or destination)
+        port, or has no ports."""
+        starts, masks = self._port_masks[name, source]
+        return masks[bisect_right(starts, port)]
 
     def group(self, proto: int, sport: int, dport: int) -> _Group:
         """The rules a packet of ``proto`` between these ports can meet (their port lists
@@ -185,6 +200,11 @@ class Detector:
             group = self._groups[key] = _Group(chosen, self.small)
         return group
 
+    def bare(self, proto: int, sport: int, dport: int) -> bool:
+        """Whether no rule can match a packet of ``proto`` between these ports that has no
+        payload: then it need not be looked at (a cheap test, its group's one lookup)."""
+        return self.prefilter and not self.group(proto, sport, dport).bare
+
     def candidates(self, packet: PacketView, lower: bytes) -> list[Rule]:
         """The rules worth evaluating in full on ``packet``, in file order."""
         if not self.prefilter:
@@ -213,6 +233,17 @@ class Detector:
                 continue
             matched.append(rule)
         return matched
+
+
+def _range_ends(ports: PortSet, out: set[int]) -> None:
+    """Add where each range of ``ports`` (nested lists included) starts and where the
+    ports after it start."""
+    for item in (*ports.positive, *ports.negative):
+        if isinstance(item, PortSet):
+            _range_ends(item, out)
+        else:
+            out.add(item[0])
+            out.add(item[1] + 1)
 
 
 def _index(rule: Rule) -> int:

@@ -139,7 +139,8 @@ class IDS(NF):
         return None
 
     async def process(self, packet: Packet) -> Verdict:
-        self.count("packets")
+        counts = self.counts
+        counts["packets"] = counts.get("packets", 0) + 1
         if packet.drop is not None:
             self.count(packet.drop)
             return Verdict.FORWARD
@@ -155,47 +156,45 @@ class IDS(NF):
                 return Verdict.FORWARD
         key = packet.flow_key_both()
         proto = packet.proto
+        src = packet.src
+        sport = packet.sport
+        flags = packet.tcp_flags
+        ts = packet.ts
         async with self.flows.create(key) as ctx:
             to_server, established, number, closed = await ctx.on_packet(
-                proto, packet.src, packet.sport, packet.tcp_flags, packet.ts
+                proto, src, sport, flags, ts
             )
         timer = self._timers.get(key)
         if timer is None:
-            self._timers[key] = [packet.ts, closed]
-            heapq.heappush(self._deadlines, (packet.ts + self._closed_after, key))
+            self._timers[key] = [ts, closed]
+            heapq.heappush(self._deadlines, (ts + self._closed_after, key))
         else:
-            timer[0] = packet.ts
+            timer[0] = ts
             timer[1] = closed
-        self.count("inspected")
+        counts["inspected"] = counts.get("inspected", 0) + 1
+        dport = packet.dport
+        pl, pend = packet.pl, packet.pend
+        if pl >= pend:
+            # No payload: most such packets (handshakes, ACKs) meet no rule that can
+            # match them, and need no view.
+            if self.detector.bare(proto, sport, dport):
+                return Verdict.FORWARD
+            payload = b""
+        else:
+            payload = bytes(packet.frame[pl:pend])
+        dst = packet.dst
         view = PacketView(
-            proto,
-            packet.src,
-            packet.dst,
-            packet.sport,
-            packet.dport,
-            packet.tcp_flags,
-            packet.payload,
-            to_server,
-            established,
-        )
+            proto, src, dst, sport, dport, flags, payload, to_server, established
+        )  # fmt: skip
         matched = self.detector.detect(view)
         if not matched:
             return Verdict.FORWARD
-        server = packet.dst if to_server else packet.src
+        server = dst if to_server else src
         fragment = bool(packet.ip_off & 0x2000)  # the first of several fragments
         async with self.servers.create(server) as record:
             for rule in matched:
-                line = fast_alert(
-                    rule,
-                    packet.ts,
-                    proto,
-                    packet.src,
-                    packet.sport,
-                    packet.dst,
-                    packet.dport,
-                    fragment,
-                )
-                entry = [packet.ts, *key, number, rule.index, line]
+                line = fast_alert(rule, ts, proto, src, sport, dst, dport, fragment)
+                entry = [ts, *key, number, rule.index, line]
                 await record.add(entry, self.alerts_per_server)
         self.count("alerts", len(matched))
         return Verdict.FORWARD

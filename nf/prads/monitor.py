@@ -149,6 +149,8 @@ def _kinds(vlan: bool, proto: int) -> tuple[str, ...]:
 
 
 GRE = 47
+_SESSIONS = ("sessions",)
+_SYN_FIN_RST = SYN | FIN | RST
 _PROTO_COUNTER = {
     TCP: "tcp_recv",
     UDP: "udp_recv",
@@ -184,6 +186,7 @@ class PRADS(NF):
         except ValueError as exc:
             raise ConfigError(f"home_nets: {exc}") from None
         self._home = [(int(n.network_address), int(n.netmask)) for n in self.home_nets] or None
+        self._ack_fingerprints = self.switches["ack"]
         self.os_tables = {
             kind: (table if self.switches[kind.lower()] else None)
             for kind, table in self.signatures.os.items()
@@ -194,7 +197,6 @@ class PRADS(NF):
         #: This instance's timer list: the flows it served, key -> [proto, last packet].
         self.timers: dict[Hashable, list[Any]] = {}
         self._next_sweep: float | None = None
-        self._known: set[int] = set()  # assets this instance knows exist
         self._stats_known = False
         #: statistics not yet handed over: kinds of packet (counter names) -> packets
         self._pending: dict[tuple[str, ...], int] = {}
@@ -256,17 +258,18 @@ class PRADS(NF):
             return Verdict.FORWARD
         # prads reads IPv4 directly after Ethernet or after one 802.1Q tag only.
         etype = (frame[12] << 8) | frame[13]
-        if etype == 0x8100 and packet.l3 == 18:
-            vlan = (frame[14] << 8) | frame[15]  # the whole tag, as prads prints it
-        elif etype == 0x0800:
+        if etype == 0x0800:
             vlan = 0
+            table = _C_IP4_PLAIN
+        elif etype == 0x8100 and packet.l3 == 18:
+            vlan = (frame[14] << 8) | frame[15]  # the whole tag, as prads prints it
+            table = _C_IP4_VLAN
         else:
             self.count("stacked-vlan")
             await self._add(_link_counters(frame))
             return Verdict.FORWARD
         proto = packet.proto
         # the packet's statistics (inline: this is the per-packet path)
-        table = _C_IP4_VLAN if etype == 0x8100 else _C_IP4_PLAIN
         kinds = table.get(proto) or table[0]
         pending = self._pending
         pending[kinds] = pending.get(kinds, 0) + 1
@@ -277,23 +280,54 @@ class PRADS(NF):
             self.count("fragment")  # a later fragment: no ports to track
             return Verdict.FORWARD
         src = packet.src
-        ours = self._home is None or any((src & m) == a for a, m in self._home)
-        if proto == TCP or proto == UDP:
-            key = packet.flow_key_both()  # self.flow_key: PRADS is bidirectional
-            # one access to the flow's Connection for the whole packet
-            async with self.conns.create(key) as conn:
-                if proto == TCP:
-                    await self._tcp(conn, key, packet, vlan, ours)
-                else:
-                    await self._udp(conn, key, packet, vlan, ours)
-        elif proto == GRE:
-            # prads notes the sender of any GRE packet (ours or not) and tracks no
-            # connection; the tunnelled packet inside is not analysed here.
-            await self._asset(src, "touch", packet.ts)
-        elif proto in (4, 41):
-            self.count("tunnel")  # IP in IP: prads analyses the inner packet; we do not
-        else:
-            await self._other(packet, ours)
+        home = self._home
+        ours = home is None or any((src & m) == a for a, m in home)
+        if proto != TCP and proto != UDP:
+            if proto == GRE:
+                # prads notes the sender of any GRE packet (ours or not) and tracks no
+                # connection; the tunnelled packet inside is not analysed here.
+                await self._touch(src, packet.ts)
+            elif proto == 4 or proto == 41:
+                self.count("tunnel")  # IP in IP: prads analyses the inner packet; not we
+            else:
+                await self._other(packet, ours)
+            return Verdict.FORWARD
+        key = packet.flow_key_both()  # self.flow_key: PRADS is bidirectional
+        ts = packet.ts
+        flags = packet.tcp_flags  # (0 for UDP)
+        # One access to the flow's Connection for the whole packet.  The tracking is
+        # inline, and the rest of the TCP pipeline is entered only when it has something
+        # to do: most packets of a connection (no SYN, FIN or RST, its end's payload
+        # check done) stop at the tracking.
+        async with self.conns.create(key) as conn:
+            role, check, n, first = await conn.track(
+                src, packet.sport, packet.dst, packet.dport, proto, flags,
+                packet.ip_len - packet.ihl, ts,
+            )  # fmt: skip
+            if n == 0:
+                await self._add(_SESSIONS)
+            timer = self.timers.get(key)
+            if timer is None:
+                self.timers[key] = [proto, ts]
+            else:
+                timer[1] = ts
+            if not ours:
+                return Verdict.FORWARD
+            if proto == UDP:
+                await self._udp(conn, key, packet, vlan, role, check, n, first)
+            elif (
+                first
+                or flags & _SYN_FIN_RST
+                or self._ack_fingerprints
+                or (
+                    (
+                        (role == CLIENT and not check & CHECK_CLIENT_DONE)
+                        or (role == SERVER and not check & CHECK_SERVER_DONE)
+                    )
+                    and len(frame) - packet.pl >= PAYLOAD_MIN
+                )
+            ):
+                await self._tcp(conn, key, packet, vlan, role, check, n, first)
         return Verdict.FORWARD
 
     async def _add(self, names: tuple[str, ...]) -> None:
@@ -356,6 +390,8 @@ class PRADS(NF):
     async def _track(
         self, conn: Any, key: Hashable, packet: Packet, flags: int
     ) -> tuple[int, int, int, bool]:
+        """Account a packet on its connection and this instance's timer list (what
+        :meth:`process` does inline for TCP and UDP)."""
         nbytes = packet.ip_len - packet.ihl
         role, check, n, first = await conn.track(
             packet.src,
@@ -368,7 +404,7 @@ class PRADS(NF):
             packet.ts,
         )
         if n == 0:
-            await self._add(("sessions",))
+            await self._add(_SESSIONS)
         timer = self.timers.get(key)
         if timer is None:
             self.timers[key] = [packet.proto, packet.ts]
@@ -376,20 +412,21 @@ class PRADS(NF):
             timer[1] = packet.ts
         return role, check, n, first
 
-    async def _asset(self, ip: int, method: str, *args: Any) -> None:
-        """Call an untethered method of the asset of ``ip`` (made if new)."""
-        if ip in self._known:
-            try:
-                async with self.assets.get(ip) as ref:
-                    await getattr(ref, method)(*args)
-                return
-            except ObjectNotFound:
-                self._known.discard(ip)
+    # Untethered updates of a host's asset, made if new.  ``create`` finds an existing
+    # asset as cheaply as ``get`` does (through the location cache where it is not held
+    # here), and assets are never removed, so there is no get-then-create.
+
+    async def _touch(self, ip: int, ts: float) -> None:
         async with self.assets.create(ip) as ref:
-            await getattr(ref, method)(*args)
-        if len(self._known) >= SENT_CACHE:
-            self._known.clear()  # a cache: forgetting costs a create (which finds it)
-        self._known.add(ip)
+            await ref.touch(ts)
+
+    async def _observe_os(self, ip: int, key: str, entry: list[Any]) -> None:
+        async with self.assets.create(ip) as ref:
+            await ref.observe_os(key, entry)
+
+    async def _observe_service(self, ip: int, key: str, entry: list[Any]) -> None:
+        async with self.assets.create(ip) as ref:
+            await ref.observe_service(key, entry)
 
     @staticmethod
     def _order(packet: Packet, key: Hashable, n: int) -> list[Any]:
@@ -409,7 +446,7 @@ class PRADS(NF):
         if not self._fresh(packet.src, okey, order, None):
             return
         entry = [order, vlan, packet.sport, describe(fp, sig), distance(packet.ttl)]
-        await self._asset(packet.src, "observe_os", okey, entry)
+        await self._observe_os(packet.src, okey, entry)
 
     async def _service(
         self,
@@ -428,15 +465,23 @@ class PRADS(NF):
         if not self._fresh(packet.src, skey, order, not app.startswith("@")):
             return
         entry = [order, vlan, role, service, app, distance(packet.ttl)]
-        await self._asset(packet.src, "observe_service", skey, entry)
+        await self._observe_service(packet.src, skey, entry)
 
-    async def _tcp(self, conn: Any, key: Hashable, packet: Packet, vlan: int, ours: bool) -> None:
+    async def _tcp(
+        self,
+        conn: Any,
+        key: Hashable,
+        packet: Packet,
+        vlan: int,
+        role: int,
+        check: int,
+        n: int,
+        first: bool,
+    ) -> None:
+        """The TCP pipeline after tracking, for a packet of ours."""
         flags = packet.tcp_flags
-        role, check, n, first = await self._track(conn, key, packet, flags)
-        if not ours:
-            return
         if first:
-            await self._asset(packet.src, "touch", packet.ts)
+            await self._touch(packet.src, packet.ts)
         sw = self.switches
         if flags & SYN:
             if not flags & ACK:
@@ -488,12 +533,20 @@ class PRADS(NF):
             await self._service(packet, vlan, key, n, role, port, "unknown", guess)
             await conn.set_check(unknown)
 
-    async def _udp(self, conn: Any, key: Hashable, packet: Packet, vlan: int, ours: bool) -> None:
-        role, check, n, first = await self._track(conn, key, packet, 0)
-        if not ours:
-            return
+    async def _udp(
+        self,
+        conn: Any,
+        key: Hashable,
+        packet: Packet,
+        vlan: int,
+        role: int,
+        check: int,
+        n: int,
+        first: bool,
+    ) -> None:
+        """The UDP pipeline after tracking, for a packet of ours."""
         if first:
-            await self._asset(packet.src, "touch", packet.ts)
+            await self._touch(packet.src, packet.ts)
         if not self.switches["udp"]:
             return
         # prads's guess for DNS: to port 53 is a client, from it a server.
@@ -542,7 +595,7 @@ class PRADS(NF):
         async with self.conns.create(key) as conn:
             first = (await self._track(conn, key, packet, 0))[3]
         if ours and first:
-            await self._asset(packet.src, "touch", packet.ts)
+            await self._touch(packet.src, packet.ts)
 
     # ------------------------------------------------------------------ timeouts
 
