@@ -57,6 +57,7 @@ from store.wire.messages import (
     HandOns,
     HandOnsAck,
     KeyOp,
+    Rebased,
     Rebuilt,
     Release,
     Reply,
@@ -170,6 +171,8 @@ class KeyLayer:
         #: Messages of an epoch this node does not know yet (a survivor that learnt of a
         #: failure before us), handled once we know it.
         self._future: list[tuple[Any, str]] = []
+        #: Keys whose records this rebuild made from a report, by the version reported.
+        self._reported: dict[K, int] = {}
         #: Per map: records rebuilt from reports, and objects found lost (their holder died).
         self.rebuilt: dict[str, int] = {}
         self.lost: dict[str, int] = {}
@@ -433,8 +436,14 @@ class KeyLayer:
                 to, req_id = rec.releasing
                 self.out.send(new_owner, Release(msg.map, msg.key, to, req_id, msg.version))
             return
-        if msg.note is MovedNote.HANDED_OVER and msg.version < rec.version:
-            return  # a hand-over's notice overtaken by a later move of the same object
+        if msg.version < rec.version:
+            if msg.note is MovedNote.HANDED_OVER:
+                return  # a hand-over's notice overtaken by a later move of the same object
+            if msg.note is MovedNote.DROPPED and rec.state is not KeyState.DROPPING:
+                # The dead epoch's removal, confirmed to a record rebuilt since from a
+                # later copy (see _on_report): the remover sent its request again at the
+                # repair, and that one answers it.
+                return
         rec.releasing = None
         rec.remover = None
         rec.version = msg.version
@@ -558,6 +567,7 @@ class KeyLayer:
         routed afresh: their objects' holders report them to the owner.  O(records)."""
         self._rebuild_epoch = view.epoch
         self._rebuild_waiting = set(survivors)
+        self._reported.clear()
         self.dead |= dead
         self.enter_stage(view)
         ring = view.ring
@@ -610,27 +620,63 @@ class KeyLayer:
         if msg.epoch != self._rebuild_epoch or sender in self.dead:
             return  # an older event's (the newer one's reports say it all again), or fenced
         ring = self.view.ring
+        rebases: dict[str, list[list[Any]]] = {}
         for entry in msg.entries:
-            map_name, key, kind_code, version = entry
+            try:
+                map_name, key, kind_code, version = entry
+                kind = Kind(kind_code)
+            except (TypeError, ValueError):
+                raise StoreError("a report entry is [map, key, kind, version]") from None
             if type(map_name) is not str or type(version) is not int:
                 raise StoreError("a report entry is [map, key, kind, version]")
             k = (map_name, key_from_wire(key))
-            kind = Kind(kind_code)
             if ring.owner(key_token(*k)) != self.name:
                 self.out.error("report-not-owner", f"from {sender}: {k!r:.80}")
                 continue
             rec = self.record(k)
+            # A record made from a report takes a version above every one the dead epoch
+            # could have used (versions only grow by small steps within an epoch, and a
+            # record made from nothing after a repair starts at epoch << 32), and its
+            # holder is told (Rebased): a late message of the dead epoch about this key,
+            # a notice routed afresh or a drop, then reads as older than the record.
+            # (Multi-writer objects keep their version: callers address updates to the
+            # version they located, and an update to another version is refused.)
+            rebased = version
+            if kind is Kind.SINGLE:
+                rebased = max(version, rec.version if rec is not None else 0) + (msg.epoch << 32)
             if rec is None:
-                self._put(k, KeyRecord(kind, sender, version, KeyState.LIVE))
+                self._put(k, KeyRecord(kind, sender, rebased, KeyState.LIVE))
                 self.rebuilt[map_name] = self.rebuilt.get(map_name, 0) + 1
             elif rec.state is KeyState.LOST:
                 self._become(rec, KeyState.LIVE)
-                rec.kind, rec.owner, rec.version = kind, sender, max(version, rec.version)
+                rec.kind, rec.owner, rec.version = kind, sender, rebased
                 self.lost[map_name] -= 1
                 self.rebuilt[map_name] = self.rebuilt.get(map_name, 0) + 1
             elif rec.state is KeyState.ABSENT and rec.version:
                 # removed (its Drop went to a node that died meanwhile): drop this copy too
                 self.out.send(sender, Drop(map_name, k[1], max(version, rec.version)))
+                continue
+            elif k in self._reported and rec.state is KeyState.LIVE and rec.owner != sender:
+                # Two survivors hold a copy (one was removed, or moved on, by the dead
+                # owner, and the word of it died with it): the higher version is the later.
+                first = self._reported[k]
+                if version <= first:
+                    self.out.send(sender, Drop(map_name, k[1], version))
+                    continue
+                assert rec.owner is not None
+                self.out.send(rec.owner, Drop(map_name, k[1], rec.version))
+                rec.kind, rec.owner, rec.version = kind, sender, rebased
+            else:
+                continue  # the record lived through the failure: it knows better
+            self._reported[k] = version
+            if rebased == version:
+                continue
+            rebase = rebases.get(sender)
+            if rebase is None:
+                rebase = rebases[sender] = []
+            rebase.append([map_name, key, version, rebased])
+        for holder, entries in rebases.items():
+            self.out.send(holder, Rebased(msg.epoch, entries))
 
     def _on_rebuilt(self, msg: Rebuilt, sender: str) -> None:
         if msg.epoch > self.view.epoch:
@@ -641,6 +687,7 @@ class KeyLayer:
         self._rebuild_waiting.discard(sender)
         if self._rebuild_waiting:
             return
+        self._reported.clear()
         parked, self._rebuild_parked = self._rebuild_parked, deque()
         for msg_ in parked:
             self._serve(msg_)

@@ -84,10 +84,12 @@ from store.wire.messages import (
     Evacuates,
     EvacuatesAck,
     Fence,
+    Flushed,
     Fold,
     Gone,
     KeyOp,
     Message,
+    Rebased,
     Rebuilt,
     Release,
     Reply,
@@ -141,6 +143,16 @@ class ObjectLayer(ScaleIn):
         #: Requests that expired, until a late answer comes (see expire()).
         self._expired: dict[int, Pending] = {}
         self._resent: set[int] = set()
+        # -- the report of a failure event (see repair) --
+        #: Its epoch (0: none yet).
+        self._report_epoch = 0
+        #: Keys held at the repair not yet reported (None: the scan is over).
+        self._report_todo: list[K] | None = None
+        #: Survivors whose Flushed marker has not come yet (None: the report is over, and
+        #: this node's Rebuilt markers are sent); objects that arrive meanwhile are reported.
+        self._flush_awaited: set[str] | None = None
+        #: Flushed markers of an epoch this node has not learnt yet, by epoch.
+        self._early_flushed: dict[int, set[str]] = {}
         self.untethered_since_flush: set[str] = set()
         #: Finds an object class by ``"module:qualname"`` for objects handed to this node by
         #: a leaving one; the shell installs an importing resolver (no import in the core).
@@ -550,11 +562,17 @@ class ObjectLayer(ScaleIn):
     def repair(self, view: NodeView, dead: frozenset[str], paced: bool = False) -> None:
         """A failure event (see ``KeyLayer.repair``): ``dead`` are departed from now on
         (what is sent to them is answered here, as for a node that left: fences and
-        barriers answered, calls relocated); every object held here is reported to its key
-        owner on the repaired ring, in bulk, then a :class:`Rebuilt` marker goes to every
-        survivor; key requests whose key owner died are sent again, and calls shipped to a
-        dead holder look for their object again (its key owner answers LOST).  O(objects).
-        """
+        barriers answered, calls relocated); key requests whose key owner died are sent
+        again, and calls shipped to a dead holder look for their object again (its key
+        owner answers LOST).
+
+        Every object held here is reported to its key owner on the repaired ring, in bulk:
+        all at once, or (``paced``) a few at a time by :meth:`report_step`, as the drain of
+        a scaling event is, so that a node holding many objects keeps serving packets
+        meanwhile.  Objects that were on their way here (a hand-over or an evacuation of
+        the dead epoch) are reported as they land, until a :class:`Flushed` marker has come
+        from every survivor; then this node's :class:`Rebuilt` markers go out.  O(keys) for
+        the list of keys to report; O(objects) in all, over the steps."""
         old = self.view
         self._resent = set()  # key requests sent again (not to be sent twice)
         self.out.departed |= dead
@@ -568,21 +586,16 @@ class ObjectLayer(ScaleIn):
             if held.release is not None and held.release.to in dead:
                 held.release = None  # the asker died: the object stays here
         ring, epoch = view.ring, view.epoch
-        batches: dict[str, list[list[Any]]] = {}
-        for held_k, held in self.objects.items():
-            if held.removed:
-                continue
-            owner = ring.owner(key_token(*held_k))
-            entry = [held_k[0], held_k[1], int(KIND_CODE[held.info.kind]), held.version]
-            batch = batches.get(owner)
-            if batch is None:
-                batch = batches[owner] = []
-            batch.append(entry)
-        for owner, entries in batches.items():
-            for at in range(0, len(entries), REPORT_BATCH):
-                self.out.send(owner, Report(epoch, entries[at : at + REPORT_BATCH]))
+        # What this node sent before now is ahead of these on every link: once a survivor
+        # has every survivor's marker, nothing handed to it before the event is in flight.
+        self._report_epoch = epoch
+        self._flush_awaited = set(ring.nodes) - self._early_flushed.pop(epoch, set())
+        self._early_flushed = {e: s for e, s in self._early_flushed.items() if e > epoch}
         for node in sorted(ring.nodes):
-            self.out.send(node, Rebuilt(epoch))
+            self.out.send(node, Flushed(epoch))
+        self._report_todo = list(self.objects)
+        if not paced:
+            self.report_step(len(self._report_todo))
         for req_id, pending in list(self._pending.items()):
             k = pending.k
             if k is None:
@@ -600,6 +613,86 @@ class ObjectLayer(ScaleIn):
         for k, where in list(self.locations.items()):
             if where in dead:
                 del self.locations[k]
+
+    def report_step(self, limit: int) -> int:
+        """Report up to ``limit`` more of the objects held at the repair (those still held
+        here) to their key owners; returns how many keys it looked at (0: nothing left)."""
+        todo = self._report_todo
+        if todo is None:
+            return 0
+        ring, epoch = self.view.ring, self._report_epoch
+        batches: dict[str, list[list[Any]]] = {}
+        looked = 0
+        objects = self.objects
+        while todo and looked < limit:
+            looked += 1
+            held_k = todo.pop()
+            held = objects.get(held_k)
+            if held is None or held.removed:
+                continue  # moved on or removed since: who has it now says so
+            owner = ring.owner(key_token(*held_k))
+            entry = [held_k[0], held_k[1], int(KIND_CODE[held.info.kind]), held.version]
+            batch = batches.get(owner)
+            if batch is None:
+                batch = batches[owner] = []
+            batch.append(entry)
+        for owner, entries in batches.items():
+            for at in range(0, len(entries), REPORT_BATCH):
+                self.out.send(owner, Report(epoch, entries[at : at + REPORT_BATCH]))
+        if not todo:
+            self._report_todo = None
+            self._end_report()
+        return looked
+
+    @property
+    def reporting(self) -> bool:
+        """Whether a repair's report scan still has keys to look at."""
+        return self._report_todo is not None
+
+    def _report_arrival(self, k: K, held: Held) -> None:
+        """An object landed here while this node still reports (see :meth:`repair`): its
+        key owner may be rebuilding the record, and nobody else will report it."""
+        owner = self.view.ring.owner(key_token(*k))
+        entry = [k[0], k[1], int(KIND_CODE[held.info.kind]), held.version]
+        self.out.send(owner, Report(self._report_epoch, [entry]))
+
+    def _on_flushed(self, msg: Flushed, sender: str) -> None:
+        if msg.epoch > self._report_epoch:  # a survivor learnt of the event before us
+            early = self._early_flushed
+            early.setdefault(msg.epoch, set()).add(sender)
+            if len(early) > 8:  # (bounded: a peer cannot make it grow without end)
+                del early[min(early)]
+            return
+        awaited = self._flush_awaited
+        if msg.epoch != self._report_epoch or awaited is None:
+            return
+        awaited.discard(sender)
+        self._end_report()
+
+    def _end_report(self) -> None:
+        """Once the scan is over and every survivor's marker has come, tell every key owner
+        that this node has reported all it holds."""
+        if self._report_todo is not None or self._flush_awaited:
+            return
+        if self._flush_awaited is None:
+            return
+        self._flush_awaited = None
+        for node in sorted(self.view.ring.nodes):
+            self.out.send(node, Rebuilt(self._report_epoch))
+
+    def _on_rebased(self, msg: Rebased, sender: str) -> None:
+        if msg.epoch != self._report_epoch or msg.epoch != self.view.epoch:
+            return  # an older repair's: the newer one rebuilds again
+        for entry in msg.entries:
+            try:
+                map_name, key, reported, version = entry
+            except (TypeError, ValueError):
+                raise StoreError("a rebased entry is [map, key, reported, version]") from None
+            if type(map_name) is not str or type(reported) is not int or type(version) is not int:
+                raise StoreError("a rebased entry is [map, key, reported, version]")
+            held = self.objects.get((map_name, key_from_wire(key)))
+            if held is not None and held.version == reported:
+                held.version = version
 
     # -- fast create and remove, for keys this node owns (see Router) --
 
@@ -762,6 +855,8 @@ class ObjectLayer(ScaleIn):
                 self.objects[k] = held
                 if not msg.created:
                     self.migrations_in += 1
+                if self._flush_awaited is not None:
+                    self._report_arrival(k, held)
                 if self.trace is not None:
                     self.trace.append(("grant", msg.map, msg.key, msg.version, self.name))
         held.refs += len(pending.waits)
@@ -1475,6 +1570,8 @@ _HANDLERS: dict[type, str] = {
     CallFailed: "_on_call_failed",
     Fence: "_on_fence",
     Gone: "_on_gone",
+    Flushed: "_on_flushed",
+    Rebased: "_on_rebased",
 }
 
 _REPLY_HANDLERS: dict[str, Any] = {

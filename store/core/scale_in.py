@@ -110,6 +110,8 @@ class ScaleIn:
         migrations_in: int
         migrations_out: int
         resolve_class: Any
+        _flush_awaited: set[str] | None
+        _report_todo: list[K] | None
         trace: list[tuple[str, str, Any, int, str]] | None
 
         def _new_pending(
@@ -137,6 +139,8 @@ class ScaleIn:
         def _reship(self, pending: Pending, owner: str) -> None: ...
         def _untethered_now(self, k: K, method: str, args: tuple[Any, ...], owner: str) -> None: ...
         def _confirm_drop(self, msg: Drop) -> None: ...
+        def _report_arrival(self, k: K, held: Held) -> None: ...
+        def report_step(self, limit: int) -> int: ...
         def invoke(self, stim: Invoke, now: float) -> None: ...
 
     def __init__(self) -> None:
@@ -362,6 +366,8 @@ class ScaleIn:
         owner where each object went (the router hands key records on before objects, so
         that it usually holds them by then)."""
         view = self.view
+        if self._report_todo is not None:  # a failure repair's report: the same pace
+            return self.report_step(limit)
         if view.stage is not Stage.SCALING or not self.leaving:
             return 0
         assert view.next_ring is not None
@@ -539,6 +545,8 @@ class ScaleIn:
             self._fence(k, self.name, ("arrived",))
         else:
             self._install(k, held)
+        if self._flush_awaited is not None:
+            self._report_arrival(k, held)
         self.migrations_in += 1
         if self.trace is not None and kind is ObjectKind.SINGLE:
             self.trace.append(("grant", k[0], k[1], held.version, self.name))

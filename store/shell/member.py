@@ -91,7 +91,7 @@ class NodeMember:
         self.node.enter_stage(membership.view)
 
     async def on_repair(self, membership: Membership) -> None:
-        await self.node.repair(membership.view, membership.dead)
+        await self.node.repair(membership.view, membership.dead, self.drain_rate)
 
     async def on_leave(self, membership: Membership) -> None:
         await self.node.space_flush()

@@ -36,6 +36,8 @@ from ring.ownership import NodeView, Stage
 from store.core.instructions import (
     AskBarrier,
     Deliver,
+    DrainProgress,
+    DrainStep,
     EnterStage,
     Farewell,
     Flush,
@@ -425,16 +427,22 @@ class Node:
             kept = kept[dropped:]
         self._queued[dest] = kept
 
-    async def repair(self, view: NodeView, dead: frozenset[str]) -> None:
+    async def repair(
+        self, view: NodeView, dead: frozenset[str], report_rate: int | None = None
+    ) -> None:
         """A failure event (see ``store.core``): fence ``dead``, hand what was queued for
-        them back to the core, report what this node holds, and return once this node's
-        share of the key records is rebuilt, or nothing has come from any peer for
-        ``REPAIR_STALL`` seconds (a stall, not a fixed bound: a large rebuild goes on)."""
+        them back to the core, report what this node holds (all at once, or paced at
+        ``report_rate`` objects a second, as the drain of a scaling event is, so that
+        packets keep their turn on this core), and return once this node's share of the
+        key records is rebuilt, or nothing has come from any peer for ``REPAIR_STALL``
+        seconds (a stall, not a fixed bound: a large rebuild goes on)."""
         self.dead |= dead
         self.dead -= view.ring.nodes  # a new process of a dead one's name
         self.view = view
         wait: Wait[Any] = Wait(("repair", self.name))
-        self.handle(Repair(view, dead, wait))
+        self.handle(Repair(view, dead, wait, report_rate is not None))
+        if report_rate is not None and self._nursery is not None:
+            self._nursery.start_soon(self._report, view.epoch, report_rate)
         for name in dead:
             self._retry_at.pop(name, None)
             msgs = self._queued.pop(name, None)
@@ -459,6 +467,22 @@ class Node:
             view.epoch,
             REPAIR_STALL,
         )
+
+    async def _report(self, epoch: int, rate: int) -> None:
+        """A failure repair's report, paced: a step each tick on the clock, until the core
+        has looked at every object it held (or a newer repair took over)."""
+        tick = 0.01
+        per_tick = max(1, int(rate * tick))
+        due = trio.current_time()
+        while self.view.epoch == epoch:
+            done = True
+            for ins in self.handle(DrainStep(per_tick)):
+                if type(ins) is DrainProgress:
+                    done = ins.moved == 0
+            if done:
+                return
+            due = max(due + tick, trio.current_time() - 3 * tick)
+            await trio.sleep_until(due)
 
     async def _connect(self, dest: str) -> Peer:
         event = self._connecting.get(dest)

@@ -88,10 +88,12 @@ __all__ = [
     "MAX_TAG_LENGTH",
     "WIRE_VERSION",
     "Error",
+    "Flushed",
     "Hello",
     "Key",
     "Message",
     "Proof",
+    "Rebased",
     "Rebuilt",
     "Refused",
     "Report",
@@ -111,7 +113,7 @@ __all__ = [
 
 #: The version of the handshake and framing rules; peers with different versions refuse
 #: each other instead of misreading each other's frames.
-WIRE_VERSION: Final = 4
+WIRE_VERSION: Final = 5
 
 #: Longest string tag: tags are sent in every message, so they must stay short.
 MAX_TAG_LENGTH: Final = 16
@@ -1095,6 +1097,32 @@ class Rebuilt:
     record for only once every survivor has said so."""
 
     epoch: int
+
+
+@message(38)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Flushed:
+    """Failure event ``epoch``: everything the sender sent the receiver before it learnt
+    of the event is ahead of this on the link (links are FIFO).  An object handed to the
+    receiver before the event (a hand-over, an evacuation) has arrived once this has: the
+    receiver reports such late arrivals to their key owners, and sends its own
+    :class:`Rebuilt` markers only after a ``Flushed`` from every survivor, so that no
+    object is in flight, unreported, when a key owner ends its rebuild."""
+
+    epoch: int
+
+
+@message(55)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rebased:
+    """Failure event ``epoch``: key records rebuilt from the receiver's :class:`Report`
+    entries, each ``[map, key, reported, version]``: the record's version is now
+    ``version``, above every version the dead epoch could have used, and the receiver's
+    object (if it still has ``reported``) takes it too, so that a late message of the dead
+    epoch can never be read as newer than what the rebuilt record says."""
+
+    epoch: int
+    entries: list[Any]
 
 
 @message(39)

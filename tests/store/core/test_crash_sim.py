@@ -4,7 +4,8 @@ Hypothesis drives three or four cores (``store.core.router.Router``, through the
 ``CoreNode``) with single-writer creates, gets, updates and removes from any node, delivers
 their messages one at a time on FIFO links in any order, crashes any node at any step (its
 messages are never delivered again, whatever it held is gone), and has the survivors learn
-each failure repair one at a time, as the controller's commands would reach them.  What
+each failure repair one at a time, as the controller's commands would reach them; a survivor
+reports what it holds all at once or (as the shell paces it) one object per step.  What
 was queued for a dead node goes back to its sender's core at the repair (the shell's
 queue); what the dead node sent is lost.
 
@@ -32,7 +33,7 @@ from hypothesis.stateful import (
 
 from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
-from store.core.instructions import Repair, Undeliverable
+from store.core.instructions import DrainStep, Repair, Undeliverable
 from store.core.key_layer import KeyState
 from store.core.scheduler import Wait
 from store.wire.messages import Message
@@ -148,13 +149,25 @@ class CrashMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def learn_repair(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(sorted(self.to_learn)))
-        self.learn(name)
+        self.learn(name, data.draw(st.booleans()))
 
-    def learn(self, name: str) -> None:
+    def reporting(self) -> list[str]:
+        return [n for n in self.alive() if self.nodes[n].router.objects.reporting]
+
+    @precondition(lambda self: bool(self.reporting()))
+    @rule(data=st.data())
+    def report_step(self, data: st.DataObject) -> None:
+        """A paced repair reports one more object (the shell's drain-paced steps)."""
+        name = data.draw(st.sampled_from(self.reporting()))
+        self.nodes[name].run(DrainStep(1))
+        self.collect()
+
+    def learn(self, name: str, paced: bool = False) -> None:
         epoch = self.to_learn.pop(name)
         ring = HashRing(self.alive(), vnodes=VNODES, epoch=epoch)
         node = self.nodes[name]
-        node.run(Repair(NodeView(name, Stage.NORMAL, ring), frozenset(self.dead), Wait(name)))
+        view = NodeView(name, Stage.NORMAL, ring)
+        node.run(Repair(view, frozenset(self.dead), Wait(name), paced))
         for dead in sorted(self.dead):  # what was still queued for the dead comes back
             queue = self.queues.pop((name, dead), None)
             if queue:
@@ -182,6 +195,8 @@ class CrashMachine(RuleBasedStateMachine):
             return
         for name in sorted(self.to_learn):
             self.learn(name)
+        for name in self.reporting():
+            self.nodes[name].run(DrainStep(KEYS))
         for _ in range(1000):  # every reference is let go in the end, as new ones open
             for name, k, held in self.refs:
                 if name not in self.dead:

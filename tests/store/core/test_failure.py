@@ -16,13 +16,13 @@ import pytest
 
 from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
-from store.core.instructions import Repair, Undeliverable
+from store.core.instructions import DrainStep, Repair, Undeliverable
 from store.core.key_layer import KeyState
 from store.core.objects import UntetheredCallsFailed
 from store.core.scheduler import Wait
-from store.wire.codes import Status
+from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
 from store.wire.errors import ObjectLost, ObjectNotFound
-from store.wire.messages import Drop, Message, Reply, Transfer
+from store.wire.messages import Drop, KeyOp, Message, Reply, Report, Transfer
 from tests.fixtures.core import CoreNode
 from tests.fixtures.objects import MAPS
 
@@ -371,3 +371,115 @@ def test_a_stale_notice_of_the_dead_epoch_does_not_lose_the_object_made_again() 
     assert rec is not None and rec.state is KeyState.LIVE and rec.owner == "a", rec
     a.release_ref(("sw", key), held)
     a.validate()
+
+
+def test_a_hand_over_whose_notice_died_is_reported_by_its_receiver() -> None:
+    """b hands the object to c as the key owner d dies, and b's notice to d died with d
+    (written to the socket, never read).  c repairs before the Transfer lands, so neither
+    reports it then.  c must report it when it lands, and the new key owner must not end
+    its rebuild before: a create from a meanwhile would make a second copy.  Survivors
+    send their Rebuilt markers only after a Flushed marker from every survivor, which comes
+    behind everything the survivor sent before the event."""
+    net = Net(["a", "b", "c", "d"])
+    ring = HashRing(["a", "b", "c"], vnodes=16, epoch=2)
+    key = next(
+        k
+        for k in range(1000)
+        if net.ring.owner(key_token("sw", k)) == "d" and ring.owner(key_token("sw", k)) == "a"
+    )
+    created(net, "b", key)
+    wait = net.nodes["c"].acquire("sw", key, False)
+    net.deliver_all(skip={("b", "c"), ("b", "d")})
+    assert net.nodes["b"].router.objects.objects.get(("sw", key)) is None
+    net.kill("d")  # b's notice to d dies with it
+    waits = net.repair(epoch=2)
+    maker = net.nodes["a"].acquire("sw", key, True)
+    net.deliver_all(skip={("b", "c")})  # everything but the Transfer (and what follows it)
+    assert not maker.done(), "the new key owner ended its rebuild with an object in flight"
+    assert not waits["a"].done()
+    net.deliver_all()
+    assert all(w.done() for w in waits.values())
+    held, made = wait.result()
+    assert not made
+    net.nodes["c"].release_ref(("sw", key), held)
+    net.deliver_all()
+    _held, made = maker.result()
+    assert not made, "a second copy was made of the object in flight"
+    assert holder_of(net, key) == "a"
+    for name in "abc":
+        net.nodes[name].router.validate()
+
+
+def test_a_paced_report_goes_out_a_few_objects_at_a_time() -> None:
+    """With ``paced``, the repair reports nothing by itself: each DrainStep reports at most
+    its limit (as the drain of a scaling event), the Rebuilt markers go out after the last
+    one, and only then does the rebuild end; every survivor's object is then found."""
+    net = Net(["a", "b", "c"])
+    makers = ["a", "b", "c"]
+    for key in range(KEYS):
+        created(net, makers[key % 3], key)
+    net.kill("c")
+    ring = HashRing(["a", "b"], vnodes=16, epoch=2)
+    waits = {n: Wait(n) for n in "ab"}
+    for name in "ab":
+        view = NodeView(name, Stage.NORMAL, ring)
+        net.nodes[name].run(Repair(view, frozenset({"c"}), waits[name], True))
+    net.deliver_all()
+    assert not any(w.done() for w in waits.values()), "rebuilt before anything was reported"
+    steps = 0
+    while any(net.nodes[n].router.objects.reporting for n in "ab"):
+        for name in "ab":
+            net.nodes[name].run(DrainStep(3))
+        net.collect()
+        entries = sum(
+            len(m.entries) for q in net.queues.values() for m in q if isinstance(m, Report)
+        )
+        assert entries <= 3 * 2, entries  # no step reports more than its limit
+        net.deliver_all()
+        steps += 1
+    assert steps >= KEYS * 2 // 3 // 6, steps
+    assert all(w.done() for w in waits.values())
+    for key in range(KEYS):
+        if makers[key % 3] == "c":
+            continue
+        wait = net.nodes["a"].acquire("sw", key, False)
+        net.deliver_all()
+        held, made = wait.result()
+        assert not made
+        net.nodes["a"].release_ref(("sw", key), held)
+
+
+def test_a_rebuilt_record_is_above_the_dead_epoch_and_its_holder_knows() -> None:
+    """A record rebuilt from a report takes a version above every version of the dead
+    epoch, and its holder's object the same one, so that a late notice of the dead epoch
+    (here a removal confirmed to the dead owner, routed afresh) reads as stale: the object
+    stays, and its record still names its holder."""
+    net = Net(["a", "b", "c"])
+    after = HashRing(["a", "b"], vnodes=16, epoch=2)
+    key = next(
+        x
+        for x in range(1000)
+        if net.ring.owner(key_token("sw", x)) == "c" and after.owner(key_token("sw", x)) == "a"
+    )
+    created(net, "b", key)
+    old = net.nodes["b"].router.objects.objects[("sw", key)].version
+    net.kill("c")
+    net.repair(epoch=2)
+    net.deliver_all()
+    rec = net.nodes["a"].router.keys.record(("sw", key))
+    assert rec is not None and rec.state is KeyState.LIVE and rec.owner == "b"
+    assert rec.version > 2 << 32 > old
+    assert net.nodes["b"].router.objects.objects[("sw", key)].version == rec.version
+    stale = KeyOp(
+        Op.MOVED, "sw", key, Kind.SINGLE, "b", 7, 1, 0, Arrival.PLAIN, None, None, old + 1,
+        MovedNote.DROPPED,
+    )  # fmt: skip
+    net.nodes["a"].handle(stale, "b")
+    net.deliver_all()
+    rec = net.nodes["a"].router.keys.record(("sw", key))
+    assert rec is not None and rec.state is KeyState.LIVE and rec.owner == "b", rec
+    wait = net.nodes["a"].acquire("sw", key, False)
+    net.deliver_all()
+    _held, made = wait.result()
+    assert not made and holder_of(net, key) == "a"
+    net.nodes["a"].router.validate()
