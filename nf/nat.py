@@ -62,6 +62,7 @@ import argparse
 import heapq
 import random
 import zlib
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from nf.base import NF, ConfigError, Verdict
@@ -331,6 +332,8 @@ class NAT(NF):
         self.unsolicited_verdict = Verdict.DROP if cfg["unsolicited"] == "drop" else Verdict.FORWARD
         self.other_verdict = Verdict.DROP if cfg["other"] == "drop" else Verdict.FORWARD
         self.inside = _networks(cfg["inside"])
+        self._inside0 = self.inside[0] if self.inside else (0, 0)
+        self._more_inside = len(self.inside) > 1
         rng = cfg.get("rng")
         # Seeded with the instance's name too, so that instances draw differently; the same
         # run gives the same ports every time (set another ``seed`` to change them).
@@ -434,10 +437,14 @@ class NAT(NF):
         return False
 
     def flow_key(self, packet: Packet) -> Any:
-        if self.inside and packet.drop is None and not self._is_inside(packet.src):
-            if self._is_inside(packet.dst):  # a reply as seen inside: its connection's flow
-                return (packet.dst, packet.src, packet.proto, packet.dport, packet.sport)
-        return packet.flow
+        if self.inside and packet.drop is None:
+            net, mask = self._inside0
+            src, dst = packet.src, packet.dst
+            if not (src & mask == net or (self._more_inside and self._is_inside(src))) and (
+                dst & mask == net or (self._more_inside and self._is_inside(dst))
+            ):  # a reply as seen inside: its connection's flow
+                return (dst, src, packet.proto, packet.dport, packet.sport)
+        return (packet.src, packet.dst, packet.proto, packet.sport, packet.dport)
 
     async def process(self, packet: Packet) -> Verdict:
         if packet.drop is not None:
@@ -447,21 +454,34 @@ class NAT(NF):
         if (proto != TCP and proto != UDP) or packet.ip_off & 0x1FFF:
             self.count("not-translated")
             return self.other_verdict
-        if packet.dst in self.public_set:
+        src, dst = packet.src, packet.dst
+        if dst in self.public_set:
             return await self._inbound(packet, packet.flow)
         if self.inside:
-            if self._is_inside(packet.src):
-                return await self._outbound(packet)
-            if self._is_inside(packet.dst):
-                return await self._inside_reply(packet)
-            self.count("transit")
-            return Verdict.FORWARD
-        return await self._outbound(packet)
-
-    async def _outbound(self, packet: Packet) -> Verdict:
-        key = packet.flow
+            # (the first inside network inline: most configurations have one)
+            net, mask = self._inside0
+            if not (src & mask == net or (self._more_inside and self._is_inside(src))):
+                if dst & mask == net or (self._more_inside and self._is_inside(dst)):
+                    # A reply seen inside: as if it came addressed to its translation
+                    # (the public address and port of its connection), translated back.
+                    # The frame is left as it is when the translation takes it back to
+                    # what it holds (as it must): rewriting it there and back would give
+                    # the same bytes at twice the cost.
+                    sport, dport = packet.sport, packet.dport
+                    try:  # the same flow as the reply's, so held here: a get moves nothing
+                        async with self.entries.get((dst, src, proto, dport, sport)) as ref:
+                            row = await ref.row()
+                    except ObjectNotFound:
+                        self.count("unsolicited-inbound")
+                        return self.unsolicited_verdict
+                    reverse = (src, row[3], proto, sport, row[4])
+                    return await self._inbound(packet, reverse, presented=True)
+                self.count("transit")
+                return Verdict.FORWARD
+        # Outbound (inline: the per-packet path).
+        key = (src, dst, proto, packet.sport, packet.dport)
         ts = packet.ts
-        flags = packet.tcp_flags if packet.proto == TCP else 0
+        flags = packet.tcp_flags if proto == TCP else 0
         async with self.entries.create(key) as ref:
             if ref.created:
                 verdict = await self._new_flow(packet, key, ref, flags)
@@ -470,7 +490,7 @@ class NAT(NF):
             ip, port, reopened = await ref.hit(ts, self.me, flags & (SYN | ACK) == SYN)
             ends = await ref.ends() if flags & (FIN | RST) or reopened else None
         if key not in self.timed:
-            self._arm(key, ts + (self.tcp_idle if packet.proto == TCP else self.udp_idle))
+            self._arm(key, ts + (self.tcp_idle if proto == TCP else self.udp_idle))
         packet.rewrite_src(ip, port)
         if ends is not None:
             if reopened:
@@ -538,23 +558,6 @@ class NAT(NF):
             await self._flags(packet, key, ends, flags)
         return Verdict.FORWARD
 
-    async def _inside_reply(self, packet: Packet) -> Verdict:
-        """A reply seen inside: as if it came addressed to its translation (the public
-        address and port of its connection), translated back.  The frame is left as it
-        is when the translation takes it back to what it holds (as it must): rewriting it
-        there and back would give the same bytes at twice the cost."""
-        fwd = (packet.dst, packet.src, packet.proto, packet.dport, packet.sport)
-        try:  # the same flow as the reply's, so held here: a writable get moves nothing
-            async with self.entries.get(fwd) as ref:
-                row = await ref.row()
-        except ObjectNotFound:
-            self.count("unsolicited-inbound")
-            return self.unsolicited_verdict
-        public, pport = row[3], row[4]
-        return await self._inbound(
-            packet, (packet.src, public, packet.proto, packet.sport, pport), presented=True
-        )
-
     async def _flags(self, packet: Packet, key: FlowKey, ends: list[Any], flags: int) -> None:
         """After translating a FIN or RST through entry ``key`` (``ends``: its
         :meth:`NatEntry.ends`)."""
@@ -600,8 +603,7 @@ class NAT(NF):
         """Allocate from ``shard``: the port, 0 if full, None if ``create`` found it made
         by another instance already."""
         lo, hi = self._shard_range(shard[1])
-        rng = self.rng
-        draws = [rng.randrange(hi - lo + 1) for _ in range(self.tries)]
+        draws = self._draws(hi - lo + 1)
         if not create:
             async with self.pool.get(shard) as ref:
                 got: int = await ref.allocate(lo, hi, draws)
@@ -621,6 +623,16 @@ class NAT(NF):
             if not claiming[shard]:
                 del claiming[shard]
         return port
+
+    def _draws(self, size: int) -> list[int]:
+        """``tries`` random offsets below ``size``, as ``rng.randrange(size)`` draws them
+        (the same numbers: for ``random.Random`` that is its ``_randbelow``, called here
+        without ``randrange``'s checks of its arguments)."""
+        rng = self.rng
+        if type(rng).randrange is random.Random.randrange:
+            below: Callable[[int], int] = rng._randbelow  # type: ignore[attr-defined]
+            return [below(size) for _ in range(self.tries)]
+        return [rng.randrange(size) for _ in range(self.tries)]
 
     async def _allocate(self, now: float) -> tuple[int, int] | None:
         if self.single_pool:
@@ -678,7 +690,7 @@ class NAT(NF):
         """``pool = "single"``: one SingleWriter pool per public address, as in the paper."""
         lo, hi = self.port_lo, self.port_hi
         for public in self.publics:
-            draws = [self.rng.randrange(hi - lo + 1) for _ in range(self.tries)]
+            draws = self._draws(hi - lo + 1)
             async with self.whole_pools.create(public) as ref:
                 port: int = await ref.allocate(lo, hi, draws)
             if port:

@@ -208,17 +208,11 @@ class Packet:
         """A fragment other than the first: no L4 header."""
         return (self.ip_off & 0x1FFF) != 0
 
-    def _has_ports(self) -> bool:
-        return (
-            self.drop is None
-            and (self.proto == TCP or self.proto == UDP)
-            and not (self.ip_off & 0x1FFF)
-        )
-
-    def _rewrite(self, at: int, ip: int, port_at: int, port: int) -> None:
+    def _rewrite(self, at: int, ip: int, port_at: int, port: int) -> bool:
         """Replace the address at ``l3 + at`` and, when the packet has ports, the port at
         ``l4 + port_at``, fixing both checksums incrementally (RFC 1624 eqn. 3:
-        HC' = ~(~HC + ~m + m') summed over the changed 16-bit words)."""
+        HC' = ~(~HC + ~m + m') summed over the changed 16-bit words).  Whether the packet
+        has ports (and so the port was replaced)."""
         if self.drop is not None:
             raise ValueError(f"cannot rewrite a frame that did not parse ({self.drop})")
         frame = self.frame
@@ -239,7 +233,7 @@ class Packet:
         _pack16(frame, c, ~total & 0xFFFF)
         proto = self.proto
         if (proto != TCP and proto != UDP) or self.ip_off & 0x1FFF:
-            return
+            return False
         l4 = self.l4
         p = l4 + port_at
         delta += (~((frame[p] << 8) | frame[p + 1]) & 0xFFFF) + port
@@ -247,7 +241,7 @@ class Packet:
         c = l4 + 16 if proto == TCP else l4 + 6
         old = (frame[c] << 8) | frame[c + 1]
         if proto == UDP and old == 0:
-            return  # 0: the sender computed no UDP checksum; it stays so
+            return True  # 0: the sender computed no UDP checksum; it stays so
         total = (~old & 0xFFFF) + delta
         total = (total & 0xFFFF) + (total >> 16)
         total = (total & 0xFFFF) + (total >> 16)
@@ -255,19 +249,20 @@ class Packet:
         if proto == UDP and new == 0:
             new = 0xFFFF  # a computed 0 is sent as all ones
         _pack16(frame, c, new)
+        return True
 
     def rewrite_src(self, ip: int, port: int) -> None:
         """Set the source address (and port, for TCP/UDP with a header) in place."""
-        self._rewrite(12, ip, 0, port)
+        has_ports = self._rewrite(12, ip, 0, port)
         self.src = ip
-        if self._has_ports():
+        if has_ports:
             self.sport = port
 
     def rewrite_dst(self, ip: int, port: int) -> None:
         """Set the destination address (and port, for TCP/UDP with a header) in place."""
-        self._rewrite(16, ip, 2, port)
+        has_ports = self._rewrite(16, ip, 2, port)
         self.dst = ip
-        if self._has_ports():
+        if has_ports:
             self.dport = port
 
 
