@@ -92,6 +92,9 @@ FLUSH_EVERY: Final = 0.002
 WATCH_EVERY: Final = 0.005
 #: Seconds between LEAVING datagrams while a sender has not answered with END.
 LEAVING_EVERY: Final = 0.05
+#: Frames the receive loop handles before it lets the other tasks run, when the data
+#: socket is not empty sooner.
+DRAIN_FRAMES: Final = 64
 #: Receive buffer asked of the kernel (it caps it at twice ``net.core.rmem_max``).
 RCVBUF: Final = 8 << 20
 #: Parked units whose wait is kept for the ``serve`` query's percentiles.
@@ -130,7 +133,7 @@ class Instance:
         self,
         nf: NF,
         space: Any,
-        data: trio.socket.SocketType,
+        data: socket.socket,
         sink: tuple[str, int],
         *,
         forward_frames: bool = False,
@@ -262,27 +265,55 @@ class Instance:
     # -- the loops -------------------------------------------------------------------------
 
     async def receive(self) -> None:
-        """Datagrams in, until cancelled."""
+        """Datagrams in, until cancelled.
+
+        The socket is read without yielding for as long as it holds datagrams, up to
+        :data:`DRAIN_FRAMES` frames, and the sink's batch is sent once after them: the
+        messages the frames' microthreads make for other members then leave in one
+        frame per member rather than one per datagram (a frame between members costs far
+        more than a message in it), and the receipts in fewer datagrams.  The bound keeps
+        the other tasks (the replies that resume parked units, the node's sender) from
+        waiting long behind a full socket."""
         data = self.data
+        wait_readable = trio.lowlevel.wait_readable
+        checkpoint = trio.lowlevel.checkpoint
         async with trio.open_nursery() as tasks:
             self.tasks = tasks
             while True:
-                raw, addr = await data.recvfrom(65536)
-                try:
-                    dgram = decode(raw)
-                except MalformedDatagram as exc:
-                    self._bad(exc.reason, addr)
-                    continue
-                kind = dgram.kind
-                if kind == Kind.DATA:
-                    await self.on_data(dgram, addr)
-                    self.flush()
-                elif kind == Kind.END:
-                    self._end(dgram, addr)
-                elif self.stw is not None and kind in (Kind.MOVE, Kind.HANDOFF, Kind.MOVED):
-                    self._stop_the_world(dgram, addr)
-                else:  # RECEIPT and LEAVING are not for an instance, nor moves on others
-                    self._bad(f"unexpected-{kind.name.lower()}", addr)
+                budget = DRAIN_FRAMES
+                while budget > 0:
+                    try:
+                        raw, addr = data.recvfrom(65536)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:  # an ICMP error of an earlier send: not fatal
+                        self.counts[f"receive-{type(exc).__name__}"] += 1
+                        continue
+                    budget -= await self.on_datagram(raw, addr)
+                self.flush()
+                if budget > 0:  # the socket is empty
+                    await wait_readable(data)
+                else:
+                    await checkpoint()
+
+    async def on_datagram(self, raw: bytes, addr: tuple[str, int]) -> int:
+        """One datagram of the data channel; the frames it carried (at least 1)."""
+        try:
+            dgram = decode(raw)
+        except MalformedDatagram as exc:
+            self._bad(exc.reason, addr)
+            return 1
+        kind = dgram.kind
+        if kind == Kind.DATA:
+            await self.on_data(dgram, addr)
+            return max(len(dgram.frames), 1)
+        if kind == Kind.END:
+            self._end(dgram, addr)
+        elif self.stw is not None and kind in (Kind.MOVE, Kind.HANDOFF, Kind.MOVED):
+            self._stop_the_world(dgram, addr)
+        else:  # RECEIPT and LEAVING are not for an instance, nor moves on others
+            self._bad(f"unexpected-{kind.name.lower()}", addr)
+        return 1
 
     # -- stop-the-world moves ------------------------------------------------------------
 
@@ -321,6 +352,14 @@ class Instance:
         except OSError as exc:  # a full buffer or a gone peer: the peer repeats, we answer
             self.counts[f"move-{type(exc).__name__}"] += 1
 
+    def _send_from_data(self, data: bytes, addr: tuple[str, int], what: str) -> None:
+        """A datagram whose answer must come back to the data channel; repeated by the
+        caller until answered, so a full buffer only counts."""
+        try:
+            self.data.sendto(data, addr)
+        except OSError as exc:
+            self.counts[f"{what}-{type(exc).__name__}"] += 1
+
     async def _move(self, dgram: Datagram, sender: tuple[str, int]) -> None:
         """A MOVE marker: once everything received before it is processed, hand the
         flows' objects to their new instance, then acknowledge."""
@@ -356,10 +395,7 @@ class Instance:
                     if not waits[p].is_set():
                         msg = encode_handoff(self.ident, self._next_seq(), hid, p, parts, payload)
                         # From the data socket: the new instance answers where it came from.
-                        try:
-                            await self.data.sendto(msg, dest)
-                        except OSError as exc:
-                            self.counts[f"move-{type(exc).__name__}"] += 1
+                        self._send_from_data(msg, dest, "move")
                 with trio.move_on_after(HANDOFF_EVERY):
                     for event in waits.values():
                         await event.wait()
@@ -432,7 +468,7 @@ class Instance:
                 msg = encode_leaving(self.ident, self._leaving_seq)
                 for addr in list(self.received):
                     if addr not in self.ends:
-                        await self.data.sendto(msg, addr)
+                        self._send_from_data(msg, addr, "leaving")
                 with trio.move_on_after(LEAVING_EVERY):
                     await self.all_ended.wait()
         if waiting.cancelled_caught:
@@ -522,13 +558,16 @@ async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, A
     from store.wire.control import parse_address
 
     secret = read_secret(args.secret_file, "python -m nf serve")
-    data = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    # A plain non-blocking socket: the receive loop reads it until it is empty and waits
+    # for it only then (Instance.receive).
+    data = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    data.setblocking(False)
     try:
         data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
     except OSError:
         pass
     host, port = parse_address(args.data)
-    await data.bind((host, port))
+    data.bind((host, port))
     bound = data.getsockname()
     data_address = f"{bound[0]}:{bound[1]}"
     sink = parse_address(args.sink)
