@@ -70,6 +70,7 @@ DROP_REASONS = (
 )
 
 _u16 = struct.Struct("!H").unpack_from
+_u32 = struct.Struct("!I").unpack_from
 _ip = struct.Struct("!BBHHHBBHII").unpack_from
 _tcp = struct.Struct("!HHIIBBHHH").unpack_from
 _ports = struct.Struct("!HH").unpack_from
@@ -218,16 +219,13 @@ class Packet:
         frame = self.frame
         l3 = self.l3
         a = l3 + at
-        # ~m + m' over the address's two words, as one partial sum.
-        delta = (
-            (~((frame[a] << 8) | frame[a + 1]) & 0xFFFF)
-            + (~((frame[a + 2] << 8) | frame[a + 3]) & 0xFFFF)
-            + (ip >> 16)
-            + (ip & 0xFFFF)
-        )
+        # ~m + m' over the address's two words, as one partial sum (~m of a 16-bit word
+        # is 0xFFFF - m).
+        (old,) = _u32(frame, a)
+        delta = 0x1FFFE - (old >> 16) - (old & 0xFFFF) + (ip >> 16) + (ip & 0xFFFF)
         _pack32(frame, a, ip)
         c = l3 + 10
-        total = (~((frame[c] << 8) | frame[c + 1]) & 0xFFFF) + delta
+        total = 0xFFFF - _u16(frame, c)[0] + delta
         total = (total & 0xFFFF) + (total >> 16)
         total = (total & 0xFFFF) + (total >> 16)
         _pack16(frame, c, ~total & 0xFFFF)
@@ -236,13 +234,13 @@ class Packet:
             return False
         l4 = self.l4
         p = l4 + port_at
-        delta += (~((frame[p] << 8) | frame[p + 1]) & 0xFFFF) + port
+        delta += 0xFFFF - _u16(frame, p)[0] + port
         _pack16(frame, p, port)
         c = l4 + 16 if proto == TCP else l4 + 6
-        old = (frame[c] << 8) | frame[c + 1]
+        (old,) = _u16(frame, c)
         if proto == UDP and old == 0:
             return True  # 0: the sender computed no UDP checksum; it stays so
-        total = (~old & 0xFFFF) + delta
+        total = 0xFFFF - old + delta
         total = (total & 0xFFFF) + (total >> 16)
         total = (total & 0xFFFF) + (total >> 16)
         new = ~total & 0xFFFF

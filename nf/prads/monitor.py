@@ -327,7 +327,10 @@ class PRADS(NF):
                     and len(frame) - packet.pl >= PAYLOAD_MIN
                 )
             ):
-                await self._tcp(conn, key, packet, vlan, role, check, n, first)
+                # The first packet from this end touches its asset; an observation of the
+                # asset made for the same packet does that too (the two commute).
+                if not await self._tcp(conn, key, packet, vlan, role, check, n) and first:
+                    await self._touch(src, ts)
         return Verdict.FORWARD
 
     async def _add(self, names: tuple[str, ...]) -> None:
@@ -434,19 +437,21 @@ class PRADS(NF):
 
     async def _fingerprint(
         self, packet: Packet, kind: str, vlan: int, key: Hashable, n: int
-    ) -> None:
+    ) -> bool:
+        """Fingerprint the packet; whether its sender's asset was updated."""
         table = self.os_tables.get(kind)
         fp = observe(packet, kind)
         if fp is None:
-            return
+            return False
         sig = match(table, fp)
         self.count("os-" + kind)
         order = self._order(packet, key, n)
         okey = f"{kind}:{sig.line if sig else 0}"
         if not self._fresh(packet.src, okey, order, None):
-            return
+            return False
         entry = [order, vlan, packet.sport, describe(fp, sig), distance(packet.ttl)]
         await self._observe_os(packet.src, okey, entry)
+        return True
 
     async def _service(
         self,
@@ -458,14 +463,16 @@ class PRADS(NF):
         port: int,
         service: str,
         app: str,
-    ) -> None:
+    ) -> bool:
+        """Note a service or client application; whether the sender's asset was updated."""
         order = self._order(packet, key, n)
         self.count("client" if role != SERVER else "server")
         skey = f"{port}/{packet.proto}"
         if not self._fresh(packet.src, skey, order, not app.startswith("@")):
-            return
+            return False
         entry = [order, vlan, role, service, app, distance(packet.ttl)]
         await self._observe_service(packet.src, skey, entry)
+        return True
 
     async def _tcp(
         self,
@@ -476,62 +483,65 @@ class PRADS(NF):
         role: int,
         check: int,
         n: int,
-        first: bool,
-    ) -> None:
-        """The TCP pipeline after tracking, for a packet of ours."""
+    ) -> bool:
+        """The TCP pipeline after tracking, for a packet of ours; whether its sender's
+        asset was updated (which notes the packet as :meth:`Asset.touch` does)."""
         flags = packet.tcp_flags
-        if first:
-            await self._touch(packet.src, packet.ts)
         sw = self.switches
         if flags & SYN:
             if not flags & ACK:
                 if sw["syn"]:
-                    await self._fingerprint(packet, "SYN", vlan, key, n)
-                    return
+                    return await self._fingerprint(packet, "SYN", vlan, key, n)
             elif sw["synack"]:
-                await self._fingerprint(packet, "SYNACK", vlan, key, n)
+                sent = await self._fingerprint(packet, "SYNACK", vlan, key, n)
                 if role != SERVER:
                     await conn.reverse()
-                return
+                return sent
+        sent = False
         if role == CLIENT:
             if sw["client"] and not check & CHECK_CLIENT_DONE:
-                await self._payload(conn, packet, vlan, key, n, CLIENT, check)
+                sent = await self._payload(conn, packet, vlan, key, n, CLIENT, check)
         elif role == SERVER:
             if sw["server"] and not check & CHECK_SERVER_DONE:
-                await self._payload(conn, packet, vlan, key, n, SERVER, check)
+                sent = await self._payload(conn, packet, vlan, key, n, SERVER, check)
         else:
-            return
+            return False
         if sw["ack"] and flags & ACK and not flags & (SYN | RST | FIN):
-            await self._fingerprint(packet, "ACK", vlan, key, n)
+            sent = await self._fingerprint(packet, "ACK", vlan, key, n) or sent
         elif sw["fin"] and flags & FIN:
-            await self._fingerprint(packet, "FIN", vlan, key, n)
+            sent = await self._fingerprint(packet, "FIN", vlan, key, n) or sent
         elif sw["rst"] and flags & RST:
-            await self._fingerprint(packet, "RST", vlan, key, n)
+            sent = await self._fingerprint(packet, "RST", vlan, key, n) or sent
+        return sent
 
     async def _payload(
         self, conn: Any, packet: Packet, vlan: int, key: Hashable, n: int, role: int, check: int
-    ) -> None:
+    ) -> bool:
+        """Match the payload against the signatures of the sender's role; whether the
+        sender's asset was updated."""
         frame = packet.frame
         # prads's payload runs to the end of the captured frame (padding included)
         plen = len(frame) - packet.pl
         if plen < PAYLOAD_MIN:
-            return
+            return False
         data = bytes(frame[packet.pl : packet.pl + min(plen, PAYLOAD_MAX)])
         sigs = self.signatures.client if role == CLIENT else self.signatures.server
         port = packet.dport if role == CLIENT else packet.sport
         found = _first(sigs, data)
         if found is not None:
             service, app = found
-            await self._service(packet, vlan, key, n, role, port, service, app)
+            sent = await self._service(packet, vlan, key, n, role, port, service, app)
             await conn.set_check(CHECK_CLIENT_DONE if role == CLIENT else CHECK_SERVER_DONE)
-            return
+            return sent
         unknown = CHECK_CLIENT_UNKNOWN if role == CLIENT else CHECK_SERVER_UNKNOWN
         if check & unknown:
-            return
+            return False
         guess = known_port(TCP, port)
-        if guess is not None:
-            await self._service(packet, vlan, key, n, role, port, "unknown", guess)
-            await conn.set_check(unknown)
+        if guess is None:
+            return False
+        sent = await self._service(packet, vlan, key, n, role, port, "unknown", guess)
+        await conn.set_check(unknown)
+        return sent
 
     async def _udp(
         self,
