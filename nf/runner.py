@@ -77,6 +77,9 @@ class RunResult:
     #: Packet indexes in the order their units finished.  Flows keep their order; across
     #: flows a parked unit finishes after later packets of other flows, as it would live.
     order: list[int] = field(default_factory=list)
+    #: CPU time of this process over the same span as ``seconds`` (on a shared machine,
+    #: what the run cost its one core, without the time other processes held it).
+    cpu_seconds: float = 0.0
 
     @property
     def packets_per_second(self) -> float:
@@ -367,6 +370,7 @@ async def _drive(
             await retire_one()
 
     started = time.perf_counter()
+    cpu_started = time.process_time()
     spaces: list[Any] = []
     nfs: list[NF] = []
     submits: list[Any] = []
@@ -430,6 +434,7 @@ async def _drive(
     for space in spaces:
         await space.flush()
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     counts: collections.Counter[str] = collections.Counter()
     for nf in nfs:
         counts.update(nf.counts)
@@ -448,6 +453,7 @@ async def _drive(
         forwarded=forwarded,
         statistics=statistics,
         order=order,
+        cpu_seconds=cpu_seconds,
     )
 
 

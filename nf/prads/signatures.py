@@ -561,6 +561,30 @@ class ServiceSignature:
     version: str
     info: str | None
     regex: re.Pattern[bytes]
+    #: The template cut into literal text (str) and group numbers (int), once: the name
+    #: of each match is made from these (see :meth:`name`).
+    parts: tuple[str | int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        template = self.template
+        parts: list[str | int] = []
+        text: list[str] = []
+        i = 0
+        n = len(template)
+        while i < n:
+            c = template[i]
+            if c == "$":
+                if text:
+                    parts.append("".join(text))
+                    text = []
+                i += 1
+                parts.append(_atoi(template[i:]))
+            else:
+                text.append(c)
+            i += 1
+        if text:
+            parts.append("".join(text))
+        object.__setattr__(self, "parts", tuple(parts))
 
     @property
     def template(self) -> str:
@@ -573,7 +597,22 @@ class ServiceSignature:
 
     def name(self, match: re.Match[bytes]) -> str:
         """The application name for a match: the template with ``$n`` replaced by group
-        n (prads reads n as a number but skips one character after the ``$``)."""
+        n (prads reads n as a number but skips one character after the ``$``), at most
+        ``MAX_NAME`` characters."""
+        out: list[str] = []
+        size = 0
+        for part in self.parts:
+            if size >= MAX_NAME:
+                break
+            text = part if isinstance(part, str) else _group(match, part)
+            take = text[: MAX_NAME - size]
+            out.append(take)
+            size += len(take)
+        return "".join(out)
+
+    def name_by_character(self, match: re.Match[bytes]) -> str:
+        """:meth:`name` as prads writes it, a character at a time (the reference its
+        tests compare :meth:`name` with)."""
         template = self.template
         out: list[str] = []
         size = 0
