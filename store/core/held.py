@@ -65,6 +65,7 @@ class Pending:
         "kind",
         "method",
         "relocated",
+        "to",
         "tries",
         "waits",
     )
@@ -86,6 +87,8 @@ class Pending:
         self.relocated = False
         #: The key request it sent (sent again when its key owner died: see repair).
         self.keyop: Any = None
+        #: call: the node it was last shipped to (looked for again if that node dies).
+        self.to: str | None = None
 
 
 #: What waits for a fence, as data: ("invoke", Invoke, now), ("untethered", k, method,

@@ -607,7 +607,7 @@ class ObjectLayer(ScaleIn):
             if pending.keyop is not None and owners & dead:
                 self._key_op_again(pending.keyop)
                 self._resent.add(req_id)
-            elif pending.kind == "call" and self.locations.get(k) in dead:
+            elif pending.kind == "call" and (pending.to in dead or self.locations.get(k) in dead):
                 self.locations.pop(k, None)
                 self.out.send(self.name, Reply(req_id, Status.NOT_HERE, None))
         for k, where in list(self.locations.items()):
@@ -1456,6 +1456,7 @@ class ObjectLayer(ScaleIn):
             self._pending[req_id] = pending
         seq = self._seq[k] = self._seq.get(k, 0) + 1
         info = pending.info
+        pending.to = owner
         if owner != self.name and info is not None and info.kind is ObjectKind.MULTI:
             self._dest[k] = owner
             self._mark_owed(k)

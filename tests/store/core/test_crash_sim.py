@@ -9,6 +9,9 @@ reports what it holds all at once or (as the shell paces it) one object per step
 was queued for a dead node goes back to its sender's core at the repair (the shell's
 queue); what the dead node sent is lost.
 
+Multi-writer objects are called (blocking) from any node too: each acknowledged call is
+applied exactly once, never twice, and a failed one never to an object a survivor holds.
+
 Invariants, after every step: no object is held by two live nodes.  Once every repair is
 learnt and every message delivered: every operation of a live node has finished
 (resolved or failed: none hangs); the key record at each key's owner names exactly the live
@@ -58,6 +61,10 @@ class CrashMachine(RuleBasedStateMachine):
         self.ops: list[tuple[str, str, Wait[Any], Any]] = []  # (node, kind, wait, k)
         self.refs: list[tuple[str, Any, Any]] = []  # open references: (node, (map, key), held)
         self.adds: dict[int, int] = {}  # object uid -> updates acknowledged on it
+        # Multi-writer calls: each one's (caller, op id); acknowledged, or failed.
+        self.next_op = 0
+        self.acked: set[tuple[str, int]] = set()
+        self.failed: set[tuple[str, int]] = set()
 
     # -- plumbing --
 
@@ -80,6 +87,28 @@ class CrashMachine(RuleBasedStateMachine):
             if not wait.done():
                 continue
             self.ops.remove(op)
+            if kind == "locate":  # a shared object's place known: call it
+                try:
+                    owner, _ = wait.result()
+                except Exception:
+                    continue
+                self.next_op += 1
+                call = (name, self.next_op)
+                node = self.nodes[name]
+                result = node.call(k, node.router.objects.maps["mw"], "add", (*call, 1), owner, 0.0)
+                if not isinstance(result, Wait):
+                    self.acked.add(call)  # applied here at once: it holds the object
+                else:
+                    self.ops.append((name, "call", result, call))
+                continue
+            if kind == "call":
+                try:
+                    wait.result()
+                except Exception:
+                    self.failed.add(k)
+                else:
+                    self.acked.add(k)
+                continue
             if kind != "open":
                 continue
             try:
@@ -110,6 +139,14 @@ class CrashMachine(RuleBasedStateMachine):
             node.release_ref(("sw", key), held)
             return
         self.ops.append((name, "open", node.acquire("sw", key, create), ("sw", key)))
+        self.collect()
+
+    @rule(data=st.data(), key=st.integers(0, KEYS - 1))
+    def shared_call(self, data: st.DataObject, key: int) -> None:
+        """A blocking call of a multi-writer object (made where it is first asked for,
+        and never moving: calls travel to it), from any node."""
+        name = data.draw(st.sampled_from(self.alive()))
+        self.ops.append((name, "locate", self.nodes[name].locate("mw", key, True), ("mw", key)))
         self.collect()
 
     @rule(data=st.data(), key=st.integers(0, KEYS - 1))
@@ -163,6 +200,9 @@ class CrashMachine(RuleBasedStateMachine):
         self.collect()
 
     def learn(self, name: str, paced: bool = False) -> None:
+        # What the node sent before (a call made as a locate was answered) is in the
+        # shell's queues by now, where the repair finds what is for the dead.
+        self.collect()
         epoch = self.to_learn.pop(name)
         ring = HashRing(self.alive(), vnodes=VNODES, epoch=epoch)
         node = self.nodes[name]
@@ -174,6 +214,19 @@ class CrashMachine(RuleBasedStateMachine):
                 node.run(Undeliverable(dead, list(queue)))
         self.ring = ring
         self.collect()
+
+    def describe(self) -> str:
+        """What each live node still waits for (a failure message's appendix)."""
+        lines = []
+        for name in self.alive():
+            objects = self.nodes[name].router.objects
+            keys = self.nodes[name].router.keys
+            lines.append(
+                f"{name}: pending {sorted(objects._pending)}, reporting {objects.reporting}, "
+                f"flushes awaited {objects._flush_awaited}, rebuild waits for "
+                f"{sorted(keys._rebuild_waiting)}, parked {len(keys._rebuild_parked)}"
+            )
+        return "\n".join(lines)
 
     # -- invariants --
 
@@ -234,6 +287,22 @@ class CrashMachine(RuleBasedStateMachine):
             else:
                 assert rec is None or not rec.exists or rec.owner in self.dead, (key, rec.state)
                 assert rec is None or rec.state is not KeyState.LIVE, (key, rec.owner)
+        # Multi-writer calls: each acknowledged call was applied exactly once (to a live
+        # object, or to one that died with its holder); none applied twice; a call that
+        # failed was not applied to an object a survivor holds.
+        applied: dict[tuple[str, int], list[tuple[str, int]]] = {}
+        for name, node in self.nodes.items():
+            for (map_name, _key), held in node.router.objects.objects.items():
+                if map_name == "mw" and not held.removed:
+                    for caller, op in held.obj.log:
+                        applied.setdefault((caller, op), []).append((name, held.obj.uid))
+        for call, where in applied.items():
+            assert len(where) == 1, f"{call} applied {len(where)} times: {where}"
+        for call in self.acked:
+            assert call in applied, f"acknowledged {call} applied nowhere"
+        for call in self.failed:
+            where = applied.get(call, [])
+            assert all(n in self.dead for n, _ in where), f"failed {call} applied at {where}"
         for name in self.alive():
             self.nodes[name].router.validate()
 
