@@ -88,8 +88,9 @@ BACKENDS: Final = ("s6", "local-only", "remote-only", "redis", "stop-the-world")
 #: Seconds between sends of what is batched for the sink, when the receive loop is idle
 #: (it sends after each datagram otherwise): the most a receipt of a parked unit waits.
 FLUSH_EVERY: Final = 0.002
-#: Seconds between looks at the membership for a scale-in that leaves this member out.
-WATCH_EVERY: Final = 0.005
+#: Seconds between looks at the membership for a scale-in that leaves this member out
+#: (the senders poll the controller every 0.2 s: this only tells them sooner).
+WATCH_EVERY: Final = 0.02
 #: Seconds between LEAVING datagrams while a sender has not answered with END.
 LEAVING_EVERY: Final = 0.05
 #: Frames the receive loop handles before it lets the other tasks run, when the data
@@ -152,6 +153,8 @@ class Instance:
         self.receipts = ReceiptPacker(self.ident, max_datagram)
         self.frames_out = Packer(self.ident, max_datagram)
         self.backlog: collections.deque[bytes] = collections.deque()
+        #: Set when a receipt or a datagram waits for the flusher (see ``flusher``).
+        self.unsent = trio.Event()
         self.counts: collections.Counter[str] = collections.Counter()
         self.bad: collections.Counter[str] = collections.Counter()
         #: Frames received per sender address, and the END each sender sent.
@@ -216,6 +219,7 @@ class Instance:
         if len(waited) < WAITED_KEPT:
             waited.append(now_ns() - since)
         self._settle(unit, frame, packet)
+        self.unsent.set()
         self.parked -= 1
         if not self.parked:
             self.idle.set()
@@ -244,6 +248,7 @@ class Instance:
             self.out.sendto(data, self.sink)
         except BlockingIOError:  # the socket's buffer is full: keep order, retry soon
             self.backlog.append(data)
+            self.unsent.set()
         except OSError as exc:  # nobody listens at the sink (yet): counted, not fatal
             self.counts[f"sink-{type(exc).__name__}"] += 1
 
@@ -253,6 +258,7 @@ class Instance:
             try:
                 self.out.sendto(self.backlog[0], self.sink)
             except BlockingIOError:
+                self.unsent.set()  # still full: the flusher tries again
                 return
             except OSError as exc:
                 self.counts[f"sink-{type(exc).__name__}"] += 1
@@ -445,8 +451,14 @@ class Instance:
             self.all_ended.set()
 
     async def flusher(self) -> None:
+        """Send what the receive loop will not: receipts of parked units (settled in the
+        node's tasks) and datagrams the socket refused.  It sleeps until there are some,
+        so an idle instance, or one whose units all finish inline, is not woken for
+        nothing a few hundred times a second."""
         while True:
+            await self.unsent.wait()
             await trio.sleep(FLUSH_EVERY)
+            self.unsent = trio.Event()  # (first: what comes during the flush sets the next)
             self.flush()
 
     async def ticker(self) -> None:
@@ -598,6 +610,10 @@ async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, A
             secret=secret,
             labels=labels,
             query=query,
+            # This process is the instance alone, as a store node's is (store.cli.node):
+            # the long-lived state made before each NORMAL stage leaves the collector's
+            # generations, so that its full collections do not scan it again and again.
+            freeze_gc=True,
         ) as space:
             async with open_nf_space(args.backend, space, args.store, secret) as state_space:
                 nf = nf_cls(state_space, config)
