@@ -38,6 +38,10 @@ instance's flows elsewhere and then sends it an END marker; once every sender's 
 (or ``--leave-timeout`` passed), the instance finishes the units in flight, flushes its
 receipts, and leaves the space, handing its objects on.
 
+``S6_PROFILE=PREFIX`` in the environment runs the instance under cProfile (CPU time) and
+writes its statistics to ``PREFIX.PID`` at exit (``bench.backends`` and ``bench.live`` pass
+the environment on to the instances they start).
+
 stdout is one JSON object per line: ``ready`` (name, data address, pid) first, then
 ``leaving``, ``end`` (per sender: frames it sent here, frames received from it),
 ``bad-datagram`` (the first of each reason, then at powers of two) and ``exit`` (the
@@ -702,6 +706,22 @@ def _parser(nf_cls: type[NF]) -> argparse.ArgumentParser:
     return parser
 
 
+def _profiled(path: str, args: argparse.Namespace, nf_cls: type[NF], config: dict[str, Any]) -> int:
+    """The instance under cProfile, its statistics written to ``path`` at exit
+    (``S6_PROFILE=PREFIX``: one file per process, PREFIX.PID; read them with ``pstats``).
+    The timer is the process's CPU time: wall time would count the waits for datagrams
+    and the moments the kernel gave the core to another process of the benchmark."""
+    import cProfile
+
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    try:
+        return trio.run(_serve, args, nf_cls, config)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
+
+
 def main(argv: list[str]) -> int:
     """``python -m nf serve NAME ...``; returns the exit status."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -724,6 +744,9 @@ def main(argv: list[str]) -> int:
 
     try:
         config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
+        profile_to = os.environ.get("S6_PROFILE")
+        if profile_to:
+            return _profiled(f"{profile_to}.{os.getpid()}", args, nf_cls, config)
         return trio.run(_serve, args, nf_cls, config)
     except ConfigError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
