@@ -65,6 +65,7 @@ class Pending:
         "kind",
         "method",
         "relocated",
+        "since",
         "to",
         "tries",
         "waits",
@@ -89,6 +90,9 @@ class Pending:
         self.keyop: Any = None
         #: call: the node it was last shipped to (looked for again if that node dies).
         self.to: str | None = None
+        #: call: looked for again after its node died: an object of this version or later
+        #: was made since (its own object was lost), and must not take it.
+        self.since = 0
 
 
 #: What waits for a fence, as data: ("invoke", Invoke, now), ("untethered", k, method,

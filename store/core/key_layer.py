@@ -361,7 +361,8 @@ class KeyLayer:
                 self._put(k, rec)
             else:
                 self._become(rec, KeyState.LIVE)
-                rec.kind, rec.owner, rec.version = msg.kind, msg.origin, rec.version + 1
+                version = max(rec.version + 1, self._first_version())
+                rec.kind, rec.owner, rec.version = msg.kind, msg.origin, version
             if msg.kind is Kind.SINGLE:
                 transfer = Transfer(msg.map, msg.key, msg.req_id, rec.version, None, True)
                 self.out.send(msg.origin, transfer)
@@ -486,11 +487,13 @@ class KeyLayer:
     # -- the fast paths of a key this node owns (see Router.create_here / remove_here) --
 
     def _first_version(self) -> int:
-        """The version of a record made from nothing.  1, until this node has repaired a
+        """The least version of an object made here.  1, until this node has repaired a
         failure: a record that died with its key owner may be made again here, and the
         messages of the dead epoch about the old object (a hand-over's notice, a drop)
-        must read as older than anything of the new one, so from then on a new record
-        starts above every version the epochs before could have reached."""
+        must read as older than anything of the new one, so from then on a new object
+        (of a new record, or of a lost or removed one) starts above every version the
+        epochs before could have reached: a caller can tell an object made since a
+        repair from the one it called before (see ``ObjectLayer.repair``)."""
         if not self.dead:
             return 1
         return (self.view.epoch << 32) + 1
@@ -520,7 +523,11 @@ class KeyLayer:
             self._put(k, KeyRecord(kind, self.name, version, KeyState.LIVE))
             return version
         self._become(rec, KeyState.LIVE)
-        rec.kind, rec.owner, rec.version = kind, self.name, rec.version + 1
+        rec.kind, rec.owner, rec.version = (
+            kind,
+            self.name,
+            max(rec.version + 1, self._first_version()),
+        )
         return rec.version
 
     def drop_here(self, k: K, held_here: bool) -> bool | None:

@@ -608,6 +608,9 @@ class ObjectLayer(ScaleIn):
                 self._key_op_again(pending.keyop)
                 self._resent.add(req_id)
             elif pending.kind == "call" and (pending.to in dead or self.locations.get(k) in dead):
+                # It may have been applied there before the death: it may go on to its
+                # object if that was elsewhere all along, never to one made since.
+                pending.since = (epoch << 32) + 1
                 self.locations.pop(k, None)
                 self.out.send(self.name, Reply(req_id, Status.NOT_HERE, None))
         for k, where in list(self.locations.items()):
@@ -1349,8 +1352,17 @@ class ObjectLayer(ScaleIn):
             for wait in pending.waits:
                 self.out.fail(wait, self._error_of(pending, msg))
             return
-        owner = msg.value[0]
+        owner, version = msg.value[0], msg.value[1]
         self.locations[k] = owner
+        if pending.since and type(version) is int and version >= pending.since:
+            self._relocated(pending)
+            error = ObjectLost(
+                f"{k[0]}[{k[1]!r:.60}] was lost with the node the call went to (it may have "
+                "been applied there); the object there now was made since"
+            )
+            for wait in pending.waits:
+                self.out.fail(wait, error)
+            return
         pending.kind = "call"
         self._reship(pending, owner)
 

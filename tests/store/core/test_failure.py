@@ -483,3 +483,36 @@ def test_a_rebuilt_record_is_above_the_dead_epoch_and_its_holder_knows() -> None
     _held, made = wait.result()
     assert not made and holder_of(net, key) == "a"
     net.nodes["a"].router.validate()
+
+
+def test_a_call_whose_holder_died_is_not_applied_to_an_object_made_since() -> None:
+    """a's blocking call reaches the holder c and is applied there; c dies before its
+    answer leaves.  The call may have been applied, to an object now lost: when a looks
+    for the object again and finds one made since the repair (b made it anew), the call
+    fails with ObjectLost instead of being applied a second time, to another object (the
+    crash simulation's ``--hypothesis-seed=81``)."""
+    net = Net(["a", "b", "c"])
+    after = HashRing(["a", "b"], vnodes=16, epoch=2)
+    key = next(
+        x
+        for x in range(1000)
+        if net.ring.owner(key_token("mw", x)) == "b" and after.owner(key_token("mw", x)) == "b"
+    )
+    a, b, c = net.nodes["a"], net.nodes["b"], net.nodes["c"]
+    made = c.locate("mw", key, True)  # a multi-writer object is made where it is asked for
+    net.deliver_all()
+    assert made.result() == ("c", True)
+    info = a.router.objects.maps["mw"]
+    call = a.call(("mw", key), info, "add", ("a", 1, 5), "c", 0.0)
+    net.deliver_all(skip={("c", "a")})  # applied at c; its answer waits on the link
+    assert c.router.objects.objects[("mw", key)].obj.log == [["a", 1]]
+    net.kill("c")
+    ring = HashRing(["a", "b"], vnodes=16, epoch=2)
+    b.run(Repair(NodeView("b", Stage.NORMAL, ring), frozenset({"c"}), Wait("b")))
+    again = b.locate("mw", key, True)  # the lost object made anew
+    a.run(Repair(NodeView("a", Stage.NORMAL, ring), frozenset({"c"}), Wait("a")))
+    net.deliver_all()
+    assert again.result() == ("b", True)
+    with pytest.raises(ObjectLost):
+        call.result()
+    assert b.router.objects.objects[("mw", key)].obj.log == []
