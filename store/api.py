@@ -380,6 +380,7 @@ class Map(Generic[T]):
         self._let_go = node.fast.let_go
         self._held = node.fast.held
         self._in_order = node.fast.in_order
+        self._create_here = node.fast.create_here
         self._call_now = node.fast.call_now
         self._read_stale = node.fast.read_stale
         self._update_replica = node.fast.update_replica
@@ -407,6 +408,57 @@ class Map(Generic[T]):
         access._ref = None
         access._args = args
         return access
+
+    def local(self, key: Any) -> T | None:
+        """The single-writer object under ``key`` itself, synchronously, when using it in
+        place is safe: this node holds it, no reference to it is open here and no other
+        node waits for it.  None otherwise (held elsewhere or nowhere, in use, owed to
+        another node, or on its way): take the awaited path, ``async with m.get(key)``.
+
+        The object is this node's own copy, used with plain calls (no ``await``), and it
+        is valid only until the caller next awaits or does another store operation: the
+        node hands objects over, and takes removals, only between a microthread's steps,
+        so nothing can move or drop it before then, and nothing is counted or let go.
+        Keeping it longer would write to a copy that may have moved on.  Single-writer
+        maps only (a multi-writer object's calls are ordered by the core)."""
+        try:
+            held = self._held((self.name, key))
+        except TypeError:  # an unhashable key: say what a key may be
+            check_key(key)
+            raise
+        if held is not None and held.refs == 0 and held.release is None and self._single:
+            return held.obj  # type: ignore[no-any-return]
+        if not self._single:
+            _not_single(self)
+        return None
+
+    def local_create(self, key: Any, *args: Any) -> T | None:
+        """:meth:`local`, and where no object exists, the new one (``cls(*args)``) when
+        this node can make it at once, as ``create`` does for a key this node owns with
+        nothing of it anywhere; None otherwise: take ``async with m.create(key, *args)``.
+        Whether it was made here is the object's own business to tell (its state)."""
+        k = (self.name, key)
+        try:
+            held = self._held(k)
+        except TypeError:
+            check_key(key)
+            raise
+        if not self._single:
+            _not_single(self)
+        if held is not None:
+            if held.refs == 0 and held.release is None:
+                return held.obj  # type: ignore[no-any-return]
+            return None
+        check_key(key)  # (the key goes into a record: checked as the slow path does)
+        made = self._create_here(k, self.info, args)
+        if made is None:
+            return None
+        # create_here counts the caller's reference; there is none: let it go at once (a
+        # new object has no Release waiting, so this only uncounts it).
+        if not self._let_go(made):  # pragma: no cover (a new object is owed to nobody)
+            self._node.handle(LetGo(k, made))
+            return None
+        return made.obj  # type: ignore[no-any-return]
 
     def get(self, key: Any, *, readonly: bool = False) -> _Access:
         """``async with m.get(key) as ref``: the existing object, or ``ObjectNotFound``.
@@ -487,6 +539,13 @@ class Map(Generic[T]):
                 break
             pending = retry
         return out
+
+
+def _not_single(map_: Map[Any]) -> NoReturn:
+    raise TypeError(
+        f"{map_!r}: Map.local is for single-writer maps only (a multi-writer object's "
+        "calls are ordered by the core: use a reference)"
+    )
 
 
 class Space:
