@@ -132,6 +132,17 @@ class LocalMap(Generic[T]):
     def get(self, key: Any, *, readonly: bool = False) -> _Access:
         return _Access(self, key, False, ())
 
+    def local(self, key: Any) -> T | None:
+        """The object itself (``store.Map.local``): here every object is local."""
+        return self._objects.get(key)
+
+    def local_create(self, key: Any, *args: Any) -> T | None:
+        """The object itself, made if absent (``store.Map.local_create``)."""
+        obj = self._objects.get(key)
+        if obj is None:
+            obj = self._objects[key] = self.cls(*args)
+        return obj
+
     async def remove(self, key: Any) -> bool:
         obj = self._objects.pop(key, None)
         if obj is None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 import argparse
 import enum
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nf.packet import Packet
@@ -34,7 +34,30 @@ from nf.packet import Packet
 if TYPE_CHECKING:
     from store import Space
 
-__all__ = ["NF", "ConfigError", "Verdict"]
+__all__ = ["NF", "ConfigError", "Verdict", "local_create_of", "local_of"]
+
+
+def _not_here(key: Any, *args: Any) -> None:
+    return None
+
+
+def local_of(map_: Any) -> Callable[[Any], Any]:
+    """``map_.local`` (``store.Map.local``: the single-writer object itself, when using
+    it in place is safe, else None) if the map's class has it; otherwise a function that
+    always answers None, so that the NF takes its awaited path.  A backend whose maps
+    must see every access (remote-only's state is at its store, stop-the-world records
+    each flow's keys) has none, and its NFs behave as before."""
+    if hasattr(type(map_), "local"):
+        return map_.local  # type: ignore[no-any-return]
+    return _not_here
+
+
+def local_create_of(map_: Any) -> Callable[..., Any]:
+    """``map_.local_create`` (``store.Map.local_create``) as :func:`local_of` gives
+    ``local``."""
+    if hasattr(type(map_), "local_create"):
+        return map_.local_create  # type: ignore[no-any-return]
+    return _not_here
 
 
 class Verdict(enum.IntEnum):
