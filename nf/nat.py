@@ -65,7 +65,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from nf.base import NF, ConfigError, Verdict
+from nf.base import NF, ConfigError, Verdict, local_of
 from nf.packet import ACK, FIN, RST, SYN, TCP, UDP, Packet, ip_int, ip_str
 from store import MultiWriter, ObjectNotFound, SingleWriter, stale, untethered
 
@@ -341,6 +341,8 @@ class NAT(NF):
             rng if rng is not None else random.Random(f"{cfg['seed']}/{space.name}")
         )
         self.entries = space.map("nat.entries", NatEntry)
+        #: An entry itself when it is held here and free to use in place (Map.local).
+        self._entry_here = local_of(self.entries)
         self.pool = space.map("nat.pool", PortShard)
         self.single_pool = cfg["pool"] == "single"
         self.whole_pools = space.map("nat.pool-single", PortPool)
@@ -468,12 +470,18 @@ class NAT(NF):
                     # what it holds (as it must): rewriting it there and back would give
                     # the same bytes at twice the cost.
                     sport, dport = packet.sport, packet.dport
-                    try:  # the same flow as the reply's, so held here: a get moves nothing
-                        async with self.entries.get((dst, src, proto, dport, sport)) as ref:
-                            row = await ref.row()
-                    except ObjectNotFound:
-                        self.count("unsolicited-inbound")
-                        return self.unsolicited_verdict
+                    fwd = (dst, src, proto, dport, sport)
+                    # The same flow as the reply's, so held here: read in place.
+                    entry = self._entry_here(fwd)
+                    if entry is not None:
+                        row = entry.row()
+                    else:
+                        try:  # (a get moves nothing when it is held here)
+                            async with self.entries.get(fwd) as ref:
+                                row = await ref.row()
+                        except ObjectNotFound:
+                            self.count("unsolicited-inbound")
+                            return self.unsolicited_verdict
                     reverse = (src, row[3], proto, sport, row[4])
                     return await self._inbound(packet, reverse, presented=True)
                 self.count("transit")
@@ -482,13 +490,20 @@ class NAT(NF):
         key = (src, dst, proto, packet.sport, packet.dport)
         ts = packet.ts
         flags = packet.tcp_flags if proto == TCP else 0
-        async with self.entries.create(key) as ref:
-            if ref.created:
-                verdict = await self._new_flow(packet, key, ref, flags)
-                if verdict is not None:
-                    return verdict
-            ip, port, reopened = await ref.hit(ts, self.me, flags & (SYN | ACK) == SYN)
-            ends = await ref.ends() if flags & (FIN | RST) or reopened else None
+        # An existing entry held here is used in place; a new one (its port is allocated
+        # with awaited calls) or one elsewhere through a reference: the same methods.
+        entry = self._entry_here(key)
+        if entry is not None:
+            ip, port, reopened = entry.hit(ts, self.me, flags & (SYN | ACK) == SYN)
+            ends = entry.ends() if flags & (FIN | RST) or reopened else None
+        else:
+            async with self.entries.create(key) as ref:
+                if ref.created:
+                    verdict = await self._new_flow(packet, key, ref, flags)
+                    if verdict is not None:
+                        return verdict
+                ip, port, reopened = await ref.hit(ts, self.me, flags & (SYN | ACK) == SYN)
+                ends = await ref.ends() if flags & (FIN | RST) or reopened else None
         if key not in self.timed:
             self._arm(key, ts + (self.tcp_idle if proto == TCP else self.udp_idle))
         packet.rewrite_src(ip, port)
@@ -540,13 +555,18 @@ class NAT(NF):
         is rewritten only if the translation says otherwise (then counted)."""
         ts = packet.ts
         flags = packet.tcp_flags if packet.proto == TCP else 0
-        try:
-            async with self.entries.get(key) as ref:
-                ip, port, _ = await ref.hit(ts, self.me, False)
-                ends = await ref.ends() if flags & (FIN | RST) else None
-        except ObjectNotFound:
-            self.count("unsolicited-inbound")
-            return self.unsolicited_verdict
+        entry = self._entry_here(key)
+        if entry is not None:
+            ip, port, _ = entry.hit(ts, self.me, False)
+            ends = entry.ends() if flags & (FIN | RST) else None
+        else:
+            try:
+                async with self.entries.get(key) as ref:
+                    ip, port, _ = await ref.hit(ts, self.me, False)
+                    ends = await ref.ends() if flags & (FIN | RST) else None
+            except ObjectNotFound:
+                self.count("unsolicited-inbound")
+                return self.unsolicited_verdict
         if key not in self.timed:
             self._arm(key, ts + (self.tcp_idle if packet.proto == TCP else self.udp_idle))
         if not presented:

@@ -24,7 +24,7 @@ import argparse
 import random
 from typing import Any, ClassVar
 
-from nf.base import NF, ConfigError, Verdict
+from nf.base import NF, ConfigError, Verdict, local_create_of, local_of
 from nf.packet import FIN, RST, TCP, Packet
 from store import MultiWriter, SingleWriter, stale, untethered
 
@@ -132,6 +132,8 @@ class Synthetic(NF):
         self.rng = random.Random(cfg["seed"])
         self.flows = space.map("synthetic.flows", FlowBlob)
         self.shared = space.map("synthetic.shared", SharedCounter)
+        self._flow_here = local_create_of(self.flows)
+        self._flow_local = local_of(self.flows)
         self._packets = 0  # this instance's packets (for every-nth and round-robin)
         self._next_shared = 0
 
@@ -163,8 +165,21 @@ class Synthetic(NF):
         size = packet.pend - packet.l3
         first = False
         fins = 0
+        flows = self.flows
         for i in range(self.flow_objects):
-            async with self.flows.create((*key, i) if i else key) as ref:
+            # In place when held here (or made here at once), else through a reference.
+            # A blob is new when it has counted no packet: the first access writes it.
+            blob = self._flow_here((*key, i) if i else key)
+            if blob is not None:
+                created = blob.packets == 0
+                if created:
+                    first = True
+                if self.per_packet or created:
+                    fins = blob.write(size, self.object_size)
+                else:
+                    fins = blob.read()
+                continue
+            async with flows.create((*key, i) if i else key) as ref:
                 if ref.created:
                     first = True
                 if self.per_packet or ref.created:
@@ -181,8 +196,12 @@ class Synthetic(NF):
             if flags & RST or (fins >= 2 and not flags & FIN):
                 await self._end(key)
             elif flags & FIN:
-                async with self.flows.get(key) as ref:
-                    await ref.fin()
+                blob = self._flow_local(key)
+                if blob is not None:
+                    blob.fin()
+                else:
+                    async with flows.get(key) as ref:
+                        await ref.fin()
         return Verdict.FORWARD
 
     async def _shared(self, key: tuple[int, ...], size: int) -> None:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
-from nf.base import NF, ConfigError, Verdict
+from nf.base import NF, ConfigError, Verdict, local_create_of
 from nf.ids.alert import fast_alert
 from nf.ids.engine import Detector, PacketView
 from nf.ids.rules import Classification, RuleSet, load_rules, parse_classifications
@@ -123,6 +123,9 @@ class IDS(NF):
         self.flows = space.map("ids.flows", FlowContext)
         self.hosts = space.map("ids.trusted", TrustedHost)
         self.servers = space.map("ids.servers", ServerAlerts)
+        # The per-flow and per-host objects in place when they are here (Map.local_create)
+        self._flow_here = local_create_of(self.flows)
+        self._host_here = local_create_of(self.hosts)
         #: This instance's timer list: flow key -> [time of its last packet here, closed],
         #: and the deadlines at which to look at each again (a heap).
         self._timers: dict[Any, list[Any]] = {}
@@ -150,8 +153,12 @@ class IDS(NF):
         if self.trusted:
             host = self._trusted_host(packet)
             if host is not None:
-                async with self.hosts.create(host) as ref:
-                    await ref.skip()
+                trusted = self._host_here(host)
+                if trusted is not None:
+                    trusted.skip()
+                else:
+                    async with self.hosts.create(host) as ref:
+                        await ref.skip()
                 self.count("whitelisted")
                 return Verdict.FORWARD
         key = packet.flow_key_both()
@@ -160,10 +167,16 @@ class IDS(NF):
         sport = packet.sport
         flags = packet.tcp_flags
         ts = packet.ts
-        async with self.flows.create(key) as ctx:
-            to_server, established, number, closed = await ctx.on_packet(
-                proto, src, sport, flags, ts
-            )
+        # The flow's context in place when it is held here (or made here at once), else
+        # through a reference: the same method either way.
+        ctx = self._flow_here(key)
+        if ctx is not None:
+            to_server, established, number, closed = ctx.on_packet(proto, src, sport, flags, ts)
+        else:
+            async with self.flows.create(key) as ref:
+                to_server, established, number, closed = await ref.on_packet(
+                    proto, src, sport, flags, ts
+                )
         timer = self._timers.get(key)
         if timer is None:
             self._timers[key] = [ts, closed]

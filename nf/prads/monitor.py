@@ -27,7 +27,7 @@ import ipaddress
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nf.base import NF, ConfigError, Verdict
+from nf.base import NF, ConfigError, Verdict, local_create_of
 from nf.packet import ACK, FIN, ICMP, RST, SYN, TCP, UDP, Packet, ip_str
 from nf.prads.fingerprint import describe, distance, match, observe
 from nf.prads.signatures import (
@@ -151,6 +151,15 @@ def _kinds(vlan: bool, proto: int) -> tuple[str, ...]:
 GRE = 47
 _SESSIONS = ("sessions",)
 _SYN_FIN_RST = SYN | FIN | RST
+#: What a packet does to its connection (see PRADS._after_track): the check bits to set,
+#: and whether to reverse it first.
+_CHECKS = 0xFF
+_REVERSE = 0x100
+#: The asset updates a packet makes, gathered in PRADS._todo: (_TOUCH, ip, ts),
+#: (_OS, ip, entry key, entry), (_SERVICE, ip, entry key, entry).
+_TOUCH = "touch"
+_OS = "os"
+_SERVICE = "service"
 _PROTO_COUNTER = {
     TCP: "tcp_recv",
     UDP: "udp_recv",
@@ -194,6 +203,11 @@ class PRADS(NF):
         self.conns: Map[Connection] = space.map("prads.connections", Connection)
         self.assets: Map[Asset] = space.map("prads.assets", Asset)
         self.stats: Map[Statistics] = space.map("prads.statistics", Statistics)
+        #: A flow's Connection itself when it is here to use in place (Map.local_create).
+        self._conn_here = local_create_of(self.conns)
+        #: The asset updates of the packet being handled, sent once its connection is
+        #: done with (see _send_assets).
+        self._todo: list[tuple[Any, ...]] = []
         #: This instance's timer list: the flows it served, key -> [proto, last packet].
         self.timers: dict[Hashable, list[Any]] = {}
         self._next_sweep: float | None = None
@@ -286,7 +300,8 @@ class PRADS(NF):
             if proto == GRE:
                 # prads notes the sender of any GRE packet (ours or not) and tracks no
                 # connection; the tunnelled packet inside is not analysed here.
-                await self._touch(src, packet.ts)
+                self._todo.append((_TOUCH, src, packet.ts))
+                await self._send_assets()
             elif proto == 4 or proto == 41:
                 self.count("tunnel")  # IP in IP: prads analyses the inner packet; not we
             else:
@@ -295,51 +310,98 @@ class PRADS(NF):
         key = packet.flow_key_both()  # self.flow_key: PRADS is bidirectional
         ts = packet.ts
         flags = packet.tcp_flags  # (0 for UDP)
-        # One access to the flow's Connection for the whole packet.  The tracking is
-        # inline, and the rest of the TCP pipeline is entered only when it has something
-        # to do: most packets of a connection (no SYN, FIN or RST, its end's payload
-        # check done) stop at the tracking.
-        async with self.conns.create(key) as conn:
-            role, check, n, first = await conn.track(
-                src, packet.sport, packet.dst, packet.dport, proto, flags,
-                packet.ip_len - packet.ihl, ts,
-            )  # fmt: skip
-            if n == 0:
-                await self._add(_SESSIONS)
-            timer = self.timers.get(key)
-            if timer is None:
-                self.timers[key] = [proto, ts]
-            else:
-                timer[1] = ts
-            if not ours:
-                return Verdict.FORWARD
-            if proto == UDP:
-                await self._udp(conn, key, packet, vlan, role, check, n, first)
-            elif (
-                first
-                or flags & _SYN_FIN_RST
-                or self._ack_fingerprints
-                or (
-                    (
-                        (role == CLIENT and not check & CHECK_CLIENT_DONE)
-                        or (role == SERVER and not check & CHECK_SERVER_DONE)
-                    )
-                    and len(frame) - packet.pl >= PAYLOAD_MIN
+        nbytes = packet.ip_len - packet.ihl
+        sport, dst, dport = packet.sport, packet.dst, packet.dport
+        # One access to the flow's Connection for the whole packet: in place when it is
+        # held here (or made here at once), else through a reference.  The rest of the
+        # packet's work on it is decided without awaiting (what it does to the
+        # connection comes back as ops), and the asset updates it makes are gathered and
+        # sent after it: they are untethered and commute, so their order does not matter.
+        conn = self._conn_here(key)
+        if conn is not None:
+            role, check, n, first = conn.track(src, sport, dst, dport, proto, flags, nbytes, ts)
+            ops = self._after_track(key, packet, vlan, ours, role, check, n, first)
+            if ops:
+                if ops & _REVERSE:
+                    conn.reverse()
+                if ops & _CHECKS:
+                    conn.set_check(ops & _CHECKS)
+        else:
+            async with self.conns.create(key) as ref:
+                role, check, n, first = await ref.track(
+                    src, sport, dst, dport, proto, flags, nbytes, ts
                 )
-            ):
-                # The first packet from this end touches its asset; an observation of the
-                # asset made for the same packet does that too (the two commute).
-                if not await self._tcp(conn, key, packet, vlan, role, check, n) and first:
-                    await self._touch(src, ts)
+                ops = self._after_track(key, packet, vlan, ours, role, check, n, first)
+                if ops:
+                    if ops & _REVERSE:
+                        await ref.reverse()
+                    if ops & _CHECKS:
+                        await ref.set_check(ops & _CHECKS)
+        if self._todo:
+            await self._send_assets()
+        if self._npending >= STATS_BATCH:
+            await self._flush_stats()
         return Verdict.FORWARD
 
-    async def _add(self, names: tuple[str, ...]) -> None:
+    def _after_track(
+        self,
+        key: Hashable,
+        packet: Packet,
+        vlan: int,
+        ours: bool,
+        role: int,
+        check: int,
+        n: int,
+        first: bool,
+    ) -> int:
+        """A TCP or UDP packet after its connection tracked it: the timer list, and the
+        pipeline when the packet has something for it (most packets of a connection, no
+        SYN, FIN or RST and their end's payload check done, stop here).  The asset updates
+        go to ``_todo``; returns what to do to the connection (``_REVERSE``, check bits)."""
+        if n == 0:
+            self._count(_SESSIONS)
+        proto, ts = packet.proto, packet.ts
+        timer = self.timers.get(key)
+        if timer is None:
+            self.timers[key] = [proto, ts]
+        else:
+            timer[1] = ts
+        if not ours:
+            return 0
+        if proto == UDP:
+            return self._udp(key, packet, vlan, role, check, n, first)
+        flags = packet.tcp_flags
+        if (
+            first
+            or flags & _SYN_FIN_RST
+            or self._ack_fingerprints
+            or (
+                (
+                    (role == CLIENT and not check & CHECK_CLIENT_DONE)
+                    or (role == SERVER and not check & CHECK_SERVER_DONE)
+                )
+                and len(packet.frame) - packet.pl >= PAYLOAD_MIN
+            )
+        ):
+            # The first packet from this end touches its asset; an observation of the
+            # asset made for the same packet does that too (the two commute).
+            before = len(self._todo)
+            ops = self._tcp(key, packet, vlan, role, check, n)
+            if first and len(self._todo) == before:
+                self._todo.append((_TOUCH, packet.src, ts))
+            return ops
+        return 0
+
+    def _count(self, names: tuple[str, ...]) -> None:
         """Count a packet's kinds: gathered here and handed to the shared Statistics
         object as one untethered update every STATS_BATCH packets (and at each tick, at
         close and before a query)."""
         pending = self._pending
         pending[names] = pending.get(names, 0) + 1
         self._npending += 1
+
+    async def _add(self, names: tuple[str, ...]) -> None:
+        self._count(names)
         if self._npending >= STATS_BATCH:
             await self._flush_stats()
 
@@ -390,54 +452,28 @@ class PRADS(NF):
             fresh = True
         return fresh
 
-    async def _track(
-        self, conn: Any, key: Hashable, packet: Packet, flags: int
-    ) -> tuple[int, int, int, bool]:
-        """Account a packet on its connection and this instance's timer list (what
-        :meth:`process` does inline for TCP and UDP)."""
-        nbytes = packet.ip_len - packet.ihl
-        role, check, n, first = await conn.track(
-            packet.src,
-            packet.sport,
-            packet.dst,
-            packet.dport,
-            packet.proto,
-            flags,
-            nbytes,
-            packet.ts,
-        )
-        if n == 0:
-            await self._add(_SESSIONS)
-        timer = self.timers.get(key)
-        if timer is None:
-            self.timers[key] = [packet.proto, packet.ts]
-        else:
-            timer[1] = packet.ts
-        return role, check, n, first
-
-    # Untethered updates of a host's asset, made if new.  ``create`` finds an existing
-    # asset as cheaply as ``get`` does (through the location cache where it is not held
-    # here), and assets are never removed, so there is no get-then-create.
-
-    async def _touch(self, ip: int, ts: float) -> None:
-        async with self.assets.create(ip) as ref:
-            await ref.touch(ts)
-
-    async def _observe_os(self, ip: int, key: str, entry: list[Any]) -> None:
-        async with self.assets.create(ip) as ref:
-            await ref.observe_os(key, entry)
-
-    async def _observe_service(self, ip: int, key: str, entry: list[Any]) -> None:
-        async with self.assets.create(ip) as ref:
-            await ref.observe_service(key, entry)
+    async def _send_assets(self) -> None:
+        """Send the asset updates gathered for this packet (see ``_todo``): untethered
+        updates of each host's asset, made if new.  ``create`` finds an existing asset as
+        cheaply as ``get`` does (through the location cache where it is not held here),
+        and assets are never removed, so there is no get-then-create."""
+        # Whichever packet sends the list sends each update in it once (they commute).
+        todo, self._todo = self._todo, []
+        assets = self.assets
+        for what in todo:
+            async with assets.create(what[1]) as ref:
+                if what[0] is _TOUCH:
+                    await ref.touch(what[2])
+                elif what[0] is _OS:
+                    await ref.observe_os(what[2], what[3])
+                else:
+                    await ref.observe_service(what[2], what[3])
 
     @staticmethod
     def _order(packet: Packet, key: Hashable, n: int) -> list[Any]:
         return [packet.ts, *key, n]  # type: ignore[misc]
 
-    async def _fingerprint(
-        self, packet: Packet, kind: str, vlan: int, key: Hashable, n: int
-    ) -> bool:
+    def _fingerprint(self, packet: Packet, kind: str, vlan: int, key: Hashable, n: int) -> bool:
         """Fingerprint the packet; whether its sender's asset was updated."""
         table = self.os_tables.get(kind)
         fp = observe(packet, kind)
@@ -450,10 +486,10 @@ class PRADS(NF):
         if not self._fresh(packet.src, okey, order, None):
             return False
         entry = [order, vlan, packet.sport, describe(fp, sig), distance(packet.ttl)]
-        await self._observe_os(packet.src, okey, entry)
+        self._todo.append((_OS, packet.src, okey, entry))
         return True
 
-    async def _service(
+    def _service(
         self,
         packet: Packet,
         vlan: int,
@@ -471,81 +507,69 @@ class PRADS(NF):
         if not self._fresh(packet.src, skey, order, not app.startswith("@")):
             return False
         entry = [order, vlan, role, service, app, distance(packet.ttl)]
-        await self._observe_service(packet.src, skey, entry)
+        self._todo.append((_SERVICE, packet.src, skey, entry))
         return True
 
-    async def _tcp(
-        self,
-        conn: Any,
-        key: Hashable,
-        packet: Packet,
-        vlan: int,
-        role: int,
-        check: int,
-        n: int,
-    ) -> bool:
-        """The TCP pipeline after tracking, for a packet of ours; whether its sender's
-        asset was updated (which notes the packet as :meth:`Asset.touch` does)."""
+    def _tcp(self, key: Hashable, packet: Packet, vlan: int, role: int, check: int, n: int) -> int:
+        """The TCP pipeline after tracking, for a packet of ours; what to do to the
+        connection.  An update of the sender's asset (``_todo``) notes the packet as
+        :meth:`Asset.touch` does."""
         flags = packet.tcp_flags
         sw = self.switches
         if flags & SYN:
             if not flags & ACK:
                 if sw["syn"]:
-                    return await self._fingerprint(packet, "SYN", vlan, key, n)
+                    self._fingerprint(packet, "SYN", vlan, key, n)
+                    return 0
             elif sw["synack"]:
-                sent = await self._fingerprint(packet, "SYNACK", vlan, key, n)
-                if role != SERVER:
-                    await conn.reverse()
-                return sent
-        sent = False
+                self._fingerprint(packet, "SYNACK", vlan, key, n)
+                return _REVERSE if role != SERVER else 0
+        ops = 0
         if role == CLIENT:
             if sw["client"] and not check & CHECK_CLIENT_DONE:
-                sent = await self._payload(conn, packet, vlan, key, n, CLIENT, check)
+                ops = self._payload(packet, vlan, key, n, CLIENT, check)
         elif role == SERVER:
             if sw["server"] and not check & CHECK_SERVER_DONE:
-                sent = await self._payload(conn, packet, vlan, key, n, SERVER, check)
+                ops = self._payload(packet, vlan, key, n, SERVER, check)
         else:
-            return False
+            return 0
         if sw["ack"] and flags & ACK and not flags & (SYN | RST | FIN):
-            sent = await self._fingerprint(packet, "ACK", vlan, key, n) or sent
+            self._fingerprint(packet, "ACK", vlan, key, n)
         elif sw["fin"] and flags & FIN:
-            sent = await self._fingerprint(packet, "FIN", vlan, key, n) or sent
+            self._fingerprint(packet, "FIN", vlan, key, n)
         elif sw["rst"] and flags & RST:
-            sent = await self._fingerprint(packet, "RST", vlan, key, n) or sent
-        return sent
+            self._fingerprint(packet, "RST", vlan, key, n)
+        return ops
 
-    async def _payload(
-        self, conn: Any, packet: Packet, vlan: int, key: Hashable, n: int, role: int, check: int
-    ) -> bool:
-        """Match the payload against the signatures of the sender's role; whether the
-        sender's asset was updated."""
+    def _payload(
+        self, packet: Packet, vlan: int, key: Hashable, n: int, role: int, check: int
+    ) -> int:
+        """Match the payload against the signatures of the sender's role; the check bits
+        to set on the connection."""
         frame = packet.frame
         # prads's payload runs to the end of the captured frame (padding included)
         plen = len(frame) - packet.pl
         if plen < PAYLOAD_MIN:
-            return False
+            return 0
         data = bytes(frame[packet.pl : packet.pl + min(plen, PAYLOAD_MAX)])
         sigs = self.signatures.client if role == CLIENT else self.signatures.server
         port = packet.dport if role == CLIENT else packet.sport
         found = _first(sigs, data)
         if found is not None:
             service, app = found
-            sent = await self._service(packet, vlan, key, n, role, port, service, app)
-            await conn.set_check(CHECK_CLIENT_DONE if role == CLIENT else CHECK_SERVER_DONE)
-            return sent
+            self._service(packet, vlan, key, n, role, port, service, app)
+            return CHECK_CLIENT_DONE if role == CLIENT else CHECK_SERVER_DONE
         unknown = CHECK_CLIENT_UNKNOWN if role == CLIENT else CHECK_SERVER_UNKNOWN
         if check & unknown:
-            return False
+            return 0
         guess = known_port(TCP, port)
         if guess is None:
-            return False
-        sent = await self._service(packet, vlan, key, n, role, port, "unknown", guess)
-        await conn.set_check(unknown)
-        return sent
+            return 0
+        self._service(packet, vlan, key, n, role, port, "unknown", guess)
+        return unknown
 
-    async def _udp(
+    def _udp(
         self,
-        conn: Any,
         key: Hashable,
         packet: Packet,
         vlan: int,
@@ -553,12 +577,13 @@ class PRADS(NF):
         check: int,
         n: int,
         first: bool,
-    ) -> None:
-        """The UDP pipeline after tracking, for a packet of ours."""
+    ) -> int:
+        """The UDP pipeline after tracking, for a packet of ours; what to do to the
+        connection (a reverse comes before the check bits, as ``process`` applies them)."""
         if first:
-            await self._touch(packet.src, packet.ts)
+            self._todo.append((_TOUCH, packet.src, packet.ts))
         if not self.switches["udp"]:
-            return
+            return 0
         # prads's guess for DNS: to port 53 is a client, from it a server.
         if packet.dport == 53:
             role = CLIENT
@@ -567,45 +592,62 @@ class PRADS(NF):
         frame = packet.frame
         plen = len(frame) - packet.pl
         if plen < UDP_PAYLOAD_MIN:
-            return
+            return 0
         data = bytes(frame[packet.pl :])
         found = _first(self.signatures.udp, data)
         if found is not None:
             port = packet.dport if role == CLIENT else packet.sport
-            await self._service(packet, vlan, key, n, role, port, *found)
-            await conn.set_check(CHECK_SERVER_DONE)
-            return
+            self._service(packet, vlan, key, n, role, port, *found)
+            return CHECK_SERVER_DONE
         sport, dport = packet.sport, packet.dport
         if role == CLIENT and not check & CHECK_CLIENT_UNKNOWN:
             guess = known_port(UDP, dport)
             if guess is not None:
-                await self._service(packet, vlan, key, n, CLIENT, dport, "unknown", guess)
-            else:
-                guess = known_port(UDP, sport)
-                if guess is None:
-                    return
-                # the sender is the server after all: turn the connection round
-                await conn.reverse()
-                await self._service(packet, vlan, key, n, SERVER, sport, "unknown", guess)
-            await conn.set_check(CHECK_CLIENT_UNKNOWN)
-        elif role == SERVER and not check & CHECK_SERVER_UNKNOWN:
+                self._service(packet, vlan, key, n, CLIENT, dport, "unknown", guess)
+                return CHECK_CLIENT_UNKNOWN
+            guess = known_port(UDP, sport)
+            if guess is None:
+                return 0
+            # the sender is the server after all: turn the connection round
+            self._service(packet, vlan, key, n, SERVER, sport, "unknown", guess)
+            return _REVERSE | CHECK_CLIENT_UNKNOWN
+        if role == SERVER and not check & CHECK_SERVER_UNKNOWN:
             guess = known_port(UDP, sport)
             if guess is not None:
-                await self._service(packet, vlan, key, n, SERVER, sport, "unknown", guess)
-            else:
-                guess = known_port(UDP, dport)
-                if guess is None:
-                    return
-                await conn.reverse()
-                await self._service(packet, vlan, key, n, CLIENT, dport, "unknown", guess)
-            await conn.set_check(CHECK_SERVER_UNKNOWN)
+                self._service(packet, vlan, key, n, SERVER, sport, "unknown", guess)
+                return CHECK_SERVER_UNKNOWN
+            guess = known_port(UDP, dport)
+            if guess is None:
+                return 0
+            self._service(packet, vlan, key, n, CLIENT, dport, "unknown", guess)
+            return _REVERSE | CHECK_SERVER_UNKNOWN
+        return 0
 
     async def _other(self, packet: Packet, ours: bool) -> None:
+        """A packet of another protocol: tracked on its connection (no ports), its
+        sender's asset touched the first time."""
         key = self.flow_key(packet)
-        async with self.conns.create(key) as conn:
-            first = (await self._track(conn, key, packet, 0))[3]
+        proto, ts = packet.proto, packet.ts
+        nbytes = packet.ip_len - packet.ihl
+        src, sport, dst, dport = packet.src, packet.sport, packet.dst, packet.dport
+        conn = self._conn_here(key)
+        if conn is not None:
+            _, _, n, first = conn.track(src, sport, dst, dport, proto, 0, nbytes, ts)
+        else:
+            async with self.conns.create(key) as ref:
+                _, _, n, first = await ref.track(src, sport, dst, dport, proto, 0, nbytes, ts)
+        if n == 0:
+            self._count(_SESSIONS)
+        timer = self.timers.get(key)
+        if timer is None:
+            self.timers[key] = [proto, ts]
+        else:
+            timer[1] = ts
         if ours and first:
-            await self._touch(packet.src, packet.ts)
+            self._todo.append((_TOUCH, src, ts))
+            await self._send_assets()
+        if self._npending >= STATS_BATCH:
+            await self._flush_stats()
 
     # ------------------------------------------------------------------ timeouts
 
