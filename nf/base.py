@@ -42,8 +42,8 @@ def _not_here(key: Any, *args: Any) -> None:
 
 
 def local_of(map_: Any) -> Callable[[Any], Any]:
-    """``map_.local`` (``store.Map.local``: the single-writer object itself, when using
-    it in place is safe, else None) if the map's class has it; otherwise a function that
+    """``map_.local`` (``store.Map.local``: the object itself, when using it in place is
+    safe, else None) if the map's class has it; otherwise a function that
     always answers None, so that the NF takes its awaited path.  A backend whose maps
     must see every access (remote-only's state is at its store, stop-the-world records
     each flow's keys) has none, and its NFs behave as before."""

@@ -344,6 +344,7 @@ class NAT(NF):
         #: An entry itself when it is held here and free to use in place (Map.local).
         self._entry_here = local_of(self.entries)
         self.pool = space.map("nat.pool", PortShard)
+        self._shard_here = local_of(self.pool)
         self.single_pool = cfg["pool"] == "single"
         self.whole_pools = space.map("nat.pool-single", PortPool)
         self.me = space.name
@@ -590,17 +591,31 @@ class NAT(NF):
             return
         ts = packet.ts
         grace = self.fin_grace
-        async with self.entries.get(key) as ref:
-            both = await ref.saw_fin(ts, grace)
-        try:
-            async with self.entries.get(peer) as other:
-                if await other.peer_saw_fin(ts, grace):
-                    both = True
-        except ObjectNotFound:
-            return
-        if both:
+        here = self._entry_here
+        entry = here(key)
+        if entry is not None:
+            both = entry.saw_fin(ts, grace)
+        else:
             async with self.entries.get(key) as ref:
-                await ref.close_at(ts + grace)
+                both = await ref.saw_fin(ts, grace)
+        other = here(peer)
+        if other is not None:
+            if other.peer_saw_fin(ts, grace):
+                both = True
+        else:
+            try:
+                async with self.entries.get(peer) as ref:
+                    if await ref.peer_saw_fin(ts, grace):
+                        both = True
+            except ObjectNotFound:
+                return
+        if both:
+            entry = here(key)
+            if entry is not None:
+                entry.close_at(ts + grace)
+            else:
+                async with self.entries.get(key) as ref:
+                    await ref.close_at(ts + grace)
             self._arm(key, ts + grace)
 
     async def _end(self, fwd: FlowKey, rev: FlowKey, public: int, port: int) -> None:
@@ -625,6 +640,10 @@ class NAT(NF):
         lo, hi = self._shard_range(shard[1])
         draws = self._draws(hi - lo + 1)
         if not create:
+            here = self._shard_here(shard)
+            if here is not None:  # one of this instance's own shards, held here
+                mine: int = here.allocate(lo, hi, draws)
+                return mine
             async with self.pool.get(shard) as ref:
                 got: int = await ref.allocate(lo, hi, draws)
             return got

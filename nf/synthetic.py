@@ -134,6 +134,7 @@ class Synthetic(NF):
         self.shared = space.map("synthetic.shared", SharedCounter)
         self._flow_here = local_create_of(self.flows)
         self._flow_local = local_of(self.flows)
+        self._shared_here = local_create_of(self.shared)
         self._packets = 0  # this instance's packets (for every-nth and round-robin)
         self._next_shared = 0
 
@@ -213,6 +214,15 @@ class Synthetic(NF):
         else:
             which = self.rng.randrange(self.shared_objects)
         self.count("shared-accesses")
+        counter = self._shared_here(which)
+        if counter is not None:  # held here: in place
+            if self.access == "blocking":
+                counter.add(size)
+            elif self.access == "untethered":
+                counter.add_later(size)
+            else:
+                counter.value()
+            return
         async with self.shared.create(which) as ref:
             if self.access == "blocking":
                 await ref.add(size)

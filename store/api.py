@@ -410,26 +410,35 @@ class Map(Generic[T]):
         return access
 
     def local(self, key: Any) -> T | None:
-        """The single-writer object under ``key`` itself, synchronously, when using it in
-        place is safe: this node holds it, no reference to it is open here and no other
-        node waits for it.  None otherwise (held elsewhere or nowhere, in use, owed to
-        another node, or on its way): take the awaited path, ``async with m.get(key)``.
+        """The object under ``key`` itself, synchronously, when using it in place is
+        safe; None otherwise: take the awaited path (``async with m.get(key)``).
 
-        The object is this node's own copy, used with plain calls (no ``await``), and it
-        is valid only until the caller next awaits or does another store operation: the
-        node hands objects over, and takes removals, only between a microthread's steps,
-        so nothing can move or drop it before then, and nothing is counted or let go.
-        Keeping it longer would write to a copy that may have moved on.  Single-writer
-        maps only (a multi-writer object's calls are ordered by the core)."""
+        Safe means: this node holds it and, for a single-writer object, no reference to
+        it is open here and no other node waits for it (a ``Release`` waiting for the
+        references here to end); for a multi-writer one, none of this node's earlier
+        updates of it is still on its way to it (a replica to fold, a fence owed: see
+        ``Held.owed``), the test a local reference's call makes.  None when it is held
+        elsewhere or nowhere, in use, owed to another node, or on its way.
+
+        The object is used with plain calls (no ``await``), and only until the caller
+        next awaits or makes another store operation: the node hands objects over, takes
+        removals and applies other members' calls only between a microthread's steps,
+        so nothing can move, drop or overtake it before then, and nothing is counted or
+        let go.  Kept longer, it may be a copy that has moved on."""
+        k = (self.name, key)
         try:
-            held = self._held((self.name, key))
+            held = self._held(k)
         except TypeError:  # an unhashable key: say what a key may be
             check_key(key)
             raise
-        if held is not None and held.refs == 0 and held.release is None and self._single:
+        if held is None:
+            return None
+        if self._single:
+            if held.refs == 0 and held.release is None:
+                return held.obj  # type: ignore[no-any-return]
+            return None
+        if not held.owed or self._in_order(k):
             return held.obj  # type: ignore[no-any-return]
-        if not self._single:
-            _not_single(self)
         return None
 
     def local_create(self, key: Any, *args: Any) -> T | None:
@@ -443,22 +452,25 @@ class Map(Generic[T]):
         except TypeError:
             check_key(key)
             raise
-        if not self._single:
-            _not_single(self)
-        if held is not None:
+        if held is None:
+            check_key(key)  # (the key goes into a record: checked as the slow path does)
+            held = self._create_here(k, self.info, args)
+            if held is None:
+                return None
+            if self._single:
+                # create_here counted the caller's reference; there is none: let it go at
+                # once (a new object has no Release waiting: this only uncounts it).
+                if not self._let_go(held):  # pragma: no cover (owed to nobody yet)
+                    self._node.handle(LetGo(k, held))
+                    return None
+                return held.obj  # type: ignore[no-any-return]
+        elif self._single:
             if held.refs == 0 and held.release is None:
                 return held.obj  # type: ignore[no-any-return]
             return None
-        check_key(key)  # (the key goes into a record: checked as the slow path does)
-        made = self._create_here(k, self.info, args)
-        if made is None:
-            return None
-        # create_here counts the caller's reference; there is none: let it go at once (a
-        # new object has no Release waiting, so this only uncounts it).
-        if not self._let_go(made):  # pragma: no cover (a new object is owed to nobody)
-            self._node.handle(LetGo(k, made))
-            return None
-        return made.obj  # type: ignore[no-any-return]
+        if not held.owed or self._in_order(k):
+            return held.obj  # type: ignore[no-any-return]
+        return None
 
     def get(self, key: Any, *, readonly: bool = False) -> _Access:
         """``async with m.get(key) as ref``: the existing object, or ``ObjectNotFound``.
@@ -539,13 +551,6 @@ class Map(Generic[T]):
                 break
             pending = retry
         return out
-
-
-def _not_single(map_: Map[Any]) -> NoReturn:
-    raise TypeError(
-        f"{map_!r}: Map.local is for single-writer maps only (a multi-writer object's "
-        "calls are ordered by the core: use a reference)"
-    )
 
 
 class Space:

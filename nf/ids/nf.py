@@ -126,6 +126,7 @@ class IDS(NF):
         # The per-flow and per-host objects in place when they are here (Map.local_create)
         self._flow_here = local_create_of(self.flows)
         self._host_here = local_create_of(self.hosts)
+        self._server_here = local_create_of(self.servers)
         #: This instance's timer list: flow key -> [time of its last packet here, closed],
         #: and the deadlines at which to look at each again (a heap).
         self._timers: dict[Any, list[Any]] = {}
@@ -204,11 +205,17 @@ class IDS(NF):
             return Verdict.FORWARD
         server = dst if to_server else src
         fragment = bool(packet.ip_off & 0x2000)  # the first of several fragments
-        async with self.servers.create(server) as record:
+        alerts = self._server_here(server)
+        if alerts is not None:
             for rule in matched:
                 line = fast_alert(rule, ts, proto, src, sport, dst, dport, fragment)
-                entry = [ts, *key, number, rule.index, line]
-                await record.add(entry, self.alerts_per_server)
+                alerts.add([ts, *key, number, rule.index, line], self.alerts_per_server)
+        else:
+            async with self.servers.create(server) as record:
+                for rule in matched:
+                    line = fast_alert(rule, ts, proto, src, sport, dst, dport, fragment)
+                    entry = [ts, *key, number, rule.index, line]
+                    await record.add(entry, self.alerts_per_server)
         self.count("alerts", len(matched))
         return Verdict.FORWARD
 

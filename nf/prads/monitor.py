@@ -205,6 +205,7 @@ class PRADS(NF):
         self.stats: Map[Statistics] = space.map("prads.statistics", Statistics)
         #: A flow's Connection itself when it is here to use in place (Map.local_create).
         self._conn_here = local_create_of(self.conns)
+        self._asset_here = local_create_of(self.assets)
         #: The asset updates of the packet being handled, sent once its connection is
         #: done with (see _send_assets).
         self._todo: list[tuple[Any, ...]] = []
@@ -460,7 +461,17 @@ class PRADS(NF):
         # Whichever packet sends the list sends each update in it once (they commute).
         todo, self._todo = self._todo, []
         assets = self.assets
+        here = self._asset_here
         for what in todo:
+            asset = here(what[1])
+            if asset is not None:  # held here: in place
+                if what[0] is _TOUCH:
+                    asset.touch(what[2])
+                elif what[0] is _OS:
+                    asset.observe_os(what[2], what[3])
+                else:
+                    asset.observe_service(what[2], what[3])
+                continue
             async with assets.create(what[1]) as ref:
                 if what[0] is _TOUCH:
                     await ref.touch(what[2])
