@@ -960,6 +960,13 @@ class ObjectLayer(ScaleIn):
     def _on_release(self, msg: Release, sender: str) -> None:
         k = (msg.map, msg.key)
         held = self.objects.get(k)
+        if self.out.departed and msg.to in self.out.departed:
+            # The asker died before the object could go to it (a release sent before the
+            # repair): the object stays here, and the key owner hears "moved to where it
+            # already is", as for an object that cannot travel (see _hand_over).
+            if held is not None:
+                self._key_op(Op.MOVED, k, Kind.SINGLE, 0, owner=self.name, version=held.version)
+            return
         if held is None and k in self.moved_to:
             return  # we evacuated it; the key owner asks its new holder (see MOVED)
         if held is None and self._unbuilt.get(k) == msg.version:

@@ -516,3 +516,37 @@ def test_a_call_whose_holder_died_is_not_applied_to_an_object_made_since() -> No
     with pytest.raises(ObjectLost):
         call.result()
     assert b.router.objects.objects[("mw", key)].obj.log == []
+
+
+def test_a_release_for_an_asker_that_died_keeps_the_object() -> None:
+    """a creates an object (the key owner k's grant is on its way), b asks for it (k's
+    release to a waits on the link behind the grant), and b dies.  a repairs and then
+    gets the grant and the release: the object must stay with a, not be handed to the
+    dead b and lost (the crash simulation's ``--hypothesis-seed=197``)."""
+    net = Net(["a", "b", "k"])
+    after = HashRing(["a", "k"], vnodes=16, epoch=2)
+    key = next(
+        x
+        for x in range(1000)
+        if net.ring.owner(key_token("sw", x)) == "k" and after.owner(key_token("sw", x)) == "k"
+    )
+    a, b = net.nodes["a"], net.nodes["b"]
+    maker = a.acquire("sw", key, True)
+    net.deliver_all(skip={("k", "a")})  # k granted it; the grant waits on the link
+    b.acquire("sw", key, False)
+    net.deliver_all(skip={("k", "a")})  # k asks a to release it to b, behind the grant
+    assert [type(m).__name__ for m in net.queues[("k", "a")]] == ["Transfer", "Release"]
+    net.kill("b")
+    net.repair(epoch=2)
+    net.deliver_all()
+    held, made = maker.result()
+    assert made
+    a.release_ref(("sw", key), held)
+    net.deliver_all()
+    assert holder_of(net, key) == "a"
+    rec = net.nodes["k"].router.keys.record(("sw", key))
+    assert rec is not None and rec.state is KeyState.LIVE and rec.owner == "a", rec
+    again = net.nodes["k"].acquire("sw", key, False)
+    net.deliver_all()
+    _held, made = again.result()
+    assert not made and holder_of(net, key) == "k"
