@@ -65,7 +65,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from nf.base import NF, ConfigError, Verdict, local_of
+from nf.base import NF, ConfigError, Verdict, local_create_of, local_of
 from nf.packet import ACK, FIN, RST, SYN, TCP, UDP, Packet, ip_int, ip_str
 from store import MultiWriter, ObjectNotFound, SingleWriter, stale, untethered
 
@@ -343,6 +343,7 @@ class NAT(NF):
         self.entries = space.map("nat.entries", NatEntry)
         #: An entry itself when it is held here and free to use in place (Map.local).
         self._entry_here = local_of(self.entries)
+        self._entry_new_here = local_create_of(self.entries)
         self.pool = space.map("nat.pool", PortShard)
         self._shard_here = local_of(self.pool)
         self.single_pool = cfg["pool"] == "single"
@@ -542,10 +543,16 @@ class NAT(NF):
         idle = self.tcp_idle if proto == TCP else self.udp_idle
         ts = packet.ts
         await ref.setup(public, port, True, list(rev), public, port, idle, ts, self.me)
-        async with self.entries.create(rev) as back:
-            if not back.created:
+        entry = self._entry_new_here(rev)
+        if entry is not None:  # (an entry set up before names the instance that did it)
+            if entry.where:
                 self.count("reverse-entry-replaced")
-            await back.setup(src, sport, False, list(key), public, port, idle, ts, self.me)
+            entry.setup(src, sport, False, list(key), public, port, idle, ts, self.me)
+        else:
+            async with self.entries.create(rev) as back:
+                if not back.created:
+                    self.count("reverse-entry-replaced")
+                await back.setup(src, sport, False, list(key), public, port, idle, ts, self.me)
         self._arm(rev, ts + idle)
         self.count("translations")
         return None
