@@ -11,8 +11,10 @@ and on plain dicts, in the same run.
    times each, and keeps the best of each (the machine is shared: the best run is the one
    least disturbed);
 4. prints a table (µs per packet on the store and on dicts, the difference, the ratio of
-   throughputs, packets per second, and packets per second of CPU time on the store) and
-   writes ``results/nf.json`` and ``results/nf.png``.
+   throughputs, packets per second, and packets per second of CPU time on the store), NAT
+   connections made and removed per second, and what one access to a flow's object costs
+   through a reference, in place (``Map.local``) and on a dict; and writes
+   ``results/nf.json`` and ``results/nf.png``.
 
 The NAT runs with ``inside = 10.0.0.0/16`` (the capture's clients), so its replies are
 translated too.  The store's figure includes everything the runner does per packet
@@ -189,6 +191,64 @@ def new_flows(count: int, repeats: int, advance: Any) -> dict[str, Any]:
     }
 
 
+class _Flow:
+    """The per-flow object of :func:`access_costs` (made a SingleWriter there)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def hit(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+
+async def _access_costs(count: int, repeats: int) -> dict[str, float]:
+    import store
+
+    flow_cls = type("Flow", (_Flow, store.SingleWriter), {"__module__": __name__})
+    out: dict[str, float] = {}
+    async with store.open_space() as space:
+        flows: Any = space.map("bench.flows", flow_cls)
+        async with flows.create(1) as ref:
+            await ref.hit(1)
+        local, table = flows.local, {1: flow_cls()}
+
+        async def through_reference() -> None:
+            for _ in range(count):
+                async with flows.get(1) as ref:
+                    await ref.hit(1)
+
+        async def in_place() -> None:
+            for _ in range(count):
+                obj = local(1)
+                assert obj is not None
+                obj.hit(1)
+
+        async def plain_dict() -> None:
+            for _ in range(count):
+                table[1].hit(1)
+
+        for label, fn in (
+            ("reference", through_reference),
+            ("in_place", in_place),
+            ("dict", plain_dict),
+        ):
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.process_time()
+                await fn()
+                best = min(best, time.process_time() - started)
+            out[label] = round(best / count * 1e9)
+    return out
+
+
+def access_costs(count: int = 200_000, repeats: int = 5) -> dict[str, float]:
+    """CPU ns for one access to a single-writer object held here with one method call:
+    through a reference (``async with flows.get(k) as ref: await ref.hit(1)``), in place
+    (``flows.local(k).hit(1)``), and on a plain dict; best of ``repeats``."""
+    return trio.run(_access_costs, count, repeats)
+
+
 def plot(rows: list[dict[str, Any]], parse_us: float, path: Any) -> None:
     import matplotlib
 
@@ -270,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         if conns and "nat" in names:
             progress.update(task, description="nat: new connections")
             churn = new_flows(conns, repeats, lambda: progress.advance(task))
+        progress.update(task, description="one access: reference, in place, dict")
+        access = access_costs(20_000 if args.quick else 200_000, repeats + 2)
     table = Table(
         title=f"mixed: {len(packets):,} packets ({flows:,} flows, seed {args.seed}); "
         f"long flows: {len(steady):,} packets ({LONG[0]} flows of {LONG[1]})"
@@ -298,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in churn["connections_per_s"].items()
         )
         console.print(f"NAT connections made and removed (SYN, SYN-ACK, ACK, RST): {rates}")
+    console.print(
+        "one access to a single-writer object held here, one method call (CPU ns): "
+        f"through a reference {access['reference']:,.0f}, in place (Map.local) "
+        f"{access['in_place']:,.0f}, plain dict {access['dict']:,.0f}"
+    )
     for name, why in failures.items():
         console.print(f"[red]{name} failed: {why}")
     data = {
@@ -315,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "long_flows": {"flows": LONG[0], "packets_each": LONG[1], "packets": len(steady)},
         "rows": rows,
         "nat_connections": churn,
+        "access_ns": access,
         "failures": failures,
     }
     write_json(RESULTS_DIR / "nf.json", data)

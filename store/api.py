@@ -1,19 +1,26 @@
 """What NF authors use: ``Space``, ``Map``, references (paper §5.1, Table 2).
 
 Every method of every object is awaited the same way whatever its kind and wherever it
-lives, so NF code never needs to know where state is.  The costs differ, and the code here
+lives, so NF code never needs to know where state is; ``Map.local`` is the one shortcut an
+NF opts into, with that awaited way as its fallback.  The costs differ, and the code here
 is arranged so that the common case costs least:
 
-* **A local single-writer object** (the per-flow state of a flow this instance serves):
-  ``async with flows.create(key) as ref`` is one dict lookup and two attribute checks, and
-  ``await ref.method(...)`` one plain call; no task, no trio call, no message.
+* **An object held here, used in place**: ``flows.local(key)`` (or ``local_create``)
+  returns the object itself when nothing could overtake a plain call on it (see
+  :meth:`Map.local`): one dict lookup and two checks, and its methods are plain calls, no
+  reference, no coroutine.  The NF's awaited path below is its fallback.
+* **A local single-writer object through a reference** (the per-flow state of a flow this
+  instance serves): ``async with flows.create(key) as ref`` is one dict lookup and two
+  attribute checks, and ``await ref.method(...)`` one plain call; no task, no trio call,
+  no message (but a reference and an access record, and a coroutine each).
 * **Anything else** becomes a stimulus to the node's core (``Node.handle``), which
   queues messages and settles the :class:`~store.core.scheduler.Wait` that the awaiting
   microthread parks on when the answer comes.
 
 The only calls into the core that do not go through ``Node.handle`` are the object layer's
-fast paths (``Node.fast``: ``take``, ``let_go``, ``held``, ``located``, ``call_now``), which
-serve local state at once; the logic of every case lives in the core, none here.
+fast paths (``Node.fast``: ``take``, ``let_go``, ``held``, ``in_order``, ``located``,
+``call_now``, ``create_here``...), which serve local state at once; the logic of every
+case lives in the core, none here.
 """
 
 from __future__ import annotations
