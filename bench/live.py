@@ -5,8 +5,8 @@
     python -m bench.live [--quick] [--nf prads] [--instances N] [--rate PPS] [--duration S]
         [--flows N] [--pcap FILE] [--backend s6|local-only|remote-only|redis]
         [--store HOST:PORT] [--steer hash|owner] [--steer-over S]
-        [--scale-in-by sigterm|ctl] [--no-scaling] [--out results/live.json]
-        [--png results/live.png]
+        [--scale-in-by sigterm|ctl] [--keep-order on|off] [--no-scaling]
+        [--out results/live.json] [--png results/live.png]
 
 On loopback it starts a controller (``python -m store.controller``), a sink
 (``bench.sink``), N instances (``python -m nf serve NAME``) and the sender
@@ -79,6 +79,14 @@ class LiveConfig:
     out_after: float = 1.0
     in_after: float = 1.0
     garbage: bool = False
+    #: The sender's ``--keep-order``: a re-steer holds the moved flows' frames until their
+    #: old instance has processed what it got of them.
+    keep_order: bool = True
+    #: Seconds the leaver is stopped (SIGSTOP) before its SIGTERM: its socket fills, so
+    #: that many of its flows' frames wait there when the sender steers them away (a wide
+    #: window for a moved flow's frames to be processed out of order).  Under the
+    #: controller's failure timeout.
+    stall_leaver: float = 0.0
     check: bool = True
     progress: bool = False
     workdir: str | None = None
@@ -409,6 +417,8 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
             str(cfg.instances),
             "--nf",
             cfg.nf,
+            "--keep-order",
+            "on" if cfg.keep_order else "off",
         ]
         if cfg.duration is not None:
             sender_args += ["--duration", str(cfg.duration)]
@@ -442,6 +452,11 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
                     stderr=subprocess.DEVNULL,
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
                 )
+            elif cfg.stall_leaver:
+                leaver.popen.send_signal(signal.SIGSTOP)
+                time.sleep(cfg.stall_leaver)  # the experiment's schedule: a backlog builds
+                leaver.popen.send_signal(signal.SIGTERM)
+                leaver.popen.send_signal(signal.SIGCONT)
             else:
                 leaver.popen.send_signal(signal.SIGTERM)
             steered = sender.event("scale-in", 60, instance=gone)
@@ -817,6 +832,14 @@ def _table(result: dict[str, Any]) -> None:
             f"{p['reordered']}",
         )
     out.print(table)
+    for e in s["events"]:
+        if e["kind"] == "paused":
+            out.print(
+                f"paused ({e['why']}): {e['pause_ms']:,.1f} ms for {e['flows_moved']:,} moved "
+                f"flows, {e.get('held_frames', e.get('held_datagrams', 0)):,} "
+                f"{'frames' if 'held_frames' in e else 'datagrams'} held, "
+                f"{e['timed_out']} markers timed out"
+            )
     out.print(
         f"CPU (share of one core): {result['cpu_share_of_core']}; {result['cores_used']} of "
         f"{result['cores']} cores"
@@ -843,6 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steer", choices=("hash", "owner"), default="hash")
     parser.add_argument("--steer-over", type=float, default=0.0)
     parser.add_argument("--scale-in-by", choices=("sigterm", "ctl"), default="sigterm")
+    parser.add_argument(
+        "--keep-order", choices=("on", "off"), default="on", help="the sender's (on)"
+    )
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--out", default="results/live.json")
     parser.add_argument("--png", default="results/live.png")
@@ -862,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         steer_over=args.steer_over,
         scaling=not args.no_scaling,
         scale_in_by=args.scale_in_by,
+        keep_order=args.keep_order == "on",
         out_after=1.0 if quick else 5.0,
         in_after=1.5 if quick else 5.0,
         progress=sys.stderr.isatty(),

@@ -19,6 +19,9 @@ steers its flows away and sends it END; it leaves once it has processed everythi
 the END).  A flow the sender moves finds its objects on another member and pulls them over
 on its next packet (a per-flow object moves to its writer), and the leaver's objects are
 handed on in the event: both count as objects migrated, read from the members' figures.
+The sender holds a moved flow's next frames until its old instance has processed the ones
+it got (a MOVE marker, acknowledged), so that no flow's packets are processed out of order
+across the two instances; the events table shows how long those flows waited.
 Each event is "during" from the request until ``SETTLE`` seconds after its last step.
 
 At the end it asks the cluster PRADS's ``assets`` query through the controller's relay
@@ -796,6 +799,7 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
 
     done = await sender.event("done", 3 * seconds + 60)
     run.enter("draining")
+    _attach_pauses(events, done["events"])
     inside = all(e["phase"][1] <= done["ended_t"] for e in events)
     with trio.move_on_after(DRAIN_TIMEOUT + 30):
         await sink_done.wait()
@@ -923,6 +927,17 @@ async def _run(run: Run, nursery: trio.Nursery) -> dict[str, Any]:
     }
 
 
+def _attach_pauses(events: list[dict[str, Any]], sender_events: list[dict[str, Any]]) -> None:
+    """Each event's re-steer pause (the sender's ``paused`` line nearest its re-steer): how
+    long the moved flows' frames were held while their old instance finished theirs."""
+    pauses = [e for e in sender_events if e["kind"] == "paused"]
+    for e in events:
+        at = e.get("steered_t")
+        if at is None or not pauses:
+            continue
+        e["pause"] = min(pauses, key=lambda p: abs(p["t_start"] - at))
+
+
 async def _settle(since: float) -> None:
     await trio.sleep(max(since + SETTLE - time.time(), 0.0))
 
@@ -1019,15 +1034,19 @@ def render(result: dict[str, Any], console: Console) -> None:
         title="scaling events (the controller's summaries)",
         title_justify="left",
         caption="moved by the event itself: key records, and a leaver's objects; the flows' "
-        "objects follow them lazily (objects migrated, above)",
+        "objects follow them lazily (objects migrated, above).  Pause: how long the moved "
+        "flows' frames were held until their old instance had processed what it got of them "
+        "(the other flows were not held)",
         caption_justify="left",
     )
     events.add_column("event", no_wrap=True)
     for column in ("epoch", "members", "took s", "key records moved", "objects moved"):
         events.add_column(column, justify="right")
     events.add_column("flows moved", justify="right")
+    events.add_column("their pause ms", justify="right")
     for e in result["events"]:
         s = e["summary"]
+        pause = e.get("pause")
         events.add_row(
             f"{e['kind']} {e['instance']}",
             f"{s.get('epoch')}",
@@ -1036,6 +1055,7 @@ def render(result: dict[str, Any], console: Console) -> None:
             f"{s.get('records_moved', 0):,}",
             f"{s.get('objects_moved', 0):,}",
             f"{e.get('flows_moved', '-')}",
+            "-" if pause is None else f"{pause['pause_ms']:,.1f}",
         )
     console.print(events)
     if not result["events_inside_traffic"]:

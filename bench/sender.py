@@ -62,6 +62,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -111,6 +112,34 @@ class Instance:
     data: tuple[str, int]
     packer: Packer
     ended: bool = False
+    #: A leaver whose END waits for its MOVE markers' acknowledgements (order kept).
+    end_due: bool = False
+
+
+@dataclass
+class Pause:
+    """One steering change's re-steer with order kept: its markers, what it held."""
+
+    why: str
+    t0: float
+    wall0: float
+    flows: int
+    markers: int = 0
+    open: int = 0
+    timed_out: int = 0
+    held_frames: int = 0
+    longest_marker_ms: float = 0.0
+
+
+@dataclass
+class Marker:
+    """A MOVE marker to an instance that lost flows, repeated until acknowledged."""
+
+    msg: bytes
+    old: str
+    addr: tuple[str, int]
+    flows: list[int]
+    pause: Pause
 
 
 @dataclass
@@ -163,6 +192,10 @@ class Steering:
                     return before  # not its moment yet: not cached
         self.cache[flow] = name
         return name
+
+    def target_of(self, flow: int, now: float) -> str:
+        """:meth:`target` for a flow seen before (its key's tokens are known)."""
+        return self.target(flow, flow, now)
 
     def choices(self) -> dict[int, str]:
         """Where each flow seen so far goes under the current steering (no gradual move)."""
@@ -259,6 +292,17 @@ class Sender:
         self.nursery: trio.Nursery | None = None
         if self.stw:
             self.steering.over = 0.0
+        # Order kept at a re-steer (any backend but stop-the-world, which pauses all): the
+        # moved flows whose frames are held back (by flow number), the markers not yet
+        # acknowledged (by id), how many of them each old instance owes, and the re-steers
+        # under way (the last frames wait for them).  A held flow's frames are (flow seq,
+        # send time ns, frame), in order.
+        self.keep_order = args.keep_order == "on" and args.steer_over == 0
+        self.holding: dict[int, list[tuple[int, int, bytes]]] = {}
+        self.markers: dict[int, Marker] = {}
+        self.owed: Counter[str] = Counter()
+        self.reroutes = 0
+        self.rerouted = trio.Event()
 
     # -- membership ------------------------------------------------------------------------
 
@@ -292,7 +336,8 @@ class Sender:
             # (the next poll sees it again; a leaver repeats its LEAVING).
             return
         now = time.monotonic()
-        before = self.steering.choices() if self.stw else {}
+        ordered = self.stw or self.keep_order
+        before = self.steering.choices() if ordered else {}
         if before:
             # The last frames under the old steering go out before any MOVE marker.
             for inst in self.instances.values():
@@ -303,15 +348,20 @@ class Sender:
         moves: dict[tuple[str, str], list[int]] = {}
         if before:
             after = self.steering.choices()
+            holding = self.holding
             for flow, old in before.items():
                 new = after[flow]
-                if new != old:
+                # A flow held already waits for the marker to the instance that has its
+                # frames; it goes where the steering says when that one is acknowledged.
+                if new != old and flow not in holding:
                     moves.setdefault((old, new), []).append(flow)
-        if moves:
+        assert self.nursery is not None
+        if moves and self.stw:
             self.held = []
             self.released = trio.Event()
-            assert self.nursery is not None
             self.nursery.start_soon(self._stop_the_world, moves, sorted(removed), why)
+        elif moves:
+            self._reroute(moves, why, now)
         for name in sorted(added):
             event = {"kind": "scale-out", "instance": name, "flows_moved": moved, "why": why}
             self.events.append({**event, "t": time.time()})
@@ -322,7 +372,9 @@ class Sender:
             event = {"kind": "scale-in", "instance": name, "flows_moved": moved, "why": why}
             self.events.append({**event, "t": time.time()})
             _emit("scale-in", **{k: v for k, v in event.items() if k != "kind"})
-            if self.held is None:
+            if self.owed[name]:
+                inst.end_due = True  # once its markers are acknowledged (order kept)
+            elif self.held is None:
                 self._end(inst)  # (stop-the-world: once its flows' state has moved)
         if len(self.active) >= self.args.min_instances:
             self.ready.set()
@@ -382,6 +434,104 @@ class Sender:
         """A MOVED from an instance: that MOVE is done."""
         if self.unacked.pop(move_id, None) is not None:
             self.acked.set()
+        marker = self.markers.pop(move_id, None)
+        if marker is not None:
+            self._release(marker, time.monotonic())
+
+    # -- re-steering with order kept -------------------------------------------------------
+
+    def _reroute(self, moves: dict[tuple[str, str], list[int]], why: str, now: float) -> None:
+        """Hold back the moved flows' frames (the others go on as before) and send each
+        instance that loses flows a MOVE marker naming them, after the last frame it got
+        under the old steering; a flow's held frames go to its new instance once its old
+        one acknowledges that every frame of the flow sent before the marker is processed
+        (a flow's units run in order there), so no frame of a moved flow is processed
+        before an earlier one of it."""
+        pause = Pause(why, now, time.time(), sum(len(f) for f in moves.values()))
+        room = move_room(self.args.max_datagram)
+        for (old, new), flows in sorted(moves.items()):
+            inst, dest = self.instances[old], self.instances[new].data
+            for flow in flows:
+                self.holding[flow] = []
+            for i in range(0, len(flows), room):
+                part = flows[i : i + room]
+                self.move_seq += 1
+                msg = encode_move(self.ident, self.move_seq, self.move_seq, dest, part)
+                self.markers[self.move_seq] = Marker(msg, old, inst.data, part, pause)
+                self.owed[old] += 1
+                pause.markers += 1
+                pause.open += 1
+                self._send(msg, inst.data)
+        self.reroutes += 1
+        self.rerouted = trio.Event()
+        assert self.nursery is not None
+        self.nursery.start_soon(self._repeat_markers, pause)
+
+    async def _repeat_markers(self, pause: Pause) -> None:
+        """Repeat a re-steer's unacknowledged markers (UDP) until ``--move-timeout``; then
+        release their flows anyway, counted (``timed_out``): a lost instance must not hold
+        its flows for ever."""
+        with trio.move_on_after(self.args.move_timeout):
+            while pause.open:
+                await trio.sleep(MOVE_EVERY)
+                for marker in list(self.markers.values()):
+                    if marker.pause is pause:
+                        self._send(marker.msg, marker.addr)
+        for move_id, marker in list(self.markers.items()):
+            if marker.pause is pause:
+                del self.markers[move_id]
+                pause.timed_out += 1
+                self._release(marker, time.monotonic())
+
+    def _release(self, marker: Marker, now: float) -> None:
+        """A marker is acknowledged (or given up on): its flows' held frames go out, in
+        order, to where the steering sends each flow now; the pause ends with its last
+        marker."""
+        pause = marker.pause
+        pause.longest_marker_ms = max(pause.longest_marker_ms, (now - pause.t0) * 1000)
+        steering, instances, holding = self.steering, self.instances, self.holding
+        touched: set[str] = set()
+        for flow in marker.flows:
+            held = holding.pop(flow, None)
+            if not held:
+                continue
+            pause.held_frames += len(held)
+            name = steering.target_of(flow, now)
+            inst = instances[name]
+            for seq, sent_ns, frame in held:
+                # The frame keeps the time it was due: the sink's latency counts the hold.
+                out = inst.packer.add(flow, seq, sent_ns, frame)
+                if out is not None:
+                    self._send_data(out, inst.data)
+            touched.add(name)
+        for name in touched:
+            self._flush(instances[name])
+        old = self.instances[marker.old]
+        self.owed[marker.old] -= 1
+        if not self.owed[marker.old]:
+            del self.owed[marker.old]
+            if old.end_due:
+                old.end_due = False
+                self._end(old)
+        pause.open -= 1
+        if pause.open:
+            return
+        event = {
+            "kind": "paused",
+            "mode": "moved-flows",
+            "why": pause.why,
+            "flows_moved": pause.flows,
+            "moves": pause.markers,
+            "timed_out": pause.timed_out,
+            "held_frames": pause.held_frames,
+            "pause_ms": round((now - pause.t0) * 1000, 3),
+            "t_start": round(pause.wall0, 4),
+        }
+        self.events.append({**event, "t": time.time()})
+        _emit("paused", **{k: v for k, v in event.items() if k != "kind"})
+        self.reroutes -= 1
+        if not self.reroutes:
+            self.rerouted.set()
 
     async def follow(self) -> None:
         """Poll the controller's status and follow the instances."""
@@ -500,6 +650,7 @@ class Sender:
         seqs: dict[int, int] = {}
         steering = self.steering
         instances = self.instances
+        holding = self.holding
         now_ns = time.monotonic_ns
         with trio.fail_after(args.wait):
             await self.ready.wait()
@@ -532,13 +683,18 @@ class Sender:
                 flow, key, frame = item
                 seq = seqs.get(flow, 0)
                 seqs[flow] = seq + 1
+                self.sent += 1
+                if holding:
+                    held = holding.get(flow)
+                    if held is not None:  # moved, its old instance not done with it yet
+                        held.append((seq, now_ns(), frame))
+                        continue
                 name = steering.target(flow, key, now)
                 inst = instances[name]
                 out = inst.packer.add(flow, seq, now_ns(), frame)
                 if out is not None:
                     self._send_data(out, inst.data)
                 touched.add(name)
-                self.sent += 1
             for name in touched:
                 self._flush(instances[name])
             await trio.lowlevel.checkpoint()
@@ -550,6 +706,8 @@ class Sender:
         self.done = True
         while self.held is not None:  # a pause under way: its traffic goes out first
             await self.released.wait()
+        while self.reroutes:  # re-steers under way: their held frames go out first
+            await self.rerouted.wait()
         for inst in instances.values():
             self._flush(inst)
             if not inst.ended and inst.packer.frames:
@@ -627,11 +785,19 @@ def main(argv: list[str] | None = None) -> int:
         "run the stop-the-world backend)",
     )
     parser.add_argument(
+        "--keep-order",
+        choices=("on", "off"),
+        default="on",
+        help="at a re-steer, hold the moved flows' frames until their old instance has "
+        "processed what it got of them (on; not with --steer-over, nor stop-the-world, "
+        "which pauses all traffic)",
+    )
+    parser.add_argument(
         "--move-timeout",
         type=float,
         default=10.0,
         metavar="S",
-        help="longest stop-the-world pause (10)",
+        help="longest wait for a MOVE marker's acknowledgement (10)",
     )
     parser.add_argument(
         "--first-pass",

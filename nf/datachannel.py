@@ -17,7 +17,7 @@ A datagram is a header, then its body, all integers big-endian::
     END body            frames sent to this receiver (8) | datagrams sent to it (8); count 0
     LEAVING body        empty; count 0
     MOVE body           move id (4) | destination IPv4 address (4) | destination port (2)
-                        | count x flow (4)
+                        | count x flow (4); the marker of a re-steer
     HANDOFF body        hand-off id (4) | part (2) | parts (2) | payload (the rest); count 0
     MOVED body          id (4) | part (2); count 0
 
@@ -28,17 +28,25 @@ before it was sent (with how much, so that it can tell what was lost); ``LEAVING
 instance telling the sender it is about to leave, so that the sender steers its flows
 elsewhere and then sends it an ``END``.
 
-The last three serve the stop-the-world baseline (``baselines.stop_the_world``), whose
-sender pauses all traffic while the moved flows' state moves in bulk.  ``MOVE`` goes from
-the sender to an instance that loses flows, after the last frame it sent it under the old
-steering (the marker): once everything before it is processed, hand the state of these
-flows (the sender's flow numbers) to the instance whose data channel is at the
-destination.  ``HANDOFF`` carries that state's description from the old instance to the new
-one, in ``parts`` datagrams numbered from 0 (the payload belongs to the backend: which
-objects of which flows, for the new instance to acquire at once).  ``MOVED`` acknowledges
-either: the new instance's for one part of a hand-off once it holds those objects, the old
-instance's (part 0) for a whole MOVE once every part is acknowledged.  Each is repeated
-until acknowledged (UDP), and receivers ignore the repeats of what they are doing.
+``MOVE`` goes from the sender to an instance that loses flows at a re-steer, after the
+last frame it sent it under the old steering (the marker), naming the flows (the sender's
+flow numbers) and their new instance (the address of its data channel).  On every backend
+but stop-the-world it asks for ``MOVED`` (with the MOVE's id, part 0) once every frame of
+these flows received before the marker is processed; meanwhile the sender holds back those
+flows' frames, and then sends them to the new instance, so that no frame of a moved flow is
+processed before an earlier one (the other flows go on as before).
+
+The stop-the-world baseline (``baselines.stop_the_world``), whose sender pauses all traffic
+while the moved flows' state moves in bulk, gives MOVE more to do and uses the last two
+kinds too: once everything before the marker is processed, hand the state of the flows to
+the instance whose data channel is at the destination.  ``HANDOFF`` carries that state's
+description from the old instance to the new one, in ``parts`` datagrams numbered from 0
+(the payload belongs to the backend: which objects of which flows, for the new instance to
+acquire at once).  ``MOVED`` acknowledges either: the new instance's for one part of a
+hand-off once it holds those objects, the old instance's (part 0) for a whole MOVE once
+every part is acknowledged.  MOVE, HANDOFF and MOVED are repeated
+until acknowledged (UDP), and receivers ignore the repeats of what they are doing (and
+acknowledge again what they did).
 
 Times are ``time.monotonic_ns()``: one clock for every process on the machine (Linux's
 CLOCK_MONOTONIC), which is all a loopback channel needs.

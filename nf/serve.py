@@ -25,6 +25,10 @@ makes the NF on the backend's space (``s6``: the space itself; the others throug
 * answers the control-plane queries the controller relays (``python -m nf query``): the
   NF's own, plus ``serve`` (this process's counters);
 * counts a datagram it cannot decode by reason and goes on;
+* answers a MOVE marker (a re-steer with order kept: the sender holds the named flows'
+  later frames back meanwhile) once every frame of those flows received before it is
+  processed, without waiting for the other flows' traffic: the flows' objects follow
+  them lazily, and their packets are not processed out of order across the two instances;
 * on the ``stop-the-world`` backend (``baselines.stop_the_world``), moves flows' state in
   bulk when the sender asks: a MOVE marker (the flows, their new instance) is answered once
   everything before it is processed, by handing the flows' recorded objects to the new
@@ -185,6 +189,14 @@ class Instance:
         self.awaiting: dict[tuple[int, int], trio.Event] = {}
         self._handoff_id = 0
         self._seq = 0
+        # Re-steers with order kept (every backend but stop-the-world): the parked units of
+        # each of the sender's flow numbers (only while some are: a flow whose units all
+        # finished is processed, whatever its key), the MOVE markers waiting for some of
+        # their flows' units (by sender and id; None once acknowledged) and which markers
+        # each such flow holds up.
+        self.pending: dict[int, int] = {}
+        self.markers: dict[tuple[tuple[str, int], int], set[int] | None] = {}
+        self.held_up: dict[int, list[tuple[tuple[str, int], int]]] = {}
         self.tasks: trio.Nursery | None = None
         # The store's Space.submit_nowait only passes the call on to its scheduler's: a
         # frame per packet saved by calling that directly (a baseline's space is not one).
@@ -202,6 +214,7 @@ class Instance:
         settle = self._settle
         offset = CLOCK_OFFSET
         keys = self.flow_keys
+        pending = self.pending
         self.received[addr] += len(dgram.frames)
         for frame in dgram.frames:
             packet = parse(frame.data, frame.sent_ns / 1e9 + offset)
@@ -218,6 +231,7 @@ class Instance:
                 if not self.parked:
                     self.idle = trio.Event()
                 self.parked += 1
+                pending[frame.flow] = pending.get(frame.flow, 0) + 1
                 unit.add_done_callback(partial(self._settle_parked, frame, packet, now_ns()))
         self.counts["frames"] += len(dgram.frames)
 
@@ -230,6 +244,18 @@ class Instance:
         self.parked -= 1
         if not self.parked:
             self.idle.set()
+        flow = frame.flow
+        left = self.pending[flow] - 1
+        if left:
+            self.pending[flow] = left
+        else:
+            del self.pending[flow]
+            for marker in self.held_up.pop(flow, ()):
+                waiting = self.markers[marker]
+                assert waiting is not None
+                waiting.discard(flow)
+                if not waiting:
+                    self._marker_done(marker)
 
     def _settle(self, unit: Any, frame: Frame, packet: Packet) -> None:
         if unit.failed():
@@ -324,9 +350,43 @@ class Instance:
             self._end(dgram, addr)
         elif self.stw is not None and kind in (Kind.MOVE, Kind.HANDOFF, Kind.MOVED):
             self._stop_the_world(dgram, addr)
+        elif kind == Kind.MOVE:
+            self._marker(dgram, addr)
         else:  # RECEIPT and LEAVING are not for an instance, nor moves on others
             self._bad(f"unexpected-{kind.name.lower()}", addr)
         return 1
+
+    # -- re-steers with order kept ------------------------------------------------------
+
+    def _marker(self, dgram: Datagram, sender: tuple[str, int]) -> None:
+        """A MOVE marker (no hand-off: the flows' objects follow them lazily): acknowledge
+        once every frame of its flows received before it is processed.  Those frames were
+        all submitted before the marker was read (one receive loop, in order), and a flow's
+        units run in order, so it is done when none of the flows has a parked unit left;
+        the sender sends this instance no frame of them meanwhile.  Other flows' traffic
+        is not waited for: under load the instance is never idle."""
+        marker = (sender, dgram.move_id)
+        if marker in self.markers:
+            if self.markers[marker] is None:  # done, but our acknowledgement was lost
+                self._send_to(encode_moved(self.ident, self._next_seq(), dgram.move_id), sender)
+            return  # (a repeat of a marker still waited on: acknowledged when done)
+        pending = self.pending
+        waiting = {flow for flow in dgram.flows if flow in pending}
+        self.counts["markers"] += 1
+        if not waiting:
+            self._marker_done(marker)
+            return
+        self.markers[marker] = waiting
+        for flow in waiting:
+            self.held_up.setdefault(flow, []).append(marker)
+
+    def _marker_done(self, marker: tuple[tuple[str, int], int]) -> None:
+        # The flows' receipts go to the sink before the acknowledgement lets the sender
+        # send the flows' next frames elsewhere, so the sink sees them in order too.
+        self.flush()
+        self.markers[marker] = None
+        sender, move_id = marker
+        self._send_to(encode_moved(self.ident, self._next_seq(), move_id), sender)
 
     # -- stop-the-world moves ------------------------------------------------------------
 
