@@ -5,7 +5,7 @@
     python -m bench.sender --controller HOST:PORT --sink HOST:PORT --pcap FILE
         [--rate PPS] [--flows N] [--duration S] [--steer hash|owner] [--steer-over S]
         [--owner-map MAP] [--min-instances N] [--nf NAME] [--poll S] [--secret-file F]
-        [--stop-the-world auto|on|off] [--move-timeout S]
+        [--stop-the-world auto|on|off] [--keep-order on|off] [--move-timeout S]
 
 * **Traffic.** The capture's frames in file order, paced to ``--rate`` frames per second
   (in small bursts, one datagram per instance per burst, a few hundred bursts a second).
@@ -31,6 +31,16 @@
   datagram, which ``nf.serve`` does on SIGTERM) its flows are steered to the others at once,
   and then it gets an END marker: everything before it was sent.  At the end every instance
   and the sink get an END with the number of frames sent to them.
+* **Order kept** (``--keep-order on``, the default; not with ``--steer-over``, and
+  stop-the-world has its own pause): at a steering change the flows that change instance
+  (both steering modes) are held back, and only they: the sender sends each instance that
+  loses flows a MOVE marker naming them after the last frame it sent it, repeated until
+  the instance acknowledges (MOVED) that it has processed every frame of those flows it got
+  before the marker; then their held frames go, in order, to their new instance.  So no
+  frame of a moved flow is processed before an earlier one of it on another instance.  A
+  held frame keeps the time it was due (the sink's latency counts the hold).  A leaver's
+  END waits for its markers.  After ``--move-timeout`` a marker's flows are released anyway
+  (``timed_out``).  A ``paused`` line per change says how long its flows waited.
 * **Stop-the-world** (``--stop-the-world``; ``auto``, the default, turns it on once an
   instance reports the label ``backend=stop-the-world``, ``on``/``off`` force it): the
   OpenNF-style baseline (``baselines.stop_the_world``).  At a steering change that moves
@@ -46,7 +56,8 @@
 
 stdout is one JSON object per line: ``ready``, ``started``, one per steering change
 (``scale-out``/``scale-in``: the instance, the wall-clock time, the flows moved), and
-``paused`` (stop-the-world: the pause, the flows and moves), ``done`` (frames sent, rate
+``paused`` (the pause, the flows and markers, what was held: ``mode`` ``moved-flows`` when
+only the moved flows waited, stop-the-world's has none), ``done`` (frames sent, rate
 achieved, per instance, CPU): a sender that fell behind its rate or used most of a core
 says the run is not valid.
 """

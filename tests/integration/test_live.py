@@ -41,11 +41,10 @@ def test_every_frame_arrives_once(live: dict[str, Any]) -> None:
     assert total["received"] == sender["sent"]
     assert total["lost"] == 0
     assert total["duplicates"] == 0
-    # A flow steered to another instance at an event may see a frame that was still on its
-    # way to (or waiting in) the old instance overtaken by one handled at the new: S6 keeps
-    # per-flow order within an instance and the NF's state transitions in order (the output
-    # equals the offline run's), not delivery order across a re-steer (OpenNF's pause does).
-    assert total["reordered"] <= total["received"] // 200
+    # A flow steered to another instance at an event has its next frames held by the
+    # sender until the old instance processed the ones it got (test_live_order.py widens
+    # that window on purpose): nothing is out of order.
+    assert total["reordered"] == 0
     assert total["holes"] == 0
 
 
@@ -115,6 +114,6 @@ def test_a_ctl_scale_in_during_traffic_loses_nothing(tmp_path: Path) -> None:
     total = result["sink"]["total"]
     assert total["received"] == result["sender"]["sent"] > 4000
     assert total["lost"] == 0 and total["duplicates"] == 0
-    assert total["reordered"] <= total["received"] // 200  # (see above)
+    assert total["reordered"] == 0  # (see above)
     assert result["leaver"]["leaving"] == "scale-in"
     assert [e["kind"] for e in result["events"]][-1] == "scale-in steered"
