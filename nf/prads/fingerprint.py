@@ -12,6 +12,7 @@ the signature that matched), the way prads's asset log shows it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 from nf.packet import ACK, CWR, ECE, PSH, RST, SYN, Packet
 from nf.prads.signatures import (
@@ -34,7 +35,15 @@ from nf.prads.signatures import (
     sighash,
 )
 
-__all__ = ["Fingerprint", "distance", "match", "normalize_ttl", "observe", "render"]
+__all__ = [
+    "Fingerprint",
+    "FingerprintCache",
+    "distance",
+    "match",
+    "normalize_ttl",
+    "observe",
+    "render",
+]
 
 Q = QUIRKS
 _QUIRK_ORDER = tuple(QUIRKS.items())
@@ -330,3 +339,77 @@ def describe(fp: Fingerprint, sig: OsSignature | None) -> str:
     if fp.tstamp:
         text += f":uptime:{fp.tstamp // 360000}hrs"
     return text
+
+
+#: Entries a :class:`FingerprintCache` keeps before it starts again (real traffic with
+#: TCP timestamps makes most keys unique; the cache must not grow without bound).
+CACHE_SIZE = 4096
+#: Frames whose bytes after the fixed TCP header run longer than this (options, payload
+#: and padding) are not cached: the key would be mostly payload, and unique.
+CACHE_TAIL = 80
+
+
+class FingerprintCache:
+    """:func:`observe`, :func:`match` and :func:`describe` of a packet, remembered.
+
+    What they give is a function of the kind, a few header fields and the bytes from the
+    TCP options to the frame's end (every read of :func:`_options` is bounded by the
+    frame's end, and every other position :func:`observe` reads is fixed relative to the
+    IP header), so those make the key: ``ihl``, ``ip_len`` and the tail's length fix the
+    frame's end relative to the headers, and of ``seq``, ``ack``, ``urp`` and ``ip_id``
+    only what the quirks test is kept.  A hit skips the option walk, the bucket search
+    and the printing, which packets of the same stack repeat exactly."""
+
+    __slots__ = ("_entries", "_tables")
+
+    def __init__(self, tables: dict[str, OsTable | None]) -> None:
+        self._tables = tables
+        self._entries: dict[tuple[Any, ...], tuple[int, str] | None] = {}
+
+    def lookup(self, packet: Packet, kind: str) -> tuple[int, str] | None:
+        """``(line, text)`` for a packet of detection ``kind``: the matched signature's
+        line (0 when none matched) and :func:`describe`'s text, or None where
+        :func:`observe` gives None."""
+        frame = packet.frame
+        at = packet.l4 + 20
+        end = len(frame)
+        if at > end or end - at > CACHE_TAIL:
+            return _evaluate(self._tables.get(kind), packet, kind)
+        seq = packet.seq
+        ack = packet.ack
+        key = (
+            kind,
+            packet.ihl,
+            packet.ip_len,
+            packet.ip_id == 0,
+            packet.tcp_flags,
+            seq == ack,
+            seq == 0,
+            ack == 0,
+            packet.urp == 0,
+            frame[at - 8] & 0x0F,
+            packet.win,
+            packet.ttl,
+            packet.ip_off & 0x4000,
+            packet.tcp_hlen,
+            bytes(frame[at:end]),
+        )
+        entries = self._entries
+        found = entries.get(key, _MISSING)
+        if found is _MISSING:
+            found = _evaluate(self._tables.get(kind), packet, kind)
+            if len(entries) >= CACHE_SIZE:
+                entries.clear()
+            entries[key] = found
+        return cast("tuple[int, str] | None", found)
+
+
+_MISSING: Any = object()
+
+
+def _evaluate(table: OsTable | None, packet: Packet, kind: str) -> tuple[int, str] | None:
+    fp = observe(packet, kind)
+    if fp is None:
+        return None
+    sig = match(table, fp)
+    return (sig.line if sig is not None else 0), describe(fp, sig)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from nf.base import NF, ConfigError, Verdict, local_create_of
 from nf.packet import ACK, FIN, ICMP, RST, SYN, TCP, UDP, Packet, ip_str
-from nf.prads.fingerprint import describe, distance, match, observe
+from nf.prads.fingerprint import FingerprintCache, distance
 from nf.prads.signatures import (
     ServiceSignature,
     SignatureError,
@@ -168,6 +168,19 @@ _PROTO_COUNTER = {
     4: "ip4ip_recv",  # IPv4 in IPv4
     41: "ip4ip_recv",  # IPv6 in IPv4
 }
+#: The counter of each detection type's fingerprints.
+_OS_COUNTER = {kind: "os-" + kind for kind in ("SYN", "SYNACK", "ACK", "FIN", "RST")}
+_OS_KEYS: dict[tuple[str, int], str] = {}
+
+
+def _os_key(kind: str, line: int) -> str:
+    """An asset's OS entry key, ``"KIND:line"``, made once per signature."""
+    okey = _OS_KEYS.get((kind, line))
+    if okey is None:
+        okey = _OS_KEYS[(kind, line)] = f"{kind}:{line}"
+    return okey
+
+
 _C_IP4_PLAIN = {p: _kinds(False, p) for p in (*_PROTO_COUNTER, 0)}
 _C_IP4_VLAN = {p: _kinds(True, p) for p in (*_PROTO_COUNTER, 0)}
 
@@ -200,6 +213,7 @@ class PRADS(NF):
             kind: (table if self.switches[kind.lower()] else None)
             for kind, table in self.signatures.os.items()
         }
+        self._fingerprints = FingerprintCache(self.os_tables)
         self.conns: Map[Connection] = space.map("prads.connections", Connection)
         self.assets: Map[Asset] = space.map("prads.assets", Asset)
         self.stats: Map[Statistics] = space.map("prads.statistics", Statistics)
@@ -486,17 +500,18 @@ class PRADS(NF):
 
     def _fingerprint(self, packet: Packet, kind: str, vlan: int, key: Hashable, n: int) -> bool:
         """Fingerprint the packet; whether its sender's asset was updated."""
-        table = self.os_tables.get(kind)
-        fp = observe(packet, kind)
-        if fp is None:
+        found = self._fingerprints.lookup(packet, kind)
+        if found is None:
             return False
-        sig = match(table, fp)
-        self.count("os-" + kind)
-        order = self._order(packet, key, n)
-        okey = f"{kind}:{sig.line if sig else 0}"
+        line, text = found
+        counts = self.counts
+        name = _OS_COUNTER[kind]
+        counts[name] = counts.get(name, 0) + 1
+        order = [packet.ts, *key, n]  # type: ignore[misc]
+        okey = _os_key(kind, line)
         if not self._fresh(packet.src, okey, order, None):
             return False
-        entry = [order, vlan, packet.sport, describe(fp, sig), distance(packet.ttl)]
+        entry = [order, vlan, packet.sport, text, distance(packet.ttl)]
         self._todo.append((_OS, packet.src, okey, entry))
         return True
 
