@@ -34,6 +34,7 @@ from nf.prads.signatures import (
     ServiceSignature,
     SignatureError,
     Signatures,
+    first_byte_index,
     known_port,
 )
 from nf.prads.state import (
@@ -181,6 +182,8 @@ def _os_key(kind: str, line: int) -> str:
     return okey
 
 
+SignatureIndex = tuple[tuple[ServiceSignature, ...], ...]
+
 _C_IP4_PLAIN = {p: _kinds(False, p) for p in (*_PROTO_COUNTER, 0)}
 _C_IP4_VLAN = {p: _kinds(True, p) for p in (*_PROTO_COUNTER, 0)}
 
@@ -214,6 +217,10 @@ class PRADS(NF):
             for kind, table in self.signatures.os.items()
         }
         self._fingerprints = FingerprintCache(self.os_tables)
+        #: The application signatures by a payload's first byte (see _first).
+        self._client_sigs = first_byte_index(self.signatures.client)
+        self._server_sigs = first_byte_index(self.signatures.server)
+        self._udp_sigs = first_byte_index(self.signatures.udp)
         self.conns: Map[Connection] = space.map("prads.connections", Connection)
         self.assets: Map[Asset] = space.map("prads.assets", Asset)
         self.stats: Map[Statistics] = space.map("prads.statistics", Statistics)
@@ -578,7 +585,7 @@ class PRADS(NF):
         if plen < PAYLOAD_MIN:
             return 0
         data = bytes(frame[packet.pl : packet.pl + min(plen, PAYLOAD_MAX)])
-        sigs = self.signatures.client if role == CLIENT else self.signatures.server
+        sigs = self._client_sigs if role == CLIENT else self._server_sigs
         port = packet.dport if role == CLIENT else packet.sport
         found = _first(sigs, data)
         if found is not None:
@@ -620,7 +627,7 @@ class PRADS(NF):
         if plen < UDP_PAYLOAD_MIN:
             return 0
         data = bytes(frame[packet.pl :])
-        found = _first(self.signatures.udp, data)
+        found = _first(self._udp_sigs, data)
         if found is not None:
             port = packet.dport if role == CLIENT else packet.sport
             self._service(packet, vlan, key, n, role, port, *found)
@@ -802,8 +809,10 @@ class PRADS(NF):
         return counts
 
 
-def _first(sigs: list[ServiceSignature], data: bytes) -> tuple[str, str] | None:
-    for sig in sigs:
+def _first(index: SignatureIndex, data: bytes) -> tuple[str, str] | None:
+    """The first signature (in file order) matching ``data``, among those its first
+    byte leaves (:func:`~nf.prads.signatures.first_byte_index`): (service, name)."""
+    for sig in index[data[0] if data else 256]:
         m = sig.regex.search(data)
         if m is not None:
             return sig.service, sig.name(m)

@@ -23,11 +23,12 @@ truncated to the C field widths prads stores them in.  The application regexes a
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 __all__ = [
     "DEFAULT_DIR",
@@ -52,12 +53,14 @@ __all__ = [
     "ServiceSignature",
     "SignatureError",
     "Signatures",
+    "first_byte_index",
     "known_port",
     "link_name",
     "parse_fp_line",
     "parse_mtu_line",
     "parse_service_line",
     "pcre_to_python",
+    "required_prefix",
 ]
 
 T = TypeVar("T")
@@ -564,6 +567,8 @@ class ServiceSignature:
     #: The template cut into literal text (str) and group numbers (int), once: the name
     #: of each match is made from these (see :meth:`name`).
     parts: tuple[str | int, ...] = field(init=False, repr=False, compare=False)
+    #: Bytes every subject the regex matches starts with (b"" when it names none).
+    must_start: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         template = self.template
@@ -585,6 +590,7 @@ class ServiceSignature:
         if text:
             parts.append("".join(text))
         object.__setattr__(self, "parts", tuple(parts))
+        object.__setattr__(self, "must_start", required_prefix(self.regex))
 
     @property
     def template(self) -> str:
@@ -633,6 +639,54 @@ class ServiceSignature:
                 size += 1
                 i += 1
         return "".join(out)
+
+
+try:  # the regex parser of the standard library; without it no subject is skipped
+    _PARSER: Any = importlib.import_module("re._parser")
+except ImportError:  # pragma: no cover (Python < 3.11 names it sre_parse)
+    _PARSER = None
+
+
+def required_prefix(regex: re.Pattern[bytes]) -> bytes:
+    """Bytes that every subject ``regex.search`` matches starts with: the literal bytes
+    right after a leading ``^`` (without MULTILINE) or ``\\A``; b"" when there are none,
+    or when the pattern ignores case.  Only top-level items count (nothing under a group,
+    a repeat or an alternation), and each of them is part of every match."""
+    if _PARSER is None or regex.flags & re.IGNORECASE:
+        return b""
+    try:
+        items = list(_PARSER.parse(regex.pattern, regex.flags))
+    except Exception:  # the pattern compiled, so this should not happen; skip nothing
+        return b""
+    if not items or items[0][0] is not _PARSER.AT:
+        return b""
+    where = items[0][1]
+    if not (
+        where is _PARSER.AT_BEGINNING_STRING
+        or (where is _PARSER.AT_BEGINNING and not regex.flags & re.MULTILINE)
+    ):
+        return b""
+    prefix = bytearray()
+    literal = _PARSER.LITERAL
+    for op, value in items[1:]:
+        if op is not literal:
+            break
+        prefix.append(value)
+    return bytes(prefix)
+
+
+def first_byte_index(
+    sigs: Sequence[ServiceSignature],
+) -> tuple[tuple[ServiceSignature, ...], ...]:
+    """For each value of a subject's first byte, the signatures (in their order) whose
+    regex can match a subject starting with it: those whose :attr:`must_start` is empty
+    or starts with that byte; entry 256 is for the empty subject."""
+    index = [
+        tuple(sig for sig in sigs if not sig.must_start or sig.must_start[0] == byte)
+        for byte in range(256)
+    ]
+    index.append(tuple(sig for sig in sigs if not sig.must_start))
+    return tuple(index)
 
 
 def _group(match: re.Match[bytes], group: int) -> str:
