@@ -19,7 +19,12 @@ coroutine (the NF's per-packet ``async def``) that the :class:`Scheduler` steps 
 * Units of one flow finish in arrival order: while a flow has a parked (or ready) unit, its
   later units are queued unstarted behind it and start, one by one, when it finishes.  Other
   flows are not held up at all: that is the point of §4.3, a remote round trip costs as much
-  as a few hundred local packets, which keep flowing meanwhile.
+  as a few hundred local packets, which keep flowing meanwhile.  A queued unit keeps only
+  its function and arguments (its coroutine is made when it starts), and when it has waited
+  longer than every ready unit, :meth:`Scheduler.run_ready` steps it straight after its
+  predecessor instead of pushing it through the ready heap.
+* :meth:`Scheduler.run_nowait` is ``submit_nowait`` for a caller that wants the value: a
+  unit that finishes inline is not even made, its value is returned.
 
 The await protocol for store operations
 ---------------------------------------
@@ -308,7 +313,7 @@ class Unit(Generic[T]):
     of the same flow that arrived later: it cannot start before you finish.
     """
 
-    __slots__ = ("_callbacks", "_coro", "_seq", "_state", "_value", "_wait", "flow")
+    __slots__ = ("_callbacks", "_coro", "_seq", "_start", "_state", "_value", "_wait", "flow")
 
     def __init__(
         self,
@@ -324,6 +329,9 @@ class Unit(Generic[T]):
         self._seq = 0
         self._wait: Wait[Any] | None = None
         self._callbacks: list[Callable[[Unit[T]], None]] | None = None
+        #: A queued unit's function and arguments: its coroutine is made when it starts
+        #: (a coroutine frame is most of a unit's memory, and a queued one only waits).
+        self._start: tuple[Callable[..., Coroutine[Any, Any, T]], tuple[Any, ...]] | None = None
 
     def __repr__(self) -> str:
         return f"<Unit flow={self.flow!r} {self.state}>"
@@ -532,13 +540,13 @@ class Scheduler:
             raise SchedulerFull(
                 f"{self._pending} microthreads parked or queued (limit {self._limit})"
             )
-        coro = fn(*args)
         if flow in self._flows or self._stepping:
-            return self._enqueue(flow, coro)
+            return self._enqueue(flow, fn, args)
+        coro = fn(*args)
         self._stepping = True
         try:
             # Called as coro.send(...), not through a saved bound method: CPython then
-            # skips allocating the bound method (~0.1 µs per packet, measured).
+            # skips allocating the bound method.
             yielded = coro.send(None)
         except StopIteration as stop:
             self._stepping = False
@@ -557,6 +565,51 @@ class Scheduler:
             self._stepping = False  # KeyboardInterrupt and the like: not ours to keep
             raise
         self._stepping = False
+        return self._went_slow_with(flow, coro, yielded)
+
+    def run_nowait(
+        self,
+        flow: Hashable,
+        fn: Callable[[*Ts], Coroutine[Any, Any, T]],
+        *args: *Ts,
+    ) -> T | Unit[T]:
+        """:meth:`submit_nowait` for a caller that wants a value: a unit that finishes
+        inline, successfully, is not made, and its value is returned itself; otherwise
+        (queued, parked, or failed inline) the :class:`Unit`, as ``submit_nowait`` gives
+        it.  So ``fn`` must not return a Unit (the caller tells the two apart by type);
+        the NF runner's per-packet call, where most packets finish inline."""
+        if self._pending >= self._limit:
+            raise SchedulerFull(
+                f"{self._pending} microthreads parked or queued (limit {self._limit})"
+            )
+        if flow in self._flows or self._stepping:
+            return self._enqueue(flow, fn, args)
+        coro = fn(*args)
+        self._stepping = True
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            self._stepping = False
+            self._inline_done += 1
+            return cast(T, stop.value)
+        except Exception as exc:
+            self._stepping = False
+            if not hasattr(coro, "send"):
+                raise TypeError(f"{fn!r} must be an async function; it returned {coro!r}") from None
+            return self._finish_inline_failure(flow, exc)
+        except BaseException:
+            self._stepping = False
+            raise
+        self._stepping = False
+        return self._went_slow_with(flow, coro, yielded)
+
+    # -- the slow paths ---------------------------------------------------------------
+
+    def _went_slow_with(
+        self, flow: Hashable, coro: Coroutine[Any, Any, T], yielded: object
+    ) -> Unit[T]:
+        """A unit's first step, inline, suspended (``yielded``): make it a unit and park
+        it (or reject what it awaited)."""
         unit = Unit(flow, coro, _PENDING, None)
         self._went_slow += 1
         self._pending += 1
@@ -566,16 +619,19 @@ class Scheduler:
         self._suspend(unit, yielded)
         return unit
 
-    # -- the slow paths ---------------------------------------------------------------
-
-    def _enqueue(self, flow: Hashable, coro: Coroutine[Any, Any, T]) -> Unit[T]:
+    def _enqueue(
+        self,
+        flow: Hashable,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        args: tuple[Any, ...],
+    ) -> Unit[T]:
         if self._stepping:
-            coro.close()
             raise RuntimeError(
                 "submit_nowait called from inside a microthread: microthreads do not start "
                 "microthreads (it would step one coroutine inside another's step)"
             )
-        unit: Unit[T] = Unit(flow, coro, _PENDING, None)
+        unit: Unit[T] = Unit(flow, None, _PENDING, None)
+        unit._start = (fn, args)
         self._went_slow += 1
         self._seq += 1
         unit._seq = self._seq
@@ -658,9 +714,13 @@ class Scheduler:
         if was_empty and self._on_ready is not None:
             self._on_ready()
 
-    def _finish(self, unit: Unit[Any], state: int, value: object) -> None:
+    def _finish(
+        self, unit: Unit[Any], state: int, value: object, step_next: bool = False
+    ) -> Unit[Any] | None:
         """A unit that had left the inline path finished: record the outcome, start its
-        flow's next unit (make it ready), notify."""
+        flow's next unit (make it ready), notify.  With ``step_next`` (run_ready, which
+        steps it next), a successor that has waited longer than every ready unit is
+        returned instead of going through the ready heap: popped next anyway."""
         unit._state = state
         unit._value = value
         unit._coro = None
@@ -670,11 +730,15 @@ class Scheduler:
         else:
             self._failed += 1
         queue = self._flows[unit.flow]
+        successor = None
         if queue:
             successor = queue.popleft()
             successor._wait = None
             self._queued -= 1
-            self._push_ready(successor)
+            ready = self._ready
+            if not step_next or (ready and ready[0][0] < successor._seq):
+                self._push_ready(successor)
+                successor = None
         else:
             del self._flows[unit.flow]
         self._pending -= 1
@@ -687,6 +751,7 @@ class Scheduler:
             self._on_failure(unit)
         if self._pending == self._limit - 1 and self._on_room is not None:
             self._on_room()
+        return successor
 
     def run_ready(self, max_units: int | None = None) -> int:
         """Step ready units, the longest-waiting first, until none is ready (or
@@ -700,28 +765,45 @@ class Scheduler:
             raise RuntimeError("run_ready called from inside a microthread")
         ready = self._ready
         stepped = 0
-        while ready and (max_units is None or stepped < max_units):
-            _seq, unit = heappop(ready)
+        #: A finished unit's successor to step next, when it is the longest-waiting.
+        following: Unit[Any] | None = None
+        while True:
+            if following is not None:
+                unit = following
+                following = None
+                if max_units is not None and stepped >= max_units:
+                    self._push_ready(unit)
+                    break
+            elif ready and (max_units is None or stepped < max_units):
+                _seq, unit = heappop(ready)
+            else:
+                break
             stepped += 1
             coro = unit._coro
-            assert coro is not None
             wait = unit._wait
             unit._wait = None
             self._stepping = True
             try:
-                if wait is None:
-                    yielded = coro.send(None)  # first step of a unit that was queued
+                if wait is None:  # the first step of a unit that was queued
+                    if coro is None:
+                        start = unit._start
+                        assert start is not None
+                        unit._start = None
+                        coro = unit._coro = start[0](*start[1])
+                    yielded = coro.send(None)
                 elif wait._state == _FAILED:
+                    assert coro is not None
                     yielded = coro.throw(wait._value)
                 else:
+                    assert coro is not None
                     yielded = coro.send(wait._value)
             except StopIteration as stop:
                 self._stepping = False
-                self._finish(unit, _DONE, stop.value)
+                following = self._finish(unit, _DONE, stop.value, True)
                 continue
             except Exception as exc:
                 self._stepping = False
-                self._finish(unit, _FAILED, exc)
+                following = self._finish(unit, _FAILED, exc, True)
                 continue
             except BaseException as exc:
                 self._stepping = False  # keep the books straight, then let it through

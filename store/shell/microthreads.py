@@ -82,8 +82,8 @@ install_trio_blocking_hook()
 class Microthreads:
     """Owns a :class:`~store.core.scheduler.Scheduler` and connects it to trio.
 
-    ``submit_nowait`` and ``run_ready`` are the scheduler's own (no trio on the hot path);
-    ``submit``, ``wait_result`` and ``serve`` are the trio-facing additions.
+    ``submit_nowait``, ``run_nowait`` and ``run_ready`` are the scheduler's own (no trio on
+    the hot path); ``submit``, ``wait_result`` and ``serve`` are the trio-facing additions.
     """
 
     def __init__(
@@ -97,6 +97,7 @@ class Microthreads:
         )
         #: Bound method kept as an attribute: the node's hot path calls it per packet.
         self.submit_nowait = self.scheduler.submit_nowait
+        self.run_nowait = self.scheduler.run_nowait
         self.run_ready = self.scheduler.run_ready
         self._ready_event: trio.Event | None = None
         self._room_event: trio.Event | None = None

@@ -187,6 +187,106 @@ def test_longest_waiting_ready_unit_runs_first() -> None:
     assert order == ["x", "y", "z"]
 
 
+def test_a_successor_runs_at_once_only_when_it_waited_longest() -> None:
+    """A finished unit's queued successor is stepped next only when no ready unit
+    arrived before it; otherwise the longer-waiting ones go first, as through the heap."""
+    s = Scheduler()
+    order: list[str] = []
+    waits = {name: Wait[None](name) for name in ("x1", "y1")}
+
+    async def nf(name: str) -> None:
+        order.append(name + " starts")
+        if name in waits:
+            await waits[name]
+        order.append(name)
+
+    s.submit_nowait("X", nf, "x1")  # parks, arrival 1
+    s.submit_nowait("Y", nf, "y1")  # parks, arrival 2
+    s.submit_nowait("X", nf, "x2")  # queued behind x1, arrival 3
+    s.submit_nowait("X", nf, "x3")  # arrival 4
+    waits["y1"].resolve(None)
+    waits["x1"].resolve(None)
+    assert s.run_ready() == 4
+    assert [o for o in order if "starts" not in o] == ["x1", "y1", "x2", "x3"]
+    s._check()
+
+    # Its successor waited longest: stepped straight after it; with max_units reached it
+    # is left ready instead.
+    order.clear()
+    w: Wait[None] = Wait("w")
+    waits["x4"] = w
+    s.submit_nowait("X", nf, "x4")
+    s.submit_nowait("X", nf, "x5")
+    w.resolve(None)
+    assert s.run_ready(max_units=1) == 1
+    assert order == ["x4 starts", "x4"]
+    assert s.has_ready() and s.statistics().ready == 1
+    s._check()
+    assert s.run_ready() == 1
+    assert order[-2:] == ["x5 starts", "x5"]
+    s._check()
+
+
+def test_a_queued_unit_makes_its_coroutine_when_it_starts() -> None:
+    s = Scheduler()
+    made: list[int] = []
+    wait: Wait[None] = Wait("w")
+
+    async def body(i: int) -> int:
+        if i == 1:
+            await wait
+        return i
+
+    def nf(i: int) -> Any:
+        made.append(i)
+        return body(i)
+
+    def broken(i: int) -> Any:
+        raise ValueError(i)
+
+    first = s.submit_nowait("f", nf, 1)
+    second = s.submit_nowait("f", nf, 2)
+    third = s.submit_nowait("f", broken, 3)
+    assert made == [1] and second.state == "queued"
+    wait.resolve(None)
+    s.run_ready()
+    assert made == [1, 2]
+    assert (first.result(), second.result()) == (1, 2)
+    assert isinstance(third.exception(), ValueError)
+    s._check()
+
+
+def test_run_nowait_gives_an_inline_units_value() -> None:
+    s = Scheduler()
+    wait: Wait[int] = Wait("w")
+
+    async def nf(i: int, remote: bool) -> int:
+        if remote:
+            return await wait
+        if i < 0:
+            raise ValueError(i)
+        return i
+
+    assert s.run_nowait("a", nf, 7, False) == 7
+    parked = s.run_nowait("b", nf, 1, True)
+    queued = s.run_nowait("b", nf, 2, False)
+    failed = s.run_nowait("c", nf, -1, False)
+    assert isinstance(parked, Unit) and parked.state == "parked"
+    assert isinstance(queued, Unit) and queued.state == "queued"
+    assert isinstance(failed, Unit) and isinstance(failed.exception(), ValueError)
+    wait.resolve(5)
+    s.run_ready()
+    assert (parked.result(), queued.result()) == (5, 2)
+    stats = s.statistics()
+    assert (stats.units_run, stats.completed_inline, stats.completed, stats.failed) == (
+        4,
+        1,
+        3,
+        1,
+    )
+    s._check()
+
+
 def test_resolve_inside_a_microthread_does_not_nest_steps() -> None:
     s = Scheduler()
     log: list[str] = []
