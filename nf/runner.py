@@ -52,6 +52,7 @@ from nf.base import NF, ConfigError, Verdict
 from nf.capture import CaptureError, read_capture, write_pcap
 from nf.packet import Packet, parse
 from store import SchedulerFull
+from store.core.scheduler import Unit
 
 __all__ = ["Cluster", "RunResult", "load_config", "open_cluster", "run", "run_capture"]
 
@@ -306,15 +307,35 @@ async def run_capture(
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the stack may swallow)
 
 
-def _submit_nowait(space: Any) -> Callable[..., Any]:
-    """The member's ``submit_nowait``: its scheduler's own when it has one (the store's
-    ``Space.submit_nowait`` only passes the call on, a frame per packet), else the
-    space's (plain dicts, the baselines)."""
+def _submit_nowait(space: Any) -> tuple[Callable[..., Any], bool]:
+    """The member's per-packet submit, and whether it gives a unit that finished inline
+    as its value itself: its scheduler's ``run_nowait`` when it has one (no unit is made
+    for a packet that finishes inline, and the store's ``Space.submit_nowait`` would only
+    pass the call on), else the space's ``submit_nowait`` (plain dicts, the baselines)."""
     micro = getattr(getattr(space, "node", None), "micro", None)
-    submit: Callable[..., Any] | None = getattr(micro, "submit_nowait", None)
-    if submit is None:
-        submit = space.submit_nowait
-    return submit
+    run: Callable[..., Any] | None = getattr(micro, "run_nowait", None)
+    if run is not None:
+        return run, True
+    return space.submit_nowait, False
+
+
+class _Finished:
+    """A unit that finished inline, for the in-flight line (when run_nowait gave its
+    value while earlier packets were still in flight)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def result(self) -> Any:
+        return self.value
 
 
 def _flow_key(nf: NF) -> Callable[[Packet], Hashable]:
@@ -376,11 +397,14 @@ async def _drive(
     submits: list[Any] = []
     processes: list[Any] = []
     n = 0
+    values = False  # the submits give an inline unit's verdict itself (run_nowait)
 
     def members() -> None:
-        nonlocal spaces, nfs, submits, processes, n
+        nonlocal spaces, nfs, submits, processes, n, values
         spaces, nfs = cluster.spaces, cluster.nfs
-        submits = [_submit_nowait(space) for space in spaces]
+        chosen = [_submit_nowait(space) for space in spaces]
+        submits = [submit for submit, _ in chosen]
+        values = all(gives for _, gives in chosen)
         processes = [nf.process for nf in nfs]
         n = len(spaces)
 
@@ -389,6 +413,7 @@ async def _drive(
     append = verdicts.append
     next_tick = packets[0][0] + interval if packets else 0.0
     forward = Verdict.FORWARD
+    unit_type = Unit
     for index, (ts, frame) in enumerate(packets):
         if ts >= next_tick or index == scale_index:
             if index == scale_index:
@@ -407,7 +432,15 @@ async def _drive(
             unit = submits[i](key, processes[i], packet)
         except SchedulerFull:  # the member's bound on parked units: wait for room
             unit = await spaces[i].submit(key, processes[i], packet)
-        if unit.done():
+        if values and type(unit) is not unit_type:  # run_nowait: finished inline
+            finished(index)
+            if not inflight:
+                append(unit)
+                if keep_frames and unit == forward:
+                    forwarded.append((ts, packet.frame))
+                continue
+            unit = _Finished(unit)
+        elif unit.done():
             finished(index)
             if not inflight:  # the common case: finished inline, nothing waiting before it
                 try:
