@@ -342,6 +342,28 @@ class PRADS(NF):
         conn = self._conn_here(key)
         if conn is not None:
             role, check, n, first = conn.track(src, sport, dst, dport, proto, flags, nbytes, ts)
+            if n and (
+                not ours
+                or (
+                    proto == TCP
+                    and not first
+                    and not flags & _SYN_FIN_RST
+                    and not self._ack_fingerprints
+                    and (
+                        check & (CHECK_CLIENT_DONE if role == CLIENT else CHECK_SERVER_DONE)
+                        or len(frame) - packet.pl < PAYLOAD_MIN
+                    )
+                )
+            ):
+                # Most packets: a later packet of a connection that _after_track would
+                # send no further (the condition is its own, for a role that a later
+                # packet always has); only the timer list notes it.
+                timer = self.timers.get(key)
+                if timer is None:
+                    self.timers[key] = [proto, ts]
+                else:
+                    timer[1] = ts
+                return Verdict.FORWARD
             ops = self._after_track(key, packet, vlan, ours, role, check, n, first)
             if ops:
                 if ops & _REVERSE:
