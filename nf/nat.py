@@ -492,15 +492,27 @@ class NAT(NF):
         key = (src, dst, proto, packet.sport, packet.dport)
         ts = packet.ts
         flags = packet.tcp_flags if proto == TCP else 0
-        # An existing entry held here is used in place; a new one (its port is allocated
-        # with awaited calls) or one elsewhere through a reference: the same methods.
+        # An existing entry held here is used in place, and so is a new one made here at
+        # once whose port this instance's newest shard gives without awaiting (nothing
+        # awaits between its making and its setup); any other through a reference, held
+        # while its port is allocated with awaited calls: the same methods.
+        made = False  # made here, not set up: its port is to be allocated through a ref
         entry = self._entry_here(key)
+        if entry is None and not flags & RST:
+            fresh = self._entry_new_here(key)
+            if fresh is not None:  # (here was none: so it was made now)
+                got = self._allocate_here()
+                if got is not None:
+                    await self._open(packet, key, fresh, None, got)
+                    entry = self._entry_here(key)  # (setting up the reverse may await)
+                else:
+                    made = True
         if entry is not None:
             ip, port, reopened = entry.hit(ts, self.me, flags & (SYN | ACK) == SYN)
             ends = entry.ends() if flags & (FIN | RST) or reopened else None
         else:
-            async with self.entries.create(key) as ref:
-                if ref.created:
+            async with self.entries.get(key) if made else self.entries.create(key) as ref:
+                if made or ref.created:
                     verdict = await self._new_flow(packet, key, ref, flags)
                     if verdict is not None:
                         return verdict
@@ -537,12 +549,28 @@ class NAT(NF):
             await self.entries.remove(key)
             self.count("pool-exhausted")
             return self.exhausted_verdict
+        await self._open(packet, key, None, ref, got)
+        return None
+
+    async def _open(
+        self,
+        packet: Packet,
+        key: FlowKey,
+        here: NatEntry | None,
+        ref: Any,
+        got: tuple[int, int],
+    ) -> None:
+        """Set up a new connection's entries with its public address and port ``got``:
+        the forward one in place (``here``) or through ``ref``, then the reverse one."""
         public, port = got
         src, dst, proto, sport, dport = key
         rev = (dst, public, proto, dport, port)
         idle = self.tcp_idle if proto == TCP else self.udp_idle
         ts = packet.ts
-        await ref.setup(public, port, True, list(rev), public, port, idle, ts, self.me)
+        if here is not None:
+            here.setup(public, port, True, list(rev), public, port, idle, ts, self.me)
+        else:
+            await ref.setup(public, port, True, list(rev), public, port, idle, ts, self.me)
         entry = self._entry_new_here(rev)
         if entry is not None:  # (an entry set up before names the instance that did it)
             if entry.where:
@@ -555,7 +583,6 @@ class NAT(NF):
                 await back.setup(src, sport, False, list(key), public, port, idle, ts, self.me)
         self._arm(rev, ts + idle)
         self.count("translations")
-        return None
 
     async def _inbound(self, packet: Packet, key: FlowKey, presented: bool = False) -> Verdict:
         """A packet to a public address, through the reverse entry ``key``.  ``presented``:
@@ -679,6 +706,21 @@ class NAT(NF):
             below: Callable[[int], int] = rng._randbelow  # type: ignore[attr-defined]
             return [below(size) for _ in range(self.tries)]
         return [rng.randrange(size) for _ in range(self.tries)]
+
+    def _allocate_here(self) -> tuple[int, int] | None:
+        """What :meth:`_allocate` gives when it can give it without awaiting: a port of
+        this instance's newest claimed shard, held here with room (its first try, with
+        the same draws); None, with nothing drawn, when it would have to await."""
+        claimed = self.claimed
+        if self.single_pool or not claimed:
+            return None
+        shard = claimed[-1]
+        here = self._shard_here(shard)
+        if here is None or not here.size or here.count >= here.size:
+            return None
+        lo, hi = self._shard_range(shard[1])
+        port: int = here.allocate(lo, hi, self._draws(hi - lo + 1))
+        return shard[0], port
 
     async def _allocate(self, now: float) -> tuple[int, int] | None:
         if self.single_pool:
