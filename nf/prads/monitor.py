@@ -536,8 +536,12 @@ class PRADS(NF):
         counts = self.counts
         name = _OS_COUNTER[kind]
         counts[name] = counts.get(name, 0) + 1
-        order = [packet.ts, *key, n]  # type: ignore[misc]
         okey = _os_key(kind, line)
+        ts = packet.ts
+        old = self._sent.get((packet.src, okey))
+        if old is not None and old[0][0] < ts:
+            return False  # sent one from an earlier packet: _fresh's answer, sooner
+        order = [ts, *key, n]  # type: ignore[misc]
         if not self._fresh(packet.src, okey, order, None):
             return False
         entry = [order, vlan, packet.sport, text, distance(packet.ttl)]
@@ -556,10 +560,19 @@ class PRADS(NF):
         app: str,
     ) -> bool:
         """Note a service or client application; whether the sender's asset was updated."""
-        order = self._order(packet, key, n)
         self.count("client" if role != SERVER else "server")
         skey = f"{port}/{packet.proto}"
-        if not self._fresh(packet.src, skey, order, not app.startswith("@")):
+        real = not app.startswith("@")
+        ts = packet.ts
+        old = self._sent.get((packet.src, skey))
+        if (
+            old is not None
+            and old[0][0] < ts
+            and (not real or (old[1] is not None and old[1][0] < ts))
+        ):
+            return False  # sent ones from earlier packets: _fresh's answer, sooner
+        order = self._order(packet, key, n)
+        if not self._fresh(packet.src, skey, order, real):
             return False
         entry = [order, vlan, role, service, app, distance(packet.ttl)]
         self._todo.append((_SERVICE, packet.src, skey, entry))
