@@ -381,7 +381,7 @@ class PRADS(NF):
                         await ref.reverse()
                     if ops & _CHECKS:
                         await ref.set_check(ops & _CHECKS)
-        if self._todo:
+        if self._todo and not self._send_here():
             await self._send_assets()
         if self._npending >= STATS_BATCH:
             await self._flush_stats()
@@ -495,6 +495,25 @@ class PRADS(NF):
             old[1] = order
             fresh = True
         return fresh
+
+    def _send_here(self) -> bool:
+        """Send the gathered updates (``_todo``) in order, in place, while their assets
+        are held here; whether that was all of them (the rest stay for _send_assets)."""
+        todo = self._todo
+        here = self._asset_here
+        for i, what in enumerate(todo):
+            asset = here(what[1])
+            if asset is None:
+                del todo[:i]
+                return False
+            if what[0] is _TOUCH:
+                asset.touch(what[2])
+            elif what[0] is _OS:
+                asset.observe_os(what[2], what[3])
+            else:
+                asset.observe_service(what[2], what[3])
+        todo.clear()
+        return True
 
     async def _send_assets(self) -> None:
         """Send the asset updates gathered for this packet (see ``_todo``): untethered

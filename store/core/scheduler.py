@@ -540,7 +540,9 @@ class Scheduler:
             raise SchedulerFull(
                 f"{self._pending} microthreads parked or queued (limit {self._limit})"
             )
-        if flow in self._flows or self._stepping:
+        # (an empty table is tested first: most of the time no flow waits, and the test
+        # then skips hashing the flow)
+        if (self._flows and flow in self._flows) or self._stepping:
             return self._enqueue(flow, fn, args)
         coro = fn(*args)
         self._stepping = True
@@ -582,7 +584,7 @@ class Scheduler:
             raise SchedulerFull(
                 f"{self._pending} microthreads parked or queued (limit {self._limit})"
             )
-        if flow in self._flows or self._stepping:
+        if (self._flows and flow in self._flows) or self._stepping:
             return self._enqueue(flow, fn, args)
         coro = fn(*args)
         self._stepping = True
