@@ -612,11 +612,21 @@ class PRADS(NF):
                 self._fingerprint(packet, "SYNACK", vlan, key, n)
                 return _REVERSE if role != SERVER else 0
         ops = 0
+        # (_payload's own test of the payload's length, made first: most packets here
+        # are FINs and RSTs without payload)
         if role == CLIENT:
-            if sw["client"] and not check & CHECK_CLIENT_DONE:
+            if (
+                sw["client"]
+                and not check & CHECK_CLIENT_DONE
+                and len(packet.frame) - packet.pl >= PAYLOAD_MIN
+            ):
                 ops = self._payload(packet, vlan, key, n, CLIENT, check)
         elif role == SERVER:
-            if sw["server"] and not check & CHECK_SERVER_DONE:
+            if (
+                sw["server"]
+                and not check & CHECK_SERVER_DONE
+                and len(packet.frame) - packet.pl >= PAYLOAD_MIN
+            ):
                 ops = self._payload(packet, vlan, key, n, SERVER, check)
         else:
             return 0
@@ -638,7 +648,8 @@ class PRADS(NF):
         plen = len(frame) - packet.pl
         if plen < PAYLOAD_MIN:
             return 0
-        data = bytes(frame[packet.pl : packet.pl + min(plen, PAYLOAD_MAX)])
+        # (the slice is searched as it is: a bytearray's match groups come out as bytes)
+        data = frame[packet.pl : packet.pl + min(plen, PAYLOAD_MAX)]
         sigs = self._client_sigs if role == CLIENT else self._server_sigs
         port = packet.dport if role == CLIENT else packet.sport
         found = _first(sigs, data)
@@ -680,7 +691,7 @@ class PRADS(NF):
         plen = len(frame) - packet.pl
         if plen < UDP_PAYLOAD_MIN:
             return 0
-        data = bytes(frame[packet.pl :])
+        data = frame[packet.pl :]
         found = _first(self._udp_sigs, data)
         if found is not None:
             port = packet.dport if role == CLIENT else packet.sport
@@ -863,7 +874,7 @@ class PRADS(NF):
         return counts
 
 
-def _first(index: SignatureIndex, data: bytes) -> tuple[str, str] | None:
+def _first(index: SignatureIndex, data: bytes | bytearray) -> tuple[str, str] | None:
     """The first signature (in file order) matching ``data``, among those its first
     byte leaves (:func:`~nf.prads.signatures.first_byte_index`): (service, name)."""
     for sig in index[data[0] if data else 256]:
