@@ -341,7 +341,28 @@ class PRADS(NF):
         # sent after it: they are untethered and commute, so their order does not matter.
         conn = self._conn_here(key)
         if conn is not None:
-            role, check, n, first = conn.track(src, sport, dst, dport, proto, flags, nbytes, ts)
+            n = conn.n
+            if n:
+                # Connection.track of a packet after the first, inline (the object is
+                # here, used in place): the same fields, the same answer.
+                conn.n = n + 1
+                conn.last = ts
+                if src == conn.c_ip and sport == conn.c_port:
+                    side = 0
+                    role = CLIENT
+                else:
+                    side = 1
+                    role = SERVER
+                conn.flags[side] |= flags
+                conn.pkts[side] += 1
+                conn.bytes[side] += nbytes
+                bit = 1 << side
+                touched = conn.touched
+                first = not touched & bit
+                conn.touched = touched | bit
+                check = conn.check
+            else:
+                role, check, n, first = conn.track(src, sport, dst, dport, proto, flags, nbytes, ts)
             if n and (
                 not ours
                 or (

@@ -85,7 +85,8 @@ class Connection(SingleWriter):
         ts: float,
     ) -> tuple[int, int, int, bool]:
         """Account one packet: (role, check bits, packet number, first touch of this
-        end's asset)."""
+        end's asset).  (PRADS.process does the same inline for a packet after the first
+        when the connection is here: a change here belongs there too.)"""
         n = self.n
         self.n = n + 1
         self.last = ts
