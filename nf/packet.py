@@ -114,8 +114,8 @@ class Packet:
     padding is not payload)."""
 
     __slots__ = (
-        "_both",
         "ack",
+        "both_key",
         "dport",
         "drop",
         "dst",
@@ -174,8 +174,8 @@ class Packet:
     pl: int
     pend: int
     #: flow_key_both's answer once asked (the runner and the NF both ask); None before,
-    #: and again after a rewrite.
-    _both: tuple[int, int, int, int, int] | None
+    #: and again after a rewrite.  Read it, never set it.
+    both_key: tuple[int, int, int, int, int] | None
 
     def __repr__(self) -> str:
         if self.drop is not None:
@@ -202,7 +202,7 @@ class Packet:
     def flow_key_both(self) -> tuple[int, int, int, int, int]:
         """The 5-tuple with the smaller (address, port) end first: the same for both
         directions of a connection."""
-        key = self._both
+        key = self.both_key
         if key is not None:
             return key
         src = self.src
@@ -212,7 +212,7 @@ class Packet:
             key = (src, dst, self.proto, self.sport, self.dport)
         else:
             key = (dst, src, self.proto, self.dport, self.sport)
-        self._both = key
+        self.both_key = key
         return key
 
     def is_fragment_tail(self) -> bool:
@@ -262,7 +262,7 @@ class Packet:
     def rewrite_src(self, ip: int, port: int) -> None:
         """Set the source address (and port, for TCP/UDP with a header) in place."""
         has_ports = self._rewrite(12, ip, 0, port)
-        self._both = None
+        self.both_key = None
         self.src = ip
         if has_ports:
             self.sport = port
@@ -270,7 +270,7 @@ class Packet:
     def rewrite_dst(self, ip: int, port: int) -> None:
         """Set the destination address (and port, for TCP/UDP with a header) in place."""
         has_ports = self._rewrite(16, ip, 2, port)
-        self._both = None
+        self.both_key = None
         self.dst = ip
         if has_ports:
             self.dport = port
@@ -281,7 +281,7 @@ _new = object.__new__
 
 def _empty(frame: bytearray, ts: float, drop: str | None) -> Packet:
     p: Packet = _new(Packet)
-    p._both = None
+    p.both_key = None
     p.frame = frame
     p.ts = ts
     p.drop = drop
@@ -332,7 +332,7 @@ def parse(frame: bytes | bytearray, ts: float) -> Packet:
             p.ts = ts
             p.drop = None
             p.vlan = None
-            p._both = None
+            p.both_key = None
             p.l3 = 14
             p.ihl = 20
             p.tos = tos
@@ -380,7 +380,7 @@ def _parse_any(frame: bytearray, n: int, ts: float) -> Packet:
     vihl, tos, ip_len, ip_id, ip_off, ttl, proto, _csum, src, dst = _ip(frame, l3)
     ihl = (vihl & 15) * 4
     p = _new(Packet)
-    p._both = None
+    p.both_key = None
     p.frame = frame
     p.ts = ts
     p.vlan = vlan

@@ -184,8 +184,9 @@ def _os_key(kind: str, line: int) -> str:
 
 SignatureIndex = tuple[tuple[ServiceSignature, ...], ...]
 
-_C_IP4_PLAIN = {p: _kinds(False, p) for p in (*_PROTO_COUNTER, 0)}
-_C_IP4_VLAN = {p: _kinds(True, p) for p in (*_PROTO_COUNTER, 0)}
+#: The counters of an IPv4 packet, by protocol number (every one of the 256).
+_C_IP4_PLAIN = [_kinds(False, p) for p in range(256)]
+_C_IP4_VLAN = [_kinds(True, p) for p in range(256)]
 
 
 class PRADS(NF):
@@ -306,7 +307,7 @@ class PRADS(NF):
             return Verdict.FORWARD
         proto = packet.proto
         # the packet's statistics (inline: this is the per-packet path)
-        kinds = table.get(proto) or table[0]
+        kinds = table[proto]
         pending = self._pending
         pending[kinds] = pending.get(kinds, 0) + 1
         self._npending += 1
@@ -329,7 +330,10 @@ class PRADS(NF):
             else:
                 await self._other(packet, ours)
             return Verdict.FORWARD
-        key = packet.flow_key_both()  # self.flow_key: PRADS is bidirectional
+        # self.flow_key (PRADS is bidirectional), which the runner has asked already
+        key = packet.both_key
+        if key is None:
+            key = packet.flow_key_both()
         ts = packet.ts
         flags = packet.tcp_flags  # (0 for UDP)
         nbytes = packet.ip_len - packet.ihl
