@@ -143,8 +143,6 @@ class ObjectLayer(ScaleIn):
         #: Requests that expired, until a late answer comes (see expire()).
         self._expired: dict[int, Pending] = {}
         self._resent: set[int] = set()
-        #: Failure repairs this node has been through.
-        self.repairs = 0
         # -- the report of a failure event (see repair) --
         #: Its epoch (0: none yet).
         self._report_epoch = 0
@@ -486,18 +484,6 @@ class ObjectLayer(ScaleIn):
                 gone.append(req_id)
             for req_id in gone:
                 del self._expired[req_id]
-        if self._unheld:
-            for uk, (waiting, _, out) in list(self._unheld.items()):
-                if out <= 0 and waiting.born <= limit:  # (no sweep out: waiting for it)
-                    del self._unheld[uk]
-                    self.out.error("unheld-never-came", f"{uk!r:.80}")
-                    late = PeerUnavailable(
-                        f"{uk[0]}[{uk[1]!r:.60}]: its key owner says it is here, and it has "
-                        f"not come within {timeout:g} s"
-                    )
-                    for wait in waiting.waits:
-                        self.out.fail(wait, late)
-                    self._unpark(uk)
         if not self._pending:
             return
         old = []
@@ -588,7 +574,6 @@ class ObjectLayer(ScaleIn):
         from every survivor; then this node's :class:`Rebuilt` markers go out.  O(keys) for
         the list of keys to report; O(objects) in all, over the steps."""
         old = self.view
-        self.repairs += 1
         self._resent = set()  # key requests sent again (not to be sent twice)
         self.out.departed |= dead
         for lost_k, (_, holder) in list(self.replicas.items()):
@@ -888,9 +873,8 @@ class ObjectLayer(ScaleIn):
 
     def _await_unheld(self, k: K, pending: Pending, version: int) -> None:
         """The key owner says this node holds ``k`` (``version``), and it does not: the
-        object is on its way here (a hand-over whose notice reached the key owner first:
-        seen after a repair, or after a leaving node's request was sent again to the new
-        key owner, the old one having served it too), or it died with the node handing it
+        object is on its way here (a hand-over whose notice reached the key owner first,
+        seen after a repair sent our request again), or it died with the node handing it
         over.  Links are FIFO, so a barrier to every other node answers only after what
         each sent us before it: once all are answered the object is here, or it is lost
         (the waits raise ObjectLost and the key owner marks the record LOST, so that a
@@ -901,11 +885,8 @@ class ObjectLayer(ScaleIn):
             return
         view = self.view
         others = set(view.ring.nodes) | (set(view.next_ring.nodes) if view.next_ring else set())
-        # A node that left the ring may have handed it over just before it went: until its
-        # goodbye, its link may still carry the object.
-        others |= self.former - self.out.departed
         others.discard(self.name)
-        self._unheld[k] = [pending, version, len(others)]
+        unheld = self._unheld[k] = [pending, version, len(others)]
         for node in sorted(others):
             req_id, _ = self._new_pending("unheld", k, None)
             self.out.send(node, Barrier(req_id))
@@ -929,13 +910,6 @@ class ObjectLayer(ScaleIn):
             held.refs += len(pending.waits)
             for wait in pending.waits:
                 self.out.resolve(wait, (held, False))
-        elif not self.repairs:
-            # No process has died that this node knows of, and objects die only with
-            # their process: the object is on its way, on a path the sweep did not cover.
-            # Wait for it (its Transfer answers the waits), within the request's time
-            # bound (see expire).
-            self._unheld[k] = [pending, version, 0]
-            return
         else:
             error = ObjectLost(
                 f"{k[0]}[{k[1]!r:.60}] was lost: it was being handed to this node by a "

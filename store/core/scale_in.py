@@ -144,9 +144,6 @@ class ScaleIn:
         def invoke(self, stim: Invoke, now: float) -> None: ...
 
     def __init__(self) -> None:
-        #: Nodes of rings this node knew that have not said goodbye (nor died) and are not
-        #: in the current rings: they may still be sending what they handed over.
-        self.former: set[str] = set()
         #: Where this node last sent a numbered message (call, untethered call, fold) of a
         #: multi-writer object (see :meth:`_needs_fence`).
         self._dest: dict[K, str] = {}
@@ -247,7 +244,6 @@ class ScaleIn:
     def _on_gone(self, msg: Gone, sender: str) -> None:
         self._reply(sender, msg.req_id, Status.OK)  # (the last message it gets from us)
         self.out.departed.add(sender)
-        self.former.discard(sender)
         for fence, via in self._after_gone.pop(sender, ()):
             self._on_fence(fence, via)
 
@@ -344,14 +340,6 @@ class ScaleIn:
         departed = self.out.departed
         if departed:  # a name that joins again is a new process: talk to it
             departed -= view.ring.nodes | (view.next_ring.nodes if view.next_ring else set())
-        # Nodes that were in a ring we knew: one that left may still be sending us what it
-        # handed over before it went, until its goodbye (see _await_unheld).
-        old = self.view
-        self.former |= old.ring.nodes
-        if old.next_ring is not None:
-            self.former |= old.next_ring.nodes
-        self.former -= departed
-        self.former.discard(self.name)
         if view.stage is Stage.SCALING and self.view.stage is not Stage.SCALING:
             self._batches.clear()
         if view.stage is not self.view.stage:

@@ -153,7 +153,6 @@ _NAMES: Final[dict[str, Fault]] = {
     "reply-without-request": "race",  # an answer after its request was given up
     # a request of ours had no answer within request_timeout: a node on its way is down
     "request-expired": "peer",
-    "unheld-never-came": "peer",  # an object its key owner says is here never came
     "send-failed": "race",  # the link to a peer broke: what it held is gone
     "sent-to-departed-node": "race",  # a message for a node that has left
     "state-not-encodable": "app",
