@@ -910,6 +910,16 @@ class ObjectLayer(ScaleIn):
             held.refs += len(pending.waits)
             for wait in pending.waits:
                 self.out.resolve(wait, (held, False))
+        elif k in self.moved_to:
+            # This (leaving) node evacuated it, and the key owner had not heard yet: the
+            # object is alive where it went, so its record must not be marked lost (the
+            # evacuation's notice would then drop it there).  The callers here fail.
+            error: StoreError = PeerUnavailable(
+                f"{k[0]}[{k[1]!r:.60}] was evacuated by this leaving node to "
+                f"{self.moved_to[k]} while it asked for it"
+            )
+            for wait in pending.waits:
+                self.out.fail(wait, error)
         else:
             error = ObjectLost(
                 f"{k[0]}[{k[1]!r:.60}] was lost: it was being handed to this node by a "

@@ -21,7 +21,7 @@ from store.core.key_layer import KeyState
 from store.core.objects import UntetheredCallsFailed
 from store.core.scheduler import Wait
 from store.wire.codes import Arrival, Kind, MovedNote, Op, Status
-from store.wire.errors import ObjectLost, ObjectNotFound
+from store.wire.errors import ObjectLost, ObjectNotFound, PeerUnavailable
 from store.wire.messages import Drop, KeyOp, Message, Reply, Report, Transfer
 from tests.fixtures.core import CoreNode
 from tests.fixtures.objects import MAPS
@@ -550,3 +550,23 @@ def test_a_release_for_an_asker_that_died_keeps_the_object() -> None:
     net.deliver_all()
     _held, made = again.result()
     assert not made and holder_of(net, key) == "k"
+
+
+def test_a_leaver_told_it_holds_what_it_evacuated_does_not_mark_it_lost() -> None:
+    """A leaving node evacuated an object and then asked for it again (a packet of its flow
+    was still queued there); the key owner, not yet told of the evacuation, answers that
+    the leaver holds it.  Nobody died: the leaver's caller fails, but the record must not
+    be marked lost (the evacuation's notice would then have the new holder drop it)."""
+    net = Net(["a", "b"])
+    a, b = net.nodes["a"], net.nodes["b"]
+    key = next(x for x in range(1000) if net.ring.owner(key_token("sw", x)) == "b")
+    created(net, "a", key)
+    assert ("sw", key) in a.router.objects.objects
+    del a.router.objects.objects[("sw", key)]  # as if evacuated to b, notice not yet read
+    a.router.objects.moved_to[("sw", key)] = "b"
+    again = a.acquire("sw", key, False)
+    net.deliver_all()
+    with pytest.raises(PeerUnavailable):
+        again.result()
+    rec = b.router.keys.record(("sw", key))
+    assert rec is not None and rec.state is KeyState.LIVE and rec.owner == "a", rec
