@@ -132,18 +132,21 @@ BlockingHook = Callable[["Wait[Any]"], Awaitable[None]]
 _blocking_hook: BlockingHook | None = None
 
 
-class _ThreadSchedulers(threading.local):
-    """Weak references to the schedulers created in this thread.
+class _ThreadSchedulers:
+    """Weak references to the schedulers created in each thread, by thread.
 
-    A plain list of ``weakref.ref`` rather than a ``WeakSet``: iterating a WeakSet costs
-    about 2 µs (it takes an iteration guard), a list of one or two refs about 0.1 µs, and
-    this is paid on every park.  Each ref removes itself when its scheduler dies."""
+    A plain dict keyed by the thread's id, not a ``threading.local``: under load, with
+    trio's thread-cache worker alive, reading a ``threading.local`` subclass's attribute
+    here crashed the interpreter (a segmentation fault, seen twice in the baselines'
+    tests).  A plain list of ``weakref.ref`` rather than a ``WeakSet``: iterating a
+    WeakSet takes an iteration guard, a list of one or two refs is cheap, and this is
+    paid on every park.  Each ref removes itself when its scheduler dies."""
 
     def __init__(self) -> None:
-        self.refs: list[weakref.ref[Scheduler]] = []
+        self.by_thread: dict[int, list[weakref.ref[Scheduler]]] = {}
 
     def add(self, scheduler: Scheduler) -> None:
-        refs = self.refs
+        refs = self.by_thread.setdefault(threading.get_ident(), [])
 
         def forget(ref: weakref.ref[Scheduler]) -> None:
             try:
@@ -160,7 +163,10 @@ _registry = _ThreadSchedulers()
 def _in_microthread() -> bool:
     """True when the code running now is a coroutine stepped by one of this thread's
     schedulers.  Only called on the slow path (an unresolved Wait), so it may iterate."""
-    for ref in tuple(_registry.refs):  # a copy: another thread's GC may remove a ref
+    refs = _registry.by_thread.get(threading.get_ident())
+    if not refs:
+        return False
+    for ref in tuple(refs):  # a copy: another thread's GC may remove a ref
         scheduler = ref()
         if scheduler is not None and scheduler._stepping:
             return True
