@@ -66,6 +66,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from functools import partial
 from typing import Any, Final
 
@@ -188,6 +189,9 @@ class Instance:
         self.handoffs: dict[tuple[tuple[str, int], int, int], bool] = {}
         self.awaiting: dict[tuple[int, int], trio.Event] = {}
         self._handoff_id = 0
+        #: The store's own figures (``Space.statistics()``) when the leave began, for the
+        #: exit line: what the state management cost before the leave's traffic.
+        self.store_figures: dict[str, Any] = {}
         self._seq = 0
         # Re-steers with order kept (every backend but stop-the-world): the parked units of
         # each of the sender's flow numbers (only while some are: a flow whose units all
@@ -578,6 +582,17 @@ class Instance:
             ),
             "leaving": self.leaving,
             "cpu_s": round(time.process_time(), 3),
+            **({"store": self.store_figures} if self.store_figures else {}),
+        }
+
+    def snapshot_store(self) -> None:
+        """Keep the store's figures of now (backends without ``statistics``: nothing)."""
+        figures = getattr(self.space, "statistics", None)
+        if figures is None:
+            return
+        stats = asdict(figures())
+        self.store_figures = {
+            name: value for name, value in stats.items() if isinstance(value, int) and value
         }
 
 
@@ -700,6 +715,7 @@ async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, A
                     inner.start_soon(inst.ticker)
                     inner.start_soon(_watch_scale_in, space, start_leave, why)
                     await start_leave.wait()
+                    inst.snapshot_store()
                     # Packets keep coming in (and are processed) until every sender's END.
                     await inst.leave(why[0] if why else "asked", args.leave_timeout)
                     inner.cancel_scope.cancel()
