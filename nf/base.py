@@ -34,7 +34,7 @@ from nf.packet import Packet
 if TYPE_CHECKING:
     from store import Space
 
-__all__ = ["NF", "ConfigError", "Verdict", "local_create_of", "local_of"]
+__all__ = ["NF", "ConfigError", "Verdict", "local_create_of", "local_of", "untethered_of"]
 
 
 def _not_here(key: Any, *args: Any) -> None:
@@ -50,6 +50,15 @@ def local_of(map_: Any) -> Callable[[Any], Any]:
     if hasattr(type(map_), "local"):
         return map_.local  # type: ignore[no-any-return]
     return _not_here
+
+
+def untethered_of(map_: Any) -> Callable[..., Any]:
+    """``map_.untethered`` (``store.Map.untethered``: a reference for untethered updates
+    that never waits for the object's place) if the map's class has it, else
+    ``map_.create``: the same calls, awaited as the backend awaits them."""
+    if hasattr(type(map_), "untethered"):
+        return map_.untethered  # type: ignore[no-any-return]
+    return map_.create  # type: ignore[no-any-return]
 
 
 def local_create_of(map_: Any) -> Callable[..., Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar, cast
 
 from store.core.instructions import (
     Acquire,
@@ -233,6 +233,25 @@ def _readonly_method(name: str, fn: Callable[..., Any], remote: Callable[..., An
     return method
 
 
+def _untethered_method(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """An ``@untethered`` method through ``Map.untethered``'s reference: into this node's
+    replica (folded to the object, once its place is known), or, when the object is held
+    here, called on it as a local reference's call is."""
+
+    def method(self: Ref, *args: Any) -> Any:
+        if self._held is _CLOSED:
+            _closed(self)
+        map_ = self._map
+        done = map_._update_replica(self._k, map_.info, fn, args, self._owner)
+        if done is SLOW:  # held here
+            self._owner = map_._me
+            return _call_slow(self, name, args, True)
+        return _ready(None)
+
+    method.__name__ = name
+    return method
+
+
 def _refuse(name: str, why: str) -> Callable[..., Any]:
     def method(self: Ref, *args: Any) -> Any:
         raise TypeError(f"{type(self).__name__}.{name}: {why}")
@@ -243,7 +262,8 @@ def _refuse(name: str, why: str) -> Callable[..., Any]:
 
 def _ref_class(info: ClassInfo, mode: str) -> type[Ref]:
     """The reference class for ``info.cls`` in ``mode``: "local" (writable single-writer,
-    or multi-writer held here), "remote" (multi-writer held elsewhere) or "readonly"."""
+    or multi-writer held here), "remote" (multi-writer held elsewhere), "readonly" or
+    "untethered" (``Map.untethered``: @untethered methods only)."""
     cache: dict[str, type[Ref]] = info.cls.__dict__.get("__s6_refs__") or {}
     if mode in cache:
         return cache[mode]
@@ -256,6 +276,12 @@ def _ref_class(info: ClassInfo, mode: str) -> type[Ref]:
             namespace[name] = _local_method(name, fn)
         elif mode == "remote":
             namespace[name] = _remote_method(name, info)
+        elif mode == "untethered":
+            namespace[name] = (
+                _untethered_method(name, fn)
+                if minfo.kind is MethodKind.UNTETHERED
+                else _refuse(name, "an untethered reference runs @untethered methods only")
+            )
         elif minfo.kind is MethodKind.STALE:
             namespace[name] = _readonly_method(name, fn, _remote_method(name, info))
         else:
@@ -372,6 +398,60 @@ class _Access:
                 map_._node.handle(LetGo(ref._k, held))
 
 
+class _UntetheredAccess(_Access):
+    """``async with map.untethered(key) as ref`` (see :meth:`Map.untethered`): never waits."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Any:
+        map_ = self._map
+        k = (map_.name, self._key)
+        try:
+            here = map_._held(k)
+        except TypeError:
+            check_key(self._key)
+            raise
+        owner: str | None = map_._me
+        if here is None:
+            check_key(self._key)  # (it may go into a record, as on create's slow path)
+            node = map_._node
+            owner = node.fast.located(k)
+            if owner is None:
+                if node.fast.create_here(k, map_.info, self._args) is not None:
+                    owner = map_._me
+                else:
+                    _place(node, k, map_.info, self._args)
+        ref = _new(cast("type[Ref]", map_._untethered_ref))  # (made for every MULTI map)
+        ref._map = map_
+        ref._k = k
+        ref._held = None
+        # None while the place is being asked: only the untethered methods read it, and
+        # update_replica takes None for "not known yet".
+        ref._owner = cast(str, owner)
+        ref.created = False
+        self._ref = ref
+        return ref
+
+
+def _place(node: Node, k: tuple[str, Any], info: ClassInfo, args: tuple[Any, ...]) -> None:
+    """Ask the key owner where ``k`` is, making it (``cls(*args)``, here) if absent, and
+    do not wait: the answer names the place of this node's replica (``_reply_locate``);
+    ``Node.space_flush`` waits for such answers before it folds.  One question per key
+    at a time."""
+    deferred = node.deferred
+    wait = deferred.get(k)
+    if wait is not None and not wait.done():
+        return
+    wait = deferred[k] = Wait(k)
+
+    def answered(done: Wait[Any]) -> None:
+        if deferred.get(k) is done:
+            del deferred[k]
+
+    wait.add_done_callback(answered)
+    node.handle(Locate(k, True, wait, args))
+
+
 class Map(Generic[T]):
     """A named map of objects of one class in the space (the paper's ``S6Map``)."""
 
@@ -398,6 +478,9 @@ class Map(Generic[T]):
         self._local = _ref_class(info, "local")
         self._remote = _ref_class(info, "remote")
         self._readonly_ref = _ref_class(info, "readonly")
+        self._untethered_ref = (
+            _ref_class(info, "untethered") if info.kind is ObjectKind.MULTI else None
+        )
 
     def __repr__(self) -> str:
         return f"<Map {self.name!r} of {self.info.name}>"
@@ -408,6 +491,32 @@ class Map(Generic[T]):
         Where this node is the key's owner and nothing of it exists, the object and its
         record are made at once, without a message or a wait."""
         access = _new(_Access)  # _Access.__init__, inline: this is the per-packet path
+        access._map = self
+        access._key = key
+        access._create = True
+        access._readonly = False
+        access._ref = None
+        access._args = args
+        return access
+
+    def untethered(self, key: Any, *args: Any) -> _Access:
+        """``async with m.untethered(key, *args) as ref``: a reference for ``@untethered``
+        updates of a multi-writer object that has ``merge``, made if absent (as
+        ``cls(*args)``, where ``create`` would make it), which never waits: where the
+        object's place is not known yet (not held here, not in the location cache), the
+        key owner is asked without waiting for the answer, and the updates go into this
+        node's replica meanwhile, folded to the object once the answer names its place
+        (``flush`` waits for it).  The paper's untethered updates, from the first one:
+        a packet that only reports to a shared object does not wait a round trip for
+        it.  Only @untethered methods may be called (others raise ``TypeError``), and
+        ``ref.created`` is False (whether this made the object is not known here).  For
+        a class without ``merge``, and for single-writer objects, it is :meth:`create`.
+        An update whose object could not be placed (the key holds another kind of
+        object, or the key owner did not answer) is reported by the next ``flush`` as
+        ``UntetheredCallsFailed``, as any untethered update that failed."""
+        if self._untethered_ref is None or not self.info.mergeable:
+            return self.create(key, *args)
+        access = _new(_UntetheredAccess)
         access._map = self
         access._key = key
         access._create = True

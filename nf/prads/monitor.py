@@ -27,7 +27,7 @@ import ipaddress
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nf.base import NF, ConfigError, Verdict, local_create_of
+from nf.base import NF, ConfigError, Verdict, local_create_of, untethered_of
 from nf.packet import ACK, FIN, ICMP, RST, SYN, TCP, UDP, Packet, ip_str
 from nf.prads.fingerprint import FingerprintCache, distance
 from nf.prads.signatures import (
@@ -228,6 +228,8 @@ class PRADS(NF):
         #: A flow's Connection itself when it is here to use in place (Map.local_create).
         self._conn_here = local_create_of(self.conns)
         self._asset_here = local_create_of(self.assets)
+        #: Asset updates where the asset is not here: untethered, not waiting for its place.
+        self._asset_update = untethered_of(self.assets)
         #: The asset updates of the packet being handled, sent once its connection is
         #: done with (see _send_assets).
         self._todo: list[tuple[Any, ...]] = []
@@ -542,12 +544,14 @@ class PRADS(NF):
 
     async def _send_assets(self) -> None:
         """Send the asset updates gathered for this packet (see ``_todo``): untethered
-        updates of each host's asset, made if new.  ``create`` finds an existing asset as
-        cheaply as ``get`` does (through the location cache where it is not held here),
-        and assets are never removed, so there is no get-then-create."""
+        updates of each host's asset, made if new, through ``Map.untethered``: an asset
+        whose place this instance does not know yet (a new host's, held elsewhere) is
+        updated in this instance's replica while its key owner is asked, so the packet
+        never waits a round trip for it.  Assets are never removed, so there is no
+        get-then-create."""
         # Whichever packet sends the list sends each update in it once (they commute).
         todo, self._todo = self._todo, []
-        assets = self.assets
+        update = self._asset_update
         here = self._asset_here
         for what in todo:
             asset = here(what[1])
@@ -559,7 +563,7 @@ class PRADS(NF):
                 else:
                     asset.observe_service(what[2], what[3])
                 continue
-            async with assets.create(what[1]) as ref:
+            async with update(what[1]) as ref:
                 if what[0] is _TOUCH:
                     await ref.touch(what[2])
                 elif what[0] is _OS:

@@ -121,7 +121,10 @@ class ObjectLayer(ScaleIn):
         self.objects: dict[K, Held] = {}
         self.locations: dict[K, str] = {}
         self.stale_cache: dict[tuple[K, str, tuple[Any, ...]], tuple[float, Any]] = {}
-        self.replicas: dict[K, tuple[Any, str]] = {}  # multi-writer replica, its owner node
+        #: Multi-writer replicas, each with the node holding its object; ``None`` while
+        #: that is not known yet (an untethered reference's create, whose ``Locate`` is
+        #: on its way: the answer names it, see ``_reply_locate``).
+        self.replicas: dict[K, tuple[Any, str | None]] = {}
         self._pending: dict[int, Pending] = {}
         self._acquiring: dict[K, Pending] = {}
         self._early_release: dict[K, Release] = {}
@@ -292,14 +295,17 @@ class ObjectLayer(ScaleIn):
         return SLOW
 
     def update_replica(
-        self, k: K, info: ClassInfo, fn: Any, args: tuple[Any, ...], owner: str
+        self, k: K, info: ClassInfo, fn: Any, args: tuple[Any, ...], owner: str | None
     ) -> Any:
         """An ``@untethered`` update (``fn``, the class's function) of a mergeable object
-        held elsewhere, applied to this node's replica; :data:`SLOW` when it is held here."""
+        held elsewhere, applied to this node's replica; :data:`SLOW` when it is held here.
+        ``owner`` None: where it is held is not known yet (an untethered reference made
+        before the key owner answered): the replica there is, whatever it is for, or a
+        new one that waits for the answer to be folded."""
         if k in self.objects:
             return SLOW
         replica = self.replicas.get(k)
-        if replica is None or replica[1] != owner:
+        if replica is None or (replica[1] != owner and owner is not None):
             replica = self._replica_for(k, info, owner)
         self.untethered_calls += 1
         fn(replica[0], *args)
@@ -422,7 +428,7 @@ class ObjectLayer(ScaleIn):
             return
         # A blocking call (or a stale read that missed): our replica's updates go first.
         replica = self.replicas.get(k)
-        fold_to = owner if replica is None else replica[1]
+        fold_to = owner if replica is None or replica[1] is None else replica[1]
         if self._needs_fence(k, owner) or self._needs_fence(k, fold_to):
             self._send_fold(k)  # (queued ahead of the call, or sent, when it must wait)
             self._fence(k, owner, ("invoke", stim, now))
@@ -1295,9 +1301,13 @@ class ObjectLayer(ScaleIn):
                 self.out.fail(wait, self._error_of(pending, msg))
             if k in self._early_drop and not self._expects(k):
                 del self._early_drop[k]  # nothing comes that it could drop
+            self._drop_unplaced(k, msg.status.name)
             self._unpark(k)
             return
         owner, version, created = msg.value
+        replica = self.replicas.get(k)
+        if replica is not None and replica[1] is None:
+            self.replicas[k] = (replica[0], owner)  # its place is known: the next fold goes
         dropped = self._early_drop.pop(k, 0)
         if created and owner == self.name and version <= dropped:
             # Made here and removed before the answer came: the create happened (its
@@ -1418,7 +1428,7 @@ class ObjectLayer(ScaleIn):
 
     # -- shipping calls --
 
-    def _replica_for(self, k: K, info: ClassInfo, owner: str) -> tuple[Any, str]:
+    def _replica_for(self, k: K, info: ClassInfo, owner: str | None) -> tuple[Any, str | None]:
         """This node's replica of ``k`` for the object held at ``owner``, made if needed.
 
         A replica made for another place (the object was removed and made again there) is
@@ -1520,7 +1530,22 @@ class ObjectLayer(ScaleIn):
         replica = self.replicas.pop(k, None)
         if replica is not None:
             obj, owner = replica
+            if owner is None:
+                owner = self.locations.get(k)
+                if owner is None:
+                    self.replicas[k] = replica  # kept while its Locate is on its way
+                    if not self._expects(k):  # (it expired unanswered)
+                        self._drop_unplaced(k, "no answer")
+                    return
             self._fold_out(k, obj, self.name if owner == self.name and k in self.objects else owner)
+
+    def _drop_unplaced(self, k: K, why: str) -> None:
+        """A replica whose object's place was to come from a ``Locate`` that failed: its
+        updates have nowhere to go, and this node's next flush says so."""
+        replica = self.replicas.get(k)
+        if replica is not None and replica[1] is None:
+            del self.replicas[k]
+            self.out.failed_update("fold-lost", f"{k!r:.80}: its place is unknown ({why})")
 
     def _fold_out(self, k: K, replica: Any, to: str) -> None:
         """Deliver the updates of a replica taken out of :attr:`replicas` to the object at

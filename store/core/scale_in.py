@@ -105,7 +105,7 @@ class ScaleIn:
         maps: dict[str, ClassInfo]
         objects: dict[K, Held]
         locations: dict[K, str]
-        replicas: dict[K, tuple[Any, str]]
+        replicas: dict[K, tuple[Any, str | None]]
         _parked: dict[K, list[tuple[Call | Fold | Fence, str]]]
         migrations_in: int
         migrations_out: int
@@ -335,7 +335,7 @@ class ScaleIn:
                 if where not in members:
                     del self.locations[k]
             for k, (replica, owner) in list(self.replicas.items()):
-                if owner not in members:  # evacuated to its key owner under the new ring
+                if owner is not None and owner not in members:  # evacuated to its key owner
                     self.replicas[k] = (replica, view.ring.owner(key_token(*k)))
         departed = self.out.departed
         if departed:  # a name that joins again is a new process: talk to it

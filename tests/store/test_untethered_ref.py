@@ -1,0 +1,150 @@
+"""``Map.untethered``: untethered updates of a mergeable multi-writer object that never
+wait for its place.  The packet that reports to a shared object it has not met yet
+finishes at once; its updates reach the object by the next flush, wherever it lives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+import store
+from store import MultiWriter, SingleWriter, untethered
+from tests.store.test_api import cluster, sent
+from tests.store.test_fast_create import owned_by
+
+
+class Tally(MultiWriter):
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+
+    @untethered
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def value(self) -> int:
+        return self.n
+
+    def merge(self, other: Tally) -> None:
+        self.n += other.n
+
+
+class Plain(MultiWriter):
+    """No merge: untethered calls are shipped, and ``untethered`` is ``create``."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    @untethered
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def value(self) -> int:
+        return self.n
+
+
+class Single(SingleWriter):
+    def __init__(self) -> None:
+        self.n = 0
+
+
+async def _add(m: store.Map[Tally], key: Any, n: int) -> None:
+    async with m.untethered(key) as ref:
+        await ref.add(n)
+
+
+async def _value(m: store.Map[Any], key: Any) -> int:
+    async with m.get(key) as ref:
+        return int(await ref.value())
+
+
+async def test_a_first_update_of_an_object_whose_place_is_unknown_does_not_wait() -> None:
+    async with cluster(2) as (a, b):
+        ta, tb = a.map("tally", Tally), b.map("tally", Tally)
+        key = owned_by(b, "tally", 1)[0]  # its key record is on b: a must ask b
+        unit = a.submit_nowait("flow", _add, ta, key, 3)
+        assert unit.done()  # finished inline: no round trip waited for
+        unit.result()
+        again = a.submit_nowait("flow", _add, ta, key, 4)  # before the answer came too
+        assert again.done()
+        with trio.fail_after(10):
+            await a.flush()
+            assert await _value(tb, key) == 7
+            assert await _value(ta, key) == 7
+
+
+async def test_updates_reach_an_object_made_elsewhere_before() -> None:
+    async with cluster(2) as (a, b):
+        ta, tb = a.map("tally", Tally), b.map("tally", Tally)
+        key = owned_by(a, "tally", 1)[0]
+        with trio.fail_after(10):
+            async with tb.create(key, 10) as ref:  # made on b, its record on a
+                assert ref.created
+            for n in (1, 2, 3):
+                unit = a.submit_nowait(("f", n), _add, ta, key, n)
+                assert unit.done()
+            await a.flush()
+            assert await _value(tb, key) == 16
+
+
+async def test_one_question_per_key_while_its_answer_is_on_its_way() -> None:
+    async with cluster(2) as (a, b):
+        ta = a.map("tally", Tally)
+        b.map("tally", Tally)
+        key = owned_by(b, "tally", 1)[0]
+        before = sent(a)
+        with trio.fail_after(10):
+            for n in range(20):
+                await _add(ta, key, n)  # (from a trio task: the same path, never waiting)
+            asked = sent(a) - before
+            assert asked == 1, asked  # one Locate for the twenty updates
+            await a.flush()
+            assert await _value(ta, key) == sum(range(20))
+
+
+async def test_only_untethered_methods_and_created_is_not_told() -> None:
+    async with cluster(2) as (a, b):
+        ta = a.map("tally", Tally)
+        b.map("tally", Tally)
+        key = owned_by(b, "tally", 1)[0]
+        with trio.fail_after(10):
+            async with ta.untethered(key) as ref:
+                assert ref.created is False
+                with pytest.raises(TypeError, match="untethered methods only"):
+                    await ref.value()
+                await ref.add(1)
+            with pytest.raises(store.ReferenceClosed):
+                await ref.add(1)
+            await a.flush()
+            assert await _value(ta, key) == 1
+
+
+async def test_a_class_without_merge_gets_a_plain_create() -> None:
+    async with cluster(2) as (a, b):
+        pa = a.map("plain", Plain)
+        b.map("plain", Plain)
+        key = owned_by(b, "plain", 1)[0]
+        with trio.fail_after(10):
+            async with pa.untethered(key) as ref:
+                assert ref.created  # create's reference: it waited for the key owner
+                assert await ref.value() == 0
+                await ref.add(2)
+            await a.flush()
+            assert await _value(pa, key) == 2
+
+
+async def test_an_update_that_cannot_be_placed_is_reported_by_the_flush() -> None:
+    async with cluster(2) as (a, b):
+        ta = a.map("kinds", Tally)
+        sb = b.map("kinds", Single)  # the same name holds single-writer objects on b
+        key = owned_by(b, "kinds", 1)[0]
+        with trio.fail_after(10):
+            async with sb.create(key):
+                pass
+            unit = a.submit_nowait("flow", _add, ta, key, 1)
+            assert unit.done()
+            with pytest.raises(store.UntetheredCallsFailed):
+                await a.flush()
+            await a.flush()  # reported once; the node goes on
+            assert not a.node.core.objects.replicas
