@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
-from nf.base import NF, ConfigError, Verdict, local_create_of
+from nf.base import NF, ConfigError, Verdict, local_create_of, untethered_of
 from nf.ids.alert import fast_alert
 from nf.ids.engine import Detector, PacketView
 from nf.ids.rules import Classification, RuleSet, load_rules, parse_classifications
@@ -127,6 +127,8 @@ class IDS(NF):
         self._flow_here = local_create_of(self.flows)
         self._host_here = local_create_of(self.hosts)
         self._server_here = local_create_of(self.servers)
+        #: Alerts for a server held elsewhere: untethered, not waiting for its place.
+        self._server_update = untethered_of(self.servers)
         #: This instance's timer list: flow key -> [time of its last packet here, closed],
         #: and the deadlines at which to look at each again (a heap).
         self._timers: dict[Any, list[Any]] = {}
@@ -211,7 +213,7 @@ class IDS(NF):
                 line = fast_alert(rule, ts, proto, src, sport, dst, dport, fragment)
                 alerts.add([ts, *key, number, rule.index, line], self.alerts_per_server)
         else:
-            async with self.servers.create(server) as record:
+            async with self._server_update(server) as record:
                 for rule in matched:
                     line = fast_alert(rule, ts, proto, src, sport, dst, dport, fragment)
                     entry = [ts, *key, number, rule.index, line]
