@@ -559,7 +559,9 @@ class Sender:
             close_timeout=0.2,
         ) as peer:
             while not self.done:
-                status = await request_status(peer)
+                # Brief: the labels say which members run an NF and where; the figures
+                # would cost every member a pass over all it holds, five times a second.
+                status = await request_status(peer, brief=True)
                 if not self.stw and self.args.stop_the_world == "auto":
                     labels = status.figures.values()
                     if any(f.get("backend") == STOP_THE_WORLD for f in labels):

@@ -78,9 +78,10 @@ async def _next_messages(peer: Peer) -> list[Message]:
         raise CtlError(f"the controller closed the connection: {describe_failure(exc)}") from None
 
 
-async def request_status(peer: Peer) -> ClusterStatus:
-    """Ask the controller connected as ``peer`` for the cluster's status."""
-    peer.send_nowait(StatusRequest(1))
+async def request_status(peer: Peer, *, brief: bool = False) -> ClusterStatus:
+    """Ask the controller connected as ``peer`` for the cluster's status (``brief``: each
+    member's stage, epoch and labels, not its figures)."""
+    peer.send_nowait(StatusRequest(1, brief))
     while True:
         for msg in await _next_messages(peer):
             if isinstance(msg, ClusterStatus) and msg.request_id == 1:

@@ -479,7 +479,7 @@ class Controller:
 
     def _operator_message(self, nursery: trio.Nursery, peer: Peer, msg: Message) -> None:
         if isinstance(msg, StatusRequest):
-            nursery.start_soon(self._answer_status, peer, msg.request_id)
+            nursery.start_soon(self._answer_status, peer, msg.request_id, msg.brief is True)
         elif isinstance(msg, Query):
             nursery.start_soon(self._relay_query, peer, msg)
         elif isinstance(msg, ScaleRequest):
@@ -509,8 +509,8 @@ class Controller:
     def _count(self, counter: str) -> None:
         self._errors[counter] = self._errors.get(counter, 0) + 1
 
-    async def _answer_status(self, peer: Peer, request_id: int) -> None:
-        figures = await self._gather_figures(STATUS_TIMEOUT)
+    async def _answer_status(self, peer: Peer, request_id: int, brief: bool) -> None:
+        figures = await self._gather_figures(STATUS_TIMEOUT, brief)
         self._send(peer, self.barrier.cluster_status(request_id, trio.current_time(), figures))
 
     async def _relay_query(self, peer: Peer, query: Query) -> None:
@@ -556,13 +556,13 @@ class Controller:
         what = query.target or "queries"
         answer(False, None, f"no member answers {what} (asked {asked} of {len(barrier.ring)})")
 
-    async def _gather_figures(self, timeout: float) -> dict[str, Figures]:
+    async def _gather_figures(self, timeout: float, brief: bool = False) -> dict[str, Figures]:
         round_id = next(self._ids)
         status_round = _StatusRound(set(self._sessions))
         self._rounds[round_id] = status_round
         try:
             for name in sorted(status_round.expected):
-                self._send(self._sessions.get(name), StatusRequest(round_id))
+                self._send(self._sessions.get(name), StatusRequest(round_id, brief))
             if status_round.expected:
                 with trio.move_on_after(timeout):
                     await status_round.done.wait()

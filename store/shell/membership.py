@@ -446,7 +446,7 @@ class Membership:
         if isinstance(msg, StageCommand):
             self._commands_in.send_nowait(msg)
         elif isinstance(msg, StatusRequest):
-            figures, failure = self._figures()
+            figures, failure = self._figures(msg.brief is True)
             self._send(NodeStatus(msg.request_id, self.name, figures))
             if failure is not None:
                 raise failure  # answered all the same; reported as the bug it is by _take
@@ -498,11 +498,12 @@ class Membership:
             return
         self._answer(msg, True, False, value, "")
 
-    def _figures(self) -> tuple[Figures, Exception | None]:
+    def _figures(self, brief: bool = False) -> tuple[Figures, Exception | None]:
         """This node's figures for ``ctl status``, and the status provider's exception if
-        it failed (a bug of the node: the figures then say so, and the caller reports it)."""
+        it failed (a bug of the node: the figures then say so, and the caller reports it).
+        ``brief``: the stage, the epoch and the labels only."""
         figures: Figures = {"stage": self.stage.value, "epoch": self.epoch}
-        if self._status_provider is not None:
+        if self._status_provider is not None and not brief:
             try:
                 provided = self._status_provider()
             except Exception as exc:

@@ -272,9 +272,12 @@ class DrainedReport:
 @dataclass(frozen=True, slots=True)
 class StatusRequest:
     """From ``ctl`` to the controller (the whole cluster), or from the controller to a
-    member (its own figures)."""
+    member (its own figures).  ``brief``: the stage, the epoch and the member's labels
+    only, without the figures that cost a pass over everything the member holds (what a
+    load balancer that polls the membership needs)."""
 
     request_id: int
+    brief: bool = False
 
 
 @message(46)

@@ -205,6 +205,12 @@ async def test_admission_forms_one_ring_that_every_member_agrees_on() -> None:
             assert status.figures["n2"]["keys"] == 9002 and status.figures["n2"]["ok"] == "True"
             assert status.figures["n1"]["stage"] == "normal"
             assert [row[2] for row in status.members] == ["member"] * 3
+            # A brief status (what a polling load balancer asks): no member's figures.
+            host, port = parse_address(ctl.address)
+            async with connect_peer(host, port, secret=SECRET, name="test-lb") as peer:
+                brief = await request_status(peer, brief=True)
+            assert brief.figures["n2"] == {"stage": "normal", "epoch": ring.epoch}
+            assert [row[0] for row in brief.members] == [row[0] for row in status.members]
             # A second node with a taken name is refused, with the reason.
             with pytest.raises(ControllerRefused, match="already used by a connected node"):
                 async with join_cluster(
