@@ -422,6 +422,8 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
         ]
         if cfg.duration is not None:
             sender_args += ["--duration", str(cfg.duration)]
+        if cfg.nf_options:  # (the NF's flow key, for --steer owner, depends on them)
+            sender_args += ["--", *cfg.nf_options]
         sender = Proc("sender", sender_args, stderr_to=work / "sender.err")
         procs.append(sender)
         started = sender.event("started", 60)
@@ -712,6 +714,7 @@ class LiveCluster:
                     str(self.next_pass),
                     "--steer",
                     self.steer,
+                    *(["--", *self.nf_options] if self.nf_options else []),
                 ],
                 stderr_to=work / f"sender-{n}.err",
             )

@@ -6,6 +6,7 @@
         [--rate PPS] [--flows N] [--duration S] [--steer hash|owner] [--steer-over S]
         [--owner-map MAP] [--min-instances N] [--nf NAME] [--poll S] [--secret-file F]
         [--stop-the-world auto|on|off] [--keep-order on|off] [--move-timeout S]
+        [-- NF OPTIONS]
 
 * **Traffic.** The capture's frames in file order, paced to ``--rate`` frames per second
   (in small bursts, one datagram per instance per burst, a few hundred bursts a second).
@@ -21,7 +22,10 @@
   (``ring.hashring.HashRing``, the store's own) over the instances' names and the flow's
   direction-free 5-tuple, so a join moves about 1/(N+1) of the flows, all to the new
   instance, never the ``mod N`` reshuffle.  ``owner``: the store's owner of the flow's key
-  in ``--owner-map`` (PRADS's connections by default), computed from the members the
+  in the NF's flow map (``--nf``: the map its ``flow_map`` names, under its own
+  ``flow_key``, made with the NF options given after ``--`` as its instances get them,
+  e.g. the NAT's ``--inside``; ``--owner-map`` names another map; without ``--nf``,
+  PRADS's connections under the direction-free 5-tuple), computed from the members the
   controller reports with the ring the store builds (same names, same vnodes, the key hashed
   by ``key_token``), so a flow's objects are created where their key records live; a flow
   whose owner runs no NF is steered by hash.
@@ -74,12 +78,13 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
 
+from nf.base import NF, ConfigError
 from nf.capture import read_capture
 from nf.datachannel import (
     DEFAULT_MAX_DATAGRAM,
@@ -91,7 +96,7 @@ from nf.datachannel import (
     encode_move,
     move_room,
 )
-from nf.packet import parse
+from nf.packet import Packet, parse
 from ring.hashring import DEFAULT_VNODES, HashRing, key_token
 
 __all__ = ["Steering", "main", "parse_status"]
@@ -265,6 +270,25 @@ def parse_status(status: Any, nf_name: str | None) -> tuple[dict[str, tuple[str,
     return instances, ring
 
 
+def steering_of(
+    nf_cls: type[NF], nf_options: list[str], owner_map: str | None
+) -> tuple[str, Callable[[Packet], Hashable]]:
+    """The map and key function of ``--steer owner`` for an NF: its ``flow_map`` (or
+    ``owner_map``) and its own ``flow_key``, from an instance of it made with its options
+    as the instances get them (on a dicts space: only its key function is used)."""
+    from baselines.local_only import LocalOnlySpace
+
+    parser = argparse.ArgumentParser(prog=f"NF options of {nf_cls.name}", add_help=False)
+    nf_cls.add_arguments(parser)
+    config = nf_cls.config_from(parser.parse_args(nf_options), {})
+    map_name = owner_map or nf_cls.flow_map
+    if map_name is None:
+        raise ConfigError(f"{nf_cls.name} keeps no per-flow map: give --owner-map MAP")
+    dicts: Any = LocalOnlySpace("sender")  # (the Space protocol, on dicts)
+    nf = nf_cls(dicts, config)
+    return map_name, nf.flow_key
+
+
 def _address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host, int(port)
@@ -278,8 +302,9 @@ class Sender:
         self.sock.bind(("127.0.0.1", 0))
         self.ident = os.getpid() & 0xFFFFFFFF
         self.sink = _address(args.sink)
+        owner_map, self.steer_key = args.owner_steering
         self.steering = Steering(
-            mode=args.steer, vnodes=args.vnodes, owner_map=args.owner_map, over=args.steer_over
+            mode=args.steer, vnodes=args.vnodes, owner_map=owner_map, over=args.steer_over
         )
         self.instances: dict[str, Instance] = {}
         self.active: set[str] = set()
@@ -614,15 +639,17 @@ class Sender:
             self._send_data(out, inst.data)
 
     def frames(self) -> Any:
-        """(flow number, direction-free key, frame) in sending order, pass after pass."""
+        """(flow number, key to steer by, frame) in sending order, pass after pass: both
+        directions of a connection are one flow; its key is direction-free, or with
+        ``--steer owner`` the NF's own flow key (the key of its objects in ``flow_map``)."""
         packets = read_capture(self.args.pcap)
         base: dict[Hashable, int] = {}
         first: list[tuple[int, Hashable, bytes]] = []
+        steer_key = self.steer_key
         for ts, frame in packets:
             p = parse(frame, ts)
-            key = p.flow_key_both()
-            flow = base.setdefault(key, len(base))
-            first.append((flow, key, frame))
+            flow = base.setdefault(p.flow_key_both(), len(base))
+            first.append((flow, steer_key(p), frame))
         n_flows = len(base)
         want = self.args.flows or n_flows
         timed = self.args.duration is not None
@@ -649,7 +676,7 @@ class Sender:
                 if p.drop is None:
                     p.rewrite_src(p.src ^ mask, p.sport)
                     p.rewrite_dst(p.dst ^ mask, p.dport)
-                yield k * n_flows + flow, p.flow_key_both(), bytes(p.frame)
+                yield k * n_flows + flow, steer_key(p), bytes(p.frame)
 
     async def send(self) -> dict[str, Any]:
         args = self.args
@@ -782,7 +809,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds to send (loops the capture)")
     parser.add_argument("--steer", choices=("hash", "owner"), default="hash")
     parser.add_argument("--steer-over", type=float, default=0.0, metavar="S")
-    parser.add_argument("--owner-map", default="prads.connections", metavar="MAP")
+    parser.add_argument(
+        "--owner-map",
+        metavar="MAP",
+        help="with --steer owner: the map whose key owner a flow goes to (the NF's flow "
+        "map; prads.connections without --nf)",
+    )
     parser.add_argument("--vnodes", type=int, default=DEFAULT_VNODES, help=argparse.SUPPRESS)
     parser.add_argument("--nf", help="only instances running this NF")
     parser.add_argument("--min-instances", type=int, default=1, metavar="N")
@@ -819,7 +851,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K",
         help="start at pass K of the capture (fresh addresses: 1..255)",
     )
+    # What follows a lone "--" is the NF's own options (as its instances get them): with
+    # --steer owner the flow key depends on them (the NAT's inside networks).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    nf_options: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, nf_options = argv[:at], argv[at + 1 :]
     args = parser.parse_args(argv)
+    args.nf_options = nf_options
+    args.owner_steering = (args.owner_map or "prads.connections", Packet.flow_key_both)
+    if args.steer == "owner" and args.nf is not None:
+        from nf import registry
+
+        try:
+            args.owner_steering = steering_of(registry.load(args.nf), nf_options, args.owner_map)
+        except (registry.UnknownNF, ConfigError) as exc:
+            parser.error(str(exc))
     if not 0 <= args.first_pass <= 255:
         parser.error("--first-pass must be between 0 and 255")
     if args.rate <= 0:

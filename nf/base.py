@@ -98,6 +98,11 @@ class NF(abc.ABC):
     malformed_verdict: ClassVar[Verdict] = Verdict.FORWARD
     #: How often (seconds of the NF's clock) ``tick`` wants to run.
     tick_interval: ClassVar[float] = 1.0
+    #: The map holding each flow's own state under its flow key (``flow_key``), or None.
+    #: A load balancer that steers a flow to the store's owner of that key there (the
+    #: sender's ``--steer owner``) has the flow's objects made where their key records
+    #: live, so that creating and removing them is local to the instance.
+    flow_map: ClassVar[str | None] = None
 
     def __init__(self, space: Space, config: dict[str, Any]) -> None:
         self.space = space

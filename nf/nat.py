@@ -293,6 +293,7 @@ class NAT(NF):
 
     name: ClassVar[str] = "nat"
     bidirectional: ClassVar[bool] = False
+    flow_map: ClassVar[str | None] = "nat.entries"
     output_query: ClassVar[str] = "table"
     malformed_verdict: ClassVar[Verdict] = Verdict.DROP
 

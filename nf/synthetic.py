@@ -104,6 +104,7 @@ class Synthetic(NF):
 
     name: ClassVar[str] = "synthetic"
     bidirectional: ClassVar[bool] = True
+    flow_map: ClassVar[str | None] = "synthetic.flows"
     output_query: ClassVar[str] = "summary"
 
     def __init__(self, space: Any, config: dict[str, Any]) -> None:

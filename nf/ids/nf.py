@@ -106,6 +106,7 @@ class IDS(NF):
 
     name: ClassVar[str] = "ids"
     bidirectional: ClassVar[bool] = True
+    flow_map: ClassVar[str | None] = "ids.flows"
     output_query: ClassVar[str] = "alerts"
     malformed_verdict: ClassVar[Verdict] = Verdict.FORWARD
     tick_interval: ClassVar[float] = 1.0

@@ -194,6 +194,7 @@ class PRADS(NF):
 
     name: ClassVar[str] = "prads"
     bidirectional: ClassVar[bool] = True
+    flow_map: ClassVar[str | None] = "prads.connections"
     output_query: ClassVar[str] = "log"
     malformed_verdict: ClassVar[Verdict] = Verdict.FORWARD
     tick_interval: ClassVar[float] = SWEEP_EVERY
