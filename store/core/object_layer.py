@@ -430,10 +430,10 @@ class ObjectLayer(ScaleIn):
         replica = self.replicas.get(k)
         fold_to = owner if replica is None or replica[1] is None else replica[1]
         if self._needs_fence(k, owner) or self._needs_fence(k, fold_to):
-            self._send_fold(k)  # (queued ahead of the call, or sent, when it must wait)
+            self._send_fold(k, owner)  # (queued ahead of the call, or sent, when it must wait)
             self._fence(k, owner, ("invoke", stim, now))
             return
-        self._send_fold(k)
+        self._send_fold(k, owner)
         req_id, pending = self._new_pending("call", k, info)
         pending.method, pending.args, pending.at = method, list(args), now
         pending.waits.append(wait)
@@ -1434,7 +1434,10 @@ class ObjectLayer(ScaleIn):
         A replica made for another place (the object was removed and made again there) is
         folded to that old place first: its updates belong there, the new ones here."""
         replica = self.replicas.get(k)
-        if replica is not None and replica[1] != owner:
+        if replica is not None and replica[1] is None and owner is not None:
+            # Made before its place was known (Map.untethered): the place is known now.
+            replica = self.replicas[k] = (replica[0], owner)
+        elif replica is not None and replica[1] != owner:
             self._send_fold(k)  # (it takes the replica out, even when the fold must wait)
             replica = None
         if replica is None:
@@ -1526,12 +1529,16 @@ class ObjectLayer(ScaleIn):
         del self.replicas[k]
         self._fold_out(k, replica[0], self.name)
 
-    def _send_fold(self, k: K) -> None:
+    def _send_fold(self, k: K, unplaced_to: str | None = None) -> None:
+        """Fold this node's replica of ``k`` to its object.  One whose place is not known
+        yet (``Map.untethered``) goes to ``unplaced_to`` (where a blocking call about to
+        follow it goes: this node's updates stay in order) or to the cached location, or
+        waits for its ``Locate``'s answer."""
         replica = self.replicas.pop(k, None)
         if replica is not None:
             obj, owner = replica
             if owner is None:
-                owner = self.locations.get(k)
+                owner = unplaced_to or self.locations.get(k)
                 if owner is None:
                     self.replicas[k] = replica  # kept while its Locate is on its way
                     if not self._expects(k):  # (it expired unanswered)

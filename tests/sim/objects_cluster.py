@@ -40,7 +40,7 @@ from typing import Any
 from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
 from store.core.key_layer import KeyState
-from store.core.object_layer import Held
+from store.core.object_layer import SLOW, Held
 from store.core.objects import info_of
 from store.core.scheduler import Wait
 from store.wire.codes import Arrival
@@ -156,6 +156,8 @@ class ObjectCluster:
         self.ops: list[Operation] = []
         self.sw_refs: list[SwRef] = []
         self.mw_refs: list[MwRef] = []
+        #: ``Map.untethered``'s questions out, one per (node, key) at a time.
+        self.unplaced: dict[tuple[str, K], Wait[Any]] = {}
         self.sw_expected: dict[int, int] = {}  # uid -> sum of the adds applied to it
         self.removes: set[K] = set()  # keys some remove was issued for
         self.drops_delivered: dict[tuple[str, K], int] = {}  # (node, k) -> highest version
@@ -644,6 +646,42 @@ class ObjectCluster:
             if isinstance(value, Wait):
                 value = yield value
             op.result = value
+
+        return self._run(op, body)
+
+    def mw_untethered(self, node: str, key: Any, n: int) -> Operation:
+        """``async with m.untethered(key) as r: await r.bump(n)`` on the merged map, as
+        ``Map.untethered`` makes it: never waiting.  Where the object's place is not known
+        here (not held, not in the location cache, not made here at once) the key owner is
+        asked without waiting (one question per key at a time) and the bump goes into this
+        node's replica, folded to wherever the answer says."""
+        map_name = "mm"
+        op = self._begin(node, map_name, key, "bump", n)
+        state = self.nodes[node]
+        k = (map_name, key)
+        info = state.maps[map_name]
+        fast = state.router.fast
+        owner = node if k in state.objects else fast.located(k)
+        if owner is None and fast.create_here(k, info, ()) is not None:
+            owner = node
+        if owner is None:
+            asked = self.unplaced.get((node, k))
+            if asked is None or asked.done():
+                self.unplaced[(node, k)] = state.locate(map_name, key, True)
+        op.target = owner
+        there = self.nodes[owner].objects.get(k) if owner is not None else None
+        op.target_uid = there.obj.uid if there is not None else None
+        args = (node, op.id, n)
+        bump = info.cls.bump
+
+        def body(op: Operation) -> Gen:
+            if fast.update_replica(k, info, bump, args, owner) is SLOW:  # held here
+                value = state.call(k, info, "bump", args, node, self.now)
+                if isinstance(value, Wait):
+                    yield value
+            op.result = None
+            return
+            yield  # (a generator, like the other operations' bodies)
 
         return self._run(op, body)
 

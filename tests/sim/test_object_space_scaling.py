@@ -40,7 +40,7 @@ from hypothesis.stateful import (
 )
 
 from ring.ownership import Stage
-from store.wire.errors import ObjectNotFound
+from store.wire.errors import ObjectNotFound, ObjectRemoved
 from tests.sim import objects_cluster
 from tests.sim.objects_cluster import MULTI_MAPS, ObjectCluster, Violation
 from tests.sim.settings import simulation_settings
@@ -130,6 +130,13 @@ class ScalingObjectSpaceMachine(RuleBasedStateMachine):
     def mw_call(self, data: st.DataObject, method: str, n: int) -> None:
         op = self.cluster.mw_call(self.index(data, self.cluster.mw_refs), method, n)
         assert op.error is None or isinstance(op.error, ObjectNotFound), op
+
+    @rule(data=st.data(), key=keys, n=st.integers(1, 9))
+    def mw_untethered(self, data: st.DataObject, key: int, n: int) -> None:
+        """``async with m.untethered(key) as r: await r.bump(n)``: never waits."""
+        op = self.cluster.mw_untethered(self.node(data), key, n)
+        assert op.response is not None, op
+        assert op.error is None or isinstance(op.error, ObjectRemoved), op
 
     @precondition(lambda self: self.room())
     @rule(data=st.data())
