@@ -1301,7 +1301,8 @@ class ObjectLayer(ScaleIn):
                 self.out.fail(wait, self._error_of(pending, msg))
             if k in self._early_drop and not self._expects(k):
                 del self._early_drop[k]  # nothing comes that it could drop
-            self._drop_unplaced(k, msg.status.name)
+            if not self._expects(k):  # (another question, a create, may still answer)
+                self._drop_unplaced(k, msg.status.name)
             self._unpark(k)
             return
         owner, version, created = msg.value

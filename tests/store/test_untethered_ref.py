@@ -148,3 +148,31 @@ async def test_an_update_that_cannot_be_placed_is_reported_by_the_flush() -> Non
                 await a.flush()
             await a.flush()  # reported once; the node goes on
             assert not a.node.core.objects.replicas
+
+
+async def test_another_question_answered_first_does_not_drop_the_waiting_updates() -> None:
+    """A get of the key, asked just before (its 'no such object' comes first), is not
+    the answer the replica waits for: the create asked after it is."""
+    async with cluster(2) as (a, b):
+        ta = a.map("tally", Tally)
+        b.map("tally", Tally)
+        key = owned_by(b, "tally", 1)[0]
+        missing = trio.Event()
+
+        async def get() -> None:
+            with pytest.raises(store.ObjectNotFound):
+                async with ta.get(key):
+                    pass
+            missing.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(get)
+                objects = a.node.core.objects
+                while not objects._expects(("tally", key)):  # until the get has asked
+                    await trio.lowlevel.checkpoint()
+                assert not missing.is_set()
+                await _add(ta, key, 5)  # before the answer to it came
+            assert missing.is_set()
+            await a.flush()
+            assert await _value(ta, key) == 5
