@@ -15,9 +15,19 @@ from tests.linearizability import NOT_FOUND, HistoryRecorder, assert_linearizabl
 WORKERS = 3
 
 
-def start_cluster(procs: list[Proc], secret_file: Path, nodes: int = 3) -> tuple[str, list[str]]:
+def start_cluster(
+    procs: list[Proc], secret_file: Path, nodes: int = 3, *controller_args: str
+) -> tuple[str, list[str]]:
     controller = Proc(
-        ["-m", "store.controller", "--listen", "127.0.0.1:0", "--secret-file", str(secret_file)]
+        [
+            "-m",
+            "store.controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--secret-file",
+            str(secret_file),
+            *controller_args,
+        ]
     )
     procs.append(controller)
     address = controller.first_line().split()[-1]

@@ -174,8 +174,10 @@ def test_an_operation_on_a_dead_nodes_keys_fails_within_its_bound(
 ) -> None:
     """Creates of keys spread over the ring, after a node died: those whose key owner was
     that node fail with PeerUnavailable within the member's request timeout (2 s here);
-    none hangs, and the others succeed."""
-    controller, _nodes = start_cluster(procs, secret_file, nodes=3)
+    none hangs, and the others succeed.  The controller waits 60 s before it declares the
+    node dead: with its default (2 s, the request timeout) the repair could come first,
+    and every operation then succeed on the repaired ring."""
+    controller, _nodes = start_cluster(procs, secret_file, 3, "--failure-timeout", "60")
     member = Member(procs, controller, secret_file, "--request-timeout", "2")
     member.keeps_working()
     kill(procs[1])
