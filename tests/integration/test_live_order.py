@@ -30,8 +30,10 @@ def _run(work: Path, keep_order: bool) -> dict[str, Any]:
         LiveConfig(
             nf="prads",
             instances=2,
-            rate=2000.0,
-            flows=700,
+            # (the leaver's backlog grows with the rate; the stall must stay well under
+            # the controller's failure timeout, 2 s, or the leaver is declared dead)
+            rate=4000.0,
+            flows=1400,
             out_after=0.5,
             in_after=1.0,
             keep_order=keep_order,
