@@ -449,7 +449,7 @@ def _place(node: Node, k: tuple[str, Any], info: ClassInfo, args: tuple[Any, ...
             del deferred[k]
 
     wait.add_done_callback(answered)
-    node.handle(Locate(k, True, wait, args))
+    node.handle(Locate(k, True, wait, args, urgent=False))
 
 
 class Map(Generic[T]):

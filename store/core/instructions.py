@@ -102,12 +102,14 @@ class Acquire:
 class Locate:
     """Where the object lives (created here if ``create`` and it is a missing multi-writer
     object).  ``wait`` resolves to ``(owner, created)``.  ``args``: the constructor's
-    arguments, if it creates."""
+    arguments, if it creates.  ``urgent`` False: nobody awaits ``wait`` (``Map.untethered``),
+    so the question goes with the next timed flush rather than at once."""
 
     k: K
     create: bool
     wait: Wait[Any]
     args: tuple[Any, ...] = ()
+    urgent: bool = True
 
 
 @dataclass(slots=True)

@@ -370,7 +370,8 @@ class ObjectLayer(ScaleIn):
         req_id, pending = self._new_pending("locate", k, info)
         pending.waits.append(stim.wait)
         pending.args = list(stim.args)
-        self._key_op(Op.CREATE if stim.create else Op.LOCATE, k, KIND_CODE[info.kind], req_id)
+        op = Op.CREATE if stim.create else Op.LOCATE
+        self._key_op(op, k, KIND_CODE[info.kind], req_id, urgent=stim.urgent)
 
     def remove(self, stim: Remove) -> None:
         k = stim.k
@@ -792,8 +793,10 @@ class ObjectLayer(ScaleIn):
         version: int = 0,
         note: MovedNote = MovedNote.HANDED_OVER,
         origin: str | None = None,
+        urgent: bool = True,
     ) -> None:
-        """A key request from this node, to its own key layer, which routes it."""
+        """A key request from this node, to its own key layer, which routes it (not
+        ``urgent``: neither is its way on, see ``Outbox.calm``)."""
         epoch = self.view.epoch
         msg = KeyOp(
             op,
@@ -814,7 +817,7 @@ class ObjectLayer(ScaleIn):
         pending = self._pending.get(req_id) if req_id and origin is None else None
         if pending is not None:
             pending.keyop = msg
-        self.out.send(self.name, msg)
+        self.out.send(self.name, msg, urgent)
 
     def _reply(self, origin: str, req_id: int, status: Status, value: Any = None) -> None:
         self.out.send(origin, Reply(req_id, status, value))

@@ -122,8 +122,10 @@ class Outbox:
     """Messages, settled Waits, log lines and error counts of one node, until taken."""
 
     __slots__ = (
+        "_lazy_local",
         "bounced",
         "boxes",
+        "calm",
         "cause",
         "departed",
         "effects",
@@ -159,6 +161,10 @@ class Outbox:
         self.untethered: dict[str, list[list[Any]]] = {}
         self.untethered_dests: set[str] = set()
         self.local: deque[Message] = deque()
+        #: Messages to ourselves sent as not urgent (by identity): while one is handled
+        #: (``calm``), what it sends on is not urgent either (nobody waits for any of it).
+        self._lazy_local: set[int] = set()
+        self.calm = False
         self.effects: list[Instruction] = []
         #: Nodes that left and said goodbye: nothing more is sent to them.
         self.departed: set[str] = set()
@@ -177,6 +183,8 @@ class Outbox:
         if to == self.me:
             self.messages_to_self += 1
             self.local.append(msg)
+            if not urgent:
+                self._lazy_local.add(id(msg))
             return
         if self.departed and to in self.departed:
             self.bounced.append((to, msg))
@@ -188,8 +196,16 @@ class Outbox:
             self.boxes[to] = [msg]
         else:
             box.append(msg)
-        if urgent:
+        if urgent and not self.calm:
             self.urgent = True
+
+    def lazy(self, msg: Message) -> bool:
+        """Whether ``msg``, just taken from :attr:`local`, was sent as not urgent."""
+        lazy = self._lazy_local
+        if lazy and id(msg) in lazy:
+            lazy.discard(id(msg))
+            return True
+        return False
 
     def seal(self, to: str) -> None:
         """Turn the untethered calls queued for ``to`` into messages, in its box: one,

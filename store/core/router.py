@@ -264,7 +264,15 @@ class Router:
         while local or bounced:
             while local:
                 # (a message to ourselves continues the work in progress: same cause)
-                self._dispatch(local.popleft(), self.name)
+                msg = local.popleft()
+                if out.lazy(msg):  # nobody waits for it: nor for what it sends on
+                    out.calm = True
+                    try:
+                        self._dispatch(msg, self.name)
+                    finally:
+                        out.calm = False
+                else:
+                    self._dispatch(msg, self.name)
             while bounced:
                 to, msg = bounced.pop(0)
                 try:

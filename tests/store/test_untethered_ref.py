@@ -176,3 +176,22 @@ async def test_another_question_answered_first_does_not_drop_the_waiting_updates
             assert missing.is_set()
             await a.flush()
             assert await _value(ta, key) == 5
+
+
+def test_a_question_nobody_awaits_goes_with_the_next_timed_flush() -> None:
+    """The core's side: an untethered reference's Locate is not urgent, nor is the key
+    request it routes to the key owner (no frame of its own); a create's is."""
+    from ring.hashring import HashRing, key_token
+    from store.core.instructions import Locate, Send
+    from store.core.scheduler import Wait
+    from tests.fixtures.core import CoreNode
+
+    ring = HashRing(["a", "b"], vnodes=16)
+    a = CoreNode("a", ring, {"tally": Tally})
+    key, other = [k for k in range(1000) if ring.owner(key_token("tally", k)) == "b"][:2]
+    lazy = a.run(Locate(("tally", key), True, Wait(key), (), urgent=False))
+    assert not [i for i in lazy if isinstance(i, Send)]  # kept for the timed flush
+    assert a.take_outbox()["b"]  # which sends it
+    awaited = a.run(Locate(("tally", other), True, Wait(other), ()))
+    sends = [i for i in awaited if isinstance(i, Send)]
+    assert sends and all(s.urgent for s in sends)
