@@ -514,15 +514,9 @@ class Map(Generic[T]):
         An update whose object could not be placed (the key holds another kind of
         object, or the key owner did not answer) is reported by the next ``flush`` as
         ``UntetheredCallsFailed``, as any untethered update that failed."""
-        if self._untethered_ref is None or not self.info.mergeable:
-            return self.create(key, *args)
-        access = _new(_UntetheredAccess)
-        access._map = self
-        access._key = key
-        access._create = True
-        access._readonly = False
-        access._ref = None
-        access._args = args
+        access = self.create(key, *args)
+        if self._untethered_ref is not None and self.info.mergeable:
+            access.__class__ = _UntetheredAccess  # (create's fields; its own __aenter__)
         return access
 
     def local(self, key: Any) -> T | None:
