@@ -39,6 +39,7 @@ from typing import Any
 
 from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
+from store.core.instructions import Locate
 from store.core.key_layer import KeyState
 from store.core.object_layer import SLOW, Held
 from store.core.objects import info_of
@@ -372,7 +373,15 @@ class ObjectCluster:
     # -- a node that left says goodbye, then exits ---------------------------------------------
 
     def can_say_goodbye(self, name: str) -> bool:
-        return name in self.gone and name not in self.farewells and self.event is None
+        # (the shell's leave flushes first, and a flush waits for the answers to the
+        # questions its untethered references asked: none is left out at the goodbye)
+        asked = (w for (node, _), w in self.unplaced.items() if node == name)
+        return (
+            name in self.gone
+            and name not in self.farewells
+            and self.event is None
+            and all(w.done() for w in asked)
+        )
 
     def say_goodbye(self, name: str) -> None:
         """What a leaver's shell does once it has left: it says goodbye (``Farewell``)."""
@@ -666,8 +675,10 @@ class ObjectCluster:
             owner = node
         if owner is None:
             asked = self.unplaced.get((node, k))
-            if asked is None or asked.done():
-                self.unplaced[(node, k)] = state.locate(map_name, key, True)
+            if asked is None or asked.done():  # (not urgent, as the API asks it)
+                wait: Wait[Any] = Wait(k)
+                state.run(Locate(k, True, wait, (), urgent=False))
+                self.unplaced[(node, k)] = wait
         op.target = owner
         there = self.nodes[owner].objects.get(k) if owner is not None else None
         op.target_uid = there.obj.uid if there is not None else None
