@@ -170,6 +170,18 @@ _PROTO_COUNTER = {
     41: "ip4ip_recv",  # IPv6 in IPv4
 }
 #: The counter of each detection type's fingerprints.
+
+
+def _apply(target: Any, what: tuple[Any, ...]) -> Any:
+    """One gathered asset update (``PRADS._todo``) on ``target``: the asset itself, or a
+    reference to it (whose method's answer the caller awaits)."""
+    if what[0] is _TOUCH:
+        return target.touch(what[2])
+    if what[0] is _OS:
+        return target.observe_os(what[2], what[3])
+    return target.observe_service(what[2], what[3])
+
+
 _OS_COUNTER = {kind: "os-" + kind for kind in ("SYN", "SYNACK", "ACK", "FIN", "RST")}
 _OS_KEYS: dict[tuple[str, int], str] = {}
 
@@ -534,12 +546,7 @@ class PRADS(NF):
             if asset is None:
                 del todo[:i]
                 return False
-            if what[0] is _TOUCH:
-                asset.touch(what[2])
-            elif what[0] is _OS:
-                asset.observe_os(what[2], what[3])
-            else:
-                asset.observe_service(what[2], what[3])
+            _apply(asset, what)
         todo.clear()
         return True
 
@@ -557,20 +564,10 @@ class PRADS(NF):
         for what in todo:
             asset = here(what[1])
             if asset is not None:  # held here: in place
-                if what[0] is _TOUCH:
-                    asset.touch(what[2])
-                elif what[0] is _OS:
-                    asset.observe_os(what[2], what[3])
-                else:
-                    asset.observe_service(what[2], what[3])
+                _apply(asset, what)
                 continue
             async with update(what[1]) as ref:
-                if what[0] is _TOUCH:
-                    await ref.touch(what[2])
-                elif what[0] is _OS:
-                    await ref.observe_os(what[2], what[3])
-                else:
-                    await ref.observe_service(what[2], what[3])
+                await _apply(ref, what)
 
     @staticmethod
     def _order(packet: Packet, key: Hashable, n: int) -> list[Any]:
