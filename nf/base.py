@@ -26,10 +26,14 @@ from __future__ import annotations
 import abc
 import argparse
 import enum
+import logging
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nf.packet import Packet
+from store import UntetheredCallsFailed
+
+logger = logging.getLogger("nf")
 
 if TYPE_CHECKING:
     from store import Space
@@ -115,6 +119,18 @@ class NF(abc.ABC):
         """Add ``n`` to this instance's counter ``reason``."""
         counts = self.counts
         counts[reason] = counts.get(reason, 0) + n
+
+    async def settle(self) -> None:
+        """Apply this instance's untethered updates before a query reads shared state
+        (``space.flush()``).  Updates that failed since the last flush, lost with a
+        member that died or refused by their object, do not fail the query: the answer
+        is what the space holds; they are counted (``untethered-failed`` in ``counts``,
+        which a live instance reports in its ``serve`` query) and logged."""
+        try:
+            await self.space.flush()
+        except UntetheredCallsFailed as exc:
+            self.count("untethered-failed", exc.count)
+            logger.warning("%s: %s", self.name, exc)
 
     def flow_key(self, packet: Packet) -> Hashable:
         """The flow a packet belongs to: the unit of ordering and of spreading."""

@@ -241,7 +241,7 @@ class Synthetic(NF):
         if name == "statistics":
             return dict(self.counts)
         if name == "summary":
-            await self.space.flush()
+            await self.settle()
             packets = flows = 0
             async for key, blob in self.flows.items():
                 if len(key) == 5:

@@ -275,7 +275,7 @@ class IDS(NF):
         raise KeyError(f"unknown query {name!r} (alerts, servers, trusted, statistics)")
 
     async def _alerts(self) -> list[str]:
-        await self.space.flush()  # this member's untethered alerts, applied
+        await self.settle()  # this member's untethered alerts, applied
         entries: list[list[Any]] = []
         async for _key, record in self.servers.items():
             entries.extend(sorted(record.entries)[: record.bound])

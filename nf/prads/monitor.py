@@ -838,7 +838,7 @@ class PRADS(NF):
         return first, last
 
     async def _table(self) -> list[tuple[int, Asset]]:
-        await self.space.flush()
+        await self.settle()
         out = [(ip, asset) async for ip, asset in self.assets.items()]
         out.sort(key=lambda item: item[0])
         return out
@@ -869,7 +869,7 @@ class PRADS(NF):
         return out
 
     async def _statistics(self) -> dict[str, int]:
-        await self.space.flush()
+        await self.settle()
         counts: dict[str, int] = {}
         try:
             async with self.stats.get(STATS_KEY) as ref:

@@ -19,9 +19,11 @@ from dataclasses import asdict
 import trio
 
 from store.core.instructions import DrainProgress, DrainStep, Instruction
+from store.core.objects import UntetheredCallsFailed
 from store.shell.membership import Membership
 from store.shell.node import Node
 from store.wire.control import ControllerRefused, ScalingAborted
+from store.wire.errors import PeerUnavailable
 
 __all__ = ["DEFAULT_DRAIN_RATE", "NodeMember", "leave"]
 
@@ -94,7 +96,7 @@ class NodeMember:
         await self.node.repair(membership.view, membership.dead, self.drain_rate)
 
     async def on_leave(self, membership: Membership) -> None:
-        await self.node.space_flush()
+        await flush_before_leaving(self.node)
 
     def figures(self) -> dict[str, int | float | str]:
         """The column ``store.ctl status`` shows for this node: the core's statistics (by
@@ -136,7 +138,7 @@ async def leave(node: Node, membership: Membership) -> None:
     with trio.fail_after(LEAVE_TIMEOUT):
         while node.micro.statistics().in_flight:
             await trio.sleep(0.005)
-        await node.space_flush()
+        await flush_before_leaving(node)
         delay = 0.01
         while not membership.left and len(membership.ring) > 1:
             try:
@@ -149,6 +151,20 @@ async def leave(node: Node, membership: Membership) -> None:
                 delay = min(delay * 2, 0.5)
         if membership.left:
             await node.farewell()
+
+
+async def flush_before_leaving(node: Node) -> None:
+    """Apply this member's untethered updates and replicas before it hands its objects on.
+
+    What the flush reports is no reason to stay: updates that failed earlier (lost with a
+    member that died, or raised at their object) were counted where they failed, and a
+    destination that does not answer is a fault of its own.  A leave that stopped there
+    would strand every object this member holds (its process ends anyway, and the repair
+    then declares them lost), so it is logged and the leave goes on."""
+    try:
+        await node.space_flush()
+    except (UntetheredCallsFailed, PeerUnavailable) as exc:
+        logger.warning("%s leaves although its last flush failed: %s", node.name, exc)
 
 
 #: Seconds a member waits to finish its work and be scaled in before it gives up.
