@@ -5,7 +5,7 @@
     python -m bench.live [--quick] [--nf prads] [--instances N] [--rate PPS] [--duration S]
         [--flows N] [--pcap FILE] [--backend s6|local-only|remote-only|redis]
         [--store HOST:PORT] [--steer hash|owner] [--steer-over S]
-        [--scale-in-by sigterm|ctl] [--keep-order on|off] [--no-scaling]
+        [--scale-in-by sigterm|ctl|kill] [--keep-order on|off] [--no-scaling]
         [--out results/live.json] [--png results/live.png]
 
 On loopback it starts a controller (``python -m store.controller``), a sink
@@ -17,7 +17,10 @@ On loopback it starts a controller (``python -m store.controller``), a sink
 controller admits it, the sender steers its share of flows to it once it is a member);
 once the sender steers to it, it scales one of the first instances in (SIGTERM: the
 instance tells the sender, which steers its flows away and sends it END, and the instance
-then leaves, handing its state on; or ``ctl scale-in`` of it).  At the end it asks the
+then leaves, handing its state on; or ``ctl scale-in`` of it; or, with ``--scale-in-by
+kill``, a crash: SIGKILL, the controller declares it dead and repairs the ring, the
+sender steers its flows to the others once it is disconnected and stops waiting for its
+answers once it is out of the membership).  At the end it asks the
 cluster the NF's output query through the controller's relay (``python -m nf query``) and,
 when the traffic was one pass of the capture (no looping), compares it with
 ``python -m nf NAME --pcap`` on the same capture, timestamps aside (live, the NF's clock is
@@ -27,7 +30,9 @@ It writes the sink's intervals, the events, each process's figures and CPU use, 
 verdict as JSON (``--out``) and a PNG timeline of throughput and latency with the events
 marked (``--png``), and prints a table.  The run is invalid when the sender or the sink
 had no CPU headroom (over 85% of a core) or the sender fell behind its rate; it exits
-non-zero when a frame was lost or the output differs.
+non-zero when a frame was lost or the output differs (after a kill: when a frame was lost
+beyond those sent to the killed instance, whose unprocessed frames and state die with
+it; the output is then not compared).
 
 :class:`LiveCluster` keeps a controller, the store and the instances up across several
 short runs of a sender and a sink at different rates (``bench.backends`` searches each
@@ -454,6 +459,8 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
                     stderr=subprocess.DEVNULL,
                     env={**os.environ, "PYTHONPATH": str(ROOT)},
                 )
+            elif cfg.scale_in_by == "kill":
+                leaver.popen.kill()  # a crash: no leave, its state and queue die with it
             elif cfg.stall_leaver:
                 leaver.popen.send_signal(signal.SIGSTOP)
                 time.sleep(cfg.stall_leaver)  # the experiment's schedule: a backlog builds
@@ -469,7 +476,11 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
         cpu1 = {p.name: p.cpu_seconds() for p in procs}
         wall = time.time() - wall0
         sink_done = sink.event("done", 120)
-        if leaver is not None:
+        if leaver is not None and cfg.scale_in_by == "kill":
+            # Frames sent to it that it had not answered for are lost, and only those.
+            to_it = done["per_instance"].get(gone, 0)
+            result["killed"] = {"instance": gone, "frames_sent_to_it": to_it}
+        elif leaver is not None:
             result["leaver"] = leaver.event("exit", 60)
             leaver.popen.wait(30)
         report = json.loads((work / "sink.json").read_text())
@@ -485,10 +496,12 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
             if p.name.startswith("instance") and p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGTERM)
         for p in procs:
-            if p.name.startswith("instance"):
+            if p.name.startswith("instance") and not (p is leaver and "killed" in result):
                 exits = p.events("exit") or [p.event("exit", 60)]
                 serving[p.name] = exits[-1]
         one_pass = cfg.duration is None and (cfg.pcap is None or not cfg.flows)
+        # A killed instance's state died with it: the output is not the offline run's.
+        one_pass = one_pass and "killed" not in result
         # local-only never reconciles its instances' state: its output is not the NF's.
         correct = cfg.backend != "local-only"
         if cfg.check and one_pass and correct and isinstance(answer, list):
@@ -842,11 +855,18 @@ def _table(result: dict[str, Any]) -> None:
                 f"flows, {e.get('held_frames', e.get('held_datagrams', 0)):,} "
                 f"{'frames' if 'held_frames' in e else 'datagrams'} held, "
                 f"{e['timed_out']} markers timed out"
+                + (f", {e['old_gone']} given up (their instance died)" if e.get("old_gone") else "")
             )
     out.print(
         f"CPU (share of one core): {result['cpu_share_of_core']}; {result['cores_used']} of "
         f"{result['cores']} cores"
     )
+    killed = result.get("killed")
+    if killed is not None:
+        out.print(
+            f"killed {killed['instance']} (SIGKILL): {killed['frames_sent_to_it']:,} frames were "
+            f"sent to it; {result['lost']:,} lost in all"
+        )
     if result.get("output_matches_offline") is not None:
         out.print(f"output equals the offline run's: {result['output_matches_offline']}")
     if not result["valid"]:
@@ -868,7 +888,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steer", choices=("hash", "owner"), default="hash")
     parser.add_argument("--steer-over", type=float, default=0.0)
-    parser.add_argument("--scale-in-by", choices=("sigterm", "ctl"), default="sigterm")
+    parser.add_argument(
+        "--scale-in-by",
+        choices=("sigterm", "ctl", "kill"),
+        default="sigterm",
+        help="how the scale-in comes: a graceful leave (SIGTERM or ctl scale-in) or a "
+        "crash (SIGKILL: the controller declares it dead and repairs the ring)",
+    )
     parser.add_argument(
         "--keep-order", choices=("on", "off"), default="on", help="the sender's (on)"
     )
@@ -904,9 +930,12 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, Path(args.png))
     _table(result)
     print(f"wrote {args.out} and {args.png}")
-    if result["lost"] or result.get("output_matches_offline") is False:
+    if result.get("output_matches_offline") is False:
         return 1
-    return 0
+    killed = result.get("killed")
+    if killed is not None:  # frames at the killed instance die with it; no others
+        return 0 if result["lost"] <= killed["frames_sent_to_it"] else 1
+    return 1 if result["lost"] else 0
 
 
 if __name__ == "__main__":

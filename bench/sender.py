@@ -143,6 +143,8 @@ class Pause:
     markers: int = 0
     open: int = 0
     timed_out: int = 0
+    #: Markers given up on because their instance left the membership (declared dead).
+    old_gone: int = 0
     held_frames: int = 0
     longest_marker_ms: float = 0.0
 
@@ -355,6 +357,22 @@ class Sender:
         removed = {n for n in self.active if n not in found or found[n][0] != "member"}
         if added or removed:
             self._steer(self.active - removed | added, added, removed, "membership")
+        for name in [n for n in self.owed if n not in found and n not in ring]:
+            self._old_gone(name)
+
+    def _old_gone(self, name: str) -> None:
+        """An instance that owes MOVED answers is out of the ring: the controller declared
+        it dead (or it left).  No answer will come, and nothing of its flows is left to
+        overtake (what it had not processed died with it), so their held frames go now
+        instead of after ``--move-timeout``.  An instance only disconnected from the
+        controller is not given up on this way: it is still in the ring, may still be
+        processing, and may answer."""
+        now = time.monotonic()
+        for move_id, marker in list(self.markers.items()):
+            if marker.old == name:
+                del self.markers[move_id]
+                marker.pause.old_gone += 1
+                self._release(marker, now)
 
     def leaving(self, addr: tuple[str, int]) -> None:
         for inst in self.instances.values():
@@ -559,6 +577,7 @@ class Sender:
             "flows_moved": pause.flows,
             "moves": pause.markers,
             "timed_out": pause.timed_out,
+            "old_gone": pause.old_gone,
             "held_frames": pause.held_frames,
             "pause_ms": round((now - pause.t0) * 1000, 3),
             "t_start": round(pause.wall0, 4),
