@@ -79,7 +79,9 @@ def _parser() -> OneLineParser:
     parser.add_argument("--json", action="store_true", help="print the answer as JSON always")
     parser.add_argument("nf", metavar="NAME", help="the NF the instances run (prads, ids, nat...)")
     parser.add_argument("query", metavar="QUERY", help="assets, alerts, table, statistics...")
-    parser.add_argument("args", nargs="*", metavar="KEY=VALUE", help="the query's arguments")
+    parser.add_argument(
+        "args", nargs="*", default=[], metavar="KEY=VALUE", help="the query's arguments"
+    )
     return parser
 
 

@@ -248,7 +248,7 @@ def _parser() -> OneLineParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("status", help="members, epoch, stage and per-node figures")
     out = commands.add_parser("scale-out", help="admit waiting nodes (all when none named)")
-    out.add_argument("nodes", nargs="*", metavar="NODE")
+    out.add_argument("nodes", nargs="*", default=[], metavar="NODE")
     into = commands.add_parser("scale-in", help="remove nodes from the ring")
     into.add_argument("nodes", nargs="+", metavar="NODE")
     return parser
