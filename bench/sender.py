@@ -111,6 +111,8 @@ END_REPEATS: Final = 3
 MOVE_EVERY: Final = 0.05
 #: The backend label that turns stop-the-world mode on (``--stop-the-world auto``).
 STOP_THE_WORLD: Final = "stop-the-world"
+#: Seconds the controller has to answer a status request before it counts as lost.
+STATUS_TIMEOUT: Final = 5.0
 
 
 def _emit(event: str, **fields: Any) -> None:
@@ -341,6 +343,9 @@ class Sender:
         self.owed: Counter[str] = Counter()
         self.reroutes = 0
         self.rerouted = trio.Event()
+        #: Seconds with no instance to send to, and held frames that had none to go to.
+        self.no_instance_s = 0.0
+        self.unsendable = 0
 
     # -- membership ------------------------------------------------------------------------
 
@@ -391,7 +396,8 @@ class Sender:
             return
         now = time.monotonic()
         ordered = self.stw or self.keep_order
-        before = self.steering.choices() if ordered else {}
+        # (no instance left: the flows have nowhere to move; the send loop waits for one)
+        before = self.steering.choices() if ordered and names else {}
         if before:
             # The last frames under the old steering go out before any MOVE marker.
             for inst in self.instances.values():
@@ -430,7 +436,10 @@ class Sender:
                 inst.end_due = True  # once its markers are acknowledged (order kept)
             elif self.held is None:
                 self._end(inst)  # (stop-the-world: once its flows' state has moved)
-        if len(self.active) >= self.args.min_instances:
+        if not self.active and self.ready.is_set():
+            self.ready = trio.Event()  # nobody to send to: the send loop waits for this
+            _emit("no-instance", why=why)
+        elif len(self.active) >= self.args.min_instances:
             self.ready.set()
 
     def _end(self, inst: Instance) -> None:
@@ -550,6 +559,9 @@ class Sender:
             if not held:
                 continue
             pause.held_frames += len(held)
+            if not steering.names:  # every instance has gone: lost (the sink counts them)
+                self.unsendable += len(held)
+                continue
             name = steering.target_of(flow, now)
             inst = instances[name]
             for seq, sent_ns, frame in held:
@@ -589,29 +601,54 @@ class Sender:
             self.rerouted.set()
 
     async def follow(self) -> None:
-        """Poll the controller's status and follow the instances."""
-        from store.cli.ctl import request_status
+        """Poll the controller's status and follow the instances.  A controller that dies,
+        stalls or restarts is waited for (one ``controller-lost`` line, then
+        ``controller-back``): the instances serve on without it, so the traffic goes on,
+        steered as it was.  A wrong secret ends the sender."""
+        from store.cli.ctl import CtlError, request_status
         from store.shell.transport import connect_peer
+        from store.wire.errors import AuthenticationError, PeerUnavailable, StoreError
 
         host, port = _address(self.args.controller)
-        async with connect_peer(
-            host,
-            port,
-            secret=self.args.secret,
-            name=f"sender-{os.getpid()}",
-            timeout=5.0,
-            close_timeout=0.2,
-        ) as peer:
-            while not self.done:
-                # Brief: the labels say which members run an NF and where; the figures
-                # would cost every member a pass over all it holds, five times a second.
-                status = await request_status(peer, brief=True)
-                if not self.stw and self.args.stop_the_world == "auto":
-                    labels = status.figures.values()
-                    if any(f.get("backend") == STOP_THE_WORLD for f in labels):
-                        self.stw = True
-                        self.steering.over = 0.0  # flows move at once, in the pause
-                self.apply(*parse_status(status, self.args.nf))
+        lost: str | None = None
+        while not self.done:
+            try:
+                async with connect_peer(
+                    host,
+                    port,
+                    secret=self.args.secret,
+                    name=f"sender-{os.getpid()}",
+                    timeout=5.0,
+                    close_timeout=0.2,
+                ) as peer:
+                    while not self.done:
+                        # Brief: the labels say which members run an NF and where; the
+                        # figures would cost every member a pass over all it holds, five
+                        # times a second.
+                        with trio.fail_after(STATUS_TIMEOUT):
+                            status = await request_status(peer, brief=True)
+                        if status.epoch == 0 and not status.members:
+                            # A controller that knows no ring: a fresh one, or one restarted
+                            # and still learning the ring back from the members (which
+                            # come back all at once).  Its empty membership says nothing.
+                            await trio.sleep(self.args.poll)
+                            continue
+                        if lost is not None:
+                            _emit("controller-back", after=lost)
+                            lost = None
+                        if not self.stw and self.args.stop_the_world == "auto":
+                            labels = status.figures.values()
+                            if any(f.get("backend") == STOP_THE_WORLD for f in labels):
+                                self.stw = True
+                                self.steering.over = 0.0  # flows move at once, in the pause
+                        self.apply(*parse_status(status, self.args.nf))
+                        await trio.sleep(self.args.poll)
+            except AuthenticationError:
+                raise
+            except (CtlError, PeerUnavailable, StoreError, OSError, trio.TooSlowError) as exc:
+                if lost is None:
+                    lost = f"{type(exc).__name__}: {exc}"[:300]
+                    _emit("controller-lost", error=lost)
                 await trio.sleep(self.args.poll)
 
     async def listen(self) -> None:
@@ -723,6 +760,14 @@ class Sender:
             now = time.monotonic()
             if now >= end:
                 break
+            if not self.active:
+                # Every instance has left: send nothing until one joins (or the time is
+                # up), and do not count the frames of that time as due.
+                with trio.move_on_at(end):
+                    await self.ready.wait()
+                start += time.monotonic() - now
+                self.no_instance_s += time.monotonic() - now
+                continue
             due = int((now - start) * rate) - self.sent
             if due <= 0:
                 await trio.sleep(max((self.sent + 1) / rate - (now - start), 0.0005))
@@ -776,7 +821,8 @@ class Sender:
         for _ in range(END_REPEATS):
             self._send(end_msg, self.sink)
         share = cpu / seconds if seconds > 0 else 0.0
-        achieved = self.sent / seconds if seconds > 0 else 0.0
+        sending = seconds - self.no_instance_s  # (the rate is over the time it could send)
+        achieved = self.sent / sending if sending > 0 else 0.0
         keeps_up = achieved >= 0.95 * rate or self.sent == 0
         return {
             "sent": self.sent,
@@ -787,6 +833,8 @@ class Sender:
             "rate": rate,
             "rate_achieved": round(achieved, 1),
             "behind": self.behind,
+            "no_instance_s": round(self.no_instance_s, 3),
+            "unsendable": self.unsendable,
             "per_instance": {n: i.packer.frames for n, i in sorted(instances.items())},
             "cpu": {"seconds": round(cpu, 3), "share_of_core": round(share, 3)},
             "steer": args.steer,

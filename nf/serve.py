@@ -92,6 +92,7 @@ from nf.datachannel import (
 from nf.packet import Packet, parse
 from store import SchedulerFull
 from store.api import Space
+from store.wire.errors import StoreError, first_leaf
 
 __all__ = ["BACKENDS", "Instance", "main"]
 
@@ -661,7 +662,11 @@ async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, A
     except OSError:
         pass
     host, port = parse_address(args.data)
-    data.bind((host, port))
+    try:
+        data.bind((host, port))
+    except OSError as exc:
+        data.close()
+        raise ConfigError(f"--data {args.data}: cannot receive there: {exc.strerror}") from None
     bound = data.getsockname()
     data_address = f"{bound[0]}:{bound[1]}"
     sink = parse_address(args.sink)
@@ -829,3 +834,14 @@ def main(argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:  # one clear line for what we expect, a traceback otherwise
+        leaf = first_leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            return 130
+        if isinstance(leaf, ConfigError):
+            print(f"{parser.prog}: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, StoreError | OSError | TimeoutError):
+            print(f"{parser.prog}: error: {leaf or type(leaf).__name__}", file=sys.stderr)
+            return 1
+        raise

@@ -1,5 +1,5 @@
-"""The node's command line: bad input gets one clear line and a non-zero exit, never a
-traceback."""
+"""The node's and an NF instance's command lines: bad input gets one clear line and a
+non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
@@ -64,3 +64,36 @@ def test_port_in_use_gets_one_line() -> None:
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
     assert len(lines) == 1 and "listen" in lines[0], result.stderr
+
+
+def serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nf", "serve", "prads", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_nf_instance_without_its_controller_gets_one_line() -> None:
+    result = serve(
+        "--controller", f"127.0.0.1:{closed_port()}", "--data", "127.0.0.1:0", "--sink",
+        "127.0.0.1:9",
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
+    assert len(lines) == 1 and "controller" in lines[0], result.stderr
+
+
+def test_an_nf_instance_whose_data_port_is_taken_gets_one_line() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        result = serve(
+            "--controller", "127.0.0.1:1", "--data", f"127.0.0.1:{port}", "--sink",
+            "127.0.0.1:9",
+        )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
+    assert len(lines) == 1 and "--data" in lines[0], result.stderr

@@ -1,0 +1,92 @@
+"""The traffic goes on without the controller, and stops cleanly without instances: real
+processes on loopback (a controller, two PRADS instances, the sink and the sender).
+
+The controller is killed (SIGKILL) under traffic and started again on its address; then
+both instances are scaled in by SIGTERM while the sender still has time to send.  An
+operator relies on: the instances serve on while the controller is away and the sender
+keeps steering as it did (one ``controller-lost`` line, then ``controller-back`` once the
+new controller knows the ring again, its empty first answers ignored); when every instance
+has left, the sender waits for one (``no-instance``) instead of failing; every frame it
+sent arrives, once.  Each wait is on a process's line, under a deadline."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from bench.live import Proc, _free_port
+from bench.traffic import main as traffic
+
+
+def test_traffic_outlives_a_controller_restart_and_waits_when_no_instance_is_left(
+    tmp_path: Path,
+) -> None:
+    pcap = tmp_path / "traffic.pcap"
+    traffic(["make", "--flows", "300", "--seed", "3", "--out", str(pcap)])
+    address = f"127.0.0.1:{_free_port()}"
+
+    def controller(n: int) -> Proc:
+        proc = Proc(
+            f"controller-{n}",
+            ["-m", "store.controller", "--listen", address],
+            stderr_to=tmp_path / f"controller-{n}.err",
+        )
+        procs.append(proc)
+        proc.wait_line(lambda s: s.startswith("listening on"), 30)
+        return proc
+
+    procs: list[Proc] = []
+    try:
+        first = controller(1)
+        sink = Proc(
+            "sink",
+            ["-m", "bench.sink", "--out", str(tmp_path / "sink.json"), "--drain-timeout", "3"],
+            stderr_to=tmp_path / "sink.err",
+        )
+        procs.append(sink)
+        sink_address = sink.event("ready", 30)["address"]
+        instances = []
+        for i in range(2):
+            inst = Proc(
+                f"instance-{i}",
+                [
+                    "-m", "nf", "serve", "prads", "--controller", address, "--data",
+                    "127.0.0.1:0", "--sink", sink_address,
+                ],
+                stderr_to=tmp_path / f"instance-{i}.err",
+            )  # fmt: skip
+            procs.append(inst)
+            instances.append(inst)
+        for inst in instances:
+            inst.event("ready", 60)
+        sender = Proc(
+            "sender",
+            [
+                "-m", "bench.sender", "--controller", address, "--sink", sink_address,
+                "--pcap", str(pcap), "--rate", "1500", "--duration", "14", "--nf", "prads",
+                "--min-instances", "2",
+            ],
+            stderr_to=tmp_path / "sender.err",
+        )  # fmt: skip
+        procs.append(sender)
+        sender.event("started", 60)
+        first.popen.kill()
+        sender.event("controller-lost", 30)
+        controller(2)
+        sender.event("controller-back", 60)
+        for inst in instances:
+            inst.popen.send_signal(signal.SIGTERM)
+        sender.event("no-instance", 60)
+        for inst in instances:
+            assert inst.event("exit", 60)["leaving"] == "SIGTERM"
+        done = sender.event("done", 60)
+        report = sink.event("done", 60)
+        assert sender.popen.wait(30) == 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    assert done["no_instance_s"] > 0 and done["unsendable"] == 0, done
+    total = report  # (the sink's done line: its totals)
+    assert total["sent"] == done["sent"] > 1000, (total, done)
+    assert total["received"] == done["sent"] and total["lost"] == 0, total
+    assert total["duplicates"] == 0 and total["reordered"] == 0, total
