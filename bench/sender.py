@@ -13,8 +13,9 @@
   ``--flows N`` larger than the capture's flow count replays it again with fresh
   addresses (pass k XORs k into the second octet of every address, checksums fixed), until
   N flows have been started; ``--duration`` loops the same way until the time is up.  Each
-  frame carries its flow's number, its sequence number in the flow and its send time
-  (:mod:`nf.datachannel`).
+  frame carries its flow's number (the NF's unit of order with ``--nf``: its ``flow_key``,
+  so each direction for the NAT; else a connection), its sequence number in the flow and
+  its send time (:mod:`nf.datachannel`).
 * **Instances** are the members whose ``ctl status`` figures carry the labels ``nf`` and
   ``data`` (``nf.serve``), followed by polling the controller's status every ``--poll``
   seconds; an instance is steered to once its role is ``member``.
@@ -279,18 +280,23 @@ def steering_of(
 ) -> tuple[str, Callable[[Packet], Hashable]]:
     """The map and key function of ``--steer owner`` for an NF: its ``flow_map`` (or
     ``owner_map``) and its own ``flow_key``, from an instance of it made with its options
-    as the instances get them (on a dicts space: only its key function is used)."""
+    as the instances get them."""
+    map_name = owner_map or nf_cls.flow_map
+    if map_name is None:
+        raise ConfigError(f"{nf_cls.name} keeps no per-flow map: give --owner-map MAP")
+    return map_name, flow_key_of(nf_cls, nf_options)
+
+
+def flow_key_of(nf_cls: type[NF], nf_options: list[str]) -> Callable[[Packet], Hashable]:
+    """The NF's own ``flow_key``, from an instance of it made with its options as the
+    instances get them (on a dicts space: only its key function is used)."""
     from baselines.local_only import LocalOnlySpace
 
     parser = argparse.ArgumentParser(prog=f"NF options of {nf_cls.name}", add_help=False)
     nf_cls.add_arguments(parser)
     config = nf_cls.config_from(parser.parse_args(nf_options), {})
-    map_name = owner_map or nf_cls.flow_map
-    if map_name is None:
-        raise ConfigError(f"{nf_cls.name} keeps no per-flow map: give --owner-map MAP")
     dicts: Any = LocalOnlySpace("sender")  # (the Space protocol, on dicts)
-    nf = nf_cls(dicts, config)
-    return map_name, nf.flow_key
+    return nf_cls(dicts, config).flow_key
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -695,18 +701,24 @@ class Sender:
             self._send_data(out, inst.data)
 
     def frames(self) -> Any:
-        """(flow number, key to steer by, frame) in sending order, pass after pass: both
-        directions of a connection are one flow; its key is direction-free, or with
-        ``--steer owner`` the NF's own flow key (the key of its objects in ``flow_map``)."""
+        """(flow number, key to steer by, frame) in sending order, pass after pass.  A flow
+        is the NF's own unit of order (its ``flow_key``, with ``--nf``: a connection for
+        PRADS and the IDS, each direction for the NAT; else a connection), the one whose
+        packets it promises to handle in order, and what the sink measures reordering in;
+        ``--flows`` counts connections.  The key is direction-free (both directions of a
+        connection go to one instance), or with ``--steer owner`` the NF's own flow key
+        (the key of its objects in ``flow_map``)."""
         packets = read_capture(self.args.pcap)
         base: dict[Hashable, int] = {}
-        first: list[tuple[int, Hashable, bytes]] = []
-        steer_key = self.steer_key
+        units: dict[Hashable, int] = {}
+        first: list[tuple[int, int, Hashable, bytes]] = []
+        steer_key, order_key = self.steer_key, self.args.order_key
         for ts, frame in packets:
             p = parse(frame, ts)
-            flow = base.setdefault(p.flow_key_both(), len(base))
-            first.append((flow, steer_key(p), frame))
-        n_flows = len(base)
+            conn = base.setdefault(p.flow_key_both(), len(base))
+            flow = units.setdefault(order_key(p), len(units))
+            first.append((conn, flow, steer_key(p), frame))
+        n_flows, n_units = len(base), len(units)
         want = self.args.flows or n_flows
         timed = self.args.duration is not None
         passes = math.ceil(want / n_flows) if not timed else 256
@@ -718,21 +730,21 @@ class Sender:
             last = first_pass + passes - 1
             limit = n_flows if timed or k < last else want - (k - first_pass) * n_flows
             if k == 0:
-                for flow, key, frame in first:
-                    if flow < limit:
+                for conn, flow, key, frame in first:
+                    if conn < limit:
                         yield flow, key, frame
                 continue
             if k > 255:
                 return
             mask = k << 16
-            for flow, _key, frame in first:
-                if flow >= limit:
+            for conn, flow, _key, frame in first:
+                if conn >= limit:
                     continue
                 p = parse(frame, 0.0)
                 if p.drop is None:
                     p.rewrite_src(p.src ^ mask, p.sport)
                     p.rewrite_dst(p.dst ^ mask, p.dport)
-                yield k * n_flows + flow, steer_key(p), bytes(p.frame)
+                yield k * n_units + flow, steer_key(p), bytes(p.frame)
 
     async def send(self) -> dict[str, Any]:
         args = self.args
@@ -928,11 +940,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.nf_options = nf_options
     args.owner_steering = (args.owner_map or "prads.connections", Packet.flow_key_both)
-    if args.steer == "owner" and args.nf is not None:
+    args.order_key = Packet.flow_key_both
+    if args.nf is not None:
         from nf import registry
 
         try:
-            args.owner_steering = steering_of(registry.load(args.nf), nf_options, args.owner_map)
+            nf_cls = registry.load(args.nf)
+            args.order_key = flow_key_of(nf_cls, nf_options)
+            if args.steer == "owner":
+                args.owner_steering = steering_of(nf_cls, nf_options, args.owner_map)
         except (registry.UnknownNF, ConfigError) as exc:
             parser.error(str(exc))
     if not 0 <= args.first_pass <= 255:
