@@ -6,7 +6,7 @@
         [--flows N] [--pcap FILE] [--backend s6|local-only|remote-only|redis]
         [--store HOST:PORT] [--steer hash|owner] [--steer-over S]
         [--scale-in-by sigterm|ctl|kill] [--keep-order on|off] [--no-scaling]
-        [--out results/live.json] [--png results/live.png]
+        [--out results/live.json] [--png results/live.png] [-- NF OPTIONS]
 
 On loopback it starts a controller (``python -m store.controller``), a sink
 (``bench.sink``), N instances (``python -m nf serve NAME``) and the sender
@@ -930,7 +930,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/live.json")
     parser.add_argument("--png", default="results/live.png")
     parser.add_argument("--workdir", help="keep the processes' logs here")
-    args, nf_options = parser.parse_known_args(argv)
+    # What follows a lone "--" is the NF's own options, given to its instances, to the
+    # offline run it is compared with and to the sender (as in bench.sender).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    nf_options: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, nf_options = argv[:at], argv[at + 1 :]
+    args = parser.parse_args(argv)
     quick = args.quick
     cfg = LiveConfig(
         nf=args.nf,
