@@ -959,7 +959,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
         nf_options=nf_options,
     )
-    result = run_live(cfg)
+    try:
+        result = run_live(cfg)
+    except (RuntimeError, TimeoutError) as exc:  # a process that failed to start or stopped
+        print(f"{parser.prog}: error: {str(exc).strip()}", file=sys.stderr)
+        return 1
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     plot(result, Path(args.png))
