@@ -18,6 +18,7 @@ default, so that a red run can be repeated).
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import os
@@ -354,19 +355,28 @@ async def fuzz_after_authentication(target: Target, fuzzer: Fuzzer, frames: int)
     base = target.statistics().frames_received
     base_bad = bad_frames(target.statistics())
     closed = trio.Event()
+    # What the server said last (its last Errors, its close frame): why, should it close.
+    said: collections.deque[str] = collections.deque(maxlen=4)
 
     async def read() -> None:
         while (frame := await ws.receive_frame()) is not None:
             opcode, payload = frame
             if opcode == 0x2:
-                tally.errors_back += sum(isinstance(m, Error) for m in decode_batch(payload))
+                errors = [m for m in decode_batch(payload) if isinstance(m, Error)]
+                tally.errors_back += len(errors)
+                said.extend(f"{e.code}: {e.text[:200]}" for e in errors[-2:])
+            elif opcode == 0x8:
+                said.append(f"close {payload[:2].hex()} {payload[2:200]!r}")
         closed.set()
+
+    def why() -> str:
+        return f"{target.name} closed an authenticated link; it said last: {list(said)}"
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read)
         for i in range(frames):
             while i - (target.statistics().frames_received - base) >= WINDOW:
-                assert not closed.is_set(), f"{target.name} closed an authenticated link"
+                assert not closed.is_set(), why()
                 await trio.sleep(0.0005)
             frame = fuzzer.frame()
             if fuzzer.rng.random() < 0.01:  # a text frame (valid UTF-8, or the websocket
@@ -376,7 +386,7 @@ async def fuzz_after_authentication(target: Target, fuzzer: Fuzzer, frames: int)
                 await ws.send_frame(frame)
             tally.post_auth_frames += 1
         while target.statistics().frames_received - base < frames:
-            assert not closed.is_set(), f"{target.name} closed an authenticated link"
+            assert not closed.is_set(), why()
             await trio.sleep(0.001)
         while tally.errors_back < bad_frames(target.statistics()) - base_bad:
             await trio.sleep(0.001)  # the last Errors are on their way
