@@ -202,6 +202,11 @@ class Proc:
         return (int(fields[11]) + int(fields[12])) / ticks
 
     def stop(self, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None and self.events("exit"):
+            # It said it is ending: let it (a signal now could cut its last writes short,
+            # an ``S6_PROFILE`` file among them).
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return self.popen.wait(timeout)
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:

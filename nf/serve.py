@@ -800,6 +800,8 @@ def _profiled(path: str, args: argparse.Namespace, nf_cls: type[NF], config: dic
         return trio.run(_serve, args, nf_cls, config)
     finally:
         profiler.disable()
+        # (a second SIGTERM, a harness stopping what it started, must not cut the file short)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         profiler.dump_stats(path)
 
 
