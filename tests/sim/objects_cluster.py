@@ -162,8 +162,9 @@ class ObjectCluster:
         self.sw_expected: dict[int, int] = {}  # uid -> sum of the adds applied to it
         self.removes: set[K] = set()  # keys some remove was issued for
         self.drops_delivered: dict[tuple[str, K], int] = {}  # (node, k) -> highest version
-        #: SingleWriter values over time, per key: (seconds, value or None once removed).
-        self.sw_timeline: dict[Any, list[tuple[float, int | None]]] = {}
+        #: SingleWriter values over time, per key: (seconds, value or None once removed,
+        #: the incarnation's uid).
+        self.sw_timeline: dict[Any, list[tuple[float, int | None, int]]] = {}
         self._ready: deque[tuple[Operation, Gen, Wait[Any]]] = deque()
         self._settling = False
         self._traced = 0
@@ -431,7 +432,7 @@ class ObjectCluster:
         self.drops_delivered[(state.name, k)] = max(seen, msg.version)
         if before is not None and msg.map == "sw" and k not in state.objects:
             self.trace.append(("drop", msg.map, msg.key, before.version, state.name))
-            self.sw_timeline.setdefault(msg.key, []).append((self.now, None))
+            self.sw_timeline.setdefault(msg.key, []).append((self.now, None, before.obj.uid))
 
     def _check_read(self, op: Operation) -> None:
         """A @stale read returns a value the object had at some moment no more than
@@ -439,7 +440,7 @@ class ObjectCluster:
         max_age = info_of(Counter).methods["read"].max_age
         timeline = self.sw_timeline.get(op.key, [])
         since = op.started - max_age
-        for i, (start, value) in enumerate(timeline):
+        for i, (start, value, _uid) in enumerate(timeline):
             end = timeline[i + 1][0] if i + 1 < len(timeline) else op.ended
             if value == op.result and end >= since and start <= op.ended:
                 return
@@ -468,7 +469,12 @@ class ObjectCluster:
         op.response = self.tick()
         op.ended = self.now
         if op.name == "create" and op.result is True:
-            self.sw_timeline.setdefault(op.key, []).append((self.now, 0))
+            # The object was 0 before any add: the adds of a get that joined the create's
+            # request and finished first are already in the timeline, after which the
+            # create's own answer comes, at the same moment.
+            timeline = self.sw_timeline.setdefault(op.key, [])
+            at = next((i for i, e in enumerate(timeline) if e[2] == op.uid), len(timeline))
+            timeline.insert(at, (self.now, 0, op.uid))
         elif op.name == "read" and op.error is None:
             self._check_read(op)
 
@@ -556,7 +562,7 @@ class ObjectCluster:
             op.result = held.obj.add(n)
             uid = held.obj.uid
             self.sw_expected[uid] = self.sw_expected.get(uid, 0) + n
-            self.sw_timeline.setdefault(ref.key, []).append((self.now, op.result))
+            self.sw_timeline.setdefault(ref.key, []).append((self.now, op.result, uid))
         self._done(op)
         return op
 

@@ -218,3 +218,21 @@ def test_a_plain_walk_through_every_operation() -> None:
         ("grant", "c"),
         ("drop", "c"),
     ]
+
+
+def test_a_get_that_joined_a_create_sees_the_object_from_its_first_value() -> None:
+    """Two packets' gets of a key and then a create of it, at one node before any answer:
+    they share one request, and the get whose add finishes before the create's own answer
+    still saw the object made with 0 (fresh seed 8401 of this machine: the simulation wrote
+    the creation after that add, and a later @stale read of the add's value looked older
+    than its max_age)."""
+    c = ObjectCluster(["n0", "n1", "n2"])
+    c.sw_open("n0", 0, False, then_add=1)
+    c.sw_open("n0", 0, False, then_add=1)
+    c.sw_open("n0", 0, True)
+    c.quiesce()
+    c.now += 1.25
+    op = c.sw_read("n0", 0)  # (checked against the timeline when it ends)
+    c.quiesce()
+    assert op.error is None and op.result >= 1, op
+    c.finish()
