@@ -334,6 +334,7 @@ class Sender:
         self.released = trio.Event()
         self.unacked: dict[int, tuple[bytes, tuple[str, int]]] = {}
         self.acked = trio.Event()
+        self.unacked_gone = 0  # markers of a pause whose instance left the ring
         self.move_seq = 0
         self.nursery: trio.Nursery | None = None
         if self.stw:
@@ -370,6 +371,17 @@ class Sender:
             self._steer(self.active - removed | added, added, removed, "membership")
         for name in [n for n in self.owed if n not in found and n not in ring]:
             self._old_gone(name)
+        if self.unacked:  # a stop-the-world pause: the same for its markers
+            gone = {
+                inst.data
+                for name, inst in self.instances.items()
+                if name not in found and name not in ring
+            }
+            for move_id, (_msg, addr) in list(self.unacked.items()):
+                if addr in gone:
+                    del self.unacked[move_id]
+                    self.unacked_gone += 1
+                    self.acked.set()
 
     def _old_gone(self, name: str) -> None:
         """An instance that owes MOVED answers is out of the ring: the controller declared
@@ -479,6 +491,7 @@ class Sender:
                 with trio.move_on_after(MOVE_EVERY):
                     await self.acked.wait()
         timed_out = len(self.unacked) if waiting.cancelled_caught else 0
+        old_gone, self.unacked_gone = self.unacked_gone, 0
         self.unacked.clear()
         for name in removed:
             self._end(self.instances[name])
@@ -492,6 +505,7 @@ class Sender:
             "flows_moved": sum(len(f) for f in moves.values()),
             "moves": sent,
             "timed_out": timed_out,
+            "old_gone": old_gone,
             "held_datagrams": len(held),
             "pause_ms": round((time.monotonic() - t0) * 1000, 3),
             "t_start": round(wall0, 4),
