@@ -352,6 +352,18 @@ async def fuzz_after_authentication(target: Target, fuzzer: Fuzzer, frames: int)
     the server; the server's answers (Errors, whatever else) are read all along."""
     tally = Tally()
     ws = await authenticate(target.port)
+    if target.name == "controller":
+        # The first message after the handshake decides the session: a Register (or
+        # Resume) under another name than the one authenticated is refused and the
+        # session ends, on purpose.  The fuzzer's first batch is one now and then (its
+        # random source is shared with the concurrent connections before), so the link
+        # first becomes an operator's, as ``ctl``'s does; a Register in an operator's
+        # session is refused and the link stays.
+        counted = target.statistics().frames_received
+        await ws.send_frame(encode_batch([StatusRequest(1)]))
+        tally.post_auth_frames += 1
+        while target.statistics().frames_received == counted:
+            await trio.sleep(0.001)
     base = target.statistics().frames_received
     base_bad = bad_frames(target.statistics())
     closed = trio.Event()
