@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS_DIR", "FlowKey", "flow_keys", "node_names", "write_json"]
+__all__ = ["RESULTS_DIR", "FlowKey", "flow_keys", "node_names", "split_nf_options", "write_json"]
 
 #: Where benchmarks write JSON and PNG files (git-ignored).
 RESULTS_DIR = Path("results")
@@ -64,3 +65,13 @@ def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path``, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def split_nf_options(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """A command line (``sys.argv[1:]`` when None) cut at a lone ``--``: the command's own
+    arguments, then the NF's options (given to its instances as they are)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in args:
+        return args, []
+    at = args.index("--")
+    return args[:at], args[at + 1 :]

@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench._common import split_nf_options
+
 __all__ = ["LiveCluster", "LiveConfig", "main", "run_live", "start_store"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -937,12 +939,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep the processes' logs here")
     # What follows a lone "--" is the NF's own options, given to its instances, to the
     # offline run it is compared with and to the sender (as in bench.sender).
-    argv = list(sys.argv[1:] if argv is None else argv)
-    nf_options: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, nf_options = argv[:at], argv[at + 1 :]
-    args = parser.parse_args(argv)
+    own, nf_options = split_nf_options(argv)
+    args = parser.parse_args(own)
     quick = args.quick
     cfg = LiveConfig(
         nf=args.nf,

@@ -85,6 +85,7 @@ from typing import Any, Final
 
 import trio
 
+from bench._common import split_nf_options
 from nf.base import NF, ConfigError
 from nf.capture import read_capture
 from nf.datachannel import (
@@ -946,12 +947,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     # What follows a lone "--" is the NF's own options (as its instances get them): with
     # --steer owner the flow key depends on them (the NAT's inside networks).
-    argv = list(sys.argv[1:] if argv is None else argv)
-    nf_options: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, nf_options = argv[:at], argv[at + 1 :]
-    args = parser.parse_args(argv)
+    own, nf_options = split_nf_options(argv)
+    args = parser.parse_args(own)
     args.nf_options = nf_options
     args.owner_steering = (args.owner_map or "prads.connections", Packet.flow_key_both)
     args.order_key = Packet.flow_key_both
