@@ -10,26 +10,13 @@ from store.core.scheduler import Wait
 from store.wire.codes import Kind
 from store.wire.messages import Release
 
-__all__ = [
-    "KIND_CODE",
-    "MAX_ASK_EVACUATED",
-    "MAX_RELOCATE",
-    "SLOW",
-    "Deferred",
-    "Held",
-    "K",
-    "Pending",
-]
+__all__ = ["KIND_CODE", "MAX_RELOCATE", "SLOW", "Deferred", "Held", "K", "Pending"]
 
 K: TypeAlias = tuple[str, Any]  # (map name, key): the identity of one object
 
 KIND_CODE: Final = {ObjectKind.SINGLE: Kind.SINGLE, ObjectKind.MULTI: Kind.MULTI}
 
 MAX_RELOCATE = 3  # a call chases a moving object at most this many times
-#: Times a leaving node asks again for an object it evacuated, while the key owner still
-#: names it as the holder (the receiver's notice not in yet): each try follows a barrier
-#: the receiver answered, so one is enough unless messages of other links overtake it.
-MAX_ASK_EVACUATED = 16
 
 
 class _Slow:

@@ -33,7 +33,7 @@ from typing import Any
 
 from ring.hashring import HashRing, key_token
 from ring.ownership import NodeView, Stage
-from store.core.held import KIND_CODE, MAX_ASK_EVACUATED, MAX_RELOCATE, SLOW, Held, K, Pending
+from store.core.held import KIND_CODE, MAX_RELOCATE, SLOW, Held, K, Pending
 from store.core.instructions import (
     Acquire,
     AskBarrier,
@@ -926,16 +926,10 @@ class ObjectLayer(ScaleIn):
             held.refs += len(pending.waits)
             for wait in pending.waits:
                 self.out.resolve(wait, (held, False))
-        elif k in self.moved_to and pending.tries < MAX_ASK_EVACUATED:
-            # This (leaving) node evacuated it, and the key owner had not heard yet.  The
-            # receiver has answered the barrier, so it has installed the batch and sent the
-            # key owner its notice: ask again (same deadline), and the key owner, once the
-            # notice is in, has the object handed back from where it went.
-            self._ask_again(pending, pending.waits, retry=True)
         elif k in self.moved_to:
-            # Still not heard after every try: the object is alive where it went, so its
-            # record must not be marked lost (the evacuation's notice would then drop it
-            # there).  The callers here fail.
+            # This (leaving) node evacuated it, and the key owner had not heard yet: the
+            # object is alive where it went, so its record must not be marked lost (the
+            # evacuation's notice would then drop it there).  The callers here fail.
             error: StoreError = PeerUnavailable(
                 f"{k[0]}[{k[1]!r:.60}] was evacuated by this leaving node to "
                 f"{self.moved_to[k]} while it asked for it"
@@ -1308,15 +1302,10 @@ class ObjectLayer(ScaleIn):
         op = Op.CREATE if pending.creators else Op.ACQUIRE
         self._key_op(op, pending.k, Kind.SINGLE, req_id)
 
-    def _ask_again(self, pending: Pending, waits: list[Wait[Any]], retry: bool = False) -> None:
-        """Send ``waits`` of ``pending`` as a new acquire; ``retry``: the same request once
-        more, which keeps its deadline and counts the try."""
+    def _ask_again(self, pending: Pending, waits: list[Wait[Any]]) -> None:
         if not waits:
             return
         req_id, again = self._new_pending("acquire", pending.k, pending.info)
-        if retry:
-            again.born = pending.born
-            again.tries = pending.tries + 1
         again.waits = list(waits)
         makers = [w for w in waits if w in (pending.creators or ())]
         again.creators = makers or None

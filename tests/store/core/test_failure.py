@@ -552,57 +552,11 @@ def test_a_release_for_an_asker_that_died_keeps_the_object() -> None:
     assert not made and holder_of(net, key) == "k"
 
 
-def test_a_leaver_asking_for_what_it_evacuated_gets_it_back_once_the_notice_is_in() -> None:
-    """Leaving node ``a`` evacuated an object to ``c`` and then asked for it again (a packet
-    of its flow was still queued there); the key owner ``b`` had not read ``c``'s notice
-    yet (its link is slow) and answers that ``a`` holds it.  ``a`` asks again once ``c``
-    has answered its barrier; when the notice is in, ``b`` has the object handed back from
-    ``c``, with its state: the caller gets it, nobody fails."""
-    net = Net(["a", "b", "c"])
-    a, b, c = net.nodes["a"], net.nodes["b"], net.nodes["c"]
-    key = next(x for x in range(1000) if net.ring.owner(key_token("sw", x)) == "b")
-    k = ("sw", key)
-    created(net, "a", key)
-    first = a.acquire("sw", key, False)
-    net.deliver_all()
-    held, _ = first.result()
-    held.obj.value = 41
-    a.release_ref(k, held)
-    # The evacuation, as a leaver's drain and its receiver do it: the object goes to c,
-    # which tells the key owner (its notice held on the c -> b link for a while).
-    objects_a = a.router.objects
-    moved = objects_a.objects.pop(k)
-    objects_a.moved_to[k] = "c"
-    c.router.objects.objects[k] = moved
-    notice = KeyOp(
-        Op.MOVED, "sw", key, Kind.SINGLE, "c", 0, 0, 0, Arrival.PLAIN, 0, "c", moved.version,
-        MovedNote.EVACUATED,
-    )  # fmt: skip
-    c.handle(notice, "c")
-    again = a.acquire("sw", key, False)
-    for _ in range(40):  # a is told it holds it, sweeps, asks again: the notice still waits
-        net.collect()
-        busy = [p for p, q in net.queues.items() if q and p != ("c", "b")]
-        if not busy:
-            break
-        src, dst = busy[0]
-        net.nodes[dst].handle(net.queues[(src, dst)].popleft(), src)
-    assert not again.done()
-    held_back = net.queues[("c", "b")]
-    while held_back:  # the notice reaches b
-        b.handle(held_back.popleft(), "c")
-    net.deliver_all()
-    held, made = again.result()
-    assert not made and held.obj.value == 41
-    assert holder_of(net, key) == "a"
-
-
 def test_a_leaver_told_it_holds_what_it_evacuated_does_not_mark_it_lost() -> None:
     """A leaving node evacuated an object and then asked for it again (a packet of its flow
     was still queued there); the key owner, not yet told of the evacuation, answers that
-    the leaver holds it.  Nobody died and no notice comes (here): after its tries the
-    leaver's caller fails, but the record must not be marked lost (a notice coming later
-    would then have the new holder drop it)."""
+    the leaver holds it.  Nobody died: the leaver's caller fails, but the record must not
+    be marked lost (the evacuation's notice would then have the new holder drop it)."""
     net = Net(["a", "b"])
     a, b = net.nodes["a"], net.nodes["b"]
     key = next(x for x in range(1000) if net.ring.owner(key_token("sw", x)) == "b")
