@@ -126,9 +126,6 @@ class ObjectLayer(ScaleIn):
         #: on its way: the answer names it, see ``_reply_locate``).
         self.replicas: dict[K, tuple[Any, str | None]] = {}
         self._pending: dict[int, Pending] = {}
-        #: Locates in ``_pending``, by key: how many (``_expects`` asks it per call that
-        #: meets no object, and untethered references keep many locates out at once).
-        self._locating: dict[K, int] = {}
         self._acquiring: dict[K, Pending] = {}
         self._early_release: dict[K, Release] = {}
         self._early_drop: dict[K, int] = {}  # a Drop that overtook the object's Transfer
@@ -371,7 +368,6 @@ class ObjectLayer(ScaleIn):
         k = stim.k
         info = self.maps[k[0]]
         req_id, pending = self._new_pending("locate", k, info)
-        self._locating[k] = self._locating.get(k, 0) + 1
         pending.waits.append(stim.wait)
         pending.args = list(stim.args)
         op = Op.CREATE if stim.create else Op.LOCATE
@@ -504,7 +500,6 @@ class ObjectLayer(ScaleIn):
             old.append(req_id)
         for req_id in old:
             pending = self._pending.pop(req_id)
-            self._taken(pending)
             what = f"{pending.k[0]}[{pending.k[1]!r:.60}]" if pending.k else pending.kind
             self.out.error("request-expired", f"{pending.kind} #{req_id} of {what}")
             if pending.kind == "fence":
@@ -830,8 +825,6 @@ class ObjectLayer(ScaleIn):
     def _on_transfer(self, msg: Transfer, sender: str) -> None:
         k = (msg.map, msg.key)
         pending = self._pending.pop(msg.req_id, None)
-        if pending is not None:
-            self._taken(pending)
         if pending is None and self._expired:
             pending = self._expired.pop(msg.req_id, None)  # late: install, settle nothing
         if pending is None and self._unheld and (msg.state is not None or msg.created):
@@ -1036,8 +1029,6 @@ class ObjectLayer(ScaleIn):
 
     def _on_reply(self, msg: Reply, sender: str) -> None:
         pending = self._pending.pop(msg.req_id, None)
-        if pending is not None and pending.kind == "locate":
-            self._taken(pending)
         if pending is None and self._expired:
             pending = self._expired.pop(msg.req_id, None)  # late: its waits failed already
         if pending is None:
@@ -1188,18 +1179,11 @@ class ObjectLayer(ScaleIn):
         single-writer acquire) or asked where it is, maybe to create it (a multi-writer
         locate).  The key owner names a node as the object's owner as soon as it grants
         or creates it there, so a call or fold can reach that node before the object:
-        it waits for the answer instead of being refused (or, untethered, lost)."""
-        return k in self._acquiring or k in self._arriving or k in self._locating
-
-    def _taken(self, pending: Pending) -> None:
-        """``pending`` left ``_pending``: a locate is no longer counted for its key."""
-        k = pending.k
-        if pending.kind == "locate" and k is not None:
-            left = self._locating.get(k, 0) - 1
-            if left > 0:
-                self._locating[k] = left
-            else:
-                self._locating.pop(k, None)
+        it waits for the answer instead of being refused (or, untethered, lost).
+        O(requests in flight), and only on that rare path."""
+        if k in self._acquiring or k in self._arriving:
+            return True
+        return any(p.kind == "locate" and p.k == k for p in self._pending.values())
 
     def _unpark(self, k: K) -> None:
         """The request that an object for ``k`` may come with was answered: handle the calls

@@ -301,10 +301,7 @@ class Router:
         None: the slow path must do it.  The constructor's exception reaches the caller,
         and nothing is recorded then.  A single-writer object comes with the caller's
         reference counted."""
-        objects = self.objects
-        # (the location cache first: an object known to live elsewhere, a shared one this
-        # node updates, is not made here, and its key need not be hashed to say so)
-        if k in objects.locations or not self.keys.claimable(k) or not objects.makeable(k):
+        if not self.keys.claimable(k) or not self.objects.makeable(k):
             return None
         try:
             obj = info.cls(*args)

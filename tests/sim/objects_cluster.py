@@ -730,25 +730,12 @@ class ObjectCluster:
     def check(self) -> None:
         for state in self.nodes.values():
             state.validate()
-        self._check_locating()
         self._check_errors()
         self._check_trace()
         for key in self.keys:
             self._check_single_writer(("sw", key))
             for map_name in MULTI_MAPS:
                 self._check_multi_writer((map_name, key))
-
-    def _check_locating(self) -> None:
-        # The object layer's count of locates in flight per key (what ``_expects`` reads)
-        # is the count of its pending locates.
-        for name, state in self.nodes.items():
-            objects = state.router.objects
-            counted: dict[Any, int] = {}
-            for pending in objects._pending.values():
-                if pending.kind == "locate":
-                    counted[pending.k] = counted.get(pending.k, 0) + 1
-            if counted != objects._locating:
-                raise Violation(f"{name} counts locates {objects._locating}, has {counted}")
 
     def _check_errors(self) -> None:
         # A call or fold that reaches a node that does not hold the object, and expects no
