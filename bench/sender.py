@@ -320,6 +320,7 @@ class Sender:
         self.instances: dict[str, Instance] = {}
         self.active: set[str] = set()
         self.gone: set[str] = set()  # instances steered away from for good
+        self.declared_dead: set[str] = set()  # by the controller (its repairs' last events)
         self.store_members: frozenset[str] = frozenset()
         self.ready = trio.Event()
         self.sent = 0
@@ -370,14 +371,11 @@ class Sender:
         removed = {n for n in self.active if n not in found or found[n][0] != "member"}
         if added or removed:
             self._steer(self.active - removed | added, added, removed, "membership")
-        for name in [n for n in self.owed if n not in found and n not in ring]:
+        dead = self.declared_dead
+        for name in [n for n in self.owed if n in dead]:
             self._old_gone(name)
         if self.unacked:  # a stop-the-world pause: the same for its markers
-            gone = {
-                inst.data
-                for name, inst in self.instances.items()
-                if name not in found and name not in ring
-            }
+            gone = {inst.data for name, inst in self.instances.items() if name in dead}
             for move_id, (_msg, addr) in list(self.unacked.items()):
                 if addr in gone:
                     del self.unacked[move_id]
@@ -385,12 +383,13 @@ class Sender:
                     self.acked.set()
 
     def _old_gone(self, name: str) -> None:
-        """An instance that owes MOVED answers is out of the ring: the controller declared
-        it dead (or it left).  No answer will come, and nothing of its flows is left to
+        """An instance that owes MOVED answers was declared dead by the controller (a
+        repair left it out).  No answer will come, and nothing of its flows is left to
         overtake (what it had not processed died with it), so their held frames go now
         instead of after ``--move-timeout``.  An instance only disconnected from the
-        controller is not given up on this way: it is still in the ring, may still be
-        processing, and may answer."""
+        controller, or out of the ring after a scale-in (``ctl scale-in`` ends the event
+        while the instance still processes what it was sent), is not given up on: it may
+        still be processing, and will answer."""
         now = time.monotonic()
         for move_id, marker in list(self.markers.items()):
             if marker.old == name:
@@ -657,6 +656,11 @@ class Sender:
                         if lost is not None:
                             _emit("controller-back", after=lost)
                             lost = None
+                        last = status.last_event
+                        if last.get("kind") == "repair" and last.get("dead"):
+                            self.declared_dead.update(
+                                n.strip() for n in str(last["dead"]).split(",") if n.strip()
+                            )
                         if not self.stw and self.args.stop_the_world == "auto":
                             labels = status.figures.values()
                             if any(f.get("backend") == STOP_THE_WORLD for f in labels):
