@@ -20,7 +20,7 @@ instance tells the sender, which steers its flows away and sends it END, and the
 then leaves, handing its state on; or ``ctl scale-in`` of it; or, with ``--scale-in-by
 kill``, a crash: SIGKILL, the controller declares it dead and repairs the ring, the
 sender steers its flows to the others once it is disconnected and stops waiting for its
-answers once it is out of the membership).  At the end it asks the
+answers once the controller has declared it dead).  At the end it asks the
 cluster the NF's output query through the controller's relay (``python -m nf query``) and,
 when the traffic was one pass of the capture (no looping), compares it with
 ``python -m nf NAME --pcap`` on the same capture, timestamps aside (live, the NF's clock is

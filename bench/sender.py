@@ -147,7 +147,7 @@ class Pause:
     markers: int = 0
     open: int = 0
     timed_out: int = 0
-    #: Markers given up on because their instance left the membership (declared dead).
+    #: Markers given up on because the controller declared their instance dead.
     old_gone: int = 0
     held_frames: int = 0
     longest_marker_ms: float = 0.0
@@ -336,7 +336,7 @@ class Sender:
         self.released = trio.Event()
         self.unacked: dict[int, tuple[bytes, tuple[str, int]]] = {}
         self.acked = trio.Event()
-        self.unacked_gone = 0  # markers of a pause whose instance left the ring
+        self.unacked_gone = 0  # markers of a pause whose instance was declared dead
         self.move_seq = 0
         self.nursery: trio.Nursery | None = None
         if self.stw:
@@ -961,9 +961,11 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             nf_cls = registry.load(args.nf)
-            args.order_key = flow_key_of(nf_cls, nf_options)
-            if args.steer == "owner":
+            if args.steer == "owner":  # (one instance of the NF gives both keys)
                 args.owner_steering = steering_of(nf_cls, nf_options, args.owner_map)
+                args.order_key = args.owner_steering[1]
+            else:
+                args.order_key = flow_key_of(nf_cls, nf_options)
         except (registry.UnknownNF, ConfigError) as exc:
             parser.error(str(exc))
     if not 0 <= args.first_pass <= 255:

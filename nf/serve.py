@@ -831,13 +831,8 @@ def main(argv: list[str]) -> int:
         if profile_to:
             return _profiled(f"{profile_to}.{os.getpid()}", args, nf_cls, config)
         return trio.run(_serve, args, nf_cls, config)
-    except ConfigError as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
     except BaseException as exc:  # one clear line for what we expect, a traceback otherwise
-        leaf = first_leaf(exc)
+        leaf = first_leaf(exc)  # (the exception itself, or the first inside trio's groups)
         if isinstance(leaf, KeyboardInterrupt):
             return 130
         if isinstance(leaf, ConfigError):
