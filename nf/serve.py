@@ -35,12 +35,15 @@ makes the NF on the backend's space (``s6``: the space itself; the others throug
   instance (HANDOFF), which acquires them all at once and acknowledges (MOVED); then this
   instance acknowledges the MOVE, and the sender releases the traffic it held.
 
-Leaving.  SIGTERM (or SIGINT), or a ``ctl scale-in`` of this member (seen as soon as the
-event's ring leaves it out), starts a graceful leave: the instance tells every sender it has
-heard from (a LEAVING datagram, repeated until answered), each sender steers this
-instance's flows elsewhere and then sends it an END marker; once every sender's END is in
-(or ``--leave-timeout`` passed), the instance finishes the units in flight, flushes its
-receipts, and leaves the space, handing its objects on.
+Leaving.  SIGTERM (or SIGINT), or a ``ctl scale-in`` of this member, starts a graceful
+leave: the instance tells every sender it has heard from (a LEAVING datagram, repeated until
+answered), each sender steers this instance's flows elsewhere and then sends it an END
+marker; once every sender's END is in (or ``--leave-timeout`` passed), the instance stops
+receiving, finishes the units in flight, flushes its receipts, and leaves the space,
+handing its objects on.  Under ``ctl scale-in`` all of that runs inside the event's first
+stage (the space's ``on_scale_in`` hook, within its budget: the END wait gets the budget
+less ``FINISH_MARGIN``), so that the store hands on everything this instance will ever
+hold: an object acquired after the hand-over would be left behind with the process.
 
 ``S6_PROFILE=PREFIX`` in the environment runs the instance under cProfile (CPU time) and
 writes its statistics to ``PREFIX.PID`` at exit (``bench.backends`` and ``bench.live`` pass
@@ -100,9 +103,9 @@ BACKENDS: Final = ("s6", "local-only", "remote-only", "redis", "stop-the-world")
 #: Seconds between sends of what is batched for the sink, when the receive loop is idle
 #: (it sends after each datagram otherwise): the most a receipt of a parked unit waits.
 FLUSH_EVERY: Final = 0.002
-#: Seconds between looks at the membership for a scale-in that leaves this member out
-#: (the senders poll the controller every 0.2 s: this only tells them sooner).
-WATCH_EVERY: Final = 0.02
+#: Seconds of a scale-in's budget (``store.shell.member.SCALE_IN_BUDGET``) kept for the
+#: parked units and the last flush once the senders' END markers are in (or given up).
+FINISH_MARGIN: Final = 1.0
 #: Seconds between LEAVING datagrams while a sender has not answered with END.
 LEAVING_EVERY: Final = 0.05
 #: Frames the receive loop handles before it lets the other tasks run, when the data
@@ -633,20 +636,6 @@ async def open_nf_space(
         await opened.__aexit__(None, None, None)
 
 
-async def _watch_scale_in(space: Any, start_leave: trio.Event, why: list[str]) -> None:
-    """Set ``start_leave`` once a scaling event's ring leaves this member out (``ctl
-    scale-in`` of it): the sooner the senders are told, the fewer packets reach a member
-    that is handing its state on."""
-    name = space.name
-    while True:
-        nxt = space.next_members()
-        if nxt is not None and name not in nxt and name in space.members():
-            why.append("scale-in")
-            start_leave.set()
-            return
-        await trio.sleep(WATCH_EVERY)
-
-
 async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, Any]) -> int:
     from store import open_space
     from store.cli.common import read_secret
@@ -681,7 +670,19 @@ async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, A
 
     labels = {"nf": nf_cls.name, "data": data_address, "backend": args.backend}
     start_leave = trio.Event()
+    drained = trio.Event()
     why: list[str] = []
+    leave_within: list[float] = []
+
+    async def on_scale_in(budget: float) -> None:
+        # An operator's scale-in of this member: the senders are told and their frames
+        # processed before the store hands on what this member holds, so that no object
+        # reaches it after its drain (and none of its packets meets an object it gave up).
+        why.append("scale-in")
+        leave_within.append(max(0.5, budget - FINISH_MARGIN))
+        start_leave.set()
+        await drained.wait()
+
     async with trio.open_nursery() as outer:
 
         async def signals() -> None:
@@ -697,6 +698,7 @@ async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, A
             secret=secret,
             labels=labels,
             query=query,
+            on_scale_in=on_scale_in,
             # This process is the instance alone, as a store node's is (store.cli.node):
             # the long-lived state made before each NORMAL stage leaves the collector's
             # generations, so that its full collections do not scan it again and again.
@@ -718,15 +720,16 @@ async def _serve(args: argparse.Namespace, nf_cls: type[NF], config: dict[str, A
                     inner.start_soon(inst.receive)
                     inner.start_soon(inst.flusher)
                     inner.start_soon(inst.ticker)
-                    inner.start_soon(_watch_scale_in, space, start_leave, why)
                     await start_leave.wait()
                     inst.snapshot_store()
                     # Packets keep coming in (and are processed) until every sender's END.
-                    await inst.leave(why[0] if why else "asked", args.leave_timeout)
+                    timeout = min([args.leave_timeout, *leave_within])
+                    await inst.leave(why[0] if why else "asked", timeout)
                     inner.cancel_scope.cancel()
                 await inst.finish()
                 await nf.close()
                 await inst.finish()
+                drained.set()
             # Leaving the block is the graceful scale-in (store.space.join_space): parked
             # work done, untethered updates flushed, objects handed on.
         _emit("exit", **inst.report())

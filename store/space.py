@@ -8,7 +8,7 @@ from typing import Any
 
 from store.api import Space
 from store.shell.controller import DEV_SECRET as _CONTROLLER_DEV_SECRET
-from store.shell.member import DEFAULT_DRAIN_RATE, NodeMember, leave
+from store.shell.member import DEFAULT_DRAIN_RATE, SCALE_IN_BUDGET, NodeMember, leave
 from store.shell.membership import join_cluster
 from store.shell.node import open_node
 
@@ -42,6 +42,13 @@ async def open_space(
     strings this member reports in ``ctl status``, e.g. what it runs and where its data
     channel listens) and ``query`` (``async def query(name, args)``: answers the
     control-plane queries the controller relays, ``python -m nf query``).
+
+    ``on_scale_in`` (``async def on_scale_in(budget)``, with a ``controller``) is called
+    when an operator's scale-in removes this member, before it hands anything on: the
+    application stops taking work and finishes what it has within ``budget`` seconds
+    (``scale_in_budget``, 4 by default: below the controller's pre-scaling timeout; the
+    hand-over starts then in any case), so that every object the member will ever hold is
+    handed on with the rest.  Leaving the block afterwards completes the leave.
     """
     if controller is not None:
         async with join_space(controller, listen or "127.0.0.1:0", secret, options) as space:
@@ -61,8 +68,10 @@ async def join_space(
     drain_rate = options.pop("drain_rate", DEFAULT_DRAIN_RATE)
     labels = options.pop("labels", None)
     query = options.pop("query", None)
+    on_scale_in = options.pop("on_scale_in", None)
+    budget = options.pop("scale_in_budget", SCALE_IN_BUDGET)
     async with open_node(listen=listen, secret=secret, **options) as node:
-        member = NodeMember(node, drain_rate)
+        member = NodeMember(node, drain_rate, on_scale_in, budget)
         async with join_cluster(
             controller,
             name=node.name,

@@ -8,12 +8,18 @@ the node must do (``store.shell.membership``'s docstring states the contract):
 * SCALING starts the background drain of key records whose next owner is another node, at
   ``drain_rate`` records per second, and reports the drain once every hand-on has been
   acknowledged;
-* NORMAL on the new ring forgets the event's markers.
+* NORMAL on the new ring forgets the event's markers;
+* a PRE_SCALING whose next ring leaves this node out (an operator's ``ctl scale-in`` of
+  it) first runs the application's ``on_scale_in`` hook, bounded by ``scale_in_budget``
+  seconds: the paper's order for a leaver (§4.4) is to stop taking work and finish what it
+  has *before* its objects are handed on, since an object that reaches the node after its
+  drain would be left behind with it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
 import trio
@@ -25,7 +31,7 @@ from store.shell.node import Node
 from store.wire.control import ControllerRefused, ScalingAborted
 from store.wire.errors import PeerUnavailable
 
-__all__ = ["DEFAULT_DRAIN_RATE", "NodeMember", "leave"]
+__all__ = ["DEFAULT_DRAIN_RATE", "SCALE_IN_BUDGET", "NodeMember", "ScaleInHook", "leave"]
 
 logger = logging.getLogger("store.shell.member")
 
@@ -38,17 +44,60 @@ logger = logging.getLogger("store.shell.member")
 #: 100,000 records hands them over in about 6 s.
 DEFAULT_DRAIN_RATE = 50_000
 
+#: Seconds a leaver's ``on_scale_in`` hook may take before the node acknowledges
+#: PRE_SCALING all the same: below the controller's default pre-scaling timeout (5 s), so
+#: that a slow application does not abort the event.
+SCALE_IN_BUDGET = 4.0
+
+#: ``async def on_scale_in(budget)``: the application stops taking work and finishes what
+#: it has, within ``budget`` seconds.
+ScaleInHook = Callable[[float], Awaitable[None]]
+
 
 class NodeMember:
     """The membership handler of one node."""
 
-    def __init__(self, node: Node, drain_rate: int = DEFAULT_DRAIN_RATE) -> None:
+    def __init__(
+        self,
+        node: Node,
+        drain_rate: int = DEFAULT_DRAIN_RATE,
+        on_scale_in: ScaleInHook | None = None,
+        scale_in_budget: float = SCALE_IN_BUDGET,
+    ) -> None:
         self.node = node
         self.drain_rate = drain_rate
+        self.on_scale_in = on_scale_in
+        self.scale_in_budget = scale_in_budget
         self.records_moved = 0
 
     async def on_pre_scaling(self, membership: Membership) -> None:
         self.node.enter_stage(membership.view)
+        nxt = membership.next_ring
+        name = self.node.name
+        if (
+            self.on_scale_in is not None
+            and nxt is not None
+            and name not in nxt
+            and name in membership.ring
+        ):
+            await self._run_scale_in_hook(self.on_scale_in)
+
+    async def _run_scale_in_hook(self, hook: ScaleInHook) -> None:
+        """The application's last work before this node's objects are handed on.  Its
+        failure or its overrun is logged, never fatal: the event goes on with what the node
+        holds by then (holding the barrier longer would abort it for everyone)."""
+        budget = self.scale_in_budget
+        with trio.move_on_after(budget) as scope:
+            try:
+                await hook(budget)
+            except Exception:
+                logger.exception("%s: the application's on_scale_in failed", self.node.name)
+        if scope.cancelled_caught:
+            logger.warning(
+                "%s: the application's on_scale_in took over %g s; its objects are handed on now",
+                self.node.name,
+                budget,
+            )
 
     async def on_scaling(self, membership: Membership) -> None:
         self.node.enter_stage(membership.view)
@@ -141,6 +190,12 @@ async def leave(node: Node, membership: Membership) -> None:
         await flush_before_leaving(node)
         delay = 0.01
         while not membership.left and len(membership.ring) > 1:
+            nxt = membership.next_ring
+            if nxt is not None and node.name not in nxt:
+                # The running event removes this node already (``ctl scale-in``): asking
+                # would be refused; wait for its end (or its abort: then ask).
+                await trio.sleep(0.01)
+                continue
             try:
                 await membership.leave()
             except (ControllerRefused, ScalingAborted) as exc:
