@@ -29,6 +29,7 @@ from store.core.objects import (
     untethered,
 )
 from store.wire.errors import (
+    MemberLeft,
     MessageTooLarge,
     ObjectLost,
     ObjectNotFound,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "InvalidKey",
     "Map",
+    "MemberLeft",
     "MessageTooLarge",
     "MultiWriter",
     "ObjectLost",

@@ -44,7 +44,7 @@ from store.core.object_layer import SLOW, Held
 from store.core.objects import ClassInfo, MethodKind, ObjectKind, check_key, info_of, load_state
 from store.core.router import NodeStatistics
 from store.core.scheduler import Wait
-from store.wire.errors import ObjectNotFound, ObjectRemoved, ReferenceClosed
+from store.wire.errors import MemberLeft, ObjectNotFound, ObjectRemoved, ReferenceClosed
 from store.wire.messages import key_from_wire
 
 if TYPE_CHECKING:
@@ -335,6 +335,8 @@ class _Access:
         check_key(k[1])
         map_ = self._map
         node = map_._node
+        if node.departed and not self._readonly:
+            _refuse_departed(node, k)
         if not self._create and node.fast.absent_here(k):  # (this node owns the key)
             raise ObjectNotFound(f"{k[0]}[{k[1]!r}]: no such object")
         if self._readonly and map_._single:
@@ -415,6 +417,8 @@ class _UntetheredAccess(_Access):
         if here is None:
             check_key(self._key)  # (it may go into a record, as on create's slow path)
             node = map_._node
+            if node.departed:
+                _refuse_departed(node, k)
             owner = node.fast.located(k)
             if owner is None:
                 if node.fast.create_here(k, map_.info, self._args) is not None:
@@ -431,6 +435,14 @@ class _UntetheredAccess(_Access):
         ref.created = False
         self._ref = ref
         return ref
+
+
+def _refuse_departed(node: Node, k: tuple[str, Any]) -> None:
+    raise MemberLeft(
+        f"{k[0]}[{k[1]!r}]: {node.name} has left the space (a scale-in removed it and it"
+        " handed its state on): finish the work before the hand-over (open_space's"
+        " on_scale_in hook)"
+    )
 
 
 def _place(node: Node, k: tuple[str, Any], info: ClassInfo, args: tuple[Any, ...]) -> None:

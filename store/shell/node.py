@@ -201,6 +201,9 @@ class Node:
         self.clock = trio.lowlevel.current_clock().current_time
         #: The node's standing with the controller, when it joined through one.
         self.membership: Any = None
+        #: Set once a scale-in has removed this node and it has handed its state on: the
+        #: space then takes no object in (``store.api`` raises ``MemberLeft``).
+        self.departed = False
 
     def _unit_failed(self, unit: Any) -> None:
         """A microthread's NF code raised: counted (``unit-<Exception>``) and logged here,

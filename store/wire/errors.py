@@ -35,6 +35,7 @@ __all__ = [
     "Fault",
     "FrameTooLarge",
     "MalformedMessage",
+    "MemberLeft",
     "MessageTooLarge",
     "NotAStoreOperation",
     "ObjectLost",
@@ -122,6 +123,14 @@ class WrongKind(StoreError, TypeError):
 
 class RemoteCallError(StoreError):
     """The NF's: a method shipped to the object's owner raised there; the text says what."""
+
+
+class MemberLeft(StoreError, RuntimeError):
+    """The application's: it asked its member for an object after a scale-in removed that
+    member from the ring.  The member has handed its state on; an object it took in now
+    would be left behind when the process goes, so nothing comes in.  An embedding
+    application finishes its work before the hand-over with ``open_space``'s
+    ``on_scale_in`` hook."""
 
 
 class StateNotEncodable(StoreError, TypeError):

@@ -95,15 +95,17 @@ def test_the_run_reports_cpu_and_validity(live: dict[str, Any]) -> None:
     assert live["phases"] and all(p["pps"] > 0 for p in live["phases"])
 
 
-def test_a_ctl_scale_in_during_traffic_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nf", ["prads", "nat"])
+def test_a_ctl_scale_in_during_traffic_loses_nothing(nf: str, tmp_path: Path) -> None:
     """``ctl scale-in`` of an instance: the event's first stage waits while the instance
     tells the sender, which steers its flows away and sends it END, and the instance
     finishes its frames; then its objects are handed on.  Nothing is lost or reordered,
-    and PRADS's log equals the offline run's: no packet of the leaver met an object it
-    had handed on, and no object reached it after its hand-over."""
+    and the NF's output (PRADS's log, the NAT's table) equals the offline run's: no
+    packet of the leaver met an object it had handed on, and no object reached it after
+    its hand-over."""
     result = run_live(
         LiveConfig(
-            nf="prads",
+            nf=nf,
             instances=2,
             rate=1500.0,
             flows=600,

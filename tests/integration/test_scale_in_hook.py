@@ -63,6 +63,7 @@ async def test_what_the_hook_acquires_is_handed_on_with_the_rest() -> None:
                     nursery.start_soon(member_a)
                     while not a_name:
                         await trio.sleep(0.01)
+                    await ctl.wait_until(lambda barrier: barrier.event is None)
                     result = await ctl.scale_in(a_name)
                 assert hooked.is_set()
                 members, nxt = seen[0]
@@ -96,9 +97,42 @@ async def test_a_failing_hook_does_not_stop_the_scale_in(
                     async with join(on_scale_in=hook, scale_in_budget=0.3) as a:
                         async with a.map("cells", Cell).create(7) as ref:
                             await ref.set(70)
+                        await ctl.wait_until(lambda barrier: barrier.event is None)
                         result = await ctl.scale_in([a.name])
                 assert result.summary["objects_moved"] >= 1
                 async with cells.get(7) as ref:
                     assert await ref.read() == 70  # handed on all the same
                 wanted = "on_scale_in failed" if fault == "raises" else "took over 0.3 s"
                 assert wanted in caplog.text
+
+
+async def test_a_member_that_has_left_takes_no_object_in() -> None:
+    """Without a hook, an application may go on using its space after an operator's
+    scale-in removed its member: it gets ``MemberLeft`` rather than an object that would
+    be left behind with the process (whose record, naming the gone member, would then
+    wedge every later access)."""
+    secret = os.urandom(16).hex().encode()
+    with trio.fail_after(60):
+        async with open_controller(secret=secret) as ctl:
+            join = partial(store.open_space, controller=ctl.address, secret=secret)
+            async with join() as c:
+                cells = c.map("cells", Cell)
+                async with cells.create(5) as ref:
+                    await ref.set(50)
+                async with join() as a:
+                    mine = a.map("cells", Cell)
+                    async with mine.get(5) as ref:  # a member: the object comes here
+                        await ref.apply(1)
+                    await ctl.wait_until(lambda barrier: barrier.event is None)
+                    await ctl.scale_in([a.name])
+                    with pytest.raises(store.MemberLeft, match="has left the space"):
+                        async with mine.get(5):
+                            pass
+                    with pytest.raises(store.MemberLeft):
+                        async with mine.create(6):
+                            pass
+                with trio.fail_after(10):
+                    async with cells.get(5) as ref:
+                        assert await ref.read() == 51  # handed on by the scale-in
+                    async with cells.create(6) as ref:
+                        assert ref.created  # a's refused create made nothing
