@@ -114,6 +114,9 @@ STATUS_TIMEOUT: Final = 1.0
 #: How long a relayed query waits for a scaling event to end, and for each member's answer.
 QUERY_WAIT: Final = 30.0
 QUERY_TIMEOUT: Final = 10.0
+#: Seconds a query waits for the ring's members to be connected (after a restart of the
+#: controller they reconnect within a second or two), before it asks those that are.
+RESUME_WAIT: Final = 3.0
 
 
 def read_secret(path: str | None) -> tuple[bytes, bool]:
@@ -529,6 +532,12 @@ class Controller:
         if barrier.cluster_stage() is not Stage.NORMAL:
             answer(False, None, f"the cluster stayed in a scaling event for {QUERY_WAIT:g} s")
             return
+        # A controller that has just started (again) learns the ring back from the members
+        # as they reconnect: wait a little for them rather than answer that nobody is there.
+        with trio.move_on_after(RESUME_WAIT):
+            await self.wait_until(
+                lambda b: len(b.ring) > 0 and all(n in self._sessions for n in b.ring.nodes)
+            )
         asked = 0
         for name in sorted(barrier.ring.nodes):
             session = self._sessions.get(name)

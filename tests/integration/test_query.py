@@ -204,3 +204,46 @@ async def test_a_query_during_a_scaling_event_waits_for_normal() -> None:
                     # answered on the scale-out's epoch, the joiner in the ring: after NORMAL
                     assert answer.epoch == ctl.barrier.ring.epoch and len(ctl.barrier.ring) == 2
                     nursery.cancel_scope.cancel()
+
+
+async def test_a_query_right_after_a_controller_restart_waits_for_the_members(
+    tmp_path: Path,
+) -> None:
+    """A restarted controller knows no member until they reconnect (every half second):
+    a query that comes meanwhile waits for them, rather than answering that nobody runs
+    the NF."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(os.urandom(16).hex().encode())
+    secret = secret_file.read_bytes()
+
+    async def query(name: str, args: dict[str, Any]) -> Any:
+        return {"asked": name}
+
+    with trio.fail_after(60):
+        first = trio.CancelScope()
+        listening: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def controller(scope: trio.CancelScope, address: str) -> None:
+                with scope:
+                    async with open_controller(listen=address, secret=secret) as ctl:
+                        listening.append(ctl.address)
+                        await trio.sleep_forever()
+
+            nursery.start_soon(controller, first, "127.0.0.1:0")
+            while not listening:
+                await trio.sleep(0.01)
+            address = listening[0]
+            async with store.open_space(
+                address, secret=secret, labels={"nf": "prads"}, query=query
+            ):
+                first.cancel()  # the controller goes away...
+                second = trio.CancelScope()
+                nursery.start_soon(controller, second, address)  # ...and comes back
+                while len(listening) < 2:
+                    await trio.sleep(0.01)
+                common = ["--controller", address, "--secret-file", str(secret_file)]
+                done = await run_cli(*common, "prads", "stats")
+                assert done.returncode == 0, done.stderr
+                assert b'"asked": "stats"' in done.stdout
+                second.cancel()
