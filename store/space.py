@@ -85,4 +85,4 @@ async def join_space(
             node.enter_stage(membership.view)
             node.membership = membership
             yield Space(node)
-            await leave(node, membership)
+            await leave(member, membership)

@@ -10,7 +10,8 @@ the node must do (``store.shell.membership``'s docstring states the contract):
   acknowledged;
 * NORMAL on the new ring forgets the event's markers;
 * a PRE_SCALING whose next ring leaves this node out (an operator's ``ctl scale-in`` of
-  it) first runs the application's ``on_scale_in`` hook, bounded by ``scale_in_budget``
+  it, not the leave the application asks for when its work is done: :func:`leave`) first
+  runs the application's ``on_scale_in`` hook, bounded by ``scale_in_budget``
   seconds: the paper's order for a leaver (§4.4) is to stop taking work and finish what it
   has *before* its objects are handed on, since an object that reaches the node after its
   drain would be left behind with it.
@@ -68,6 +69,9 @@ class NodeMember:
         self.drain_rate = drain_rate
         self.on_scale_in = on_scale_in
         self.scale_in_budget = scale_in_budget
+        #: Set by :func:`leave`: the application has finished its work and asks to go
+        #: itself, so the scale-in it asks for does not call its hook.
+        self.asked_to_leave = False
         self.records_moved = 0
 
     async def on_pre_scaling(self, membership: Membership) -> None:
@@ -76,6 +80,7 @@ class NodeMember:
         name = self.node.name
         if (
             self.on_scale_in is not None
+            and not self.asked_to_leave
             and nxt is not None
             and name not in nxt
             and name in membership.ring
@@ -179,12 +184,14 @@ class NodeMember:
         return figures
 
 
-async def leave(node: Node, membership: Membership) -> None:
+async def leave(member: NodeMember, membership: Membership) -> None:
     """A graceful scale-in of this member, in the order the paper (§4.4) describes: no
     new units (the caller stopped submitting), parked microthreads finish, untethered
     batches and replicas are flushed, then the controller runs the scale-in event in which
     this node hands over its key records and objects; return once it has left.  The last
     member of a cluster cannot leave (there is nobody to hand over to): it just stops."""
+    node = member.node
+    member.asked_to_leave = True
     with trio.fail_after(LEAVE_TIMEOUT):
         while node.micro.statistics().in_flight:
             await trio.sleep(0.005)

@@ -136,3 +136,26 @@ async def test_a_member_that_has_left_takes_no_object_in() -> None:
                         assert await ref.read() == 51  # handed on by the scale-in
                     async with cells.create(6) as ref:
                         assert ref.created  # a's refused create made nothing
+
+
+async def test_a_member_that_leaves_by_itself_is_not_asked_again() -> None:
+    """Leaving the block is the application's own graceful leave: its work is done, so
+    the scale-in it asks for does not call its hook (which is for an operator's)."""
+    secret = os.urandom(16).hex().encode()
+    called: list[float] = []
+
+    async def hook(budget: float) -> None:
+        called.append(budget)
+
+    with trio.fail_after(60):
+        async with open_controller(secret=secret) as ctl:
+            join = partial(store.open_space, controller=ctl.address, secret=secret)
+            async with join() as c:
+                async with join(on_scale_in=hook) as a:
+                    async with a.map("cells", Cell).create(3) as ref:
+                        await ref.set(30)
+                    await ctl.wait_until(lambda barrier: barrier.event is None)
+                assert called == []
+                assert len(ctl.status().members) == 1
+                async with c.map("cells", Cell).get(3) as ref:
+                    assert await ref.read() == 30
