@@ -783,7 +783,8 @@ def _parser(nf_cls: type[NF]) -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         metavar="S",
-        help="seconds to wait for the senders' END markers when leaving (10)",
+        help="seconds to wait for the senders' END markers when leaving (10; under ctl"
+        " scale-in at most 3, the scale-in's budget less the time kept to finish)",
     )
     group.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING"])
     nf_cls.add_arguments(parser.add_argument_group(f"{nf_cls.name} options"))  # type: ignore[arg-type]
