@@ -7,8 +7,17 @@ never raises: a frame it cannot read as IPv4 comes back with ``drop`` set to the
 :meth:`Packet.rewrite_src` / :meth:`Packet.rewrite_dst` change addresses and ports in
 place, fixing the IP and TCP/UDP checksums incrementally (RFC 1624, eqn. 3).
 
+IPv6 is read too, for the NFs that analyse it (PRADS): an IPv6 packet comes back with
+``drop`` set to ``ipv6`` (so that the IPv4-only NFs count and pass it as before), and with
+its fields filled as for IPv4: ``src``/``dst`` are the 128-bit addresses with bit 128 set
+(:data:`V6`, so that no IPv6 address equals an IPv4 one as a key; :func:`ip_str` prints
+them), ``ihl`` 40, ``ip_len`` the header plus the payload length, ``ttl`` the hop limit,
+``proto`` the next header (extension headers are not walked, as prads 0.3.3 does not),
+``ip_id`` the flow label, ``ip_off`` DF (no fragmentation field), then the TCP, UDP or
+ICMPv6 header.  An IPv6 packet that cannot be read so is ``bad-ipv6``.
+
 Reasons a frame is not parsed (``Packet.drop``): ``truncated-ethernet``, ``not-ip``,
-``ipv6``, ``bad-ip-header`` (version not 4, header length under 20 bytes, total length
+``ipv6``, ``bad-ipv6``, ``bad-ip-header`` (version not 4, header length under 20 bytes, total length
 shorter than the header), ``truncated-ip`` (the frame ends before the header or before the
 total length), ``truncated-tcp``, ``truncated-udp``, ``truncated-icmp``, ``bad-tcp-header``
 (data offset under 20 bytes).  An IPv4 packet of another protocol, or a fragment other than
@@ -32,6 +41,7 @@ __all__ = [
     "TCP",
     "UDP",
     "URG",
+    "V6",
     "Packet",
     "checksum",
     "ip_int",
@@ -51,6 +61,12 @@ CWR = 0x80
 ICMP = 1
 TCP = 6
 UDP = 17
+ICMP6 = 58
+
+#: Set in the address of an IPv6 packet (``Packet.src``, ``dst``): bit 128, above the
+#: address itself, so that IPv6 and IPv4 addresses never meet as keys.
+V6 = 1 << 128
+_V6_MASK = V6 - 1
 
 ETH_IP = 0x0800
 ETH_IPV6 = 0x86DD
@@ -61,6 +77,7 @@ DROP_REASONS = (
     "truncated-ethernet",
     "not-ip",
     "ipv6",
+    "bad-ipv6",
     "bad-ip-header",
     "truncated-ip",
     "truncated-tcp",
@@ -74,6 +91,7 @@ _u32 = struct.Struct("!I").unpack_from
 _ip = struct.Struct("!BBHHHBBHII").unpack_from
 _tcp = struct.Struct("!HHIIBBHHH").unpack_from
 _ports = struct.Struct("!HH").unpack_from
+_ip6 = struct.Struct("!IHBB16s16s").unpack_from
 #: EtherType, an IPv4 header without options and a TCP header without options (or a UDP
 #: header and 12 bytes more), as one unpack from byte 12 of the frame.
 _eth_ip_l4 = struct.Struct("!HBBHHHBBHIIHHIIBBHHH").unpack_from
@@ -82,8 +100,50 @@ _pack32 = struct.Struct("!I").pack_into
 
 
 def ip_str(addr: int) -> str:
-    """``0x0A000001`` -> ``"10.0.0.1"``."""
-    return f"{addr >> 24 & 255}.{addr >> 16 & 255}.{addr >> 8 & 255}.{addr & 255}"
+    """``0x0A000001`` -> ``"10.0.0.1"``; an IPv6 address (with :data:`V6` set) as C's
+    ``inet_ntop`` writes it, as prads prints it: the longest run of two or more zero
+    groups (the first of equal ones) as ``::``, and an IPv4-compatible or IPv4-mapped
+    address with its last 32 bits dotted (``::ffff:10.0.0.1``; ``::1`` is not one)."""
+    if addr < V6:
+        return f"{addr >> 24 & 255}.{addr >> 16 & 255}.{addr >> 8 & 255}.{addr & 255}"
+    a = addr & _V6_MASK
+    words = [a >> (112 - 16 * i) & 0xFFFF for i in range(8)]
+    best, best_len, i = -1, 0, 0
+    while i < 8:
+        if words[i] == 0:
+            j = i
+            while j < 8 and words[j] == 0:
+                j += 1
+            if j - i > best_len:
+                best, best_len = i, j - i
+            i = j
+        else:
+            i += 1
+    if best_len < 2:
+        best = -1
+    out = ""
+    i = 0
+    while i < 8:
+        if i == best:
+            out += "::" if i == 0 else ":"
+            i += best_len
+            continue
+        if (
+            i == 6
+            and best == 0
+            and (
+                best_len == 6
+                or (best_len == 7 and words[7] != 1)
+                or (best_len == 5 and words[5] == 0xFFFF)
+            )
+        ):
+            out += ip_str(a & 0xFFFFFFFF)
+            break
+        out += f"{words[i]:x}"
+        if i < 7:
+            out += ":"
+        i += 1
+    return out
 
 
 def ip_int(text: str) -> int:
@@ -368,7 +428,9 @@ def _parse_any(frame: bytearray, n: int, ts: float) -> Packet:
         etype = (frame[l3 + 2] << 8) | frame[l3 + 3]
         l3 += 4
     if etype != ETH_IP:
-        p = _empty(frame, ts, "ipv6" if etype == ETH_IPV6 else "not-ip")
+        if etype == ETH_IPV6:
+            return _parse_ipv6(frame, n, ts, l3, vlan)
+        p = _empty(frame, ts, "not-ip")
         p.vlan = vlan
         p.l3 = l3
         return p
@@ -447,4 +509,58 @@ def _parse_any(frame: bytearray, n: int, ts: float) -> Packet:
         p.icmp_type = frame[l4]
         p.icmp_code = frame[l4 + 1]
         p.pl = l4 + 8
+    return p
+
+
+def _parse_ipv6(frame: bytearray, n: int, ts: float, l3: int, vlan: int | None) -> Packet:
+    """An IPv6 packet (see the module's docstring): ``drop`` is ``ipv6`` when its header
+    and its TCP, UDP or ICMPv6 header fit its payload length and the frame, else
+    ``bad-ipv6``."""
+    p = _empty(frame, ts, "bad-ipv6")
+    p.vlan = vlan
+    p.l3 = l3
+    if n < l3 + 40:
+        return p
+    first, plen, nh, hops, src, dst = _ip6(frame, l3)
+    if first >> 28 != 6:
+        return p
+    pend = l3 + 40 + plen
+    if pend > n:
+        return p
+    l4 = l3 + 40
+    p.ihl = 40
+    p.tos = first >> 20 & 0xFF
+    p.ip_len = 40 + plen
+    p.ip_id = first & 0xFFFFF  # the flow label
+    p.ip_off = 0x4000  # never fragmented on the way: DF, as prads takes it
+    p.ttl = hops
+    p.proto = nh
+    p.src = int.from_bytes(src, "big") | V6
+    p.dst = int.from_bytes(dst, "big") | V6
+    p.l4 = p.pl = l4
+    p.pend = pend
+    if nh == TCP:
+        if pend < l4 + 20:
+            return p
+        sport, dport, seq, ack, off, flags, win, _c, urp = _tcp(frame, l4)
+        thl = (off >> 4) * 4
+        if thl < 20 or pend < l4 + thl:
+            return p
+        p.sport, p.dport, p.seq, p.ack = sport, dport, seq, ack
+        p.tcp_flags, p.win, p.urp, p.tcp_hlen = flags, win, urp, thl
+        if thl > 20:
+            p.tcp_options = bytes(frame[l4 + 20 : l4 + thl])
+        p.pl = l4 + thl
+    elif nh == UDP:
+        if pend < l4 + 8:
+            return p
+        p.sport, p.dport = _ports(frame, l4)
+        p.pl = l4 + 8
+    elif nh == ICMP6:
+        if pend < l4 + 4:
+            return p
+        p.icmp_type = frame[l4]
+        p.icmp_code = frame[l4 + 1]
+        p.pl = l4 + 4
+    p.drop = "ipv6"
     return p

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from nf.packet import ACK, CWR, ECE, PSH, RST, SYN, Packet
+from nf.packet import ACK, CWR, ECE, PSH, RST, SYN, V6, Packet
 from nf.prads.signatures import (
     MAXOPT,
     MOD_CONST,
@@ -93,9 +93,15 @@ def observe(packet: Packet, kind: str) -> Fingerprint | None:
     if l3 + 20 > dgram_end or packet.ihl < 20:
         return None
     quirks = 0
-    if packet.ihl > 20:
+    v6 = packet.src >= V6
+    if v6:
+        # prads on IPv6: the flow label stands in for the IP id (L when set, Z when 0),
+        # no IP options, DF always 1 (the packet's ip_off says so), and the size is the
+        # payload length, not the total.
+        quirks |= Q["L"] if packet.ip_id else Q["Z"]
+    elif packet.ihl > 20:
         quirks |= Q["I"]
-    if packet.ip_id == 0:
+    if not v6 and packet.ip_id == 0:
         quirks |= Q["Z"]
     flags = packet.tcp_flags
     if kind == "RST" and flags & ACK:
@@ -124,7 +130,7 @@ def observe(packet: Packet, kind: str) -> Fingerprint | None:
         wsize=packet.win,
         ttl=packet.ttl,
         df=1 if packet.ip_off & 0x4000 else 0,
-        size=0 if kind == "ACK" else packet.ip_len,
+        size=0 if kind == "ACK" else packet.ip_len - (40 if v6 else 0),
         opts=opts,
         mss=mss,
         wsc=wsc,

@@ -28,7 +28,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nf.base import NF, ConfigError, Verdict, local_create_of, untethered_of
-from nf.packet import ACK, FIN, ICMP, RST, SYN, TCP, UDP, Packet, ip_str
+from nf.packet import ACK, FIN, ICMP, ICMP6, RST, SYN, TCP, UDP, V6, Packet, ip_str
 from nf.prads.fingerprint import FingerprintCache, distance
 from nf.prads.signatures import (
     ServiceSignature,
@@ -141,11 +141,11 @@ def _link_counters(frame: bytearray) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _kinds(vlan: bool, proto: int) -> tuple[str, ...]:
-    names = ["got_packets", "eth_recv", "ip4_recv"]
+def _kinds(vlan: bool, proto: int, v6: bool = False) -> tuple[str, ...]:
+    names = ["got_packets", "eth_recv", "ip6_recv" if v6 else "ip4_recv"]
     if vlan:
         names.append("vlan_recv")
-    names.append(_PROTO_COUNTER.get(proto, "othert_recv"))
+    names.append((_PROTO6_COUNTER if v6 else _PROTO_COUNTER).get(proto, "othert_recv"))
     return tuple(names)
 
 
@@ -169,7 +169,33 @@ _PROTO_COUNTER = {
     4: "ip4ip_recv",  # IPv4 in IPv4
     41: "ip4ip_recv",  # IPv6 in IPv4
 }
+#: The same for IPv6 (prads: no GRE there, and its tunnels count as IP in IPv6).
+_PROTO6_COUNTER = {
+    TCP: "tcp_recv",
+    UDP: "udp_recv",
+    ICMP6: "icmp_recv",
+    4: "ip6ip_recv",
+    41: "ip6ip_recv",
+}
 #: The counter of each detection type's fingerprints.
+
+
+def _prads_net6(net: ipaddress.IPv6Network) -> tuple[int, int]:
+    """An IPv6 home network as prads 0.3.3 holds it: its mask's bytes turned round in each
+    32-bit word (prads converts the mask to host order, while the addresses it compares
+    stay in network order), and the network's address as written (not masked)."""
+    mask = net.netmask.packed
+    turned = b"".join(mask[i : i + 4][::-1] for i in range(0, 16, 4))
+    return int.from_bytes(turned, "big"), int(net.network_address)
+
+
+def _ours6(src: int, mask: int, net: int) -> bool:
+    """prads 0.3.3's test of an IPv6 sender against a home network, built without SSE2:
+    the masked address XOR the network, its two 64-bit halves ANDed; the sender is ours
+    when that is zero (so also when either half alone matches, and at times when
+    neither does)."""
+    x = (src & mask) ^ net
+    return not ((x >> 64) & x & 0xFFFFFFFFFFFFFFFF)
 
 
 def _apply(target: Any, what: tuple[Any, ...]) -> Any:
@@ -199,6 +225,8 @@ SignatureIndex = tuple[tuple[ServiceSignature, ...], ...]
 #: The counters of an IPv4 packet, by protocol number (every one of the 256).
 _C_IP4_PLAIN = [_kinds(False, p) for p in range(256)]
 _C_IP4_VLAN = [_kinds(True, p) for p in range(256)]
+_C_IP6_PLAIN = [_kinds(False, p, True) for p in range(256)]
+_C_IP6_VLAN = [_kinds(True, p, True) for p in range(256)]
 
 
 class PRADS(NF):
@@ -221,10 +249,22 @@ class PRADS(NF):
         self.switches = {k: bool(config.get(k, v)) for k, v in SWITCHES.items()}
         nets = config.get("home_nets") or []
         try:
-            self.home_nets = [ipaddress.IPv4Network(str(n), strict=False) for n in nets]
+            self.home_nets = [ipaddress.ip_network(str(n), strict=False) for n in nets]
         except ValueError as exc:
             raise ConfigError(f"home_nets: {exc}") from None
-        self._home = [(int(n.network_address), int(n.netmask)) for n in self.home_nets] or None
+        # IPv4 networks as (address, mask) pairs tested as (src & mask) == address, the V6
+        # bit in the mask so that no IPv6 address matches; IPv6 ones as prads tests them
+        # (_ours6).  None: no home_nets, every sender is ours.
+        self._home = (
+            [
+                (int(n.network_address), int(n.netmask) | V6)
+                for n in self.home_nets
+                if n.version == 4
+            ]
+            if self.home_nets
+            else None
+        )
+        self._home6 = [_prads_net6(n) for n in self.home_nets if n.version == 6]
         self._ack_fingerprints = self.switches["ack"]
         self.os_tables = {
             kind: (table if self.switches[kind.lower()] else None)
@@ -304,18 +344,21 @@ class PRADS(NF):
         counts = self.counts
         counts["packets"] = counts.get("packets", 0) + 1
         frame = packet.frame
-        if packet.drop is not None:
-            self.count(packet.drop)
+        drop = packet.drop
+        v6 = drop is not None
+        if drop is not None and drop != "ipv6":
+            self.count(drop)
             await self._add(_link_counters(frame))
             return Verdict.FORWARD
-        # prads reads IPv4 directly after Ethernet or after one 802.1Q tag only.
+        # prads reads IP directly after Ethernet or after one 802.1Q tag only; an IPv6
+        # packet goes the IPv4 way, with its own counters (and the differences below).
         etype = (frame[12] << 8) | frame[13]
-        if etype == 0x0800:
+        if etype == 0x0800 or etype == 0x86DD:
             vlan = 0
-            table = _C_IP4_PLAIN
+            table = _C_IP6_PLAIN if v6 else _C_IP4_PLAIN
         elif etype == 0x8100 and packet.l3 == 18:
             vlan = (frame[14] << 8) | frame[15]  # the whole tag, as prads prints it
-            table = _C_IP4_VLAN
+            table = _C_IP6_VLAN if v6 else _C_IP4_VLAN
         else:
             self.count("stacked-vlan")
             await self._add(_link_counters(frame))
@@ -333,9 +376,14 @@ class PRADS(NF):
             return Verdict.FORWARD
         src = packet.src
         home = self._home
-        ours = home is None or any((src & m) == a for a, m in home)
+        if home is None:
+            ours = True
+        elif v6:
+            ours = any(_ours6(src, mask, net) for mask, net in self._home6)
+        else:
+            ours = any((src & m) == a for a, m in home)
         if proto != TCP and proto != UDP:
-            if proto == GRE:
+            if proto == GRE and not v6:
                 # prads notes the sender of any GRE packet (ours or not) and tracks no
                 # connection; the tunnelled packet inside is not analysed here.
                 self._todo.append((_TOUCH, src, packet.ts))
@@ -343,7 +391,9 @@ class PRADS(NF):
             elif proto == 4 or proto == 41:
                 self.count("tunnel")  # IP in IP: prads analyses the inner packet; not we
             else:
-                await self._other(packet, ours)
+                # (prads touches no asset for an IPv6 packet of a protocol other than TCP,
+                # UDP and ICMPv6: it only tracks its connection)
+                await self._other(packet, ours and (not v6 or proto == ICMP6))
             return Verdict.FORWARD
         # self.flow_key (PRADS is bidirectional), which the runner has asked already
         key = packet.both_key
@@ -719,7 +769,9 @@ class PRADS(NF):
         if plen < UDP_PAYLOAD_MIN:
             return 0
         data = frame[packet.pl :]
-        found = _first(self._udp_sigs, data)
+        # (prads matches IPv6 UDP against its client UDP list, which it never loads: only
+        # the known ports below apply there)
+        found = None if packet.src >= V6 else _first(self._udp_sigs, data)
         if found is not None:
             port = packet.dport if role == CLIENT else packet.sport
             self._service(packet, vlan, key, n, role, port, *found)

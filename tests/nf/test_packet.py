@@ -4,6 +4,7 @@ examples as the NAT notes give them, and full recomputation on random packets)."
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import dpkt
@@ -18,6 +19,7 @@ from nf.packet import (
     FIN,
     RST,
     SYN,
+    V6,
     checksum,
     ip_int,
     ip_str,
@@ -137,12 +139,112 @@ def test_later_fragment_has_no_ports() -> None:
     assert p.src == ip_int("192.0.2.9") and word(p.frame, 14 + 20) == 3
 
 
+def ip6_frame(
+    src: bytes, dst: bytes, nh: int, l4: bytes, *, hops: int = 64, flow: int = 0, tc: int = 0
+) -> bytes:
+    header = struct.pack("!IHBB", 6 << 28 | tc << 20 | flow, len(l4), nh, hops) + src + dst
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x86\xdd" + header + l4
+
+
+addrs6 = st.binary(min_size=16, max_size=16)
+
+
+@FAST
+@given(
+    src=addrs6,
+    dst=addrs6,
+    sport=ports,
+    dport=ports,
+    flags=st.integers(0, 255),
+    hops=st.integers(0, 255),
+    flow=st.integers(0, 0xFFFFF),
+    tc=st.integers(0, 255),
+    payload=payloads,
+    kind=st.sampled_from([6, 17, 58, 59, 253]),
+)
+def test_ipv6_is_read_as_dpkt_reads_it(
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    flags: int,
+    hops: int,
+    flow: int,
+    tc: int,
+    payload: bytes,
+    kind: int,
+) -> None:
+    """An IPv6 packet is left to the IPv4-only NFs (``drop`` is ``ipv6``) with its fields
+    read for those that analyse it: addresses with the V6 bit, hop limit, flow label,
+    next header, ports and TCP fields, payload; against dpkt."""
+    if kind == 6:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 7, 9, 5 << 4, flags, 1024, 0, 3) + payload
+    elif kind == 17:
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    elif kind == 58:
+        l4 = struct.pack("!BBH", 128, 0, 0) + payload
+    else:
+        l4 = payload
+    frame = ip6_frame(src, dst, kind, l4, hops=hops, flow=flow, tc=tc)
+    p = parse(frame, 1.0)
+    ip = dpkt.ethernet.Ethernet(frame).data
+    assert isinstance(ip, dpkt.ip6.IP6)
+    assert p.drop == "ipv6"
+    assert (
+        p.src == int.from_bytes(ip.src, "big") | V6 and p.dst == int.from_bytes(ip.dst, "big") | V6
+    )
+    assert (p.ttl, p.ip_id, p.tos, p.proto) == (ip.hlim, ip.flow, ip.fc, ip.nxt)
+    assert (p.ihl, p.ip_len, p.l4, p.pend) == (40, 40 + len(l4), 54, len(frame))
+    assert ip_str(p.src) == socket.inet_ntop(socket.AF_INET6, src)
+    if kind == 6:
+        tcp = ip.data
+        assert (p.sport, p.dport, p.tcp_flags, p.win, p.urp) == (
+            tcp.sport,
+            tcp.dport,
+            tcp.flags,
+            tcp.win,
+            tcp.urp,
+        )
+        assert (p.seq, p.ack, p.payload) == (7, 9, payload)
+    elif kind == 17:
+        assert (p.sport, p.dport, p.payload) == (sport, dport, payload)
+    elif kind == 58:
+        assert (p.icmp_type, p.icmp_code, p.payload) == (128, 0, payload)
+    else:
+        assert (p.sport, p.dport, p.pl) == (0, 0, p.l4)
+    # An IPv6 address never equals an IPv4 one as a key, and a flow keeps its key.
+    assert p.src > 0xFFFFFFFF and p.flow_key_both() == p.flow_key_both()
+
+
+def test_cut_or_wrong_ipv6_is_bad_ipv6() -> None:
+    tcp = struct.pack("!HHIIBBHHH", 1, 2, 3, 4, 5 << 4, SYN, 9, 0, 0)
+    good = ip6_frame(bytes(16), bytes(15) + b"\x01", 6, tcp)
+    assert parse(good, 0.0).drop == "ipv6"
+    for frame in (
+        good[:50],  # cut inside the IPv6 header
+        good[:-1],  # the payload length runs past the frame
+        good[:14] + b"\x40" + good[15:],  # version 4
+        ip6_frame(bytes(16), bytes(16), 6, tcp[:12]),  # a TCP header cut short
+        ip6_frame(bytes(16), bytes(16), 17, b"\0" * 4),  # a UDP header cut short
+    ):
+        p = parse(frame, 0.0)
+        assert p.drop == "bad-ipv6", frame
+
+
+@FAST
+@given(words=st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF, 0x1234]), min_size=8, max_size=8))
+def test_ipv6_addresses_are_printed_as_inet_ntop_prints_them(words: list[int]) -> None:
+    raw = b"".join(w.to_bytes(2, "big") for w in words)
+    assert ip_str(int.from_bytes(raw, "big") | V6) == socket.inet_ntop(socket.AF_INET6, raw)
+
+
 def test_drop_reasons() -> None:
     syn = tcp_frame(ip_int("10.0.0.1"), ip_int("10.0.0.2"), 1000, 80, SYN)
     cases: dict[str, bytes] = {
         "truncated-ethernet": syn[:13],
         "not-ip": syn[:12] + b"\x08\x06" + syn[14:],
-        "ipv6": syn[:12] + b"\x86\xdd" + syn[14:],
+        "ipv6": ip6_frame(b"\x20" + bytes(15), bytes(15) + b"\x01", 6, syn[34:54]),
+        "bad-ipv6": syn[:12] + b"\x86\xdd" + syn[14:],  # an IPv4 header under IPv6's type
         "bad-ip-header": syn[:14] + b"\x65" + syn[15:],  # version 6
         "truncated-ip": syn[:30],
         "truncated-tcp": syn[:14] + bytes([0x45, 0]) + struct.pack("!H", 30) + syn[18:44],

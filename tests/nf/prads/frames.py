@@ -1,11 +1,14 @@
 """Frames for the PRADS tests, built byte by byte (so that odd header values are easy).
 
-``tcp(...)``, ``udp(...)`` and ``icmp(...)`` return Ethernet frames; ``opt_*`` build TCP
-options.  Checksums are computed (prads does not look at them, our parser neither).
+``tcp(...)``, ``udp(...)`` and ``icmp(...)`` return Ethernet frames (IPv6 ones when the
+addresses are IPv6: ``ttl`` is then the hop limit and ``flow`` the flow label); ``opt_*``
+build TCP options.  Checksums are computed (prads does not look at them, our parser
+neither).
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 
 from nf.packet import ip_int
@@ -81,8 +84,35 @@ def ipv4(
     return hdr + l4
 
 
+def ipv6(src: str, dst: str, nh: int, l4: bytes, *, hops: int = 64, flow: int = 0) -> bytes:
+    first = 6 << 28 | flow
+    return (
+        struct.pack("!IHBB", first, len(l4), nh, hops)
+        + socket.inet_pton(socket.AF_INET6, src)
+        + socket.inet_pton(socket.AF_INET6, dst)
+        + l4
+    )
+
+
 def _pseudo(src: str, dst: str, proto: int, length: int) -> bytes:
+    if ":" in src:
+        return (
+            socket.inet_pton(socket.AF_INET6, src)
+            + socket.inet_pton(socket.AF_INET6, dst)
+            + struct.pack("!IxxxB", length, proto)
+        )
     return struct.pack("!IIBBH", ip_int(src), ip_int(dst), 0, proto, length)
+
+
+def _ip(
+    src: str, dst: str, proto: int, seg: bytes, vlan: int | None, flow: int, **v4: object
+) -> bytes:
+    """The IP packet of ``seg`` in its Ethernet frame: IPv6 when ``src`` is."""
+    if ":" in src:
+        hops = v4["ttl"]
+        assert isinstance(hops, int)
+        return ether(ipv6(src, dst, proto, seg, hops=hops, flow=flow), vlan=vlan, etype=0x86DD)
+    return ether(ipv4(src, dst, proto, seg, **v4), vlan=vlan)  # type: ignore[arg-type]
 
 
 def tcp(
@@ -104,6 +134,7 @@ def tcp(
     ip_id: int = 1,
     ipopts: bytes = b"",
     vlan: int | None = None,
+    flow: int = 0,
 ) -> bytes:
     """A TCP segment; ``flags`` as letters: F S R P A U E C."""
     bits = 0
@@ -117,7 +148,7 @@ def tcp(
     seg = hdr + opts + payload
     check = _csum(_pseudo(src, dst, 6, len(seg)) + seg)
     seg = seg[:16] + struct.pack("!H", check) + seg[18:]
-    return ether(ipv4(src, dst, 6, seg, ttl=ttl, df=df, ip_id=ip_id, ipopts=ipopts), vlan=vlan)
+    return _ip(src, dst, 6, seg, vlan, flow, ttl=ttl, df=df, ip_id=ip_id, ipopts=ipopts)
 
 
 def udp(
@@ -131,17 +162,21 @@ def udp(
     df: bool = False,
     ip_id: int = 7,
     vlan: int | None = None,
+    flow: int = 0,
 ) -> bytes:
     seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
     check = _csum(_pseudo(src, dst, 17, len(seg)) + seg) or 0xFFFF
     seg = seg[:6] + struct.pack("!H", check) + seg[8:]
-    return ether(ipv4(src, dst, 17, seg, ttl=ttl, df=df, ip_id=ip_id), vlan=vlan)
+    return _ip(src, dst, 17, seg, vlan, flow, ttl=ttl, df=df, ip_id=ip_id)
 
 
 def icmp(src: str, dst: str, *, ttl: int = 64) -> bytes:
-    body = struct.pack("!BBHHH", 8, 0, 0, 1, 1) + b"ping-data"
-    body = body[:2] + struct.pack("!H", _csum(body)) + body[4:]
-    return ether(ipv4(src, dst, 1, body, ttl=ttl))
+    """An echo request (ICMPv6's when the addresses are IPv6)."""
+    v6 = ":" in src
+    body = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, 1, 1) + b"ping-data"
+    pseudo = _pseudo(src, dst, 58, len(body)) if v6 else b""
+    body = body[:2] + struct.pack("!H", _csum(pseudo + body)) + body[4:]
+    return _ip(src, dst, 58 if v6 else 1, body, None, 0, ttl=ttl)
 
 
 def write_pcap(path: str, frames: list[tuple[float, bytes]]) -> None:

@@ -31,6 +31,7 @@ from tests.nf.prads.frames import (
     ether,
     icmp,
     ipv4,
+    ipv6,
     opt_mss,
     opt_sok,
     opt_ts,
@@ -726,6 +727,49 @@ def bench_traffic() -> Frames:
         return read_pcap(str(out))
 
 
+def ipv6_traffic() -> Frames:
+    """IPv6: prads 0.3.3 analyses it as it does IPv4, with the flow label in place of the
+    IP id (quirk L when set, Z when 0), DF 1, the payload length as the size, only known
+    ports for UDP (its IPv6 UDP list is never loaded), no asset for another next header,
+    and addresses as inet_ntop writes them."""
+    t = _Clock()
+    out: Frames = []
+    c, s = "2001:db8::10", "2001:db8::20"
+    # HTTP: a flow-labelled Linux SYN, a SYN-ACK without a label, a browser, Apache.
+    out.append((t(), tcp(c, 40000, s, 80, "S", seq=100, opts=LINUX_SYN, flow=0x12345)))
+    sa_opts = opt_mss(1440) + opt_sok() + opt_ts(999, 12345) + NOP + opt_ws(7)
+    out.append((t(), tcp(s, 80, c, 40000, "SA", seq=500, ack=101, win=5760, opts=sa_opts)))
+    out.append((t(), tcp(c, 40000, s, 80, "A", seq=101, ack=501, flow=0x12345)))
+    get = b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: Mozilla/5.0 (X11)\r\n\r\n"
+    out.append((t(), tcp(c, 40000, s, 80, "PA", seq=101, ack=501, payload=get, flow=0x12345)))
+    ok = b"HTTP/1.1 200 OK\r\nServer: Apache/2.2.3 (Debian)\r\nContent-Length: 0\r\n\r\n"
+    out.append((t(), tcp(s, 80, c, 40000, "PA", seq=501, ack=160, payload=ok, ttl=57)))
+    fin_ts = NOP + NOP + opt_ts(2000, 1000)
+    out.append((t(), tcp(c, 40000, s, 80, "FA", seq=160, ack=570, opts=fin_ts, flow=0x12345)))
+    out.append((t(), tcp(s, 80, c, 40000, "FA", seq=570, ack=161, win=1024)))
+    # SSH between link-local addresses; the client resets.
+    a, b = "fe80::1", "fe80::2:0:0:2"
+    out.append((t(), tcp(a, 40001, b, 22, "S", seq=7, win=65535, opts=LINUX_SYN, flow=1)))
+    out.append((t(), tcp(b, 22, a, 40001, "SA", seq=9, ack=8, opts=opt_mss(1220), flow=2)))
+    banner = b"SSH-2.0-OpenSSH_8.4p1\r\n"
+    out.append((t(), tcp(b, 22, a, 40001, "PA", seq=10, ack=8, payload=banner)))
+    banner = b"SSH-2.0-PuTTY_0.78\r\n"
+    out.append((t(), tcp(a, 40001, b, 22, "PA", seq=8, ack=33, payload=banner)))
+    out.append((t(), tcp(a, 40001, b, 22, "RA", seq=28, ack=33, flow=1)))
+    # UDP: a DNS query and its answer, syslog (both match IPv4 signatures; not here).
+    d, n = "2001:db8::30", "2001:db8::53"
+    out.append((t(), udp(d, 5353, n, 53, _dns(0x4321, 0x0100, 0))))
+    out.append((t(), udp(n, 53, d, 5353, _dns(0x4321, 0x8180, 1), ttl=63)))
+    out.append((t(), udp(d, 514, n, 514, b"<34>Oct 11 22:14:15 host su: bad")))
+    # ICMPv6: an asset, no line; a hop-by-hop header first: tracked, no asset.
+    out.append((t(), icmp("2001:db8::40", s)))
+    out.append((t(), ether(ipv6("2001:db8::50", s, 0, b"\x3b\0" + b"\0" * 14), etype=0x86DD)))
+    # An IPv4-mapped source and a tagged frame.
+    out.append((t(), tcp("::ffff:10.0.9.1", 40002, s, 443, "S", opts=LINUX_SYN, ttl=61)))
+    out.append((t(), tcp("2001:db8::60", 40003, s, 80, "S", opts=LINUX_SYN, vlan=6)))
+    return out
+
+
 SCENARIOS: dict[str, Callable[[], Frames]] = {
     "syn": syn_variants,
     "sessions": sessions,
@@ -737,6 +781,8 @@ SCENARIOS: dict[str, Callable[[], Frames]] = {
     "odd": oddities,
     "partial": sessions,
     "traffic": bench_traffic,
+    "ipv6": ipv6_traffic,
+    "ipv6home": ipv6_traffic,
 }
 
 #: Scenarios run with some of our signature files left out (prads tolerates a missing
@@ -768,6 +814,10 @@ SETTINGS: dict[str, tuple[str, dict[str, object]]] = {
     "home": (
         "home_nets=10.0.0.0/30,10.0.0.8/29\n",
         {"home_nets": ["10.0.0.0/30", "10.0.0.8/29"]},
+    ),
+    "ipv6home": (
+        "home_nets=10.0.0.0/8,2001:db8::/120\n",
+        {"home_nets": ["10.0.0.0/8", "2001:db8::/120"]},
     ),
 }
 
