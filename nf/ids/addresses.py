@@ -3,8 +3,9 @@ lists, ``!`` negation and ``$VARIABLES``.
 
 A list matches a value when (one of its positive items matches, or it has no positive item)
 and none of its negated items matches.  A negated list negates each of its items, so
-``![a,!b]`` holds ``!a`` and ``b``.  IPv6 items are accepted and never match (packets here
-are IPv4).
+``![a,!b]`` holds ``!a`` and ``b``.  Addresses are ``nf.packet``'s ints: an IPv6 one has
+bit 128 set (``V6``), and every mask holds that bit, so an IPv4 network never holds an IPv6
+address, nor the other way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nf.packet import V6
+
 __all__ = ["AddressSet", "PortSet", "RuleSyntaxError", "parse_addresses", "parse_ports"]
 
 
@@ -21,7 +24,7 @@ class RuleSyntaxError(ValueError):
     """A rule (or variable) that cannot be read; the message says why."""
 
 
-#: (network, mask) of an IPv4 network, or None for an IPv6 one (never matches).
+#: (network, mask) of a network, the V6 bit in both for IPv6 and in the mask for IPv4.
 Net = tuple[int, int] | None
 
 
@@ -33,6 +36,10 @@ class AddressSet:
     positive: tuple[Net | AddressSet, ...]
     negative: tuple[Net | AddressSet, ...]
     any: bool  # no positive item restricts (``any``, or only negated items)
+    #: The address families a list of negated items alone holds (bit 1 IPv4, bit 2 IPv6):
+    #: Suricata's ``!10.0.0.0/8`` is every IPv4 address outside that network and no IPv6
+    #: one; ``any`` holds both.
+    families: int = 3
 
     def __contains__(self, ip: int) -> bool:
         if not self.any:
@@ -41,6 +48,8 @@ class AddressSet:
                     break
             else:
                 return False
+        elif self.families != 3 and not self.families & (2 if ip & V6 else 1):
+            return False
         for item in self.negative:
             if _in_net(ip, item):
                 return False
@@ -157,7 +166,7 @@ def _compile(
                 positive.append(item)
         if has_any and not negative and not negated:
             return False, _ANY
-        return negated, _List(tuple(positive), tuple(negative), has_any or not positive)
+        return negated, _List(tuple(positive), tuple(negative), has_any or not positive, has_any)
     if text == "any":
         if negated:
             raise RuleSyntaxError(f"!any is not a {what}")
@@ -176,6 +185,23 @@ class _List:
     positive: tuple[object, ...]
     negative: tuple[object, ...]
     any: bool
+    literal_any: bool  # ``any`` among its items (not only the absence of positive ones)
+
+
+def _families(items: tuple[object, ...]) -> int:
+    """The address families of the networks in ``items``, nested lists included (both
+    when there is none)."""
+
+    def found(items: tuple[object, ...]) -> int:
+        bits = 0
+        for item in items:
+            if isinstance(item, AddressSet):
+                bits |= found(item.positive) | found(item.negative)
+            elif isinstance(item, tuple):
+                bits |= 2 if item[0] & V6 else 1
+        return bits
+
+    return found(items) or 3
 
 
 def _ip_leaf(text: str) -> Net:
@@ -184,8 +210,8 @@ def _ip_leaf(text: str) -> Net:
     except ValueError:
         raise RuleSyntaxError(f"bad address {text!r}") from None
     if net.version == 6:
-        return None
-    return int(net.network_address), int(net.netmask)
+        return int(net.network_address) | V6, int(net.netmask) | V6
+    return int(net.network_address), int(net.netmask) | V6
 
 
 def _port_leaf(text: str) -> tuple[int, int]:
@@ -218,13 +244,22 @@ def _build(
     kind: type[Any],
     what: str,
 ) -> Any:
+    addresses = kind is AddressSet
+
+    def only_negated(negative: tuple[object, ...]) -> dict[str, int]:
+        # (an address list of negated items alone holds only their families)
+        return {"families": _families(negative)} if addresses else {}
+
     def make(item: object) -> Any:
         if not isinstance(item, _List):
             return item
+        negative = tuple(make(i) for i in item.negative)
+        restrict = item.any and not item.literal_any
         return kind(
             positive=tuple(make(i) for i in item.positive),
-            negative=tuple(make(i) for i in item.negative),
+            negative=negative,
             any=item.any,
+            **(only_negated(negative) if restrict else {}),
         )
 
     negated, item = _compile(text, variables, leaf, (), what)
@@ -232,7 +267,7 @@ def _build(
         return kind(positive=(), negative=(), any=True)
     built = make(item) if isinstance(item, _List) else kind((item,), (), False)
     if negated:
-        return kind(positive=(), negative=(built,), any=True)
+        return kind(positive=(), negative=(built,), any=True, **only_negated((built,)))
     return built
 
 

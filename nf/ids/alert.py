@@ -5,11 +5,14 @@ too, less the year)::
     Information Leak] [Priority: 2] {TCP} 10.0.0.1:40000 -> 10.0.0.2:80
 
 (one line).  Time in UTC; the classification block only when the rule has a classtype;
-ports only for TCP and UDP, and not for a fragment.
+ports only for TCP and UDP, and not for a fragment.  IPv6 addresses as ``inet_ntop`` writes
+them (Snort's way; Suricata writes all eight groups in full, which
+:func:`parse_fast_alert` reads too), ICMPv6 as ``{IPv6-ICMP}``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 
@@ -18,7 +21,7 @@ from nf.packet import ip_str
 
 __all__ = ["PROTO_NAMES", "fast_alert", "parse_fast_alert"]
 
-PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP"}
+PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "IPv6-ICMP"}
 
 
 def _timestamp(ts: float) -> str:
@@ -55,9 +58,26 @@ def fast_alert(
 
 
 _LINE = re.compile(
-    r"^\S+\s+\[\*\*\] \[(\d+):(\d+):(\d+)\] .*? \{(\w+)\} "
-    r"([\d.]+)(?::(\d+))? -> ([\d.]+)(?::(\d+))?\s*$"
+    r"^\S+\s+\[\*\*\] \[(\d+):(\d+):(\d+)\] .*? \{([\w-]+)\} "
+    r"([\da-fA-F.:]+) -> ([\da-fA-F.:]+)\s*$"
 )
+
+
+def _end(text: str, ports: bool, line: str) -> tuple[str, int | None]:
+    """An address with its port (``ports``: always; else an ICMP type or code where
+    Suricata writes them), or without one: the address comes back as ``ipaddress`` writes
+    it (IPv6 compressed), so that Suricata's full groups and ``inet_ntop``'s form compare
+    equal."""
+    if not ports:
+        try:
+            return str(ipaddress.ip_address(text)), None
+        except ValueError:
+            pass
+    addr, _, port = text.rpartition(":")
+    try:
+        return str(ipaddress.ip_address(addr)), int(port)
+    except ValueError:
+        raise ValueError(f"not a fast-alert line: {line!r}") from None
 
 
 def parse_fast_alert(line: str) -> tuple[int, int, int, str, str, int | None, str, int | None]:
@@ -67,15 +87,17 @@ def parse_fast_alert(line: str) -> tuple[int, int, int, str, str, int | None, st
     m = _LINE.match(line)
     if m is None:
         raise ValueError(f"not a fast-alert line: {line!r}")
-    gid, sid, rev, proto, src, sport, dst, dport = m.groups()
+    gid, sid, rev, proto, src_text, dst_text = m.groups()
     has_ports = proto in ("TCP", "UDP")
+    src, sport = _end(src_text, has_ports, line)
+    dst, dport = _end(dst_text, has_ports, line)
     return (
         int(gid),
         int(sid),
         int(rev),
         proto,
         src,
-        int(sport) if has_ports and sport is not None else None,
+        sport if has_ports else None,
         dst,
-        int(dport) if has_ports and dport is not None else None,
+        dport if has_ports else None,
     )

@@ -27,8 +27,9 @@ from nf.ids.rules import Rule
 
 __all__ = ["Detector", "PacketView"]
 
-TCP, UDP, ICMP = 6, 17, 1
-_GROUPS = {TCP: "tcp", UDP: "udp", ICMP: "icmp"}
+TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
+#: The rule group of a packet's protocol; ``icmp`` rules meet ICMPv6 too, as Suricata's do.
+_GROUPS = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMP6: "icmp"}
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from nf.ids.alert import fast_alert
 from nf.ids.engine import Detector, PacketView
 from nf.ids.rules import Classification, RuleSet, load_rules, parse_classifications
 from nf.ids.state import CLOSED, FlowContext, ServerAlerts, TrustedHost
-from nf.packet import Packet
+from nf.packet import V6, Packet
 from store import ObjectNotFound
 
 __all__ = ["DEFAULT_CLASSIFICATION", "DEFAULT_RULES", "IDS", "load_config_rules"]
@@ -92,12 +92,12 @@ def _networks(items: Any) -> list[tuple[int, int]]:
             if not part:
                 continue
             try:
-                net = ipaddress.IPv4Network(part, strict=False)
+                net = ipaddress.ip_network(part, strict=False)
             except ValueError:
-                raise ConfigError(
-                    f"whitelist: {part!r} is not an IPv4 address or network"
-                ) from None
-            nets.append((int(net.network_address), int(net.netmask)))
+                raise ConfigError(f"whitelist: {part!r} is not an address or network") from None
+            # (the V6 bit as nf.packet sets it: no IPv4 network holds an IPv6 address)
+            v6 = V6 if net.version == 6 else 0
+            nets.append((int(net.network_address) | v6, int(net.netmask) | V6))
     return nets
 
 
@@ -148,8 +148,9 @@ class IDS(NF):
     async def process(self, packet: Packet) -> Verdict:
         counts = self.counts
         counts["packets"] = counts.get("packets", 0) + 1
-        if packet.drop is not None:
-            self.count(packet.drop)
+        drop = packet.drop
+        if drop is not None and drop != "ipv6":  # (IPv6 is inspected as IPv4 is)
+            self.count(drop)
             return Verdict.FORWARD
         if packet.ip_off & 0x1FFF:
             self.count("fragment-not-inspected")

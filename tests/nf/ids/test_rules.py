@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from nf.ids.addresses import RuleSyntaxError, parse_addresses, parse_ports
 from nf.ids.options import Content, Pcre, parse_content_text
 from nf.ids.rules import Rule, load_rules, parse_classifications
-from nf.packet import ip_int
+from nf.packet import V6, ip_int
 
 CLASSES, _ = parse_classifications(
     "config classification: attempted-recon,Probe for information,2\n"
@@ -37,7 +39,22 @@ def test_address_lists_with_negation_and_variables() -> None:
     assert ip_int("1.2.4.1") in only_neg and ip_int("1.2.3.4") not in only_neg
     assert ip_int("5.5.5.5") not in only_neg
     assert ip_int("9.9.9.9") in parse_addresses("any", {})
-    assert ip_int("9.9.9.9") not in parse_addresses("[fe80::/10]", {})  # IPv6 never matches
+    # IPv6: an IPv4 network never holds an IPv6 address (nf.packet sets bit 128 in one),
+    # nor the other way; a list of negated items alone holds only their families.
+    v6 = V6 | int(ipaddress.IPv6Address("fe80::1"))
+    assert ip_int("9.9.9.9") not in parse_addresses("[fe80::/10]", {})
+    assert v6 in parse_addresses("[fe80::/10]", {}) and v6 in parse_addresses("any", {})
+    assert v6 not in parse_addresses("0.0.0.0/0", {}) and v6 not in parse_addresses(
+        "!10.0.0.0/8", {}
+    )
+    assert v6 not in parse_addresses("!fe80::/64", {}) and ip_int("9.9.9.9") not in parse_addresses(
+        "!fe80::/64", {}
+    )
+    assert v6 | 1 << 64 in parse_addresses("!fe80::/64", {})
+    both = parse_addresses("![10.0.0.0/8,fe80::/64]", {})
+    assert ip_int("9.9.9.9") in both and v6 not in both and v6 | 1 << 64 in both
+    # the low 32 bits of an IPv6 address do not make it an IPv4 one
+    assert V6 | ip_int("10.1.2.3") not in parse_addresses("10.0.0.0/8", {})
 
 
 def test_port_lists() -> None:

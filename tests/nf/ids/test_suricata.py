@@ -145,3 +145,20 @@ async def test_demo_rules_on_attack_traffic_equal_suricata_as_a_set() -> None:
     theirs = collections.Counter(alert_keys(x for x in lines if x.strip()))
     assert {key[0] for key in ours} == set(range(9000001, 9000011))  # every rule fired
     assert set(ours) == set(theirs)
+
+
+async def test_ipv6_alerts_equal_suricata() -> None:
+    """IPv6 (the PRADS tests' IPv6 capture): IPv6 networks and lists in rule headers, an
+    IPv4 network that never holds an IPv6 address (negated, it holds no IPv6 address
+    either, as in Suricata), ICMPv6 under ``icmp`` rules, sessions and content; the same
+    alerts as Suricata's, whose full-length addresses read as ours."""
+    pcap = FIXTURES.parent.parent / "prads" / "fixtures" / "ipv6.pcap"
+    result = await run_ids(read_capture(str(pcap)), {"rules": str(FIXTURES / "ipv6.rules")})
+    ours = collections.Counter(alert_keys(list(result.lines)))
+    lines = (FIXTURES / "ipv6-suricata-fast.log").read_text().splitlines()
+    theirs = collections.Counter(alert_keys([x for x in lines if x.strip()]))
+    assert sum(theirs.values()) >= 7
+    assert ours == theirs
+    # our lines print IPv6 as inet_ntop does, ICMPv6 as Suricata names it
+    assert any("{TCP} 2001:db8::10:40000 -> 2001:db8::20:80" in x for x in result.lines)
+    assert any(x.endswith("{IPv6-ICMP} 2001:db8::40 -> 2001:db8::20") for x in result.lines)
