@@ -49,6 +49,8 @@ class PacketView:
     payload: bytes
     to_server: bool | None = None
     established: bool = False
+    icmp_type: int = 0
+    icmp_code: int = 0
 
 
 #: Groups with at most this many distinct fast patterns search each with ``bytes.find``.
@@ -252,7 +254,7 @@ def _index(rule: Rule) -> int:
 
 
 def _checks(rule: Rule, packet: PacketView) -> bool:
-    """The options that do not read the payload's bytes: flow, flags, dsize."""
+    """The options that do not read the payload's bytes: flow, flags, dsize, itype, icode."""
     flow = rule.flow
     if flow is not None:
         if flow.to is not None and packet.to_server is not None:
@@ -268,4 +270,10 @@ def _checks(rule: Rule, packet: PacketView) -> bool:
     for dsize in rule.dsize:
         if not dsize.check(len(packet.payload)):
             return False
+    if rule.icmp:
+        if packet.proto != ICMP and packet.proto != ICMP6:
+            return False
+        for field in rule.icmp:
+            if not field.check(packet.icmp_type, packet.icmp_code):
+                return False
     return True

@@ -202,7 +202,8 @@ class IDS(NF):
             payload = bytes(packet.frame[pl:pend])
         dst = packet.dst
         view = PacketView(
-            proto, src, dst, sport, dport, flags, payload, to_server, established
+            proto, src, dst, sport, dport, flags, payload, to_server, established,
+            packet.icmp_type, packet.icmp_code,
         )  # fmt: skip
         matched = self.detector.detect(view)
         if not matched:

@@ -116,6 +116,20 @@ class Dsize:
 
 
 @dataclass(frozen=True, slots=True)
+class IcmpField:
+    """``itype`` or ``icode`` (``code``): ``n``, ``>n``, ``<n`` or ``a<>b`` (``a`` and ``b``
+    left out, as Snort and Suricata read it); held as an inclusive range.  Only ICMP and
+    ICMPv6 packets have one."""
+
+    code: bool
+    lo: int
+    hi: int
+
+    def check(self, icmp_type: int, icmp_code: int) -> bool:
+        return self.lo <= (icmp_code if self.code else icmp_type) <= self.hi
+
+
+@dataclass(frozen=True, slots=True)
 class Flow:
     """``flow:...``: direction (``None``, ``"server"`` = to_server, ``"client"`` = to_client)
     and state (``None``, ``"established"``, ``"not_established"``)."""

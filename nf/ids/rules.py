@@ -25,6 +25,7 @@ from nf.ids.options import (
     Dsize,
     Flags,
     Flow,
+    IcmpField,
     PayloadOption,
     Plan,
     UnsupportedOption,
@@ -104,6 +105,7 @@ class Rule:
     flow: Flow | None = None
     flags: Flags | None = None
     dsize: tuple[Dsize, ...] = ()
+    icmp: tuple[IcmpField, ...] = ()
     payload: tuple[PayloadOption, ...] = ()
     plan: Plan = field(default_factory=lambda: make_plan([]))
     fast_pattern: Content | None = None
@@ -282,6 +284,25 @@ def _parse_flags(value: str) -> Flags:
     return Flags(mode, bits, mask)
 
 
+def _parse_icmp(name: str, value: str) -> IcmpField:
+    text = value.replace(" ", "")
+    try:
+        if "<>" in text:
+            lo_text, hi_text = text.split("<>")
+            lo, hi = int(lo_text) + 1, int(hi_text) - 1
+        elif text.startswith(">"):
+            lo, hi = int(text[1:]) + 1, 255
+        elif text.startswith("<"):
+            lo, hi = 0, int(text[1:]) - 1
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise RuleSyntaxError(f"bad {name} {value!r}") from None
+    if not 0 <= lo <= hi <= 255:
+        raise RuleSyntaxError(f"{name} {value!r} holds no value from 0 to 255")
+    return IcmpField(name == "icode", lo, hi)
+
+
 def _parse_dsize(value: str) -> Dsize:
     text = value.replace(" ", "")
     try:
@@ -336,6 +357,7 @@ class _Draft:
     flow: Flow | None = None
     flags: Flags | None = None
     dsize: list[Dsize] = field(default_factory=list)
+    icmp: list[IcmpField] = field(default_factory=list)
     payload: list[PayloadOption] = field(default_factory=list)
     unsupported: str | None = None
 
@@ -392,6 +414,8 @@ def _apply(draft: _Draft, name: str, value: str, seen: set[str]) -> None:
         draft.flags = _parse_flags(value)
     elif name == "dsize":
         draft.dsize.append(_parse_dsize(value))
+    elif name in ("itype", "icode"):
+        draft.icmp.append(_parse_icmp(name, value))
     else:
         raise UnsupportedOption(name)
 
@@ -473,6 +497,7 @@ def _parse_rule(
         flow=draft.flow,
         flags=draft.flags,
         dsize=tuple(draft.dsize),
+        icmp=tuple(draft.icmp),
         payload=tuple(draft.payload),
         plan=make_plan(draft.payload),
         fast_pattern=_fast_pattern(draft.payload),

@@ -13,6 +13,8 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
+import pytest
+
 from nf.capture import read_capture
 from nf.ids.alert import parse_fast_alert
 from nf.ids.nf import load_config_rules
@@ -162,3 +164,24 @@ async def test_ipv6_alerts_equal_suricata() -> None:
     # our lines print IPv6 as inet_ntop does, ICMPv6 as Suricata names it
     assert any("{TCP} 2001:db8::10:40000 -> 2001:db8::20:80" in x for x in result.lines)
     assert any(x.endswith("{IPv6-ICMP} 2001:db8::40 -> 2001:db8::20") for x in result.lines)
+
+
+@pytest.mark.parametrize(
+    ("capture", "log"),
+    [
+        ("icmp.pcap", "icmp-suricata-fast.log"),
+        ("../../prads/fixtures/ipv6.pcap", "icmp-ipv6-suricata-fast.log"),
+    ],
+)
+async def test_itype_and_icode_equal_suricata(capture: str, log: str) -> None:
+    """``itype``/``icode`` as ``n``, ``>n``, ``<n`` and ``a<>b`` (both ends left out), on
+    ICMP errors (about a flow seen and one never seen), a time-exceeded, an echo and an
+    ICMPv6 echo; a rule with them never meets a packet of another protocol."""
+    rules = load_config_rules({"rules": str(FIXTURES / "icmp.rules")})
+    assert not rules.errors and not rules.warnings
+    packets = read_capture(str(FIXTURES / capture))
+    result = await run_ids(packets, {"rules": str(FIXTURES / "icmp.rules")})
+    ours = collections.Counter(alert_keys(list(result.lines)))
+    theirs = collections.Counter(alert_keys((FIXTURES / log).read_text().splitlines()))
+    assert sum(theirs.values()) >= 2
+    assert ours == theirs
