@@ -2,19 +2,74 @@
 
 :func:`read_capture` reads a whole file and checks it before any packet is processed, so a
 missing, truncated or foreign file is one :class:`CaptureError` with one clear line.
-Only Ethernet captures are taken (the NFs parse Ethernet frames).
+The NFs parse Ethernet frames: captures of another link type that carries IP (Linux
+"cooked" captures, as ``tcpdump -i any`` writes them, v1 and v2; raw IP; BSD loopback) are
+given an Ethernet header with the packet's EtherType (addresses zero), as Suricata reads
+them; any other link type is refused.  (prads 0.3.3 reads every capture as Ethernet, so
+on such a capture its log is not ours to match.)
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 __all__ = ["CaptureError", "read_capture", "write_pcap"]
 
 LINKTYPE_ETHERNET = 1
+LINKTYPE_NULL = 0  # BSD loopback: the address family, in the writer's byte order
+LINKTYPE_RAW = 101  # an IP packet, v4 or v6
+LINKTYPE_LOOP = 108  # OpenBSD loopback: the address family, big-endian
+LINKTYPE_LINUX_SLL = 113  # Linux cooked v1: 16 bytes, the EtherType at 14
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+LINKTYPE_LINUX_SLL2 = 276  # Linux cooked v2: 20 bytes, the EtherType first
+
+_NO_MACS = bytes(12)
+_ETH_IP = b"\x08\x00"
+_ETH_IPV6 = b"\x86\xdd"
+#: BSD address families of IPv6 (their values differ between systems).
+_AF_INET6 = (10, 24, 28, 30)
+
+
+def _raw_ip(packet: bytes) -> bytes:
+    kind = _ETH_IPV6 if packet and packet[0] >> 4 == 6 else _ETH_IP
+    return _NO_MACS + kind + packet
+
+
+def _bsd_loopback(order: str) -> Callable[[bytes], bytes]:
+    def convert(packet: bytes) -> bytes:
+        if len(packet) < 4:
+            return _NO_MACS + b"\0\0" + packet  # (not IP: the NFs count it)
+        (family,) = struct.unpack_from(order + "I", packet)
+        kind = _ETH_IPV6 if family in _AF_INET6 else _ETH_IP if family == 2 else b"\0\0"
+        return _NO_MACS + kind + packet[4:]
+
+    return convert
+
+
+def _converter(linktype: int, path: Path, order: str = "<") -> Callable[[bytes], bytes] | None:
+    """How a packet of ``linktype`` becomes an Ethernet frame (None: it is one); ``order``
+    is the capture's byte order (BSD loopback writes its family in the writer's)."""
+    if linktype == LINKTYPE_ETHERNET:
+        return None
+    if linktype == LINKTYPE_LINUX_SLL:
+        return lambda p: _NO_MACS + p[14:16] + p[16:]
+    if linktype == LINKTYPE_LINUX_SLL2:
+        return lambda p: _NO_MACS + p[0:2] + p[20:]
+    if linktype in (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6):
+        return _raw_ip
+    if linktype == LINKTYPE_NULL:
+        return _bsd_loopback(order)
+    if linktype == LINKTYPE_LOOP:
+        return _bsd_loopback(">")
+    raise CaptureError(
+        f"{path}: link type {linktype} is not supported (Ethernet, Linux cooked, raw IP"
+        " and loopback are)"
+    )
+
 
 _PCAP_MAGIC = {
     b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
@@ -55,10 +110,7 @@ def _read_pcap(path: Path, data: bytes) -> list[tuple[float, bytes]]:
     if len(data) < 24:
         raise CaptureError(f"{path}: truncated pcap file header ({len(data)} of 24 bytes)")
     _vmaj, _vmin, _zone, _sig, _snap, linktype = struct.unpack_from(order + "HHiIII", data, 4)
-    if linktype & 0xFFFF != LINKTYPE_ETHERNET:
-        raise CaptureError(
-            f"{path}: link type {linktype & 0xFFFF} is not supported (Ethernet only)"
-        )
+    convert = _converter(linktype & 0xFFFF, path, order)
     record = struct.Struct(order + "IIII")
     out: list[tuple[float, bytes]] = []
     at = 24
@@ -78,7 +130,8 @@ def _read_pcap(path: Path, data: bytes) -> list[tuple[float, bytes]]:
             raise CaptureError(
                 f"{path}: truncated: packet {len(out) + 1} has {end - at} of {caplen} bytes"
             )
-        out.append((sec + frac * unit, data[at : at + caplen]))
+        packet = data[at : at + caplen]
+        out.append((sec + frac * unit, packet if convert is None else convert(packet)))
         at += caplen
     return out
 
@@ -90,12 +143,10 @@ def _read_pcapng(path: Path) -> list[tuple[float, bytes]]:
     try:
         with path.open("rb") as f:
             reader = dpkt.pcapng.Reader(f)
-            if reader.datalink() != LINKTYPE_ETHERNET:
-                raise CaptureError(
-                    f"{path}: link type {reader.datalink()} is not supported (Ethernet only)"
-                )
+            convert = _converter(reader.datalink(), path)
             for ts, frame in reader:
-                out.append((float(ts), bytes(frame)))
+                packet = bytes(frame)
+                out.append((float(ts), packet if convert is None else convert(packet)))
     except CaptureError:
         raise
     except Exception as exc:  # dpkt's errors for a broken pcapng are of several kinds

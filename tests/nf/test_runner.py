@@ -116,13 +116,13 @@ def test_bad_captures_are_refused_in_one_line(
         "empty": (tmp_path / "empty.pcap", "not a pcap or pcapng file"),
         "cut": (tmp_path / "cut.pcap", "truncated"),
         "cut-header": (tmp_path / "cuthdr.pcap", "truncated pcap file header"),
-        "linktype": (tmp_path / "raw.pcap", "link type 101"),
+        "linktype": (tmp_path / "wifi.pcap", "link type 105"),
     }
     files["text"][0].write_text("hello, not a capture\n")
     files["empty"][0].write_bytes(b"")
     files["cut"][0].write_bytes(data[:-7])
     files["cut-header"][0].write_bytes(data[:10])
-    files["linktype"][0].write_bytes(data[:20] + (101).to_bytes(4, "little") + data[24:])
+    files["linktype"][0].write_bytes(data[:20] + (105).to_bytes(4, "little") + data[24:])
     for path, message in files.values():
         assert main(["nat", "--pcap", str(path)]) == 2
         err = capsys.readouterr().err.strip()
