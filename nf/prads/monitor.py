@@ -879,9 +879,10 @@ class PRADS(NF):
         """When host ``ip`` was first and last seen, by a stale read of its asset (the
         paper's Figure 3: served from this member's cache when fresh enough), or None."""
         try:
-            key = int(ipaddress.IPv4Address(ip))
+            address = ipaddress.ip_address(ip)
         except ValueError:
-            raise ValueError(f"seen: not an IPv4 address: {ip!r}") from None
+            raise ValueError(f"seen: not an IP address: {ip!r}") from None
+        key = int(address) | (V6 if address.version == 6 else 0)
         try:
             async with self.assets.get(key, readonly=True) as ref:
                 first, last = await ref.seen()

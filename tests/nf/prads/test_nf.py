@@ -64,27 +64,32 @@ async def test_a_bad_folder_or_network_is_a_config_error(tmp_path: Path) -> None
 
 async def test_queries() -> None:
     frames = [
-        (T + 1, tcp("10.0.0.1", 40000, "10.0.0.2", 22, "S", win=5840, ttl=60, opts=LINUX_SYN))
+        (T + 1, tcp("10.0.0.1", 40000, "10.0.0.2", 22, "S", win=5840, ttl=60, opts=LINUX_SYN)),
+        (T + 2, tcp("2001:db8::1", 40000, "2001:db8::2", 22, "S", opts=LINUX_SYN, flow=7)),
     ]
     log, nfs = await run(frames)
-    assert log[0] == HEADER and len(log) == 2
-    assert nfs[0].counts["packets"] == 1
+    assert log[0] == HEADER and len(log) == 3
+    assert nfs[0].counts["packets"] == 2
     # the NF is gone with its space; a fresh one answers the rest of the queries
     async with store.open_space() as space:
         nf = PRADS(space, {})
-        packet = parse(frames[0][1], frames[0][0])
-        await (await space.submit(nf.flow_key(packet), nf.process, packet))
+        for ts, frame in frames:
+            packet = parse(frame, ts)
+            await (await space.submit(nf.flow_key(packet), nf.process, packet))
         stats = await nf.query("statistics")
         assert list(stats)[: len(STATISTICS)] == list(STATISTICS)
-        assert stats["tcp_os_assets"] == 1 and stats["sessions"] == 1 and stats["assets"] == 1
-        (asset,) = await nf.query("assets")
-        assert asset["ip"] == "10.0.0.1" and asset["first"] == T + 1 and len(asset["os"]) == 1
-        assert asset["services"] == []
+        assert stats["tcp_os_assets"] == 2 and stats["sessions"] == 2 and stats["assets"] == 2
+        assert stats["ip4_recv"] == 1 and stats["ip6_recv"] == 1
+        v4, v6 = await nf.query("assets")
+        assert v4["ip"] == "10.0.0.1" and v4["first"] == T + 1 and len(v4["os"]) == 1
+        assert v4["services"] == [] and v6["ip"] == "2001:db8::1"
         sigs = await nf.query("signatures")
         assert sigs["tcp-syn.fp"] > 0
         assert await nf.query("seen", ip="10.0.0.1") == (T + 1, T + 1)
+        assert await nf.query("seen", ip="2001:db8::1") == (T + 2, T + 2)
         assert await nf.query("seen", ip="10.9.9.9") is None
-        with pytest.raises(ValueError, match="not an IPv4 address"):
+        assert await nf.query("seen", ip="::a00:1") is None  # not 10.0.0.1
+        with pytest.raises(ValueError, match="not an IP address"):
             await nf.query("seen", ip="nope")
         with pytest.raises(KeyError, match="log, assets"):
             await nf.query("nope")
