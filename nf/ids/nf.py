@@ -23,7 +23,7 @@ from nf.ids.alert import fast_alert
 from nf.ids.engine import Detector, PacketView
 from nf.ids.rules import Classification, RuleSet, load_rules, parse_classifications
 from nf.ids.state import CLOSED, FlowContext, ServerAlerts, TrustedHost
-from nf.packet import V6, Packet
+from nf.packet import V6, Packet, ip_str
 from store import ObjectNotFound
 
 __all__ = ["DEFAULT_CLASSIFICATION", "DEFAULT_RULES", "IDS", "load_config_rules"]
@@ -333,4 +333,4 @@ class IDS(NF):
 
 
 def _ip(key: Any) -> str:
-    return str(ipaddress.IPv4Address(int(key)))
+    return ip_str(int(key))  # (IPv4 or IPv6, as nf.packet keys them)

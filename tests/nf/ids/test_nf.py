@@ -207,3 +207,25 @@ def test_classification_files(tmp_path: Path) -> None:
     args = argparse.Namespace(rules=str(rules), classification=str(named))
     (chosen,) = IDS.config_from(args, {})["ruleset"].rules
     assert chosen.classification is not None and chosen.classification.description == "Named"
+
+
+async def test_ipv6_servers_and_trusted_hosts_are_listed() -> None:
+    """The control plane names IPv6 hosts as ``inet_ntop`` does (their keys carry the V6
+    bit); a whitelist takes IPv6 networks."""
+    from tests.nf.prads.frames import tcp
+
+    rules = 'alert tcp any any -> any any (msg:"syn"; flags:S; sid:1;)'
+    packets = [
+        (1.0, tcp("2001:db8::1", 1000, "2001:db8::2", 80, "S")),
+        (2.0, tcp("2001:db8::1", 1001, "fe80::9", 80, "S")),
+        (3.0, tcp("10.0.0.1", 1002, "10.0.0.2", 80, "S")),
+    ]
+    async with store.open_space() as space:
+        ids = IDS(space, {"rules_text": rules, "whitelist": ["fe80::/10"]})
+        for ts, frame in packets:
+            await ids.process(parse(frame, ts))
+        await space.flush()
+        servers = sorted(await ids.query("servers"))
+        trusted = await ids.query("trusted")
+    assert servers == ["10.0.0.2 1", "2001:db8::2 1"]
+    assert trusted == ["fe80::9 1"]
