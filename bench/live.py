@@ -532,7 +532,8 @@ def _run(cfg: LiveConfig, work: Path) -> dict[str, Any]:
             if p.name.startswith("instance") and not (p is leaver and "killed" in result):
                 exits = p.events("exit") or [p.event("exit", 60)]
                 serving[p.name] = exits[-1]
-        one_pass = cfg.duration is None and (cfg.pcap is None or not cfg.flows)
+        # (the sender loops the capture only for a --duration; --flows sizes a generated one)
+        one_pass = cfg.duration is None
         # A killed instance's state died with it: the output is not the offline run's.
         one_pass = one_pass and "killed" not in result
         # local-only never reconciles its instances' state: its output is not the NF's.
