@@ -11,7 +11,8 @@
 * **Traffic.** The capture's frames in file order, paced to ``--rate`` frames per second
   (in small bursts, one datagram per instance per burst, a few hundred bursts a second).
   ``--flows N`` larger than the capture's flow count replays it again with fresh
-  addresses (pass k XORs k into the second octet of every address, checksums fixed), until
+  addresses (pass k XORs k into the second octet of every IPv4 address, the third-last of
+  every IPv6 one, checksums fixed), until
   N flows have been started; ``--duration`` loops the same way until the time is up.  Each
   frame carries its flow's number (the NF's unit of order with ``--nf``: its ``flow_key``,
   so each direction for the NAT; else a connection), its sequence number in the flow and
@@ -760,7 +761,7 @@ class Sender:
                 if conn >= limit:
                     continue
                 p = parse(frame, 0.0)
-                if p.drop is None:
+                if p.drop is None or p.drop == "ipv6":
                     p.rewrite_src(p.src ^ mask, p.sport)
                     p.rewrite_dst(p.dst ^ mask, p.dport)
                 yield k * n_units + flow, steer_key(p), bytes(p.frame)
@@ -895,9 +896,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from store.cli.common import read_secret
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The sender's options, checked, with what they imply (the NF's keys)."""
     parser = argparse.ArgumentParser(prog="python -m bench.sender", description=__doc__)
     parser.add_argument("--controller", required=True, metavar="HOST:PORT")
     parser.add_argument("--sink", required=True, metavar="HOST:PORT")
@@ -972,11 +972,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--first-pass must be between 0 and 255")
     if args.rate <= 0:
         parser.error("--rate must be positive")
-    args.secret = read_secret(args.secret_file, parser.prog)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from store.cli.common import read_secret
+
+    args = parse_args(argv)
+    args.secret = read_secret(args.secret_file, "python -m bench.sender")
     try:
         result = trio.run(_main, args)
     except trio.TooSlowError:
-        print(f"{parser.prog}: no instances within {args.wait:g} s", file=sys.stderr)
+        print(f"python -m bench.sender: no instances within {args.wait:g} s", file=sys.stderr)
         return 1
     _emit("done", **result)
     return 0

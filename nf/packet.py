@@ -285,6 +285,8 @@ class Packet:
         HC' = ~(~HC + ~m + m') summed over the changed 16-bit words).  Whether the packet
         has ports (and so the port was replaced)."""
         if self.drop is not None:
+            if self.drop == "ipv6":
+                return self._rewrite6(8 if at == 12 else 24, ip, port_at, port)
             raise ValueError(f"cannot rewrite a frame that did not parse ({self.drop})")
         frame = self.frame
         l3 = self.l3
@@ -318,6 +320,38 @@ class Packet:
             new = 0xFFFF  # a computed 0 is sent as all ones
         _pack16(frame, c, new)
         return True
+
+    def _rewrite6(self, at: int, ip: int, port_at: int, port: int) -> bool:
+        """:meth:`_rewrite` of an IPv6 packet: no header checksum; the TCP, UDP or ICMPv6
+        checksum covers the addresses through its pseudo-header."""
+        frame = self.frame
+        a = self.l3 + at
+        new = (ip & _V6_MASK).to_bytes(16, "big")
+        delta = 0
+        for i in range(a, a + 16, 2):
+            j = i - a
+            delta += 0xFFFF - ((frame[i] << 8) | frame[i + 1]) + ((new[j] << 8) | new[j + 1])
+        frame[a : a + 16] = new
+        proto = self.proto
+        l4 = self.l4
+        has_ports = proto == TCP or proto == UDP
+        if has_ports:
+            p = l4 + port_at
+            delta += 0xFFFF - _u16(frame, p)[0] + port
+            _pack16(frame, p, port)
+            c = l4 + 16 if proto == TCP else l4 + 6
+        elif proto == ICMP6:
+            c = l4 + 2
+        else:
+            return False
+        total = 0xFFFF - _u16(frame, c)[0] + delta
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        new_sum = ~total & 0xFFFF
+        if proto == UDP and new_sum == 0:
+            new_sum = 0xFFFF  # a computed 0 is sent as all ones
+        _pack16(frame, c, new_sum)
+        return has_ports
 
     def rewrite_src(self, ip: int, port: int) -> None:
         """Set the source address (and port, for TCP/UDP with a header) in place."""

@@ -383,3 +383,60 @@ def test_parse_never_raises(data: bytes) -> None:
     assert p.drop is None or p.drop in DROP_REASONS
     if p.drop is None:
         assert p.l3 <= p.l4 <= p.pl <= p.pend <= len(p.frame)
+
+
+def _l4_sum_ok(frame: bytes) -> bool:
+    """The IPv6 TCP/UDP/ICMPv6 checksum of ``frame`` verifies (pseudo-header included)."""
+    plen, nh = struct.unpack_from("!HB", frame, 18)
+    pseudo = frame[22:54] + struct.pack("!IxxxB", plen, nh)
+    return checksum(pseudo + frame[54 : 54 + plen]) == 0
+
+
+@FAST
+@given(
+    src=addrs6,
+    dst=addrs6,
+    new_src=addrs6,
+    new_dst=addrs6,
+    sport=ports,
+    dport=ports,
+    nsport=ports,
+    ndport=ports,
+    payload=payloads,
+    kind=st.sampled_from([6, 17, 58]),
+)
+def test_ipv6_rewrite_keeps_the_checksum_right(
+    src: bytes,
+    dst: bytes,
+    new_src: bytes,
+    new_dst: bytes,
+    sport: int,
+    dport: int,
+    nsport: int,
+    ndport: int,
+    payload: bytes,
+    kind: int,
+) -> None:
+    if kind == 6:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 7, 9, 5 << 4, SYN, 1024, 0, 0) + payload
+        at = 16
+    elif kind == 17:
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+        at = 6
+    else:
+        l4 = struct.pack("!BBH", 128, 0, 0) + payload
+        at = 2
+    pseudo = src + dst + struct.pack("!IxxxB", len(l4), kind)
+    value = checksum(pseudo + l4) or (0xFFFF if kind == 17 else 0)
+    l4 = l4[:at] + struct.pack("!H", value) + l4[at + 2 :]
+    frame = ip6_frame(src, dst, kind, l4)
+    assert _l4_sum_ok(frame)
+    p = parse(frame, 0.0)
+    p.rewrite_src(int.from_bytes(new_src, "big") | V6, nsport)
+    p.rewrite_dst(int.from_bytes(new_dst, "big") | V6, ndport)
+    again = parse(p.frame, 0.0)
+    assert again.drop == "ipv6" and _l4_sum_ok(bytes(p.frame))
+    assert again.src == int.from_bytes(new_src, "big") | V6 == p.src
+    assert again.dst == int.from_bytes(new_dst, "big") | V6 == p.dst
+    if kind != 58:
+        assert (again.sport, again.dport) == (nsport, ndport)

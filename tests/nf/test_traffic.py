@@ -4,6 +4,7 @@ runs end to end on a tiny capture."""
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from bench import nf as bench_nf
 from bench import traffic
 from nf.capture import read_capture
-from nf.packet import FIN, RST, SYN, TCP, UDP, parse
+from nf.packet import FIN, RST, SYN, TCP, UDP, checksum, parse
 
 
 def test_the_same_arguments_make_the_same_bytes(tmp_path: Path) -> None:
@@ -64,3 +65,35 @@ def test_bench_nf_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     }  # fmt: skip
     assert data["nat_connections"] is None
     assert (tmp_path / "nf.png").stat().st_size > 1000
+
+
+def test_the_senders_later_passes_give_ipv6_flows_fresh_addresses_too(tmp_path: Path) -> None:
+    """``bench.sender`` replays a capture again with fresh addresses for more flows: the
+    IPv6 flows of pass k are new flows (their addresses changed, their checksums right),
+    as the IPv4 ones are."""
+    from bench.sender import Sender, parse_args
+
+    capture = Path(__file__).parent / "prads" / "fixtures" / "ipv6.pcap"
+    n = len(read_capture(capture))
+    flows = len({parse(f, 0).flow_key_both() for _, f in read_capture(capture)})
+    args = parse_args(
+        [
+            "--controller", "127.0.0.1:9", "--sink", "127.0.0.1:9", "--pcap", str(capture),
+            "--flows", str(2 * flows), "--nf", "prads",
+        ]
+    )  # fmt: skip
+    sender = Sender(args)
+    try:
+        frames = [frame for _, _, frame in sender.frames()]
+    finally:
+        sender.sock.close()
+    assert len(frames) == 2 * n
+    first = {parse(f, 0).flow_key_both() for f in frames[:n]}
+    second = {parse(f, 0).flow_key_both() for f in frames[n:]}
+    assert len(first) == len(second) == flows and not first & second
+    for frame in frames[n:]:
+        p = parse(frame, 0)
+        if p.drop == "ipv6" and p.proto in (6, 17, 58):
+            plen = p.ip_len - 40
+            pseudo = bytes(frame[p.l3 + 8 : p.l3 + 40]) + struct.pack("!IxxxB", plen, p.proto)
+            assert checksum(pseudo + bytes(frame[p.l4 : p.l4 + plen])) == 0
