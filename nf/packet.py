@@ -344,6 +344,7 @@ class Packet:
             c = l4 + 2
         else:
             return False
+        # (the fold _rewrite makes too, kept inline there: it is the NAT's per-packet path)
         total = 0xFFFF - _u16(frame, c)[0] + delta
         while total >> 16:
             total = (total & 0xFFFF) + (total >> 16)

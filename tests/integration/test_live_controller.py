@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench.live import Proc, _free_port
 from bench.traffic import main as traffic
+from tests.integration.live_procs import start_instances, start_sink
 
 
 def test_traffic_outlives_a_controller_restart_and_waits_when_no_instance_is_left(
@@ -38,25 +39,8 @@ def test_traffic_outlives_a_controller_restart_and_waits_when_no_instance_is_lef
     procs: list[Proc] = []
     try:
         first = controller(1)
-        sink = Proc(
-            "sink",
-            ["-m", "bench.sink", "--out", str(tmp_path / "sink.json"), "--drain-timeout", "3"],
-            stderr_to=tmp_path / "sink.err",
-        )
-        procs.append(sink)
-        sink_address = sink.event("ready", 30)["address"]
-        instances = []
-        for i in range(2):
-            inst = Proc(
-                f"instance-{i}",
-                [
-                    "-m", "nf", "serve", "prads", "--controller", address, "--data",
-                    "127.0.0.1:0", "--sink", sink_address,
-                ],
-                stderr_to=tmp_path / f"instance-{i}.err",
-            )  # fmt: skip
-            procs.append(inst)
-            instances.append(inst)
+        sink, sink_address = start_sink(tmp_path, procs)
+        instances = start_instances(2, address, sink_address, tmp_path, procs)
         for inst in instances:
             inst.event("ready", 60)
         sender = Proc(

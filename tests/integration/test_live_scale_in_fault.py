@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.live import ROOT, Proc, _free_port
 from bench.traffic import main as traffic
+from tests.integration.live_procs import start_instances, start_sink
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -40,25 +41,8 @@ def test_a_leaver_killed_during_its_scale_in_stops_nothing_else(tmp_path: Path) 
         )
         procs.append(controller)
         controller.wait_line(lambda s: s.startswith("listening on"), 30)
-        sink = Proc(
-            "sink",
-            ["-m", "bench.sink", "--out", str(tmp_path / "sink.json"), "--drain-timeout", "3"],
-            stderr_to=tmp_path / "sink.err",
-        )
-        procs.append(sink)
-        sink_address = sink.event("ready", 30)["address"]
-        instances = []
-        for i in range(3):
-            inst = Proc(
-                f"instance-{i}",
-                [
-                    "-m", "nf", "serve", "prads", "--controller", address, "--data",
-                    "127.0.0.1:0", "--sink", sink_address,
-                ],
-                stderr_to=tmp_path / f"instance-{i}.err",
-            )  # fmt: skip
-            procs.append(inst)
-            instances.append(inst)
+        sink, sink_address = start_sink(tmp_path, procs)
+        instances = start_instances(3, address, sink_address, tmp_path, procs)
         names = [inst.event("ready", 60)["name"] for inst in instances]
         sender = Proc(
             "sender",

@@ -1,0 +1,39 @@
+"""Starting the processes of a live NF cluster for the integration tests that drive one
+by hand (a sink, PRADS instances), as an operator would from a shell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.live import Proc
+
+
+def start_sink(work: Path, procs: list[Proc]) -> tuple[Proc, str]:
+    """A sink (3 s of silence ends it once the traffic is over), and its address."""
+    sink = Proc(
+        "sink",
+        ["-m", "bench.sink", "--out", str(work / "sink.json"), "--drain-timeout", "3"],
+        stderr_to=work / "sink.err",
+    )
+    procs.append(sink)
+    return sink, sink.event("ready", 30)["address"]
+
+
+def start_instances(
+    n: int, controller: str, sink: str, work: Path, procs: list[Proc]
+) -> list[Proc]:
+    """``n`` PRADS instances joining through ``controller``, started together (each one's
+    ``ready`` line is the caller's to wait for)."""
+    instances = []
+    for i in range(n):
+        inst = Proc(
+            f"instance-{i}",
+            [
+                "-m", "nf", "serve", "prads", "--controller", controller, "--data",
+                "127.0.0.1:0", "--sink", sink,
+            ],
+            stderr_to=work / f"instance-{i}.err",
+        )  # fmt: skip
+        procs.append(inst)
+        instances.append(inst)
+    return instances
