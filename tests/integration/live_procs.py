@@ -37,3 +37,23 @@ def start_instances(
         procs.append(inst)
         instances.append(inst)
     return instances
+
+
+def start_sender(
+    controller: str, sink: str, pcap: Path, seconds: float, instances: int, work: Path,
+    procs: list[Proc],
+) -> Proc:  # fmt: skip
+    """The sender: ``pcap`` at 1,500 frames/s for ``seconds``, once ``instances`` PRADS
+    instances are members; started (its ``started`` line is in)."""
+    sender = Proc(
+        "sender",
+        [
+            "-m", "bench.sender", "--controller", controller, "--sink", sink,
+            "--pcap", str(pcap), "--rate", "1500", "--duration", str(seconds), "--nf",
+            "prads", "--min-instances", str(instances),
+        ],
+        stderr_to=work / "sender.err",
+    )  # fmt: skip
+    procs.append(sender)
+    sender.event("started", 60)
+    return sender

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.live import Proc, _free_port
 from bench.traffic import main as traffic
-from tests.integration.live_procs import start_instances, start_sink
+from tests.integration.live_procs import start_instances, start_sender, start_sink
 
 
 def test_traffic_outlives_a_controller_restart_and_waits_when_no_instance_is_left(
@@ -43,17 +43,7 @@ def test_traffic_outlives_a_controller_restart_and_waits_when_no_instance_is_lef
         instances = start_instances(2, address, sink_address, tmp_path, procs)
         for inst in instances:
             inst.event("ready", 60)
-        sender = Proc(
-            "sender",
-            [
-                "-m", "bench.sender", "--controller", address, "--sink", sink_address,
-                "--pcap", str(pcap), "--rate", "1500", "--duration", "14", "--nf", "prads",
-                "--min-instances", "2",
-            ],
-            stderr_to=tmp_path / "sender.err",
-        )  # fmt: skip
-        procs.append(sender)
-        sender.event("started", 60)
+        sender = start_sender(address, sink_address, pcap, 14, 2, tmp_path, procs)
         first.popen.kill()
         sender.event("controller-lost", 30)
         controller(2)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.live import ROOT, Proc, _free_port
 from bench.traffic import main as traffic
-from tests.integration.live_procs import start_instances, start_sink
+from tests.integration.live_procs import start_instances, start_sender, start_sink
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -44,17 +44,7 @@ def test_a_leaver_killed_during_its_scale_in_stops_nothing_else(tmp_path: Path) 
         sink, sink_address = start_sink(tmp_path, procs)
         instances = start_instances(3, address, sink_address, tmp_path, procs)
         names = [inst.event("ready", 60)["name"] for inst in instances]
-        sender = Proc(
-            "sender",
-            [
-                "-m", "bench.sender", "--controller", address, "--sink", sink_address,
-                "--pcap", str(pcap), "--rate", "1500", "--duration", "8", "--nf", "prads",
-                "--min-instances", "3",
-            ],
-            stderr_to=tmp_path / "sender.err",
-        )  # fmt: skip
-        procs.append(sender)
-        sender.event("started", 60)
+        sender = start_sender(address, sink_address, pcap, 8, 3, tmp_path, procs)
         leaver, survivors = instances[0], instances[1:]
         scale = subprocess.Popen(
             [sys.executable, "-m", "store.ctl", "--controller", address, "scale-in", names[0]],
