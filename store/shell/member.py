@@ -151,7 +151,6 @@ class NodeMember:
 
     async def on_leave(self, membership: Membership) -> None:
         await flush_before_leaving(self.node)
-        self.node.departed = True
 
     def figures(self) -> dict[str, int | float | str]:
         """The column ``store.ctl status`` shows for this node: the core's statistics (by

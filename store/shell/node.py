@@ -201,9 +201,14 @@ class Node:
         self.clock = trio.lowlevel.current_clock().current_time
         #: The node's standing with the controller, when it joined through one.
         self.membership: Any = None
-        #: Set once a scale-in has removed this node and it has handed its state on: the
-        #: space then takes no object in (``store.api`` raises ``MemberLeft``).
-        self.departed = False
+
+    @property
+    def departed(self) -> bool:
+        """Whether a scale-in has removed this node and it has handed its state on (its
+        membership's ``on_leave`` has run): the space then takes no object in
+        (``store.api`` raises ``MemberLeft``)."""
+        membership = self.membership
+        return membership is not None and bool(membership.left)
 
     def _unit_failed(self, unit: Any) -> None:
         """A microthread's NF code raised: counted (``unit-<Exception>``) and logged here,
