@@ -80,7 +80,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -328,6 +328,10 @@ class Sender:
         self.end_seq = 0
         self.behind = 0
         self.done = False
+        #: Cancelled by :meth:`stop` (a signal): the sending ends early but as it ends
+        #: at its time, with the end markers sent and the report made.
+        self.sending = trio.CancelScope()
+        self.stopped_by: str | None = None
         self.events: list[dict[str, Any]] = []
         # Stop-the-world: on or not (``auto`` decides from the instances' labels), the
         # datagrams held back during a pause (None: not paused), the MOVE markers not yet
@@ -776,15 +780,73 @@ class Sender:
         head = next(frames, None)
         source = itertools.chain([] if head is None else [head], frames)
         seqs: dict[int, int] = {}
+        instances = self.instances
+        cpu0 = time.process_time()
+        origin = time.monotonic()
+        with self.sending:  # (stopped by a signal even while it waits for instances)
+            with trio.fail_after(args.wait):
+                await self.ready.wait()
+            _emit("started", instances=sorted(self.active))
+            cpu0 = time.process_time()
+            origin = time.monotonic()
+            await self._pace(source, seqs, origin)
+        # From the first frame: ``start`` moved on when the sender fell behind, so that the
+        # rate achieved is not made to look higher by it.
+        seconds = time.monotonic() - origin
+        ended = time.time()
+        cpu = time.process_time() - cpu0
+        self.done = True
+        while self.held is not None:  # a pause under way: its traffic goes out first
+            await self.released.wait()
+        while self.reroutes:  # re-steers under way: their held frames go out first
+            await self.rerouted.wait()
+        for inst in instances.values():
+            self._flush(inst)
+            if not inst.ended and inst.packer.frames:
+                self._end(inst)
+        self.end_seq += 1
+        end_msg = encode_end(self.ident, self.end_seq, self.sent, 0)
+        for _ in range(END_REPEATS):
+            self._send(end_msg, self.sink)
+        share = cpu / seconds if seconds > 0 else 0.0
+        sending = seconds - self.no_instance_s  # (the rate is over the time it could send)
+        achieved = self.sent / sending if sending > 0 else 0.0
+        keeps_up = achieved >= 0.95 * rate or self.sent == 0 or self.stopped_by is not None
+        return {
+            "sent": self.sent,
+            "ended_t": round(ended, 4),
+            "flows": len(seqs),
+            "capture_flows": self.capture_flows,
+            "seconds": round(seconds, 3),
+            "rate": rate,
+            "rate_achieved": round(achieved, 1),
+            "behind": self.behind,
+            "no_instance_s": round(self.no_instance_s, 3),
+            "unsendable": self.unsendable,
+            "per_instance": {n: i.packer.frames for n, i in sorted(instances.items())},
+            "cpu": {"seconds": round(cpu, 3), "share_of_core": round(share, 3)},
+            "steer": args.steer,
+            "steer_over_s": args.steer_over,
+            "events": self.events,
+            "stopped_by": self.stopped_by,
+            "valid": share < CPU_LIMIT and keeps_up,
+        }
+
+    def stop(self, why: str) -> None:
+        """End the sending now (SIGINT or SIGTERM), as its duration would: what is held
+        goes out, the instances and the sink get their END, and the report is made."""
+        self.stopped_by = why
+        self.sending.cancel()
+
+    async def _pace(self, source: Iterator[Any], seqs: dict[int, int], start: float) -> None:
+        """Send the frames of ``source`` at the rate, from ``start``, until the duration
+        is over or the capture is (one pass)."""
+        args = self.args
+        rate = args.rate
         steering = self.steering
         instances = self.instances
         holding = self.holding
         now_ns = time.monotonic_ns
-        with trio.fail_after(args.wait):
-            await self.ready.wait()
-        _emit("started", instances=sorted(self.active))
-        cpu0 = time.process_time()
-        start = origin = time.monotonic()
         end = start + args.duration if args.duration is not None else math.inf
         burst_cap = max(1, int(rate * BEHIND_S))
         exhausted = False
@@ -834,46 +896,6 @@ class Sender:
             for name in touched:
                 self._flush(instances[name])
             await trio.lowlevel.checkpoint()
-        # From the first frame: ``start`` moved on when the sender fell behind, so that the
-        # rate achieved is not made to look higher by it.
-        seconds = time.monotonic() - origin
-        ended = time.time()
-        cpu = time.process_time() - cpu0
-        self.done = True
-        while self.held is not None:  # a pause under way: its traffic goes out first
-            await self.released.wait()
-        while self.reroutes:  # re-steers under way: their held frames go out first
-            await self.rerouted.wait()
-        for inst in instances.values():
-            self._flush(inst)
-            if not inst.ended and inst.packer.frames:
-                self._end(inst)
-        self.end_seq += 1
-        end_msg = encode_end(self.ident, self.end_seq, self.sent, 0)
-        for _ in range(END_REPEATS):
-            self._send(end_msg, self.sink)
-        share = cpu / seconds if seconds > 0 else 0.0
-        sending = seconds - self.no_instance_s  # (the rate is over the time it could send)
-        achieved = self.sent / sending if sending > 0 else 0.0
-        keeps_up = achieved >= 0.95 * rate or self.sent == 0
-        return {
-            "sent": self.sent,
-            "ended_t": round(ended, 4),
-            "flows": len(seqs),
-            "capture_flows": self.capture_flows,
-            "seconds": round(seconds, 3),
-            "rate": rate,
-            "rate_achieved": round(achieved, 1),
-            "behind": self.behind,
-            "no_instance_s": round(self.no_instance_s, 3),
-            "unsendable": self.unsendable,
-            "per_instance": {n: i.packer.frames for n, i in sorted(instances.items())},
-            "cpu": {"seconds": round(cpu, 3), "share_of_core": round(share, 3)},
-            "steer": args.steer,
-            "steer_over_s": args.steer_over,
-            "events": self.events,
-            "valid": share < CPU_LIMIT and keeps_up,
-        }
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -886,9 +908,15 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         nursery.start_soon(sender.listen)
 
         async def stop_on_signal() -> None:
+            # The first signal ends the sending as its duration would (the instances
+            # and the sink get their END, the report is printed); a second one stops at
+            # once.
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
+                async for signum in signals:
+                    if sender.stopped_by is None:
+                        sender.stop(signal.Signals(signum).name)
+                    else:
+                        nursery.cancel_scope.cancel()
 
         nursery.start_soon(stop_on_signal)
         result = await sender.send()

@@ -1,0 +1,60 @@
+"""Stopping the sender by hand (Ctrl-C or SIGTERM), as an operator ends a run early: real
+processes on loopback (a controller, two PRADS instances, the sink and the sender).
+
+The first signal ends the sending as its duration would: the sender tells the instances
+and the sink that the traffic is over, prints its report and exits 0; the sink then ends
+on its own with every frame the sender counted accounted for.  (The sender used to die
+with a traceback, no report and no end marker, and the sink waited on.)"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.live import Proc, _free_port
+from bench.traffic import main as traffic
+from tests.integration.live_procs import start_instances, start_sender, start_sink
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_the_senders_run_with_its_report_and_end_markers(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    pcap = tmp_path / "traffic.pcap"
+    traffic(["make", "--flows", "200", "--seed", "5", "--out", str(pcap)])
+    address = f"127.0.0.1:{_free_port()}"
+    procs: list[Proc] = []
+    try:
+        controller = Proc(
+            "controller",
+            ["-m", "store.controller", "--listen", address],
+            stderr_to=tmp_path / "controller.err",
+        )
+        procs.append(controller)
+        controller.wait_line(lambda s: s.startswith("listening on"), 30)
+        sink, sink_address = start_sink(tmp_path, procs)
+        instances = start_instances(2, address, sink_address, tmp_path, procs)
+        for inst in instances:
+            inst.event("ready", 60)
+        sender = start_sender(address, sink_address, pcap, 600, 2, tmp_path, procs)
+        time.sleep(1.0)  # (only how much traffic flows before the signal)
+        sender.popen.send_signal(signum)
+        done = sender.event("done", 30)
+        assert sender.popen.wait(30) == 0, sender.tail()
+        report = sink.event("done", 30)
+        for inst in instances:
+            inst.popen.send_signal(signal.SIGTERM)
+        for inst in instances:
+            assert inst.event("exit", 60)["leaving"] == "SIGTERM"
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    assert done["stopped_by"] == signum.name, done
+    assert done["seconds"] < 60, done
+    assert done["sent"] > 0, done
+    assert report["sent"] == done["sent"], (report, done)
+    assert report["received"] == done["sent"] and report["lost"] == 0, report
+    assert report["duplicates"] == 0 and report["reordered"] == 0, report
