@@ -21,7 +21,10 @@ Reasons a frame is not parsed (``Packet.drop``): ``truncated-ethernet``, ``not-i
 shorter than the header), ``truncated-ip`` (the frame ends before the header or before the
 total length), ``truncated-tcp``, ``truncated-udp``, ``truncated-icmp``, ``bad-tcp-header``
 (data offset under 20 bytes).  An IPv4 packet of another protocol, or a fragment other than
-the first, is fine: its ports are 0 and its whole L4 part is payload.
+the first, is fine: its ports are 0 and its whole L4 part is payload.  A datagram that a
+capture's snap length cut after its headers stays ``truncated-ip`` (``bad-ipv6``) but has
+``cut`` set and its headers read (``Packet.cut``), for an NF that analyses what was
+captured, as prads does.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ class Packet:
     __slots__ = (
         "ack",
         "both_key",
+        "cut",
         "dport",
         "drop",
         "dst",
@@ -208,6 +212,11 @@ class Packet:
     frame: bytearray
     ts: float
     drop: str | None
+    #: The capture cut the datagram short (its total length runs past the frame: a snap
+    #: length), and its IP and L4 headers were read in full from what was captured:
+    #: ``drop`` stays ``truncated-ip`` (``bad-ipv6``), and ``pend`` is the frame's end.
+    #: An NF that analyses what was captured, as prads does, may use such a packet.
+    cut: bool
     vlan: int | None
     l3: int
     ihl: int
@@ -380,6 +389,7 @@ def _empty(frame: bytearray, ts: float, drop: str | None) -> Packet:
     p.frame = frame
     p.ts = ts
     p.drop = drop
+    p.cut = False
     p.vlan = None
     p.l3 = p.ihl = p.tos = p.ip_len = p.ip_id = p.ip_off = p.ttl = p.proto = 0
     p.src = p.dst = p.l4 = p.sport = p.dport = p.tcp_flags = 0
@@ -426,6 +436,7 @@ def parse(frame: bytes | bytearray, ts: float) -> Packet:
             p.frame = frame
             p.ts = ts
             p.drop = None
+            p.cut = False
             p.vlan = None
             p.both_key = None
             p.l3 = 14
@@ -500,13 +511,21 @@ def _parse_any(frame: bytearray, n: int, ts: float) -> Packet:
     p.pl = l4
     p.pend = pend
     p.drop = None
+    p.cut = False
     if vihl >> 4 != 4 or ihl < 20 or ip_len < ihl:
         p.drop = "bad-ip-header"
         return p
     if pend > n:
+        # Cut by the capture: the headers are read from what it holds (see Packet.cut).
         p.drop = "truncated-ip"
-        return p
+        if n < l4:
+            return p
+        pend = p.pend = n
+        cut = True
+    else:
+        cut = False
     if ip_off & 0x1FFF:  # a later fragment: no L4 header here
+        p.cut = cut
         return p
     if proto == TCP:
         if pend < l4 + 20:
@@ -544,6 +563,9 @@ def _parse_any(frame: bytearray, n: int, ts: float) -> Packet:
         p.icmp_type = frame[l4]
         p.icmp_code = frame[l4 + 1]
         p.pl = l4 + 8
+    if cut:
+        p.drop = "truncated-ip"
+        p.cut = True
     return p
 
 
@@ -560,8 +582,9 @@ def _parse_ipv6(frame: bytearray, n: int, ts: float, l3: int, vlan: int | None) 
     if first >> 28 != 6:
         return p
     pend = l3 + 40 + plen
-    if pend > n:
-        return p
+    cut = pend > n  # cut by the capture: read what it holds (see Packet.cut)
+    if cut:
+        pend = n
     l4 = l3 + 40
     p.ihl = 40
     p.tos = first >> 20 & 0xFF
@@ -597,5 +620,8 @@ def _parse_ipv6(frame: bytearray, n: int, ts: float, l3: int, vlan: int | None) 
         p.icmp_type = frame[l4]
         p.icmp_code = frame[l4 + 1]
         p.pl = l4 + 4
-    p.drop = "ipv6"
+    if cut:
+        p.cut = True  # (drop stays bad-ipv6)
+    else:
+        p.drop = "ipv6"
     return p

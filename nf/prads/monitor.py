@@ -347,9 +347,14 @@ class PRADS(NF):
         drop = packet.drop
         v6 = drop is not None
         if drop is not None and drop != "ipv6":
-            self.count(drop)
-            await self._add(_link_counters(frame))
-            return Verdict.FORWARD
+            if not packet.cut:
+                self.count(drop)
+                await self._add(_link_counters(frame))
+                return Verdict.FORWARD
+            # Cut short by the capture's snap length: prads analyses what was captured
+            # (its payload ends where the capture does), and so do we.
+            self.count("cut")
+            v6 = drop == "bad-ipv6"
         # prads reads IP directly after Ethernet or after one 802.1Q tag only; an IPv6
         # packet goes the IPv4 way, with its own counters (and the differences below).
         etype = (frame[12] << 8) | frame[13]

@@ -231,6 +231,33 @@ def test_cut_or_wrong_ipv6_is_bad_ipv6() -> None:
         assert p.drop == "bad-ipv6", frame
 
 
+def test_a_datagram_cut_by_the_captures_snap_length_keeps_its_headers() -> None:
+    """A capture's snap length cuts a datagram after its headers: it stays a drop for the
+    NFs that need it whole (``truncated-ip``, ``bad-ipv6``), with ``cut`` set and the
+    headers read from what was captured (prads analyses such packets); a cut inside the
+    L4 header is no such packet."""
+    payload = b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\n"
+    whole = tcp_frame(ip_int("10.0.0.1"), ip_int("10.0.0.2"), 80, 40000, SYN, payload=payload)
+    assert parse(whole, 0.0).cut is False
+    for keep in (54, 60, len(whole) - 1):
+        p = parse(whole[:keep], 0.0)
+        got = (p.drop, p.cut, p.sport, p.dport, p.tcp_flags)
+        assert got == ("truncated-ip", True, 80, 40000, SYN)
+        assert p.ip_len == len(whole) - 14 and p.pl == 54 and p.pend == keep
+    inside = parse(whole[:50], 0.0)
+    assert inside.drop == "truncated-tcp" and inside.cut is False
+    udp = udp_frame(ip_int("10.0.0.1"), ip_int("10.0.0.2"), 53, 5353, payload=b"x" * 40)
+    p = parse(udp[:50], 0.0)
+    got6 = (p.drop, p.cut, p.sport, p.dport, p.pl, p.pend)
+    assert got6 == ("truncated-ip", True, 53, 5353, 42, 50)
+    tcp = struct.pack("!HHIIBBHHH", 1, 2, 3, 4, 5 << 4, SYN, 9, 0, 0)
+    v6 = ip6_frame(bytes(16), bytes(15) + b"\x01", 6, tcp + b"payload")
+    p = parse(v6[:-3], 0.0)
+    assert (p.drop, p.cut, p.sport, p.dport, p.pend) == ("bad-ipv6", True, 1, 2, len(v6) - 3)
+    p = parse(v6[: 14 + 40 + 10], 0.0)
+    assert p.drop == "bad-ipv6" and p.cut is False
+
+
 @FAST
 @given(words=st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF, 0x1234]), min_size=8, max_size=8))
 def test_ipv6_addresses_are_printed_as_inet_ntop_prints_them(words: list[int]) -> None:

@@ -783,7 +783,13 @@ SCENARIOS: dict[str, Callable[[], Frames]] = {
     "traffic": bench_traffic,
     "ipv6": ipv6_traffic,
     "ipv6home": ipv6_traffic,
+    "snap": mixed,
+    "ipv6snap": ipv6_traffic,
 }
+
+#: Scenarios written as a capture with a snap length writes them (the frames cut to so
+#: many bytes, each record keeping its frame's length): prads analyses what was captured.
+SNAPLEN: dict[str, int] = {"snap": 96, "ipv6snap": 100}
 
 #: Scenarios run with some of our signature files left out (prads tolerates a missing
 #: file: that detection finds nothing).
@@ -863,7 +869,7 @@ def main() -> int:
     FIXTURES.mkdir(exist_ok=True)
     for name, make in SCENARIOS.items():
         pcap = FIXTURES / f"{name}.pcap"
-        write_pcap(str(pcap), make())
+        write_pcap(str(pcap), make(), SNAPLEN.get(name))
         conf = SETTINGS.get(name, ("", {}))[0]
         with tempfile.TemporaryDirectory() as tmp:
             ours = run_prads(pcap, signature_folder(name, Path(tmp)), conf)

@@ -21,6 +21,7 @@ from tests.nf.prads.make_fixtures import (
     LEFT_OUT,
     SCENARIOS,
     SETTINGS,
+    SNAPLEN,
     signature_folder,
 )
 
@@ -115,5 +116,6 @@ async def test_fixtures_are_what_the_script_makes() -> None:
             continue
         frames = make()
         stored = read_pcap(str(FIXTURES / f"{name}.pcap"))
-        assert [f for _, f in stored] == [f for _, f in frames], name
+        cut = SNAPLEN.get(name)
+        assert [f for _, f in stored] == [f[:cut] for _, f in frames], name
         assert [round(t, 6) for t, _ in stored] == [round(t, 6) for t, _ in frames], name
