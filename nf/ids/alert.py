@@ -68,7 +68,7 @@ def _end(text: str, ports: bool, line: str) -> tuple[str, int | None]:
     Suricata writes them), or without one: the address comes back as ``ipaddress`` writes
     it (IPv6 compressed), so that Suricata's full groups and ``inet_ntop``'s form compare
     equal."""
-    if not ports:
+    if not ports or ("." in text and ":" not in text):  # (an IPv4 fragment: no ports)
         try:
             return str(ipaddress.ip_address(text)), None
         except ValueError:
@@ -83,7 +83,7 @@ def _end(text: str, ports: bool, line: str) -> tuple[str, int | None]:
 def parse_fast_alert(line: str) -> tuple[int, int, int, str, str, int | None, str, int | None]:
     """``(gid, sid, rev, proto, src, sport, dst, dport)`` of a fast-alert line, ours or
     Suricata's (whose ICMP lines carry type and code where ports would be: ``None`` for
-    ports of anything but TCP and UDP)."""
+    ports of anything but TCP and UDP, and of an IPv4 fragment's line, which has none)."""
     m = _LINE.match(line)
     if m is None:
         raise ValueError(f"not a fast-alert line: {line!r}")

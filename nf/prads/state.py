@@ -237,19 +237,33 @@ class Asset(MultiWriter):
                 ]
 
 
+def _discovered(ts: float) -> int:
+    """A packet time as prads's log writes it: libpcap reads a capture's seconds as a
+    signed 32-bit number, and prads prints them unsigned in 64 bits, so a time from
+    2038 on (2**31 seconds and over) comes out near 2**64."""
+    seconds = int(ts)
+    if 1 << 31 <= seconds < 1 << 32:
+        return seconds - (1 << 32) + (1 << 64)
+    return seconds
+
+
 def asset_lines(ip: str, asset: Asset) -> list[tuple[list[Any], str]]:
     """The asset log lines of one host, each with its order: what prads would have
     written for the observations this asset holds."""
     out: list[tuple[list[Any], str]] = []
     for key, (order, vlan, port, text, dist) in asset.os.items():
         kind = key.partition(":")[0]
-        out.append((order, f"{ip},{vlan},{port},6,{kind},[{text}],{dist},{int(order[0])}"))
+        out.append((order, f"{ip},{vlan},{port},6,{kind},[{text}],{dist},{_discovered(order[0])}"))
     for key, (first, real) in asset.services.items():
         port, _, proto = key.partition("/")
         order, vlan, role, service, app, dist = first
         label = "SERVER" if role == SERVER else "CLIENT"
         out.append(
-            (order, f"{ip},{vlan},{port},{proto},{label},[{service}:{app}],{dist},{int(order[0])}")
+            (
+                order,
+                f"{ip},{vlan},{port},{proto},{label},[{service}:{app}],{dist},"
+                f"{_discovered(order[0])}",
+            )
         )
         if app.startswith("@") and real is not None:
             # prads replaces the guess by the first real name: same role and distance as
@@ -259,7 +273,7 @@ def asset_lines(ip: str, asset: Asset) -> list[tuple[list[Any], str]]:
                 (
                     r_order,
                     f"{ip},{r_vlan},{port},{proto},{label},[{r_service}:{r_app}],{dist},"
-                    f"{int(r_order[0])}",
+                    f"{_discovered(r_order[0])}",
                 )
             )
     return out

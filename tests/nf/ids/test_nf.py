@@ -191,6 +191,10 @@ async def test_fragments() -> None:
     result = await run_ids([(1.0, first), (2.0, later)], {"rules_text": rules})
     assert [x.split("{UDP} ")[1] for x in result.lines] == ["10.0.0.1 -> 10.0.0.2"]
     assert result.counts["fragment-not-inspected"] == 1
+    # and the line reads back (no ports: None, as for ICMP)
+    from nf.ids.alert import parse_fast_alert
+
+    assert parse_fast_alert(result.lines[0])[3:] == ("UDP", "10.0.0.1", None, "10.0.0.2", None)
 
 
 def test_classification_files(tmp_path: Path) -> None:

@@ -770,6 +770,17 @@ def ipv6_traffic() -> Frames:
     return out
 
 
+def after_2038() -> Frames:
+    """Packet times from 2**31 seconds on: libpcap reads a capture's seconds as signed
+    32-bit, so prads's log shows them near 2**64."""
+    c, s = "10.0.0.10", "10.0.0.20"
+    return [
+        (2.0**31, udp(c, 5353, s, 53, _dns(0x1234, 0x0100, 0))),
+        (2.0**31 + 5.5, tcp(c, 40000, s, 80, "S", seq=1, opts=LINUX_SYN)),
+        (2.0**32 - 1, tcp(s, 22, c, 40001, "PA", payload=b"SSH-2.0-OpenSSH_8.4p1\r\n")),
+    ]
+
+
 SCENARIOS: dict[str, Callable[[], Frames]] = {
     "syn": syn_variants,
     "sessions": sessions,
@@ -785,6 +796,7 @@ SCENARIOS: dict[str, Callable[[], Frames]] = {
     "ipv6home": ipv6_traffic,
     "snap": mixed,
     "ipv6snap": ipv6_traffic,
+    "y2038": after_2038,
 }
 
 #: Scenarios written as a capture with a snap length writes them (the frames cut to so
