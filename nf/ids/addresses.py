@@ -17,7 +17,14 @@ from typing import Any
 
 from nf.packet import V6
 
-__all__ = ["AddressSet", "PortSet", "RuleSyntaxError", "parse_addresses", "parse_ports"]
+__all__ = [
+    "AddressSet",
+    "PortSet",
+    "RuleSyntaxError",
+    "negates",
+    "parse_addresses",
+    "parse_ports",
+]
 
 
 class RuleSyntaxError(ValueError):
@@ -91,6 +98,14 @@ class PortSet:
     @property
     def everything(self) -> bool:
         return self.any and not self.negative
+
+
+def negates(addresses: AddressSet) -> bool:
+    """Whether the list negates anything, at any depth (Suricata inspects a rule with a
+    negated address on every packet, never as IP-only)."""
+    return bool(addresses.negative) or any(
+        isinstance(item, AddressSet) and negates(item) for item in addresses.positive
+    )
 
 
 def _in_range(port: int, item: tuple[int, int] | PortSet) -> bool:

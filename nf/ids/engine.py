@@ -38,7 +38,8 @@ class PacketView:
 
     ``to_server``: True when the packet comes from the flow's initiator, False when from
     its responder, None without a session.  ``established``: the flow's state as ``flow``
-    reads it."""
+    reads it.  ``first_way``: the first packet of its direction in its flow, the one
+    packet on which IP-only rules (``Rule.ip_only``) are inspected."""
 
     proto: int
     src: int
@@ -51,6 +52,7 @@ class PacketView:
     established: bool = False
     icmp_type: int = 0
     icmp_code: int = 0
+    first_way: bool = True
 
 
 #: Groups with at most this many distinct fast patterns search each with ``bytes.find``.
@@ -225,7 +227,10 @@ class Detector:
         # needs no header check
         grouped = self.prefilter
         matched: list[Rule] = []
+        first_way = packet.first_way
         for rule in self.candidates(packet, lower):
+            if rule.ip_only and not first_way:
+                continue
             if not (grouped and rule.any_address) and not rule.header_matches(
                 packet.src, packet.sport, packet.dst, packet.dport, ports and rule.proto != "ip"
             ):

@@ -176,10 +176,12 @@ class IDS(NF):
         # through a reference: the same method either way.
         ctx = self._flow_here(key)
         if ctx is not None:
-            to_server, established, number, closed = ctx.on_packet(proto, src, sport, flags, ts)
+            to_server, established, number, closed, first_way = ctx.on_packet(
+                proto, src, sport, flags, ts
+            )
         else:
             async with self.flows.create(key) as ref:
-                to_server, established, number, closed = await ref.on_packet(
+                to_server, established, number, closed, first_way = await ref.on_packet(
                     proto, src, sport, flags, ts
                 )
         timer = self._timers.get(key)
@@ -203,7 +205,7 @@ class IDS(NF):
         dst = packet.dst
         view = PacketView(
             proto, src, dst, sport, dport, flags, payload, to_server, established,
-            packet.icmp_type, packet.icmp_code,
+            packet.icmp_type, packet.icmp_code, first_way,
         )  # fmt: skip
         matched = self.detector.detect(view)
         if not matched:

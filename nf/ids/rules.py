@@ -17,6 +17,7 @@ from nf.ids.addresses import (
     AddressSet,
     PortSet,
     RuleSyntaxError,
+    negates,
     parse_addresses,
     parse_ports,
 )
@@ -112,9 +113,23 @@ class Rule:
     text: str = ""
     #: both address lists admit every address
     any_address: bool = False
+    #: Suricata's "IP-only" rule (and, with ports, its "like IP-only" one): the header
+    #: alone, no option that reads the packet or the flow, no negated address.  Suricata
+    #: inspects such rules once per flow and direction, on the direction's first packet,
+    #: and so do we.
+    ip_only: bool = False
 
     def __post_init__(self) -> None:
         self.any_address = self.src.everything and self.dst.everything
+        self.ip_only = (
+            self.flow is None
+            and self.flags is None
+            and not self.dsize
+            and not self.icmp
+            and not self.payload
+            and not negates(self.src)
+            and not negates(self.dst)
+        )
 
     def header_matches(self, src: int, sport: int, dst: int, dport: int, ports: bool) -> bool:
         """Whether the header admits a packet ``src:sport -> dst:dport`` (ports only when

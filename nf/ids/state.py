@@ -49,10 +49,12 @@ class FlowContext(SingleWriter):
         self.fins = 0  # bit 1: the initiator sent FIN, bit 2: the responder did
         self.packets = 0
         self.last = 0.0
+        self.ways = 0  # bit 1: a packet from the initiator was seen, bit 2: from the responder
 
     def on_packet(self, proto: int, src: int, sport: int, flags: int, ts: float) -> list[Any]:
-        """Account one packet; ``[to_server, established, number, closed]`` for detection
-        and the idle sweep, where ``number`` counts the flow's packets from 1."""
+        """Account one packet; ``[to_server, established, number, closed, first_way]`` for
+        detection and the idle sweep, where ``number`` counts the flow's packets from 1 and
+        ``first_way`` tells the first packet of its direction (IP-only rules' packet)."""
         state = self.state
         if self.packets == 0 or (
             proto == TCP and state == CLOSED and flags & (_SYN | _ACK) == _SYN
@@ -63,13 +65,17 @@ class FlowContext(SingleWriter):
             self.state = state = NEW
             self.replied = False
             self.fins = 0
+            self.ways = 0
         self.packets += 1
         self.last = ts
         forward = src == self.initiator_ip and sport == self.initiator_port
         if not forward:
             self.replied = True
+        way = 1 if forward else 2
+        first_way = not self.ways & way
+        self.ways |= way
         if proto != TCP:
-            return [forward, self.replied, self.packets, False]
+            return [forward, self.replied, self.packets, False, first_way]
         # A TCP packet is "established" by the state its session was in when it arrived
         # (as Suricata reads it): the handshake's last ACK is not, a RST or the last ACK
         # of a close on an established session still is.
@@ -91,7 +97,7 @@ class FlowContext(SingleWriter):
                 self.fins |= 1 if forward else 2
             elif self.fins == 3 and flags & _ACK:
                 self.state = CLOSED
-        return [forward, established, self.packets, self.state == CLOSED]
+        return [forward, established, self.packets, self.state == CLOSED, first_way]
 
     @stale(max_age=1.0)
     def last_seen(self) -> list[Any]:

@@ -22,6 +22,7 @@ from tests.nf.ids.helpers import alert_keys, run_ids
 
 FIXTURES = Path(__file__).parent / "fixtures"
 A, B = "10.0.0.1", "10.0.0.2"
+OUT = "192.168.1.7"
 
 #: Alerts only we raise, and why.
 ONLY_OURS = {
@@ -185,3 +186,47 @@ async def test_itype_and_icode_equal_suricata(capture: str, log: str) -> None:
     theirs = collections.Counter(alert_keys((FIXTURES / log).read_text().splitlines()))
     assert sum(theirs.values()) >= 2
     assert ours == theirs
+
+
+#: iponly.rules: alerts only Suricata raises, and why.
+ONLY_SURICATA_IPONLY = {
+    # Suricata's flow-end pseudo-packet (stamped after the capture's last packet) meets a
+    # rule it inspects on every packet (a negated address is never IP-only).
+    ("cases.pcap", 4000007, OUT, 44002, B, 82): "a flow-end pseudo-packet",
+    # data on the handshake's last ACK, seen again on the stream once established (as
+    # 1000074 above).
+    ("cases.pcap", 4000010, A, 46004, B, 9044): "stream inspection after the handshake",
+    ("ipv6.pcap", 4000010, "fe80::1", 40001, "fe80::2:0:0:2", 22): "the same, over IPv6",
+}
+
+
+@pytest.mark.parametrize(
+    ("capture", "log"),
+    [
+        ("cases.pcap", "iponly-suricata-fast.log"),
+        ("../../prads/fixtures/ipv6.pcap", "iponly-ipv6-suricata-fast.log"),
+    ],
+)
+async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_does(
+    capture: str, log: str
+) -> None:
+    """A rule of addresses, protocol and ports alone (Suricata's IP-only and like-IP-only
+    rules) alerts on the first packet of each direction of a flow only; a negated address,
+    flags or a flow option make a rule inspected on every packet.  The same alerts as
+    Suricata's but for the listed ones."""
+    rules = load_config_rules({"rules": str(FIXTURES / "iponly.rules")})
+    assert not rules.errors and not rules.warnings
+    assert [r.ip_only for r in rules.rules] == [True] * 6 + [False, True, False, False]
+    packets = read_capture(str(FIXTURES / capture))
+    result = await run_ids(packets, {"rules": str(FIXTURES / "iponly.rules")})
+    ours = collections.Counter(alert_keys(list(result.lines)))
+    theirs = collections.Counter(alert_keys((FIXTURES / log).read_text().splitlines()))
+    assert sum(theirs.values()) >= 30
+    name = Path(capture).name
+    listed = {key[1:]: 1 for key in ONLY_SURICATA_IPONLY if key[0] == name}
+    assert dict(ours - theirs) == {}
+    assert dict(theirs - ours) == listed
+    # every IP-only rule alerted at most once per flow direction
+    once = {r.sid for r in rules.rules if r.ip_only}
+    seen = collections.Counter(key for key in ours.elements() if key[0] in once)
+    assert max(seen.values()) == 1
