@@ -732,7 +732,7 @@ class Sender:
         ``--flows`` counts connections.  The key is direction-free (both directions of a
         connection go to one instance), or with ``--steer owner`` the NF's own flow key
         (the key of its objects in ``flow_map``)."""
-        packets = read_capture(self.args.pcap)
+        packets = read_capture(self.args.pcap, decode_links=self.args.decode_links)
         base: dict[Hashable, int] = {}
         units: dict[Hashable, int] = {}
         first: list[tuple[int, int, Hashable, bytes]] = []
@@ -984,11 +984,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.nf_options = nf_options
     args.owner_steering = (args.owner_map or "prads.connections", Packet.flow_key_both)
     args.order_key = Packet.flow_key_both
+    args.decode_links = True
     if args.nf is not None:
         from nf import registry
 
         try:
             nf_cls = registry.load(args.nf)
+            # the frames the NF's offline run reads from the same capture
+            args.decode_links = nf_cls.decodes_links
             if args.steer == "owner":  # (one instance of the NF gives both keys)
                 args.owner_steering = steering_of(nf_cls, nf_options, args.owner_map)
                 args.order_key = args.owner_steering[1]

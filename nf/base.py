@@ -102,6 +102,10 @@ class NF(abc.ABC):
     malformed_verdict: ClassVar[Verdict] = Verdict.FORWARD
     #: How often (seconds of the NF's clock) ``tick`` wants to run.
     tick_interval: ClassVar[float] = 1.0
+    #: Whether a capture of another link type (Linux cooked, raw IP, BSD loopback) is read
+    #: as the Ethernet frames of what it holds (True), or as captured, its bytes read as
+    #: Ethernet (False: what the program an NF follows does, as prads does).
+    decodes_links: ClassVar[bool] = True
     #: The map holding each flow's own state under its flow key (``flow_key``), or None.
     #: A load balancer that steers a flow to the store's owner of that key there (the
     #: sender's ``--steer owner``) has the flow's objects made where their key records

@@ -84,8 +84,12 @@ class CaptureError(ValueError):
     """A capture file that cannot be read (the message is one line naming the file)."""
 
 
-def read_capture(path: str | Path) -> list[tuple[float, bytes]]:
-    """Every packet of a pcap or pcapng file as ``(timestamp, frame)``, in file order."""
+def read_capture(path: str | Path, *, decode_links: bool = True) -> list[tuple[float, bytes]]:
+    """Every packet of a pcap or pcapng file as ``(timestamp, frame)``, in file order.
+
+    ``decode_links``: a packet of another link type becomes the Ethernet frame of what it
+    holds (the default); False: every packet is given as captured, whatever the link
+    type, to be read as Ethernet (as prads 0.3.3 reads any capture)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -99,18 +103,18 @@ def read_capture(path: str | Path) -> list[tuple[float, bytes]]:
         raise CaptureError(f"{path}: not a pcap or pcapng file ({len(data)} bytes)")
     magic = data[:4]
     if magic in _PCAP_MAGIC:
-        return _read_pcap(path, data)
+        return _read_pcap(path, data, decode_links)
     if magic == _PCAPNG_MAGIC:
-        return _read_pcapng(path)
+        return _read_pcapng(path, decode_links)
     raise CaptureError(f"{path}: not a pcap or pcapng file (it starts with {magic.hex()})")
 
 
-def _read_pcap(path: Path, data: bytes) -> list[tuple[float, bytes]]:
+def _read_pcap(path: Path, data: bytes, decode_links: bool) -> list[tuple[float, bytes]]:
     order, unit = _PCAP_MAGIC[data[:4]]
     if len(data) < 24:
         raise CaptureError(f"{path}: truncated pcap file header ({len(data)} of 24 bytes)")
     _vmaj, _vmin, _zone, _sig, _snap, linktype = struct.unpack_from(order + "HHiIII", data, 4)
-    convert = _converter(linktype & 0xFFFF, path, order)
+    convert = _converter(linktype & 0xFFFF, path, order) if decode_links else None
     record = struct.Struct(order + "IIII")
     out: list[tuple[float, bytes]] = []
     at = 24
@@ -136,14 +140,14 @@ def _read_pcap(path: Path, data: bytes) -> list[tuple[float, bytes]]:
     return out
 
 
-def _read_pcapng(path: Path) -> list[tuple[float, bytes]]:
+def _read_pcapng(path: Path, decode_links: bool) -> list[tuple[float, bytes]]:
     import dpkt
 
     out: list[tuple[float, bytes]] = []
     try:
         with path.open("rb") as f:
             reader = dpkt.pcapng.Reader(f)
-            convert = _converter(reader.datalink(), path)
+            convert = _converter(reader.datalink(), path) if decode_links else None
             for ts, frame in reader:
                 packet = bytes(frame)
                 out.append((float(ts), packet if convert is None else convert(packet)))

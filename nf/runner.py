@@ -566,7 +566,7 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
         from nf.dicts import DictSpace
 
         nf_cls(DictSpace(), config)  # type: ignore[arg-type]
-        packets = read_capture(args.pcap)
+        packets = read_capture(args.pcap, decode_links=nf_cls.decodes_links)
     except (ConfigError, CaptureError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2

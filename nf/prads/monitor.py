@@ -238,6 +238,9 @@ class PRADS(NF):
     output_query: ClassVar[str] = "log"
     malformed_verdict: ClassVar[Verdict] = Verdict.FORWARD
     tick_interval: ClassVar[float] = SWEEP_EVERY
+    # prads reads every capture's packets as Ethernet frames, whatever its link type (a
+    # Linux cooked or raw IP capture gives it "other link" frames and no asset): so do we.
+    decodes_links: ClassVar[bool] = False
 
     def __init__(self, space: Space, config: dict[str, Any]) -> None:
         super().__init__(space, config)

@@ -1,6 +1,8 @@
 """Captures of other link types than Ethernet that carry IP (Linux cooked v1 and v2, as
 ``tcpdump -i any`` writes them; raw IP; BSD loopback) are read as the same packets behind
-an Ethernet header, so every NF gives what it gives on the Ethernet capture."""
+an Ethernet header, so the IDS (and the NAT) give what they give on the Ethernet capture;
+PRADS reads every capture's bytes as Ethernet, as prads 0.3.3 does (the real prads's log
+of a cooked capture is in ``prads/fixtures/cooked.*``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 
 from nf.__main__ import main
 from nf.capture import read_capture
+from nf.prads import HEADER
 
 HERE = Path(__file__).parent
 CAPTURES = [
@@ -80,8 +83,27 @@ def test_other_link_types_read_as_ethernet(
     # the same EtherType and packet behind a header with zero addresses
     assert all(got[:12] == bytes(12) for _, got in read)
     assert [got[12:] for _, got in read] == [frame[12:] for _, frame in ethernet]
-    for nf in ("prads", "ids"):
+    for nf in ("nat", "ids"):
         assert main([nf, "--pcap", str(capture)]) == 0
         want = capsys.readouterr().out
         assert main([nf, "--pcap", str(other)]) == 0
         assert capsys.readouterr().out == want
+    # PRADS: the captured bytes as Ethernet frames (here none is IP: no asset)
+    assert read_capture(other, decode_links=False) == [
+        (ts, convert(frame)) for ts, frame in ethernet
+    ]
+    as_ethernet = tmp_path / "as-ethernet.pcap"
+    _rewrite(ethernet, as_ethernet, 1, convert)
+    assert main(["prads", "--pcap", str(as_ethernet)]) == 0
+    want = capsys.readouterr().out
+    assert main(["prads", "--pcap", str(other)]) == 0
+    assert capsys.readouterr().out == want == HEADER + "\n"
+
+
+def test_prads_on_a_cooked_capture_logs_what_the_real_prads_logs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fixture = HERE / "prads" / "fixtures" / "cooked"
+    assert main(["prads", "--pcap", str(fixture.with_suffix(".pcap"))]) == 0
+    want = fixture.with_suffix(".ours.log").read_text(encoding="latin-1")
+    assert capsys.readouterr().out == want

@@ -179,19 +179,22 @@ def icmp(src: str, dst: str, *, ttl: int = 64) -> bytes:
     return _ip(src, dst, 58 if v6 else 1, body, None, 0, ttl=ttl)
 
 
-def write_pcap(path: str, frames: list[tuple[float, bytes]], snaplen: int | None = None) -> None:
-    """``frames`` as a pcap file; with ``snaplen``, as a capture with that snap length
-    writes them (each record holds at most ``snaplen`` bytes and the frame's own length)."""
+def write_pcap(
+    path: str, frames: list[tuple[float, bytes]], snaplen: int | None = None, linktype: int = 1
+) -> None:
+    """``frames`` as a pcap file of ``linktype``; with ``snaplen``, as a capture with that
+    snap length writes them (each record holds at most ``snaplen`` bytes and the frame's
+    own length)."""
     import dpkt
 
     with open(path, "wb") as fh:
         if snaplen is None:
-            writer = dpkt.pcap.Writer(fh)
+            writer = dpkt.pcap.Writer(fh, linktype=linktype)
             for ts, frame in frames:
                 writer.writepkt(frame, ts=ts)
             return
         # (dpkt's writer records every frame whole: the cut records are packed here)
-        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, snaplen, 1))
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, snaplen, linktype))
         for ts, frame in frames:
             sec = int(ts)
             usec = round((ts - sec) * 1e6)

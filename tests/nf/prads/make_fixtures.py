@@ -781,6 +781,16 @@ def after_2038() -> Frames:
     ]
 
 
+def cooked() -> Frames:
+    """The sessions as ``tcpdump -i any`` writes them (Linux cooked, link type 113): prads
+    reads every capture as Ethernet, so it finds other-link frames and nothing else."""
+    import struct
+
+    return [
+        (ts, struct.pack("!HHH8s", 0, 1, 6, f[6:12] + b"\0\0") + f[12:]) for ts, f in sessions()
+    ]
+
+
 SCENARIOS: dict[str, Callable[[], Frames]] = {
     "syn": syn_variants,
     "sessions": sessions,
@@ -797,7 +807,11 @@ SCENARIOS: dict[str, Callable[[], Frames]] = {
     "snap": mixed,
     "ipv6snap": ipv6_traffic,
     "y2038": after_2038,
+    "cooked": cooked,
 }
+
+#: Scenarios written as a capture of another link type than Ethernet.
+LINKTYPE: dict[str, int] = {"cooked": 113}
 
 #: Scenarios written as a capture with a snap length writes them (the frames cut to so
 #: many bytes, each record keeping its frame's length): prads analyses what was captured.
@@ -881,7 +895,7 @@ def main() -> int:
     FIXTURES.mkdir(exist_ok=True)
     for name, make in SCENARIOS.items():
         pcap = FIXTURES / f"{name}.pcap"
-        write_pcap(str(pcap), make(), SNAPLEN.get(name))
+        write_pcap(str(pcap), make(), SNAPLEN.get(name), LINKTYPE.get(name, 1))
         conf = SETTINGS.get(name, ("", {}))[0]
         with tempfile.TemporaryDirectory() as tmp:
             ours = run_prads(pcap, signature_folder(name, Path(tmp)), conf)
