@@ -26,6 +26,11 @@ from nf.ids.state import CLOSED, FlowContext, ServerAlerts, TrustedHost
 from nf.packet import V6, Packet, ip_str
 from store import ObjectNotFound
 
+#: The protocols Suricata keeps flows for (TCP, UDP, ICMP, ICMPv6, ESP, SCTP): a packet of
+#: another (IGMP, OSPF, PIM...) has no flow there, so its IP-only rules are inspected on
+#: every packet, not once per flow direction.
+_FLOW_PROTOCOLS = frozenset({6, 17, 1, 58, 50, 132})
+
 __all__ = ["DEFAULT_CLASSIFICATION", "DEFAULT_RULES", "IDS", "load_config_rules"]
 
 _DATA = Path(__file__).parent / "data"
@@ -192,6 +197,8 @@ class IDS(NF):
             timer[0] = ts
             timer[1] = closed
         counts["inspected"] = counts.get("inspected", 0) + 1
+        if not first_way and proto not in _FLOW_PROTOCOLS:
+            first_way = True
         dport = packet.dport
         pl, pend = packet.pl, packet.pend
         if pl >= pend:

@@ -205,15 +205,17 @@ ONLY_SURICATA_IPONLY = {
     [
         ("cases.pcap", "iponly-suricata-fast.log"),
         ("../../prads/fixtures/ipv6.pcap", "iponly-ipv6-suricata-fast.log"),
+        ("protocols.pcap", "iponly-protocols-suricata-fast.log"),
     ],
 )
 async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_does(
     capture: str, log: str
 ) -> None:
     """A rule of addresses, protocol and ports alone (Suricata's IP-only and like-IP-only
-    rules) alerts on the first packet of each direction of a flow only; a negated address,
-    flags or a flow option make a rule inspected on every packet.  The same alerts as
-    Suricata's but for the listed ones."""
+    rules) alerts on the first packet of each direction of a flow only (a packet of a
+    protocol Suricata keeps no flow for, IGMP or OSPF, on every packet); a negated
+    address, flags or a flow option make a rule inspected on every packet.  The same
+    alerts as Suricata's but for the listed ones."""
     rules = load_config_rules({"rules": str(FIXTURES / "iponly.rules")})
     assert not rules.errors and not rules.warnings
     assert [r.ip_only for r in rules.rules] == [True] * 6 + [False, True, False, False]
@@ -221,7 +223,7 @@ async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_d
     result = await run_ids(packets, {"rules": str(FIXTURES / "iponly.rules")})
     ours = collections.Counter(alert_keys(list(result.lines)))
     theirs = collections.Counter(alert_keys((FIXTURES / log).read_text().splitlines()))
-    assert sum(theirs.values()) >= 30
+    assert sum(theirs.values()) >= 25
     name = Path(capture).name
     listed = {key[1:]: 1 for key in ONLY_SURICATA_IPONLY if key[0] == name}
     assert dict(ours - theirs) == {}
@@ -229,4 +231,8 @@ async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_d
     # every IP-only rule alerted at most once per flow direction
     once = {r.sid for r in rules.rules if r.ip_only}
     seen = collections.Counter(key for key in ours.elements() if key[0] in once)
-    assert max(seen.values()) == 1
+    if name == "protocols.pcap":  # IGMP and OSPF: every packet; ESP: once each way
+        assert seen[(4000001, A, None, "224.0.0.1", None)] == 3
+        assert seen[(4000001, A, None, B, None)] == 3 + 1  # (OSPF and ESP: the same key)
+    else:
+        assert max(seen.values()) == 1
