@@ -38,9 +38,11 @@ _DATA = Path(__file__).parent / "data"
 DEFAULT_RULES = _DATA / "demo.rules"
 DEFAULT_CLASSIFICATION = _DATA / "classification.config"
 
-#: Seconds without a packet after which a flow's context is forgotten (a closed one sooner).
-FLOW_TIMEOUT = 300.0
-CLOSED_TIMEOUT = 10.0
+#: Seconds without a packet after which a flow's context is forgotten (a closed one
+#: sooner): no sooner than Suricata's timeouts (``nf.ids.state``) end the flow, so that
+#: forgetting changes nothing a packet sees.
+FLOW_TIMEOUT = 600.0
+CLOSED_TIMEOUT = 60.0
 #: Alerts kept per server (the count goes on).
 ALERTS_PER_SERVER = 10_000
 

@@ -37,6 +37,16 @@ CLOSED = 4
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 TCP = 6
 
+#: Suricata 7's default flow timeouts, in seconds: a packet that comes this long (or
+#: longer) after its flow's last one starts a new flow (its IP-only rules are inspected
+#: again, its session starts over).  TCP: before the handshake completes, established,
+#: closed; other protocols: one direction seen, both seen.
+TCP_NEW_TIMEOUT = 60.0
+TCP_ESTABLISHED_TIMEOUT = 600.0
+TCP_CLOSED_TIMEOUT = 60.0
+NEW_TIMEOUT = 30.0
+ESTABLISHED_TIMEOUT = 300.0
+
 
 class FlowContext(SingleWriter):
     """Per-flow context (direction-free 5-tuple)."""
@@ -59,7 +69,17 @@ class FlowContext(SingleWriter):
         if self.packets == 0 or (
             proto == TCP and state == CLOSED and flags & (_SYN | _ACK) == _SYN
         ):
-            # the first packet, or a new connection on a closed 5-tuple
+            new = True
+        elif proto == TCP:
+            if state == ESTABLISHED:
+                new = ts - self.last >= TCP_ESTABLISHED_TIMEOUT
+            else:
+                new = ts - self.last >= TCP_NEW_TIMEOUT  # (the closed timeout is the same)
+        else:
+            new = ts - self.last >= (ESTABLISHED_TIMEOUT if self.replied else NEW_TIMEOUT)
+        if new:
+            # the first packet, a new connection on a closed 5-tuple, or the first after
+            # the flow timed out
             self.initiator_ip = src
             self.initiator_port = sport
             self.state = state = NEW

@@ -63,19 +63,44 @@ async def test_flow_contexts_time_out_and_closed_ones_sooner() -> None:
     c.session("10.0.0.1", 40000, "10.0.0.2", 80, [("c", b"x")])  # closed by FINs
     c.tcp("10.0.0.1", 40001, "10.0.0.2", 80, SYN)  # left open
     async with store.open_space() as space:
-        ids = IDS(space, {"rules_text": RULES, "flow_timeout": 60})
+        ids = IDS(space, {"rules_text": RULES, "flow_timeout": 120})
         for ts, frame in c.packets:
             await ids.process(parse(frame, ts))
         t = c.t
-        await ids.tick(t + 5)
+        await ids.tick(t + 55)
         assert ids.counts.get("flows-expired", 0) == 0
-        await ids.tick(t + 11)  # the closed one: after 10 s
+        await ids.tick(t + 61)  # the closed one: after 60 s (Suricata's closed timeout)
         assert ids.counts["flows-expired"] == 1
-        await ids.tick(t + 59)
+        await ids.tick(t + 119)
         assert ids.counts["flows-expired"] == 1
-        await ids.tick(t + 61)
+        await ids.tick(t + 121)
         assert ids.counts["flows-expired"] == 2
         assert (await ids.query("statistics"))["flows-tracked"] == 0
+
+
+async def test_a_flow_times_out_as_suricatas_do_and_starts_over() -> None:
+    """A packet 30 s after the last of a one-way flow, 300 s after the last of a two-way
+    one, 600 s after the last of an established TCP session starts a new flow (as
+    Suricata 7's default timeouts): its IP-only rule alerts again."""
+    rules = 'alert ip any any -> any any (msg:"any"; sid:1;)'
+    a, b = "10.0.0.1", "10.0.0.2"
+    # one way: the same flow after 29.9 s, a new one after 30.1 s
+    packets = [(t, udp_frame(a, 1000, b, 53, b"q")) for t in (1.0, 30.9, 61.0)]
+    # both ways: the same flow after 299.9 s, a new one after 300.1 s
+    for i, t in enumerate((100.0, 101.0, 400.9, 701.0)):
+        ends = (a, 2000, b, 53) if i % 2 == 0 else (b, 53, a, 2000)
+        packets.append((t, udp_frame(*ends, b"x")))
+    c = Capture(t0=1000.0)
+    c.session(a, 40000, b, 80, [("c", b"x")], close="none")
+    c.add(tcp_frame(a, 40000, b, 80, ACK), gap=599.0)  # established: the same flow
+    c.add(tcp_frame(a, 40000, b, 80, ACK), gap=601.0)  # 601 s on: a new one
+    result = await run_ids(packets + c.packets, {"rules_text": rules})
+    got = [line.split("} ")[1] for line in result.lines]
+    assert got.count(f"{a}:1000 -> {b}:53") == 2, got
+    assert got.count(f"{a}:2000 -> {b}:53") == 1, got
+    assert got.count(f"{b}:53 -> {a}:2000") == 2, got  # at 101.0 and (a new flow) 701.0
+    assert got.count(f"{a}:40000 -> {b}:80") == 2, got
+    assert got.count(f"{b}:80 -> {a}:40000") == 1, got
 
 
 async def test_a_new_connection_on_a_closed_five_tuple_starts_over() -> None:
@@ -195,6 +220,12 @@ async def test_fragments() -> None:
     from nf.ids.alert import parse_fast_alert
 
     assert parse_fast_alert(result.lines[0])[3:] == ("UDP", "10.0.0.1", None, "10.0.0.2", None)
+    # Suricata's line for a protocol it has no name for reads too
+    line = (
+        "11/24/2014-17:19:33.663606  [**] [1:1:0] ip [**] [Classification: (null)] "
+        "[Priority: 3] {PROTO:240} 204.9.54.80:0 -> 204.9.51.132:0"
+    )
+    assert parse_fast_alert(line)[3:] == ("PROTO:240", "204.9.54.80", None, "204.9.51.132", None)
 
 
 def test_classification_files(tmp_path: Path) -> None:
