@@ -12,7 +12,8 @@ IPv6 is read too, for the NFs that analyse it (PRADS): an IPv6 packet comes back
 its fields filled as for IPv4: ``src``/``dst`` are the 128-bit addresses with bit 128 set
 (:data:`V6`, so that no IPv6 address equals an IPv4 one as a key; :func:`ip_str` prints
 them), ``ihl`` 40, ``ip_len`` the header plus the payload length, ``ttl`` the hop limit,
-``proto`` the next header (extension headers are not walked, as prads 0.3.3 does not),
+``proto`` the next header (extension headers are not walked, as prads 0.3.3 does not;
+:func:`parse_transport` walks them, as Suricata does),
 ``ip_id`` the flow label, ``ip_off`` DF (no fragmentation field), then the TCP, UDP or
 ICMPv6 header.  An IPv6 packet that cannot be read so is ``bad-ipv6``.
 
@@ -50,6 +51,7 @@ __all__ = [
     "ip_int",
     "ip_str",
     "parse",
+    "parse_transport",
 ]
 
 FIN = 0x01
@@ -458,7 +460,7 @@ def parse(frame: bytes | bytearray, ts: float) -> Packet:
     return _parse_any(frame, n, ts)
 
 
-def _parse_any(frame: bytearray, n: int, ts: float) -> Packet:
+def _parse_any(frame: bytearray, n: int, ts: float, walk: bool = False) -> Packet:
     """Every frame :func:`parse`'s fast path leaves: tags, IP options, fragments, other
     protocols, and every frame that is cut short or malformed."""
     if n < 14:
@@ -475,7 +477,7 @@ def _parse_any(frame: bytearray, n: int, ts: float) -> Packet:
         l3 += 4
     if etype != ETH_IP:
         if etype == ETH_IPV6:
-            return _parse_ipv6(frame, n, ts, l3, vlan)
+            return _parse_ipv6(frame, n, ts, l3, vlan, walk)
         p = _empty(frame, ts, "not-ip")
         p.vlan = vlan
         p.l3 = l3
@@ -569,7 +571,23 @@ def _parse_any(frame: bytearray, n: int, ts: float) -> Packet:
     return p
 
 
-def _parse_ipv6(frame: bytearray, n: int, ts: float, l3: int, vlan: int | None) -> Packet:
+#: IPv6 extension headers :func:`parse_transport` walks over (hop-by-hop, routing,
+#: destination options; authentication, whose length counts 4-byte words).
+IPV6_EXTENSIONS = frozenset({0, 43, 60, 51})
+
+
+def parse_transport(frame: bytes | bytearray, ts: float) -> Packet:
+    """:func:`parse`, but an IPv6 packet's extension headers (:data:`IPV6_EXTENSIONS`) are
+    walked to the transport header, as Suricata does (``parse`` takes the first next
+    header as the protocol, as prads does); a fragment header ends the walk."""
+    if type(frame) is not bytearray:
+        frame = bytearray(frame)
+    return _parse_any(frame, len(frame), ts, True)
+
+
+def _parse_ipv6(
+    frame: bytearray, n: int, ts: float, l3: int, vlan: int | None, walk: bool = False
+) -> Packet:
     """An IPv6 packet (see the module's docstring): ``drop`` is ``ipv6`` when its header
     and its TCP, UDP or ICMPv6 header fit its payload length and the frame, else
     ``bad-ipv6``."""
@@ -595,6 +613,16 @@ def _parse_ipv6(frame: bytearray, n: int, ts: float, l3: int, vlan: int | None) 
     p.proto = nh
     p.src = int.from_bytes(src, "big") | V6
     p.dst = int.from_bytes(dst, "big") | V6
+    if walk:
+        while nh in IPV6_EXTENSIONS:
+            if pend < l4 + 8:
+                return p
+            length = (frame[l4 + 1] + 2) * 4 if nh == 51 else (frame[l4 + 1] + 1) * 8
+            nh = frame[l4]
+            l4 += length
+        if pend < l4:
+            return p
+        p.proto = nh
     p.l4 = p.pl = l4
     p.pend = pend
     if nh == TCP:

@@ -15,6 +15,7 @@ import argparse
 import heapq
 import ipaddress
 import sys
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ from nf.ids.alert import fast_alert
 from nf.ids.engine import Detector, PacketView
 from nf.ids.rules import Classification, RuleSet, load_rules, parse_classifications
 from nf.ids.state import CLOSED, FlowContext, ServerAlerts, TrustedHost
-from nf.packet import V6, Packet, ip_str
+from nf.packet import IPV6_EXTENSIONS, V6, Packet, ip_str, parse_transport
 from store import ObjectNotFound
 
 #: The protocols Suricata keeps flows for (TCP, UDP, ICMP, ICMPv6, ESP, SCTP): a packet of
@@ -152,10 +153,20 @@ class IDS(NF):
                     return ip
         return None
 
+    def flow_key(self, packet: Packet) -> Hashable:
+        """The connection, with an IPv6 packet's extension headers walked (as Suricata
+        walks them: an MLD report behind a hop-by-hop header is ICMPv6)."""
+        if packet.drop == "ipv6" and packet.proto in IPV6_EXTENSIONS:
+            packet = parse_transport(packet.frame, packet.ts)
+        return packet.flow_key_both()
+
     async def process(self, packet: Packet) -> Verdict:
         counts = self.counts
         counts["packets"] = counts.get("packets", 0) + 1
         drop = packet.drop
+        if drop == "ipv6" and packet.proto in IPV6_EXTENSIONS:
+            packet = parse_transport(packet.frame, packet.ts)
+            drop = packet.drop
         if drop is not None and drop != "ipv6":  # (IPv6 is inspected as IPv4 is)
             self.count(drop)
             return Verdict.FORWARD

@@ -24,6 +24,7 @@ from nf.packet import (
     ip_int,
     ip_str,
     parse,
+    parse_transport,
 )
 
 ips = st.integers(min_value=1, max_value=0xFFFFFFFE)
@@ -229,6 +230,29 @@ def test_cut_or_wrong_ipv6_is_bad_ipv6() -> None:
     ):
         p = parse(frame, 0.0)
         assert p.drop == "bad-ipv6", frame
+
+
+def test_parse_transport_walks_ipv6_extension_headers() -> None:
+    """``parse`` takes an IPv6 packet's first next header as its protocol (as prads);
+    ``parse_transport`` walks hop-by-hop, routing, destination options and AH headers to
+    the transport header (as Suricata), and reads it as ``parse`` reads a plain one."""
+    tcp = struct.pack("!HHIIBBHHH", 1234, 80, 3, 4, 5 << 4, SYN, 9, 0, 0)
+    src, dst = bytes(15) + b"\x01", bytes(15) + b"\x02"
+    plain = parse(ip6_frame(src, dst, 6, tcp), 0.0)
+    chain = bytes([60, 0]) + bytes(6)  # hop-by-hop (8 bytes), next: destination options
+    chain += bytes([43, 1]) + bytes(14)  # destination options (16 bytes), next: routing
+    chain += bytes([51, 0]) + bytes(6)  # routing (8 bytes), next: AH
+    chain += bytes([6, 1]) + bytes(10)  # AH (12 bytes: (1 + 2) * 4), next: TCP
+    frame = ip6_frame(src, dst, 0, chain + tcp)
+    assert parse(frame, 0.0).proto == 0
+    p = parse_transport(frame, 0.0)
+    assert (p.drop, p.proto, p.sport, p.dport, p.tcp_flags) == ("ipv6", 6, 1234, 80, SYN)
+    assert p.l4 == 14 + 40 + len(chain) and p.pl == p.l4 + 20
+    assert p.flow_key_both() == plain.flow_key_both()
+    # a chain running past the packet is bad-ipv6; a fragment header ends the walk
+    assert parse_transport(ip6_frame(src, dst, 0, bytes([6, 9]) + bytes(6)), 0.0).drop == "bad-ipv6"
+    frag = parse_transport(ip6_frame(src, dst, 44, bytes([6, 0, 0, 1]) + bytes(4) + tcp), 0.0)
+    assert frag.proto == 44
 
 
 def test_a_datagram_cut_by_the_captures_snap_length_keeps_its_headers() -> None:
