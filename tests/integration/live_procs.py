@@ -3,9 +3,24 @@ by hand (a sink, PRADS instances), as an operator would from a shell."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from bench.live import Proc
+
+
+def start_controller(
+    address: str, work: Path, procs: list[Proc], *options: str, name: str = "controller"
+) -> Proc:
+    """A controller listening on ``address`` (with ``options``), once it says so."""
+    proc = Proc(
+        name,
+        ["-m", "store.controller", "--listen", address, *options],
+        stderr_to=work / f"{name}.err",
+    )
+    procs.append(proc)
+    proc.wait_line(lambda s: s.startswith("listening on"), 30)
+    return proc
 
 
 def start_sink(work: Path, procs: list[Proc]) -> tuple[Proc, str]:
@@ -57,3 +72,11 @@ def start_sender(
     procs.append(sender)
     sender.event("started", 60)
     return sender
+
+
+def leave_gracefully(instances: list[Proc]) -> None:
+    """SIGTERM to each instance, then each must exit as a graceful scale-in."""
+    for inst in instances:
+        inst.popen.send_signal(signal.SIGTERM)
+    for inst in instances:
+        assert inst.event("exit", 60)["leaving"] == "SIGTERM"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.live import Proc, _free_port
 from bench.traffic import main as traffic
-from tests.integration.live_procs import start_instances, start_sender, start_sink
+from tests.integration.live_procs import start_controller, start_instances, start_sender, start_sink
 
 
 def test_traffic_outlives_a_controller_restart_and_waits_when_no_instance_is_left(
@@ -27,14 +27,7 @@ def test_traffic_outlives_a_controller_restart_and_waits_when_no_instance_is_lef
     address = f"127.0.0.1:{_free_port()}"
 
     def controller(n: int) -> Proc:
-        proc = Proc(
-            f"controller-{n}",
-            ["-m", "store.controller", "--listen", address],
-            stderr_to=tmp_path / f"controller-{n}.err",
-        )
-        procs.append(proc)
-        proc.wait_line(lambda s: s.startswith("listening on"), 30)
-        return proc
+        return start_controller(address, tmp_path, procs, name=f"controller-{n}")
 
     procs: list[Proc] = []
     try:

@@ -11,7 +11,6 @@ on a process's line or exit, under a deadline."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,13 @@ from pathlib import Path
 
 from bench.live import ROOT, Proc, _free_port
 from bench.traffic import main as traffic
-from tests.integration.live_procs import start_instances, start_sender, start_sink
+from tests.integration.live_procs import (
+    leave_gracefully,
+    start_controller,
+    start_instances,
+    start_sender,
+    start_sink,
+)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -34,13 +39,7 @@ def test_a_leaver_killed_during_its_scale_in_stops_nothing_else(tmp_path: Path) 
     address = f"127.0.0.1:{_free_port()}"
     procs: list[Proc] = []
     try:
-        controller = Proc(
-            "controller",
-            ["-m", "store.controller", "--listen", address, "--failure-timeout", "1.5"],
-            stderr_to=tmp_path / "controller.err",
-        )
-        procs.append(controller)
-        controller.wait_line(lambda s: s.startswith("listening on"), 30)
+        start_controller(address, tmp_path, procs, "--failure-timeout", "1.5")
         sink, sink_address = start_sink(tmp_path, procs)
         instances = start_instances(3, address, sink_address, tmp_path, procs)
         names = [inst.event("ready", 60)["name"] for inst in instances]
@@ -70,10 +69,7 @@ def test_a_leaver_killed_during_its_scale_in_stops_nothing_else(tmp_path: Path) 
         assert query.returncode == 0, query.stderr
         done = sender.event("done", 60)
         report = sink.event("done", 60)
-        for inst in survivors:
-            inst.popen.send_signal(signal.SIGTERM)
-        for inst in survivors:
-            assert inst.event("exit", 60)["leaving"] == "SIGTERM"
+        leave_gracefully(survivors)
     finally:
         for p in reversed(procs):
             p.stop()

@@ -16,7 +16,13 @@ import pytest
 
 from bench.live import Proc, _free_port
 from bench.traffic import main as traffic
-from tests.integration.live_procs import start_instances, start_sender, start_sink
+from tests.integration.live_procs import (
+    leave_gracefully,
+    start_controller,
+    start_instances,
+    start_sender,
+    start_sink,
+)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -28,13 +34,7 @@ def test_a_signal_ends_the_senders_run_with_its_report_and_end_markers(
     address = f"127.0.0.1:{_free_port()}"
     procs: list[Proc] = []
     try:
-        controller = Proc(
-            "controller",
-            ["-m", "store.controller", "--listen", address],
-            stderr_to=tmp_path / "controller.err",
-        )
-        procs.append(controller)
-        controller.wait_line(lambda s: s.startswith("listening on"), 30)
+        start_controller(address, tmp_path, procs)
         sink, sink_address = start_sink(tmp_path, procs)
         instances = start_instances(2, address, sink_address, tmp_path, procs)
         for inst in instances:
@@ -45,10 +45,7 @@ def test_a_signal_ends_the_senders_run_with_its_report_and_end_markers(
         done = sender.event("done", 30)
         assert sender.popen.wait(30) == 0, sender.tail()
         report = sink.event("done", 30)
-        for inst in instances:
-            inst.popen.send_signal(signal.SIGTERM)
-        for inst in instances:
-            assert inst.event("exit", 60)["leaving"] == "SIGTERM"
+        leave_gracefully(instances)
     finally:
         for p in reversed(procs):
             p.stop()
