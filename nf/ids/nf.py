@@ -27,10 +27,10 @@ from nf.ids.state import CLOSED, FlowContext, ServerAlerts, TrustedHost
 from nf.packet import IPV6_EXTENSIONS, V6, Packet, ip_str, parse_transport
 from store import ObjectNotFound
 
-#: The protocols Suricata keeps flows for (TCP, UDP, ICMP, ICMPv6, ESP, SCTP): a packet of
-#: another (IGMP, OSPF, PIM...) has no flow there, so its IP-only rules are inspected on
-#: every packet, not once per flow direction.
+#: The protocols whose IP-only rules Suricata inspects once per flow direction (TCP, UDP,
+#: ICMP, ICMPv6, ESP, SCTP): a packet of another (IGMP, OSPF, PIM...) meets them every time.
 _FLOW_PROTOCOLS = frozenset({6, 17, 1, 58, 50, 132})
+SCTP = 132
 
 __all__ = ["DEFAULT_CLASSIFICATION", "DEFAULT_RULES", "IDS", "load_config_rules"]
 
@@ -109,6 +109,33 @@ def _networks(items: Any) -> list[tuple[int, int]]:
     return nets
 
 
+_DECODED_FURTHER = IPV6_EXTENSIONS | {SCTP}
+
+
+def _transport(packet: Packet) -> Packet:
+    """The packet as Suricata decodes its transport, for the flow and the rules: an IPv6
+    packet's extension headers walked (an MLD report behind a hop-by-hop header is
+    ICMPv6), an SCTP packet's ports read from its common header (its flows are per port
+    pair; its payload starts after that header).  Changed in place for SCTP (idempotent),
+    a new packet for IPv6 behind extension headers."""
+    if packet.drop == "ipv6" and packet.proto in IPV6_EXTENSIONS:
+        packet = parse_transport(packet.frame, packet.ts)
+    if (
+        packet.proto == SCTP
+        and packet.drop in (None, "ipv6")
+        and not packet.ip_off & 0x1FFF
+        and packet.pl == packet.l4
+        and packet.pend >= packet.l4 + 12
+    ):
+        l4 = packet.l4
+        frame = packet.frame
+        packet.sport = (frame[l4] << 8) | frame[l4 + 1]
+        packet.dport = (frame[l4 + 2] << 8) | frame[l4 + 3]
+        packet.pl = l4 + 12
+        packet.both_key = None
+    return packet
+
+
 class IDS(NF):
     """Snort 2.9-rule intrusion detection: fast alerts for packets matching alert rules."""
 
@@ -154,19 +181,15 @@ class IDS(NF):
         return None
 
     def flow_key(self, packet: Packet) -> Hashable:
-        """The connection, with an IPv6 packet's extension headers walked (as Suricata
-        walks them: an MLD report behind a hop-by-hop header is ICMPv6)."""
-        if packet.drop == "ipv6" and packet.proto in IPV6_EXTENSIONS:
-            packet = parse_transport(packet.frame, packet.ts)
-        return packet.flow_key_both()
+        """The connection, as Suricata decodes it (see :func:`_transport`)."""
+        return _transport(packet).flow_key_both()
 
     async def process(self, packet: Packet) -> Verdict:
         counts = self.counts
         counts["packets"] = counts.get("packets", 0) + 1
+        if packet.proto in _DECODED_FURTHER:
+            packet = _transport(packet)
         drop = packet.drop
-        if drop == "ipv6" and packet.proto in IPV6_EXTENSIONS:
-            packet = parse_transport(packet.frame, packet.ts)
-            drop = packet.drop
         if drop is not None and drop != "ipv6":  # (IPv6 is inspected as IPv4 is)
             self.count(drop)
             return Verdict.FORWARD
