@@ -51,6 +51,7 @@ __all__ = [
     "ip_int",
     "ip_str",
     "parse",
+    "parse_fragment_data",
     "parse_transport",
 ]
 
@@ -460,7 +461,9 @@ def parse(frame: bytes | bytearray, ts: float) -> Packet:
     return _parse_any(frame, n, ts)
 
 
-def _parse_any(frame: bytearray, n: int, ts: float, walk: bool = False) -> Packet:
+def _parse_any(
+    frame: bytearray, n: int, ts: float, walk: bool = False, fragment_data: bool = False
+) -> Packet:
     """Every frame :func:`parse`'s fast path leaves: tags, IP options, fragments, other
     protocols, and every frame that is cut short or malformed."""
     if n < 14:
@@ -526,7 +529,7 @@ def _parse_any(frame: bytearray, n: int, ts: float, walk: bool = False) -> Packe
         cut = True
     else:
         cut = False
-    if ip_off & 0x1FFF:  # a later fragment: no L4 header here
+    if ip_off & 0x1FFF and not fragment_data:  # a later fragment: no L4 header here
         p.cut = cut
         return p
     if proto == TCP:
@@ -583,6 +586,15 @@ def parse_transport(frame: bytes | bytearray, ts: float) -> Packet:
     if type(frame) is not bytearray:
         frame = bytearray(frame)
     return _parse_any(frame, len(frame), ts, True)
+
+
+def parse_fragment_data(frame: bytes | bytearray, ts: float) -> Packet:
+    """:func:`parse`, but an IPv4 fragment other than the first has its data read as the
+    header of its protocol (``ip_off`` still says what it is), as prads 0.3.3 reads every
+    fragment; ``parse`` gives such a fragment no transport header."""
+    if type(frame) is not bytearray:
+        frame = bytearray(frame)
+    return _parse_any(frame, len(frame), ts, False, True)
 
 
 def _parse_ipv6(

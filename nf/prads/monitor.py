@@ -28,7 +28,20 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nf.base import NF, ConfigError, Verdict, local_create_of, untethered_of
-from nf.packet import ACK, FIN, ICMP, ICMP6, RST, SYN, TCP, UDP, V6, Packet, ip_str
+from nf.packet import (
+    ACK,
+    FIN,
+    ICMP,
+    ICMP6,
+    RST,
+    SYN,
+    TCP,
+    UDP,
+    V6,
+    Packet,
+    ip_str,
+    parse_fragment_data,
+)
 from nf.prads.fingerprint import FingerprintCache, distance
 from nf.prads.signatures import (
     ServiceSignature,
@@ -343,6 +356,13 @@ class PRADS(NF):
 
     # ------------------------------------------------------------------ packets
 
+    def flow_key(self, packet: Packet) -> Hashable:
+        """The connection, both ways; a later fragment's as prads reads it (its data as
+        the transport header: see :meth:`process`)."""
+        if packet.ip_off & 0x1FFF and packet.drop is None:
+            packet = parse_fragment_data(packet.frame, packet.ts)
+        return packet.flow_key_both()
+
     async def process(self, packet: Packet) -> Verdict:
         counts = self.counts
         counts["packets"] = counts.get("packets", 0) + 1
@@ -380,8 +400,13 @@ class PRADS(NF):
         if self._npending >= STATS_BATCH:
             await self._flush_stats()
         if packet.ip_off & 0x1FFF:
-            self.count("fragment")  # a later fragment: no ports to track
-            return Verdict.FORWARD
+            # A later fragment: prads reads its data as the header of its protocol (ports,
+            # flags, a connection of its own), and so do we; data too short for that
+            # header makes prads read past the frame: counted and skipped.
+            self.count("fragment")
+            packet = parse_fragment_data(frame, packet.ts)
+            if packet.drop is not None and not packet.cut:
+                return Verdict.FORWARD
         src = packet.src
         home = self._home
         if home is None:

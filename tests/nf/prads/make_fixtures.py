@@ -791,6 +791,58 @@ def cooked() -> Frames:
     ]
 
 
+def _fragments(frame: bytes, size: int) -> list[bytes]:
+    """An IPv4 frame cut into fragments of ``size`` data bytes (a multiple of 8)."""
+    import struct
+
+    from tests.nf.prads.frames import _csum
+
+    header, data = frame[14:34], frame[34:]
+    out = []
+    for at in range(0, len(data), size):
+        part = data[at : at + size]
+        more = 0x2000 if at + size < len(data) else 0
+        hdr = bytearray(header)
+        struct.pack_into("!HHH", hdr, 2, 20 + len(part), struct.unpack("!H", header[4:6])[0], 0)
+        struct.pack_into("!H", hdr, 6, more | at // 8)
+        struct.pack_into("!H", hdr, 10, 0)
+        struct.pack_into("!H", hdr, 10, _csum(bytes(hdr)))
+        out.append(frame[:14] + bytes(hdr) + part)
+    return out
+
+
+def fragments() -> Frames:
+    """Fragmented datagrams: prads reads a later fragment's data as the header of its
+    protocol (ports, flags), so each makes a connection of its own, and payloads that look
+    like headers (a DNS port, a SYN) are read as such."""
+    t = _Clock()
+    out: Frames = []
+    c, s = "10.0.0.1", "10.0.0.2"
+    # a DNS query, then its long answer in three fragments
+    out.append((t(), udp(c, 5353, s, 53, _dns(0x4242, 0x0100, 0))))
+    answer = _dns(0x4242, 0x8180, 1) + bytes(range(256)) * 2
+    for frag in _fragments(udp(s, 53, c, 5353, answer, ip_id=900), 256):
+        out.append((t(0.01), frag))
+    # a UDP datagram whose second fragment starts with bytes that read as ports 53 -> 5000
+    body = bytes(248) + b"\x00\x35\x13\x88\x00\x20\x00\x00" + b"x" * 200
+    for frag in _fragments(udp("10.0.0.3", 2049, s, 2049, body, ip_id=901), 256):
+        out.append((t(0.01), frag))
+    # a TCP session whose server sends one segment in fragments; the second one's data
+    # reads as a SYN from port 80 with options
+    out.extend(_handshake(t, "10.0.0.4", 40000, s, 80))
+    fake_syn = bytes.fromhex("0050a0b0000000010000000060027210") + bytes(4) + opt_mss(1460)
+    segment = b"HTTP/1.1 200 OK\r\nServer: Apache/2.2.3\r\n\r\n"
+    segment += b"y" * (248 - len(segment) - 32) + fake_syn + b"z" * 300
+    frame = tcp(s, 80, "10.0.0.4", 40000, "PA", seq=5001, ack=1001, payload=segment, ip_id=902)
+    for frag in _fragments(frame, 248):
+        out.append((t(0.01), frag))
+    # an echo of 1,000 bytes in fragments
+    ping = icmp("10.0.0.5", s)
+    for frag in _fragments(ping[:34] + ping[34:] + bytes(1000), 512):
+        out.append((t(0.01), frag))
+    return out
+
+
 SCENARIOS: dict[str, Callable[[], Frames]] = {
     "syn": syn_variants,
     "sessions": sessions,
@@ -808,6 +860,7 @@ SCENARIOS: dict[str, Callable[[], Frames]] = {
     "ipv6snap": ipv6_traffic,
     "y2038": after_2038,
     "cooked": cooked,
+    "fragments": fragments,
 }
 
 #: Scenarios written as a capture of another link type than Ethernet.
