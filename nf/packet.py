@@ -22,10 +22,11 @@ Reasons a frame is not parsed (``Packet.drop``): ``truncated-ethernet``, ``not-i
 shorter than the header), ``truncated-ip`` (the frame ends before the header or before the
 total length), ``truncated-tcp``, ``truncated-udp``, ``truncated-icmp``, ``bad-tcp-header``
 (data offset under 20 bytes).  An IPv4 packet of another protocol, or a fragment other than
-the first, is fine: its ports are 0 and its whole L4 part is payload.  A datagram that a
-capture's snap length cut after its headers stays ``truncated-ip`` (``bad-ipv6``) but has
-``cut`` set and its headers read (``Packet.cut``), for an NF that analyses what was
-captured, as prads does.
+the first, is fine: its ports are 0 and its whole L4 part is payload
+(:func:`parse_fragment_data` reads that data as a header instead, as prads does).  A
+datagram that a capture's snap length cut after its headers stays ``truncated-ip``
+(``bad-ipv6``) but has ``cut`` set and its headers read (``Packet.cut``), for an NF that
+analyses what was captured, as prads does.
 """
 
 from __future__ import annotations
