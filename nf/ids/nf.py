@@ -233,7 +233,12 @@ class IDS(NF):
             timer[0] = ts
             timer[1] = closed
         counts["inspected"] = counts.get("inspected", 0) + 1
-        if not first_way and proto not in _FLOW_PROTOCOLS:
+        if not first_way and (
+            proto not in _FLOW_PROTOCOLS or (proto == 1 and packet.icmp_type == 3)
+        ):
+            # no flow in Suricata: another protocol, or a destination unreachable (one
+            # quoting a TCP or UDP header joins that flow there; we keep it in the hosts'
+            # ICMP flow, and inspect it each time)
             first_way = True
         dport = packet.dport
         pl, pend = packet.pl, packet.pend

@@ -37,9 +37,9 @@ CLOSED = 4
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 TCP = 6
 
-#: Suricata 7's default flow timeouts, in seconds: a packet that comes this long (or
-#: longer) after its flow's last one starts a new flow (its IP-only rules are inspected
-#: again, its session starts over).  TCP: before the handshake completes, established,
+#: Suricata 7's default flow timeouts, in seconds: a packet that comes more than this many
+#: whole seconds after its flow's last one starts a new flow (its IP-only rules are
+#: inspected again, its session starts over).  TCP: before the handshake completes, established,
 #: closed; other protocols: one direction seen, both seen.
 TCP_NEW_TIMEOUT = 60.0
 TCP_ESTABLISHED_TIMEOUT = 600.0
@@ -70,13 +70,15 @@ class FlowContext(SingleWriter):
             proto == TCP and state == CLOSED and flags & (_SYN | _ACK) == _SYN
         ):
             new = True
-        elif proto == TCP:
-            if state == ESTABLISHED:
-                new = ts - self.last >= TCP_ESTABLISHED_TIMEOUT
-            else:
-                new = ts - self.last >= TCP_NEW_TIMEOUT  # (the closed timeout is the same)
         else:
-            new = ts - self.last >= (ESTABLISHED_TIMEOUT if self.replied else NEW_TIMEOUT)
+            # (whole seconds, as Suricata keeps a flow's deadline: it has timed out when the
+            # packet's second is past its last packet's second plus the timeout)
+            idle = int(ts) - int(self.last)
+            if proto == TCP:
+                # (the closed timeout is the new one)
+                new = idle > (TCP_ESTABLISHED_TIMEOUT if state == ESTABLISHED else TCP_NEW_TIMEOUT)
+            else:
+                new = idle > (ESTABLISHED_TIMEOUT if self.replied else NEW_TIMEOUT)
         if new:
             # the first packet, a new connection on a closed 5-tuple, or the first after
             # the flow timed out

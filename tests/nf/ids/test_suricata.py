@@ -207,6 +207,7 @@ ONLY_SURICATA_IPONLY = {
         ("../../prads/fixtures/ipv6.pcap", "iponly-ipv6-suricata-fast.log"),
         ("protocols.pcap", "iponly-protocols-suricata-fast.log"),
         ("ipv6ext.pcap", "iponly-ipv6ext-suricata-fast.log"),
+        ("timeouts.pcap", "iponly-timeouts-suricata-fast.log"),
     ],
 )
 async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_does(
@@ -217,7 +218,8 @@ async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_d
     protocol Suricata keeps no flow for, IGMP or OSPF, on every packet); a negated
     address, flags or a flow option make a rule inspected on every packet.  The same
     alerts as Suricata's but for the listed ones.  IPv6 extension headers (hop-by-hop,
-    routing, destination options) are walked to the transport header, as Suricata does."""
+    routing, destination options) are walked to the transport header, as Suricata does; a
+    flow ends as Suricata's do, by whole seconds."""
     rules = load_config_rules({"rules": str(FIXTURES / "iponly.rules")})
     assert not rules.errors and not rules.warnings
     assert [r.ip_only for r in rules.rules] == [True] * 6 + [False, True, False, False]
@@ -233,7 +235,9 @@ async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_d
     # every IP-only rule alerted at most once per flow direction
     once = {r.sid for r in rules.rules if r.ip_only}
     seen = collections.Counter(key for key in ours.elements() if key[0] in once)
-    if name == "protocols.pcap":  # IGMP and OSPF: every packet; ESP, SCTP: once a flow
+    if name == "timeouts.pcap":  # destination unreachable: no flow, every packet
+        assert seen[(4000001, "10.0.0.254", None, A, None)] == 3
+    elif name == "protocols.pcap":  # IGMP and OSPF: every packet; ESP, SCTP: once a flow
         assert seen[(4000001, A, None, "224.0.0.1", None)] == 3
         # OSPF's 3, ESP's 1 and SCTP's 2 (two port pairs) compare equal without ports
         assert seen[(4000001, A, None, B, None)] == 3 + 1 + 2
