@@ -29,8 +29,8 @@ from store import ObjectNotFound
 
 #: The protocols whose IP-only rules Suricata inspects once per flow direction (TCP, UDP,
 #: ICMP, ICMPv6, ESP, SCTP): a packet of another (IGMP, OSPF, PIM...) meets them every time.
-_FLOW_PROTOCOLS = frozenset({6, 17, 1, 58, 50, 132})
 SCTP = 132
+_FLOW_PROTOCOLS = frozenset({6, 17, 1, 58, 50, SCTP})
 
 __all__ = ["DEFAULT_CLASSIFICATION", "DEFAULT_RULES", "IDS", "load_config_rules"]
 

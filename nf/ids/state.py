@@ -75,8 +75,10 @@ class FlowContext(SingleWriter):
             # packet's second is past its last packet's second plus the timeout)
             idle = int(ts) - int(self.last)
             if proto == TCP:
-                # (the closed timeout is the new one)
-                new = idle > (TCP_ESTABLISHED_TIMEOUT if state == ESTABLISHED else TCP_NEW_TIMEOUT)
+                if state == ESTABLISHED:
+                    new = idle > TCP_ESTABLISHED_TIMEOUT
+                else:
+                    new = idle > (TCP_CLOSED_TIMEOUT if state == CLOSED else TCP_NEW_TIMEOUT)
             else:
                 new = idle > (ESTABLISHED_TIMEOUT if self.replied else NEW_TIMEOUT)
         if new:
