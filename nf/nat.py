@@ -27,8 +27,13 @@ SingleWriter pool, as in the paper, would move to every instance that opens a fl
 **Allocation** draws ``tries`` random offsets in a shard (the RNG is injectable:
 ``config["rng"]``) and takes the first free one, as S6 does; if all draws hit used ports it
 scans the shard from a cursor (a deviation from S6, which gives up after 10 draws and sends
-the packet untranslated).  The RNG is seeded from ``seed`` and the instance's name, so a run
-gives the same ports each time.  A full pool is counted (``pool-exhausted``) and the packet
+the packet untranslated).  On a ring of several members the first free draw whose port
+gives the reverse entry a key this instance owns goes first (``reply_here``): the port
+decides the reverse entry's key, so choosing it well lets the instance make that entry
+itself, at once, where the key owner of another port would have had to grant it (a round
+trip for every new connection); the draws are the same, so one instance gets the same
+ports.  The RNG is seeded from ``seed`` and the instance's name, so a run gives the same
+ports each time.  A full pool is counted (``pool-exhausted``) and the packet
 forwarded untranslated with no entries written, or dropped (``exhausted = "drop"``).
 
 **Removal** (S6 never removes entries): both entries are removed and the port returned on a
@@ -72,6 +77,8 @@ from store import MultiWriter, ObjectNotFound, SingleWriter, stale, untethered
 __all__ = ["NAT", "NatEntry", "PortPool", "PortShard"]
 
 FlowKey = tuple[int, int, int, int, int]
+#: A new connection's server side: ``(server address, protocol, server port)``.
+Toward = tuple[int, int, int]
 
 DEFAULTS: dict[str, Any] = {
     "public": ["203.0.113.1"],
@@ -87,9 +94,13 @@ DEFAULTS: dict[str, Any] = {
     "other": "forward",
     "seed": 0,
     "pool": "sharded",
+    "reply_here": True,
 }
 
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
+
+#: Free ports of a filling shard whose reverse key _reply_here checks, past the draws.
+_PLACE_SCAN = 16
 
 #: Seconds (the NF's clock) a full pool's other shards are not asked again (see _allocate).
 OTHERS_FULL_BACKOFF = 1.0
@@ -350,6 +361,11 @@ class NAT(NF):
         self.single_pool = cfg["pool"] == "single"
         self.whole_pools = space.map("nat.pool-single", PortPool)
         self.me = space.name
+        #: For ``reply_here``: the ring's owner of a key, and the members (not on the
+        #: baselines' spaces, which have no ring).
+        owner_of = getattr(space, "owner_of", None) if cfg["reply_here"] else None
+        self._owner_of: Callable[[str, Any], str] | None = owner_of
+        self._members: Callable[[], list[str]] | None = getattr(space, "members", None)
         span = self.port_hi - self.port_lo + 1
         self.shards_per_ip = (span + self.shard_size - 1) // self.shard_size
         #: Shards this instance made (allocates from them locally), newest last.
@@ -358,6 +374,8 @@ class NAT(NF):
         self._others_full_until = float("-inf")
         #: Shards a microthread of this instance is making right now (how many are).
         self._claiming: dict[tuple[int, int], int] = {}
+        #: Shards found made by another instance (not asked again when claiming).
+        self._taken: set[tuple[int, int]] = set()
         #: Where this instance starts looking for a shard to claim (spreads instances).
         total = len(self.publics) * self.shards_per_ip
         self._claim_start = zlib.crc32(self.me.encode()) % total
@@ -403,6 +421,11 @@ class NAT(NF):
         )
         parser.add_argument("--seed", type=int, help="seed of the port chooser")
         parser.add_argument(
+            "--reply-here",
+            choices=("on", "off"),
+            help="prefer ports whose reverse entry this instance owns the key of (on)",
+        )
+        parser.add_argument(
             "--pool",
             choices=("sharded", "single"),
             help="the port pool: shards each instance claims (sharded), or one SingleWriter "
@@ -431,6 +454,11 @@ class NAT(NF):
             value = getattr(args, name, None)
             if value is not None:
                 config[name] = value
+        reply_here = getattr(args, "reply_here", None)
+        if reply_here is not None:
+            config["reply_here"] = reply_here == "on"
+        if not isinstance(config.get("reply_here", True), bool):
+            raise ConfigError(f"reply_here must be true or false, not {config['reply_here']!r}")
         return config
 
     # -- the packet path ---------------------------------------------------------------
@@ -502,7 +530,7 @@ class NAT(NF):
         if entry is None and not flags & RST:
             fresh = self._entry_new_here(key)
             if fresh is not None:  # (here was none: so it was made now)
-                got = self._allocate_here()
+                got = self._allocate_here((dst, proto, packet.dport))
                 if got is not None:
                     await self._open(packet, key, fresh, None, got)
                     entry = self._entry_here(key)  # (setting up the reverse may await)
@@ -545,7 +573,7 @@ class NAT(NF):
             await self.entries.remove(key)
             self.count("rst-no-mapping")
             return Verdict.DROP
-        got = await self._allocate(packet.ts)
+        got = await self._allocate(packet.ts, (packet.dst, packet.proto, packet.dport))
         if got is None:
             await self.entries.remove(key)
             self.count("pool-exhausted")
@@ -669,19 +697,23 @@ class NAT(NF):
     def _shard_of(self, public: int, port: int) -> tuple[int, int]:
         return (public, (port - self.port_lo) // self.shard_size)
 
-    async def _try(self, shard: tuple[int, int], create: bool) -> int | None:
-        """Allocate from ``shard``: the port, 0 if full, None if ``create`` found it made
-        by another instance already."""
+    async def _try(self, shard: tuple[int, int], create: bool, toward: Toward) -> int | None:
+        """Allocate from ``shard`` for a connection ``toward`` a server: the port, 0 if
+        full, None if ``create`` found it made by another instance already."""
         lo, hi = self._shard_range(shard[1])
         draws = self._draws(hi - lo + 1)
         if not create:
             here = self._shard_here(shard)
+            if here is not None and here.size and here.count >= here.size:
+                return 0  # one of this instance's own shards, full
+            self._reply_here(draws, lo, shard[0], toward, here)
             if here is not None:  # one of this instance's own shards, held here
                 mine: int = here.allocate(lo, hi, draws)
                 return mine
             async with self.pool.get(shard) as ref:
                 got: int = await ref.allocate(lo, hi, draws)
             return got
+        self._reply_here(draws, lo, shard[0], toward, None)
         claiming = self._claiming
         mine = shard not in claiming
         claiming[shard] = claiming.get(shard, 0) + 1
@@ -708,7 +740,45 @@ class NAT(NF):
             return [below(size) for _ in range(self.tries)]
         return [rng.randrange(size) for _ in range(self.tries)]
 
-    def _allocate_here(self) -> tuple[int, int] | None:
+    def _reply_here(
+        self, draws: list[int], lo: int, public: int, toward: Toward, here: PortShard | None
+    ) -> None:
+        """Put first among ``draws`` (offsets from port ``lo`` of ``public``) the first
+        one whose port makes the reverse entry of a connection ``toward`` its server a key
+        this instance owns, and that is free where the shard is ``here`` (``reply_here``);
+        leave them as they are on a ring of one, or when none of them does (with two
+        members, one draw in 2**tries)."""
+        owner_of = self._owner_of
+        if owner_of is None or self._members is None or len(self._members()) < 2:
+            return
+        dst, proto, dport = toward
+        me = self.me
+        for i, off in enumerate(draws):
+            port = lo + off
+            if here is not None and here.is_used(port):
+                continue
+            if owner_of("nat.entries", (dst, public, proto, dport, port)) == me:
+                if i:
+                    draws[0], draws[i] = off, draws[0]
+                return
+        if here is None or not here.size:
+            return
+        # A filling shard: most draws hit used ports.  Its free ports from the cursor on,
+        # as allocate would scan them, the first few of them (each a hash of a key).
+        size, used = here.size, here.used
+        tried = 0
+        for i in range(size):
+            off = (here.cursor + i) % size
+            if used[off >> 3] & (1 << (off & 7)):
+                continue
+            if owner_of("nat.entries", (dst, public, proto, dport, lo + off)) == me:
+                draws.insert(0, off)
+                return
+            tried += 1
+            if tried >= _PLACE_SCAN:
+                return
+
+    def _allocate_here(self, toward: Toward) -> tuple[int, int] | None:
         """What :meth:`_allocate` gives when it can give it without awaiting: a port of
         this instance's newest claimed shard, held here with room (its first try, with
         the same draws); None, with nothing drawn, when it would have to await."""
@@ -720,27 +790,32 @@ class NAT(NF):
         if here is None or not here.size or here.count >= here.size:
             return None
         lo, hi = self._shard_range(shard[1])
-        port: int = here.allocate(lo, hi, self._draws(hi - lo + 1))
+        draws = self._draws(hi - lo + 1)
+        self._reply_here(draws, lo, shard[0], toward, here)
+        port: int = here.allocate(lo, hi, draws)
         return shard[0], port
 
-    async def _allocate(self, now: float) -> tuple[int, int] | None:
+    async def _allocate(self, now: float, toward: Toward) -> tuple[int, int] | None:
+        """A public address and port for a new connection ``toward`` its server
+        (``(server, proto, server port)``), None when the pool is full."""
         if self.single_pool:
-            return await self._allocate_whole()
+            return await self._allocate_whole(toward)
         claimed = self.claimed
         for i in range(len(claimed) - 1, -1, -1):  # newest first: the others were full
-            port = await self._try(claimed[i], False)
+            port = await self._try(claimed[i], False, toward)
             if port:
                 return claimed[i][0], port
         total = len(self.publics) * self.shards_per_ip
         order = [(self._claim_start + i) % total for i in range(total)]
         mine = set(claimed)
-        for n in order:
-            shard = (self.publics[n // self.shards_per_ip], n % self.shards_per_ip)
-            if shard in mine:
+        taken = self._taken
+        for shard in self._claim_order(order):
+            if shard in mine or shard in taken:
                 continue
-            port = await self._try(shard, True)
+            port = await self._try(shard, True, toward)
             if port is None:
-                continue  # made by someone else
+                taken.add(shard)  # made by someone else (shards are never removed)
+                continue
             if shard not in claimed:  # (another microthread may have added it meanwhile)
                 claimed.append(shard)
                 self.count("shards-claimed")
@@ -754,7 +829,7 @@ class NAT(NF):
             if shard in mine:
                 continue
             try:
-                port = await self._try(shard, False)
+                port = await self._try(shard, False, toward)
             except ObjectNotFound:
                 continue
             if port:
@@ -767,6 +842,19 @@ class NAT(NF):
         self._others_full_until = now + OTHERS_FULL_BACKOFF
         return None
 
+    def _claim_order(self, order: list[int]) -> list[tuple[int, int]]:
+        """The shards in ``order`` (numbers), those whose key this instance owns first:
+        claiming one of those is a create of a key owned here, answered at once, where
+        another instance's key costs a round trip (and a refusal, when it made it)."""
+        per_ip, publics = self.shards_per_ip, self.publics
+        shards = [(publics[n // per_ip], n % per_ip) for n in order]
+        owner_of = self._owner_of
+        if owner_of is None:
+            return shards
+        me = self.me
+        owned = [shard for shard in shards if owner_of("nat.pool", shard) == me]
+        return owned + [shard for shard in shards if owner_of("nat.pool", shard) != me]
+
     async def _free(self, public: int, port: int) -> None:
         if self.single_pool:
             async with self.whole_pools.get(public) as whole:
@@ -775,11 +863,12 @@ class NAT(NF):
         async with self.pool.get(self._shard_of(public, port)) as ref:
             await ref.free(port)
 
-    async def _allocate_whole(self) -> tuple[int, int] | None:
+    async def _allocate_whole(self, toward: Toward) -> tuple[int, int] | None:
         """``pool = "single"``: one SingleWriter pool per public address, as in the paper."""
         lo, hi = self.port_lo, self.port_hi
         for public in self.publics:
             draws = self._draws(hi - lo + 1)
+            self._reply_here(draws, lo, public, toward, None)
             async with self.whole_pools.create(public) as ref:
                 port: int = await ref.allocate(lo, hi, draws)
             if port:

@@ -396,3 +396,33 @@ async def test_a_full_pool_is_not_asked_shard_by_shard_for_every_new_flow() -> N
             asked = space_b.statistics().remote_calls - before
             assert nat_b.counts["pool-exhausted"] == 20
             assert asked <= 8, f"{asked} calls to other shards for 20 new flows"
+
+
+async def _reverse_keys_after(config: dict[str, Any], flows: int) -> tuple[str, list[Any], Any]:
+    """``flows`` new connections through the first of two members: its name, the reverse
+    entries' keys, and the space (to ask owners and holdings)."""
+    async with open_cluster(NAT, config, 2) as cluster:
+        space, nat = cluster.spaces[0], cluster.nfs[0]
+        reverse = []
+        for n in range(flows):
+            packet = parse(tcp_frame(CLIENT, SERVER + n, 40000 + n, 80, SYN), float(n))
+            unit = await space.submit(nat.flow_key(packet), nat.process, packet)
+            await space.node.micro.wait_result(unit)
+            assert packet.src == P
+            reverse.append((SERVER + n, P, 6, 80, packet.sport))
+        held = {k[1] for k in space.node.core.objects.objects if k[0] == "nat.entries"}
+        rows = [(key, space.owner_of("nat.entries", key), key in held) for key in reverse]
+        return space.name, rows, space.owner_of("nat.pool", nat.claimed[0])
+
+
+async def test_a_new_connection_gets_a_port_whose_reverse_entry_is_keyed_here() -> None:
+    """On a ring of two, the port a connection gets makes its reverse entry's key one the
+    allocating instance owns, so it makes that entry itself without a round trip (the
+    port decides the key; any free port would do for the connection), and its first shard
+    is one whose key it owns.  Without ``reply_here``, about half would be the other's."""
+    with trio.fail_after(60):
+        me, rows, claimed_owner = await _reverse_keys_after(nat_config(), 40)
+        assert all(owner == me and held for _key, owner, held in rows), rows
+        assert claimed_owner == me
+        me, rows, _ = await _reverse_keys_after(nat_config(reply_here=False), 40)
+        assert any(owner != me for _key, owner, _held in rows)
