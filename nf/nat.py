@@ -99,7 +99,7 @@ DEFAULTS: dict[str, Any] = {
 
 _PROTO_NAME = {TCP: "tcp", UDP: "udp"}
 
-#: Free ports of a filling shard whose reverse key _reply_here checks, past the draws.
+#: Free ports of a filling shard whose reverse key _reply_here hashes past the draws.
 _PLACE_SCAN = 16
 
 #: Seconds (the NF's clock) a full pool's other shards are not asked again (see _allocate).
@@ -763,20 +763,28 @@ class NAT(NF):
                 return
         if here is None or not here.size:
             return
-        # A filling shard: most draws hit used ports.  Its free ports from the cursor on,
-        # as allocate would scan them, the first few of them (each a hash of a key).
+        # A filling shard: most draws hit used ports.  Its free ports from the cursor's
+        # byte of the bitmap on (a byte at a time: full bytes are skipped), the first
+        # few of them hashed.
         size, used = here.size, here.used
-        tried = 0
-        for i in range(size):
-            off = (here.cursor + i) % size
-            if used[off >> 3] & (1 << (off & 7)):
+        nbytes = len(used)
+        start = here.cursor >> 3
+        hashed = 0
+        for b in range(nbytes):
+            at = (start + b) % nbytes
+            bits = used[at]
+            if bits == 0xFF:
                 continue
-            if owner_of("nat.entries", (dst, public, proto, dport, lo + off)) == me:
-                draws.insert(0, off)
-                return
-            tried += 1
-            if tried >= _PLACE_SCAN:
-                return
+            for bit in range(8):
+                off = (at << 3) | bit
+                if bits & (1 << bit) or off >= size:
+                    continue
+                if owner_of("nat.entries", (dst, public, proto, dport, lo + off)) == me:
+                    draws.insert(0, off)
+                    return
+                hashed += 1
+                if hashed >= _PLACE_SCAN:
+                    return
 
     def _allocate_here(self, toward: Toward) -> tuple[int, int] | None:
         """What :meth:`_allocate` gives when it can give it without awaiting: a port of
