@@ -19,7 +19,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from nf.base import NF, ConfigError, Verdict, local_create_of, untethered_of
+from nf.base import NF, ConfigError, Verdict, local_create_of, local_of, untethered_of
 from nf.ids.alert import fast_alert
 from nf.ids.engine import Detector, PacketView
 from nf.ids.rules import Classification, RuleSet, load_rules, parse_classifications
@@ -111,6 +111,34 @@ def _networks(items: Any) -> list[tuple[int, int]]:
 
 _DECODED_FURTHER = IPV6_EXTENSIONS | {SCTP}
 
+#: ICMPv4 error messages (destination unreachable, source quench, redirect, time exceeded,
+#: parameter problem): Suricata never makes a flow for one.
+_ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})
+
+
+def _quoted_flow(packet: Packet) -> tuple[int, int, int, int, int] | None:
+    """The flow key (both ways) of the UDP datagram or TCP segment an ICMPv4 destination
+    unreachable quotes, where Suricata joins the error to that packet's flow: a known code
+    (0-15), an IPv4 header and a whole UDP or TCP header (without options) quoted, the
+    ports read 20 bytes in whatever the quoted header's length, as Suricata reads them.
+    None otherwise (a router quotes 8 bytes of a TCP header: that error joins nothing)."""
+    if packet.icmp_type != 3 or packet.icmp_code > 15 or packet.drop is not None:
+        return None
+    at, frame = packet.pl, packet.frame
+    quoted = packet.pend - at
+    if quoted < 28 or frame[at] >> 4 != 4:
+        return None
+    proto = frame[at + 9]
+    if not (proto == 17 or (proto == 6 and quoted >= 40)):
+        return None
+    src = int.from_bytes(frame[at + 12 : at + 16], "big")
+    dst = int.from_bytes(frame[at + 16 : at + 20], "big")
+    sport = (frame[at + 20] << 8) | frame[at + 21]
+    dport = (frame[at + 22] << 8) | frame[at + 23]
+    if src < dst or (src == dst and sport <= dport):
+        return (src, dst, proto, sport, dport)
+    return (dst, src, proto, dport, sport)
+
 
 def _transport(packet: Packet) -> Packet:
     """The packet as Suricata decodes its transport, for the flow and the rules: an IPv6
@@ -161,6 +189,7 @@ class IDS(NF):
         self.servers = space.map("ids.servers", ServerAlerts)
         # The per-flow and per-host objects in place when they are here (Map.local_create)
         self._flow_here = local_create_of(self.flows)
+        self._flow_held = local_of(self.flows)
         self._host_here = local_create_of(self.hosts)
         self._server_here = local_create_of(self.servers)
         #: Alerts for a server held elsewhere: untethered, not waiting for its place.
@@ -181,7 +210,13 @@ class IDS(NF):
         return None
 
     def flow_key(self, packet: Packet) -> Hashable:
-        """The connection, as Suricata decodes it (see :func:`_transport`)."""
+        """The connection, as Suricata decodes it (see :func:`_transport`); for a
+        destination unreachable quoting a UDP datagram, the datagram's (see
+        :func:`_quoted_flow`): it may join that flow."""
+        if packet.proto == 1 and packet.icmp_type == 3:
+            quoted = _quoted_flow(packet)
+            if quoted is not None:
+                return quoted
         return _transport(packet).flow_key_both()
 
     async def process(self, packet: Packet) -> Verdict:
@@ -213,18 +248,28 @@ class IDS(NF):
         sport = packet.sport
         flags = packet.tcp_flags
         ts = packet.ts
-        # The flow's context in place when it is held here (or made here at once), else
-        # through a reference: the same method either way.
-        ctx = self._flow_here(key)
-        if ctx is not None:
-            to_server, established, number, closed, first_way = ctx.on_packet(
-                proto, src, sport, flags, ts
-            )
+        joined = None
+        if proto == 1 and packet.icmp_type == 3:
+            quoted = _quoted_flow(packet)
+            if quoted is not None:
+                joined = await self._join(quoted, src, ts)
+                if joined is not None:
+                    key = quoted
+        if joined is not None:
+            to_server, established, number, closed, first_way = joined
         else:
-            async with self.flows.create(key) as ref:
-                to_server, established, number, closed, first_way = await ref.on_packet(
+            # The flow's context in place when it is held here (or made here at once),
+            # else through a reference: the same method either way.
+            ctx = self._flow_here(key)
+            if ctx is not None:
+                to_server, established, number, closed, first_way = ctx.on_packet(
                     proto, src, sport, flags, ts
                 )
+            else:
+                async with self.flows.create(key) as ref:
+                    to_server, established, number, closed, first_way = await ref.on_packet(
+                        proto, src, sport, flags, ts
+                    )
         timer = self._timers.get(key)
         if timer is None:
             self._timers[key] = [ts, closed]
@@ -233,12 +278,13 @@ class IDS(NF):
             timer[0] = ts
             timer[1] = closed
         counts["inspected"] = counts.get("inspected", 0) + 1
-        if not first_way and (
-            proto not in _FLOW_PROTOCOLS or (proto == 1 and packet.icmp_type == 3)
+        if (
+            not first_way
+            and joined is None
+            and (proto not in _FLOW_PROTOCOLS or (proto == 1 and packet.icmp_type in _ICMP_ERRORS))
         ):
-            # no flow in Suricata: another protocol, or a destination unreachable (one
-            # quoting a TCP or UDP header joins that flow there; we keep it in the hosts'
-            # ICMP flow, and inspect it each time)
+            # No flow in Suricata: another protocol, or an ICMPv4 error that joined no
+            # flow (we keep it in the hosts' ICMP flow, and inspect it each time).
             first_way = True
         dport = packet.dport
         pl, pend = packet.pl, packet.pend
@@ -273,6 +319,21 @@ class IDS(NF):
                     await record.add(entry, self.alerts_per_server)
         self.count("alerts", len(matched))
         return Verdict.FORWARD
+
+    async def _join(self, quoted: Any, src: int, ts: float) -> list[Any] | None:
+        """A destination unreachable joining the flow ``quoted`` (Suricata's way):
+        :meth:`FlowContext.on_error` of its context, which is never made for it; None
+        when there is no such flow (or it has timed out): the error is flowless."""
+        ctx = self._flow_held(quoted)
+        if ctx is not None:
+            joined: list[Any] | None = ctx.on_error(quoted[2], src, ts)
+            return joined
+        try:
+            async with self.flows.get(quoted) as ref:
+                joined = await ref.on_error(quoted[2], src, ts)
+        except ObjectNotFound:
+            return None
+        return joined
 
     # --- timeouts --------------------------------------------------------------------
 

@@ -123,6 +123,38 @@ class FlowContext(SingleWriter):
                 self.state = CLOSED
         return [forward, established, self.packets, self.state == CLOSED, first_way]
 
+    def on_error(self, proto: int, src: int, ts: float) -> list[Any] | None:
+        """Account an ICMPv4 destination unreachable quoting a packet of this flow (of
+        ``proto``), which Suricata counts as a packet of the flow: to_server when it comes
+        from the initiator's address (Suricata tells an ICMP packet's direction by its
+        source address alone), the first of its direction or not; it moves no TCP state.
+        ``on_packet``'s answer; None when the flow has no packet yet or has timed out
+        (Suricata then makes no flow for the error)."""
+        if self.packets == 0:
+            return None
+        idle = int(ts) - int(self.last)
+        state = self.state
+        if proto == TCP:
+            if state == ESTABLISHED:
+                limit = TCP_ESTABLISHED_TIMEOUT
+            else:
+                limit = TCP_CLOSED_TIMEOUT if state == CLOSED else TCP_NEW_TIMEOUT
+        else:
+            limit = ESTABLISHED_TIMEOUT if self.replied else NEW_TIMEOUT
+        if idle > limit:
+            return None
+        self.packets += 1
+        self.last = ts
+        forward = src == self.initiator_ip
+        if not forward:
+            self.replied = True
+        way = 1 if forward else 2
+        first_way = not self.ways & way
+        self.ways |= way
+        if proto == TCP:
+            return [forward, state == ESTABLISHED, self.packets, state == CLOSED, first_way]
+        return [forward, self.replied, self.packets, False, first_way]
+
     @stale(max_age=1.0)
     def last_seen(self) -> list[Any]:
         """``[last packet time, state]``: for the idle sweep, which must not move it."""

@@ -172,6 +172,7 @@ async def test_ipv6_alerts_equal_suricata() -> None:
     [
         ("icmp.pcap", "icmp-suricata-fast.log"),
         ("../../prads/fixtures/ipv6.pcap", "icmp-ipv6-suricata-fast.log"),
+        ("icmperrors.pcap", "icmp-icmperrors-suricata-fast.log"),
     ],
 )
 async def test_itype_and_icode_equal_suricata(capture: str, log: str) -> None:
@@ -186,6 +187,16 @@ async def test_itype_and_icode_equal_suricata(capture: str, log: str) -> None:
     theirs = collections.Counter(alert_keys((FIXTURES / log).read_text().splitlines()))
     assert sum(theirs.values()) >= 2
     assert ours == theirs
+
+
+async def test_icmp_errors_join_their_flow_on_any_instance() -> None:
+    """An ICMP error that joins the flow it quotes reaches that flow's context wherever
+    it is held: on three instances, the same alerts as Suricata's."""
+    packets = read_capture(str(FIXTURES / "icmperrors.pcap"))
+    result = await run_ids(packets, {"rules": str(FIXTURES / "iponly.rules")}, instances=3)
+    ours = collections.Counter(alert_keys(list(result.lines)))
+    log = (FIXTURES / "iponly-icmperrors-suricata-fast.log").read_text().splitlines()
+    assert ours == collections.Counter(alert_keys(log))
 
 
 #: iponly.rules: alerts only Suricata raises, and why.
@@ -208,6 +219,7 @@ ONLY_SURICATA_IPONLY = {
         ("protocols.pcap", "iponly-protocols-suricata-fast.log"),
         ("ipv6ext.pcap", "iponly-ipv6ext-suricata-fast.log"),
         ("timeouts.pcap", "iponly-timeouts-suricata-fast.log"),
+        ("icmperrors.pcap", "iponly-icmperrors-suricata-fast.log"),
     ],
 )
 async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_does(
@@ -237,6 +249,13 @@ async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_d
     seen = collections.Counter(key for key in ours.elements() if key[0] in once)
     if name == "timeouts.pcap":  # destination unreachable: no flow, every packet
         assert seen[(4000001, "10.0.0.254", None, A, None)] == 3
+    elif name == "icmperrors.pcap":
+        # joined to a flow: once for its direction (the router's is the second packet
+        # back in the DNS flow: none); no flow (other errors, short quotes, a flow never
+        # seen or timed out): every packet
+        assert seen[(4000001, "10.0.0.254", None, A, None)] == 7
+        assert seen[(4000001, B, None, A, None)] == 1 + 2 + 2 + 1
+        assert seen[(4000001, "10.0.0.3", None, A, None)] == 1 + 2
     elif name == "protocols.pcap":  # IGMP and OSPF: every packet; ESP, SCTP: once a flow
         assert seen[(4000001, A, None, "224.0.0.1", None)] == 3
         # OSPF's 3, ESP's 1 and SCTP's 2 (two port pairs) compare equal without ports
