@@ -376,6 +376,8 @@ class NAT(NF):
         self._claiming: dict[tuple[int, int], int] = {}
         #: Shards found made by another instance (not asked again when claiming).
         self._taken: set[tuple[int, int]] = set()
+        #: The members and the claim order of the shards on their ring (_claim_order).
+        self._claim_cache: tuple[tuple[str, ...], list[tuple[int, int]]] | None = None
         #: Where this instance starts looking for a shard to claim (spreads instances).
         total = len(self.publics) * self.shards_per_ip
         self._claim_start = zlib.crc32(self.me.encode()) % total
@@ -817,7 +819,8 @@ class NAT(NF):
         order = [(self._claim_start + i) % total for i in range(total)]
         mine = set(claimed)
         taken = self._taken
-        for shard in self._claim_order(order):
+        unclaimed = len(mine | taken) < total
+        for shard in self._claim_order(order) if unclaimed else ():
             if shard in mine or shard in taken:
                 continue
             port = await self._try(shard, True, toward)
@@ -853,15 +856,24 @@ class NAT(NF):
     def _claim_order(self, order: list[int]) -> list[tuple[int, int]]:
         """The shards in ``order`` (numbers), those whose key this instance owns first:
         claiming one of those is a create of a key owned here, answered at once, where
-        another instance's key costs a round trip (and a refusal, when it made it)."""
+        another instance's key costs a round trip (and a refusal, when it made it).
+        Kept while the members stay the same (a key hash per shard; ``order`` is the
+        same at every call)."""
         per_ip, publics = self.shards_per_ip, self.publics
         shards = [(publics[n // per_ip], n % per_ip) for n in order]
-        owner_of = self._owner_of
-        if owner_of is None:
+        owner_of, members = self._owner_of, self._members
+        if owner_of is None or members is None:
             return shards
+        ring = tuple(members())
+        cached = self._claim_cache
+        if cached is not None and cached[0] == ring:
+            return cached[1]
         me = self.me
-        owned = [shard for shard in shards if owner_of("nat.pool", shard) == me]
-        return owned + [shard for shard in shards if owner_of("nat.pool", shard) != me]
+        owned = [owner_of("nat.pool", shard) == me for shard in shards]
+        ordered = [s for s, o in zip(shards, owned, strict=True) if o]
+        ordered += [s for s, o in zip(shards, owned, strict=True) if not o]
+        self._claim_cache = (ring, ordered)
+        return ordered
 
     async def _free(self, public: int, port: int) -> None:
         if self.single_pool:
