@@ -841,7 +841,8 @@ class NAT(NF):
                 continue
             try:
                 port = await self._try(shard, False, toward)
-            except ObjectNotFound:
+            except ObjectNotFound:  # lost with the instance that held it: claimable again
+                self._taken.discard(shard)
                 continue
             if port:
                 self.count("ports-borrowed")
