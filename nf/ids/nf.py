@@ -116,6 +116,35 @@ _DECODED_FURTHER = IPV6_EXTENSIONS | {SCTP}
 _ICMP_ERRORS = frozenset({3, 4, 5, 11, 12})
 
 
+def _paired(*pairs: tuple[int, int]) -> dict[int, int]:
+    """Each type of ``pairs`` to the one it pairs with, both ways."""
+    return {**dict(pairs), **{reply: request for request, reply in pairs}}
+
+
+#: The ICMP types Suricata pairs into one flow (a request and its reply: echo, timestamp,
+#: information, router solicitation and advertisement, address mask), and ICMPv6's (echo,
+#: neighbour and router discovery, MLD query and report, node information, and the
+#: mobility, certification path, multicast router and duplicate address pairs).
+_ICMP_PAIRS = {
+    1: _paired((8, 0), (13, 14), (15, 16), (10, 9), (17, 18)),
+    58: _paired((128, 129), (135, 136), (133, 134), (130, 131), (139, 140))
+    | _paired((144, 145), (146, 147), (148, 149), (151, 152), (157, 158)),
+}
+
+
+def _icmp_key(packet: Packet) -> tuple[int, int, int, int, int]:
+    """The flow key (both ways) of an ICMP or ICMPv6 packet as Suricata keys its flows:
+    the addresses with the packet's type and the type it pairs with (0 for none) in place
+    of ports, so an echo and its reply share a flow, and an echo and a timestamp request
+    between the same hosts do not."""
+    src, dst, proto = packet.src, packet.dst, packet.proto
+    kind = packet.icmp_type
+    other = _ICMP_PAIRS[proto].get(kind, 0)
+    if src < dst or (src == dst and kind <= other):
+        return (src, dst, proto, kind, other)
+    return (dst, src, proto, other, kind)
+
+
 def _quoted_flow(packet: Packet) -> tuple[int, int, int, int, int] | None:
     """The flow key (both ways) of the UDP datagram or TCP segment an ICMPv4 destination
     unreachable quotes, where Suricata joins the error to that packet's flow: a known code
@@ -217,7 +246,10 @@ class IDS(NF):
             quoted = _quoted_flow(packet)
             if quoted is not None:
                 return quoted
-        return _transport(packet).flow_key_both()
+        packet = _transport(packet)
+        if (packet.proto == 1 or packet.proto == 58) and packet.drop in (None, "ipv6"):
+            return _icmp_key(packet)
+        return packet.flow_key_both()
 
     async def process(self, packet: Packet) -> Verdict:
         counts = self.counts
@@ -242,8 +274,8 @@ class IDS(NF):
                         await ref.skip()
                 self.count("whitelisted")
                 return Verdict.FORWARD
-        key = packet.flow_key_both()
         proto = packet.proto
+        key = _icmp_key(packet) if proto == 1 or proto == 58 else packet.flow_key_both()
         src = packet.src
         sport = packet.sport
         flags = packet.tcp_flags

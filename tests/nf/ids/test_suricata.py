@@ -220,6 +220,7 @@ ONLY_SURICATA_IPONLY = {
         ("ipv6ext.pcap", "iponly-ipv6ext-suricata-fast.log"),
         ("timeouts.pcap", "iponly-timeouts-suricata-fast.log"),
         ("icmperrors.pcap", "iponly-icmperrors-suricata-fast.log"),
+        ("icmptypes.pcap", "iponly-icmptypes-suricata-fast.log"),
     ],
 )
 async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_does(
@@ -256,6 +257,13 @@ async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_d
         assert seen[(4000001, "10.0.0.254", None, A, None)] == 7
         assert seen[(4000001, B, None, A, None)] == 1 + 2 + 2 + 1
         assert seen[(4000001, "10.0.0.3", None, A, None)] == 1 + 2
+    elif name == "icmptypes.pcap":
+        # a flow per pair of types: echo, timestamp, router solicitation, information and
+        # the unpaired 42 from A; the echo's and timestamp's replies and 42 from B
+        assert seen[(4000001, A, None, B, None)] == 5
+        assert seen[(4000001, B, None, A, None)] == 3
+        assert seen[(4000001, "2001:db8::1", None, "2001:db8::2", None)] == 4
+        assert seen[(4000001, "2001:db8::2", None, "2001:db8::1", None)] == 3
     elif name == "protocols.pcap":  # IGMP and OSPF: every packet; ESP, SCTP: once a flow
         assert seen[(4000001, A, None, "224.0.0.1", None)] == 3
         # OSPF's 3, ESP's 1 and SCTP's 2 (two port pairs) compare equal without ports
