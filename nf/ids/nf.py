@@ -136,10 +136,15 @@ def _icmp_key(packet: Packet) -> tuple[int, int, int, int, int]:
     """The flow key (both ways) of an ICMP or ICMPv6 packet as Suricata keys its flows:
     the addresses with the packet's type and the type it pairs with (0 for none) in place
     of ports, so an echo and its reply share a flow, and an echo and a timestamp request
-    between the same hosts do not."""
+    between the same hosts do not; for ICMPv6 the code too."""
     src, dst, proto = packet.src, packet.dst, packet.proto
     kind = packet.icmp_type
     other = _ICMP_PAIRS[proto].get(kind, 0)
+    if proto == 58:
+        # ICMPv6's flows are compared as ports, where Suricata keeps the type and the
+        # code: a packet of another code is another flow (ICMPv4's compare types alone).
+        kind = kind << 8 | packet.icmp_code
+        other <<= 8
     if src < dst or (src == dst and kind <= other):
         return (src, dst, proto, kind, other)
     return (dst, src, proto, other, kind)
