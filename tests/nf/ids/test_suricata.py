@@ -255,7 +255,7 @@ async def test_ip_only_rules_are_inspected_once_per_flow_direction_as_suricata_d
         # back in the DNS flow: none); no flow (other errors, short quotes, a flow never
         # seen or timed out): every packet
         assert seen[(4000001, "10.0.0.254", None, A, None)] == 7
-        assert seen[(4000001, B, None, A, None)] == 1 + 2 + 2 + 1
+        assert seen[(4000001, B, None, A, None)] == 1 + 2 + 2 + 1 + 2
         assert seen[(4000001, "10.0.0.3", None, A, None)] == 1 + 2
     elif name == "icmptypes.pcap":
         # a flow per pair of types: echo, timestamp, router solicitation, information and
