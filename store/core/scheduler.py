@@ -135,26 +135,24 @@ _blocking_hook: BlockingHook | None = None
 class _ThreadSchedulers:
     """Weak references to the schedulers created in each thread, by thread.
 
-    A plain dict keyed by the thread's id, not a ``threading.local``: under load, with
-    trio's thread-cache worker alive, reading a ``threading.local`` subclass's attribute
-    here crashed the interpreter (a segmentation fault, seen twice in the baselines'
-    tests).  A plain list of ``weakref.ref`` rather than a ``WeakSet``: iterating a
-    WeakSet takes an iteration guard, a list of one or two refs is cheap, and this is
-    paid on every park.  Each ref removes itself when its scheduler dies."""
+    A plain list of ``weakref.ref`` rather than a ``WeakSet``: iterating a WeakSet takes
+    an iteration guard, a list of one or two refs is cheap, and this is paid on every
+    park.  Only the thread a list is for ever changes it, and only in :meth:`add`, which
+    drops the refs of dead schedulers there.  The refs have no callback on purpose: a
+    weakref callback runs wherever the collector happens to run, inside any allocation of
+    any thread, and one that removed its ref from this list while ``_in_microthread``
+    was copying it (``tuple(refs)`` allocates, so it can run the collector) left the copy
+    holding a freed ref: the segmentation faults of the baselines' tests, about one run
+    in 16 under load."""
 
     def __init__(self) -> None:
         self.by_thread: dict[int, list[weakref.ref[Scheduler]]] = {}
 
     def add(self, scheduler: Scheduler) -> None:
         refs = self.by_thread.setdefault(threading.get_ident(), [])
-
-        def forget(ref: weakref.ref[Scheduler]) -> None:
-            try:
-                refs.remove(ref)
-            except ValueError:
-                pass
-
-        refs.append(weakref.ref(scheduler, forget))
+        alive = [ref for ref in refs if ref() is not None]
+        alive.append(weakref.ref(scheduler))
+        self.by_thread[threading.get_ident()] = alive
 
 
 _registry = _ThreadSchedulers()
@@ -166,7 +164,7 @@ def _in_microthread() -> bool:
     refs = _registry.by_thread.get(threading.get_ident())
     if not refs:
         return False
-    for ref in tuple(refs):  # a copy: another thread's GC may remove a ref
+    for ref in refs:  # (no copy: nothing else changes this thread's list meanwhile)
         scheduler = ref()
         if scheduler is not None and scheduler._stepping:
             return True
