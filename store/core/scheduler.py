@@ -140,10 +140,9 @@ class _ThreadSchedulers:
     park.  Only the thread a list is for ever changes it, and only in :meth:`add`, which
     drops the refs of dead schedulers there.  The refs have no callback on purpose: a
     weakref callback runs wherever the collector happens to run, inside any allocation of
-    any thread, and one that removed its ref from this list while ``_in_microthread``
-    was copying it (``tuple(refs)`` allocates, so it can run the collector) left the copy
-    holding a freed ref: the segmentation faults of the baselines' tests, about one run
-    in 16 under load."""
+    any thread, and one that removes its ref from a list that is being copied (a copy
+    allocates, so it can run the collector) leaves the copy holding a freed ref, which
+    crashes the interpreter."""
 
     def __init__(self) -> None:
         self.by_thread: dict[int, list[weakref.ref[Scheduler]]] = {}
