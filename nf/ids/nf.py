@@ -244,9 +244,9 @@ class IDS(NF):
         return None
 
     def flow_key(self, packet: Packet) -> Hashable:
-        """The connection, as Suricata decodes it (see :func:`_transport`); for a
-        destination unreachable quoting a UDP datagram, the datagram's (see
-        :func:`_quoted_flow`): it may join that flow."""
+        """The connection, as Suricata decodes it (see :func:`_transport`; ICMP's by type,
+        :func:`_icmp_key`); for a destination unreachable quoting a UDP datagram or a TCP
+        segment, the quoted packet's (:func:`_quoted_flow`): it may join that flow."""
         if packet.proto == 1 and packet.icmp_type == 3:
             quoted = _quoted_flow(packet)
             if quoted is not None:

@@ -71,16 +71,7 @@ class FlowContext(SingleWriter):
         ):
             new = True
         else:
-            # (whole seconds, as Suricata keeps a flow's deadline: it has timed out when the
-            # packet's second is past its last packet's second plus the timeout)
-            idle = int(ts) - int(self.last)
-            if proto == TCP:
-                if state == ESTABLISHED:
-                    new = idle > TCP_ESTABLISHED_TIMEOUT
-                else:
-                    new = idle > (TCP_CLOSED_TIMEOUT if state == CLOSED else TCP_NEW_TIMEOUT)
-            else:
-                new = idle > (ESTABLISHED_TIMEOUT if self.replied else NEW_TIMEOUT)
+            new = self._timed_out(proto, ts)
         if new:
             # the first packet, a new connection on a closed 5-tuple, or the first after
             # the flow timed out
@@ -130,19 +121,9 @@ class FlowContext(SingleWriter):
         source address alone), the first of its direction or not; it moves no TCP state.
         ``on_packet``'s answer; None when the flow has no packet yet or has timed out
         (Suricata then makes no flow for the error)."""
-        if self.packets == 0:
+        if self.packets == 0 or self._timed_out(proto, ts):
             return None
-        idle = int(ts) - int(self.last)
         state = self.state
-        if proto == TCP:
-            if state == ESTABLISHED:
-                limit = TCP_ESTABLISHED_TIMEOUT
-            else:
-                limit = TCP_CLOSED_TIMEOUT if state == CLOSED else TCP_NEW_TIMEOUT
-        else:
-            limit = ESTABLISHED_TIMEOUT if self.replied else NEW_TIMEOUT
-        if idle > limit:
-            return None
         self.packets += 1
         self.last = ts
         forward = src == self.initiator_ip
@@ -154,6 +135,20 @@ class FlowContext(SingleWriter):
         if proto == TCP:
             return [forward, state == ESTABLISHED, self.packets, state == CLOSED, first_way]
         return [forward, self.replied, self.packets, False, first_way]
+
+    def _timed_out(self, proto: int, ts: float) -> bool:
+        """Whether a packet at ``ts`` comes after this flow (of ``proto``) timed out.
+        Whole seconds, as Suricata keeps a flow's deadline: it has timed out when the
+        packet's second is past its last packet's second plus the timeout."""
+        if proto == TCP:
+            state = self.state
+            if state == ESTABLISHED:
+                limit = TCP_ESTABLISHED_TIMEOUT
+            else:
+                limit = TCP_CLOSED_TIMEOUT if state == CLOSED else TCP_NEW_TIMEOUT
+        else:
+            limit = ESTABLISHED_TIMEOUT if self.replied else NEW_TIMEOUT
+        return int(ts) - int(self.last) > limit
 
     @stale(max_age=1.0)
     def last_seen(self) -> list[Any]:
