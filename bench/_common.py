@@ -7,13 +7,23 @@ same seed sees the same keys: results can be compared across machines and commit
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS_DIR", "FlowKey", "flow_keys", "node_names", "split_nf_options", "write_json"]
+__all__ = [
+    "RESULTS_DIR",
+    "FlowKey",
+    "check_capture",
+    "check_nf",
+    "flow_keys",
+    "node_names",
+    "split_nf_options",
+    "write_json",
+]
 
 #: Where benchmarks write JSON and PNG files (git-ignored).
 RESULTS_DIR = Path("results")
@@ -75,3 +85,26 @@ def split_nf_options(argv: list[str] | None) -> tuple[list[str], list[str]]:
         return args, []
     at = args.index("--")
     return args[:at], args[at + 1 :]
+
+
+def check_nf(parser: argparse.ArgumentParser, name: str) -> None:
+    """Exit through ``parser.error`` (one line, status 2) unless an NF called ``name`` is
+    installed: before any process is started for it."""
+    from nf import registry
+
+    try:
+        registry.load(name)
+    except registry.UnknownNF as exc:
+        parser.error(str(exc))
+
+
+def check_capture(parser: argparse.ArgumentParser, path: str) -> None:
+    """Exit through ``parser.error`` unless ``path`` is a capture holding packets."""
+    from nf.capture import CaptureError, read_capture
+
+    try:
+        packets = read_capture(path)
+    except CaptureError as exc:
+        parser.error(str(exc))
+    if not packets:
+        parser.error(f"{path}: the capture holds no packets")

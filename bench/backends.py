@@ -48,7 +48,6 @@ few minutes.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -62,6 +61,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.live import CORES, LiveCluster, Proc, start_store
+from store.cli.common import OneLineParser
 
 __all__ = ["Plan", "main", "run", "search", "sustained"]
 
@@ -593,7 +593,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__)
+    parser = OneLineParser(prog="python -m bench.backends", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="PRADS only, short trials")
     parser.add_argument("--nf", help=f"comma-separated ({','.join(NFS)})")
     parser.add_argument("--backends", help=f"comma-separated ({','.join(BACKENDS)})")

@@ -45,8 +45,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import split_nf_options
+from bench._common import check_nf, split_nf_options
 from bench.live import ROOT, Proc, _free_port
+from store.cli.common import OneLineParser
 
 ACTIONS = ("kill", "sigterm", "ctl-scale-in", "scale-out", "stall", "controller", "garbage")
 #: Seconds within which the controller's status and a relayed query must answer again.
@@ -254,9 +255,7 @@ class Chaos:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.chaos", description=__doc__.split("\n\n")[0]
-    )
+    parser = OneLineParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="6 rounds")
     parser.add_argument("--nf", default="prads")
     parser.add_argument("--instances", type=int, default=3)
@@ -270,10 +269,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.nf_options = nf_options
     if args.quick:
         args.rounds = min(args.rounds, 6)
+    check_nf(parser, args.nf)
     if args.instances < 2:
         parser.error("--instances must be at least 2")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.rate <= 0 or args.flows < 1:
+        parser.error("--rate and --flows must be positive")
     return args
 
 

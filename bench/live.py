@@ -41,7 +41,6 @@ backend's highest rate that loses nothing with it).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -59,7 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench._common import split_nf_options
+from bench._common import check_capture, check_nf, split_nf_options
+from nf.serve import BACKENDS
+from store.cli.common import OneLineParser
 
 __all__ = ["LiveCluster", "LiveConfig", "main", "run_live", "start_store"]
 
@@ -910,7 +911,7 @@ def _table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__)
+    parser = OneLineParser(prog="python -m bench.live", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run (about 25 s)")
     parser.add_argument("--nf", default="prads")
     parser.add_argument("--instances", type=int, default=2)
@@ -918,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds (loops the capture)")
     parser.add_argument("--flows", type=int, help="flows of the generated capture")
     parser.add_argument("--pcap")
-    parser.add_argument("--backend", default="s6", help="s6|local-only|remote-only|redis")
+    parser.add_argument("--backend", default="s6", choices=BACKENDS)
     parser.add_argument(
         "--store", metavar="HOST:PORT", help="the backend's store (default: started here)"
     )
@@ -942,6 +943,17 @@ def main(argv: list[str] | None = None) -> int:
     # offline run it is compared with and to the sender (as in bench.sender).
     own, nf_options = split_nf_options(argv)
     args = parser.parse_args(own)
+    check_nf(parser, args.nf)
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
+    for name in ("rate", "duration", "flows"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name} must be positive")
+    if args.steer_over < 0:
+        parser.error("--steer-over must not be negative")
+    if args.pcap is not None:
+        check_capture(parser, args.pcap)
     quick = args.quick
     cfg = LiveConfig(
         nf=args.nf,

@@ -24,7 +24,6 @@ difference is the store's.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import os
@@ -43,6 +42,7 @@ from bench.traffic import make
 from nf import registry
 from nf.packet import parse
 from nf.runner import run_capture
+from store.cli.common import OneLineParser
 
 __all__ = ["main"]
 
@@ -279,7 +279,7 @@ def plot(rows: list[dict[str, Any]], parse_us: float, path: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.nf", description=__doc__)
+    parser = OneLineParser(prog="python -m bench.nf", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small capture, one repeat")
     parser.add_argument("--flows", type=int, help="flows in the capture (3000; --quick 400)")
     parser.add_argument("--seed", type=int, default=1)

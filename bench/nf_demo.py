@@ -46,7 +46,6 @@ process is stopped before it exits, whatever the reason.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
 import json
@@ -75,6 +74,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.sink import Sink
+from store.cli.common import OneLineParser
 
 __all__ = ["DemoConfig", "DemoError", "main", "run_demo"]
 
@@ -1186,7 +1186,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m bench.nf_demo",
         description="PRADS on a live S6 cluster, scaled out and in while traffic flows.",
     )

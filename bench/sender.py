@@ -88,7 +88,7 @@ import trio
 
 from bench._common import split_nf_options
 from nf.base import NF, ConfigError
-from nf.capture import read_capture
+from nf.capture import CaptureError, read_capture
 from nf.datachannel import (
     DEFAULT_MAX_DATAGRAM,
     Kind,
@@ -97,10 +97,12 @@ from nf.datachannel import (
     decode,
     encode_end,
     encode_move,
+    frame_fits,
     move_room,
 )
 from nf.packet import Packet, parse
 from ring.hashring import DEFAULT_VNODES, HashRing, key_token
+from store.cli.common import OneLineParser, address
 
 __all__ = ["Steering", "main", "parse_status"]
 
@@ -361,6 +363,8 @@ class Sender:
         #: Seconds with no instance to send to, and held frames that had none to go to.
         self.no_instance_s = 0.0
         self.unsendable = 0
+        #: The capture's frames too big for any datagram (over about 64 KiB): left out.
+        self.too_big = 0
 
     # -- membership ------------------------------------------------------------------------
 
@@ -733,17 +737,26 @@ class Sender:
         ``--flows`` counts connections.  The key is direction-free (both directions of a
         connection go to one instance), or with ``--steer owner`` the NF's own flow key
         (the key of its objects in ``flow_map``)."""
-        packets = read_capture(self.args.pcap, decode_links=self.args.decode_links)
+        packets = self.args.packets
         base: dict[Hashable, int] = {}
         units: dict[Hashable, int] = {}
         first: list[tuple[int, int, Hashable, bytes]] = []
         steer_key, order_key = self.steer_key, self.args.order_key
         for ts, frame in packets:
+            if not frame_fits(frame):
+                self.too_big += 1
+                continue
             p = parse(frame, ts)
             conn = base.setdefault(p.flow_key_both(), len(base))
             flow = units.setdefault(order_key(p), len(units))
             first.append((conn, flow, steer_key(p), frame))
         n_flows, n_units = len(base), len(units)
+        if self.too_big:
+            print(
+                f"python -m bench.sender: warning: {self.too_big} frames of {self.args.pcap} "
+                "are too big for a UDP datagram (over about 64 KiB): left out",
+                file=sys.stderr,
+            )
         want = self.args.flows or n_flows
         timed = self.args.duration is not None
         passes = math.ceil(want / n_flows) if not timed else 256
@@ -832,6 +845,7 @@ class Sender:
             "behind": self.behind,
             "no_instance_s": round(self.no_instance_s, 3),
             "unsendable": self.unsendable,
+            "too_big": self.too_big,
             "per_instance": {n: i.packer.frames for n, i in sorted(instances.items())},
             "cpu": {"seconds": round(cpu, 3), "share_of_core": round(share, 3)},
             "steer": args.steer,
@@ -936,9 +950,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The sender's options, checked, with what they imply (the NF's keys)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.sender", description=__doc__)
-    parser.add_argument("--controller", required=True, metavar="HOST:PORT")
-    parser.add_argument("--sink", required=True, metavar="HOST:PORT")
+    parser = OneLineParser(prog="python -m bench.sender", description=__doc__)
+    parser.add_argument("--controller", required=True, type=address, metavar="HOST:PORT")
+    parser.add_argument("--sink", required=True, type=address, metavar="HOST:PORT")
     parser.add_argument("--pcap", required=True, metavar="FILE")
     parser.add_argument("--rate", type=float, default=5000.0, help="frames per second")
     parser.add_argument("--flows", type=int, help="flows to start (more: loops, fresh addresses)")
@@ -1013,6 +1027,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--first-pass must be between 0 and 255")
     if args.rate <= 0:
         parser.error("--rate must be positive")
+    if args.flows is not None and args.flows < 1:
+        parser.error("--flows must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        parser.error("--duration must be positive")
+    for name in ("poll", "wait", "move_timeout"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.steer_over < 0:
+        parser.error("--steer-over must not be negative")
+    if args.min_instances < 1:
+        parser.error("--min-instances must be at least 1")
+    if args.max_datagram < 64 or args.max_datagram > 65507:
+        parser.error("--max-datagram must be between 64 and 65507")
+    # The capture is read here, once: a file that is missing or not a capture is one line
+    # and exit status 2, before any socket is opened.
+    try:
+        args.packets = read_capture(args.pcap, decode_links=args.decode_links)
+    except CaptureError as exc:
+        parser.error(str(exc))
+    if not args.packets:
+        parser.error(f"{args.pcap}: the capture holds no packets")
     return args
 
 

@@ -35,6 +35,7 @@ from typing import Any, Final
 from hdrh.histogram import HdrHistogram
 
 from nf.datachannel import Kind, MalformedDatagram, decode, now_ns
+from store.cli.common import OneLineParser, address
 
 __all__ = ["CPU_LIMIT", "Sink", "main"]
 
@@ -252,7 +253,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     except OSError:
         pass
-    sock.bind((host, int(port)))
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen at {args.listen}: {exc.strerror or exc}") from None
     bound = sock.getsockname()
     print(json.dumps({"event": "ready", "address": f"{bound[0]}:{bound[1]}"}), flush=True)
     stop = []
@@ -306,14 +311,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sink", description=__doc__)
-    parser.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    parser = OneLineParser(prog="python -m bench.sink", description=__doc__)
+    parser.add_argument("--listen", default="127.0.0.1:0", type=address, metavar="HOST:PORT")
     parser.add_argument("--out", metavar="FILE.json", help="write the report here")
     parser.add_argument("--interval", type=float, default=0.1, metavar="S")
     parser.add_argument("--drain-timeout", type=float, default=5.0, metavar="S")
     parser.add_argument("--progress", action="store_true", help="a live line on stderr (rich)")
     args = parser.parse_args(argv)
-    report = run(args)
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
+    if args.drain_timeout <= 0:
+        parser.error("--drain-timeout must be positive")
+    if args.out:  # (checked now: the report is written only at the end)
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--out {args.out}: {exc.strerror or exc}")
+    try:
+        report = run(args)
+    except OSError as exc:  # the address is taken or not this host's
+        print(f"python -m bench.sink: error: {exc}", file=sys.stderr)
+        return 2
     t = report["total"]
     print(
         json.dumps(

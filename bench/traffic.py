@@ -19,8 +19,8 @@
 
 from __future__ import annotations
 
-import argparse
 import heapq
+import ipaddress
 import random
 import struct
 import sys
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dpkt
+
+from store.cli.common import OneLineParser
 
 __all__ = ["Flow", "icmp_frame", "make", "tcp_frame", "udp_frame"]
 
@@ -315,7 +317,7 @@ def iter_pcap(path: str | Path) -> Iterator[tuple[float, bytes]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.traffic", description=__doc__)
+    parser = OneLineParser(prog="python -m bench.traffic", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     mk = sub.add_parser("make", help="write a capture")
     mk.add_argument("--flows", type=int, required=True)
@@ -326,6 +328,22 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--servers", type=int, default=50)
     mk.add_argument("--rate", type=float, default=500.0, help="new flows per second")
     args = parser.parse_args(argv)
+    if args.flows < 1:
+        parser.error("--flows must be at least 1")
+    if not 0.0 <= args.udp_share <= 1.0:
+        parser.error("--udp-share must be between 0 and 1")
+    if not 1 <= args.servers <= 250:
+        parser.error("--servers must be between 1 and 250")
+    if args.rate <= 0:
+        parser.error("--rate must be positive")
+    try:
+        # (without a prefix length, make takes a /24)
+        text = args.inside if "/" in args.inside else f"{args.inside}/24"
+        inside = ipaddress.IPv4Network(text, strict=False)
+    except ValueError as exc:
+        parser.error(f"--inside: {exc}")
+    if inside.num_addresses < 4:
+        parser.error("--inside must hold at least 4 addresses (a /30 or wider)")
     packets = make(
         args.flows,
         args.seed,
@@ -334,10 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         servers=args.servers,
         rate=args.rate,
     )
-    with open(args.out, "wb") as f:
-        writer = dpkt.pcap.Writer(f)
-        for ts, frame in packets:
-            writer.writepkt(frame, ts=ts)
+    try:
+        with open(args.out, "wb") as f:
+            writer = dpkt.pcap.Writer(f)
+            for ts, frame in packets:
+                writer.writepkt(frame, ts=ts)
+    except OSError as exc:
+        parser.error(f"--out {args.out}: {exc.strerror or exc}")
     print(f"{args.out}: {args.flows} flows, {len(packets)} packets", file=sys.stderr)
     return 0
 

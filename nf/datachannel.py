@@ -84,6 +84,7 @@ __all__ = [
     "encode_leaving",
     "encode_move",
     "encode_moved",
+    "frame_fits",
     "handoff_room",
     "move_room",
     "now_ns",
@@ -333,11 +334,20 @@ def encode_moved(sender: int, seq: int, move_id: int, part: int = 0) -> bytes:
     return _header(Kind.MOVED, sender, seq, 0) + _MOVED.pack(move_id, part)
 
 
+def frame_fits(frame: bytes | bytearray) -> bool:
+    """Whether a DATA datagram can carry ``frame`` (alone, at worst)."""
+    return HEADER.size + _FRAME.size + len(frame) <= _UDP_MAX
+
+
 class Packer:
     """Frames for one receiver, packed into DATA datagrams of at most ``max_size`` bytes.
 
     ``add`` returns a finished datagram when the frame did not fit in the one being filled
     (the frame then starts the next); ``take`` finishes the current one (None if empty).
+    A frame too big for ``max_size`` on its own (a capture taken on loopback, or with the
+    NIC's segmentation offloads, holds frames of up to 64 KiB) travels alone, in a
+    datagram of up to UDP's limit; one that UDP cannot carry (see :func:`frame_fits`)
+    raises ``ValueError``.
     The datagram's send time is stamped when it is finished, just before it is sent.
     ``datagrams`` and ``frames`` count what was finished, for the END marker."""
 
@@ -360,10 +370,12 @@ class Packer:
     def add(self, flow: int, seq: int, sent_ns: int, frame: bytes | bytearray) -> bytes | None:
         """Add one frame; a finished datagram when this one had to start a new one."""
         need = _FRAME.size + len(frame)
-        if HEADER.size + need > self.max_size:
-            raise ValueError(f"a {len(frame)}-byte frame does not fit in {self.max_size} bytes")
+        if HEADER.size + need > _UDP_MAX:
+            raise ValueError(f"a {len(frame)}-byte frame does not fit in a UDP datagram")
         out = None
         if len(self._buf) + need > self.max_size or self._count == 0xFFFF:
+            # (a frame alone bigger than max_size fills its own datagram: the next add
+            # finds it full)
             out = self.take()
         buf = self._buf
         buf += _FRAME.pack(len(frame), flow, seq, sent_ns)

@@ -23,6 +23,7 @@ from nf.datachannel import (
     encode_leaving,
     encode_move,
     encode_moved,
+    frame_fits,
     handoff_room,
     move_room,
 )
@@ -68,8 +69,27 @@ def test_packer_starts_a_new_datagram_when_a_frame_does_not_fit() -> None:
     seqs = [f.seq for d in out for f in decode(d).frames]
     assert seqs == list(range(10))
     assert [decode(d).seq for d in out] == list(range(len(out)))
+
+
+def test_a_frame_bigger_than_a_datagram_travels_alone_up_to_udps_limit() -> None:
+    """A capture taken on loopback or with segmentation offloads holds frames of up to
+    64 KiB: one bigger than the packer's datagram size goes in a datagram of its own, in
+    order with the others; only one that UDP cannot carry is refused."""
+    packer = Packer(sender=1, max_size=200)
+    sizes = [60, 60, 30_000, 60, 65_000, 60]
+    out = [d for d in (packer.add(0, i, 0, b"y" * n) for i, n in enumerate(sizes)) if d]
+    last = packer.take()
+    assert last is not None
+    out.append(last)
+    frames = [f for d in out for f in decode(d).frames]
+    assert [f.seq for f in frames] == list(range(len(sizes)))
+    assert [len(f.data) for f in frames] == sizes
+    assert all(len(d) <= 65_507 for d in out)
+    assert [len(decode(d).frames) for d in out] == [2, 1, 1, 1, 1]
+    big = b"z" * 65_500
+    assert not frame_fits(big) and frame_fits(b"z" * 65_000)
     with pytest.raises(ValueError, match="does not fit"):
-        packer.add(0, 0, 0, b"z" * 200)
+        packer.add(0, 0, 0, big)
 
 
 def test_receipts_round_trip_and_fill_to_the_limit() -> None:
