@@ -91,13 +91,14 @@ from nf.base import NF, ConfigError
 from nf.capture import CaptureError, read_capture
 from nf.datachannel import (
     DEFAULT_MAX_DATAGRAM,
+    MAX_FRAME,
+    MAX_FRAME_IN_DATAGRAM,
     Kind,
     MalformedDatagram,
     Packer,
     decode,
     encode_end,
     encode_move,
-    frame_fits,
     move_room,
 )
 from nf.packet import Packet, parse
@@ -363,7 +364,7 @@ class Sender:
         #: Seconds with no instance to send to, and held frames that had none to go to.
         self.no_instance_s = 0.0
         self.unsendable = 0
-        #: The capture's frames too big for any datagram (over about 64 KiB): left out.
+        #: The capture's frames over the data channel's MAX_FRAME: left out.
         self.too_big = 0
 
     # -- membership ------------------------------------------------------------------------
@@ -596,6 +597,9 @@ class Sender:
             inst = instances[name]
             for seq, sent_ns, frame in held:
                 # The frame keeps the time it was due: the sink's latency counts the hold.
+                if len(frame) > MAX_FRAME_IN_DATAGRAM:
+                    self._send_pieces(inst, flow, seq, sent_ns, frame)
+                    continue
                 out = inst.packer.add(flow, seq, sent_ns, frame)
                 if out is not None:
                     self._send_data(out, inst.data)
@@ -724,6 +728,11 @@ class Sender:
         else:
             held.append((data, addr))
 
+    def _send_pieces(self, inst: Instance, flow: int, seq: int, sent_ns: int, frame: bytes) -> None:
+        """A frame too big for one datagram: in PIECE datagrams, after what was batched."""
+        for out in inst.packer.pieces(flow, seq, sent_ns, frame):
+            self._send_data(out, inst.data)
+
     def _flush(self, inst: Instance) -> None:
         out = inst.packer.take()
         if out is not None:
@@ -743,7 +752,7 @@ class Sender:
         first: list[tuple[int, int, Hashable, bytes]] = []
         steer_key, order_key = self.steer_key, self.args.order_key
         for ts, frame in packets:
-            if not frame_fits(frame):
+            if len(frame) > MAX_FRAME:
                 self.too_big += 1
                 continue
             p = parse(frame, ts)
@@ -754,7 +763,7 @@ class Sender:
         if self.too_big:
             print(
                 f"python -m bench.sender: warning: {self.too_big} frames of {self.args.pcap} "
-                "are too big for a UDP datagram (over about 64 KiB): left out",
+                f"are over {MAX_FRAME} bytes: left out",
                 file=sys.stderr,
             )
         want = self.args.flows or n_flows
@@ -912,10 +921,13 @@ class Sender:
                         continue
                 name = steering.target(flow, key, now)
                 inst = instances[name]
+                touched.add(name)
+                if len(frame) > MAX_FRAME_IN_DATAGRAM:
+                    self._send_pieces(inst, flow, seq, now_ns(), frame)
+                    continue
                 out = inst.packer.add(flow, seq, now_ns(), frame)
                 if out is not None:
                     self._send_data(out, inst.data)
-                touched.add(name)
             for name in touched:
                 self._flush(instances[name])
             self.last_burst = now

@@ -13,13 +13,15 @@ A datagram is a header, then its body, all integers big-endian::
     DATA body           count x [ length (2) | flow (4) | flow seq (4) | frame send time, ns (8)
                                   | the frame's ``length`` bytes ]
     RECEIPT body        count x [ flow (4) | flow seq (4) | frame send time, ns (8)
-                                  | length (2) | verdict (1) ]
+                                  | length (4) | verdict (1) ]
     END body            frames sent to this receiver (8) | datagrams sent to it (8); count 0
     LEAVING body        empty; count 0
     MOVE body           move id (4) | destination IPv4 address (4) | destination port (2)
                         | count x flow (4); the marker of a re-steer
     HANDOFF body        hand-off id (4) | part (2) | parts (2) | payload (the rest); count 0
     MOVED body          id (4) | part (2); count 0
+    PIECE body          flow (4) | flow seq (4) | frame send time, ns (8) | frame length (4)
+                        | offset (4) | that many of the frame's bytes from ``offset``; count 0
 
 ``DATA`` goes from the sender to an instance (and from an instance to the sink when it
 forwards whole frames); ``RECEIPT`` says what an instance did with frames (the verdict and
@@ -27,6 +29,12 @@ the forwarded length) instead of carrying them; ``END`` tells the receiver that 
 before it was sent (with how much, so that it can tell what was lost); ``LEAVING`` is an
 instance telling the sender it is about to leave, so that the sender steers its flows
 elsewhere and then sends it an ``END``.
+
+A frame too big for one datagram (UDP carries at most 65,507 bytes, and a capture taken on
+loopback or with a NIC's segmentation offloads holds frames of up to 64 KiB and a little
+more) goes as consecutive ``PIECE`` datagrams, which the receiver puts back together
+(:class:`Reassembler`) and then handles as a DATA datagram of that one frame.  Frames up to
+:data:`MAX_FRAME` bytes are carried.
 
 ``MOVE`` goes from the sender to an instance that loses flows at a re-steer, after the
 last frame it sent it under the old steering (the marker), naming the flows (the sender's
@@ -69,6 +77,8 @@ __all__ = [
     "FRAME_OVERHEAD",
     "HEADER",
     "MAGIC",
+    "MAX_FRAME",
+    "MAX_FRAME_IN_DATAGRAM",
     "RECEIPT_SIZE",
     "VERSION",
     "Datagram",
@@ -76,6 +86,7 @@ __all__ = [
     "Kind",
     "MalformedDatagram",
     "Packer",
+    "Reassembler",
     "Receipt",
     "ReceiptPacker",
     "decode",
@@ -91,14 +102,14 @@ __all__ = [
 ]
 
 MAGIC: Final = 0x5336  # "S6"
-VERSION: Final = 1
+VERSION: Final = 2
 
 #: magic, version, kind, sender, datagram seq, send time ns, count.
 HEADER: Final = struct.Struct("!HBBIQQH")
 #: length, flow, flow seq, frame send time ns; then the frame.
 _FRAME: Final = struct.Struct("!HIIQ")
 #: flow, flow seq, frame send time ns, forwarded length, verdict.
-_RECEIPT: Final = struct.Struct("!IIQHB")
+_RECEIPT: Final = struct.Struct("!IIQIB")
 #: frames sent, datagrams sent.
 _END: Final = struct.Struct("!QQ")
 #: move id, destination IPv4 address, destination port; then count x flow.
@@ -108,6 +119,8 @@ _FLOW: Final = struct.Struct("!I")
 _HANDOFF: Final = struct.Struct("!IHH")
 #: id, part.
 _MOVED: Final = struct.Struct("!IH")
+#: flow, flow seq, frame send time, frame length, offset; then the piece's bytes.
+_PIECE: Final = struct.Struct("!IIQII")
 
 FRAME_OVERHEAD: Final = _FRAME.size
 RECEIPT_SIZE: Final = _RECEIPT.size
@@ -116,6 +129,14 @@ RECEIPT_SIZE: Final = _RECEIPT.size
 DEFAULT_MAX_DATAGRAM: Final = 16_384
 #: The largest UDP payload over IPv4.
 _UDP_MAX: Final = 65_507
+#: The largest frame the channel carries (in pieces): pcap's usual snap length.
+MAX_FRAME: Final = 262_144
+#: The largest frame that one DATA datagram carries.
+MAX_FRAME_IN_DATAGRAM: Final = _UDP_MAX - HEADER.size - _FRAME.size
+#: Frame bytes per PIECE datagram.
+_PIECE_BYTES: Final = _UDP_MAX - HEADER.size - _PIECE.size
+#: Frames a receiver puts back together at once; beyond it the oldest is given up.
+MAX_REASSEMBLING: Final = 64
 
 now_ns = time.monotonic_ns
 
@@ -130,6 +151,7 @@ class Kind(enum.IntEnum):
     MOVE = 5
     HANDOFF = 6
     MOVED = 7
+    PIECE = 8
 
 
 _KINDS: Final = frozenset(int(k) for k in Kind)
@@ -138,7 +160,8 @@ _KINDS: Final = frozenset(int(k) for k in Kind)
 class MalformedDatagram(ValueError):
     """A datagram that is not ours or is cut or padded; ``reason`` names what is wrong:
     ``short-header``, ``bad-magic``, ``bad-version``, ``unknown-kind``, ``truncated-frame``,
-    ``bad-end``, ``trailing-bytes``, ``bad-move``, ``bad-handoff``, ``bad-moved``."""
+    ``bad-end``, ``trailing-bytes``, ``bad-move``, ``bad-handoff``, ``bad-moved``,
+    ``bad-piece``."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -170,7 +193,8 @@ class Datagram:
     """A decoded datagram.  ``frames`` for DATA, ``receipts`` for RECEIPT; ``frames_sent``
     and ``datagrams_sent`` for END; ``move_id``, ``destination`` and ``flows`` for MOVE;
     ``move_id``, ``part``, ``parts`` and ``payload`` for HANDOFF; ``move_id`` and ``part``
-    for MOVED."""
+    for MOVED; for PIECE, ``frames`` holds the piece (its bytes as the frame's data),
+    ``length`` the whole frame's length and ``offset`` where the piece starts in it."""
 
     kind: Kind
     sender: int
@@ -186,6 +210,8 @@ class Datagram:
     part: int = 0
     parts: int = 0
     payload: bytes = b""
+    length: int = 0
+    offset: int = 0
 
 
 def decode(data: bytes | bytearray | memoryview) -> Datagram:
@@ -252,8 +278,17 @@ def _decode_move(
     data: bytes | bytearray | memoryview,
     at: int,
 ) -> Datagram:
-    """The stop-the-world kinds: MOVE, HANDOFF, MOVED."""
+    """The stop-the-world kinds: MOVE, HANDOFF, MOVED; and PIECE."""
     n = len(data)
+    if kind == Kind.PIECE:
+        if count != 0 or n <= at + _PIECE.size:
+            raise MalformedDatagram("bad-piece", f"count {count}, {n - at} body bytes")
+        flow, fseq, fsent, length, offset = _PIECE.unpack_from(data, at)
+        at += _PIECE.size
+        if length > MAX_FRAME or offset + (n - at) > length:
+            raise MalformedDatagram("bad-piece", f"{n - at} bytes at {offset} of {length}")
+        piece = Frame(flow, fseq, fsent, bytes(data[at:n]))
+        return Datagram(kind, sender, seq, sent, frames=[piece], length=length, offset=offset)
     if kind == Kind.MOVE:
         if n != at + _MOVE.size + count * _FLOW.size:
             raise MalformedDatagram("bad-move", f"count {count}, {n - at} body bytes")
@@ -335,8 +370,9 @@ def encode_moved(sender: int, seq: int, move_id: int, part: int = 0) -> bytes:
 
 
 def frame_fits(frame: bytes | bytearray) -> bool:
-    """Whether a DATA datagram can carry ``frame`` (alone, at worst)."""
-    return HEADER.size + _FRAME.size + len(frame) <= _UDP_MAX
+    """Whether one DATA datagram can carry ``frame`` (alone, at worst); a bigger one goes
+    in pieces (:meth:`Packer.pieces`)."""
+    return len(frame) <= MAX_FRAME_IN_DATAGRAM
 
 
 class Packer:
@@ -344,10 +380,9 @@ class Packer:
 
     ``add`` returns a finished datagram when the frame did not fit in the one being filled
     (the frame then starts the next); ``take`` finishes the current one (None if empty).
-    A frame too big for ``max_size`` on its own (a capture taken on loopback, or with the
-    NIC's segmentation offloads, holds frames of up to 64 KiB) travels alone, in a
-    datagram of up to UDP's limit; one that UDP cannot carry (see :func:`frame_fits`)
-    raises ``ValueError``.
+    A frame too big for ``max_size`` on its own travels alone, in a datagram of up to UDP's
+    limit; one that no datagram can carry (see :func:`frame_fits`) goes through
+    :meth:`pieces` instead (``add`` raises ``ValueError`` for it).
     The datagram's send time is stamped when it is finished, just before it is sent.
     ``datagrams`` and ``frames`` count what was finished, for the END marker."""
 
@@ -383,6 +418,25 @@ class Packer:
         self._count += 1
         return out
 
+    def pieces(self, flow: int, seq: int, sent_ns: int, frame: bytes | bytearray) -> list[bytes]:
+        """A frame too big for one datagram (up to :data:`MAX_FRAME` bytes), after the
+        datagram being filled: the datagrams to send, in order.  It counts as one frame."""
+        if len(frame) > MAX_FRAME:
+            raise ValueError(f"a {len(frame)}-byte frame is over {MAX_FRAME} bytes")
+        first = self.take()
+        out = [] if first is None else [first]
+        view = memoryview(frame)
+        for offset in range(0, len(frame), _PIECE_BYTES):
+            chunk = view[offset : offset + _PIECE_BYTES]
+            out.append(
+                HEADER.pack(MAGIC, VERSION, Kind.PIECE, self.sender, self.datagrams, now_ns(), 0)
+                + _PIECE.pack(flow, seq, sent_ns, len(frame), offset)
+                + chunk
+            )
+            self.datagrams += 1
+        self.frames += 1
+        return out
+
     def take(self) -> bytes | None:
         """The datagram being filled, finished and numbered; None when it is empty."""
         if not self._count:
@@ -397,6 +451,48 @@ class Packer:
         self._buf = bytearray(HEADER.size)
         self._count = 0
         return out
+
+
+class Reassembler:
+    """Frames sent in PIECE datagrams, put back together.  ``add`` takes a piece and gives
+    the whole frame once its last byte is in.  A piece repeated is ignored; at most
+    :data:`MAX_REASSEMBLING` frames are in progress, and beyond that the oldest is given up
+    (its other pieces were lost: ``lost`` counts it)."""
+
+    __slots__ = ("_done", "_frames", "lost")
+
+    def __init__(self) -> None:
+        #: (source, flow, seq) -> (the frame's bytes, the pieces' offsets, bytes in)
+        self._frames: dict[tuple[object, int, int], tuple[bytearray, set[int], list[int]]] = {}
+        #: The frames put together last (a late repeat of one of their pieces is ignored).
+        self._done: dict[tuple[object, int, int], None] = {}
+        self.lost = 0
+
+    def add(self, source: object, piece: Datagram) -> Frame | None:
+        part = piece.frames[0]
+        key = (source, part.flow, part.seq)
+        entry = self._frames.get(key)
+        if entry is None:
+            if key in self._done:
+                return None
+            if len(self._frames) >= MAX_REASSEMBLING:
+                del self._frames[next(iter(self._frames))]
+                self.lost += 1
+            entry = self._frames[key] = (bytearray(piece.length), set(), [0])
+        buf, offsets, got = entry
+        if len(buf) != piece.length or piece.offset in offsets:
+            return None  # a repeat, or a piece of another frame under the same numbers
+        offsets.add(piece.offset)
+        buf[piece.offset : piece.offset + len(part.data)] = part.data
+        got[0] += len(part.data)
+        if got[0] < len(buf):
+            return None
+        del self._frames[key]
+        done = self._done
+        if len(done) >= MAX_REASSEMBLING:
+            del done[next(iter(done))]
+        done[key] = None
+        return Frame(part.flow, part.seq, part.sent_ns, bytes(buf))
 
 
 class ReceiptPacker:

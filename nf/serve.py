@@ -69,7 +69,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from typing import Any, Final
 
@@ -84,11 +84,13 @@ from nf.datachannel import (
     Kind,
     MalformedDatagram,
     Packer,
+    Reassembler,
     ReceiptPacker,
     decode,
     encode_handoff,
     encode_leaving,
     encode_moved,
+    frame_fits,
     handoff_room,
     now_ns,
 )
@@ -166,6 +168,8 @@ class Instance:
         self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.out.setblocking(False)
         self.receipts = ReceiptPacker(self.ident, max_datagram)
+        #: Frames that came in PIECE datagrams, being put back together.
+        self.pieces = Reassembler()
         self.frames_out = Packer(self.ident, max_datagram)
         self.backlog: collections.deque[bytes] = collections.deque()
         #: Set when a receipt or a datagram waits for the flusher (see ``flusher``).
@@ -272,7 +276,7 @@ class Instance:
             verdict = Verdict.FORWARD
         else:
             verdict = unit.result()
-        if self.forward_frames and verdict == Verdict.FORWARD:
+        if self.forward_frames and verdict == Verdict.FORWARD and frame_fits(packet.frame):
             out = self.frames_out.add(frame.flow, frame.seq, frame.sent_ns, packet.frame)
         else:
             out = self.receipts.add(
@@ -354,6 +358,11 @@ class Instance:
         if kind == Kind.DATA:
             await self.on_data(dgram, addr)
             return max(len(dgram.frames), 1)
+        if kind == Kind.PIECE:  # of a frame too big for one datagram
+            whole = self.pieces.add(addr, dgram)
+            if whole is not None:
+                await self.on_data(replace(dgram, kind=Kind.DATA, frames=[whole]), addr)
+            return 1
         if kind == Kind.END:
             self._end(dgram, addr)
         elif self.stw is not None and kind in (Kind.MOVE, Kind.HANDOFF, Kind.MOVED):
@@ -576,6 +585,7 @@ class Instance:
             "parked_units": len(self.waited),
             "parked_ms": _percentiles(self.waited),
             "receipts_sent": self.receipts.receipts,
+            "pieces_lost": self.pieces.lost,
             "frames_forwarded": self.frames_out.frames,
             "datagrams_to_sink": self.receipts.datagrams + self.frames_out.datagrams,
             "nf": dict(self.nf.counts),

@@ -172,3 +172,54 @@ def test_a_users_ipv6_capture_goes_through_the_cluster_as_offline(nf: str, tmp_p
     assert total["received"] == result["sender"]["sent"] > 10 and total["lost"] == 0
     assert result["output_matches_offline"] is True, result.get("output")
     assert result["output"]["live_lines"] >= 7
+
+
+def test_a_loopback_capture_with_64_kib_frames_goes_through_the_cluster_whole(
+    tmp_path: Path,
+) -> None:
+    """A capture taken on Linux's loopback holds frames of up to 65,549 bytes, more than a
+    UDP datagram carries: the sender sends such a frame in pieces, the instance puts it
+    back together, and the IDS finds a pattern in its last bytes as the offline run does
+    (frames between a datagram's size and UDP's limit travel alone, whole, too)."""
+    import dpkt
+
+    from bench.traffic import tcp_frame
+
+    client, server = 0x7F000001, 0x7F000002
+    payloads = [b"a" * 30_000 + b"MIDDLE", b"b" * 65_487 + b"TAILMARK", b"GET / HTTP/1.1\r\n\r\n"]
+    frames = [
+        tcp_frame(client, server, 40000, 80, 0x02, seq=1),
+        tcp_frame(server, client, 80, 40000, 0x12, seq=1, ack=2),
+        tcp_frame(client, server, 40000, 80, 0x10, seq=2, ack=2),
+    ]
+    seq = 2
+    for payload in payloads:
+        frames.append(tcp_frame(client, server, 40000, 80, 0x18, payload, seq=seq, ack=2))
+        seq += len(payload)
+    assert max(len(f) for f in frames) == 65_549  # the largest an IPv4 packet makes
+    pcap = tmp_path / "loopback.pcap"
+    with pcap.open("wb") as f:
+        writer = dpkt.pcap.Writer(f, snaplen=262_144)
+        for i, frame in enumerate(frames):
+            writer.writepkt(frame, ts=1_700_000_000 + i / 100)
+    rules = tmp_path / "big.rules"
+    rules.write_text(
+        'alert tcp any any -> any 80 (msg:"tail of a 64 KiB frame"; content:"TAILMARK"; '
+        "sid:1;)\n"
+        'alert tcp any any -> any 80 (msg:"in a 30 KB frame"; content:"MIDDLE"; sid:2;)\n'
+    )
+    result = run_live(
+        LiveConfig(
+            nf="ids",
+            instances=2,
+            rate=100.0,
+            pcap=str(pcap),
+            scaling=False,
+            nf_options=["--rules", str(rules)],
+            workdir=str(tmp_path / "work"),
+        )
+    )
+    total = result["sink"]["total"]
+    assert total["received"] == result["sender"]["sent"] == len(frames) and total["lost"] == 0
+    assert result["output_matches_offline"] is True, result.get("output")
+    assert result["output"]["live_lines"] == 2

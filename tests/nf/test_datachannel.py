@@ -11,11 +11,15 @@ from hypothesis import strategies as st
 from nf.datachannel import (
     HEADER,
     MAGIC,
+    MAX_FRAME,
+    MAX_REASSEMBLING,
     RECEIPT_SIZE,
     VERSION,
+    Frame,
     Kind,
     MalformedDatagram,
     Packer,
+    Reassembler,
     ReceiptPacker,
     decode,
     encode_end,
@@ -39,6 +43,7 @@ REASONS = {
     "bad-move",
     "bad-handoff",
     "bad-moved",
+    "bad-piece",
 }
 
 
@@ -196,6 +201,11 @@ def test_each_malformed_shape_has_its_reason() -> None:
     # A count that claims more frames than the datagram holds.
     header = HEADER.pack(MAGIC, VERSION, Kind.DATA, 1, 0, 0, 3)
     assert _reason(header + struct.pack("!HIIQ", 1, 0, 0, 0) + b"a") == "truncated-frame"
+    piece = Packer(sender=1).pieces(1, 2, 3, b"p" * 70_000)[1]
+    assert _reason(piece[: HEADER.size + 24]) == "bad-piece"  # no bytes of the frame
+    assert _reason(piece + b"!") == "bad-piece"  # past the frame's length
+    head = HEADER.pack(MAGIC, VERSION, Kind.PIECE, 1, 0, 0, 0)
+    assert _reason(head + struct.pack("!IIQII", 1, 2, 3, MAX_FRAME + 1, 0) + b"x") == "bad-piece"
 
 
 @settings(max_examples=300, deadline=None)
@@ -239,3 +249,36 @@ def test_damaged_datagrams_never_raise_anything_else(
         decode(bytes(damaged))
     except MalformedDatagram as exc:
         assert exc.reason in REASONS
+
+
+def test_a_frame_too_big_for_udp_goes_in_pieces_and_is_put_back_together() -> None:
+    """Pieces in any order, repeated, interleaved with another frame's: each frame comes
+    back whole, once, when its last byte is in; a frame whose other pieces never come is
+    given up (counted) once too many are in progress."""
+    packer = Packer(sender=4)
+    packer.add(9, 0, 5, b"small")
+    big = bytes(range(256)) * 600  # 153,600 bytes: three pieces
+    other = b"o" * 70_000
+    out = packer.pieces(1, 7, 11, big)
+    assert decode(out[0]).frames == [Frame(9, 0, 5, b"small")]  # the batch goes first
+    pieces = [decode(d) for d in out[1:]]
+    assert len(pieces) == 3 and all(p.kind == Kind.PIECE for p in pieces)
+    assert all(len(d) <= 65_507 for d in out)
+    assert (packer.frames, packer.datagrams) == (2, 4)
+    second = [decode(d) for d in packer.pieces(1, 8, 12, other)]
+    whole = Reassembler()
+    got = []
+    for p in [pieces[2], second[0], pieces[0], pieces[0], second[1], pieces[1], pieces[1]]:
+        done = whole.add(("127.0.0.1", 1), p)
+        if done is not None:
+            got.append(done)
+    assert got == [Frame(1, 8, 12, other), Frame(1, 7, 11, big)]
+    assert whole.lost == 0
+    # A frame's first piece alone, then more frames than can wait: it is given up.
+    whole.add("a", pieces[0])
+    for seq in range(MAX_REASSEMBLING):
+        whole.add("b", decode(Packer(sender=5).pieces(2, seq, 0, other)[0]))
+    assert whole.lost == 1
+    assert whole.add("a", pieces[1]) is None and whole.add("a", pieces[2]) is None
+    with pytest.raises(ValueError, match="over"):
+        packer.pieces(1, 9, 0, b"x" * (MAX_FRAME + 1))

@@ -14,7 +14,7 @@ import pytest
 
 from bench import chaos, live, sender, sink, traffic
 from bench.traffic import tcp_frame
-from nf.datachannel import decode
+from nf.datachannel import MAX_FRAME, Kind, Packer, Reassembler, decode, frame_fits
 
 CLIENT, SERVER = 0x0A000001, 0xC6336401
 
@@ -102,18 +102,20 @@ def test_live_and_chaos_refuse_bad_arguments_before_starting_anything(
 
 
 def test_frames_bigger_than_a_datagram_are_sent_whole(tmp_path: Path) -> None:
-    """A loopback capture holds frames of up to 64 KiB: each goes in a datagram of its own
-    (the receiving end reads up to 64 KiB); one that no UDP datagram can carry is left out
+    """A loopback capture holds frames of up to 65,549 bytes: one bigger than the sender's
+    datagram size goes alone, one bigger than UDP carries goes in pieces that put it back
+    together, in order with the others; one over the channel's ``MAX_FRAME`` is left out
     and counted, not a crash of the sender."""
-    path = tmp_path / "jumbo.pcap"
+    path = tmp_path / "jumbo.pcapng"  # (a pcap file's packets stop at 256 KiB; pcapng's not)
     frames = [
         tcp_frame(CLIENT, SERVER, 40000, 80, 0x02),
         tcp_frame(CLIENT, SERVER, 40000, 80, 0x18, b"a" * 30_000),
-        tcp_frame(CLIENT, SERVER, 40000, 80, 0x18, b"b" * 65_480),  # 65,534 bytes
+        tcp_frame(CLIENT, SERVER, 40000, 80, 0x18, b"b" * 65_495),  # 65,549 bytes
+        tcp_frame(CLIENT, SERVER, 40000, 80, 0x10) + b"\0" * MAX_FRAME,  # too big
         tcp_frame(CLIENT, SERVER, 40000, 80, 0x11),
     ]
     with path.open("wb") as f:
-        writer = dpkt.pcap.Writer(f, snaplen=262_144)
+        writer = dpkt.pcapng.Writer(f, snaplen=2 * MAX_FRAME)
         for i, frame in enumerate(frames):
             writer.writepkt(frame, ts=1.7e9 + i / 1000)
     args = sender.parse_args(
@@ -124,9 +126,23 @@ def test_frames_bigger_than_a_datagram_are_sent_whole(tmp_path: Path) -> None:
         order = [frame for _, _, frame in s.frames()]
     finally:
         s.sock.close()
-    assert order == [frames[0], frames[1], frames[3]]
+    assert order == [frames[0], frames[1], frames[2], frames[4]]
     assert s.too_big == 1
-    packer = sender.Packer(1)
-    out = [d for d in (packer.add(0, i, 0, f) for i, f in enumerate(order)) if d]
-    out.append(packer.take() or b"")
-    assert [f.data for d in out for f in decode(d).frames] == order
+    packer, whole = Packer(1), Reassembler()
+    got = []
+    for i, frame in enumerate(order):
+        if frame_fits(frame):
+            out = [packer.add(0, i, 0, frame)]
+        else:
+            out = packer.pieces(0, i, 0, frame)
+        for d in [*out, packer.take()]:
+            if d is None:
+                continue
+            dgram = decode(d)
+            assert len(d) <= 65_507
+            if dgram.kind == Kind.PIECE:
+                done = whole.add("sender", dgram)
+                got.extend([] if done is None else [done.data])
+            else:
+                got.extend(f.data for f in dgram.frames)
+    assert got == order
