@@ -12,7 +12,10 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nf.base import NF
 
 __all__ = [
     "RESULTS_DIR",
@@ -87,23 +90,24 @@ def split_nf_options(argv: list[str] | None) -> tuple[list[str], list[str]]:
     return args[:at], args[at + 1 :]
 
 
-def check_nf(parser: argparse.ArgumentParser, name: str) -> None:
-    """Exit through ``parser.error`` (one line, status 2) unless an NF called ``name`` is
-    installed: before any process is started for it."""
+def check_nf(parser: argparse.ArgumentParser, name: str) -> type[NF]:
+    """The NF class installed as ``name``; else exit through ``parser.error`` (one line,
+    status 2), before any process is started for it."""
     from nf import registry
 
     try:
-        registry.load(name)
+        return registry.load(name)
     except registry.UnknownNF as exc:
         parser.error(str(exc))
 
 
-def check_capture(parser: argparse.ArgumentParser, path: str) -> None:
-    """Exit through ``parser.error`` unless ``path`` is a capture holding packets."""
+def check_capture(parser: argparse.ArgumentParser, path: str, *, decode_links: bool) -> None:
+    """Exit through ``parser.error`` unless ``path`` is a capture holding packets, read as
+    the NF reads it (``NF.decodes_links``: PRADS reads any link type as Ethernet)."""
     from nf.capture import CaptureError, read_capture
 
     try:
-        packets = read_capture(path)
+        packets = read_capture(path, decode_links=decode_links)
     except CaptureError as exc:
         parser.error(str(exc))
     if not packets:

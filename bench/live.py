@@ -943,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     # offline run it is compared with and to the sender (as in bench.sender).
     own, nf_options = split_nf_options(argv)
     args = parser.parse_args(own)
-    check_nf(parser, args.nf)
+    nf_cls = check_nf(parser, args.nf)
     if args.instances < 1:
         parser.error("--instances must be at least 1")
     for name in ("rate", "duration", "flows"):
@@ -953,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steer_over < 0:
         parser.error("--steer-over must not be negative")
     if args.pcap is not None:
-        check_capture(parser, args.pcap)
+        check_capture(parser, args.pcap, decode_links=nf_cls.decodes_links)
     quick = args.quick
     cfg = LiveConfig(
         nf=args.nf,

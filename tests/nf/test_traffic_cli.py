@@ -146,3 +146,19 @@ def test_frames_bigger_than_a_datagram_are_sent_whole(tmp_path: Path) -> None:
             else:
                 got.extend(f.data for f in dgram.frames)
     assert got == order
+
+
+def test_a_capture_is_checked_as_its_nf_reads_it(tmp_path: Path) -> None:
+    """PRADS reads any capture as Ethernet (as prads does), the other NFs refuse a link
+    type they cannot decode: ``bench.live`` checks a capture up front the NF's way."""
+    import argparse
+
+    from bench._common import check_capture
+
+    path = tmp_path / "wifi.pcap"
+    with path.open("wb") as f:
+        dpkt.pcap.Writer(f, linktype=105).writepkt(b"\x08\x02" + b"\0" * 40, ts=1.0)
+    parser = argparse.ArgumentParser()
+    check_capture(parser, str(path), decode_links=False)
+    with pytest.raises(SystemExit):
+        check_capture(parser, str(path), decode_links=True)
