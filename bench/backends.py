@@ -610,7 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replot", metavar="JSON", help="only draw --png from this result")
     args = parser.parse_args(argv)
     if args.replot:
-        plot(json.loads(Path(args.replot).read_text()), Path(args.png))
+        try:
+            saved = json.loads(Path(args.replot).read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--replot {args.replot}: {getattr(exc, 'strerror', None) or exc}")
+        plot(saved, Path(args.png))
         print(f"wrote {args.png}")
         return 0
     plan = Plan.quick() if args.quick else Plan()

@@ -1205,6 +1205,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if cfg.rate <= 0 or cfg.flows <= 0:
         parser.error("--rate and --flows must be positive")
+    try:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out-dir {args.out_dir}: {exc.strerror or exc}")
     console = Console()
     prog = parser.prog
     try:

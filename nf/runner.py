@@ -53,6 +53,7 @@ from nf.capture import CaptureError, read_capture, write_pcap
 from nf.packet import Packet, parse
 from store import SchedulerFull
 from store.core.scheduler import Unit
+from store.wire.errors import StoreError, first_leaf
 
 __all__ = ["Cluster", "RunResult", "load_config", "open_cluster", "run", "run_capture"]
 
@@ -590,9 +591,15 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
                 secret=secret,
             )
         )
-    except ConfigError as exc:  # raised by the NF's constructor
-        print(f"{name}: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # one clear line for what we expect, a traceback otherwise
+        leaf = first_leaf(exc)  # (the exception itself, or the first inside trio's groups)
+        if isinstance(leaf, ConfigError):  # raised by the NF's constructor
+            print(f"{name}: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, StoreError):  # the backend's store: unreachable, or gone
+            print(f"{name}: error: {leaf}", file=sys.stderr)
+            return 1
+        raise
     out = sys.stdout
     for line in result.lines:
         out.write(line + "\n")

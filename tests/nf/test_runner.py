@@ -214,3 +214,20 @@ def test_pcap_in_either_byte_order_and_in_nanoseconds(tmp_path: Path) -> None:
         path.write_bytes(header + record + frame)
         [(ts, got)] = read_capture(path)
         assert got == frame and ts == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["remote-only", "redis"])
+def test_an_unreachable_store_is_one_line(
+    capture: Path, backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The baselines' store given with ``--store`` and not listening: one line naming it,
+    exit status 1, no traceback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    argv = ["nat", "--pcap", str(capture), "--backend", backend, "--store", closed]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot connect" in err and closed in err, err

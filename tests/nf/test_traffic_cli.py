@@ -12,7 +12,7 @@ from pathlib import Path
 import dpkt
 import pytest
 
-from bench import chaos, live, sender, sink, traffic
+from bench import backends, chaos, live, nf_demo, sender, sink, traffic
 from bench.traffic import tcp_frame
 from nf.datachannel import MAX_FRAME, Kind, Packer, Reassembler, decode, frame_fits
 
@@ -86,7 +86,7 @@ def test_the_sink_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> N
         assert "cannot listen" in one_line_error(capsys, sink.main, ["--listen", taken])
 
 
-def test_live_and_chaos_refuse_bad_arguments_before_starting_anything(
+def test_live_chaos_and_the_demo_refuse_bad_arguments_before_starting_anything(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     for argv, words in [
@@ -99,6 +99,11 @@ def test_live_and_chaos_refuse_bad_arguments_before_starting_anything(
         assert words in one_line_error(capsys, live.main, argv)
     for argv, words in [(["--nf", "nosuch"], "nosuch"), (["--rate", "-1"], "--rate")]:
         assert words in one_line_error(capsys, chaos.main, argv)
+    missing = str(tmp_path / "missing.json")
+    assert "--replot" in one_line_error(capsys, backends.main, ["--replot", missing])
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert "--out-dir" in one_line_error(capsys, nf_demo.main, ["--out-dir", str(blocked / "x")])
 
 
 def test_frames_bigger_than_a_datagram_are_sent_whole(tmp_path: Path) -> None:
