@@ -161,6 +161,8 @@ MAX_UNAUTHENTICATED: Final = 64
 REFUSAL_CLOSE_TIMEOUT: Final = 1.0
 #: Seconds a closing peer spends flushing its queue and closing the websocket politely.
 CLOSE_TIMEOUT: Final = 5.0
+#: Seconds a connection closed by a cancelled task waits for the peer's close handshake.
+CANCELLED_CLOSE_TIMEOUT: Final = 0.2
 #: Characters allowed in a node name (it appears in logs and in every proof).
 MAX_NAME_LENGTH: Final = 255
 #: Bytes of a handshake challenge.
@@ -788,10 +790,16 @@ class Peer:
 
     async def _abort(self) -> None:
         """Close now, dropping the queue; bounded and shielded so that cleanup runs even
-        in a cancelled scope."""
+        in a cancelled scope.  Under cancellation (the process, or an in-process cluster,
+        is going away) the close handshake is waited for only briefly: the peer's reader
+        may be cancelled too (every member of an in-process cluster is at once), and would
+        never answer; the connection is closed either way."""
         self._closing = True
         self._wake.set()
-        with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout):
+        bound = self._close_timeout
+        if trio.current_effective_deadline() == -math.inf:  # (this task is cancelled)
+            bound = min(bound, CANCELLED_CLOSE_TIMEOUT)
+        with trio.CancelScope(shield=True), trio.move_on_after(bound):
             await self._link.aclose()
         self._fail(PeerUnavailable(f"connection with {self._link.remote} closed locally"))
 

@@ -231,3 +231,18 @@ def test_an_unreachable_store_is_one_line(
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot connect" in err and closed in err, err
+
+
+async def test_closing_an_in_process_cluster_does_not_wait_out_the_close_handshake() -> None:
+    """All members of an in-process cluster are cancelled at once, so none answers another's
+    websocket close: a cancelled connection waits for that answer only briefly, and the
+    offline runner on several instances ends when its work does, not 5 s later."""
+    import trio
+
+    from nf.runner import open_cluster
+    from store.shell.transport import CLOSE_TIMEOUT
+
+    async with open_cluster(NAT, {}, 2) as cluster:
+        assert len(cluster.spaces) == 2
+        start = trio.current_time()
+    assert trio.current_time() - start < CLOSE_TIMEOUT - 1
