@@ -8,7 +8,6 @@ Object classes must be importable here by module and name, as on store nodes.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 from functools import partial
@@ -16,7 +15,7 @@ from functools import partial
 import trio
 
 from baselines.kv import KvServer, serve_kv
-from store.cli.common import read_secret
+from store.cli.common import OneLineParser, read_secret
 from store.wire.control import format_address, parse_address
 
 __all__ = ["main"]
@@ -37,7 +36,7 @@ async def _run(host: str, port: int, secret: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     prog = "baselines.kv_server"
-    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog=f"python -m {prog}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, metavar="HOST:PORT", help="where to accept")
     parser.add_argument("--secret-file", metavar="F", help="the cluster secret (shared)")
     args = parser.parse_args(argv)

@@ -18,7 +18,6 @@ is shared: the best is the least disturbed).  Writes ``results/flow_state.json``
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -33,6 +32,7 @@ import store
 from bench._common import RESULTS_DIR, write_json
 from ring.hashring import HashRing, key_token
 from store.api import Space
+from store.cli.common import OneLineParser
 from store.shell.node import open_node
 
 SECRET = b"bench-flow-state"
@@ -180,7 +180,7 @@ def plot(best: dict[str, dict[str, float]], path: Any) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.flow_state", description=__doc__)
+    parser = OneLineParser(prog="python -m bench.flow_state", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer operations and repeats")
     parser.add_argument("--ops", type=int, default=None, help="operations per measure")
     parser.add_argument("--repeats", type=int, default=None)

@@ -31,7 +31,6 @@ Every process started is killed on exit, also on error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from typing import Any
 import trio
 
 from bench._common import RESULTS_DIR, write_json
+from store.cli.common import OneLineParser
 from store.shell.member import DEFAULT_DRAIN_RATE
 
 FULL_SIZES = (10_000, 50_000, 100_000, 200_000)
@@ -380,7 +380,7 @@ def plot(rows: list[dict[str, Any]], goal: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = OneLineParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "leave.json")
     parser.add_argument(

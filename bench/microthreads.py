@@ -27,7 +27,6 @@ process is busy), and slower repeats measure the other process, not this code.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import platform
 import statistics
@@ -42,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._common import RESULTS_DIR, FlowKey, flow_keys, write_json
+from store.cli.common import OneLineParser
 from store.core.scheduler import Scheduler, Wait
 
 GOAL_OVERHEAD_US = 1.0
@@ -183,7 +183,7 @@ def measure(units: int, repeats: int) -> dict[str, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer units and repeats")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "microthreads.json")
     args = parser.parse_args(argv)

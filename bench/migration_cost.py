@@ -20,7 +20,6 @@ and ``core+codec`` (every batch through ``encode_batch``/``decode_batch``).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any
 
 from bench._common import RESULTS_DIR, flow_keys, write_json
 from ring.hashring import HashRing, key_token
+from store.cli.common import OneLineParser
 from store.core.instructions import (
     Acquire,
     Deliver,
@@ -128,7 +128,7 @@ def one_round(count: int, codec: bool, seed: int) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = OneLineParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer and smaller rounds")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "migration_cost.json")
     args = parser.parse_args(argv)

@@ -69,6 +69,7 @@ from bench._common import RESULTS_DIR, FlowKey, flow_keys, write_json
 from ring.hashring import HashRing
 from store import MultiWriter, SingleWriter, stale, untethered
 from store.api import Space
+from store.cli.common import OneLineParser
 from store.shell.node import Node, open_node
 from store.space import open_space
 
@@ -913,7 +914,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = OneLineParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer units, repeats, objects")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "object_space.json")
     parser.add_argument(

@@ -24,7 +24,6 @@ The gap between the two columns is sampling, not the ring.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -42,6 +41,7 @@ from rich.table import Table
 
 from bench._common import RESULTS_DIR, flow_keys, node_names, write_json
 from ring.hashring import DEFAULT_VNODES, TOKEN_SPACE, HashRing, key_token, node_token
+from store.cli.common import OneLineParser
 
 VNODES = (64, 128, 256, 512, 1024)
 SIZES = range(2, 17)
@@ -265,7 +265,7 @@ def plot(cells: dict[int, dict[int, Cell]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = OneLineParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="20,000 keys and 2 seeds")
     parser.add_argument("--keys", type=int, help="number of keys (default 100,000)")
     parser.add_argument("--seeds", type=int, help="sets of node names per config (default 5)")

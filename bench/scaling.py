@@ -80,6 +80,7 @@ from bench._common import RESULTS_DIR, flow_keys, write_json
 from ring.hashring import DEFAULT_VNODES, HashRing
 from store import MultiWriter, SingleWriter, stale, untethered
 from store.api import Space
+from store.cli.common import OneLineParser
 from store.core.scheduler import SchedulerFull
 
 FLOWS = 10_000
@@ -1206,7 +1207,7 @@ def plot(run: Run, result: dict[str, Any], points: dict[str, Any], path: Path) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = OneLineParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="shorter waits between steps")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "scaling.json")
     parser.add_argument(

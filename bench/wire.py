@@ -30,7 +30,6 @@ count and a 32-byte payload (about 70 bytes encoded).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import platform
 import statistics
@@ -48,6 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._common import RESULTS_DIR, flow_keys, write_json
+from store.cli.common import OneLineParser
 from store.shell.transport import Peer, PeerServer, connect_peer, serve_peers
 from store.wire.messages import Key, decode_batch, encode_batch, encode_message, message
 from store.wire.messages import frame_from_encoded as join_frame
@@ -274,7 +274,7 @@ async def bench_websocket(quick: bool) -> tuple[list[dict[str, Any]], dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages (a smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "wire.json")
     args = parser.parse_args(argv)

@@ -52,6 +52,7 @@ from nf.base import NF, ConfigError, Verdict
 from nf.capture import CaptureError, read_capture, write_pcap
 from nf.packet import Packet, parse
 from store import SchedulerFull
+from store.cli.common import OneLineParser
 from store.core.scheduler import Unit
 from store.wire.errors import StoreError, first_leaf
 
@@ -495,7 +496,7 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
     """``python -m nf NAME ...``: parse the options, run, print; the exit status."""
     module = sys.modules.get(nf_cls.__module__)
     details = (module.__doc__ or "") if module is not None else ""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description=(nf_cls.__doc__ or "").strip().split("\n\n")[0],
         epilog=details.replace("``", "").strip() or None,

@@ -246,3 +246,18 @@ async def test_closing_an_in_process_cluster_does_not_wait_out_the_close_handsha
         assert len(cluster.spaces) == 2
         start = trio.current_time()
     assert trio.current_time() - start < CLOSE_TIMEOUT - 1
+
+
+def test_bad_options_are_one_line_without_the_usage(
+    capture: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv, words in [
+        (["nat", "--pcap", str(capture), "--scale-at", "2"], "--scale-at"),
+        (["nat", "--pcap", str(capture), "--instances", "0"], "--instances"),
+        (["nat"], "--pcap"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err and "usage" not in err, err
