@@ -841,6 +841,11 @@ def main(argv: list[str]) -> int:
 
     try:
         config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
+        # The NF's own checks of its configuration, on plain dicts, before this process
+        # joins the space: a bad option is one line, and no member joins only to die.
+        from nf.dicts import DictSpace
+
+        nf_cls(DictSpace(), config)  # type: ignore[arg-type]
         profile_to = os.environ.get("S6_PROFILE")
         if profile_to:
             return _profiled(f"{profile_to}.{os.getpid()}", args, nf_cls, config)

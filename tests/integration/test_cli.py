@@ -66,9 +66,9 @@ def test_port_in_use_gets_one_line() -> None:
     assert len(lines) == 1 and "listen" in lines[0], result.stderr
 
 
-def serve(*args: str) -> subprocess.CompletedProcess[str]:
+def serve(*args: str, nf: str = "prads") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nf", "serve", "prads", *args],
+        [sys.executable, "-m", "nf", "serve", nf, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -97,3 +97,15 @@ def test_an_nf_instance_whose_data_port_is_taken_gets_one_line() -> None:
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
     assert len(lines) == 1 and "--data" in lines[0], result.stderr
+
+
+def test_an_nf_instance_with_a_bad_nf_option_gets_one_line_before_joining() -> None:
+    """The NF checks its options before the process joins the space: the line names the
+    option, not the (unreachable) controller, and no member joins only to die."""
+    result = serve(
+        "--controller", f"127.0.0.1:{closed_port()}", "--data", "127.0.0.1:0", "--sink",
+        "127.0.0.1:9", "--inside", "not-a-network", nf="nat",
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
+    assert len(lines) == 1 and "'not-a-network' is not an IPv4 network" in lines[0], lines
