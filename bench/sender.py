@@ -766,6 +766,8 @@ class Sender:
                 f"are over {MAX_FRAME} bytes: left out",
                 file=sys.stderr,
             )
+        if not first:
+            return
         want = self.args.flows or n_flows
         timed = self.args.duration is not None
         passes = math.ceil(want / n_flows) if not timed else 256
