@@ -952,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be positive")
     if args.steer_over < 0:
         parser.error("--steer-over must not be negative")
+    if args.store is not None and args.backend not in ("remote-only", "redis"):
+        parser.error("--store is for --backend remote-only or redis")
     if args.pcap is not None:
         check_capture(parser, args.pcap, decode_links=nf_cls.decodes_links)
     quick = args.quick

@@ -836,6 +836,11 @@ def main(argv: list[str]) -> int:
         parser.error("--max-datagram must be between 64 and 65507")
     if not 0 < args.leave_timeout < math.inf:
         parser.error("--leave-timeout must be a positive number of seconds")
+    remote = args.backend in ("remote-only", "redis")
+    if remote and args.store is None:
+        parser.error(f"--backend {args.backend} needs --store HOST:PORT (its store)")
+    if not remote and args.store is not None:
+        parser.error("--store is for --backend remote-only or redis")
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
     from nf.runner import load_config
 

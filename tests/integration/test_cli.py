@@ -109,3 +109,23 @@ def test_an_nf_instance_with_a_bad_nf_option_gets_one_line_before_joining() -> N
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
     assert len(lines) == 1 and "'not-a-network' is not an IPv4 network" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("backend_args", "words"),
+    [
+        (["--backend", "redis"], "needs --store"),
+        (["--backend", "remote-only"], "needs --store"),
+        (["--backend", "s6", "--store", "127.0.0.1:5"], "--store is for"),
+    ],
+)
+def test_an_nf_instance_with_a_store_that_does_not_fit_its_backend_gets_one_line(
+    backend_args: list[str], words: str
+) -> None:
+    result = serve(
+        "--controller", f"127.0.0.1:{closed_port()}", "--data", "127.0.0.1:0", "--sink",
+        "127.0.0.1:9", *backend_args,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "warning" not in line.lower()]
+    assert len(lines) == 1 and words in lines[0], lines
