@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import store
 
-__all__ = ["BACKENDS", "SpaceLike", "open_backend"]
+__all__ = ["BACKENDS", "STORE_BACKENDS", "SpaceLike", "open_backend"]
 
 #: The backends ``open_backend`` knows, in the order figures list them.
 BACKENDS = ("s6", "local-only", "remote-only", "redis", "stop-the-world")
+#: The backends whose state lives in a store of their own (``--store HOST:PORT``).
+STORE_BACKENDS = ("remote-only", "redis")
 
 
 class SpaceLike(Protocol):

@@ -101,9 +101,12 @@ def check_nf(parser: argparse.ArgumentParser, name: str) -> type[NF]:
         parser.error(str(exc))
 
 
-def check_capture(parser: argparse.ArgumentParser, path: str, *, decode_links: bool) -> None:
-    """Exit through ``parser.error`` unless ``path`` is a capture holding packets, read as
-    the NF reads it (``NF.decodes_links``: PRADS reads any link type as Ethernet)."""
+def check_capture(
+    parser: argparse.ArgumentParser, path: str, *, decode_links: bool
+) -> list[tuple[float, bytes]]:
+    """The packets of the capture at ``path``, read as the NF reads it (``NF.decodes_links``:
+    PRADS reads any link type as Ethernet); exit through ``parser.error`` unless it is a
+    capture holding packets."""
     from nf.capture import CaptureError, read_capture
 
     try:
@@ -112,3 +115,4 @@ def check_capture(parser: argparse.ArgumentParser, path: str, *, decode_links: b
         parser.error(str(exc))
     if not packets:
         parser.error(f"{path}: the capture holds no packets")
+    return packets

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from baselines import STORE_BACKENDS
 from bench._common import check_capture, check_nf, split_nf_options
 from nf.serve import BACKENDS
 from store.cli.common import OneLineParser
@@ -952,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be positive")
     if args.steer_over < 0:
         parser.error("--steer-over must not be negative")
-    if args.store is not None and args.backend not in ("remote-only", "redis"):
+    if args.store is not None and args.backend not in STORE_BACKENDS:
         parser.error("--store is for --backend remote-only or redis")
     if args.pcap is not None:
         check_capture(parser, args.pcap, decode_links=nf_cls.decodes_links)

@@ -86,9 +86,8 @@ from typing import Any, Final
 
 import trio
 
-from bench._common import split_nf_options
+from bench._common import check_capture, split_nf_options
 from nf.base import NF, ConfigError
-from nf.capture import CaptureError, read_capture
 from nf.datachannel import (
     DEFAULT_MAX_DATAGRAM,
     MAX_FRAME,
@@ -1056,12 +1055,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-datagram must be between 64 and 65507")
     # The capture is read here, once: a file that is missing or not a capture is one line
     # and exit status 2, before any socket is opened.
-    try:
-        args.packets = read_capture(args.pcap, decode_links=args.decode_links)
-    except CaptureError as exc:
-        parser.error(str(exc))
-    if not args.packets:
-        parser.error(f"{args.pcap}: the capture holds no packets")
+    args.packets = check_capture(parser, args.pcap, decode_links=args.decode_links)
     return args
 
 

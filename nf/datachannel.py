@@ -266,7 +266,23 @@ def decode(data: bytes | bytearray | memoryview) -> Datagram:
         if count != 0 or n != at:
             raise MalformedDatagram("trailing-bytes", f"a LEAVING has no body: {n - at} bytes")
         return Datagram(Kind.LEAVING, sender, seq, sent)
+    if kind == Kind.PIECE:
+        return _decode_piece(sender, seq, sent, count, data, at)
     return _decode_move(Kind(kind), sender, seq, sent, count, data, at)
+
+
+def _decode_piece(
+    sender: int, seq: int, sent: int, count: int, data: bytes | bytearray | memoryview, at: int
+) -> Datagram:
+    n = len(data)
+    if count != 0 or n <= at + _PIECE.size:
+        raise MalformedDatagram("bad-piece", f"count {count}, {n - at} body bytes")
+    flow, fseq, fsent, length, offset = _PIECE.unpack_from(data, at)
+    at += _PIECE.size
+    if length > MAX_FRAME or offset + (n - at) > length:
+        raise MalformedDatagram("bad-piece", f"{n - at} bytes at {offset} of {length}")
+    piece = Frame(flow, fseq, fsent, bytes(data[at:n]))
+    return Datagram(Kind.PIECE, sender, seq, sent, frames=[piece], length=length, offset=offset)
 
 
 def _decode_move(
@@ -278,17 +294,8 @@ def _decode_move(
     data: bytes | bytearray | memoryview,
     at: int,
 ) -> Datagram:
-    """The stop-the-world kinds: MOVE, HANDOFF, MOVED; and PIECE."""
+    """The stop-the-world kinds: MOVE, HANDOFF, MOVED."""
     n = len(data)
-    if kind == Kind.PIECE:
-        if count != 0 or n <= at + _PIECE.size:
-            raise MalformedDatagram("bad-piece", f"count {count}, {n - at} body bytes")
-        flow, fseq, fsent, length, offset = _PIECE.unpack_from(data, at)
-        at += _PIECE.size
-        if length > MAX_FRAME or offset + (n - at) > length:
-            raise MalformedDatagram("bad-piece", f"{n - at} bytes at {offset} of {length}")
-        piece = Frame(flow, fseq, fsent, bytes(data[at:n]))
-        return Datagram(kind, sender, seq, sent, frames=[piece], length=length, offset=offset)
     if kind == Kind.MOVE:
         if n != at + _MOVE.size + count * _FLOW.size:
             raise MalformedDatagram("bad-move", f"count {count}, {n - at} body bytes")
@@ -429,7 +436,7 @@ class Packer:
         for offset in range(0, len(frame), _PIECE_BYTES):
             chunk = view[offset : offset + _PIECE_BYTES]
             out.append(
-                HEADER.pack(MAGIC, VERSION, Kind.PIECE, self.sender, self.datagrams, now_ns(), 0)
+                _header(Kind.PIECE, self.sender, self.datagrams, 0)
                 + _PIECE.pack(flow, seq, sent_ns, len(frame), offset)
                 + chunk
             )

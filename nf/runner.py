@@ -48,6 +48,7 @@ from typing import Any
 
 import trio
 
+from baselines import STORE_BACKENDS
 from nf.base import NF, ConfigError, Verdict
 from nf.capture import CaptureError, read_capture, write_pcap
 from nf.packet import Packet, parse
@@ -56,7 +57,15 @@ from store.cli.common import OneLineParser
 from store.core.scheduler import Unit
 from store.wire.errors import StoreError, first_leaf
 
-__all__ = ["Cluster", "RunResult", "load_config", "open_cluster", "run", "run_capture"]
+__all__ = [
+    "Cluster",
+    "RunResult",
+    "checked_config",
+    "load_config",
+    "open_cluster",
+    "run",
+    "run_capture",
+]
 
 #: Units in flight across all members before the runner waits for the oldest.
 DEFAULT_WINDOW = 1024
@@ -99,6 +108,17 @@ class RunResult:
         ]
         parts += [f"{k} {v}" for k, v in sorted(self.counts.items()) if k != "packets"]
         return ", ".join(parts)
+
+
+def checked_config(nf_cls: type[NF], args: argparse.Namespace) -> dict[str, Any]:
+    """The NF's configuration, from ``--config`` and its options, checked by the NF itself
+    on plain dicts before any space starts: a bad option is one line (``ConfigError``),
+    and no member joins a cluster only to die of it."""
+    from nf.dicts import DictSpace
+
+    config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
+    nf_cls(DictSpace(), config)  # type: ignore[arg-type]
+    return config
 
 
 def load_config(path: str | None, nf_name: str) -> dict[str, Any]:
@@ -554,7 +574,7 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
         parser.error("--dicts runs one instance: no --instances or --scale-at with it")
     if args.backend != "s6" and (args.dicts or args.scale_at is not None):
         parser.error(f"--backend {args.backend} runs fixed instances: no --dicts or --scale-at")
-    if args.store is not None and args.backend not in ("remote-only", "redis"):
+    if args.store is not None and args.backend not in STORE_BACKENDS:
         parser.error("--store is for --backend remote-only or redis")
     name = prog.split()[-1]
     secret = None
@@ -563,11 +583,7 @@ def run(nf_cls: type[NF], argv: list[str], prog: str) -> int:
 
         secret = read_secret(args.secret_file, name)
     try:
-        config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
-        # The NF's own checks of its configuration, on plain dicts, before a space starts.
-        from nf.dicts import DictSpace
-
-        nf_cls(DictSpace(), config)  # type: ignore[arg-type]
+        config = checked_config(nf_cls, args)
         packets = read_capture(args.pcap, decode_links=nf_cls.decodes_links)
     except (ConfigError, CaptureError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)

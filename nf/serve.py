@@ -75,6 +75,7 @@ from typing import Any, Final
 
 import trio
 
+from baselines import STORE_BACKENDS
 from nf import registry
 from nf.base import NF, ConfigError, Verdict
 from nf.datachannel import (
@@ -836,21 +837,16 @@ def main(argv: list[str]) -> int:
         parser.error("--max-datagram must be between 64 and 65507")
     if not 0 < args.leave_timeout < math.inf:
         parser.error("--leave-timeout must be a positive number of seconds")
-    remote = args.backend in ("remote-only", "redis")
+    remote = args.backend in STORE_BACKENDS
     if remote and args.store is None:
         parser.error(f"--backend {args.backend} needs --store HOST:PORT (its store)")
     if not remote and args.store is not None:
         parser.error("--store is for --backend remote-only or redis")
     logging.basicConfig(level=args.log_level, stream=sys.stderr)
-    from nf.runner import load_config
+    from nf.runner import checked_config
 
     try:
-        config = nf_cls.config_from(args, load_config(args.config, nf_cls.name))
-        # The NF's own checks of its configuration, on plain dicts, before this process
-        # joins the space: a bad option is one line, and no member joins only to die.
-        from nf.dicts import DictSpace
-
-        nf_cls(DictSpace(), config)  # type: ignore[arg-type]
+        config = checked_config(nf_cls, args)
         profile_to = os.environ.get("S6_PROFILE")
         if profile_to:
             return _profiled(f"{profile_to}.{os.getpid()}", args, nf_cls, config)
